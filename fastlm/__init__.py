@@ -1,0 +1,31 @@
+"""fastlm: fused Triton and CUDA C++ kernels for training transformer language models in PyTorch.
+
+Three ways in: drop-in modules (`fastlm.nn.LayerNorm` for `torch.nn.LayerNorm`), the functional API
+(`fastlm.layer_norm(...)`), and the backend switch (`fastlm.use_backend("triton")`).
+"""
+
+__version__ = "0.1.0"
+
+from fastlm import nn
+from fastlm._backend import BACKENDS, BackendUnavailable, get_backend, set_backend, use_backend
+from fastlm.ops import layer_norm, rms_norm
+
+
+def build_info() -> dict:
+    """What this installation can run: the CUDA extension's build (compiled archs, CUDA runtime) and the backend."""
+    from fastlm import _cuda
+
+    return {"backend": get_backend(), "cuda_extension": _cuda.build_info()}
+
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailable",
+    "build_info",
+    "get_backend",
+    "layer_norm",
+    "nn",
+    "rms_norm",
+    "set_backend",
+    "use_backend",
+]

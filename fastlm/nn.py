@@ -1,0 +1,59 @@
+"""Drop-in modules: `fastlm.nn.LayerNorm` for `torch.nn.LayerNorm`, `fastlm.nn.RMSNorm` for `torch.nn.RMSNorm`.
+
+Each subclasses the torch module it replaces, so the constructor arguments, parameter names, state_dict keys,
+initialisation and repr are torch's own: a state dict saved from one loads into the other and gives the same
+output. Only `forward` changes: it runs fastlm's kernels and also takes an optional `residual`, in which case it
+returns `(y, residual_out)` with the add fused (`residual_out = x + residual`, `y = norm(residual_out)`).
+A multi-dimensional `normalized_shape` is normalized as one flattened last dimension.
+"""
+
+import math
+
+import torch
+
+from fastlm.ops import norm as _norm
+
+
+def _flatten_last(x, normalized_shape):
+    k = len(normalized_shape)
+    if tuple(x.shape[x.dim() - k:]) != tuple(normalized_shape):
+        raise ValueError(
+            f"input's trailing dimensions must be normalized_shape {tuple(normalized_shape)}, got shape {tuple(x.shape)}"
+        )
+    return x.reshape(*x.shape[: x.dim() - k], math.prod(normalized_shape)) if k != 1 else x
+
+
+def _flat(p):
+    return p.reshape(-1) if p is not None else None
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    def forward(self, input, residual=None):
+        x = _flatten_last(input, self.normalized_shape)
+        r = _flatten_last(residual, self.normalized_shape) if residual is not None else None
+        out = _norm.layer_norm(x, _flat(self.weight), _flat(self.bias), self.eps, r)
+        if residual is None:
+            return out.view(input.shape)
+        return out[0].view(input.shape), out[1].view(input.shape)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm, plus `offset` (keyword only): the weight is used as `offset + weight` (Gemma: 1.0)."""
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, *, offset=0.0):
+        super().__init__(normalized_shape, eps, elementwise_affine, device=device, dtype=dtype)
+        self.offset = float(offset)
+
+    def forward(self, input, residual=None):
+        # eps=None means the machine epsilon of the input's dtype, as in torch.nn.functional.rms_norm.
+        eps = self.eps if self.eps is not None else torch.finfo(input.dtype).eps
+        x = _flatten_last(input, self.normalized_shape)
+        r = _flatten_last(residual, self.normalized_shape) if residual is not None else None
+        out = _norm.rms_norm(x, _flat(self.weight), eps, r, self.offset)
+        if residual is None:
+            return out.view(input.shape)
+        return out[0].view(input.shape), out[1].view(input.shape)
+
+    def extra_repr(self):
+        base = super().extra_repr()
+        return base if self.offset == 0.0 else f"{base}, offset={self.offset}"

@@ -1,0 +1,213 @@
+"""LayerNorm and RMSNorm with the pre-norm residual add fused: argument checks, backend dispatch, torch.library
+registration and autograd.
+
+The math, the roofline and the kernel design are in kernels/norm.py (Triton) and csrc/norm.cu (CUDA C++); the
+reference is fastlm.reference.layer_norm / rms_norm.
+
+Flow: fastlm.layer_norm / fastlm.rms_norm check their arguments, flatten x to (rows, N) and pick a backend. The
+torch backend is the reference, differentiated by autograd. The kernel backends go through two registered ops,
+`fastlm::norm_fwd` and `fastlm::norm_bwd`, with fake implementations (shapes only) so torch.compile traces them
+without graph breaks, and an autograd formula that calls `fastlm::norm_bwd`. Neither op reads a GPU value on the
+host, so both can be captured in a CUDA graph.
+
+Saved for backward: the normalized input (x, or residual_out when the residual was fused), weight, the per-row
+mean (LayerNorm) and rstd.
+"""
+
+from typing import Optional
+
+import torch
+
+from fastlm import _backend, _cuda, reference
+from fastlm.kernels import norm as triton_norm
+from fastlm.kernels._common import empty
+from fastlm.ops import _checks
+
+_EMPTY = (0,)
+
+
+def _kernel_fwd(backend, x, weight, bias, residual, eps, is_rms, offset):
+    if backend == "triton":
+        return triton_norm.norm_fwd(x, weight, bias, residual, eps, is_rms, offset)
+    M, N = x.shape
+    y = empty((M, N), x.dtype, x.device)
+    residual_out = empty((M, N), x.dtype, x.device) if residual is not None else None
+    mean = None if is_rms else empty((M,), torch.float32, x.device)
+    rstd = empty((M,), torch.float32, x.device)
+    _cuda.norm_fwd(x, weight, bias, residual, y, residual_out, mean, rstd, eps, is_rms, offset)
+    return y, residual_out, mean, rstd
+
+
+def _kernel_bwd(backend, dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db):
+    if backend == "triton":
+        return triton_norm.norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db)
+    dx = empty(xin.shape, xin.dtype, xin.device)
+    wdtype = weight.dtype if weight is not None else xin.dtype
+    dw = empty(xin.shape[-1:], wdtype, xin.device) if need_dw and weight is not None else None
+    db = empty(xin.shape[-1:], wdtype, xin.device) if need_db else None
+    _cuda.norm_bwd(dy, xin, weight, mean, rstd, dres, dx, dw, db, is_rms, offset)
+    return dx, dw, db
+
+
+def _or_empty(t, like):
+    return t if t is not None else like.new_empty(_EMPTY)
+
+
+@torch.library.custom_op("fastlm::norm_fwd", mutates_args=())
+def norm_fwd_op(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    eps: float,
+    is_rms: bool,
+    offset: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, N) → y (rows, N), residual_out (rows, N) or empty, mean (rows,) fp32 or empty, rstd (rows,) fp32."""
+    y, residual_out, mean, rstd = _kernel_fwd(backend, x, weight, bias, residual, eps, is_rms, offset)
+    return y, _or_empty(residual_out, x), _or_empty(mean, rstd), rstd
+
+
+@norm_fwd_op.register_fake
+def _(x, weight, bias, residual, eps, is_rms, offset, backend):
+    M, N = x.shape
+    res_shape = (M, N) if residual is not None else _EMPTY
+    mean_shape = _EMPTY if is_rms else (M,)
+    return (
+        x.new_empty((M, N)),
+        x.new_empty(res_shape),
+        x.new_empty(mean_shape, dtype=torch.float32),
+        x.new_empty((M,), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fastlm::norm_bwd", mutates_args=())
+def norm_bwd_op(
+    dy: torch.Tensor,
+    xin: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dres: Optional[torch.Tensor],
+    is_rms: bool,
+    offset: float,
+    need_dw: bool,
+    need_db: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ dx (rows, N), dw (N,) or empty, db (N,) or empty; dw and db in the weight's dtype."""
+    dx, dw, db = _kernel_bwd(backend, dy, xin, weight, None if is_rms else mean, rstd, dres, is_rms, offset,
+                             need_dw, need_db)
+    wlike = weight if weight is not None else xin
+    return dx, _or_empty(dw, wlike), _or_empty(db, wlike)
+
+
+@norm_bwd_op.register_fake
+def _(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db, backend):
+    N = xin.shape[-1]
+    wlike = weight if weight is not None else xin
+    dw_shape = (N,) if need_dw and weight is not None else _EMPTY
+    return xin.new_empty(xin.shape), wlike.new_empty(dw_shape), wlike.new_empty((N,) if need_db else _EMPTY)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, eps, is_rms, offset, backend = inputs
+    _, residual_out, mean, rstd = output
+    ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.is_rms = is_rms
+    ctx.offset = offset
+    ctx.backend = backend
+
+
+def _rows_contiguous(t):
+    # The kernels take any row stride but need unit column stride; autograd hands out expanded gradients.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _backward(ctx, dy, dresidual_out, dmean, drstd):
+    xin, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    if dy is None:
+        dy = torch.zeros_like(xin)
+    dres = _rows_contiguous(dresidual_out) if ctx.has_residual and dresidual_out is not None else None
+    dx, dw, db = torch.ops.fastlm.norm_bwd(
+        _rows_contiguous(dy), xin, weight, mean, rstd, dres, ctx.is_rms, ctx.offset,
+        bool(need_w), bool(need_b and ctx.has_bias), ctx.backend,
+    )
+    return (
+        dx if need_x else None,
+        dw if need_w else None,
+        db if need_b and ctx.has_bias else None,
+        dx if need_r else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(x, weight, bias, residual, eps, offset=0.0):
+    _checks.tensor("x", x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have a last dimension of size ≥ 1 to normalize over, got shape {tuple(x.shape)}")
+    N = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        _checks.tensor(name, p)
+        _checks.shape(name, p, (N,), " (the size of x's last dimension)")
+        _checks.same_device(name, p, "x", x)
+        if p.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {p.dtype}")
+    if weight is not None and bias is not None and weight.dtype != bias.dtype:
+        raise TypeError(f"weight and bias must have the same dtype, got {weight.dtype} and {bias.dtype}")
+    if residual is not None:
+        _checks.tensor("residual", residual)
+        _checks.shape("residual", residual, x.shape, " (x's shape)")
+        _checks.same_device("residual", residual, "x", x)
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype ({x.dtype}), got {residual.dtype}")
+    _checks.non_negative("eps", eps)
+    _checks.finite("offset", offset)
+
+
+def _norm(op, x, weight, bias, residual, eps, is_rms, offset):
+    backend = _backend.resolve(op, x.device, x.dtype)
+    if backend == "torch":
+        if is_rms:
+            return reference.rms_norm(x, weight, eps, residual, offset)
+        return reference.layer_norm(x, weight, bias, eps, residual)
+    N = x.shape[-1]
+    x2 = _rows_contiguous(x.reshape(-1, N))
+    r2 = _rows_contiguous(residual.reshape(-1, N)) if residual is not None else None
+    y, residual_out, _, _ = torch.ops.fastlm.norm_fwd(x2, weight, bias, r2, float(eps), is_rms, float(offset),
+                                                      backend)
+    y = y.view(x.shape)
+    return y if residual is None else (y, residual_out.view(x.shape))
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
+    """LayerNorm over the last dimension of x, with an optional fused residual add.
+
+    x: (..., N) float32, float16 or bfloat16 (float64 runs on the torch backend); weight, bias: (N,) in x's dtype
+    or float32, or None; residual: like x, or None. Statistics in float32; the output has x's dtype.
+    Returns y, or (y, residual_out) with residual_out = x + residual and y = LayerNorm(residual_out).
+    """
+    _check(x, weight, bias, residual, eps)
+    return _norm("layer_norm", x, weight, bias, residual, eps, False, 0.0)
+
+
+def rms_norm(x, weight=None, eps=1e-6, residual=None, offset=0.0):
+    """RMSNorm over the last dimension: y = x / sqrt(mean(x²) + eps) · (offset + weight).
+
+    offset=1.0 is Gemma's form (weights stored as a deviation from 1). Otherwise as `layer_norm`.
+    Returns y, or (y, residual_out) when residual is given.
+    """
+    _check(x, weight, None, residual, eps, offset)
+    return _norm("rms_norm", x, weight, None, residual, eps, True, offset)
