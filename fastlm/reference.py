@@ -27,6 +27,9 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     ct = _compute_dtype(x)
     vf = v.to(ct)
     mean = vf.mean(-1, keepdim=True)
+    # One correction step: the mean of what is left after subtracting the first estimate. It removes the
+    # rounding of a float32 sum of large values (rows with a large common offset).
+    mean = mean + (vf - mean).mean(-1, keepdim=True)
     var = (vf - mean).square().mean(-1, keepdim=True)
     y = (vf - mean) * torch.rsqrt(var + eps)
     if weight is not None:

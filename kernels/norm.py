@@ -7,7 +7,7 @@ Math, per row v of length N (all in fp32 whatever the storage dtype):
   RMSNorm         rstd = 1/sqrt(Σv²/N + eps), xhat = v·rstd, y = xhat·(offset + w)   (offset = 1: Gemma's form)
 Backward, with g = dy·w_eff (w_eff = w, or offset + w for RMSNorm, or 1 without weight):
   LayerNorm       dx = rstd·(g − (xhat·mean(g·xhat) + mean(g)))
-  RMSNorm         dx = rstd·(g − xhat·mean(g·xhat))
+  RMSNorm         dx = rstd·(g − xhat·mean(g·xhat)) = rstd·g − v·rstd³·mean(g·v) (the form computed)
   both            dx += d(residual_out) when the residual was fused; d(residual) = dx;
                   dw = Σ_rows dy·xhat, db = Σ_rows dy (fp32 partials per program, then one reduction).
 Saved for backward: the normalized input v (x, or residual_out), mean (LayerNorm) and rstd: 8 bytes a row.
@@ -227,10 +227,13 @@ def _norm_bwd_kernel(
             g = dy * w[None, :]
         else:
             g = dy
-        c1 = tl.sum(g * xhat, axis=1) / N
         if IS_RMS:
-            dx = (g - xhat * c1[:, None]) * rstd[:, None]
+            # rstd·g − v·rstd³·mean(g·v): the same value as rstd·(g − xhat·mean(g·xhat)) with fewer roundings
+            # before the cancellation (short rows, where xhat² ≈ 1, lose the most there).
+            c1 = tl.sum(g * v, axis=1) / N
+            dx = g * rstd[:, None] - v * (c1 * rstd * rstd * rstd)[:, None]
         else:
+            c1 = tl.sum(g * xhat, axis=1) / N
             c2 = tl.sum(g, axis=1) / N
             dx = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DRES:
@@ -296,10 +299,15 @@ def _norm_bwd_chunked_kernel(
                     if IS_RMS:
                         w = w + offset
                     g = dy * w
-                c1 += tl.sum(g * xhat)
+                if IS_RMS:
+                    c1 += tl.sum(g * v)  # as in _norm_bwd_kernel: v, not xhat, for accuracy
+                else:
+                    c1 += tl.sum(g * xhat)
                 c2 += tl.sum(g)
             c1 = c1 / N
             c2 = c2 / N
+            if IS_RMS:
+                c1 = c1 * rstd * rstd * rstd
             for start in range(0, N, BLOCK_N):
                 cols = start + cols0
                 mask = cols < N
@@ -313,7 +321,7 @@ def _norm_bwd_chunked_kernel(
                         w = w + offset
                     g = dy * w
                 if IS_RMS:
-                    dx = (g - xhat * c1) * rstd
+                    dx = g * rstd - v * c1
                 else:
                     dx = (g - (xhat * c1 + c2)) * rstd
                 if HAS_DRES:
@@ -405,10 +413,11 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
     else:
         block_m, (block_n, num_warps) = 1, _chunked_config()
     programs = max(1, min(triton.cdiv(M, block_m), PARTIALS_PER_SM * num_sms(xin.device)))
-    rows_per_prog = triton.cdiv(triton.cdiv(M, programs), block_m) * block_m
+    rows_per_prog = max(1, triton.cdiv(triton.cdiv(M, programs), block_m)) * block_m
     programs = max(1, triton.cdiv(M, rows_per_prog))
-    # The fused kernel writes every element of its partial row; the chunked kernel accumulates into it.
-    part = empty if fused else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
+    # The fused kernel writes every element of its partial row; the chunked kernel accumulates into it (and with
+    # no rows nothing runs, so the sums must start at zero).
+    part = empty if fused and M > 0 else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
     dw_part = part((programs, N), torch.float32, xin.device) if need_dw else None
     db_part = part((programs, N), torch.float32, xin.device) if need_db else None
     if M > 0:
