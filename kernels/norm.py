@@ -337,11 +337,13 @@ def _norm_bwd_chunked_kernel(
                     tl.store(p, tl.load(p, mask=mask, other=0.0) + dy, mask=mask)
 
 
-def _fused_config(N):
-    """(BLOCK_M, BLOCK_N, num_warps) for rows kept whole: ~16 values a thread per tensor, at most 16 warps."""
+def _fused_config(N, backward=False):
+    """(BLOCK_M, BLOCK_N, num_warps) for rows kept whole, at most 16 warps: ~16 values a thread per tensor in the
+    forward; 8 in the backward, which holds five tiles (dy, v, g, and the dw and db accumulators) at once."""
     block_n = next_pow2(N)
     block_m = max(1, min(TILE // block_n, 64))
-    num_warps = max(1, min(16, block_m * block_n // 512))
+    per_thread = 8 if backward else 16
+    num_warps = max(1, min(16, block_m * block_n // (32 * per_thread)))
     return block_m, block_n, num_warps
 
 
@@ -409,7 +411,7 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
     wdtype = weight.dtype if weight is not None else xin.dtype
     fused = _fused(N)
     if fused:
-        block_m, block_n, num_warps = _fused_config(N)
+        block_m, block_n, num_warps = _fused_config(N, backward=True)
     else:
         block_m, (block_n, num_warps) = 1, _chunked_config()
     programs = max(1, min(triton.cdiv(M, block_m), PARTIALS_PER_SM * num_sms(xin.device)))
@@ -476,11 +478,11 @@ def static_specs():
             aligned = ("X", "R", "Y", "RES_OUT", "DY", "XIN", "DRES", "DX", "stride_x", "stride_r", "stride_y",
                        "stride_ro", "stride_dy", "stride_dres", "stride_dx", "N")
             for n in widths:
-                bm, bn, nw = _fused_config(n)
                 for fn, common, flags, tag in (
                     (_norm_fwd_kernel, common_fwd, fwd_flags, "fwd"),
                     (_norm_bwd_kernel, common_bwd, bwd_flags, "bwd"),
                 ):
+                    bm, bn, nw = _fused_config(n, backward=tag == "bwd")
                     const = dict(flags, BLOCK_M=bm, BLOCK_N=bn)
                     sig = dict(common, **{k: "constexpr" for k in const})
                     specs.append(KernelSpec(f"norm_{tag}[{kind},{dt},N<={bn},M{bm}]", fn, sig, const, nw,
