@@ -100,16 +100,18 @@ def _say_once(key, message):
         warnings.warn(message, stacklevel=4)
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype, unsupported: str = None) -> str:
+def resolve(op: str, device: torch.device, dtype: torch.dtype, unsupported=None) -> str:
     """The backend that runs `op` on tensors of this device and dtype.
 
-    `unsupported`: the op's own reason why its kernels cannot take this call (a shape they do not cover), or None.
+    `unsupported(backend)`: the op's own reason why that kernel backend cannot take this call (a shape or an
+    argument its kernels do not cover), or None when it can.
     """
+    unsupported = unsupported or (lambda backend: None)
     name = get_backend()
     if name == "torch":
         return name
     if name != "auto":
-        why = unsupported or _REASONS[name](device, dtype)
+        why = unsupported(name) or _REASONS[name](device, dtype)
         if why:
             raise BackendUnavailable(f"fastlm.{op}: backend {name!r} cannot run this call: {why}")
         return name
@@ -117,9 +119,9 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, unsupported: str 
         return "torch"
     reasons = []
     for candidate in _dispatch_table.preferred(op, torch.cuda.get_device_name(device)):
-        why = unsupported or _REASONS[candidate](device, dtype)
+        why = unsupported(candidate) or _REASONS[candidate](device, dtype)
         if why is None:
             return candidate
         reasons.append(f"{candidate}: {why}")
-    _say_once((op, dtype, unsupported), f"fastlm.{op}: falling back to the torch reference ({'; '.join(reasons)})")
+    _say_once((op, dtype, tuple(reasons)), f"fastlm.{op}: falling back to the torch reference ({'; '.join(reasons)})")
     return "torch"

@@ -1,4 +1,5 @@
-"""Drop-in modules: `fastlm.nn.LayerNorm` for `torch.nn.LayerNorm`, `fastlm.nn.RMSNorm` for `torch.nn.RMSNorm`.
+"""Drop-in modules: `fastlm.nn.LayerNorm` for `torch.nn.LayerNorm`, `fastlm.nn.RMSNorm` for `torch.nn.RMSNorm`,
+`fastlm.nn.CrossEntropyLoss` for `torch.nn.CrossEntropyLoss`.
 
 Each subclasses the torch module it replaces, so the constructor arguments, parameter names, state_dict keys,
 initialisation and repr are torch's own: a state dict saved from one loads into the other and gives the same
@@ -11,6 +12,7 @@ import math
 
 import torch
 
+from fastlm.ops.cross_entropy import cross_entropy as _cross_entropy
 from fastlm.ops import norm as _norm
 
 
@@ -57,3 +59,24 @@ class RMSNorm(torch.nn.RMSNorm):
     def extra_repr(self):
         base = super().extra_repr()
         return base if self.offset == 0.0 else f"{base}, offset={self.offset}"
+
+
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """torch.nn.CrossEntropyLoss (class-index targets) on fastlm's kernels, plus keyword-only `z_loss` and
+    `softcap` (see fastlm.cross_entropy). The loss is float32 whatever the logits' dtype. Input layouts are
+    torch's: (C,), (N, C) or (N, C, d1, ...) with the classes in dim 1 (the last layout is moved to classes-last
+    and copied; a language model's (tokens, vocab) logits need no copy)."""
+
+    def __init__(self, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                 label_smoothing=0.0, *, z_loss=0.0, softcap=None):
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        self.z_loss = float(z_loss)
+        self.softcap = softcap
+
+    def forward(self, input, target):
+        if input.dim() > 2:
+            input = input.movedim(1, -1)
+        return _cross_entropy(
+            input, target, weight=self.weight, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            reduction=self.reduction, z_loss=self.z_loss, softcap=self.softcap,
+        )

@@ -52,3 +52,36 @@ def rms_norm(x, weight=None, eps=1e-6, residual=None, offset=0.0):
         y = y * (offset + weight.to(ct))
     y = y.to(x.dtype)
     return y if residual is None else (y, residual_out)
+
+
+def cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean", z_loss=0.0,
+                  softcap=None):
+    """Softmax cross-entropy over the last dim of logits (..., V) with targets (...), as
+    torch.nn.functional.cross_entropy for the arguments the two share, plus:
+      z_loss   adds z_loss · logsumexp(row)² to each kept row's loss (PaLM), reduced like the rest;
+      softcap  replaces the logits by softcap · tanh(logits / softcap) first (Gemma 2).
+    The loss is float32 (float64 for float64 logits) whatever the logits' dtype."""
+    ct = _compute_dtype(logits)
+    V = logits.shape[-1]
+    z = logits.reshape(-1, V).to(ct)
+    t = target.reshape(-1).long()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    logp = torch.log_softmax(z, -1)  # not z − logsumexp(z): that rounds at the magnitude of the logsumexp
+    keep = t != ignore_index
+    tk = torch.where(keep, t, torch.zeros_like(t))
+    w = weight.to(ct) if weight is not None else None
+    w_t = w[tk] if w is not None else torch.ones_like(tk, dtype=ct)
+    nll = -logp.gather(1, tk[:, None])[:, 0] * w_t
+    loss = (1 - label_smoothing) * nll
+    if label_smoothing > 0:
+        smooth = -(logp * w).sum(-1) if w is not None else -logp.sum(-1)
+        loss = loss + label_smoothing / V * smooth
+    if z_loss > 0:
+        loss = loss + z_loss * torch.logsumexp(z, -1).square()
+    loss = torch.where(keep, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / (w_t * keep).sum()

@@ -29,7 +29,8 @@ def shape(name, t, expected, why=""):
 def non_negative(name, value):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (value >= 0 and math.isfinite(value)):
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) the value may be symbolic.
+    if not (0 <= value < math.inf):
         raise ValueError(f"{name} must be a finite number ≥ 0, got {value}")
     return float(value)
 
@@ -37,6 +38,6 @@ def non_negative(name, value):
 def finite(name, value):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not (-math.inf < value < math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
     return float(value)

@@ -1,0 +1,318 @@
+"""Softmax cross-entropy over a large vocabulary, with the gradient computed in the forward pass: Triton kernels
+and their launchers.
+
+Math, per row of logits z (length V), target t, class weights w (1 without), smoothing ε, z-loss coefficient ζ:
+  softcap c       x = c·tanh(z/c) (Gemma 2), else x = z;   lse = log Σ_v exp(x_v);   p = exp(x − lse)
+  loss            w_t·(1−ε)·(lse − x_t) + (ε/V)·Σ_v w_v·(lse − x_v) + ζ·lse²      (0 for an ignored row)
+  d loss / d x_v  w_t·(1−ε)·(p_v − [v = t]) + (ε/V)·(W·p_v − w_v) + 2ζ·lse·p_v    (W = Σ_v w_v)
+  d x / d z       1 − (x/c)²  with the softcap
+Reduction "mean" divides by Σ w_t over the rows that are not ignored (torch's rule, smoothing included; all rows
+ignored gives 0/0 = NaN, as torch does); "sum" and "none" by 1. The divisor is computed on the device from the
+targets before the main kernel, so the forward writes the finished gradient (no host sync).
+
+Backward: the gradient of the logits is the buffer the forward wrote times the incoming gradient. For "mean"
+and "sum" that is one scalar, almost always 1.0 (loss.backward()): the scaling kernel reads it on the device and
+returns at once when it is 1, so a training step moves the logits twice (read once in the forward's first pass,
+read again and the gradient written in its second pass, which mostly hits L2 because a program's row was just
+read). "none" multiplies each row by its own incoming gradient.
+
+Roofline: V·rows·(dtype size) read twice (the second read mostly from L2) and written once for the gradient;
+everything else is per row. Memory: one gradient buffer, the size of the logits; the caller's logits are never
+written (writing the gradient into them silently corrupts anything else that reads them).
+
+Design: one program per row walks the vocabulary in BLOCK_V chunks (online softmax: a running max and a
+rescaled running sum), so V is unbounded (262144 and more). An out-of-range target that is not ignore_index
+cannot be checked without a host sync: its row's loss and gradient are NaN, and nothing is read out of bounds.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import KernelSpec, empty
+
+BLOCK_V = 4096  # chunk of the vocabulary a program holds at once: 16 fp32 values a thread at 8 warps
+NUM_WARPS = 8
+SCALE_BLOCK = 4096
+
+
+@triton.jit
+def _tanh(u):
+    """(tanh u, 1 − tanh² u). Triton has no tanh that its interpreter also runs. For |u| ≥ 0.55, with
+    e = exp(−2|u|) ≤ 1/3: tanh = ±(1 − e)/(1 + e) and 1 − tanh² = 4e/(1 + e)², neither of which cancels (the
+    derivative from 1 − tanh² would lose everything where tanh → ±1, the capped logits that matter most);
+    below, the odd Taylor series to u¹⁷ (truncation < 5e-9 relative, 1.2 ulp in fp32)."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    u2 = u * u
+    p = 6404582.0 / 10854718875.0
+    p = -929569.0 / 638512875.0 + u2 * p
+    p = 21844.0 / 6081075.0 + u2 * p
+    p = -1382.0 / 155925.0 + u2 * p
+    p = 62.0 / 2835.0 + u2 * p
+    p = -17.0 / 315.0 + u2 * p
+    p = 2.0 / 15.0 + u2 * p
+    p = -1.0 / 3.0 + u2 * p
+    small = u + u * (u2 * p)
+    is_small = a < 0.55
+    th = tl.where(is_small, small, tl.where(u < 0, -big, big))
+    sech2 = tl.where(is_small, 1.0 - small * small, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return th, sech2
+
+
+@triton.jit
+def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(x, dx/dz): x = softcap·tanh(z/softcap) with its derivative 1 − tanh², or (z, 1)."""
+    if HAS_SOFTCAP:
+        th, sech2 = _tanh(z / softcap)
+        return softcap * th, sech2
+    return z, 1.0
+
+
+@triton.jit
+def _row_target(TARGET, WEIGHT, row, V, ignore_index, HAS_WEIGHT: tl.constexpr):
+    """The row's target, whether it is ignored, whether it is a class, and its weight w_t."""
+    t = tl.load(TARGET + row).to(tl.int64)
+    ignored = t == ignore_index
+    in_range = (t >= 0) & (t < V)
+    w_t = 1.0
+    if HAS_WEIGHT:
+        w_t = tl.load(WEIGHT + tl.where(in_range, t, 0))
+    return t, ignored, in_range, w_t
+
+
+@triton.jit
+def _write_grad_row(
+    base, gbase, WEIGHT, t, m, log_s, w_t, scale, V, keep_nll, smooth_v, z_loss, softcap, weight_sum,
+    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Write scale · dloss/dlogits for one row, reading its logits once more.
+
+    dloss/dx_v = p_v·S − a_t·[v = t] − (ε/V)·w_v with a_t = w_t(1 − ε) and S = a_t + (ε/V)·W + 2ζ·lse: the form
+    of torch's log_softmax backward, one fused multiply-add per element before the subtraction."""
+    a_t = w_t * keep_nll
+    S = a_t
+    if HAS_SMOOTHING:
+        S += smooth_v * weight_sum
+    if HAS_Z:
+        S += 2.0 * z_loss * (m + log_s)
+    cols0 = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = cols < V
+        x, dcap = _softcapped(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+        # (x − m) − log s rather than x − lse: x − m is exact for nearby values and log s is small, so p keeps
+        # the precision of torch's log_softmax; lse itself is rounded at its (larger) magnitude.
+        p = tl.exp((x - m) - log_s)
+        c = 0.0
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                c = smooth_v * tl.load(WEIGHT + cols, mask=mask, other=0.0)
+            else:
+                c = smooth_v
+        g = tl.fma(p, S, -tl.where(cols == t, a_t + c, c))
+        if HAS_SOFTCAP:
+            g = g * dcap
+        tl.store(gbase + cols, (g * scale).to(gbase.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    LOGITS,  # (rows, V) logits, column stride 1
+    TARGET,  # (rows,) int32 or int64 class indices
+    WEIGHT,  # (V,) fp32 class weights (unused unless HAS_WEIGHT)
+    SCALARS,  # (2,) fp32 on the device: the reduction's divisor (Σ w_t over kept rows for "mean", else 1), and
+    #           W = Σ_v w_v (V without weights): device values, so computing them never syncs the host
+    LOSS,  # (rows,) fp32 output: each row's loss, unreduced and undivided
+    MAX,  # (rows,) fp32 output: the row's max m (of the softcapped logits)
+    LOG_S,  # (rows,) fp32 output: log Σ exp(x − m); lse = m + log s, kept apart for precision
+    GRAD,  # (rows, V) output: d(reduced loss)/d logits for an incoming 1, logits' dtype (unless COMPUTE_GRAD)
+    stride_l,
+    stride_g,
+    V,
+    ignore_index,
+    keep_nll,  # 1 − ε, computed on the host in double so the kernel rounds it once
+    smooth_v,  # ε / V, likewise
+    z_loss,  # ζ
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t, ignored, in_range, w_t = _row_target(TARGET, WEIGHT, row, V, ignore_index, HAS_WEIGHT)
+    cols0 = tl.arange(0, BLOCK_V)
+    base = LOGITS + row * stride_l
+    m = -float("inf")  # running max
+    s = 0.0  # running Σ exp(x − m)
+    x_t = 0.0
+    sum_wx = 0.0  # Σ_v w_v·x_v, for smoothing
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        mask = cols < V
+        x, _ = _softcapped(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+        x = tl.where(mask, x, -float("inf"))  # padding lanes carry no probability, softcap or not
+        m_new = tl.maximum(m, tl.max(x, 0))
+        # A chunk (or row) of −inf so far keeps m_new = −inf: guard the inf − inf in both rescalings.
+        alpha = tl.where(m_new == -float("inf"), 0.0, tl.exp(m - m_new))
+        e = tl.where(x == -float("inf"), 0.0, tl.exp(x - m_new))
+        s = s * alpha + tl.sum(e, 0)
+        m = m_new
+        x_t += tl.sum(tl.where(cols == t, x, 0.0), 0)
+        if HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(WEIGHT + cols, mask=mask, other=0.0)
+                sum_wx += tl.sum(tl.where(mask, w * x, 0.0), 0)
+            else:
+                sum_wx += tl.sum(tl.where(mask, x, 0.0), 0)
+    log_s = tl.log(s)
+    lse = m + log_s
+    weight_sum = tl.load(SCALARS + 1)
+    loss = w_t * keep_nll * ((m - x_t) + log_s)
+    if HAS_SMOOTHING:
+        loss += smooth_v * (weight_sum * lse - sum_wx)
+    if HAS_Z:
+        loss += z_loss * lse * lse
+    nan = float("nan")
+    # Ignored rows give 0, a target that is neither a class nor ignore_index gives NaN (loss and gradient).
+    keep = tl.where(ignored, 0.0, tl.where(in_range, 1.0, nan))
+    tl.store(LOSS + row, loss * keep)
+    tl.store(MAX + row, m)
+    tl.store(LOG_S + row, log_s)
+    if COMPUTE_GRAD:
+        _write_grad_row(base, GRAD + row * stride_g, WEIGHT, t, m, log_s, w_t, keep / tl.load(SCALARS), V,
+                        keep_nll, smooth_v, z_loss, softcap, weight_sum,
+                        HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, BLOCK_V)
+
+
+@triton.jit
+def _ce_bwd_kernel(
+    LOGITS,  # (rows, V) logits
+    TARGET,  # (rows,) class indices
+    WEIGHT,  # (V,) fp32 class weights (unused unless HAS_WEIGHT)
+    SCALARS,  # (2,) fp32: divisor and W, as in the forward
+    MAX,  # (rows,) fp32 from the forward
+    LOG_S,  # (rows,) fp32 from the forward
+    GRAD_OUT,  # (rows,) fp32 incoming gradient of each row's loss
+    GRAD,  # (rows, V) output, logits' dtype
+    stride_l,
+    stride_g,
+    V,
+    ignore_index,
+    keep_nll,
+    smooth_v,
+    z_loss,
+    softcap,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t, ignored, in_range, w_t = _row_target(TARGET, WEIGHT, row, V, ignore_index, HAS_WEIGHT)
+    scale = tl.where(ignored, 0.0, tl.where(in_range, tl.load(GRAD_OUT + row), float("nan")))
+    _write_grad_row(LOGITS + row * stride_l, GRAD + row * stride_g, WEIGHT, t, tl.load(MAX + row),
+                    tl.load(LOG_S + row), w_t, scale, V, keep_nll, smooth_v, z_loss, softcap, tl.load(SCALARS + 1),
+                    HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, BLOCK_V)
+
+
+@triton.jit
+def _ce_bwd_scale_kernel(
+    GRAD,  # (rows, V) the forward's gradient, scaled in place
+    GRAD_OUT,  # (1,) fp32 incoming gradient of the reduced loss
+    stride_g,
+    V,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    go = tl.load(GRAD_OUT)
+    # loss.backward() hands 1.0: nothing to do, and deciding it here costs no host sync.
+    if go != 1.0:
+        base = GRAD + row * stride_g
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            mask = cols < V
+            g = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(base + cols, (g * go).to(GRAD.dtype.element_ty), mask=mask)
+
+
+def scalars(target, weight, V, ignore_index, reduction):
+    """(2,) fp32 on the device: the divisor of the reduced loss (Σ w_t over kept rows for "mean", else 1) and
+    W = Σ_v w_v (V without weights). Plain tensor ops: no host sync."""
+    device = target.device
+    if reduction != "mean":
+        divisor = torch.ones(1, dtype=torch.float32, device=device)
+    elif weight is None:
+        divisor = (target != ignore_index).sum(dtype=torch.float32).reshape(1)
+    else:
+        keep = (target != ignore_index) & (target >= 0) & (target < V)
+        safe = torch.where(keep, target, torch.zeros_like(target))
+        divisor = (weight.double()[safe] * keep).sum().float().reshape(1)
+    # Summed in float64 (V values, negligible work), so W carries one rounding into every gradient element.
+    total = weight.double().sum().float().reshape(1) if weight is not None else torch.full((1,), float(V),
+                                                                                            device=device)
+    return torch.cat([divisor, total])
+
+
+def _flags(weight, smoothing, z_loss, softcap):
+    return dict(HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0, HAS_Z=z_loss > 0,
+                HAS_SOFTCAP=softcap is not None, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+
+
+def _constants(V, smoothing, z_loss, softcap):
+    # 1 − ε and ε/V in double on the host, rounded once when the kernel takes them as fp32.
+    return 1.0 - smoothing, smoothing / V, float(z_loss), float(softcap or 1.0)
+
+
+def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, softcap, reduction, compute_grad):
+    """Rows of logits (rows, V) with column stride 1, target (rows,), weight (V,) fp32 or None.
+
+    Returns loss (rows,) fp32 (unreduced; divide the sum by sc[0] for "mean"), row_max and log_s (rows,) fp32,
+    sc (2,) fp32, and grad (rows, V) in logits' dtype, the gradient of the reduced loss for an incoming gradient
+    of 1, or None when compute_grad is False.
+    """
+    rows, V = logits.shape
+    sc = scalars(target, weight, V, ignore_index, reduction)
+    loss = empty((rows,), torch.float32, logits.device)
+    row_max = empty((rows,), torch.float32, logits.device)
+    log_s = empty((rows,), torch.float32, logits.device)
+    grad = empty((rows, V), logits.dtype, logits.device) if compute_grad else None
+    if rows > 0:
+        _ce_fwd_kernel[(rows,)](
+            logits, target, weight if weight is not None else sc, sc, loss, row_max, log_s,
+            grad if grad is not None else logits, logits.stride(0), grad.stride(0) if grad is not None else 0,
+            V, ignore_index, *_constants(V, smoothing, z_loss, softcap), COMPUTE_GRAD=compute_grad,
+            **_flags(weight, smoothing, z_loss, softcap),
+        )
+    return loss, row_max, log_s, sc, grad
+
+
+def cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, smoothing, z_loss,
+                      softcap):
+    """Gradient of the unreduced loss ("none"): grad_output (rows,) times each row's gradient, recomputed from the
+    logits and the forward's row statistics in one pass. Returns grad (rows, V) in logits' dtype."""
+    rows, V = logits.shape
+    grad = empty((rows, V), logits.dtype, logits.device)
+    if rows > 0:
+        _ce_bwd_kernel[(rows,)](
+            logits, target, weight if weight is not None else sc, sc, row_max, log_s,
+            grad_output.reshape(-1).to(torch.float32), grad, logits.stride(0), grad.stride(0), V, ignore_index,
+            *_constants(V, smoothing, z_loss, softcap), **_flags(weight, smoothing, z_loss, softcap),
+        )
+    return grad
+
+
+def scale_grad(grad, grad_output):
+    """Scale the forward's gradient (rows, V) in place by the incoming gradient of the reduced loss, a one-element
+    tensor; the kernel skips the work on the device when it is 1.0. Returns grad."""
+    rows, V = grad.shape
+    if rows > 0:
+        _ce_bwd_scale_kernel[(rows,)](grad, grad_output.reshape(1).to(torch.float32), grad.stride(0), V,
+                                      BLOCK_V=SCALE_BLOCK, num_warps=NUM_WARPS)
+    return grad
