@@ -1,0 +1,88 @@
+// fastlm._C: the pybind11 module over the CUDA launchers.
+//
+// Tensors cross as raw device pointers (int, 0 for an absent tensor), sizes, row strides in elements, dtype codes
+// (0 float32, 1 float16, 2 bfloat16), the device index and the stream (the cudaStream_t handle as an int, from
+// torch.cuda.current_stream(device).cuda_stream). No libtorch: one build serves any torch version and compiles
+// where nvcc is installed without a GPU. fastlm/_cuda.py is the only caller; it checks shapes and devices and
+// allocates outputs and workspaces, so the launchers never allocate nor synchronize.
+//
+// Errors: every launcher first checks that a CUDA device is visible (RuntimeError "no CUDA device is visible"
+// before any pointer is touched); a bad argument raises ValueError (std::invalid_argument); a CUDA error raises
+// RuntimeError. The GIL is released while a launcher runs: launches are asynchronous, and another Python thread
+// may feed another stream meanwhile.
+//
+// This file is compiled as host C++ (nvcc -x c++): no device code here, and no torch headers.
+
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.cuh"
+
+namespace py = pybind11;
+
+// Defined in norm.cu; the signatures must match (a mismatch leaves an undefined symbol that fails the import).
+namespace fastlm {
+void norm_fwd(int64_t x, int64_t x_stride, int64_t residual, int64_t residual_stride, int64_t weight, int64_t bias,
+              int64_t y, int64_t y_stride, int64_t residual_out, int64_t residual_out_stride, int64_t mean,
+              int64_t rstd, int64_t M, int64_t N, int dtype, int wdtype, double eps, bool is_rms, double offset,
+              int device, int64_t stream);
+int64_t norm_bwd_num_partials(int64_t M, int64_t N, int device);
+int64_t norm_bwd_workspace_numel(int64_t M, int64_t N, bool need_dw, bool need_db, int device);
+void norm_bwd(int64_t dy, int64_t dy_stride, int64_t xin, int64_t xin_stride, int64_t weight, int64_t mean,
+              int64_t rstd, int64_t dres, int64_t dres_stride, int64_t dx, int64_t dx_stride, int64_t dw, int64_t db,
+              int64_t workspace, int64_t workspace_numel, int64_t M, int64_t N, int dtype, int wdtype, bool is_rms,
+              double offset, int device, int64_t stream);
+std::vector<int> compiled_archs();
+}  // namespace fastlm
+
+namespace {
+
+// "13.0" for CUDA 13.0: the runtime linked statically into this module (no GPU needed to ask).
+std::string cuda_runtime_version() {
+  int version = 0;
+  FASTLM_CUDA_CHECK(cudaRuntimeGetVersion(&version));
+  return std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastlm CUDA C++ kernels (raw-pointer launchers; use them through fastlm._cuda)";
+
+  m.def("compiled_archs", &fastlm::compiled_archs,
+        "SM architectures of the device code in this binary, e.g. [80, 90].");
+  m.def("cuda_runtime_version", &cuda_runtime_version, "Version of the CUDA runtime linked in, e.g. '13.0'.");
+
+  m.def("norm_fwd", &fastlm::norm_fwd,
+        "LayerNorm / RMSNorm forward with the residual add fused. (M, N) operands by pointer and row stride; "
+        "0 for an absent one. Writes y, residual_out (iff residual), mean (LayerNorm) and rstd.",
+        py::arg("x"), py::arg("x_stride"), py::arg("residual"), py::arg("residual_stride"), py::arg("weight"),
+        py::arg("bias"), py::arg("y"), py::arg("y_stride"), py::arg("residual_out"), py::arg("residual_out_stride"),
+        py::arg("mean"), py::arg("rstd"), py::arg("M"), py::arg("N"), py::arg("dtype"), py::arg("wdtype"),
+        py::arg("eps"), py::arg("is_rms"), py::arg("offset"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("norm_bwd_num_partials", &fastlm::norm_bwd_num_partials,
+        "G, the number of fp32 partial rows of dw (and of db) that norm_bwd sums for (M, N) on this device.",
+        py::arg("M"), py::arg("N"), py::arg("device"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("norm_bwd_workspace_numel", &fastlm::norm_bwd_workspace_numel,
+        "float32 elements of the workspace norm_bwd needs: the (G, N) partials of dw and db that are wanted, plus "
+        "(M, 2) row coefficients for rows too wide for registers.",
+        py::arg("M"), py::arg("N"), py::arg("need_dw"), py::arg("need_db"), py::arg("device"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("norm_bwd", &fastlm::norm_bwd,
+        "LayerNorm / RMSNorm backward. Writes dx (= the residual's gradient too), and dw / db (weight's dtype) "
+        "when their pointers are non-zero, using `workspace` (norm_bwd_workspace_numel floats, any contents).",
+        py::arg("dy"), py::arg("dy_stride"), py::arg("xin"), py::arg("xin_stride"), py::arg("weight"),
+        py::arg("mean"), py::arg("rstd"), py::arg("dres"), py::arg("dres_stride"), py::arg("dx"),
+        py::arg("dx_stride"), py::arg("dw"), py::arg("db"), py::arg("workspace"), py::arg("workspace_numel"),
+        py::arg("M"), py::arg("N"), py::arg("dtype"), py::arg("wdtype"), py::arg("is_rms"), py::arg("offset"),
+        py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+}

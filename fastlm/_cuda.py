@@ -1,0 +1,224 @@
+"""The thin tensor-to-pointer layer over the CUDA C++ extension `fastlm._C` (csrc/).
+
+fastlm._C never links libtorch: its launchers take raw device pointers, sizes, row strides in elements, dtype
+codes, the device index and the stream handle. This module checks what they cannot (device, dtype, shape, unit
+column stride: a kernel trusts them and would otherwise read out of bounds), allocates the backward's fp32
+workspace with torch (the caching allocator, so no sync), and passes torch's current stream. Importing it never
+fails and does no GPU work; `available()` says why the extension cannot run, and every entry point raises
+RuntimeError with that reason.
+
+Roofline and kernel design: csrc/norm.cu.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_NOT_BUILT = "fastlm._C is not built (nvcc was not found at install time, or FASTLM_BUILD_CUDA=0)"
+
+_ext = None
+_ext_error = None
+_loaded = False
+_arch_reasons: dict[int, str] = {}
+
+
+def _load():
+    # Lazily, so that importing fastlm never pays for (or fails on) the extension.
+    global _ext, _ext_error, _loaded
+    if not _loaded:
+        try:
+            from fastlm import _C
+
+            _ext = _C
+        except ModuleNotFoundError as e:
+            _ext_error = _NOT_BUILT if e.name == "fastlm._C" else f"fastlm._C failed to import: {e}"
+        except Exception as e:  # a broken build: undefined symbol, another Python's ABI
+            _ext_error = f"fastlm._C failed to import: {e}"
+        _loaded = True
+    return _ext, _ext_error
+
+
+def _arch_reason(ext, index: int) -> str:
+    # sm_80 code runs on every 8.x GPU; the sm_90a build only on 9.0 (arch-specific features). Without this
+    # check, a launch on another GPU fails with CUDA's "no kernel image is available".
+    if index not in _arch_reasons:
+        major, minor = torch.cuda.get_device_capability(index)
+        archs = list(ext.compiled_archs())
+        if major < 9:
+            ok = any(a // 10 == major and a % 10 <= minor for a in archs)
+        else:
+            ok = major * 10 + minor in archs
+        why = ""
+        if not ok:
+            have = ", ".join(f"sm_{a}" for a in archs) or "no architecture"
+            why = (f"fastlm._C has device code for {have}, not for {torch.cuda.get_device_name(index)} "
+                   f"(sm_{major}{minor}); rebuild it with FASTLM_CUDA_ARCHS naming this GPU's architecture")
+        _arch_reasons[index] = why
+    return _arch_reasons[index]
+
+
+def available(device=None) -> tuple[bool, str]:
+    """(True, "") when fastlm._C is importable and can run on `device` (default: the current CUDA device);
+    otherwise (False, why). Never raises."""
+    ext, err = _load()
+    if ext is None:
+        return False, err
+    try:
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        if device is not None:
+            device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+            if device.type != "cuda":
+                return False, f"{device} is not a CUDA device"
+        index = torch.cuda.current_device() if device is None or device.index is None else device.index
+        why = _arch_reason(ext, index)
+    except Exception as e:
+        return False, f"cannot query the CUDA device: {e}"
+    return (False, why) if why else (True, "")
+
+
+def build_info() -> dict:
+    """{"built": bool, "archs": [80, 90] or [], "cuda_runtime": "13.0" or None, "error": str or None}."""
+    ext, err = _load()
+    if ext is None:
+        return {"built": False, "archs": [], "cuda_runtime": None, "error": err}
+    return {"built": True, "archs": list(ext.compiled_archs()), "cuda_runtime": ext.cuda_runtime_version(), "error": None}
+
+
+def _require(name, t):
+    ok, why = available(t.device if t.is_cuda else None)
+    if not ok:
+        raise RuntimeError(f"fastlm's cuda backend cannot run: {why}")
+    if not t.is_cuda:
+        raise ValueError(f"{name} must be a CUDA tensor, got one on {t.device}")
+    return _ext
+
+
+def _same_device(name, t, ref):
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device}, not on {ref.device} like the input; all must share one device")
+
+
+def _rows(name, t, ref, M=None, N=None, dtype=None, out=False):
+    """A (M, N) operand: unit column stride, any row stride (rows must not overlap when written)."""
+    _same_device(name, t, ref)
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (rows, N), got shape {tuple(t.shape)}")
+    if M is not None and tuple(t.shape) != (M, N):
+        raise ValueError(f"{name} must have shape {(M, N)}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    rows, n = t.shape
+    if n > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must have unit column stride, got strides {t.stride()}")
+    if out and rows > 1 and t.stride(0) < n:
+        raise ValueError(f"{name} is an output and its rows overlap (strides {t.stride()})")
+    return rows, n
+
+
+def _vector(name, t, ref, n, dtype=None):
+    """A (n,) operand: contiguous."""
+    _same_device(name, t, ref)
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"{name} must have shape {(n,)}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
+
+
+def _weight_code(x, N, named):
+    """Dtype code of the weight-like tensors given (weight, bias, dw, db): one dtype, x's or float32."""
+    wdtype = None
+    for name, t in named:
+        if t is None:
+            continue
+        _vector(name, t, x, N)
+        if t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
+        if wdtype is not None and t.dtype != wdtype:
+            raise TypeError(f"{' and '.join(n for n, u in named if u is not None)} must share one dtype")
+        wdtype = t.dtype
+    return _DTYPE_CODES[wdtype if wdtype is not None else x.dtype]
+
+
+def _ptr(t):
+    return 0 if t is None else t.data_ptr()
+
+
+def _stride(t):
+    return 0 if t is None else t.stride(0)
+
+
+def norm_fwd(x, weight, bias, residual, y, residual_out, mean, rstd, eps: float, is_rms: bool, offset: float) -> None:
+    """LayerNorm (is_rms False) or RMSNorm forward into preallocated outputs.
+
+    x: (M, N) with unit column stride; weight, bias: (N,) contiguous, x's dtype or float32, or None; residual:
+    like x or None; y: (M, N) output; residual_out: (M, N) output iff residual is given; mean: (M,) fp32 output
+    (None for RMSNorm); rstd: (M,) fp32 output.
+    """
+    ext = _require("x", x)
+    M, N = _rows("x", x, x)
+    _rows("y", y, x, M, N, x.dtype, out=True)
+    if (residual is None) != (residual_out is None):
+        raise ValueError("residual_out must be given exactly when residual is")
+    if residual is not None:
+        _rows("residual", residual, x, M, N, x.dtype)
+        _rows("residual_out", residual_out, x, M, N, x.dtype, out=True)
+    if is_rms and bias is not None:
+        raise ValueError("RMSNorm takes no bias")
+    wcode = _weight_code(x, N, (("weight", weight), ("bias", bias)))
+    if is_rms != (mean is None):
+        raise ValueError("mean must be None for RMSNorm and a (rows,) float32 tensor for LayerNorm")
+    if mean is not None:
+        _vector("mean", mean, x, M, torch.float32)
+    _vector("rstd", rstd, x, M, torch.float32)
+    if M == 0 or N == 0:
+        return
+    ext.norm_fwd(
+        x.data_ptr(), x.stride(0), _ptr(residual), _stride(residual), _ptr(weight), _ptr(bias),
+        y.data_ptr(), y.stride(0), _ptr(residual_out), _stride(residual_out), _ptr(mean), rstd.data_ptr(),
+        M, N, _DTYPE_CODES[x.dtype], wcode, float(eps), bool(is_rms), float(offset),
+        x.device.index, torch.cuda.current_stream(x.device).cuda_stream
+    )
+
+
+def norm_bwd(dy, xin, weight, mean, rstd, dres, dx, dw, db, is_rms: bool, offset: float) -> None:
+    """Backward of norm_fwd into preallocated outputs.
+
+    dy, xin (the normalized input: x, or residual_out), dres (gradient of residual_out, or None): (M, N) with unit
+    column stride; weight: (N,) or None; mean: (M,) fp32 (None for RMSNorm); rstd: (M,) fp32; dx: (M, N) output;
+    dw, db: (N,) outputs in the weight's dtype, or None when not wanted.
+    """
+    ext = _require("xin", xin)
+    M, N = _rows("xin", xin, xin)
+    _rows("dy", dy, xin, M, N, xin.dtype)
+    _rows("dx", dx, xin, M, N, xin.dtype, out=True)
+    if dres is not None:
+        _rows("dres", dres, xin, M, N, xin.dtype)
+    if is_rms and db is not None:
+        raise ValueError("RMSNorm has no bias gradient")
+    wcode = _weight_code(xin, N, (("weight", weight), ("dw", dw), ("db", db)))
+    if is_rms != (mean is None):
+        raise ValueError("mean must be None for RMSNorm and a (rows,) float32 tensor for LayerNorm")
+    if mean is not None:
+        _vector("mean", mean, xin, M, torch.float32)
+    _vector("rstd", rstd, xin, M, torch.float32)
+    if M == 0 or N == 0:
+        # Sums over no rows: the kernels launch nothing, so the zeros come from here.
+        for t in (dw, db):
+            if t is not None:
+                t.zero_()
+        return
+    index = xin.device.index
+    numel = ext.norm_bwd_workspace_numel(M, N, dw is not None, db is not None, index)
+    workspace = torch.empty(numel, dtype=torch.float32, device=xin.device)
+    ext.norm_bwd(
+        dy.data_ptr(), dy.stride(0), xin.data_ptr(), xin.stride(0), _ptr(weight), _ptr(mean), rstd.data_ptr(),
+        _ptr(dres), _stride(dres), dx.data_ptr(), dx.stride(0), _ptr(dw), _ptr(db),
+        workspace.data_ptr(), numel, M, N, _DTYPE_CODES[xin.dtype], wcode, bool(is_rms), float(offset),
+        index, torch.cuda.current_stream(xin.device).cuda_stream
+    )

@@ -1,0 +1,136 @@
+"""The CUDA extension fastlm._C: it was built (where nvcc exists and FASTLM_BUILD_CUDA is not 0), it imports, it
+reports the device code it carries, and on a machine without a GPU every way into it fails with an error that
+says why, before any pointer is touched, instead of crashing. CI runs these without a GPU."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastlm import _cuda
+
+
+def _nvcc():
+    """The nvcc setup.py would use (same search order)."""
+    if os.environ.get("NVCC"):
+        return os.environ["NVCC"]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and Path(home, "bin", "nvcc").exists():
+            return str(Path(home, "bin", "nvcc"))
+    return shutil.which("nvcc")
+
+
+if os.environ.get("FASTLM_BUILD_CUDA", "1") == "0":
+    NOT_BUILT = "FASTLM_BUILD_CUDA=0: the CUDA extension is not built"
+elif _nvcc() is None:
+    NOT_BUILT = "nvcc not found: the CUDA extension is not built"
+else:
+    NOT_BUILT = None
+
+needs_build = pytest.mark.skipif(NOT_BUILT is not None, reason=NOT_BUILT or "")
+without_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible: this checks the GPU-less path")
+
+
+def _expected_archs():
+    """SM numbers the build targets: FASTLM_CUDA_ARCHS as setup.py reads it ("90a" is sm_90 code), else 80, 90."""
+    return {int(a.rstrip("a")) for a in os.environ.get("FASTLM_CUDA_ARCHS", "80 90a").split()}
+
+
+@needs_build
+def test_extension_is_built_and_imports():
+    info = _cuda.build_info()
+    assert info["built"], f"nvcc is at {_nvcc()} but fastlm._C does not import: {info['error']}"
+    assert info["error"] is None
+    from fastlm import _C
+
+    assert callable(_C.norm_fwd) and callable(_C.norm_bwd)
+
+
+@needs_build
+def test_compiled_archs():
+    from fastlm import _C
+
+    archs = _C.compiled_archs()
+    assert _expected_archs() <= set(archs), f"compiled for {archs}, expected {sorted(_expected_archs())}"
+    assert _cuda.build_info()["archs"] == list(archs)
+
+
+@needs_build
+def test_cuda_runtime_version():
+    from fastlm import _C
+
+    version = _C.cuda_runtime_version()
+    assert re.fullmatch(r"\d+\.\d+", version), version
+    assert _cuda.build_info()["cuda_runtime"] == version
+
+
+@pytest.mark.skipif(NOT_BUILT is None, reason="the extension is expected to be built here")
+def test_unbuilt_extension_is_reported():
+    info = _cuda.build_info()
+    if info["built"]:
+        pytest.skip("a fastlm._C from an earlier build is installed")
+    ok, why = _cuda.available()
+    assert not ok and "fastlm._C" in why
+    assert info == {"built": False, "archs": [], "cuda_runtime": None, "error": why}
+
+
+@without_gpu
+def test_available_says_why_without_gpu():
+    ok, why = _cuda.available()
+    assert ok is False
+    assert why and ("GPU" in why or "fastlm._C" in why), why
+
+
+def _cpu_norm_args(is_rms):
+    M, N = 4, 64
+    x = torch.randn(M, N)
+    return dict(
+        x=x,
+        weight=torch.ones(N),
+        bias=None if is_rms else torch.zeros(N),
+        residual=None,
+        y=torch.empty_like(x),
+        residual_out=None,
+        mean=None if is_rms else torch.empty(M),
+        rstd=torch.empty(M),
+        eps=1e-5,
+        is_rms=is_rms,
+        offset=0.0,
+    )
+
+
+@without_gpu
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_norm_fwd_without_gpu_raises(is_rms):
+    with pytest.raises((RuntimeError, ValueError), match="GPU|CUDA|fastlm._C"):
+        _cuda.norm_fwd(**_cpu_norm_args(is_rms))
+
+
+@without_gpu
+def test_norm_bwd_without_gpu_raises():
+    M, N = 4, 64
+    xin = torch.randn(M, N)
+    with pytest.raises((RuntimeError, ValueError), match="GPU|CUDA|fastlm._C"):
+        _cuda.norm_bwd(torch.randn(M, N), xin, torch.ones(N), torch.zeros(M), torch.ones(M), None,
+                       torch.empty_like(xin), torch.empty(N), torch.empty(N), False, 0.0)
+
+
+@needs_build
+@without_gpu
+def test_launchers_check_the_device_before_any_pointer():
+    # Null pointers on purpose: the device check must come first and raise, not dereference them.
+    from fastlm import _C
+
+    M, N, f32 = 4, 64, 0
+    calls = {
+        "norm_fwd": lambda: _C.norm_fwd(0, N, 0, 0, 0, 0, 0, N, 0, 0, 0, 0, M, N, f32, f32, 1e-5, False, 0.0, 0, 0),
+        "norm_bwd": lambda: _C.norm_bwd(0, N, 0, N, 0, 0, 0, 0, 0, 0, N, 0, 0, 0, 0, M, N, f32, f32, True, 0.0, 0, 0),
+        "norm_bwd_num_partials": lambda: _C.norm_bwd_num_partials(M, N, 0),
+        "norm_bwd_workspace_numel": lambda: _C.norm_bwd_workspace_numel(M, N, True, True, 0),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+            call()
