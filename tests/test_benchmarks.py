@@ -1,0 +1,336 @@
+"""The benchmark suite and the static kernel report, as far as they run without a GPU: the no-GPU path, the byte
+and rate arithmetic, a whole benchmark case on CPU tensors with the device timers stubbed, the result writers on
+synthetic rows, and the static report compiling tiny Triton kernels for sm_90a and reading their machine code."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not part of the installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks import harness, norm, static  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------- no GPU
+
+
+def test_no_gpu_run_says_so_and_exits_zero():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first = proc.stdout.splitlines()[0]
+    assert "no CUDA GPU" in first and "nothing is timed" in first
+    assert "benchmarks/results" in proc.stdout  # either the committed tables' paths or "none committed yet"
+
+
+def test_committed_results_picks_the_newest_per_family(tmp_path):
+    for device, date in (("gpu-a", "2026-01-01T00:00:00+00:00"), ("gpu-b", "2026-03-01T00:00:00+00:00")):
+        folder = tmp_path / device
+        folder.mkdir()
+        (folder / "norm.md").write_text(f"# norm on {device}\n")
+        (folder / "norm.json").write_text(json.dumps({"meta": {"date": date, "device": device}, "rows": []}))
+    (tmp_path / "gpu-a" / "attention.md").write_text("# attention\n")
+    found = {name: (md.parent.name, date) for name, md, date, _ in harness.committed_results(tmp_path)}
+    assert found == {"norm": ("gpu-b", "2026-03-01T00:00:00+00:00"), "attention": ("gpu-a", "")}
+    assert harness.committed_results(tmp_path, {"softmax"}) == []
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+
+
+def _norm_case(op, residual, rows=4, n=8, dtype=torch.bfloat16):
+    return harness.Case(op, dtype, {"rows": rows, "N": n, "residual": residual})
+
+
+def test_norm_bytes():
+    # 4 × 8 bf16 activations are 64 bytes; a weight or bias row is 16.
+    ln = _norm_case("layer_norm", residual=False)
+    assert norm.work(ln, "fwd") == 64 + 2 * 16 + 64  # x, weight + bias read; y written
+    assert norm.work(ln, "bwd") == 2 * 64 + 16 + 64 + 2 * 16  # dy, x, weight read; dx, dw, db written
+    assert norm.work(ln, "fwd+bwd") == norm.work(ln, "fwd") + norm.work(ln, "bwd")
+    rms = _norm_case("rms_norm", residual=True)
+    assert norm.work(rms, "fwd") == 2 * 64 + 16 + 2 * 64  # x, residual, weight read; y, residual_out written
+    assert norm.work(rms, "bwd") == 3 * 64 + 16 + 64 + 16  # dy, x, d residual_out, weight read; dx, dw written
+    fp32 = _norm_case("rms_norm", residual=False, dtype=torch.float32)
+    assert norm.work(fp32, "fwd") == 2 * norm.work(_norm_case("rms_norm", residual=False), "fwd")
+
+
+def test_rates_and_rotation():
+    assert harness.rate(10**9, 1.0, "bytes") == pytest.approx(1000.0)  # 1 GB in 1 ms is 1000 GB/s
+    assert harness.rate(2 * 10**12, 2.0, "flops") == pytest.approx(1000.0)  # 2 TFLOP in 2 ms is 1000 TFLOP/s
+    l2 = 50 * 2**20
+    assert harness.input_set_count(16 * 2**20, l2) == 13  # ceil(4 × 50 / 16)
+    assert harness.input_set_count(2**30, l2) == 1
+    assert harness.input_set_count(1, l2) == harness.MAX_INPUT_SETS
+    assert harness.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+
+
+def test_rel_error(tmp_path):
+    a = torch.tensor([3.0, 4.0])
+    assert harness.rel_error([a], [a.clone()]) == 0.0
+    assert harness.rel_error([a + torch.tensor([0.0, 0.5])], [a]) == pytest.approx(0.1)  # 0.5 / 5
+    err = harness.rel_error([torch.tensor([float("nan"), 4.0])], [a])
+    assert err == math.inf
+    harness.write_json(tmp_path / "r.json", {}, [{"rel_err": err}])  # JSON has no infinity: it is written as text
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == [{"rel_err": "inf"}]
+
+
+def test_norm_sweep_fits_the_gpu_budget():
+    full, quick = norm.cases(quick=False), norm.cases(quick=True)
+    assert len({c.label for c in full}) == len(full)
+    # torch.compile compiles every case anew: a few seconds each, so the sweep stays at a few dozen cases.
+    assert 20 <= len(full) <= 40 and len(quick) <= 6
+    assert {c.params["N"] for c in full} >= set(norm.WIDTHS)
+    assert {c.dtype for c in full} == {torch.bfloat16, torch.float32}
+    assert any(c.params["residual"] for c in full) and any(c.op == "layer_norm" for c in full)
+
+
+# ---------------------------------------------------------------------------------------------- one case on CPU
+
+
+@pytest.fixture
+def cpu_timers(monkeypatch):
+    """The device timers and memory counters replaced by host stand-ins, so a case runs on CPU tensors."""
+    calls = []
+
+    def bench(fn):
+        calls.append("fwd-like")
+        fn()
+        return 2.0
+
+    def bench_after(prepare, timed):
+        calls.append("bwd")
+        timed(prepare())
+        return 4.0
+
+    monkeypatch.setattr(harness, "_bench", bench)
+    monkeypatch.setattr(harness, "_bench_after", bench_after)
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a, **k: 100)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 164)
+    return calls
+
+
+def test_a_case_runs_every_provider_and_mode(cpu_timers):
+    eager = norm._eager
+
+    def scaled(case):
+        fn = eager(case)
+        return lambda i: tuple(1.5 * o for o in fn(i))
+
+    def broken(case):
+        raise ValueError("this provider cannot take N=64")
+
+    providers = [
+        harness.Provider("ours", eager, backend="triton"),
+        harness.Provider("ours-wrong", scaled, backend="cuda"),
+        harness.Provider("torch", eager),
+        harness.Provider("broken", broken),
+        harness.Provider("absent", eager, lambda: (False, "not installed")),
+    ]
+    family = harness.Family(name="norm", metric="bytes", cases=None, providers=providers,
+                            make_inputs=norm.make_inputs, work=norm.work, reference="torch", x_key="N",
+                            tolerance=norm.TOLERANCE)
+    case = _norm_case("rms_norm", residual=True, rows=16, n=64, dtype=torch.float32)
+    availability = {p.name: p.available() for p in providers}
+    rows = harness.run_case(family, case, availability, torch.device("cpu"), l2_bytes=64 * 1024, ceiling=100.0)
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert len(rows) == len(providers) * len(harness.MODES)
+    assert cpu_timers.count("bwd") == 3  # one backward timing per provider that ran (ours, ours-wrong, torch)
+
+    ok = by[("ours", "bwd")]
+    assert ok["status"] == "ok" and ok["ms"] == 4.0 and ok["rel_err"] == 0.0
+    assert ok["rate"] == pytest.approx(norm.work(case, "bwd") / 4e6)
+    assert ok["frac_of_ceiling"] == pytest.approx(ok["rate"] / 100.0)
+    assert ok["peak_mem_bytes"] == 64
+    assert ok["input_sets"] == 16  # x, residual, 2 gradients: 16 KiB + the weight a set; 4 × 64 KiB of "L2" 
+    assert ok["vs"] == {"torch": 1.0, "broken": "error", "absent": "missing"}
+    assert by[("ours", "fwd")]["ms"] == 2.0
+
+    wrong = by[("ours-wrong", "fwd")]
+    assert wrong["status"] == "mismatch" and wrong["rel_err"] == pytest.approx(0.5, rel=1e-3)
+    assert wrong["vs"] == {}  # a kernel that computes something else gets no ratio
+    assert by[("broken", "fwd")]["status"] == "error" and "N=64" in by[("broken", "fwd")]["reason"]
+    assert by[("absent", "fwd+bwd")]["status"] == "missing" and by[("absent", "fwd+bwd")]["ms"] is None
+
+
+# ---------------------------------------------------------------------------------------------- writers
+
+
+def _synthetic_rows():
+    """Two cases; triton twice as fast as torch on the first, cuda faster than triton on the second."""
+    family = norm.FAMILY
+    providers = {p.name: p for p in family.providers}
+    rows = []
+    for n, times in ((1024, {"fastlm-triton": 1.0, "fastlm-cuda": 1.25, "torch": 2.0, "torch.compile": 1.5}),
+                     (4096, {"fastlm-triton": 2.0, "fastlm-cuda": 1.0, "torch": 3.0, "torch.compile": 4.0})):
+        case = _norm_case("layer_norm", residual=False, rows=16384, n=n)
+        case_rows = []
+        for name, ms in times.items():
+            for mode in harness.MODES:
+                work = family.work(case, mode)
+                r = harness.rate(work, ms, "bytes")
+                case_rows.append(harness._row(family, case, providers[name], mode, ms=ms, rate=r,
+                                              frac_of_ceiling=r / 3000.0, peak_mem_bytes=3 * 2**20))
+        for mode in harness.MODES:
+            case_rows.append(harness._row(family, case, providers["liger"], mode, status="missing",
+                                          reason="liger_kernel not importable"))
+        harness.add_ratios(case_rows, family.providers)
+        rows += case_rows
+    meta = {"date": "2026-01-01T00:00:00+00:00", "device": "Test GPU", "torch": "2.x", "cuda": "13.0",
+            "triton": "3.6.0", "fastlm": "0.1.0", "git_commit": "abc1234", "liger_kernel": "missing",
+            "ceiling": 3000.0, "quick": False}
+    return family, meta, rows
+
+
+def test_ratios_and_dispatch_on_synthetic_rows(tmp_path):
+    family, meta, rows = _synthetic_rows()
+    first = next(r for r in rows if r["provider"] == "fastlm-triton" and r["params"]["N"] == 1024)
+    assert first["vs"] == {"torch": 2.0, "torch.compile": 1.5, "liger": "missing"}
+    choice, details = harness.dispatch_summary(rows, family.providers)
+    # Over the two cases: triton 1.0 / 2.0 against cuda 1.25 / 1.0, geometric means of time over the best
+    # sqrt(1 · 2) = 1.41 for triton and sqrt(1.25 · 1) = 1.12 for cuda: cuda.
+    assert choice == {"layer_norm": {"fwd": "cuda", "bwd": "cuda", "fwd+bwd": "cuda"}}
+    assert details["layer_norm"]["fwd"]["wins"] == {"triton": 1, "cuda": 1}
+    path = tmp_path / "dispatch.json"
+    path.write_text(json.dumps({"cross_entropy": {"fwd": "triton"}}))
+    merged = harness.merge_dispatch(path, choice)
+    assert json.loads(path.read_text()) == merged == dict(choice, cross_entropy={"fwd": "triton"})
+
+
+def test_markdown_json_and_plot_on_synthetic_rows(tmp_path):
+    family, meta, rows = _synthetic_rows()
+    paths = harness.write_results(tmp_path, family, meta, rows)
+    assert [p.name for p in paths] == ["norm.json", "norm.md", "norm.png"]
+
+    saved = json.loads(paths[0].read_text())
+    assert saved["meta"]["device"] == "Test GPU" and len(saved["rows"]) == len(rows)
+
+    md = paths[1].read_text()
+    assert md.startswith("# norm: Test GPU")
+    assert "**3000 GB/s**" in md
+    fwd = md.split("## fwd (GB/s)")[1].split("##")[0]
+    header = next(line for line in fwd.splitlines() if line.startswith("| op"))
+    assert header.split(" | ")[5:] == ["fastlm-triton", "fastlm-cuda", "torch", "torch.compile", "liger",
+                                       "vs torch", "vs torch.compile", "vs liger |"]
+    row = next(line for line in fwd.splitlines() if "| 1024 |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    triton_gbps = harness.rate(norm.work(_norm_case("layer_norm", False, 16384, 1024), "fwd"), 1.0, "bytes")
+    assert cells[:5] == ["layer_norm", "bf16", "16384", "1024", "no"]
+    assert cells[5] == f"{triton_gbps:.0f} ({triton_gbps / 3000:.0%})"
+    assert cells[9] == "missing"
+    assert cells[10:] == ["2.00 / 1.60", "1.50 / 1.20", "– / –"]  # torch 2.0 ms over triton 1.0 and cuda 1.25
+    assert "liger (missing, 6 rows): liger_kernel not importable" in md
+    assert "| layer_norm | bf16 | 16384 | 4096 | no | 3 | 3 | 3 | 3 | missing |" in md  # peak MiB
+
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[2].stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------- static report
+
+
+def test_parsers_on_cuobjdump_and_ptxas_text():
+    sass = textwrap.dedent("""
+        Function : _Z1fPf
+        /*0040*/  LDG.E.128.CONSTANT R8, desc[UR4][R2.64] ;
+        /*0050*/  LDG.E.U16 R9, desc[UR4][R4.64] ;
+        /*0060*/  STL [R1], R9 ;
+        /*0070*/  HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0080*/  STG.E.64 desc[UR4][R4.64], R10 ;
+        Function : _Z1gPf
+        /*0010*/  LDG.E R2, desc[UR4][R2.64] ;
+        /*0020*/  STG.E.U16 desc[UR4][R4.64], R2 ;
+    """)
+    facts = static.parse_sass(sass)
+    assert facts["_Z1fPf"] == {"ld": 128, "st": 64, "ldl_stl": 1, "mma": {"HGMMA"}, "tma": False}
+    assert facts["_Z1gPf"]["ld"] == 32 and facts["_Z1gPf"]["st"] == 16 and facts["_Z1gPf"]["ldl_stl"] == 0
+    res = static.parse_res_usage(" Function _Z1fPf:\n  REG:40 STACK:16 SHARED:256 LOCAL:0 CONSTANT[0]:400\n")
+    assert res == {"_Z1fPf": {"regs": 40, "stack": 16, "shared": 256, "local": 0}}
+    ptxas = ("ptxas info    : Function properties for _Z1fPf\n"
+             "    16 bytes stack frame, 12 bytes spill stores, 8 bytes spill loads\n")
+    assert static.parse_ptxas_spills(ptxas) == {"_Z1fPf": 20}
+    row = dict(res["_Z1fPf"], **facts["_Z1fPf"], spill_bytes=20)
+    assert static.problems(row) == ["local memory: 16 B stack, 0 B local", "20 B spilled",
+                                    "1 local loads/stores (LDL/STL)"]
+    assert static.problems({"error": "ptxas failed"}) == ["ptxas failed"]
+    assert static._shorten("void fastlm::norm_fwd_kernel<__nv_bfloat16, float, 4>(fastlm::NormFwdParams)") == \
+        "norm_fwd_kernel<bf16, fp32, 4>"
+
+
+TINY_KERNELS = '''
+import triton
+import triton.language as tl
+
+from fastlm.kernels._common import KernelSpec
+
+
+@triton.jit
+def _scale_rows_kernel(X, Y, N, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < N, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, 0) / N + 1e-6)
+    tl.store(Y + offs, (x * r).to(Y.dtype.element_ty), mask=offs < N)
+
+
+def static_specs():
+    sig = {"X": "*bf16", "Y": "*bf16", "N": "i32", "BLOCK": "constexpr"}
+    return [
+        KernelSpec("fits", _scale_rows_kernel, sig, {"BLOCK": 1024}, 4, ("X", "Y", "N")),
+        # 16384 fp32 values held by one warp: 512 a thread, far past the 255 registers there are.
+        KernelSpec("spills", _scale_rows_kernel, sig, {"BLOCK": 16384}, 1, ("X", "Y", "N")),
+    ]
+'''
+
+
+def _compile_triton(jobs, path=""):
+    """static.compile_triton on each (module, spec index, capability), in a fresh Python without
+    TRITON_INTERPRET: `make test` runs pytest under Triton's interpreter, whose @triton.jit functions cannot be
+    compiled."""
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join(p for p in (str(path), str(REPO), os.environ.get("PYTHONPATH")) if p))
+    code = ("import json, sys; from benchmarks import static; "
+            f"print(json.dumps([static.compile_triton(*job) for job in {jobs!r}], default=sorted))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_static_report_reads_compiled_triton_kernels(tmp_path):
+    (tmp_path / "fastlm_tiny_kernels.py").write_text(TINY_KERNELS)
+    specs = static._specs("fastlm.kernels.norm")
+    norm_index = next(i for i, s in enumerate(specs) if s.num_warps >= 4)
+    fits, spills, shipped = _compile_triton([("fastlm_tiny_kernels", 0, 90), ("fastlm_tiny_kernels", 1, 90),
+                                             ("fastlm.kernels.norm", norm_index, 90)], tmp_path)
+    assert "error" not in fits, fits.get("error")
+    assert fits["arch"] == "sm_90a" and fits["warps"] == 4
+    assert 0 < fits["regs"] <= 255
+    assert fits["ld"] == 128 and fits["st"] == 128  # the divisible-by-16 hint gives 16-byte accesses
+    assert fits["stack"] == fits["local"] == fits["ldl_stl"] == 0 and static.problems(fits) == []
+
+    assert spills["ldl_stl"] > 0 and spills["stack"] > 0
+    assert any("LDL/STL" in why for why in static.problems(spills))
+
+    # One variant the norm launchers ship, found the way the report finds it.
+    assert "fastlm.kernels.norm" in static.kernel_modules()
+    assert "error" not in shipped, shipped.get("error")
+    assert shipped["kernel"] == specs[norm_index].name
+    assert shipped["regs"] > 0 and shipped["local"] == 0
+
+
+def test_static_report_uses_setup_py_flags():
+    build = static.setup_build()
+    assert build["archs"] == os.environ.get("FASTLM_CUDA_ARCHS", "80 90a").split()
+    if build["nvcc"] is not None:
+        assert "-O3" in build["cflags"] and "-std=c++17" in build["cflags"]
