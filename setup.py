@@ -44,7 +44,7 @@ def ninja_file(nvcc, build_dir, out_path, archs):
     # Warnings are errors, in nvcc's front end, in the host compiler and in ptxas.
     warn = "-Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror -Xptxas -Werror"
     cflags = (
-        f"-O3 -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden --expt-relaxed-constexpr {warn} "
+        f"-O3 -std=c++17 --threads 0 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden --expt-relaxed-constexpr {warn} "
         f"-I{CSRC} -isystem {pybind11.get_include()} -isystem {py_inc}"
     )
     sources = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp"))

@@ -82,12 +82,11 @@ def _cuda_reason(device: torch.device, dtype: torch.dtype):
 
     if dtype not in KERNEL_DTYPES:
         return f"the cuda kernels take float32, float16 or bfloat16, not {dtype}"
-    ok, why = _cuda.available()
-    if not ok:
-        return why
     if device.type != "cuda":
-        return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
-    return None
+        ok, why = _cuda.available()
+        return why if not ok else f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
+    ok, why = _cuda.available(device)
+    return None if ok else why
 
 
 _REASONS = {"triton": _triton_reason, "cuda": _cuda_reason}

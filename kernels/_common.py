@@ -7,6 +7,7 @@ report compiles exactly what ships and nothing is copied out of the library to b
 
 import os
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import triton
@@ -24,6 +25,7 @@ class KernelSpec:
     # Arguments the JIT would specialise as divisible by 16 (pointers from torch's allocator, N % 16 == 0):
     # the report compiles the common fast case the same way the JIT does.
     divisible_by_16: tuple = field(default_factory=tuple)
+    num_stages: Optional[int] = None  # software-pipelining depth, for kernels that pipeline loads (attention)
 
 
 TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

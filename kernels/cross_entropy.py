@@ -31,8 +31,8 @@ import triton.language as tl
 
 from ._common import KernelSpec, empty
 
-BLOCK_V = 4096  # chunk of the vocabulary a program holds at once: 16 fp32 values a thread at 8 warps
-NUM_WARPS = 8
+BLOCK_V = 4096  # chunk of the vocabulary a program holds at once: 8 fp32 values a thread at 16 warps
+NUM_WARPS = 16
 SCALE_BLOCK = 4096
 
 
@@ -64,10 +64,12 @@ def _tanh(u):
 @triton.jit
 def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
     """(x, dx/dz): x = softcap·tanh(z/softcap) with its derivative 1 − tanh², or (z, 1)."""
+    x = z
+    dx = tl.full(z.shape, 1.0, tl.float32)
     if HAS_SOFTCAP:
-        th, sech2 = _tanh(z / softcap)
-        return softcap * th, sech2
-    return z, 1.0
+        th, dx = _tanh(z / softcap)
+        x = softcap * th
+    return x, dx
 
 
 @triton.jit
@@ -316,3 +318,27 @@ def scale_grad(grad, grad_output):
         _ce_bwd_scale_kernel[(rows,)](grad, grad_output.reshape(1).to(torch.float32), grad.stride(0), V,
                                       BLOCK_V=SCALE_BLOCK, num_warps=NUM_WARPS)
     return grad
+
+
+def static_specs():
+    """Every variant the launchers may launch, for the static kernel report: one block shape, so each kernel with
+    every option on (the most registers), for bf16 and fp32 logits, int64 targets."""
+    specs = []
+    for dt in ("bf16", "fp32"):
+        flags = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z=True, HAS_SOFTCAP=True, BLOCK_V=BLOCK_V)
+        consts = {"keep_nll": "fp32", "smooth_v": "fp32", "z_loss": "fp32", "softcap": "fp32"}
+        fwd = dict({"LOGITS": f"*{dt}", "TARGET": "*i64", "WEIGHT": "*fp32", "SCALARS": "*fp32", "LOSS": "*fp32",
+                    "MAX": "*fp32", "LOG_S": "*fp32", "GRAD": f"*{dt}", "stride_l": "i32", "stride_g": "i32",
+                    "V": "i32", "ignore_index": "i32"}, **consts)
+        const = dict(flags, COMPUTE_GRAD=True)
+        specs.append(KernelSpec(f"ce_fwd[{dt}]", _ce_fwd_kernel, dict(fwd, **{k: "constexpr" for k in const}), const,
+                                NUM_WARPS, ("LOGITS", "GRAD", "stride_l", "stride_g", "V")))
+        bwd = dict({"LOGITS": f"*{dt}", "TARGET": "*i64", "WEIGHT": "*fp32", "SCALARS": "*fp32", "MAX": "*fp32",
+                    "LOG_S": "*fp32", "GRAD_OUT": "*fp32", "GRAD": f"*{dt}", "stride_l": "i32", "stride_g": "i32",
+                    "V": "i32", "ignore_index": "i32"}, **consts)
+        specs.append(KernelSpec(f"ce_bwd[{dt}]", _ce_bwd_kernel, dict(bwd, **{k: "constexpr" for k in flags}), flags,
+                                NUM_WARPS, ("LOGITS", "GRAD", "stride_l", "stride_g", "V")))
+        scale = {"GRAD": f"*{dt}", "GRAD_OUT": "*fp32", "stride_g": "i32", "V": "i32", "BLOCK_V": "constexpr"}
+        specs.append(KernelSpec(f"ce_scale_grad[{dt}]", _ce_bwd_scale_kernel, scale, {"BLOCK_V": SCALE_BLOCK},
+                                NUM_WARPS, ("GRAD", "stride_g", "V")))
+    return specs

@@ -356,3 +356,13 @@ def test_gpu_inductor_fullgraph(backend):
     ey, er = norm(x.detach(), residual=h)
     torch.testing.assert_close(y, ey)
     torch.testing.assert_close(r, er)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_float32_bias_without_weight(backend):
+    # The functional form allows a bias alone; its gradient keeps the bias's dtype, not x's.
+    x, _, _, _, dy, _ = _inputs((3, 40), torch.float16, "plain", False)
+    b = torch.randn(40, device=DEVICE, requires_grad=True)
+    fastlm.layer_norm(x, None, b).backward(dy)
+    assert b.grad.dtype == torch.float32
+    torch.testing.assert_close(b.grad, dy.float().sum(0), rtol=1e-3, atol=1e-3)

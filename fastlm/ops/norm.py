@@ -116,6 +116,8 @@ def _setup_context(ctx, inputs, output):
     _, residual_out, mean, rstd = output
     ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
     ctx.has_bias = bias is not None
+    # The kernels give db in the weight's dtype (x's without a weight); a float32 bias with no weight wants its own.
+    ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.has_residual = residual is not None
     ctx.is_rms = is_rms
     ctx.offset = offset
@@ -140,7 +142,7 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd):
     return (
         dx if need_x else None,
         dw if need_w else None,
-        db if need_b and ctx.has_bias else None,
+        db.to(ctx.bias_dtype) if need_b and ctx.has_bias else None,
         dx if need_r else None,
         None,
         None,
