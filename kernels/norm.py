@@ -250,6 +250,22 @@ def _norm_bwd_kernel(
 
 
 @triton.jit
+def _bwd_chunk(DY, XIN, W, row, stride_dy, stride_x, cols, mask, mean, rstd, offset, IS_RMS: tl.constexpr,
+               HAS_W: tl.constexpr):
+    """One chunk of a row for the chunked backward: dy, v, xhat (0 on padding) and g = dy·w_eff, in fp32."""
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(XIN + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (v - mean) * rstd, 0.0)
+    g = dy
+    if HAS_W:
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if IS_RMS:
+            w = w + offset
+        g = dy * w
+    return dy, v, xhat, g
+
+
+@triton.jit
 def _norm_bwd_chunked_kernel(
     DY,  # (M, N) gradient of y
     XIN,  # (M, N) the normalized input
@@ -290,15 +306,8 @@ def _norm_bwd_chunked_kernel(
             for start in range(0, N, BLOCK_N):
                 cols = start + cols0
                 mask = cols < N
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                v = tl.load(XIN + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (v - mean) * rstd, 0.0)
-                g = dy
-                if HAS_W:
-                    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                    if IS_RMS:
-                        w = w + offset
-                    g = dy * w
+                dy, v, xhat, g = _bwd_chunk(DY, XIN, W, row, stride_dy, stride_x, cols, mask, mean, rstd, offset,
+                                            IS_RMS, HAS_W)
                 if IS_RMS:
                     c1 += tl.sum(g * v)  # as in _norm_bwd_kernel: v, not xhat, for accuracy
                 else:
@@ -311,15 +320,8 @@ def _norm_bwd_chunked_kernel(
             for start in range(0, N, BLOCK_N):
                 cols = start + cols0
                 mask = cols < N
-                dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-                v = tl.load(XIN + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (v - mean) * rstd, 0.0)
-                g = dy
-                if HAS_W:
-                    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-                    if IS_RMS:
-                        w = w + offset
-                    g = dy * w
+                dy, v, xhat, g = _bwd_chunk(DY, XIN, W, row, stride_dy, stride_x, cols, mask, mean, rstd, offset,
+                                            IS_RMS, HAS_W)
                 if IS_RMS:
                     dx = g * rstd - v * c1
                 else:
