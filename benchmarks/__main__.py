@@ -1,7 +1,7 @@
 """`python -m benchmarks [--op NAME] [--quick] [--out DIR]`: time every op family on the GPU.
 
-Each module of this package that defines FAMILY (a harness.Family) is a family; --op picks one. Results go to
-benchmarks/results/<device>/ (or --out DIR): <family>.json, .md and .png, and dispatch.json, the backend the
+Each module of this package that defines FAMILY (a harness.Family), or FAMILIES (several), adds them; --op picks
+one. Results go to benchmarks/results/<device>/ (or --out DIR): <family>.json, .md and .png, and dispatch.json, the backend the
 library's `auto` dispatch should pick per op, measured in this run. Without a GPU nothing is timed: the newest
 committed results are printed instead, and the exit status is 0.
 """
@@ -27,9 +27,10 @@ def families() -> dict:
         if info.name.startswith("_") or info.name in SUPPORT_MODULES:
             continue
         module = importlib.import_module(f"benchmarks.{info.name}")
-        family = getattr(module, "FAMILY", None)
-        if isinstance(family, harness.Family):
-            found[family.name] = family
+        # A module declares one family (FAMILY) or several (FAMILIES).
+        for family in getattr(module, "FAMILIES", None) or (getattr(module, "FAMILY", None),):
+            if isinstance(family, harness.Family):
+                found[family.name] = family
     return found
 
 

@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from fastlm import nn
 from fastlm._backend import BACKENDS, BackendUnavailable, get_backend, set_backend, use_backend
-from fastlm.ops import cross_entropy, layer_norm, rms_norm
+from fastlm.ops import cross_entropy, layer_norm, linear_cross_entropy, rms_norm
 
 
 def build_info() -> dict:
@@ -25,6 +25,7 @@ __all__ = [
     "cross_entropy",
     "get_backend",
     "layer_norm",
+    "linear_cross_entropy",
     "nn",
     "rms_norm",
     "set_backend",

@@ -13,6 +13,7 @@ import math
 import torch
 
 from fastlm.ops.cross_entropy import cross_entropy as _cross_entropy
+from fastlm.ops.cross_entropy import linear_cross_entropy as _linear_cross_entropy
 from fastlm.ops import norm as _norm
 
 
@@ -80,3 +81,35 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
             input, target, weight=self.weight, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
             reduction=self.reduction, z_loss=self.z_loss, softcap=self.softcap,
         )
+
+
+class LinearCrossEntropyLoss(torch.nn.Module):
+    """A language model's output projection and its loss in one: `forward(hidden, target)` is
+    cross_entropy(hidden @ weight.T + bias, target) computed in token chunks, never holding the (tokens, V)
+    logits (fastlm.linear_cross_entropy). `logits(hidden)` gives the logits for inference. The parameters are a
+    torch.nn.Linear(in_features, vocab_size)'s (`weight` (V, H), `bias`), so an existing head's state dict loads.
+    Keywords as fastlm.cross_entropy; `class_weight` is its per-class `weight`."""
+
+    def __init__(self, in_features, vocab_size, bias=False, *, class_weight=None, ignore_index=-100,
+                 label_smoothing=0.0, reduction="mean", z_loss=0.0, softcap=None, device=None, dtype=None):
+        super().__init__()
+        head = torch.nn.Linear(in_features, vocab_size, bias=bias, device=device, dtype=dtype)
+        self.weight = head.weight
+        self.bias = head.bias
+        self.register_buffer("class_weight", class_weight)
+        self.in_features, self.vocab_size = in_features, vocab_size
+        self.ignore_index, self.label_smoothing, self.reduction = ignore_index, label_smoothing, reduction
+        self.z_loss, self.softcap = z_loss, softcap
+
+    def forward(self, hidden, target):
+        return _linear_cross_entropy(
+            hidden, self.weight, target, self.bias, class_weight=self.class_weight, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, reduction=self.reduction, z_loss=self.z_loss, softcap=self.softcap,
+        )
+
+    def logits(self, hidden):
+        z = torch.nn.functional.linear(hidden, self.weight, self.bias)
+        return self.softcap * torch.tanh(z / self.softcap) if self.softcap is not None else z
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, vocab_size={self.vocab_size}, bias={self.bias is not None}"

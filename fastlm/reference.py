@@ -85,3 +85,11 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothin
     if reduction == "sum":
         return loss.sum()
     return loss.sum() / (w_t * keep).sum()
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, class_weight=None, ignore_index=-100,
+                         label_smoothing=0.0, reduction="mean", z_loss=0.0, softcap=None):
+    """cross_entropy(hidden @ weight.T + bias, target, ...), the logits materialized: hidden (..., H), weight
+    (V, H), bias (V,) or None, class_weight (V,) or None."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return cross_entropy(logits, target, class_weight, ignore_index, label_smoothing, reduction, z_loss, softcap)

@@ -272,15 +272,18 @@ def _constants(V, smoothing, z_loss, softcap):
     return 1.0 - smoothing, smoothing / V, float(z_loss), float(softcap or 1.0)
 
 
-def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, softcap, reduction, compute_grad):
+def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, softcap, reduction, compute_grad,
+                      sc=None):
     """Rows of logits (rows, V) with column stride 1, target (rows,), weight (V,) fp32 or None.
 
     Returns loss (rows,) fp32 (unreduced; divide the sum by sc[0] for "mean"), row_max and log_s (rows,) fp32,
     sc (2,) fp32, and grad (rows, V) in logits' dtype, the gradient of the reduced loss for an incoming gradient
-    of 1, or None when compute_grad is False.
+    of 1, or None when compute_grad is False. `sc` may be given: the scalars of a larger batch these rows are a
+    chunk of (fused linear cross-entropy), so the mean divides by the whole batch's divisor.
     """
     rows, V = logits.shape
-    sc = scalars(target, weight, V, ignore_index, reduction)
+    if sc is None:
+        sc = scalars(target, weight, V, ignore_index, reduction)
     loss = empty((rows,), torch.float32, logits.device)
     row_max = empty((rows,), torch.float32, logits.device)
     log_s = empty((rows,), torch.float32, logits.device)

@@ -7,6 +7,10 @@
 #
 # Usage: scripts/gpu_check.sh [STEP...]   STEP: info install tests bench static sanitizer (default: all, in order)
 #        BENCH_ARGS="--quick" scripts/gpu_check.sh install bench    extra arguments for `python -m benchmarks`
+#        BENCH_OPS="norm cross_entropy" scripts/gpu_check.sh bench   only these benchmark families (default: all)
+# The bench step runs each family in a process of its own, within what is left of the step less BENCH_FLOOR_S for
+# each family after it: a family that overruns is cut alone (keeping the cases it finished, written after each
+# one) without leaving the later ones nothing, and every family that finishes adds its entries to dispatch.json.
 # Writes to $OUT (the device tool brings back at most 8 files): one log per step, and results.tar.gz holding
 # <device-slug>/{<op>.json,<op>.md,<op>.png,dispatch.json}, to untar into benchmarks/results/.
 # Liger-Kernel, a benchmark peer, is installed from .whl/*.whl when the call carries it (scripts/README.md).
@@ -22,6 +26,7 @@ BENCH_S=300
 STATIC_S=120
 SANITIZER_S=90
 RESERVE_S=10  # kept back for packing the results
+BENCH_FLOOR_S=30  # the bench step keeps at least this for each benchmark family still to run
 
 OUT=${OUT:-/tmp/gpu_check_out}
 PY=python3
@@ -34,8 +39,8 @@ mkdir -p "$OUT"
 unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 
-# run_step NAME CAP_S COMMAND: run COMMAND, output to $OUT/NAME.log, within min(CAP_S, what is left); print the
-# log's last TAIL_LINES lines.
+# run_step NAME CAP_S COMMAND: run COMMAND, output to $OUT/NAME.log, within min(CAP_S, what is left), with
+# STEP_DEADLINE (epoch seconds) in its environment; print the log's last TAIL_LINES lines.
 run_step() {
     local name=$1 cap=$2 cmd=$3
     local left=$((START + BUDGET_S - RESERVE_S - $(date +%s)))
@@ -47,7 +52,7 @@ run_step() {
     echo "===== $name (at most ${limit} s) =====" | tee "$OUT/$name.log"
     local t0 rc took verdict
     t0=$(date +%s)
-    timeout --kill-after=10 "$limit" bash -c "$cmd" >>"$OUT/$name.log" 2>&1
+    STEP_DEADLINE=$((t0 + limit)) timeout --kill-after=10 "$limit" bash -c "$cmd" >>"$OUT/$name.log" 2>&1
     rc=$?
     took=$(($(date +%s) - t0))
     verdict="ok"
@@ -101,7 +106,33 @@ if want bench; then
     SLUG=$($PY -c "import torch; from benchmarks.harness import slug; print(slug(torch.cuda.get_device_name()))") \
         || SLUG=unknown-device
     rm -rf "$RESULTS" && mkdir -p "$RESULTS/$SLUG"
-    TAIL_LINES=40 run_step bench "$BENCH_S" "$PY -m benchmarks --out $RESULTS/$SLUG ${BENCH_ARGS:-}"
+    cat >/tmp/bench_families.sh <<'SHEOF'
+# Each family in its own process, within what is left of the step less FLOOR_S for each family after it and a
+# few seconds for timeout's kill grace.
+set -u
+ops=${BENCH_OPS:-$($PY -c "from benchmarks.__main__ import families; print(' '.join(families()))")} || exit 1
+set -- $ops
+rc=0
+while [ $# -gt 0 ]; do
+    cap=$((STEP_DEADLINE - $(date +%s) - FLOOR_S * ($# - 1) - 10))
+    if [ "$cap" -le 5 ]; then
+        echo "===== benchmark $1: skipped, the step's time is spent"
+        rc=1
+    else
+        echo "===== benchmark $1 (at most $cap s)"
+        timeout --kill-after=5 "$cap" $PY -m benchmarks --op "$1" --out "$RESULTS_DIR" $BENCH_ARGS
+        status=$?
+        if [ $status -ne 0 ]; then
+            rc=$status
+            echo "===== benchmark $1: exit $status$([ $status -eq 124 ] && echo ", cut at $cap s")"
+        fi
+    fi
+    shift
+done
+exit $rc
+SHEOF
+    TAIL_LINES=40 run_step bench "$BENCH_S" "PY=$PY RESULTS_DIR=$RESULTS/$SLUG BENCH_ARGS='${BENCH_ARGS:-}' \
+        BENCH_OPS='${BENCH_OPS:-}' FLOOR_S=$BENCH_FLOOR_S bash /tmp/bench_families.sh"
     tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . &&
         echo "results.tar.gz: $(cd "$RESULTS" && find . -type f | sort | tr '\n' ' ')"
 fi

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not part of the installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import harness, norm, static  # noqa: E402
+from benchmarks import cross_entropy, harness, norm, static  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- no GPU
@@ -93,6 +93,137 @@ def test_norm_sweep_fits_the_gpu_budget():
     assert {c.params["N"] for c in full} >= set(norm.WIDTHS)
     assert {c.dtype for c in full} == {torch.bfloat16, torch.float32}
     assert any(c.params["residual"] for c in full) and any(c.op == "layer_norm" for c in full)
+
+
+def _ce_case(rows=4, v=8, dtype=torch.bfloat16):
+    return harness.Case("cross_entropy", dtype, {"rows": rows, "V": v})
+
+
+def _lce_case(tokens=4, hidden=8, v=16):
+    return harness.Case("linear_cross_entropy", torch.bfloat16, {"tokens": tokens, "hidden": hidden, "V": v})
+
+
+def test_cross_entropy_bytes_and_linear_cross_entropy_flops():
+    # 4 × 8 bf16 logits are 64 bytes: read once forward, the gradient written once backward.
+    ce = _ce_case()
+    assert cross_entropy.logits_bytes(ce) == 64
+    assert [cross_entropy.ce_work(ce, m) for m in harness.MODES] == [64, 64, 128]
+    assert cross_entropy.ce_work(_ce_case(dtype=torch.float32), "fwd+bwd") == 256
+    big = _ce_case(16384, 131072)  # 4 GiB of bf16 logits, 8 GiB moved by the ideal fwd+bwd
+    assert cross_entropy.ce_work(big, "fwd+bwd") == 2 * 16384 * 131072 * 2 == 8 * 2**30
+    # 4 tokens, hidden 8, V 16: the logits matmul is 2 · 4 · 8 · 16 = 1024 FLOPs; backward twice that.
+    lce = _lce_case()
+    assert [cross_entropy.lce_work(lce, m) for m in harness.MODES] == [1024, 2048, 3072]
+    assert cross_entropy.lce_work(_lce_case(16384, 4096, 131072), "fwd+bwd") == 6 * 16384 * 4096 * 131072
+    assert cross_entropy.logits_bytes(_lce_case()) == 4 * 16 * 2
+    # TARGETS.md's fused linear cross-entropy goal, 600 TFLOP/s at 16k tokens, 4096 hidden, 128k vocab, is a call
+    # of 88 ms.
+    work = cross_entropy.lce_work(_lce_case(16384, 4096, 131072), "fwd+bwd")
+    assert harness.rate(work, 88.0, "flops") == pytest.approx(600, rel=0.01)
+
+
+def test_cross_entropy_sweeps_fit_the_memory_cap_and_the_gpu_budget():
+    cap = cross_entropy.MAX_LOGITS_BYTES
+    # torch eager's fwd+bwd holds about 8 × the logits at its peak (see MAX_LOGITS_BYTES): it fits an 80 GB H100.
+    assert 8 * cap <= 80e9
+    grid = cross_entropy.ce_grid()
+    full = cross_entropy.ce_cases(quick=False)
+    assert full == [c for c in grid if cross_entropy.logits_bytes(c) <= cap]
+    left_out = {(harness.DTYPE_NAMES[c.dtype], c.params["rows"], c.params["V"]) for c in grid if c not in full}
+    assert left_out == {("bf16", 32768, 262144), ("fp32", 16384, 262144)}  # 16 GiB of logits each
+    # torch.compile compiles every case anew: the two families stay at 15 cases (10 + 5) to fit the session.
+    assert len(full) == 10 and {c.dtype for c in full} == {torch.bfloat16, torch.float32}
+    assert sum(c.dtype == torch.float32 for c in full) == 2
+    assert {c.params["V"] for c in full} == set(cross_entropy.VOCABS)
+    assert {c.params["rows"] for c in full} == set(cross_entropy.ROWS)
+    lce = cross_entropy.lce_cases(quick=False)
+    assert len(lce) == 5 and all(cross_entropy.logits_bytes(c) <= cap for c in lce)
+    assert {c.dtype for c in lce} == {torch.bfloat16}
+    for family, cases in ((cross_entropy.FAMILY, full), (cross_entropy.LINEAR_FAMILY, lce)):
+        assert len({c.label for c in cases}) == len(cases)
+        quick = family.cases(True)
+        assert 1 <= len(quick) <= 3 and max(map(cross_entropy.logits_bytes, quick)) <= 2**30
+        assert all(c.op == family.name for c in cases + quick)
+
+
+def test_cross_entropy_families_and_their_providers():
+    assert cross_entropy.FAMILIES == (cross_entropy.FAMILY, cross_entropy.LINEAR_FAMILY)
+    assert [(f.name, f.metric) for f in cross_entropy.FAMILIES] == [("cross_entropy", "bytes"),
+                                                                     ("linear_cross_entropy", "flops")]
+    for family in cross_entropy.FAMILIES:
+        names = [p.name for p in family.providers]
+        assert names == ["fastlm-triton", "fastlm-cuda", "torch", "torch.compile", "liger"]
+        # Liger's cross-entropy overwrites the logits with their gradient: it must run after every other provider.
+        assert family.reference == "torch" and names[-1] == "liger"
+        assert {p.backend for p in family.providers if p.backend} == {"triton", "cuda"}
+    cpu = torch.device("cpu")
+    # The torch backend runs anywhere: the probe of both ops passes; the op a fastlm lacks is missing.
+    assert cross_entropy.unavailable_reason("cross_entropy", "torch", cpu) == ""
+    assert cross_entropy.unavailable_reason("linear_cross_entropy", "torch", cpu) == ""
+    assert cross_entropy.unavailable_reason("softmax2", "triton", cpu) == "this fastlm has no softmax2"
+    if not torch.cuda.is_available():
+        assert "GPU" in cross_entropy.unavailable_reason("cross_entropy", "cuda", cpu)
+
+
+class _InPlaceCrossEntropy(torch.autograd.Function):
+    """A stand-in for Liger's cross-entropy: the forward writes the gradient into the logits."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        x = logits.detach().float().requires_grad_()
+        with torch.enable_grad():
+            loss = torch.nn.functional.cross_entropy(x, target)
+            (grad,) = torch.autograd.grad(loss, x)
+        logits.copy_(grad)
+        ctx.save_for_backward(logits)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, dloss):
+        (grad,) = ctx.saved_tensors
+        return grad * dloss, None
+
+
+def _family_on_cpu(family, stand_ins):
+    """The family with every provider that runs on CPU tensors: fastlm through its torch backend, torch eager,
+    and the stand-ins (name -> build) in place of the peers not installed here, last."""
+    import fastlm
+
+    fastlm_torch = harness.Provider("fastlm-triton", family.providers[0].build,
+                                    context=lambda: fastlm.use_backend("torch"), backend="triton")
+    eager = next(p for p in family.providers if p.name == "torch")
+    providers = [fastlm_torch, eager] + [harness.Provider(name, build) for name, build in stand_ins.items()]
+    return harness.Family(name=family.name, metric=family.metric, cases=None, providers=providers,
+                          make_inputs=family.make_inputs, work=family.work, reference="torch", x_key=family.x_key,
+                          tolerance=family.tolerance)
+
+
+def test_cross_entropy_cases_run_on_cpu(cpu_timers, monkeypatch):
+    import fastlm
+
+    if not hasattr(fastlm, "linear_cross_entropy"):  # until the library has it: its reference, materialized
+        monkeypatch.setattr(fastlm, "linear_cross_entropy", lambda h, w, t, **kw: torch.nn.functional.cross_entropy(
+            (h @ w.T).float(), t, **kw), raising=False)
+    # The in-place peer runs last, as Liger does: every other provider, and its own check (its first call), see
+    # logits it has not overwritten yet, so all agree with the reference.
+    in_place = {"liger": lambda case: lambda i: (_InPlaceCrossEntropy.apply(i["logits"], i["target"]),)}
+    ce_family = _family_on_cpu(cross_entropy.FAMILY, in_place)
+    lce_family = _family_on_cpu(cross_entropy.LINEAR_FAMILY, {})
+    cpu = torch.device("cpu")
+    for family, case in ((ce_family, _ce_case(16, 300, torch.float32)), (ce_family, _ce_case(16, 300)),
+                         (lce_family, harness.Case("linear_cross_entropy", torch.float32,
+                                                   {"tokens": 16, "hidden": 32, "V": 300}))):
+        availability = {p.name: p.available() for p in family.providers}
+        rows = harness.run_case(family, case, availability, cpu, l2_bytes=1024, ceiling=100.0)
+        assert len(rows) == len(family.providers) * len(harness.MODES)
+        for r in rows:
+            assert r["status"] == "ok", (case.label, r["provider"], r["reason"])
+            assert r["work"] == family.work(case, r["mode"])
+            assert r["rate"] == pytest.approx(harness.rate(r["work"], r["ms"], family.metric))
+        ours = next(r for r in rows if r["provider"] == "fastlm-triton" and r["mode"] == "fwd+bwd")
+        assert ours["rel_err"] < family.tolerance[case.dtype]
+        assert set(ours["vs"]) == {p.name for p in family.providers if not p.backend}
+        assert ours["unit"] == harness.UNITS[family.metric][0]
 
 
 # ---------------------------------------------------------------------------------------------- one case on CPU
@@ -334,3 +465,9 @@ def test_static_report_uses_setup_py_flags():
     assert build["archs"] == os.environ.get("FASTLM_CUDA_ARCHS", "80 90a").split()
     if build["nvcc"] is not None:
         assert "-O3" in build["cflags"] and "-std=c++17" in build["cflags"]
+
+
+def test_every_family_is_discovered():
+    from benchmarks.__main__ import families
+
+    assert {"norm", "cross_entropy", "linear_cross_entropy"} <= set(families())

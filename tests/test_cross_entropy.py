@@ -1,6 +1,8 @@
 """Softmax cross-entropy: every backend against the float64 reference by the tolerance rule, torch's edge cases,
 z-loss and softcap, the registered ops under torch.compile, the drop-in module and bad input."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -259,3 +261,132 @@ def test_gpu_out_of_range_target_gives_nan(backend):
     torch.cuda.synchronize()
     assert torch.isnan(loss[1]) and torch.isnan(loss[2]) and torch.isfinite(loss[3:]).all()
     assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[3:]).all()
+
+
+# --- fused linear cross-entropy -----------------------------------------------------------------------------------------
+
+
+def _lce_inputs(tokens, H, V, dtype, bias=True, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.5 * 3).to(dtype)
+    b = (0.5 * torch.randn(V, generator=g)).to(dtype) if bias else None
+    target = torch.randint(0, V, (tokens,), generator=g)
+    target[::5] = -100
+    to = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
+    return to(hidden), to(weight), to(b), to(target)
+
+
+def check_linear(hidden, weight, bias, target, **kw):
+    reduction = kw.get("reduction", "mean")
+    g = torch.Generator().manual_seed(2)
+    go = torch.randn(target.shape, generator=g).to(DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    leaves = lambda ts, f=lambda t: t: [f(t).detach().clone().requires_grad_() if t is not None else None  # noqa: E731
+                                        for t in ts]
+    ours = leaves((hidden, weight, bias))
+    loss = fastlm.linear_cross_entropy(ours[0], ours[1], target, ours[2], **kw)
+    loss.backward(go)
+    exact = leaves((hidden, weight, bias), lambda t: t.double())
+    cw = kw.pop("class_weight", None)
+    ref = reference.linear_cross_entropy(exact[0], exact[1], target, exact[2], cw.double() if cw is not None else None,
+                                         **kw)
+    ref.backward(go.double())
+    theirs = leaves((hidden, weight, bias))
+    _torch_impl(F.linear(*theirs), target, cw, **kw).backward(go.to(hidden.dtype) if reduction == "none" else go)
+    # torch's own loss as users compute it: the projection in the tested dtype, the cross-entropy in float32.
+    t32 = _torch_impl(F.linear(hidden, weight, bias).float(), target, cw, **kw)
+    assert_by_rule("loss", loss.detach(), ref.detach(), t32)
+    for name, a, r, t in zip(("dhidden", "dweight", "dbias"), ours, exact, theirs):
+        if a is not None:
+            assert a.grad.dtype == a.dtype
+            assert_by_rule(name, a.grad, r.grad, t.grad)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # A few hundred bytes of logits a chunk: many chunks and an odd remainder even at test sizes.
+    # The module, not the function fastlm.ops re-exports under the same name.
+    monkeypatch.setattr(importlib.import_module("fastlm.ops.cross_entropy"), "CHUNK_BYTES", 7 * 50 * 4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+@pytest.mark.parametrize("option", ("plain", "smoothing", "everything"))
+def test_linear_matches_composition(backend, small_chunks, reduction, dtype, option):
+    kw = dict(OPTIONS[option])
+    # 253 tokens (36 chunks of 7 and a remainder of 1): over fewer tokens the maximum of ~1-ulp matmul errors,
+    # torch's included, swings two-fold from one seed to the next and the rule measures noise.
+    hidden, weight, bias, target = _lce_inputs(253, 32, 50, dtype)
+    if kw.pop("weight", False):
+        kw["class_weight"] = torch.rand(50, device=DEVICE) + 0.5
+    if "ignore_index" in kw:
+        target[target == -100] = kw["ignore_index"]
+    check_linear(hidden, weight, bias, target, reduction=reduction, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_linear_without_bias_3d_and_frozen_weight(backend, small_chunks):
+    hidden, weight, _, target = _lce_inputs(24, 16, 40, torch.float32, bias=False)
+    check_linear(hidden.reshape(4, 6, 16), weight, None, target.reshape(4, 6), reduction="sum")
+    h = hidden.clone().requires_grad_()
+    fastlm.linear_cross_entropy(h, weight, target).backward()  # weight frozen: only d(hidden)
+    h64 = hidden.double().requires_grad_()
+    reference.linear_cross_entropy(h64, weight.double(), target).backward()
+    ht = hidden.clone().requires_grad_()
+    F.cross_entropy(F.linear(ht, weight), target).backward()
+    assert_by_rule("dhidden", h.grad, h64.grad, ht.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_linear_module_loads_a_linear_head(backend):
+    torch.manual_seed(4)
+    head = torch.nn.Linear(16, 30, bias=True).to(DEVICE)
+    loss_fn = fastlm.nn.LinearCrossEntropyLoss(16, 30, bias=True, label_smoothing=0.1).to(DEVICE)
+    loss_fn.load_state_dict(head.state_dict())
+    hidden = torch.randn(9, 16, device=DEVICE)
+    target = torch.randint(0, 30, (9,), device=DEVICE)
+    torch.testing.assert_close(loss_fn(hidden, target), F.cross_entropy(head(hidden), target, label_smoothing=0.1))
+    torch.testing.assert_close(loss_fn.logits(hidden), head(hidden))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_linear_compiles_without_graph_breaks(backend, small_chunks):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    loss_fn = fastlm.nn.LinearCrossEntropyLoss(16, 30, z_loss=1e-4).to(DEVICE)
+    hidden = torch.randn(9, 16, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 30, (9,), device=DEVICE)
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(hidden, target)
+    loss.backward()
+    got = hidden.grad.clone()
+    hidden.grad = None
+    expect = loss_fn(hidden, target)
+    expect.backward()
+    torch.testing.assert_close(loss, expect)
+    torch.testing.assert_close(got, hidden.grad)
+
+
+def test_linear_bad_input():
+    hidden, weight, bias, target = _lce_inputs(4, 8, 10, torch.float32)
+    with pytest.raises(ValueError, match="weight must have shape \\(V, 8\\)"):
+        fastlm.linear_cross_entropy(hidden, weight[:, :7], target)
+    with pytest.raises(TypeError, match="weight must have hidden's dtype"):
+        fastlm.linear_cross_entropy(hidden, weight.half(), target)
+    with pytest.raises(ValueError, match="bias must have shape \\(10,\\)"):
+        fastlm.linear_cross_entropy(hidden, weight, target, bias[:9])
+    with pytest.raises(ValueError, match="weight must have shape \\(10,\\)"):
+        fastlm.linear_cross_entropy(hidden, weight, target, class_weight=torch.ones(9))
+    with pytest.raises(TypeError, match="target must hold class indices"):
+        fastlm.linear_cross_entropy(hidden, weight, target.float())
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fastlm.linear_cross_entropy(hidden, weight, target, reduction="mean ")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_gpu_linear_bf16(backend, reduction):
+    hidden, weight, bias, target = _lce_inputs(4096, 1024, 32000, torch.bfloat16)
+    check_linear(hidden, weight, bias, target, reduction=reduction, label_smoothing=0.1, softcap=30.0)

@@ -197,3 +197,233 @@ def _unsupported(name):
     if name == "cuda":
         return "the cuda backend has no cross-entropy kernel yet"
     return None
+
+
+# --- fused linear cross-entropy ---------------------------------------------------------------------------------------
+#
+# loss = cross_entropy(hidden @ weight.T + bias, target) without ever holding the (tokens, V) logits: the tokens go
+# through in chunks; each chunk's logits (chunk, V) are made by one matmul, the cross-entropy kernel writes their
+# gradient into a second chunk buffer, and two more matmuls turn it into d(hidden) for the chunk and a term of
+# d(weight), accumulated in fp32 across chunks (d(bias) likewise). FLOPs: 6·tokens·H·V for forward+backward, the
+# same as the unfused composition; memory: two chunk buffers, the fp32 d(weight) accumulator, and no logits.
+# "mean"/"sum" finish every gradient in the forward pass (the mean divisor of the whole batch is known up front
+# on the device), and the backward multiplies them by the incoming gradient; "none" saves the row statistics and
+# recomputes the chunks in the backward, where each row's incoming gradient is known.
+
+CHUNK_BYTES = 256 << 20  # logits bytes per chunk: small next to the (tokens, V) logits, large enough for cuBLAS
+MAX_CHUNKS = 64  # and never so many chunks that launch overhead shows
+
+
+def _chunk_rows(tokens, V, itemsize):
+    rows = max(1, CHUNK_BYTES // max(1, V * itemsize))
+    return max(rows, -(-tokens // MAX_CHUNKS))
+
+
+def _acc_mm(acc, a, b):
+    """acc (fp32) += a @ b, accumulated in fp32 whatever a and b are."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # cuBLAS: half inputs, fp32 output and sum
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _chunks(hidden, weight, bias, tokens):
+    step = _chunk_rows(tokens, weight.shape[0], hidden.element_size())
+    for start in range(0, tokens, step):
+        h = hidden[start:start + step]
+        yield start, start + step, h, torch.nn.functional.linear(h, weight, bias)
+
+
+def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, compute, saved=None):
+    """One pass over the token chunks.
+
+    Without `saved` (the forward): the losses and row statistics, and, when `compute`, the gradients of the
+    reduced loss for an incoming gradient of 1. With saved = (incoming gradient per row, row max, log-sum) (the
+    backward of "none"): the gradients for those incoming gradients. Gradients: d(hidden) in hidden's dtype,
+    d(weight) and d(bias) in fp32."""
+    ignore_index, smoothing, z_loss, softcap, reduction = args
+    tokens = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    stats = [torch.empty(tokens, **f32) for _ in range(3)] if saved is None else None  # loss, row max, log-sum
+    dh = torch.empty_like(hidden) if compute else None
+    dw = torch.zeros(weight.shape, **f32) if compute else None
+    db = torch.zeros(weight.shape[:1], **f32) if compute and bias is not None else None
+    for start, end, h, logits in _chunks(hidden, weight, bias, tokens):
+        t = target[start:end]
+        if saved is None:
+            loss, row_max, log_s, _, grad = triton_ce.cross_entropy_fwd(
+                logits, t, class_weight, ignore_index, smoothing, z_loss, softcap, reduction, compute, sc=sc)
+            for dst, src in zip(stats, (loss, row_max, log_s)):
+                dst[start:end] = src
+        else:
+            go, row_max, log_s = (x[start:end] for x in saved)
+            grad = triton_ce.cross_entropy_bwd(logits, t, class_weight, sc, row_max, log_s, go, ignore_index,
+                                               smoothing, z_loss, softcap)
+        del logits
+        if compute:
+            torch.mm(grad, weight, out=dh[start:end])
+            _acc_mm(dw, grad.t(), h)
+            if db is not None:
+                db += grad.sum(0, dtype=torch.float32)
+    return stats, dh, dw, db
+
+
+def _empty(like):
+    return like.new_empty((0,))
+
+
+@torch.library.custom_op("fastlm::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    class_weight: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    reduction: str,
+    compute_grad: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hidden (tokens, H), weight (V, H) → loss; for "mean"/"sum" with compute_grad: d(hidden), fp32 d(weight),
+    fp32 d(bias) for an incoming gradient of 1 (else empty); row max, log-sum (tokens,) and the (2,) scalars."""
+    args = (ignore_index, label_smoothing, z_loss, softcap or None, reduction)
+    sc = triton_ce.scalars(target, class_weight, weight.shape[0], ignore_index, reduction)
+    compute = compute_grad and reduction != "none"
+    (loss, row_max, log_s), dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, compute)
+    return (_reduce(loss, sc, reduction), *(g if g is not None else _empty(hidden) for g in (dh, dw, db)),
+            row_max, log_s, sc)
+
+
+@linear_cross_entropy_fwd_op.register_fake
+def _(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
+      compute_grad, backend):
+    tokens = hidden.shape[0]
+    f32 = dict(dtype=torch.float32)
+    grads = compute_grad and reduction != "none"
+    return (
+        hidden.new_empty((tokens,) if reduction == "none" else (), **f32),
+        hidden.new_empty(hidden.shape if grads else (0,)),
+        hidden.new_empty(weight.shape if grads else (0,), **f32),
+        hidden.new_empty(weight.shape[:1] if grads and bias is not None else (0,), **f32),
+        hidden.new_empty((tokens,), **f32),
+        hidden.new_empty((tokens,), **f32),
+        hidden.new_empty((2,), **f32),
+    )
+
+
+@torch.library.custom_op("fastlm::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    class_weight: Optional[torch.Tensor],
+    sc: torch.Tensor,
+    row_max: torch.Tensor,
+    log_s: torch.Tensor,
+    grad_output: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduction "none": recompute the chunks with each row's incoming gradient → d(hidden), fp32 d(weight),
+    fp32 d(bias) (empty without a bias)."""
+    args = (ignore_index, label_smoothing, z_loss, softcap or None, "none")
+    saved = (grad_output.to(torch.float32), row_max, log_s)
+    _, dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, True, saved)
+    return dh, dw, db if db is not None else _empty(hidden)
+
+
+@linear_cross_entropy_bwd_op.register_fake
+def _(hidden, weight, target, bias, class_weight, sc, row_max, log_s, grad_output, ignore_index, label_smoothing,
+      z_loss, softcap, backend):
+    f32 = dict(dtype=torch.float32)
+    return (hidden.new_empty(hidden.shape), hidden.new_empty(weight.shape, **f32),
+            hidden.new_empty(weight.shape[:1] if bias is not None else (0,), **f32))
+
+
+def _lce_setup_context(ctx, inputs, output):
+    (hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, reduction, _,
+     backend) = inputs
+    _, dh, dw, db, row_max, log_s, sc = output
+    ctx.none = reduction == "none"
+    ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+    if ctx.none:
+        ctx.save_for_backward(hidden, weight, target, bias, class_weight, sc, row_max, log_s)
+        ctx.args = (ignore_index, label_smoothing, z_loss, softcap, backend)
+    else:
+        ctx.save_for_backward(dh, dw, db)
+
+
+def _lce_backward(ctx, dloss, *_):
+    if ctx.none:
+        hidden, weight, target, bias, class_weight, sc, row_max, log_s = ctx.saved_tensors
+        dh, dw, db = torch.ops.fastlm.linear_cross_entropy_bwd(hidden, weight, target, bias, class_weight, sc,
+                                                               row_max, log_s, dloss.contiguous(), *ctx.args)
+    else:
+        dh, dw, db = ctx.saved_tensors
+        # The incoming gradient is a device scalar: multiplying costs a pass over the gradients, never a sync.
+        dh, dw, db = dh * dloss.to(dh.dtype), dw * dloss, db * dloss
+    wdtype, bdtype = ctx.dtypes
+    return (dh, dw.to(wdtype), None, db.to(bdtype) if bdtype is not None else None,
+            None, None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+
+def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None, ignore_index=-100,
+                         label_smoothing=0.0, reduction="mean", z_loss=0.0, softcap=None):
+    """cross_entropy(hidden @ weight.T + bias, target, ...) without materializing the (tokens, V) logits.
+
+    hidden (..., H) float32, float16 or bfloat16; weight (V, H) and bias (V,) or None in hidden's dtype; target
+    (...) int64 or int32; class_weight (V,) per-class loss weights (cross_entropy's `weight`, renamed here because
+    `weight` is the projection). Other keywords as fastlm.cross_entropy. Gradients for hidden, weight and bias;
+    d(weight) and d(bias) accumulate in fp32 across token chunks.
+    """
+    _checks.tensor("hidden", hidden)
+    _checks.tensor("weight", weight)
+    if hidden.dim() == 0:
+        raise ValueError("hidden must have a last (feature) dimension, got a 0-d tensor")
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"weight must have shape (V, {H}) (vocabulary × hidden's last dimension), "
+                         f"got {tuple(weight.shape)}")
+    _checks.same_device("weight", weight, "hidden", hidden)
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have hidden's dtype ({hidden.dtype}), got {p.dtype}")
+    if bias is not None:
+        _checks.tensor("bias", bias)
+        _checks.shape("bias", bias, weight.shape[:1], " (one per vocabulary entry)")
+        _checks.same_device("bias", bias, "hidden", hidden)
+    V = weight.shape[0]
+    if isinstance(target, torch.Tensor):
+        _checks.same_device("target", target, "hidden", hidden)
+    if class_weight is not None:
+        _checks.tensor("class_weight", class_weight)
+        _checks.same_device("class_weight", class_weight, "hidden", hidden)
+    # The cross-entropy checks, on shapes only: the logits they describe are never made.
+    meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
+    _check(torch.empty(hidden.shape[:-1] + (V,), dtype=hidden.dtype, device="meta"), meta(target),
+           meta(class_weight), ignore_index, label_smoothing, reduction, z_loss, softcap)
+    backend = _backend.resolve("linear_cross_entropy", hidden.device, hidden.dtype, unsupported=_unsupported)
+    if backend == "torch":
+        return reference.linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index,
+                                              label_smoothing, reduction, z_loss, softcap)
+    h = hidden.reshape(-1, H)
+    compute_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    cw = class_weight.float().contiguous() if class_weight is not None else None
+    loss = torch.ops.fastlm.linear_cross_entropy_fwd(
+        h, weight, target.reshape(-1), bias, cw, ignore_index, float(label_smoothing), float(z_loss),
+        float(softcap or 0.0), reduction, compute_grad, backend,
+    )[0]
+    return loss.view(target.shape) if reduction == "none" else loss
