@@ -40,6 +40,20 @@ void norm_bwd(int64_t dy, int64_t dy_stride, int64_t xin, int64_t xin_stride, in
 std::vector<int> compiled_archs();
 }  // namespace fastlm
 
+// Defined in cross_entropy.cu; likewise.
+namespace fastlm {
+void cross_entropy_fwd(int64_t logits, int64_t logits_stride, int64_t target, bool target_int64, int64_t weight,
+                       int64_t scalars, int64_t loss, int64_t row_max, int64_t log_s, int64_t grad,
+                       int64_t grad_stride, int64_t rows, int64_t V, int dtype, int64_t ignore_index,
+                       double smoothing, double z_loss, double softcap, int device, int64_t stream);
+void cross_entropy_bwd(int64_t logits, int64_t logits_stride, int64_t target, bool target_int64, int64_t weight,
+                       int64_t scalars, int64_t row_max, int64_t log_s, int64_t grad_out, int64_t grad,
+                       int64_t grad_stride, int64_t rows, int64_t V, int dtype, int64_t ignore_index,
+                       double smoothing, double z_loss, double softcap, int device, int64_t stream);
+void cross_entropy_scale_grad(int64_t grad, int64_t grad_stride, int64_t grad_out, int64_t rows, int64_t V,
+                              int dtype, int device, int64_t stream);
+}  // namespace fastlm
+
 namespace {
 
 // "13.0" for CUDA 13.0: the runtime linked statically into this module (no GPU needed to ask).
@@ -84,5 +98,31 @@ PYBIND11_MODULE(_C, m) {
         py::arg("mean"), py::arg("rstd"), py::arg("dres"), py::arg("dres_stride"), py::arg("dx"),
         py::arg("dx_stride"), py::arg("dw"), py::arg("db"), py::arg("workspace"), py::arg("workspace_numel"),
         py::arg("M"), py::arg("N"), py::arg("dtype"), py::arg("wdtype"), py::arg("is_rms"), py::arg("offset"),
+        py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("cross_entropy_fwd", &fastlm::cross_entropy_fwd,
+        "Softmax cross-entropy forward over (rows, V) logits (unit column stride). target: (rows,) int64 or int32; "
+        "weight: (V,) fp32 or 0; scalars: (2,) fp32 device values (divisor, Σ w). Writes loss, row_max, log_s "
+        "((rows,) fp32) and, when grad is non-zero, the gradient of the reduced loss for an incoming 1 (logits' "
+        "dtype). softcap 0 means none.",
+        py::arg("logits"), py::arg("logits_stride"), py::arg("target"), py::arg("target_int64"), py::arg("weight"),
+        py::arg("scalars"), py::arg("loss"), py::arg("row_max"), py::arg("log_s"), py::arg("grad"),
+        py::arg("grad_stride"), py::arg("rows"), py::arg("V"), py::arg("dtype"), py::arg("ignore_index"),
+        py::arg("smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("cross_entropy_bwd", &fastlm::cross_entropy_bwd,
+        "Softmax cross-entropy backward for reduction 'none': grad = grad_out[row] · dloss_row/dlogits, recomputed "
+        "from the logits and the forward's row_max and log_s.",
+        py::arg("logits"), py::arg("logits_stride"), py::arg("target"), py::arg("target_int64"), py::arg("weight"),
+        py::arg("scalars"), py::arg("row_max"), py::arg("log_s"), py::arg("grad_out"), py::arg("grad"),
+        py::arg("grad_stride"), py::arg("rows"), py::arg("V"), py::arg("dtype"), py::arg("ignore_index"),
+        py::arg("smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("cross_entropy_scale_grad", &fastlm::cross_entropy_scale_grad,
+        "Scales the (rows, V) gradient in place by grad_out[0] (one fp32 device value); a no-op on the device when "
+        "it is 1.0.",
+        py::arg("grad"), py::arg("grad_stride"), py::arg("grad_out"), py::arg("rows"), py::arg("V"), py::arg("dtype"),
         py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 }

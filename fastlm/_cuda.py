@@ -7,12 +7,19 @@ workspace with torch (the caching allocator, so no sync), and passes torch's cur
 fails and does no GPU work; `available()` says why the extension cannot run, and every entry point raises
 RuntimeError with that reason.
 
-Roofline and kernel design: csrc/norm.cu.
+The cross-entropy functions mirror the Triton launchers of the same names in kernels/cross_entropy.py (same
+arguments, same returns); they allocate their outputs as those do (`kernels._common.empty`, so the tests'
+NaN-poisoning covers them) and take the reduction's device scalars from the same `scalars()`.
+
+Roofline and kernel design: csrc/norm.cu, csrc/cross_entropy.cu.
 """
 
 from __future__ import annotations
 
 import torch
+
+from fastlm.kernels._common import empty
+from fastlm.kernels.cross_entropy import scalars
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _NOT_BUILT = "fastlm._C is not built (nvcc was not found at install time, or FASTLM_BUILD_CUDA=0)"
@@ -222,3 +229,107 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, dx, dw, db, is_rms: bool, offset
         workspace.data_ptr(), numel, M, N, _DTYPE_CODES[xin.dtype], wcode, bool(is_rms), float(offset),
         index, torch.cuda.current_stream(xin.device).cuda_stream
     )
+
+
+# --- softmax cross-entropy --------------------------------------------------------------------------------------------
+
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _stream(t):
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _ce_inputs(logits, target, weight):
+    """The checks of what both cross-entropy kernels read: (rows, V) logits with unit column stride (any row
+    stride), (rows,) int64 or int32 targets, (V,) fp32 class weights or None. Returns (ext, rows, V, target,
+    weight), the two vectors made contiguous (a copy of rows or V elements at most, where a view is strided)."""
+    ext = _require("logits", logits)
+    rows, V = _rows("logits", logits, logits)
+    if V == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    _same_device("target", target, logits)
+    if target.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
+    if tuple(target.shape) != (rows,):
+        raise ValueError(f"target must have shape {(rows,)}, got {tuple(target.shape)}")
+    if weight is not None:
+        _same_device("weight", weight, logits)
+        if weight.dtype != torch.float32:
+            raise TypeError(f"weight must have dtype {torch.float32}, got {weight.dtype}")
+        if tuple(weight.shape) != (V,):
+            raise ValueError(f"weight must have shape {(V,)}, got {tuple(weight.shape)}")
+        weight = weight.contiguous()
+    return ext, rows, V, target.contiguous(), weight
+
+
+def _row_vector(name, t, ref, rows):
+    """A (rows,) fp32 vector from any tensor of rows elements (an incoming gradient): contiguous fp32."""
+    _same_device(name, t, ref)
+    if t.numel() != rows:
+        raise ValueError(f"{name} must have {rows} elements, got shape {tuple(t.shape)}")
+    return t.reshape(-1).to(torch.float32).contiguous()
+
+
+def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, softcap, reduction, compute_grad,
+                      sc=None):
+    """Rows of logits (rows, V) with column stride 1, target (rows,), weight (V,) fp32 or None.
+
+    Returns loss (rows,) fp32 (unreduced; divide the sum by sc[0] for "mean"), row_max and log_s (rows,) fp32,
+    sc (2,) fp32, and grad (rows, V) in logits' dtype, the gradient of the reduced loss for an incoming gradient
+    of 1, or None when compute_grad is False. `sc` may be given: the scalars of a larger batch these rows are a
+    chunk of (fused linear cross-entropy), so the mean divides by the whole batch's divisor.
+    """
+    ext, rows, V, target, weight = _ce_inputs(logits, target, weight)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if sc is None:
+        sc = scalars(target, weight, V, ignore_index, reduction)
+    else:
+        _vector("sc", sc, logits, 2, torch.float32)
+    device = logits.device
+    loss = empty((rows,), torch.float32, device)
+    row_max = empty((rows,), torch.float32, device)
+    log_s = empty((rows,), torch.float32, device)
+    grad = empty((rows, V), logits.dtype, device) if compute_grad else None
+    if rows > 0:
+        ext.cross_entropy_fwd(
+            logits.data_ptr(), logits.stride(0), target.data_ptr(), target.dtype == torch.int64, _ptr(weight),
+            sc.data_ptr(), loss.data_ptr(), row_max.data_ptr(), log_s.data_ptr(), _ptr(grad), _stride(grad),
+            rows, V, _DTYPE_CODES[logits.dtype], int(ignore_index), float(smoothing), float(z_loss),
+            float(softcap or 0.0), device.index, _stream(logits),
+        )
+    return loss, row_max, log_s, sc, grad
+
+
+def cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, smoothing, z_loss,
+                      softcap):
+    """Gradient of the unreduced loss ("none"): grad_output (rows,) times each row's gradient, recomputed from the
+    logits and the forward's row statistics in one pass. Returns grad (rows, V) in logits' dtype."""
+    ext, rows, V, target, weight = _ce_inputs(logits, target, weight)
+    _vector("sc", sc, logits, 2, torch.float32)
+    _vector("row_max", row_max, logits, rows, torch.float32)
+    _vector("log_s", log_s, logits, rows, torch.float32)
+    go = _row_vector("grad_output", grad_output, logits, rows)
+    grad = empty((rows, V), logits.dtype, logits.device)
+    if rows > 0:
+        ext.cross_entropy_bwd(
+            logits.data_ptr(), logits.stride(0), target.data_ptr(), target.dtype == torch.int64, _ptr(weight),
+            sc.data_ptr(), row_max.data_ptr(), log_s.data_ptr(), go.data_ptr(), grad.data_ptr(), grad.stride(0),
+            rows, V, _DTYPE_CODES[logits.dtype], int(ignore_index), float(smoothing), float(z_loss),
+            float(softcap or 0.0), logits.device.index, _stream(logits),
+        )
+    return grad
+
+
+def scale_grad(grad, grad_output):
+    """Scale the forward's gradient (rows, V) in place by the incoming gradient of the reduced loss, a one-element
+    tensor; the kernel skips the work on the device when it is 1.0. Returns grad."""
+    ext = _require("grad", grad)
+    rows, V = _rows("grad", grad, grad, out=True)
+    go = _row_vector("grad_output", grad_output, grad, 1)
+    if rows > 0 and V > 0:
+        ext.cross_entropy_scale_grad(grad.data_ptr(), grad.stride(0), go.data_ptr(), rows, V,
+                                     _DTYPE_CODES[grad.dtype], grad.device.index, _stream(grad))
+    return grad

@@ -65,10 +65,13 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothin
     V = logits.shape[-1]
     z = logits.reshape(-1, V).to(ct)
     t = target.reshape(-1).long()
+    keep = t != ignore_index
+    # An ignored row contributes nothing, its gradient included: zero its logits first, or an inf in it would
+    # reach the gradient as NaN through log_softmax's backward (which torch's own cross_entropy lets happen).
+    z = torch.where(keep[:, None], z, torch.zeros_like(z))
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     logp = torch.log_softmax(z, -1)  # not z − logsumexp(z): that rounds at the magnitude of the logsumexp
-    keep = t != ignore_index
     tk = torch.where(keep, t, torch.zeros_like(t))
     w = weight.to(ct) if weight is not None else None
     w_t = w[tk] if w is not None else torch.ones_like(tk, dtype=ct)

@@ -86,7 +86,7 @@ def _row_target(TARGET, WEIGHT, row, V, ignore_index, HAS_WEIGHT: tl.constexpr):
 
 @triton.jit
 def _write_grad_row(
-    base, gbase, WEIGHT, t, m, log_s, w_t, scale, V, keep_nll, smooth_v, z_loss, softcap, weight_sum,
+    base, gbase, WEIGHT, t, ignored, m, log_s, w_t, scale, V, keep_nll, smooth_v, z_loss, softcap, weight_sum,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -117,7 +117,9 @@ def _write_grad_row(
         g = tl.fma(p, S, -tl.where(cols == t, a_t + c, c))
         if HAS_SOFTCAP:
             g = g * dcap
-        tl.store(gbase + cols, (g * scale).to(gbase.dtype.element_ty), mask=mask)
+        # An ignored row's gradient is exactly 0, whatever its logits hold (inf or NaN would survive a product).
+        g = tl.where(ignored, 0.0, g * scale)
+        tl.store(gbase + cols, g.to(gbase.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -181,13 +183,14 @@ def _ce_fwd_kernel(
     if HAS_Z:
         loss += z_loss * lse * lse
     nan = float("nan")
-    # Ignored rows give 0, a target that is neither a class nor ignore_index gives NaN (loss and gradient).
-    keep = tl.where(ignored, 0.0, tl.where(in_range, 1.0, nan))
-    tl.store(LOSS + row, loss * keep)
+    # Ignored rows give 0 (whatever their logits), a target that is neither a class nor ignore_index gives NaN
+    # (loss and gradient).
+    keep = tl.where(in_range, 1.0, nan)
+    tl.store(LOSS + row, tl.where(ignored, 0.0, loss * keep))
     tl.store(MAX + row, m)
     tl.store(LOG_S + row, log_s)
     if COMPUTE_GRAD:
-        _write_grad_row(base, GRAD + row * stride_g, WEIGHT, t, m, log_s, w_t, keep / tl.load(SCALARS), V,
+        _write_grad_row(base, GRAD + row * stride_g, WEIGHT, t, ignored, m, log_s, w_t, keep / tl.load(SCALARS), V,
                         keep_nll, smooth_v, z_loss, softcap, weight_sum,
                         HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, BLOCK_V)
 
@@ -219,7 +222,7 @@ def _ce_bwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     t, ignored, in_range, w_t = _row_target(TARGET, WEIGHT, row, V, ignore_index, HAS_WEIGHT)
     scale = tl.where(ignored, 0.0, tl.where(in_range, tl.load(GRAD_OUT + row), float("nan")))
-    _write_grad_row(LOGITS + row * stride_l, GRAD + row * stride_g, WEIGHT, t, tl.load(MAX + row),
+    _write_grad_row(LOGITS + row * stride_l, GRAD + row * stride_g, WEIGHT, t, ignored, tl.load(MAX + row),
                     tl.load(LOG_S + row), w_t, scale, V, keep_nll, smooth_v, z_loss, softcap, tl.load(SCALARS + 1),
                     HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, BLOCK_V)
 

@@ -49,6 +49,18 @@ def test_extension_is_built_and_imports():
     assert callable(_C.norm_fwd) and callable(_C.norm_bwd)
 
 
+CE_LAUNCHERS = ("cross_entropy_fwd", "cross_entropy_bwd", "cross_entropy_scale_grad")
+
+
+@needs_build
+def test_cross_entropy_launchers_exist():
+    from fastlm import _C
+
+    for name in CE_LAUNCHERS:
+        assert callable(getattr(_C, name, None)), f"fastlm._C has no {name}"
+        assert getattr(_C, name).__doc__, f"fastlm._C.{name} has no docstring"
+
+
 @needs_build
 def test_compiled_archs():
     from fastlm import _C
@@ -134,3 +146,46 @@ def test_launchers_check_the_device_before_any_pointer():
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match="no CUDA device is visible"):
             call()
+
+
+def _cpu_ce_args(index_dtype=torch.int64, weight=True):
+    rows, V = 4, 50
+    logits = torch.randn(rows, V)
+    target = torch.randint(0, V, (rows,), dtype=index_dtype)
+    return logits, target, torch.rand(V) + 0.5 if weight else None
+
+
+@without_gpu
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_without_gpu_raises(index_dtype, reduction):
+    logits, target, weight = _cpu_ce_args(index_dtype)
+    with pytest.raises(RuntimeError, match="fastlm's cuda backend cannot run: .*(GPU|fastlm._C)"):
+        _cuda.cross_entropy_fwd(logits, target, weight, -100, 0.1, 1e-4, 30.0, reduction, True)
+    rows = logits.shape[0]
+    with pytest.raises(RuntimeError, match="fastlm's cuda backend cannot run: .*(GPU|fastlm._C)"):
+        _cuda.cross_entropy_bwd(logits, target, weight, torch.ones(2), torch.zeros(rows), torch.zeros(rows),
+                                torch.ones(rows), -100, 0.1, 1e-4, 30.0)
+    with pytest.raises(RuntimeError, match="fastlm's cuda backend cannot run: .*(GPU|fastlm._C)"):
+        _cuda.scale_grad(torch.randn_like(logits), torch.tensor(2.0))
+
+
+@needs_build
+@without_gpu
+def test_cross_entropy_launchers_check_the_device_before_any_pointer():
+    # Dummy pointers on purpose (null, and a bogus non-null address): the device check must come first and raise.
+    from fastlm import _C
+
+    rows, V, bf16 = 4, 50, 2
+    for p in (0, 0x1000):
+        calls = {
+            "cross_entropy_fwd": lambda: _C.cross_entropy_fwd(p, V, p, True, 0, p, p, p, p, p, V, rows, V, bf16, -100,
+                                                              0.1, 0.0, 0.0, 0, 0),
+            "cross_entropy_bwd": lambda: _C.cross_entropy_bwd(p, V, p, False, p, p, p, p, p, p, V, rows, V, bf16,
+                                                              -100, 0.0, 1e-4, 30.0, 0, 0),
+            "cross_entropy_scale_grad": lambda: _C.cross_entropy_scale_grad(p, V, p, rows, V, bf16, 0, 0),
+        }
+        assert set(calls) == set(CE_LAUNCHERS)
+        for name, call in calls.items():
+            with pytest.raises(RuntimeError, match="no CUDA device is visible"):
+                call()

@@ -113,9 +113,8 @@ def test_every_row_ignored(backend):
         torch_loss = F.cross_entropy(logits, target, reduction=reduction, label_smoothing=0.1)
         torch.testing.assert_close(loss, torch_loss, equal_nan=True)
         assert torch.isnan(loss) if expect != expect else loss.item() == expect
-        if reduction == "sum":
-            loss.backward()
-            assert torch.equal(x.grad, torch.zeros_like(x))
+        loss.backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))  # torch's gradient here too, "mean" included
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -138,6 +137,13 @@ def test_infinities_and_huge_logits(backend):
     finite = torch.isfinite(expect)
     ref = reference.cross_entropy(logits.double(), target, reduction="none")
     assert_by_rule("finite losses", loss[finite], ref[finite], expect[finite])
+    # An ignored row holding +inf: loss 0, as torch; gradient exactly 0 (torch's is NaN there, through
+    # log_softmax's backward of the inf, while it calls the row ignored).
+    y = logits[2:3].clone().requires_grad_()
+    ignored = torch.full((1,), -1, device=DEVICE)
+    loss_ignored = fastlm.cross_entropy(y, ignored, ignore_index=-1, reduction="sum", label_smoothing=0.1)
+    loss_ignored.backward()
+    assert loss_ignored.item() == 0.0 and torch.equal(y.grad, torch.zeros_like(y))
     x = logits[:2].clone().requires_grad_()
     fastlm.cross_entropy(x, target[:2]).backward()
     x64 = logits[:2].double().requires_grad_()
@@ -155,6 +161,8 @@ def test_int32_targets_3d_and_non_contiguous(backend):
     wide[..., :700] = logits
     check(wide[..., :700], target, reduction="none")  # row stride 900, taken as is
     check(logits.transpose(0, 1), target.transpose(0, 1), reduction="sum")  # rows permuted: copied
+    flat, every_other = logits.reshape(6, 700), torch.randint(0, 700, (12,), device=DEVICE)[::2]
+    check(flat, every_other, reduction="none")  # a strided 1-D target
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

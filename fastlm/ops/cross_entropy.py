@@ -20,12 +20,17 @@ from typing import Optional
 
 import torch
 
-from fastlm import _backend, reference
+from fastlm import _backend, _cuda, reference
 from fastlm.kernels import cross_entropy as triton_ce
 from fastlm.ops import _checks
 
 REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _impl(backend):
+    """The kernel backend's launchers: kernels/cross_entropy.py and fastlm._cuda share their signatures."""
+    return triton_ce if backend == "triton" else _cuda
 
 
 def _reduce(loss_rows, sc, reduction):
@@ -51,7 +56,7 @@ def cross_entropy_fwd_op(
     """(rows, V) logits, (rows,) target → loss (() or (rows,) for "none", fp32); grad (rows, V) in logits' dtype
     for "mean"/"sum" when compute_grad (else empty); row max, row log-sum (rows,) and the (2,) device scalars, which
     the backward of "none" recomputes the gradient from. softcap 0 means none."""
-    loss, row_max, log_s, sc, grad = triton_ce.cross_entropy_fwd(
+    loss, row_max, log_s, sc, grad = _impl(backend).cross_entropy_fwd(
         logits, target, weight, ignore_index, label_smoothing, z_loss, softcap or None, reduction,
         compute_grad and reduction != "none",
     )
@@ -84,8 +89,8 @@ def cross_entropy_bwd_op(
     backend: str,
 ) -> torch.Tensor:
     """Reduction "none": the gradient (rows, V), each row's times its incoming gradient, from the logits."""
-    return triton_ce.cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index,
-                                       label_smoothing, z_loss, softcap or None)
+    return _impl(backend).cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index,
+                                            label_smoothing, z_loss, softcap or None)
 
 
 @cross_entropy_bwd_op.register_fake
@@ -97,7 +102,7 @@ def _(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, lab
 @torch.library.custom_op("fastlm::cross_entropy_scale_grad", mutates_args=("grad",))
 def cross_entropy_scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
     """Reductions "mean" and "sum": scale the forward's gradient (rows, V) in place by the incoming gradient."""
-    triton_ce.scale_grad(grad, grad_output)
+    _impl(backend).scale_grad(grad, grad_output)
 
 
 @cross_entropy_scale_grad_op.register_fake
@@ -176,7 +181,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, label_smoot
     """
     _check(logits, target, weight, ignore_index, label_smoothing, reduction, z_loss, softcap)
     V = logits.shape[-1]
-    backend = _backend.resolve("cross_entropy", logits.device, logits.dtype, unsupported=_unsupported)
+    backend = _backend.resolve("cross_entropy", logits.device, logits.dtype)
     if backend == "torch":
         return reference.cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction, z_loss,
                                        softcap)
@@ -186,17 +191,10 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, label_smoot
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     w = weight.float().contiguous() if weight is not None else None
     loss = torch.ops.fastlm.cross_entropy_fwd(
-        x, target.reshape(-1), w, ignore_index, float(label_smoothing), float(z_loss),
+        x, target.reshape(-1).contiguous(), w, ignore_index, float(label_smoothing), float(z_loss),
         float(softcap or 0.0), reduction, compute_grad, backend,
     )[0]
     return loss.view(target.shape) if reduction == "none" else loss
-
-
-def _unsupported(name):
-    # The CUDA C++ cross-entropy kernel has not landed yet: say so instead of failing inside it.
-    if name == "cuda":
-        return "the cuda backend has no cross-entropy kernel yet"
-    return None
 
 
 # --- fused linear cross-entropy ---------------------------------------------------------------------------------------
@@ -236,7 +234,7 @@ def _chunks(hidden, weight, bias, tokens):
         yield start, start + step, h, torch.nn.functional.linear(h, weight, bias)
 
 
-def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, compute, saved=None):
+def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, compute, saved=None):
     """One pass over the token chunks.
 
     Without `saved` (the forward): the losses and row statistics, and, when `compute`, the gradients of the
@@ -253,14 +251,14 @@ def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, compute, sav
     for start, end, h, logits in _chunks(hidden, weight, bias, tokens):
         t = target[start:end]
         if saved is None:
-            loss, row_max, log_s, _, grad = triton_ce.cross_entropy_fwd(
+            loss, row_max, log_s, _, grad = _impl(backend).cross_entropy_fwd(
                 logits, t, class_weight, ignore_index, smoothing, z_loss, softcap, reduction, compute, sc=sc)
             for dst, src in zip(stats, (loss, row_max, log_s)):
                 dst[start:end] = src
         else:
             go, row_max, log_s = (x[start:end] for x in saved)
-            grad = triton_ce.cross_entropy_bwd(logits, t, class_weight, sc, row_max, log_s, go, ignore_index,
-                                               smoothing, z_loss, softcap)
+            grad = _impl(backend).cross_entropy_bwd(logits, t, class_weight, sc, row_max, log_s, go, ignore_index,
+                                                    smoothing, z_loss, softcap)
         del logits
         if compute:
             torch.mm(grad, weight, out=dh[start:end])
@@ -294,7 +292,8 @@ def linear_cross_entropy_fwd_op(
     args = (ignore_index, label_smoothing, z_loss, softcap or None, reduction)
     sc = triton_ce.scalars(target, class_weight, weight.shape[0], ignore_index, reduction)
     compute = compute_grad and reduction != "none"
-    (loss, row_max, log_s), dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, compute)
+    (loss, row_max, log_s), dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend,
+                                                   compute)
     return (_reduce(loss, sc, reduction), *(g if g is not None else _empty(hidden) for g in (dh, dw, db)),
             row_max, log_s, sc)
 
@@ -337,7 +336,7 @@ def linear_cross_entropy_bwd_op(
     fp32 d(bias) (empty without a bias)."""
     args = (ignore_index, label_smoothing, z_loss, softcap or None, "none")
     saved = (grad_output.to(torch.float32), row_max, log_s)
-    _, dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, True, saved)
+    _, dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, True, saved)
     return dh, dw, db if db is not None else _empty(hidden)
 
 
@@ -414,7 +413,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None
     meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
     _check(torch.empty(hidden.shape[:-1] + (V,), dtype=hidden.dtype, device="meta"), meta(target),
            meta(class_weight), ignore_index, label_smoothing, reduction, z_loss, softcap)
-    backend = _backend.resolve("linear_cross_entropy", hidden.device, hidden.dtype, unsupported=_unsupported)
+    backend = _backend.resolve("linear_cross_entropy", hidden.device, hidden.dtype)
     if backend == "torch":
         return reference.linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index,
                                               label_smoothing, reduction, z_loss, softcap)
@@ -423,7 +422,7 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     cw = class_weight.float().contiguous() if class_weight is not None else None
     loss = torch.ops.fastlm.linear_cross_entropy_fwd(
-        h, weight, target.reshape(-1), bias, cw, ignore_index, float(label_smoothing), float(z_loss),
+        h, weight, target.reshape(-1).contiguous(), bias, cw, ignore_index, float(label_smoothing), float(z_loss),
         float(softcap or 0.0), reduction, compute_grad, backend,
     )[0]
     return loss.view(target.shape) if reduction == "none" else loss
