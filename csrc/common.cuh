@@ -31,6 +31,11 @@ inline void cuda_check(cudaError_t err, const char* what, const char* file, int 
   }
 }
 
+// Dtype codes shared with fastlm/_cuda.py (_DTYPE_CODES), and the size of an element of each.
+enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
 }  // namespace fastlm
 
 #define FASTLM_CUDA_CHECK(expr) ::fastlm::cuda_check((expr), #expr, __FILE__, __LINE__)

@@ -84,9 +84,6 @@
 namespace fastlm {
 namespace {
 
-// Dtype codes shared with fastlm/_cuda.py.
-enum CeDTypeCode : int { kCeFloat32 = 0, kCeFloat16 = 1, kCeBFloat16 = 2 };
-
 // Forward and backward: one block of kThreads per row, kBlocksPerSm resident per SM (64 registers a thread),
 // each thread issuing kIters 16-byte loads a chunk; kScalarIters elements a thread a chunk in the scalar fallback.
 constexpr int kThreads = 512;
@@ -597,13 +594,13 @@ struct Tag {
 template <typename F>
 void dispatch_dtype(int dtype, F&& f) {
   switch (dtype) {
-    case kCeFloat32:
+    case kFloat32:
       f(Tag<float>{});
       return;
-    case kCeFloat16:
+    case kFloat16:
       f(Tag<__half>{});
       return;
-    case kCeBFloat16:
+    case kBFloat16:
       f(Tag<__nv_bfloat16>{});
       return;
     default:
@@ -612,7 +609,6 @@ void dispatch_dtype(int dtype, F&& f) {
   }
 }
 
-int dtype_bytes(int dtype) { return dtype == kCeFloat32 ? 4 : 2; }
 
 template <typename P>
 P* ptr(int64_t address) {
@@ -660,7 +656,7 @@ CeParams ce_params(int64_t logits, int64_t logits_stride, int64_t target, bool t
     throw std::invalid_argument("fastlm._C: softcap must be finite and > 0, or 0 for none, got " +
                                 std::to_string(softcap));
   }
-  check_ptr("logits", logits, dtype_bytes(dtype));
+  check_ptr("logits", logits, dtype_size(dtype));
   check_ptr("target", target, target_int64 ? 8 : 4);
   if (weight != 0) check_ptr("weight", weight, 4);
   check_ptr("scalars", scalars, 4);
@@ -708,7 +704,7 @@ void cross_entropy_fwd(int64_t logits, int64_t logits_stride, int64_t target, bo
   check_ptr("row_max", row_max, 4);
   check_ptr("log_s", log_s, 4);
   if (grad != 0) {
-    check_ptr("grad", grad, dtype_bytes(dtype));
+    check_ptr("grad", grad, dtype_size(dtype));
     check_out_stride("grad", grad_stride, rows, V);
   }
   p.loss = ptr<float>(loss);
@@ -741,7 +737,7 @@ void cross_entropy_bwd(int64_t logits, int64_t logits_stride, int64_t target, bo
   check_ptr("row_max", row_max, 4);
   check_ptr("log_s", log_s, 4);
   check_ptr("grad_out", grad_out, 4);
-  check_ptr("grad", grad, dtype_bytes(dtype));
+  check_ptr("grad", grad, dtype_size(dtype));
   check_out_stride("grad", grad_stride, rows, V);
   p.row_max = ptr<float>(row_max);
   p.log_s = ptr<float>(log_s);
@@ -766,7 +762,7 @@ void cross_entropy_scale_grad(int64_t grad, int64_t grad_stride, int64_t grad_ou
   check_dtype(dtype);
   check_rows(rows, V);
   if (rows == 0) return;
-  check_ptr("grad", grad, dtype_bytes(dtype));
+  check_ptr("grad", grad, dtype_size(dtype));
   check_ptr("grad_out", grad_out, 4);
   check_out_stride("grad", grad_stride, rows, V);
   ScaleParams p{};

@@ -61,9 +61,6 @@
 
 namespace fastlm {
 
-// Dtype codes shared with fastlm/_cuda.py.
-enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
-
 // Forward shapes. Rows up to kFwdRegisterMaxN (vectorized) or kFwdScalarRegisterMaxN (V = 1) stay in registers,
 // kFwdElems or kScalarElems elements a thread; wider rows take the chunked kernel.
 constexpr int kFwdRegisterMaxN = 16384;
@@ -845,7 +842,6 @@ void check_dtypes(int dtype, int wdtype) {
   }
 }
 
-int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
