@@ -28,7 +28,6 @@ class KernelSpec:
     num_stages: Optional[int] = None  # software-pipelining depth, for kernels that pipeline loads (attention)
 
 
-TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def interpreting() -> bool:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import TORCH_TO_TRITON, KernelSpec, empty, next_pow2, num_sms
+from ._common import KernelSpec, empty, next_pow2, num_sms
 
 MAX_FUSED_N = 8192  # widest row kept whole in registers: 16 fp32 values a thread per tensor at 16 warps
 CHUNK_N = 4096  # chunk of a wider row
