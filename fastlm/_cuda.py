@@ -160,6 +160,15 @@ def _stride(t):
     return 0 if t is None else t.stride(0)
 
 
+def _row_stats(mean, rstd, ref, M, is_rms):
+    # The per-row statistics: mean only for LayerNorm, rstd always, both (rows,) float32 on ref's device.
+    if is_rms != (mean is None):
+        raise ValueError("mean must be None for RMSNorm and a (rows,) float32 tensor for LayerNorm")
+    if mean is not None:
+        _vector("mean", mean, ref, M, torch.float32)
+    _vector("rstd", rstd, ref, M, torch.float32)
+
+
 def norm_fwd(x, weight, bias, residual, y, residual_out, mean, rstd, eps: float, is_rms: bool, offset: float) -> None:
     """LayerNorm (is_rms False) or RMSNorm forward into preallocated outputs.
 
@@ -178,18 +187,14 @@ def norm_fwd(x, weight, bias, residual, y, residual_out, mean, rstd, eps: float,
     if is_rms and bias is not None:
         raise ValueError("RMSNorm takes no bias")
     wcode = _weight_code(x, N, (("weight", weight), ("bias", bias)))
-    if is_rms != (mean is None):
-        raise ValueError("mean must be None for RMSNorm and a (rows,) float32 tensor for LayerNorm")
-    if mean is not None:
-        _vector("mean", mean, x, M, torch.float32)
-    _vector("rstd", rstd, x, M, torch.float32)
+    _row_stats(mean, rstd, x, M, is_rms)
     if M == 0 or N == 0:
         return
     ext.norm_fwd(
         x.data_ptr(), x.stride(0), _ptr(residual), _stride(residual), _ptr(weight), _ptr(bias),
         y.data_ptr(), y.stride(0), _ptr(residual_out), _stride(residual_out), _ptr(mean), rstd.data_ptr(),
         M, N, _DTYPE_CODES[x.dtype], wcode, float(eps), bool(is_rms), float(offset),
-        x.device.index, torch.cuda.current_stream(x.device).cuda_stream
+        x.device.index, _stream(x)
     )
 
 
@@ -209,11 +214,7 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, dx, dw, db, is_rms: bool, offset
     if is_rms and db is not None:
         raise ValueError("RMSNorm has no bias gradient")
     wcode = _weight_code(xin, N, (("weight", weight), ("dw", dw), ("db", db)))
-    if is_rms != (mean is None):
-        raise ValueError("mean must be None for RMSNorm and a (rows,) float32 tensor for LayerNorm")
-    if mean is not None:
-        _vector("mean", mean, xin, M, torch.float32)
-    _vector("rstd", rstd, xin, M, torch.float32)
+    _row_stats(mean, rstd, xin, M, is_rms)
     if M == 0 or N == 0:
         # Sums over no rows: the kernels launch nothing, so the zeros come from here.
         for t in (dw, db):
@@ -227,7 +228,7 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, dx, dw, db, is_rms: bool, offset
         dy.data_ptr(), dy.stride(0), xin.data_ptr(), xin.stride(0), _ptr(weight), _ptr(mean), rstd.data_ptr(),
         _ptr(dres), _stride(dres), dx.data_ptr(), dx.stride(0), _ptr(dw), _ptr(db),
         workspace.data_ptr(), numel, M, N, _DTYPE_CODES[xin.dtype], wcode, bool(is_rms), float(offset),
-        index, torch.cuda.current_stream(xin.device).cuda_stream
+        index, _stream(xin)
     )
 
 
