@@ -1,14 +1,15 @@
 """fastlm: fused Triton and CUDA C++ kernels for training transformer language models in PyTorch.
 
 Three ways in: drop-in modules (`fastlm.nn.LayerNorm` for `torch.nn.LayerNorm`), the functional API
-(`fastlm.layer_norm(...)`), and the backend switch (`fastlm.use_backend("triton")`).
+(`fastlm.layer_norm(...)`, `fastlm.attention(...)`), and the backend switch (`fastlm.use_backend("triton")`).
 """
 
 __version__ = "0.1.0"
 
 from fastlm import nn
 from fastlm._backend import BACKENDS, BackendUnavailable, get_backend, set_backend, use_backend
-from fastlm.ops import cross_entropy, layer_norm, linear_cross_entropy, rms_norm
+from fastlm.ops import (attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm,
+                        scaled_dot_product_attention)
 
 
 def build_info() -> dict:
@@ -21,6 +22,7 @@ def build_info() -> dict:
 __all__ = [
     "BACKENDS",
     "BackendUnavailable",
+    "attention",
     "build_info",
     "cross_entropy",
     "get_backend",
@@ -28,6 +30,7 @@ __all__ = [
     "linear_cross_entropy",
     "nn",
     "rms_norm",
+    "scaled_dot_product_attention",
     "set_backend",
     "use_backend",
 ]

@@ -96,3 +96,83 @@ def linear_cross_entropy(hidden, weight, target, bias=None, class_weight=None, i
     (V, H), bias (V,) or None, class_weight (V,) or None."""
     logits = torch.nn.functional.linear(hidden, weight, bias)
     return cross_entropy(logits, target, class_weight, ignore_index, label_smoothing, reduction, z_loss, softcap)
+
+
+def attention_visible(seqlen_q, seqlen_k, window_left, window_right, device):
+    """(seqlen_q, seqlen_k) bool: may query i see key j. Positions are aligned bottom-right (the last query sees
+    the last key, as a KV cache needs): with off = seqlen_k − seqlen_q, j is visible when
+    j ≥ i + off − window_left and j ≤ i + off + window_right; None bounds nothing. Causal is window_right = 0."""
+    i = torch.arange(seqlen_q, device=device)[:, None]
+    j = torch.arange(seqlen_k, device=device)[None, :]
+    off = seqlen_k - seqlen_q
+    visible = torch.ones((seqlen_q, seqlen_k), dtype=torch.bool, device=device)
+    if window_left is not None:
+        visible &= j >= i + off - window_left
+    if window_right is not None:
+        visible &= j <= i + off + window_right
+    return visible
+
+
+def _attention_dense(q, k, v, scale, window_left, window_right, softcap, ct):
+    # q (B, Sq, Hq, D), k and v (B, Sk, Hk, D) → out (B, Sq, Hq, D) in q's dtype, lse (B, Hq, Sq) fp32.
+    B, Sq, Hq, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    qf = q.to(ct).transpose(1, 2)
+    kf = k.to(ct).transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)
+    vf = v.to(ct).transpose(1, 2).repeat_interleave(Hq // Hk, dim=1)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    visible = attention_visible(Sq, Sk, window_left, window_right, q.device)
+    row_any = visible.any(-1, keepdim=True)
+    # Rows that see nothing get zero output and zero gradient; softmax never sees an all −inf row (no NaN).
+    s = torch.where(row_any, s.masked_fill(~visible, float("-inf")), 0.0)
+    p = torch.where(row_any, torch.softmax(s, dim=-1), 0.0)
+    lse = torch.where(row_any, torch.logsumexp(s, dim=-1, keepdim=True), float("-inf")).squeeze(-1)
+    out = (p.to(vf.dtype) @ vf).transpose(1, 2)
+    return out.to(q.dtype), lse.to(torch.float32 if ct != torch.float64 else ct)
+
+
+def attention_masked(q, k, v, scale, window_left=None, window_right=None, softcap=0.0, cu_seqlens_q=None,
+                     cu_seqlens_k=None, upcast=True):
+    """Softmax attention with the window in its bounded form (None = unbounded; see `attention_visible`).
+
+    Dense: q (B, Sq, Hq, D), k and v (B, Sk, Hk, D), Hk dividing Hq (query head h reads kv head h // (Hq/Hk)).
+    Varlen: q (Tq, Hq, D), k and v (Tk, Hk, D), packed sequences with int32 offsets cu_seqlens_q/k (B + 1,).
+    Score s = scale·q·k, capped to softcap·tanh(s/softcap) when softcap > 0. Returns out in q's dtype and the
+    natural-log LSE (B, Hq, Sq) or (Hq, Tq), −inf for a query that sees no key (its output row is 0).
+    upcast=False computes in the input dtype: PyTorch's own precision, the baseline of the tolerance rule.
+    Varlen reads the offsets on the host (a sync): this is the reference, not a kernel."""
+    ct = _compute_dtype(q) if upcast else q.dtype
+    if cu_seqlens_q is None:
+        return _attention_dense(q, k, v, scale, window_left, window_right, softcap, ct)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        o, lse = _attention_dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                                  scale, window_left, window_right, softcap, ct)
+        outs.append(o[0])
+        lses.append(lse[0])
+    if not outs:
+        return q.new_zeros(q.shape), q.new_zeros((q.shape[1], 0), dtype=torch.float32)
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def attention_window(causal, window):
+    """The public (causal, window=(left, right)) pair, −1 (any negative) meaning unbounded as in flash-attn, in
+    the bounded form: (window_left or None, window_right or None); causal bounds the right side at 0."""
+    left, right = window
+    left = None if left < 0 else int(left)
+    right = None if right < 0 else int(right)
+    if causal:
+        right = 0
+    return left, right
+
+
+def attention(q, k, v, causal=False, scale=None, window=(-1, -1), softcap=0.0, cu_seqlens_q=None,
+              cu_seqlens_k=None, return_lse=False):
+    """The reference of fastlm.attention: same arguments, same conventions (see fastlm.ops.attention)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out, lse = attention_masked(q, k, v, scale, *attention_window(causal, window), softcap, cu_seqlens_q,
+                                cu_seqlens_k)
+    return (out, lse) if return_lse else out

@@ -29,36 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, empty
+from ._common import KernelSpec, empty, tanh_and_sech2
 
 BLOCK_V = 4096  # chunk of the vocabulary a program holds at once: 8 fp32 values a thread at 16 warps
 NUM_WARPS = 16
 SCALE_BLOCK = 4096
-
-
-@triton.jit
-def _tanh(u):
-    """(tanh u, 1 − tanh² u). Triton has no tanh that its interpreter also runs. For |u| ≥ 0.55, with
-    e = exp(−2|u|) ≤ 1/3: tanh = ±(1 − e)/(1 + e) and 1 − tanh² = 4e/(1 + e)², neither of which cancels (the
-    derivative from 1 − tanh² would lose everything where tanh → ±1, the capped logits that matter most);
-    below, the odd Taylor series to u¹⁷ (truncation < 5e-9 relative, 1.2 ulp in fp32)."""
-    a = tl.abs(u)
-    e = tl.exp(-2.0 * a)
-    big = (1.0 - e) / (1.0 + e)
-    u2 = u * u
-    p = 6404582.0 / 10854718875.0
-    p = -929569.0 / 638512875.0 + u2 * p
-    p = 21844.0 / 6081075.0 + u2 * p
-    p = -1382.0 / 155925.0 + u2 * p
-    p = 62.0 / 2835.0 + u2 * p
-    p = -17.0 / 315.0 + u2 * p
-    p = 2.0 / 15.0 + u2 * p
-    p = -1.0 / 3.0 + u2 * p
-    small = u + u * (u2 * p)
-    is_small = a < 0.55
-    th = tl.where(is_small, small, tl.where(u < 0, -big, big))
-    sech2 = tl.where(is_small, 1.0 - small * small, 4.0 * e / ((1.0 + e) * (1.0 + e)))
-    return th, sech2
 
 
 @triton.jit
@@ -67,7 +42,7 @@ def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
     x = z
     dx = tl.full(z.shape, 1.0, tl.float32)
     if HAS_SOFTCAP:
-        th, dx = _tanh(z / softcap)
+        th, dx = tanh_and_sech2(z / softcap)
         x = softcap * th
     return x, dx
 

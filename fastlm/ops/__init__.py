@@ -1,7 +1,8 @@
 """The public ops: one module per op family (argument checks, backend dispatch, torch.library registration,
 autograd). Nothing below this layer knows about autograd or dispatch."""
 
+from fastlm.ops.attention import attention, scaled_dot_product_attention
 from fastlm.ops.cross_entropy import cross_entropy, linear_cross_entropy
 from fastlm.ops.norm import layer_norm, rms_norm
 
-__all__ = ["cross_entropy", "layer_norm", "linear_cross_entropy", "rms_norm"]
+__all__ = ["attention", "cross_entropy", "layer_norm", "linear_cross_entropy", "rms_norm", "scaled_dot_product_attention"]

@@ -1,0 +1,288 @@
+"""Attention: argument checks, backend dispatch, torch.library registration and autograd.
+
+The math, the roofline and the kernel design are in kernels/attention.py (Triton) and csrc/attention.cu (CUDA C++);
+the reference is fastlm.reference.attention_masked.
+
+Two entry points:
+- `fastlm.attention(q, k, v, ...)`: flash-attn's conventions, layout (batch, seqlen, heads, head_dim), packed
+  variable-length batches, causal aligned bottom-right, sliding window, softcap, GQA, the LSE on request.
+- `fastlm.scaled_dot_product_attention(...)`: a drop-in for torch's, in its (batch, heads, seqlen, head_dim) layout
+  and its top-left causal convention. What the kernels do not cover (a dense mask, dropout) goes to torch's SDPA.
+
+Internally a window is in bounded form: (window_left, window_right), each an int or None (unbounded); causal is
+window_right = 0 (see fastlm.reference.attention_visible). Two registered ops carry it:
+`fastlm::attention_fwd` → (out, lse) and `fastlm::attention_bwd` → (dq, dk, dv), with fake implementations so
+torch.compile traces them without graph breaks, and an autograd formula. The cuda backend runs the CUDA C++ forward
+(and its split-KV decode kernel for short queries over long keys) and the Triton backward, which shares its LSE
+convention. No op reads a GPU value on the host: varlen callers pass the maxima of the sequence lengths.
+
+Saved for backward: q, k, v, out, lse (fp32, one float a query row and head) and the offsets.
+"""
+
+import warnings
+from typing import Optional
+
+import torch
+
+from fastlm import _backend, _cuda, reference
+from fastlm.kernels import attention as triton_attention
+from fastlm.ops import _checks
+
+MAX_HEAD_DIM = triton_attention.MAX_HEAD_DIM
+
+
+# ---------------------------------------------------------------------------------------------- registered ops
+
+
+def _unit_last(t):
+    # The kernels take any batch, sequence and head strides but need unit head-dim stride.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
+def attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    window_left: Optional[int],
+    window_right: Optional[int],
+    softcap: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """→ out (q's shape, contiguous), lse fp32 (B, Hq, Sq) or (Hq, Tq) with cu_seqlens."""
+    if backend == "cuda":
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32, device=q.device)
+        _cuda.attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                            window_left, window_right, softcap)
+        return out, lse
+    return triton_attention.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                                          window_left, window_right, softcap)
+
+
+def _lse_shape(q, cu_seqlens_q):
+    if cu_seqlens_q is not None:
+        return (q.shape[1], q.shape[0])
+    return (q.shape[0], q.shape[2], q.shape[1])
+
+
+@attention_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
+      backend):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+def attention_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dlse: Optional[torch.Tensor],
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    window_left: Optional[int],
+    window_right: Optional[int],
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """→ dq, dk, dv (contiguous, the shapes and dtypes of q, k, v). Both kernel backends use the Triton backward."""
+    return triton_attention.attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                          max_seqlen_k, scale, window_left, window_right, softcap)
+
+
+@attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+      window_right, softcap):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, scale, left, right, softcap)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = torch.ops.fastlm.attention_bwd(_unit_last(dout), q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def _int_arg(name, value):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def _check_qkv(q, k, v, varlen):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(name, t)
+    for name, t in (("k", k), ("v", v)):
+        _checks.same_device(name, t, "q", q)
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype ({q.dtype}), got {t.dtype}")
+    layout = "(total_tokens, heads, head_dim) with cu_seqlens" if varlen else "(batch, seqlen, heads, head_dim)"
+    ndim = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    D = q.shape[-1]
+    if k.shape[-1] != D:
+        raise ValueError(f"q and k must have the same head_dim, got {D} and {k.shape[-1]}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be between 1 and {MAX_HEAD_DIM}, got {D}")
+    hq, hk = q.shape[-2], k.shape[-2]
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"the number of q heads ({hq}) must be a multiple of the number of k/v heads ({hk})")
+
+
+def _check_cu(name, cu, q, batch=None):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D with batch + 1 ≥ 2 offsets, got shape {tuple(cu.shape)}")
+    if batch is not None and cu.numel() != batch + 1:
+        raise ValueError(f"{name} must have as many offsets as cu_seqlens_q ({batch + 1}), got {cu.numel()}")
+    _checks.same_device(name, cu, "q", q)
+    return cu.contiguous()
+
+
+def _check_window(window):
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise TypeError(f"window must be a pair (left, right) of ints, -1 for unbounded, got {window!r}")
+    return tuple(_int_arg(f"window[{i}]", w) for i, w in enumerate(window))
+
+
+def _check_scale(scale, head_dim):
+    if scale is None:
+        return head_dim ** -0.5
+    return _checks.finite("scale", scale)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def _kernel_unsupported(q, k, cu_q, left, right, softcap):
+    def unsupported(backend):
+        if backend == "cuda":
+            return _cuda.attention_unsupported(q, k, cu_q, left, right, softcap)
+        return None
+
+    return unsupported
+
+
+def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
+    """Dispatch the checked call: → (out, lse)."""
+    backend = _backend.resolve("attention", q.device, q.dtype,
+                               unsupported=_kernel_unsupported(q, k, cu_q, left, right, softcap))
+    if backend == "torch":
+        return reference.attention_masked(q, k, v, scale, left, right, softcap, cu_q, cu_k)
+    return torch.ops.fastlm.attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), cu_q, cu_k, max_q, max_k,
+                                          scale, left, right, softcap, backend)
+
+
+def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, cu_seqlens_q=None,
+              cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, return_lse=False, deterministic=False):
+    """Softmax attention, FlashAttention's conventions.
+
+    q (batch, seqlen_q, heads, head_dim); k, v (batch, seqlen_k, kv_heads, head_dim), kv_heads dividing heads
+    (GQA, MQA: query head h reads kv head h // (heads / kv_heads)). head_dim 1 to 256; fp16, bf16 or fp32 (fp64 on
+    the torch backend).
+    Variable length: with cu_seqlens_q and cu_seqlens_k (int32 (batch + 1,) offsets) q is packed
+    (total_q, heads, head_dim) and k, v (total_k, kv_heads, head_dim); sequence b attends only within itself, and
+    max_seqlen_q, max_seqlen_k (host ints, at least the longest sequence) are required so nothing syncs.
+    causal: query i sees key j when j ≤ i + seqlen_k − seqlen_q (bottom-right, FlashAttention ≥ 2.1).
+    window=(left, right): query i sees keys i + off − left … i + off + right, off = seqlen_k − seqlen_q; −1
+    unbounded. softcap > 0: scores become softcap·tanh(score/softcap) before the softmax. scale defaults to
+    head_dim^−½. A query that sees no key gets output 0 (and −inf LSE, zero gradients).
+    Returns out (q's shape and dtype), and with return_lse the natural-log LSE (batch, heads, seqlen_q) fp32
+    ((heads, total_q) for varlen), differentiable.
+    deterministic: accepted for flash-attn compatibility; the backward never uses atomics, so gradients are
+    bitwise repeatable whatever its value.
+    """
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    _check_qkv(q, k, v, varlen)
+    left, right = reference.attention_window(causal, _check_window(window))
+    scale = _check_scale(scale, q.shape[-1])
+    softcap = _checks.non_negative("softcap", softcap)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
+    if varlen:
+        if cu_seqlens_q is None or cu_seqlens_k is None:
+            raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+        cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q)
+        cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, q, batch=cu_q.numel() - 1)
+        if max_seqlen_q is None or max_seqlen_k is None:
+            raise ValueError("max_seqlen_q and max_seqlen_k (host ints ≥ the longest sequence) are required with "
+                             "cu_seqlens: reading them from the offsets would sync with the device")
+        max_q = _checks.non_negative("max_seqlen_q", _int_arg("max_seqlen_q", max_seqlen_q))
+        max_k = _checks.non_negative("max_seqlen_k", _int_arg("max_seqlen_k", max_seqlen_k))
+        out, lse = _attention(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale, left, right, softcap)
+    else:
+        out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, softcap)
+    return (out, lse) if return_lse else out
+
+
+_said = set()
+
+
+def _say_once(message):
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False):
+    """A drop-in for torch.nn.functional.scaled_dot_product_attention: (batch, heads, seqlen, head_dim), causal
+    aligned top-left (query i sees keys j ≤ i) as torch does. A dense attn_mask, dropout, other ranks or head dims
+    above 256 go to torch's own SDPA, with a warning the first time each reason occurs."""
+    why = None
+    if attn_mask is not None:
+        why = "an attn_mask"
+    elif dropout_p != 0.0:
+        why = "dropout"
+    elif not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
+        why = "inputs that are not 4-D (batch, heads, seqlen, head_dim)"
+    elif query.shape[-1] > MAX_HEAD_DIM or query.shape[-1] != value.shape[-1]:
+        why = f"head dims other than q = k = v ≤ {MAX_HEAD_DIM}"
+    if why is not None:
+        _say_once(f"fastlm.scaled_dot_product_attention: {why} is not covered by the fastlm kernels; "
+                  "using torch's scaled_dot_product_attention")
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                                                dropout_p=dropout_p, is_causal=is_causal,
+                                                                scale=scale, enable_gqa=enable_gqa)
+    if query.shape[1] != key.shape[1] and not enable_gqa:
+        raise ValueError(f"query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True for "
+                         "grouped-query attention")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    _check_qkv(q, k, v, False)
+    sq, sk = q.shape[1], k.shape[1]
+    right = sq - sk if is_causal else None  # top-left: j ≤ i, i.e. j ≤ i + (sk − sq) + (sq − sk)
+    out, _ = _attention(q, k, v, None, None, sq, sk, _check_scale(scale, q.shape[-1]), None, right, 0.0)
+    return out.transpose(1, 2)

@@ -1,0 +1,660 @@
+"""Attention in Triton: FlashAttention-2-style forward and backward.
+
+Math. For a query row q_i and the keys k_j it may see (mask below), the score is z_ij = scale·q_i·k_j, capped to
+s_ij = c·tanh(z_ij / c) when a softcap c > 0 is set (s = z otherwise). With P_ij = exp(s_ij − lse_i) and
+lse_i = log Σ_j exp(s_ij), the output is O_i = Σ_j P_ij v_j. A row that sees no key has O_i = 0, lse_i = −inf.
+Backward, with D_i = Σ_d dO_id·O_id − dlse_i (the LSE's own gradient folds into D):
+  dV_j = Σ_i P_ij dO_i,   dP_ij = dO_i·v_j,   dS_ij = P_ij (dP_ij − D_i),   dZ = dS · (1 − tanh²) with a softcap,
+  dQ_i = scale Σ_j dZ_ij k_j,   dK_j = scale Σ_i dZ_ij q_i.
+With GQA (Hq query heads over Hk kv heads), query head h reads kv head h // (Hq/Hk), and dK, dV of a kv head sum
+over its group.
+
+Mask. Positions are aligned bottom-right: with off = seqlen_k − seqlen_q (per sequence), key j is visible to query
+i when j ≥ i + off − window_left and j ≤ i + off + window_right, each bound only when given. Causal is
+window_right = 0; torch SDPA's top-left causal is window_right = seqlen_q − seqlen_k (may be negative).
+
+Roofline. Forward 4·Sq·Sk·D FLOPs per (batch, head) (two matmuls), halved by a causal mask; backward 2.5× that
+(five matmuls here: S and dP recomputed, dV, dK, dQ, with S and dP computed twice, once per kernel — seven in all).
+Reads are O(S·D) per head: attention at these sizes is bound by the tensor cores.
+
+Design.
+- Forward: one program per (block of BLOCK_M queries, batch·head); keys in BLOCK_N blocks with the online softmax in
+  exp2 (scale·log2 e folded into the scores). The key range is split in three loops: blocks the mask partly covers
+  (left edge, right edge and the sequence's end) apply it, the blocks in between run without one, and blocks the
+  mask empties are never visited.
+- Backward: three kernels and no atomics, so gradients are bitwise repeatable in every mode: a preprocess for D, one
+  program per (key block, batch·kv head) that accumulates dK and dV over every query block of every query head of
+  its group, and one program per (query block, batch·head) that accumulates dQ. The S and dP matmuls are done in
+  both (seven matmuls instead of FlashAttention-2's five with atomic dQ): the price of determinism without atomics.
+- Variable length: `cu_seqlens` offsets (int32, batch + 1) locate each packed sequence; the grid covers the longest
+  and programs past a sequence's end return at once.
+- Head dims up to 256 of any size: tiles are padded to a power of two ≥ 16 and the extra columns masked.
+- Offsets: the start of a sequence and head is computed in int64 (packed tokens × heads × dims passes 2³¹);
+  offsets inside a block stay int32.
+- Configurations: fixed per head-dim tile and dtype (CONFIGS below), each compiled by the static report for sm_80
+  and sm_90a without spills. They are not yet tuned on a GPU (no measurement exists).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import KernelSpec, empty, interpreting, next_pow2, tanh_and_sech2
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# ---------------------------------------------------------------------------------------------- shared pieces
+
+
+@triton.jit
+def _seq_bounds(CU, b, fixed_len, VARLEN: tl.constexpr):
+    """(first packed index, length) of sequence b: from the offsets when VARLEN, else (0, fixed_len)."""
+    if VARLEN:
+        start = tl.load(CU + b).to(tl.int64)
+        length = (tl.load(CU + b + 1).to(tl.int64) - start).to(tl.int32)
+    else:
+        start = tl.zeros((), dtype=tl.int64)
+        length = fixed_len
+    return start, length
+
+
+@triton.jit
+def _scores(qk, scale2, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Scores in log2 units and dS/dZ from raw q·k (fp32). scale2 = scale·log2 e (scale alone with a softcap,
+    whose log2 e is applied after the tanh)."""
+    if HAS_SOFTCAP:
+        th, sech2 = tanh_and_sech2(qk * (scale2 / softcap))
+        s2 = th * (softcap * 1.4426950408889634)
+    else:
+        s2 = qk * scale2
+        sech2 = s2
+    return s2, sech2
+
+
+@triton.jit
+def _visible(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """(rows, cols) bool: key col exists and the window lets query row see it (positions in the sequence)."""
+    vis = cols[None, :] < seqlen_k
+    if HAS_RIGHT:
+        vis = vis & (cols[None, :] <= rows[:, None] + diag + window_right)
+    if HAS_LEFT:
+        vis = vis & (cols[None, :] >= rows[:, None] + diag - window_left)
+    return vis
+
+
+@triton.jit
+def _key_range(r0, r1, seqlen_k, diag, window_left, window_right, BLOCK_N: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """For queries r0..r1 (inclusive): key blocks [lo, hi) that any of them sees, and inside it the blocks
+    [full_lo, full_hi) that all of them see whole (no mask). Block starts are multiples of BLOCK_N."""
+    lo = tl.full((), 0, tl.int32)
+    hi = seqlen_k
+    full_lo = lo
+    full_end = seqlen_k
+    if HAS_LEFT:
+        lo = tl.maximum(r0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = (tl.maximum(r1 + diag - window_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, r1 + diag + window_right + 1)
+        full_end = tl.minimum(full_end, r0 + diag + window_right + 1)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _query_range(c0, c1, seqlen_q, diag, window_left, window_right, BLOCK_M: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """For keys c0..c1 (inclusive): query blocks [lo, hi) where any query sees one of them, and inside it the blocks
+    [full_lo, full_hi) whose every query exists and sees all of them. Block starts are multiples of BLOCK_M."""
+    lo = tl.full((), 0, tl.int32)
+    hi = seqlen_q
+    full_lo = lo
+    full_end = seqlen_q
+    if HAS_RIGHT:  # j ≤ i + diag + right  ⇔  i ≥ j − diag − right
+        lo = tl.maximum(c0 - diag - window_right, 0) // BLOCK_M * BLOCK_M
+        full_lo = (tl.maximum(c1 - diag - window_right, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    if HAS_LEFT:  # j ≥ i + diag − left  ⇔  i ≤ j − diag + left
+        hi = tl.minimum(hi, c1 - diag + window_left + 1)
+        full_end = tl.minimum(full_end, c0 - diag + window_left + 1)
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_M * BLOCK_M, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_blocks(
+    acc, l_i, m_i, q, K, V, stride_ks, stride_vs, start, end, rows, seqlen_k, diag, scale2, softcap,
+    window_left, window_right,
+    HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Online softmax over the key blocks [start, end): the running (acc, row sum l_i, row max m_i) in log2 units."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    k_ptrs = K + start.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
+    v_ptrs = V + start.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & (cols[None, :] < seqlen_k), other=0.0)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        s2, _ = _scores(tl.dot(q, k, input_precision=DOT_PRECISION), scale2, softcap, HAS_SOFTCAP)
+        if MASKED:
+            vis = _visible(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s2 = tl.where(vis, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        if MASKED:  # a row with nothing visible yet keeps m = −inf: subtract 0 instead (exp2(−inf) = 0, no NaN)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        p = tl.math.exp2(s2 - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
+        else:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,  # q (B, Sq, Hq, D) | (Tq, Hq, D); k, v (B, Sk, Hk, D) | (Tk, Hk, D); o like q; lse fp32
+    CU_Q, CU_K,  # (B + 1,) int32 sequence offsets when VARLEN (unused otherwise)
+    stride_qb, stride_qs, stride_qh,  # element strides; the head-dim stride is 1 for every tensor
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,  # lse (B, Hq, Sq): Hq·Sq, Sq; varlen (Hq, Tq): 0, Tq. Its sequence stride is 1.
+    seqlen_q, seqlen_k,  # dense lengths (VARLEN reads them per sequence)
+    group,  # query heads per kv head
+    scale2, softcap, window_left, window_right,  # see _scores and _visible
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // group
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    diag = k_len - q_len
+    b64 = b.to(tl.int64)
+    Qh = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
+    Kh = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
+    Vh = V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh
+    Oh = O + b64 * stride_ob + q_start * stride_os + h * stride_oh
+    Lh = LSE + b64 * stride_lb + h * stride_lh + q_start
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < q_len
+    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_D)
+    q = tl.load(Qh + rows[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    r1 = tl.minimum(start_m + BLOCK_M, q_len) - 1
+    lo, full_lo, full_hi, hi = _key_range(start_m, r1, k_len, diag, window_left, window_right, BLOCK_N,
+                                          HAS_LEFT, HAS_RIGHT)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Kh, Vh, stride_ks, stride_vs, lo, full_lo, rows, k_len, diag,
+                                scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True,
+                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Kh, Vh, stride_ks, stride_vs, full_lo, full_hi, rows, k_len, diag,
+                                scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, False,
+                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Kh, Vh, stride_ks, stride_vs, full_hi, hi, rows, k_len, diag,
+                                scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True,
+                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(Oh + rows[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=io_mask)
+    tl.store(Lh + rows, lse, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DLSE, DELTA,  # o, do like q (contiguous, dense or packed); dlse, delta like lse (fp32)
+    CU_Q,
+    stride_ob, stride_os, stride_oh,
+    stride_db, stride_ds, stride_dh,
+    stride_lb, stride_lh,
+    seqlen_q,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+):
+    """delta_i = Σ_d dO_id·O_id − dlse_i, fp32."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    b64 = b.to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_D)
+    o = tl.load(O + b64 * stride_ob + q_start * stride_os + h * stride_oh + rows[:, None] * stride_os
+                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b64 * stride_db + q_start * stride_ds + h * stride_dh + rows[:, None] * stride_ds
+                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    lse_off = b64 * stride_lb + h * stride_lh + q_start + rows
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + lse_off, mask=rows < q_len, other=0.0)
+    tl.store(DELTA + lse_off, delta, mask=rows < q_len)
+
+
+@triton.jit
+def _bwd_dkdv_blocks(
+    dk, dv, k, v, Q, DO, L, DELTA, stride_qs, stride_ds, start, end, cols, seqlen_q, diag, scale2, softcap,
+    window_left, window_right,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dK, dV (BLOCK_N, BLOCK_D) of the keys `cols` over the query blocks [start, end) of one head."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    q_ptrs = Q + start.to(tl.int64) * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
+    do_ptrs = DO + start.to(tl.int64) * stride_ds + offs_m[:, None] * stride_ds + offs_d[None, :]
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        if MASKED:
+            row_ok = rows < seqlen_q
+            q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            lse = tl.load(L + rows, mask=row_ok, other=float("inf"))
+            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs, mask=d_ok[None, :], other=0.0)
+            do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
+            lse = tl.load(L + rows)
+            delta = tl.load(DELTA + rows)
+        # A row that saw nothing has lse = −inf; +inf makes its P exactly 0 (its scores are −inf anyway).
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        s2t, sech2t = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), scale2, softcap,
+                              HAS_SOFTCAP)  # (BLOCK_N, BLOCK_M): keys × queries
+        if MASKED:
+            vis = _visible(rows, cols, 2147483647, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s2t = tl.where(tl.trans(vis), s2t, float("-inf"))
+        pt = tl.math.exp2(s2t - lse2[None, :])
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        if HAS_SOFTCAP:
+            dst = dst * sech2t
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+        q_ptrs += BLOCK_M * stride_qs
+        do_ptrs += BLOCK_M * stride_ds
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # q, do (.., Hq, D); k, v, dk, dv (.., Hk, D); lse, delta fp32 like the forward
+    CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh,  # do
+    stride_gb, stride_gs, stride_gh,  # dk and dv (allocated alike)
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group,
+    scale2, softcap, scale, window_left, window_right,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= k_len:
+        return
+    diag = k_len - q_len
+    b64 = b.to(tl.int64)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = (cols[:, None] < k_len) & (offs_d[None, :] < HEAD_D)
+    k = tl.load(K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh + cols[:, None] * stride_ks
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh + cols[:, None] * stride_vs
+                + offs_d[None, :], mask=kv_mask, other=0.0)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    c1 = tl.minimum(start_n + BLOCK_N, k_len) - 1
+    lo, full_lo, full_hi, hi = _query_range(start_n, c1, q_len, diag, window_left, window_right, BLOCK_M,
+                                            HAS_LEFT, HAS_RIGHT)
+    # Keys past the sequence's end (last block) must not pass as visible in the unmasked loop: their rows of dk
+    # and dv are never stored, so they only need to stay finite, which zero-filled k and v ensure.
+    for g in range(0, group):
+        h = hk * group + g
+        Qh = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
+        DOh = DO + b64 * stride_db + q_start * stride_ds + h * stride_dh
+        Lh = LSE + b64 * stride_lb + h * stride_lh + q_start
+        Dh = DELTA + b64 * stride_lb + h * stride_lh + q_start
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, Lh, Dh, stride_qs, stride_ds, lo, full_lo, cols, q_len,
+                                  diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, True,
+                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, Lh, Dh, stride_qs, stride_ds, full_lo, full_hi, cols, q_len,
+                                  diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, False,
+                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, Lh, Dh, stride_qs, stride_ds, full_hi, hi, cols, q_len,
+                                  diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, True,
+                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    g_off = b64 * stride_gb + k_start * stride_gs + hk * stride_gh + cols[:, None] * stride_gs + offs_d[None, :]
+    tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_blocks(
+    dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, start, end, rows, seqlen_k, diag, scale2, softcap,
+    window_left, window_right,
+    HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dQ (BLOCK_M, BLOCK_D) of the queries `rows` over the key blocks [start, end)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    k_ptrs = K + start.to(tl.int64) * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
+    v_ptrs = V + start.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            kv_mask = (cols[:, None] < seqlen_k) & d_ok[None, :]
+        else:
+            kv_mask = d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        s2, sech2 = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale2, softcap, HAS_SOFTCAP)
+        if MASKED:
+            vis = _visible(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s2 = tl.where(vis, s2, float("-inf"))
+        p = tl.math.exp2(s2 - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * sech2
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,  # dq allocated like q's contiguous layout
+    CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh,
+    stride_gb, stride_gs, stride_gh,  # dq
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, group,
+    scale2, softcap, scale, window_left, window_right,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // group
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    diag = k_len - q_len
+    b64 = b.to(tl.int64)
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < q_len
+    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_D)
+    q = tl.load(Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh + rows[:, None] * stride_qs
+                + offs_d[None, :], mask=io_mask, other=0.0)
+    do = tl.load(DO + b64 * stride_db + q_start * stride_ds + h * stride_dh + rows[:, None] * stride_ds
+                 + offs_d[None, :], mask=io_mask, other=0.0)
+    l_off = b64 * stride_lb + h * stride_lh + q_start + rows
+    lse = tl.load(LSE + l_off, mask=row_ok, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
+    Kh = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
+    Vh = V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    r1 = tl.minimum(start_m + BLOCK_M, q_len) - 1
+    lo, full_lo, full_hi, hi = _key_range(start_m, r1, k_len, diag, window_left, window_right, BLOCK_N,
+                                          HAS_LEFT, HAS_RIGHT)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, lo, full_lo, rows, k_len, diag, scale2,
+                        softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                        HAS_SOFTCAP, DOT_PRECISION)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, full_lo, full_hi, rows, k_len, diag,
+                        scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, False, HAS_LEFT,
+                        HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, full_hi, hi, rows, k_len, diag, scale2,
+                        softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                        HAS_SOFTCAP, DOT_PRECISION)
+    tl.store(DQ + b64 * stride_gb + q_start * stride_gs + h * stride_gh + rows[:, None] * stride_gs + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+
+# Block shapes per head-dim tile (a power of two ≥ 16) for 16-bit inputs, and for fp32 inputs (twice the bytes a
+# tile, fp32 matmuls): (BLOCK_M, BLOCK_N, num_warps, num_stages). The dK/dV kernel's BLOCK_M is its inner (query)
+# block and BLOCK_N its own key block; the dQ kernel's BLOCK_M is its own query block and BLOCK_N the inner one.
+# Every entry compiles without spills for sm_80 and sm_90a (the static report checks). Not yet tuned on a GPU.
+FWD_CONFIGS = {
+    False: {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
+    True: {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
+}
+DKDV_CONFIGS = {
+    False: {16: (32, 128, 4, 2), 32: (32, 128, 4, 2), 64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 64, 8, 1)},
+    True: {16: (32, 64, 4, 1), 32: (32, 64, 4, 1), 64: (32, 64, 4, 1), 128: (16, 32, 4, 1), 256: (16, 32, 4, 1)},
+}
+DQ_CONFIGS = {
+    False: {16: (128, 32, 4, 2), 32: (128, 32, 4, 2), 64: (128, 32, 8, 2), 128: (64, 64, 8, 2), 256: (64, 32, 8, 1)},
+    True: {16: (64, 32, 4, 1), 32: (64, 32, 4, 1), 64: (64, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+}
+# Under the interpreter a program's cost is its Python overhead per block: one small shape that still crosses
+# block boundaries in the tests' short sequences.
+INTERPRET_CONFIG = (32, 32, 4, 1)
+DELTA_BLOCK_M = 64
+MAX_HEAD_DIM = 256
+
+
+def block_d(head_dim: int) -> int:
+    """The head-dim tile: a power of two ≥ 16 (tl.dot's smallest K), the columns past head_dim masked."""
+    return max(16, next_pow2(head_dim))
+
+
+def _config(table, dtype, head_dim):
+    if interpreting():
+        return INTERPRET_CONFIG
+    return table[dtype == torch.float32][block_d(head_dim)]
+
+
+def _dot_precision(dtype):
+    # fp32 inputs get fp32 products (tf32 would lose to torch's fp32 matmul); 16-bit inputs ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t, varlen):
+    """(batch, sequence, head) element strides of a (B, S, H, D) tensor, or of a packed (T, H, D) one (batch 0)."""
+    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+
+def _lse_strides(lse, varlen):
+    return (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
+
+
+def _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    """(batch, max seqlen q, max seqlen k, q heads, kv heads, head dim, varlen)."""
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        return cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, q.shape[1], k.shape[1], q.shape[2], True
+    return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], False
+
+
+def _mask_args(scale, window_left, window_right, softcap):
+    """The kernels' scalar and flag arguments for a window in bounded form (None = unbounded) and a softcap."""
+    scale2 = scale if softcap else scale * LOG2E
+    return (
+        dict(scale2=scale2, softcap=float(softcap or 1.0), window_left=int(window_left or 0),
+             window_right=int(window_right or 0)),
+        dict(HAS_LEFT=window_left is not None, HAS_RIGHT=window_right is not None, HAS_SOFTCAP=bool(softcap)),
+    )
+
+
+def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+                  softcap):
+    """q (B, Sq, Hq, D), k, v (B, Sk, Hk, D), or packed (T, H, D) with int32 cu_seqlens (B + 1,) and host-int
+    maxima; head-dim stride 1. Returns out (contiguous, q's shape and dtype) and lse fp32 (B, Hq, Sq) or (Hq, Tq)."""
+    B, Sq, Sk, Hq, Hk, D, varlen = _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    out = empty(q.shape, q.dtype, q.device)
+    lse = empty((Hq, q.shape[0]) if varlen else (B, Hq, Sq), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D)
+    args, flags = _mask_args(scale, window_left, window_right, softcap)
+    cu_q = cu_seqlens_q if varlen else lse
+    cu_k = cu_seqlens_k if varlen else lse
+    grid = (triton.cdiv(Sq, BLOCK_M), Hq, B)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu_q, cu_k, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+        *_strides(out, varlen), *_lse_strides(lse, varlen), Sq, Sk, Hq // Hk, **args,
+        HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
+        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
+    )
+    return out, lse
+
+
+def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                  window_left, window_right, softcap):
+    """Gradients of attention_fwd's out (and lse, when dlse is given): dq like q, dk, dv like k and v (contiguous).
+    do has out's shape with head-dim stride 1; dlse lse's shape, fp32, or None. No atomics: bitwise repeatable."""
+    B, Sq, Sk, Hq, Hk, D, varlen = _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
+    dq = empty(q.shape, q.dtype, q.device)
+    dk = empty(k.shape, k.dtype, k.device)
+    dv = empty(v.shape, v.dtype, v.device)
+    if k.numel() == 0:
+        return dq.zero_(), dk, dv
+    if q.numel() == 0:
+        return dq, dk.zero_(), dv.zero_()
+    delta = empty(lse.shape, torch.float32, q.device)
+    cu_q = cu_seqlens_q if varlen else lse
+    cu_k = cu_seqlens_k if varlen else lse
+    lse_strides = _lse_strides(lse, varlen)
+    BD = block_d(D)
+    _attn_bwd_delta_kernel[(triton.cdiv(Sq, DELTA_BLOCK_M), Hq, B)](
+        out, do, dlse if dlse is not None else lse, delta, cu_q, *_strides(out, varlen), *_strides(do, varlen),
+        *lse_strides, Sq, HEAD_D=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, VARLEN=varlen, HAS_DLSE=dlse is not None,
+        num_warps=4,
+    )
+    args, flags = _mask_args(scale, window_left, window_right, softcap)
+    common = dict(HEAD_D=D, BLOCK_D=BD, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype), **flags)
+    qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen))
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config(DKDV_CONFIGS, q.dtype, D)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BLOCK_N), Hk, B)](
+        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *qkv_strides, *_strides(dk, varlen), *lse_strides, Sq, Sk,
+        Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
+        num_stages=num_stages, **common,
+    )
+    BLOCK_M, BLOCK_N, num_warps, num_stages = _config(DQ_CONFIGS, q.dtype, D)
+    _attn_bwd_dq_kernel[(triton.cdiv(Sq, BLOCK_M), Hq, B)](
+        q, k, v, do, lse, delta, dq, cu_q, cu_k, *qkv_strides, *_strides(dq, varlen), *lse_strides, Sq, Sk,
+        Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
+        num_stages=num_stages, **common,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------- static report
+
+
+def static_specs():
+    """Every block shape the launchers may launch, for each head-dim tile and dtype (bf16 standing for both 16-bit
+    types, and fp32), each kernel with a causal mask, and once with every option on (window both sides, softcap,
+    varlen): the most registers."""
+    specs = []
+    strides3 = ("b", "s", "h")
+
+    def sig(pointers, ptr_dt, stride_groups, scalars):
+        s = {name: f"*{dt}" for name, dt in zip(pointers, ptr_dt)}
+        for g in stride_groups:
+            s.update({f"stride_{g}{x}": "i32" for x in strides3})
+        s.update({"stride_lb": "i32", "stride_lh": "i32"})
+        s.update(scalars)
+        return s
+
+    mask_scalars = {"scale2": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32"}
+    variants = (("causal", dict(HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, VARLEN=False)),
+                ("all", dict(HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, VARLEN=True)))
+    for fp32 in (False, True):
+        dt = "fp32" if fp32 else "bf16"
+        prec = "ieee" if fp32 else "tf32"
+        for bd in (16, 32, 64, 128, 256):
+            for tag, flags in variants:
+                base = dict(HEAD_D=bd, BLOCK_D=bd, DOT_PRECISION=prec, **flags)
+                bm, bn, w, st = FWD_CONFIGS[fp32][bd]
+                fwd = sig(("Q", "K", "V", "O", "LSE", "CU_Q", "CU_K"), (dt,) * 4 + ("fp32", "i32", "i32"),
+                          "qkvo", dict({"seqlen_q": "i32", "seqlen_k": "i32", "group": "i32"}, **mask_scalars))
+                const = dict(base, BLOCK_M=bm, BLOCK_N=bn)
+                specs.append(KernelSpec(f"attn_fwd[{dt}, d{bd}, {tag}]", _attn_fwd_kernel,
+                                        dict(fwd, **{c: "constexpr" for c in const}), const, w,
+                                        ("Q", "K", "V", "O", "LSE", "stride_qs", "stride_ks", "stride_vs", "stride_os"),
+                                        st))
+                bwd_scalars = {"seqlen_q": "i32", "seqlen_k": "i32", "group": "i32", "scale2": "fp32",
+                               "softcap": "fp32", "scale": "fp32", "window_left": "i32", "window_right": "i32"}
+                bm, bn, w, st = DKDV_CONFIGS[fp32][bd]
+                dkdv = sig(("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "CU_Q", "CU_K"),
+                           (dt,) * 4 + ("fp32", "fp32", dt, dt, "i32", "i32"), "qkvdg", bwd_scalars)
+                const = dict(base, BLOCK_M=bm, BLOCK_N=bn)
+                specs.append(KernelSpec(f"attn_bwd_dkdv[{dt}, d{bd}, {tag}]", _attn_bwd_dkdv_kernel,
+                                        dict(dkdv, **{c: "constexpr" for c in const}), const, w,
+                                        ("Q", "K", "V", "DO", "DK", "DV", "stride_qs", "stride_ks", "stride_vs",
+                                         "stride_ds", "stride_gs"), st))
+                bm, bn, w, st = DQ_CONFIGS[fp32][bd]
+                dq = sig(("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "CU_Q", "CU_K"),
+                         (dt,) * 4 + ("fp32", "fp32", dt, "i32", "i32"), "qkvdg", bwd_scalars)
+                const = dict(base, BLOCK_M=bm, BLOCK_N=bn)
+                specs.append(KernelSpec(f"attn_bwd_dq[{dt}, d{bd}, {tag}]", _attn_bwd_dq_kernel,
+                                        dict(dq, **{c: "constexpr" for c in const}), const, w,
+                                        ("Q", "K", "V", "DO", "DQ", "stride_qs", "stride_ks", "stride_vs",
+                                         "stride_ds", "stride_gs"), st))
+        delta = sig(("O", "DO", "DLSE", "DELTA", "CU_Q"), (dt, dt, "fp32", "fp32", "i32"), "od", {"seqlen_q": "i32"})
+        const = dict(HEAD_D=128, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=128, VARLEN=True, HAS_DLSE=True)
+        specs.append(KernelSpec(f"attn_bwd_delta[{dt}]", _attn_bwd_delta_kernel,
+                                dict(delta, **{c: "constexpr" for c in const}), const, 4, ("O", "DO")))
+    return specs
