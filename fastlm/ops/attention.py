@@ -117,6 +117,8 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
+    # The kernels index dlse as lse is laid out; autograd may hand it over expanded (stride 0) from a sum.
+    dlse = dlse.contiguous() if dlse is not None else None
     dq, dk, dv = torch.ops.fastlm.attention_bwd(_unit_last(dout), q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 

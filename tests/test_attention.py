@@ -1,0 +1,404 @@
+"""fastlm.attention and fastlm.scaled_dot_product_attention against the float64 reference, by DESIGN.md's rule (factor
+2 on the output and LSE, 3 on dQ, dK, dV); PyTorch's own precision is the reference computed in the tested dtype.
+
+On CPU the Triton kernels run through the interpreter in fp32 and fp16 (its bf16 dot is broken) at small sizes;
+the GPU cases add bf16 and the longer sequences, head dims and GQA ratios of the issue.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastlm
+from fastlm import reference
+from tests.conftest import BACKENDS, DEVICE, HAS_GPU, assert_by_rule
+
+CPU_DTYPES = (torch.float32, torch.float16)
+GPU_DTYPES = (torch.bfloat16, torch.float16)
+
+# (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal, window, softcap)
+CPU_CASES = [
+    (2, 17, 17, 2, 2, 32, False, (-1, -1), 0.0),
+    (1, 97, 128, 4, 1, 64, True, (-1, -1), 0.0),  # MQA, seqlen_q < seqlen_k
+    (1, 128, 97, 8, 1, 80, True, (-1, -1), 0.0),  # GQA 8, seqlen_q > seqlen_k: the first 31 queries see nothing
+    (2, 1, 97, 4, 4, 96, True, (-1, -1), 0.0),  # one query over a longer cache (decode)
+    (1, 64, 64, 2, 2, 256, False, (-1, -1), 0.0),
+    (1, 97, 97, 4, 2, 128, False, (16, 8), 10.0),  # window both sides and softcap
+    (1, 65, 65, 2, 2, 16, True, (8, -1), 0.0),  # causal sliding window
+    (1, 33, 47, 2, 2, 112, False, (-1, -1), 5.0),
+]
+HEADS = ((2, 8, 8), (1, 8, 2), (1, 16, 2))  # (batch, heads, kv_heads): GQA ratios 1, 4, 8
+MASKS = ((False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (True, (64, -1), 30.0))
+SEQLENS = ((1, 1024), (17, 17), (97, 255), (128, 128), (255, 97), (1024, 1024))
+# Every head dim meets every seqlen pair once, the GQA ratio and the mask rotating: 36 cases.
+GPU_CASES = [
+    (HEADS[(i + j) % 3][0], sq, sk, *HEADS[(i + j) % 3][1:], d, *MASKS[(i + 2 * j) % 3])
+    for i, d in enumerate((32, 64, 80, 96, 128, 256))
+    for j, (sq, sk) in enumerate(SEQLENS)
+]
+
+
+def _inputs(shape_q, shape_k, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape_q, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(shape_k, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(shape_k, generator=gen).to(DEVICE, dtype)
+    return q, k, v
+
+
+def _grads(fn, tensors, out_grad, lse_grad=None):
+    """Run fn on leaf copies of `tensors`: (out, lse, *grads) for the loss Σ out·g (+ Σ lse·gl)."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out, lse = fn(*leaves)
+    loss = (out.to(out_grad.dtype) * out_grad).sum()
+    if lse_grad is not None:
+        finite = torch.isfinite(lse)
+        loss = loss + (torch.where(finite, lse, 0).to(lse_grad.dtype) * lse_grad).sum()
+    loss.backward()
+    return (out.detach(), lse.detach(), *(t.grad for t in leaves))
+
+
+def _check_all(got, ref, base, label):
+    names = ("out", "lse", "dq", "dk", "dv")
+    for name, g, r, b in zip(names, got, ref, base):
+        if name == "lse":
+            # −inf where a query sees nothing: the same rows in all three, compared on the finite ones.
+            empty_rows = torch.isneginf(r.cpu())
+            assert torch.equal(torch.isneginf(g.cpu()), empty_rows), f"{label}: lse −inf rows differ"
+            g, b = (torch.where(empty_rows, 0.0, t.cpu().float()) for t in (g, b))
+            r = torch.where(empty_rows, 0.0, r.cpu())
+        assert torch.isfinite(g).all(), f"{label}: {name} has non-finite values"
+        assert_by_rule(f"{label} {name}", g, r, b, factor=3.0 if name.startswith("d") else 2.0)
+
+
+def _compare(q, k, v, backend, *, lse_in_loss=False, **kw):
+    """fastlm.attention under `backend` against the float64 reference and the reference in q's dtype."""
+    scale = q.shape[-1] ** -0.5
+    gen = torch.Generator().manual_seed(1)
+    out_shape = q.shape
+    g = torch.randn(out_shape, generator=gen).to(DEVICE, q.dtype)
+    lse_shape = (q.shape[1], q.shape[0]) if kw.get("cu_seqlens_q") is not None else (q.shape[0], q.shape[2],
+                                                                                      q.shape[1])
+    gl = torch.randn(lse_shape, generator=gen).to(DEVICE, torch.float32) if lse_in_loss else None
+    left, right = reference.attention_window(kw.get("causal", False), kw.get("window", (-1, -1)))
+    cu = (kw.get("cu_seqlens_q"), kw.get("cu_seqlens_k"))
+
+    def ours(q_, k_, v_):
+        with fastlm.use_backend(backend):
+            return fastlm.attention(q_, k_, v_, return_lse=True, **kw)
+
+    def ref(q_, k_, v_, upcast=True):
+        return reference.attention_masked(q_, k_, v_, scale, left, right, kw.get("softcap", 0.0), *cu,
+                                          upcast=upcast)
+
+    got = _grads(ours, (q, k, v), g, gl)
+    exact = _grads(ref, [t.double() for t in (q, k, v)], g.double(), gl.double() if gl is not None else None)
+    base = _grads(lambda *t: ref(*t, upcast=False), (q, k, v), g, gl)
+    _check_all(got, exact, base, f"{backend}")
+    return got
+
+
+def _case_id(c):
+    b, sq, sk, h, hk, d, causal, window, softcap = c
+    return f"b{b}-q{sq}-k{sk}-h{h}/{hk}-d{d}" + ("-causal" if causal else "") + (
+        f"-w{window[0]}.{window[1]}" if window != (-1, -1) else "") + (f"-cap{softcap:g}" if softcap else "")
+
+
+CASES = GPU_CASES if HAS_GPU else CPU_CASES
+DTYPES = GPU_DTYPES if HAS_GPU else CPU_DTYPES
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(case, dtype, backend):
+    b, sq, sk, h, hk, d, causal, window, softcap = case
+    if backend == "cuda":
+        from fastlm import _cuda
+
+        q, k, _ = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
+        left, right = reference.attention_window(causal, window)
+        why = _cuda.attention_unsupported(q, k, None, left, right, softcap)
+        if why:
+            pytest.skip(f"cuda backend: {why}")
+    q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
+    _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
+
+
+def _varlen(lens_q, lens_k, h, hk, d, dtype):
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    q, k, v = _inputs((sum(lens_q), h, d), (sum(lens_k), hk, d), dtype, seed=3)
+    return q, k, v, dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+
+
+VARLEN_LENS = ([0, 1, 17, 40, 5], [3, 1, 30, 40, 0])  # empty query side, one token, ragged, empty key side
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_varlen(causal, dtype, backend):
+    q, k, v, kw = _varlen(*VARLEN_LENS, 4, 2, 64, dtype)
+    if backend == "cuda":
+        from fastlm import _cuda
+
+        why = _cuda.attention_unsupported(q, k, kw["cu_seqlens_q"], None, 0 if causal else None, 0.0)
+        if why:
+            pytest.skip(f"cuda backend: {why}")
+    out, lse, dq, dk, dv = _compare(q, k, v, backend, causal=causal, **kw)
+    assert lse.shape == (4, q.shape[0])
+    # The last sequence has no keys: its queries get 0 output and 0 gradient; the first has no queries: its keys
+    # get 0 gradient.
+    last = slice(q.shape[0] - VARLEN_LENS[0][-1], q.shape[0])
+    assert torch.equal(out[last], torch.zeros_like(out[last]))
+    assert torch.equal(dq[last], torch.zeros_like(dq[last]))
+    assert torch.equal(dk[:3], torch.zeros_like(dk[:3])) and torch.equal(dv[:3], torch.zeros_like(dv[:3]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_lse_gradient(backend):
+    """The LSE is differentiable: a loss using it gets dS += P·dlse (folded into the backward's D)."""
+    dtype = DTYPES[-1]
+    q, k, v = _inputs((1, 40, 4, 64), (1, 56, 2, 64), dtype)
+    _compare(q, k, v, backend, causal=True, lse_in_loss=True)
+    qv, kv_, vv, kw = _varlen([7, 30], [20, 30], 2, 1, 32, dtype)
+    _compare(qv, kv_, vv, backend, causal=True, lse_in_loss=True, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+def test_rows_that_see_nothing(backend):
+    """Queries whose window holds no key: output exactly 0, LSE −inf, every gradient finite and their dQ 0."""
+    q, k, v = _inputs((1, 40, 2, 32), (1, 10, 2, 32), torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with fastlm.use_backend(backend):
+        out, lse = fastlm.attention(*leaves, causal=True, return_lse=True)
+    out.sum().backward()
+    assert torch.equal(out[:, :30], torch.zeros_like(out[:, :30]))
+    assert torch.isneginf(lse[:, :, :30]).all() and torch.isfinite(lse[:, :, 30:]).all()
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
+    assert torch.equal(leaves[0].grad[:, :30], torch.zeros_like(leaves[0].grad[:, :30]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+def test_deterministic_backward_is_bitwise_repeatable(backend):
+    q, k, v, kw = _varlen([33, 50, 9], [33, 64, 20], 8, 2, 64, DTYPES[-1])
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, q.dtype)
+    runs = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with fastlm.use_backend(backend):
+            out = fastlm.attention(*leaves, causal=True, window=(20, -1), deterministic=True, **kw)
+        (out * g).sum().backward()
+        runs.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_strided_inputs_and_default_scale():
+    """Head-major views (SDPA's layout transposed) run in place; a non-unit head-dim stride is copied. Both give
+    the bits of contiguous inputs; the default scale is head_dim^−½."""
+    q, k, v = _inputs((2, 4, 33, 32), (2, 4, 47, 32), torch.float32)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    wide = torch.zeros((2, 47, 4, 64), device=DEVICE)
+    wide[..., ::2] = kt
+    kernel = "triton" if (HAS_GPU or fastlm.kernels._common.interpreting()) else "torch"
+    with fastlm.use_backend(kernel):
+        out = fastlm.attention(qt, kt, vt, causal=True)
+        out_contig = fastlm.attention(qt.contiguous(), kt.contiguous(), vt.contiguous(), causal=True)
+        out_strided = fastlm.attention(qt, wide[..., ::2], vt, causal=True)
+    ref = reference.attention(qt.double(), kt.double(), vt.double(), causal=True)
+    base = reference.attention_masked(qt, kt, vt, 32 ** -0.5, None, 0, upcast=False)[0]
+    assert_by_rule("strided", out, ref, base)
+    assert torch.equal(out, out_contig) and torch.equal(out, out_strided)
+
+
+# ---------------------------------------------------------------------------------------------- the SDPA drop-in
+
+
+def _sdpa_math(*args, **kw):
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        return F.scaled_dot_product_attention(*args, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("sq,sk", ((33, 33), (17, 50), (50, 17)), ids=("square", "q<k", "q>k"))
+@pytest.mark.parametrize("is_causal", (False, True), ids=("full", "causal"))
+def test_sdpa_dropin_matches_torch(sq, sk, is_causal, backend):
+    """torch's layout and its top-left causal alignment, GQA through enable_gqa, an explicit scale."""
+    dtype = DTYPES[-1]
+    q, k, v = _inputs((2, 4, sq, 64), (2, 2, sk, 64), dtype)
+    if backend == "cuda":
+        from fastlm import _cuda
+
+        why = _cuda.attention_unsupported(q.transpose(1, 2), k.transpose(1, 2), None, None,
+                                          sq - sk if is_causal else None, 0.0)
+        if why:
+            pytest.skip(f"cuda backend: {why}")
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    kw = dict(is_causal=is_causal, scale=0.1, enable_gqa=True)
+
+    def ours(*t):
+        with fastlm.use_backend(backend):
+            return fastlm.scaled_dot_product_attention(*t, **kw), torch.zeros(())
+
+    def theirs(*t):
+        return _sdpa_math(*t, **kw), torch.zeros(())
+
+    got = _grads(ours, (q, k, v), g)
+    exact = _grads(theirs, [t.double() for t in (q, k, v)], g.double())
+    base = _grads(theirs, (q, k, v), g)
+    for name, a, r, b in zip(("out", "dq", "dk", "dv"), got[:1] + got[2:], exact[:1] + exact[2:],
+                             base[:1] + base[2:]):
+        assert_by_rule(f"sdpa {name}", a, r, b, factor=3.0 if name != "out" else 2.0)
+
+
+def test_sdpa_dropin_falls_back_for_a_mask_and_says_so():
+    q, k, v = _inputs((1, 2, 8, 16), (1, 2, 8, 16), torch.float32)
+    mask = torch.rand(8, 8, device=DEVICE) > 0.3
+    mask[:, 0] = True
+    with pytest.warns(UserWarning, match="attn_mask"):
+        got = fastlm.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once only
+        fastlm.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_sdpa_dropin_refuses_mismatched_heads_without_enable_gqa():
+    q, k, v = _inputs((1, 4, 8, 16), (1, 2, 8, 16), torch.float32)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        fastlm.scaled_dot_product_attention(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def _bad(**over):
+    q, k, v = (torch.randn(shape) for shape in ((1, 8, 4, 32), (1, 8, 2, 32), (1, 8, 2, 32)))
+    args = dict(q=q, k=k, v=v)
+    args.update({key: val for key, val in over.items() if key in args})
+    kw = {key: val for key, val in over.items() if key not in args}
+    return lambda: fastlm.attention(args["q"], args["k"], args["v"], **kw)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (_bad(k=torch.randn(1, 8, 2, 16), v=torch.randn(1, 8, 2, 16)), ValueError, "head_dim"),
+    (_bad(k=torch.randn(1, 8, 3, 32), v=torch.randn(1, 8, 3, 32)), ValueError, "multiple"),
+    (_bad(v=torch.randn(1, 9, 2, 32)), ValueError, "same shape"),
+    (_bad(q=torch.randn(1, 8, 4, 300), k=torch.randn(1, 8, 2, 300), v=torch.randn(1, 8, 2, 300)), ValueError,
+     "between 1 and 256"),
+    (_bad(k=torch.randn(1, 8, 2, 32, dtype=torch.float16)), TypeError, "dtype"),
+    (_bad(q=torch.randn(8, 4, 32)), ValueError, "4-D"),
+    (_bad(q=torch.randn(1, 8, 4, 32, dtype=torch.float64).to(torch.int32)), TypeError, "floating"),
+    (_bad(window=(3,)), TypeError, "window"),
+    (_bad(softcap=-1.0), ValueError, "softcap"),
+    (_bad(q=torch.randn(8, 4, 32), k=torch.randn(8, 2, 32), v=torch.randn(8, 2, 32),
+          cu_seqlens_q=torch.tensor([0, 8]), cu_seqlens_k=torch.tensor([0, 8]), max_seqlen_q=8, max_seqlen_k=8),
+     TypeError, "int32"),
+    (_bad(q=torch.randn(8, 4, 32), k=torch.randn(8, 2, 32), v=torch.randn(8, 2, 32),
+          cu_seqlens_q=torch.tensor([0, 4, 8], dtype=torch.int32), cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32),
+          max_seqlen_q=8, max_seqlen_k=8), ValueError, "offsets"),
+    (_bad(q=torch.randn(8, 4, 32), k=torch.randn(8, 2, 32), v=torch.randn(8, 2, 32),
+          cu_seqlens_q=torch.tensor([0, 8], dtype=torch.int32), cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)),
+     ValueError, "max_seqlen"),
+    (_bad(q=torch.randn(8, 4, 32), k=torch.randn(8, 2, 32), v=torch.randn(8, 2, 32),
+          cu_seqlens_q=torch.tensor([0, 8], dtype=torch.int32)), ValueError, "together"),
+], ids=["head-dims", "heads-not-divisible", "k-v-shapes", "head-dim-300", "dtype", "rank", "int-dtype",
+        "window", "softcap", "cu-dtype", "cu-length", "max-seqlen", "cu-pair"])
+def test_bad_input_is_refused_before_any_kernel(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------- compile, GPU
+
+
+@pytest.mark.parametrize("dynamic", (False, True), ids=("static", "dynamic"))
+def test_compiles_without_graph_breaks(dynamic):
+    torch._dynamo.reset()
+    backend = "triton" if (HAS_GPU or fastlm.kernels._common.interpreting()) else "torch"
+    q, k, v = _inputs((1, 16, 2, 32), (1, 24, 1, 32), torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def step(q_, k_, v_):
+        out, lse = fastlm.attention(q_, k_, v_, causal=True, window=(8, -1), return_lse=True)
+        return out.sum() + lse.sum()
+
+    with fastlm.use_backend(backend):
+        explained = torch._dynamo.explain(step)(*leaves)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        compiled = torch.compile(step, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+        compiled(*leaves).backward()
+    got = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    with fastlm.use_backend(backend):
+        step(*leaves).backward()
+    for a, b in zip(got, (t.grad for t in leaves)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_opcheck():
+    q, k, v = _inputs((1, 16, 2, 32), (1, 16, 2, 32), torch.float32)
+    if not (HAS_GPU or fastlm.kernels._common.interpreting()):
+        pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, 16, 16, 0.2, None, 0, 0.0,
+            "triton")
+    torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[:2], indirect=True)
+def test_gpu_long_sequences_bf16(backend):
+    q, k, v = _inputs((2, 4096, 16, 128), (2, 4096, 4, 128), torch.bfloat16)
+    _compare(q, k, v, backend, causal=True)
+
+
+@pytest.mark.gpu
+def test_gpu_offsets_past_2_to_the_31():
+    """A packed batch whose q holds more than 2³¹ elements: sequence starts × strides need int64."""
+    tokens, h, d = 2 ** 31 // (8 * 128) + 4096, 8, 128
+    q = torch.randn((tokens, h, d), device="cuda", dtype=torch.bfloat16)
+    k = v = torch.randn((tokens, 1, d), device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, tokens - 256, tokens], dtype=torch.int32, device="cuda")
+    with fastlm.use_backend("triton"):
+        out = fastlm.attention(q, k, v, causal=True, window=(64, -1), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                               max_seqlen_q=tokens - 256, max_seqlen_k=tokens - 256)
+    tail = slice(tokens - 256, tokens)
+    ref = reference.attention(q[None, tail].double(), k[None, tail].double(), v[None, tail].double(), causal=True,
+                              window=(64, -1))[0]
+    base = reference.attention_masked(q[None, tail], k[None, tail], v[None, tail], d ** -0.5, 64, 0,
+                                      upcast=False)[0][0]
+    assert_by_rule("tail sequence", out[tail], ref, base)
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_and_cuda_graph():
+    q, k, v = _inputs((2, 512, 8, 64), (2, 512, 8, 64), torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def step(q_, k_, v_):
+        return fastlm.attention(q_, k_, v_, causal=True).float().square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    compiled(*leaves).backward()
+    eager = [t.clone().detach().requires_grad_() for t in (q, k, v)]
+    step(*eager).backward()
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            out = fastlm.attention(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fastlm.attention(q, k, v, causal=True)
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(out, fastlm.attention(q, k, v, causal=True), rtol=0, atol=0)
