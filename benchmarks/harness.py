@@ -12,6 +12,8 @@ What is timed, for every provider on every case (`MODES`):
            forward built just before (CUDA events around the backward only), so the time holds the backward
            kernels (dX and the dW/dB reductions) and autograd's own bookkeeping, and no forward.
   fwd+bwd  both: from the inputs to the gradient of every input that requires grad.
+A family may time fewer modes (`Family.modes`): an inference-only family times fwd alone, on inputs that do not
+require grad.
 fwd and fwd+bwd are the median of `triton.testing.do_bench` (events around each call, warm-up first, L2 flushed
 before each call); bwd is timed the same way by `_bench_after`, which leaves the forward out. The calls rotate
 among several input sets whose total size is at least ROTATE_L2_MULTIPLE times the L2 cache, so a small case is
@@ -90,6 +92,9 @@ class Provider:
     # The fastlm backend this provider runs ("triton", "cuda"), or None for a peer. fastlm rows get the ratio
     # against every peer, and the backends are compared for the dispatch table.
     backend: Optional[str] = None
+    # case -> why this provider leaves the case out (a peer that would not fit in memory, say), or "" to run it.
+    # Its rows then say "skipped" with the reason.
+    skip: Callable[[Case], str] = lambda case: ""
 
 
 @dataclass
@@ -108,6 +113,7 @@ class Family:
     x_key: str  # the case parameter on the plot's x axis
     tolerance: dict  # dtype -> largest relative error against the reference before a row says "mismatch"
     notes: tuple = ()  # lines for the markdown header: how the peers are called, what the bytes count
+    modes: tuple = MODES  # the modes timed, a subset of MODES in its order
 
 
 def slug(text: str) -> str:
@@ -244,7 +250,8 @@ def _differentiable(outputs, grad_outputs):
 def _forward_backward(fn, inputs, grad_outputs):
     outs = fn(inputs)
     o, g = _differentiable(outs, grad_outputs)
-    grads = torch.autograd.grad(o, _grad_inputs(inputs), g)
+    ins = _grad_inputs(inputs)
+    grads = torch.autograd.grad(o, ins, g) if ins else ()
     return [t.detach() for t in outs], list(grads)
 
 
@@ -364,8 +371,11 @@ def run_case(family: Family, case: Case, availability: dict, device, l2_bytes: i
         if progress is not None:
             progress.set_postfix_str(f"{case.label} · {provider.name}", refresh=False)
         usable, why = availability[provider.name]
+        skip = provider.skip(case) if usable else ""
         if not usable:
-            rows += [_row(family, case, provider, m, status="missing", reason=why) for m in MODES]
+            rows += [_row(family, case, provider, m, status="missing", reason=why) for m in family.modes]
+        elif skip:
+            rows += [_row(family, case, provider, m, status="skipped", reason=skip) for m in family.modes]
         else:
             provider_rows, outputs = _run_provider(family, case, provider, sets, reference, ceiling)
             rows += provider_rows
@@ -395,7 +405,7 @@ def _run_provider(family, case, provider, sets, reference, ceiling):
             mismatch = err is not None and err > family.tolerance[case.dtype]
             kept = outs + grads if provider.name == family.reference else None
             del outs, grads
-            for mode in MODES:
+            for mode in family.modes:
                 try:
                     ms, peak = _measure(mode, fn, sets)
                     work = family.work(case, mode)
@@ -410,9 +420,9 @@ def _run_provider(family, case, provider, sets, reference, ceiling):
                     rows.append(_row(family, case, provider, mode, status="error", reason=_reason(e)))
                 torch.cuda.empty_cache()
     except torch.cuda.OutOfMemoryError as e:
-        rows = [_row(family, case, provider, m, status="oom", reason=_reason(e)) for m in MODES]
+        rows = [_row(family, case, provider, m, status="oom", reason=_reason(e)) for m in family.modes]
     except Exception as e:  # noqa: BLE001 - a provider that cannot run this case is a result, not a crash
-        rows = [_row(family, case, provider, m, status="error", reason=_reason(e)) for m in MODES]
+        rows = [_row(family, case, provider, m, status="error", reason=_reason(e)) for m in family.modes]
     return rows, kept
 
 
@@ -437,7 +447,7 @@ def _case_key(row) -> tuple:
     return (row["op"], row["dtype"], tuple(row["params"].items()))
 
 
-def dispatch_summary(rows, providers) -> tuple:
+def dispatch_summary(rows, providers, modes=MODES) -> tuple:
     """Which fastlm backend was faster, per op and mode: the one with the lowest geometric-mean time relative to the
     per-case best, over the cases where every backend ran and agreed with the reference.
 
@@ -447,7 +457,7 @@ def dispatch_summary(rows, providers) -> tuple:
     if len(backends) < 2:
         return choice, details
     for op in dict.fromkeys(r["op"] for r in rows):
-        for mode in MODES:
+        for mode in modes:
             times = {}
             for r in rows:
                 if r["op"] == op and r["mode"] == mode and r["provider"] in backends and r["status"] == "ok":
@@ -477,7 +487,7 @@ def summarize(family: Family, rows) -> list:
     lines = []
     ceiling = UNITS[family.metric][1]
     peers = [p.name for p in family.providers if not p.backend]
-    for mode in MODES:
+    for mode in family.modes:
         for p in (p for p in family.providers if p.backend):
             mine = [r for r in rows if r["provider"] == p.name and r["mode"] == mode]
             ok = [r for r in mine if r["status"] == "ok"]
@@ -569,13 +579,14 @@ def markdown(family: Family, meta: dict, rows: list) -> str:
         f"Measured {ceiling_name} in this run: **{ceiling:.0f} {unit}**. Cells: achieved {unit} and, in brackets, "
         f"its fraction of that. Ratios: peer time / fastlm time (> 1: fastlm faster), for "
         f"{' / '.join(ours)}. `missing`: the provider is not installed here; `error` / `oom`: it failed on the case; "
+        "`skipped`: the family leaves it out of the case; "
         "`(!)`: its outputs or gradients disagree with the reference (reasons in the JSON).",
         "",
     ]
     out += [f"- {n}" for n in family.notes] + ([""] if family.notes else [])
     out += ["## Summary", "", "```"] + summarize(family, rows) + ["```", ""]
     head = ["op", "dtype"] + param_names
-    for mode in MODES:
+    for mode in family.modes:
         out += [f"## {mode} ({unit})", ""]
         cols = head + providers + [f"vs {p}" for p in peers]
         out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -591,13 +602,14 @@ def markdown(family: Family, meta: dict, rows: list) -> str:
                 cells.append(" / ".join(ratios))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-    out += ["## Peak extra memory, fwd+bwd (MiB)", ""]
+    peak_mode = family.modes[-1]
+    out += [f"## Peak extra memory, {peak_mode} (MiB)", ""]
     cols = head + providers
     out += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for key in keys:
         cells = [key[0], key[1]] + [_format_param(v) for _, v in key[2]]
         for p in providers:
-            r = by.get((key, p, "fwd+bwd"))
+            r = by.get((key, p, peak_mode))
             ok = r is not None and r["peak_mem_bytes"] is not None
             cells.append(f"{r['peak_mem_bytes'] / 2**20:.0f}" if ok else (r["status"] if r else ""))
         out.append("| " + " | ".join(cells) + " |")
@@ -629,9 +641,10 @@ def write_plot(path: Path, family: Family, meta: dict, rows: list) -> None:
     for r in rows:
         xs.setdefault(series_key(r), set()).add(r["params"][family.x_key])
     series = [k for k, v in xs.items() if len(v) >= MIN_PLOT_POINTS] or list(xs)
-    fig, axes = plt.subplots(len(series), len(MODES), figsize=(5 * len(MODES), 3.2 * len(series)), squeeze=False)
+    modes = family.modes
+    fig, axes = plt.subplots(len(series), len(modes), figsize=(5 * len(modes), 3.2 * len(series)), squeeze=False)
     for i, key in enumerate(series):
-        for j, mode in enumerate(MODES):
+        for j, mode in enumerate(modes):
             ax = axes[i][j]
             for p in family.providers:
                 pts = sorted((r["params"][family.x_key], r["rate"]) for r in rows
@@ -685,7 +698,7 @@ def run_family(family: Family, quick: bool, out_dir: Path, meta: dict, device, p
         rows += run_case(family, case, availability, device, meta["l2_bytes"], meta["ceiling"], progress)
         write_json(out_dir / f"{family.name}.json", dict(meta, complete=False), rows)
         (out_dir / f"{family.name}.md").write_text(markdown(family, dict(meta, complete=False), rows))
-    choice, details = dispatch_summary(rows, family.providers)
+    choice, details = dispatch_summary(rows, family.providers, family.modes)
     meta.update(complete=True, dispatch=details)
     write_results(out_dir, family, meta, rows)
     return rows, meta, choice

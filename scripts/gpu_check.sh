@@ -9,8 +9,10 @@
 #        BENCH_ARGS="--quick" scripts/gpu_check.sh install bench    extra arguments for `python -m benchmarks`
 #        BENCH_OPS="norm cross_entropy" scripts/gpu_check.sh bench   only these benchmark families (default: all)
 # The bench step runs each family in a process of its own, within what is left of the step less BENCH_FLOOR_S for
-# each family after it: a family that overruns is cut alone (keeping the cases it finished, written after each
-# one) without leaving the later ones nothing, and every family that finishes adds its entries to dispatch.json.
+# each family after it, and never more than BENCH_FAMILY_MAX_S: a family that overruns is cut alone (keeping the
+# cases it finished, written after each one) without leaving the later ones nothing, and every family that
+# finishes adds its entries to dispatch.json. The whole sweep needs most of a call: after install and tests, run
+# the bench step in a call of its own.
 # Writes to $OUT (the device tool brings back at most 8 files): one log per step, and results.tar.gz holding
 # <device-slug>/{<op>.json,<op>.md,<op>.png,dispatch.json}, to untar into benchmarks/results/.
 # Liger-Kernel, a benchmark peer, is installed from .whl/*.whl when the call carries it (scripts/README.md).
@@ -22,11 +24,12 @@ BUDGET_S=570
 INFO_S=30
 INSTALL_S=300
 TESTS_S=240
-BENCH_S=300
+BENCH_S=500  # 300 for norm and the cross-entropy families, plus attention ~145 s and attention_decode ~51 s (estimates)
 STATIC_S=120
 SANITIZER_S=90
 RESERVE_S=10  # kept back for packing the results
 BENCH_FLOOR_S=30  # the bench step keeps at least this for each benchmark family still to run
+BENCH_FAMILY_MAX_S=200  # the most one benchmark family may take, so that one overrunning cannot starve the rest
 
 OUT=${OUT:-/tmp/gpu_check_out}
 PY=python3
@@ -115,6 +118,7 @@ set -- $ops
 rc=0
 while [ $# -gt 0 ]; do
     cap=$((STEP_DEADLINE - $(date +%s) - FLOOR_S * ($# - 1) - 10))
+    [ "$cap" -gt "$FAMILY_MAX_S" ] && cap=$FAMILY_MAX_S
     if [ "$cap" -le 5 ]; then
         echo "===== benchmark $1: skipped, the step's time is spent"
         rc=1
@@ -132,7 +136,7 @@ done
 exit $rc
 SHEOF
     TAIL_LINES=40 run_step bench "$BENCH_S" "PY=$PY RESULTS_DIR=$RESULTS/$SLUG BENCH_ARGS='${BENCH_ARGS:-}' \
-        BENCH_OPS='${BENCH_OPS:-}' FLOOR_S=$BENCH_FLOOR_S bash /tmp/bench_families.sh"
+        BENCH_OPS='${BENCH_OPS:-}' FLOOR_S=$BENCH_FLOOR_S FAMILY_MAX_S=$BENCH_FAMILY_MAX_S bash /tmp/bench_families.sh"
     tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . &&
         echo "results.tar.gz: $(cd "$RESULTS" && find . -type f | sort | tr '\n' ' ')"
 fi

@@ -2,6 +2,7 @@
 and rate arithmetic, a whole benchmark case on CPU tensors with the device timers stubbed, the result writers on
 synthetic rows, and the static report compiling tiny Triton kernels for sm_90a and reading their machine code."""
 
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repository, not part of the installed package
     sys.path.insert(0, str(REPO))
 
-from benchmarks import cross_entropy, harness, norm, static  # noqa: E402
+from benchmarks import attention, cross_entropy, harness, norm, static  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- no GPU
@@ -471,3 +472,179 @@ def test_every_family_is_discovered():
     from benchmarks.__main__ import families
 
     assert {"norm", "cross_entropy", "linear_cross_entropy"} <= set(families())
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def _attn_case(seqlen=256, head_dim=8, causal=False, tokens=1024, hidden=16, dtype=torch.bfloat16):
+    case = attention._case(seqlen, head_dim, causal, tokens=tokens, hidden=hidden)
+    return harness.Case(case.op, dtype, case.params)
+
+
+def _decode_case(batch=2, kv=1000, heads_q=4, heads_kv=2, head_dim=8):
+    return harness.Case("attention_decode", torch.bfloat16, {"batch": batch, "seqlen_q": 1, "seqlen_k": kv,
+                                                             "heads_q": heads_q, "heads_kv": heads_kv,
+                                                             "head_dim": head_dim})
+
+
+def test_attention_flops_and_decode_bytes():
+    # 1024 tokens in sequences of 256 (batch 4), 2 heads of dimension 8: 4 · 4 · 2 · 256 · 256 · 8 = 2**24 FLOPs.
+    case = _attn_case()
+    assert attention.batch_of(case) == 4 and case.params["heads"] == 2
+    assert [attention.attention_flops(case, m) for m in harness.MODES] == [2**24, 41943040, 58720256]  # ×1, 2.5, 3.5
+    assert [attention.attention_flops(_attn_case(causal=True), m) for m in harness.MODES] == [2**23, 20971520,
+                                                                                             29360128]
+    # seqlen 16k, head dim 128 (16 heads), batch 1: 4 · 16 · 16384² · 128 = 2**41; TARGETS.md's 550 TFLOP/s is 4 ms.
+    big = attention._case(16384, 128, False)
+    assert attention.attention_flops(big, "fwd") == 2**41
+    assert harness.rate(2**41, 4.0, "flops") == pytest.approx(549.8, rel=1e-3)
+    # The math backend's float32 scores at that shape: 16 heads · 16384² · 4 bytes = 16 GiB.
+    assert attention.math_scores_bytes(big) == 16 * 2**30
+    # batch 2 of 1000 cached tokens, 2 KV heads of dimension 8, bf16: K and V are 2 · 2 · 1000 · 2 · 8 · 2 = 128000
+    # bytes; q and the output 2 · (2 · 1 · 4 · 8 · 2) = 256.
+    dec = _decode_case()
+    assert attention.kv_cache_bytes(dec) == 128000
+    assert attention.decode_bytes(dec, "fwd") == 128256
+    with pytest.raises(ValueError, match="forward only"):
+        attention.decode_bytes(dec, "bwd")
+    full = attention._decode_case(64, 32768)  # 8 GiB of KV cache, 1 MiB of q and output
+    assert attention.decode_bytes(full, "fwd") == 8 * 2**30 + 2**20
+
+
+def test_attention_sweeps_fit_the_memory_caps_and_the_budget():
+    full = attention.attention_cases(quick=False)
+    assert len(full) == 24 and len({c.label for c in full}) == 24
+    assert {c.params["seqlen"] for c in full} == set(attention.SEQLENS) == {512, 1024, 2048, 4096, 8192, 16384}
+    assert {(c.params["head_dim"], c.params["heads"]) for c in full} == {(64, 32), (128, 16)}
+    assert {c.params["causal"] for c in full} == {False, True} and {c.dtype for c in full} == {torch.bfloat16}
+    assert all(attention.batch_of(c) * c.params["seqlen"] == 16384 for c in full)
+    providers = {p.name: p for p in attention.FAMILY.providers}
+    # The math backend runs where its float32 scores fit 2 GiB: seqlen ≤ 1024 at head dim 64, ≤ 2048 at 128.
+    math_runs = {(c.params["seqlen"], c.params["head_dim"]) for c in full if not providers["sdpa-math"].skip(c)}
+    assert math_runs == {(512, 64), (1024, 64), (512, 128), (1024, 128), (2048, 128)}
+    assert all(attention.math_scores_bytes(c) <= attention.MATH_MAX_SCORES_BYTES for c in full
+               if not providers["sdpa-math"].skip(c))
+    skipped = next(c for c in full if providers["sdpa-math"].skip(c))
+    assert "GiB" in providers["sdpa-math"].skip(skipped)
+    assert sum(not providers["flex"].skip(c) for c in full) == 2
+    assert sum(not providers["sdpa-efficient"].skip(c) for c in full) == 12
+    for name in ("fastlm-triton", "fastlm-cuda", "sdpa-flash", "sdpa-cudnn"):
+        assert not any(providers[name].skip(c) for c in full)
+
+    grid, dec = attention.decode_grid(), attention.decode_cases(quick=False)
+    assert dec == [c for c in grid if attention.kv_cache_bytes(c) <= 16 * 2**30]
+    assert [(c.params["batch"], c.params["seqlen_k"]) for c in grid if c not in dec] == [(64, 131072)]  # 32 GiB
+    assert len(dec) == 15 and max(map(attention.kv_cache_bytes, dec)) == 8 * 2**30
+    assert all(c.params["seqlen_q"] == 1 and (c.params["heads_q"], c.params["heads_kv"]) == (32, 8) for c in dec)
+
+    # The run-time model (an estimate) fits the family budgets; the quick subsets are 2 cases each and cheaper.
+    for family, budget in ((attention.FAMILY, attention.ATTENTION_BUDGET_S),
+                           (attention.DECODE_FAMILY, attention.DECODE_BUDGET_S)):
+        quick = family.cases(True)
+        assert 2 <= len(quick) <= 3 and all(c.op == family.name for c in quick + family.cases(False))
+        assert attention.estimated_seconds(family, quick=True) < attention.estimated_seconds(family) <= budget
+    assert attention.ATTENTION_BUDGET_S <= 150
+    # One mode whose call takes 100 ms: 1 + 5 sizing calls, one warm-up, one timed, one for peak memory.
+    assert attention._mode_s(100.0) == pytest.approx(0.9 + attention.EST_MODE_OVERHEAD_S)
+    assert attention._mode_s(0.01) == pytest.approx(0.05007 + attention.EST_MODE_OVERHEAD_S)
+
+
+def test_attention_families_and_their_providers():
+    assert attention.FAMILIES == (attention.FAMILY, attention.DECODE_FAMILY)
+    assert [(f.name, f.metric, f.modes) for f in attention.FAMILIES] == [
+        ("attention", "flops", harness.MODES), ("attention_decode", "bytes", ("fwd",))]
+    sdpa = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
+    assert [p.name for p in attention.FAMILY.providers] == ["fastlm-triton", "fastlm-cuda"] + sdpa + ["sdpa-math",
+                                                                                                     "flex"]
+    assert [p.name for p in attention.DECODE_FAMILY.providers] == ["fastlm-triton", "fastlm-cuda"] + sdpa + ["flex"]
+    for family in attention.FAMILIES:
+        assert family.reference == "sdpa-flash"
+        assert [p.backend for p in family.providers if p.backend] == ["triton", "cuda"]
+    cpu = torch.device("cpu")
+    assert attention.unavailable_reason("torch", cpu) == ""
+    assert attention.unavailable_reason("torch", cpu, decode=True) == ""
+    if not torch.cuda.is_available():
+        assert "GPU" in attention.unavailable_reason("cuda", cpu)
+        assert next(p for p in attention.FAMILY.providers if p.name == "sdpa-flash").available() == (
+            False, "no CUDA GPU")
+
+
+def _attention_family_on_cpu(family):
+    """The family as it runs on CPU tensors: both fastlm providers through the torch backend; the SDPA backends
+    that have a CPU kernel (flash, math) usable; the others as their availability says (no GPU: missing);
+    FlexAttention left to its skip rule."""
+    import fastlm
+
+    providers = [dataclasses.replace(p, context=lambda: fastlm.use_backend("torch")) if p.backend else p
+                 for p in family.providers]
+    cpu_ok = {"fastlm-triton", "fastlm-cuda", "sdpa-flash", "sdpa-math"}
+    availability = {p.name: (True, "") if p.name in cpu_ok else p.available() for p in providers}
+    return dataclasses.replace(family, providers=providers), availability
+
+
+def test_attention_cases_run_on_cpu(cpu_timers, monkeypatch):
+    family, availability = _attention_family_on_cpu(attention.FAMILY)
+    cpu = torch.device("cpu")
+    for case in (_attn_case(128, 16, True, tokens=256, hidden=32),
+                 _attn_case(64, 8, False, tokens=128, hidden=16, dtype=torch.float32)):
+        rows = harness.run_case(family, case, availability, cpu, l2_bytes=1024, ceiling=100.0)
+        assert len(rows) == len(family.providers) * len(harness.MODES)
+        by = {(r["provider"], r["mode"]): r for r in rows}
+        for name in ("fastlm-triton", "fastlm-cuda", "sdpa-flash", "sdpa-math"):
+            for mode in harness.MODES:
+                r = by[(name, mode)]
+                assert r["status"] == "ok", (case.label, name, r["reason"])
+                assert r["work"] == attention.attention_flops(case, mode) and r["unit"] == "TFLOP/s"
+                assert r["rate"] == pytest.approx(harness.rate(r["work"], r["ms"], "flops"))
+                if name != "sdpa-flash":
+                    assert r["rel_err"] < family.tolerance[case.dtype]
+        if not torch.cuda.is_available():
+            assert by[("sdpa-cudnn", "fwd")]["status"] == "missing"
+        assert by[("flex", "bwd")]["status"] == "skipped" and "FlexAttention" in by[("flex", "bwd")]["reason"]
+        ours = by[("fastlm-triton", "fwd+bwd")]
+        assert set(ours["vs"]) == {"sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flex"}
+        assert ours["vs"]["flex"] == "skipped" and isinstance(ours["vs"]["sdpa-math"], float)
+    # A case whose scores exceed the math backend's cap: its rows say skipped, with the sizes.
+    monkeypatch.setattr(attention, "MATH_MAX_SCORES_BYTES", 1024)
+    rows = harness.run_case(family, _attn_case(64, 8, False, tokens=128, hidden=16), availability, cpu,
+                            l2_bytes=1024, ceiling=100.0)
+    math_rows = [r for r in rows if r["provider"] == "sdpa-math"]
+    assert [r["status"] for r in math_rows] == ["skipped"] * 3 and "MATH_MAX_SCORES_BYTES" in math_rows[0]["reason"]
+
+
+def test_attention_decode_case_runs_on_cpu_forward_only(cpu_timers, tmp_path):
+    family, availability = _attention_family_on_cpu(attention.DECODE_FAMILY)
+    case = _decode_case(batch=2, kv=300, heads_q=8, heads_kv=2, head_dim=16)
+    rows = harness.run_case(family, case, availability, torch.device("cpu"), l2_bytes=1024, ceiling=100.0)
+    assert {r["mode"] for r in rows} == {"fwd"} and len(rows) == len(family.providers)
+    assert cpu_timers.count("bwd") == 0
+    by = {r["provider"]: r for r in rows}
+    for name in ("fastlm-triton", "fastlm-cuda", "sdpa-flash"):
+        assert by[name]["status"] == "ok", (name, by[name]["reason"])
+        assert by[name]["work"] == attention.decode_bytes(case, "fwd") and by[name]["unit"] == "GB/s"
+    assert by["fastlm-triton"]["rel_err"] < family.tolerance[torch.bfloat16]
+    assert by["flex"]["status"] == "skipped"
+    choice, _ = harness.dispatch_summary(rows, family.providers, family.modes)
+    assert set(choice["attention_decode"]) == {"fwd"}
+
+    meta = {"date": "2026-01-01T00:00:00+00:00", "device": "Test GPU", "torch": "2.x", "cuda": "13.0",
+            "triton": "3.6.0", "fastlm": "0.1.0", "git_commit": "abc1234", "liger_kernel": "missing",
+            "ceiling": 3000.0, "quick": False}
+    paths = harness.write_results(tmp_path, family, meta, rows)
+    md = paths[1].read_text()
+    assert "## fwd (GB/s)" in md and "## bwd" not in md and "## Peak extra memory, fwd (MiB)" in md
+    assert "flex (skipped, 1 rows): FlexAttention compiles every shape anew" in md
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_families_are_discovered_and_need_a_gpu():
+    from benchmarks.__main__ import families
+
+    assert {"attention", "attention_decode"} <= set(families())
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    for op in ("attention", "attention_decode"):
+        proc = subprocess.run([sys.executable, "-m", "benchmarks", "--op", op], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "no CUDA GPU" in proc.stdout.splitlines()[0]
