@@ -18,6 +18,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -52,6 +53,22 @@ void cross_entropy_bwd(int64_t logits, int64_t logits_stride, int64_t target, bo
                        double smoothing, double z_loss, double softcap, int device, int64_t stream);
 void cross_entropy_scale_grad(int64_t grad, int64_t grad_stride, int64_t grad_out, int64_t rows, int64_t V,
                               int dtype, int device, int64_t stream);
+}  // namespace fastlm
+
+// Defined in attention.cu; likewise.
+namespace fastlm {
+int64_t attention_decode_splits(int64_t batch, int64_t heads_q, int64_t heads_k, int64_t head_dim,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<int64_t> window_left,
+                                std::optional<int64_t> window_right, int device);
+int64_t attention_workspace_numel(int64_t batch, int64_t heads_q, int64_t heads_k, int64_t head_dim,
+                                  int64_t max_seqlen_q, int64_t num_splits);
+void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
+                   int64_t cu_seqlens_k, std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
+                   std::vector<int64_t> v_strides, std::vector<int64_t> out_strides, int64_t batch, int64_t heads_q,
+                   int64_t heads_k, int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q,
+                   int64_t total_k, int dtype, double scale, std::optional<int64_t> window_left,
+                   std::optional<int64_t> window_right, double softcap, int64_t workspace, int64_t workspace_numel,
+                   int64_t num_splits, int device, int64_t stream);
 }  // namespace fastlm
 
 namespace {
@@ -125,4 +142,32 @@ PYBIND11_MODULE(_C, m) {
         "it is 1.0.",
         py::arg("grad"), py::arg("grad_stride"), py::arg("grad_out"), py::arg("rows"), py::arg("V"), py::arg("dtype"),
         py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("attention_decode_splits", &fastlm::attention_decode_splits,
+        "How attention_fwd should run a call of this shape: 0 for the forward kernel, else the number of key splits "
+        "of the decode kernel (1: no workspace, no combine). Decode takes max_seqlen_q · heads_q / heads_k ≤ 16 "
+        "where its shared memory fits the device; splits are chosen from batch · heads_k, the keys a query may see "
+        "and the SM count (no device reads).",
+        py::arg("batch"), py::arg("heads_q"), py::arg("heads_k"), py::arg("head_dim"), py::arg("max_seqlen_q"),
+        py::arg("max_seqlen_k"), py::arg("window_left"), py::arg("window_right"), py::arg("device"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("attention_workspace_numel", &fastlm::attention_workspace_numel,
+        "float32 elements of the decode workspace for num_splits > 1 (partial outputs and log-sum-exps of every "
+        "split); 0 otherwise.",
+        py::arg("batch"), py::arg("heads_q"), py::arg("heads_k"), py::arg("head_dim"), py::arg("max_seqlen_q"),
+        py::arg("num_splits"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("attention_fwd", &fastlm::attention_fwd,
+        "Attention forward (fp16/bf16, head dims 32, 64, 96, 128, 256; GQA; varlen through cu_seqlens (int32, "
+        "0 for none); sliding window (None: unbounded); softcap 0 means none). Writes out (q's layout, q's dtype) "
+        "and lse (fp32). Strides are (batch, token, head) in elements, the head dim contiguous. num_splits from "
+        "attention_decode_splits; workspace: attention_workspace_numel floats when it is > 1.",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"),
+        py::arg("cu_seqlens_k"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
+        py::arg("out_strides"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_k"), py::arg("head_dim"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("total_q"), py::arg("total_k"), py::arg("dtype"),
+        py::arg("scale"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"), py::arg("workspace"),
+        py::arg("workspace_numel"), py::arg("num_splits"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
 }

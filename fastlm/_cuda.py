@@ -11,7 +11,11 @@ The cross-entropy functions mirror the Triton launchers of the same names in ker
 arguments, same returns); they allocate their outputs as those do (`kernels._common.empty`, so the tests'
 NaN-poisoning covers them) and take the reduction's device scalars from the same `scalars()`.
 
-Roofline and kernel design: csrc/norm.cu, csrc/cross_entropy.cu.
+Attention: `attention_unsupported` says (host check only) whether the CUDA kernels can take a call, for the op
+layer's dispatch; `attention_fwd` writes preallocated out and lse, choosing the FlashAttention-2 kernel or, for
+short query sides, the split-KV decode kernel, whose fp32 workspace it allocates here.
+
+Roofline and kernel design: csrc/norm.cu, csrc/cross_entropy.cu, csrc/attention.cu.
 """
 
 from __future__ import annotations
@@ -334,3 +338,153 @@ def scale_grad(grad, grad_output):
         ext.cross_entropy_scale_grad(grad.data_ptr(), grad.stride(0), go.data_ptr(), rows, V,
                                      _DTYPE_CODES[grad.dtype], grad.device.index, _stream(grad))
     return grad
+
+
+# --- attention -------------------------------------------------------------------------------------------------------
+
+_ATTN_DTYPES = (torch.float16, torch.bfloat16)
+_ATTN_HEAD_DIMS = (32, 64, 96, 128, 256)
+_ATTN_MAX_TOKENS = 1 << 30  # positions and token counts stay below 2^30 in the kernels' int arithmetic
+_ATTN_MAX_GRID = 65535  # batch and query heads index grid dimensions y and z
+_ATTN_WINDOW_INF = 1 << 40  # windows wider than any sequence mean the same as None
+
+
+def attention_unsupported(q, k, cu_seqlens_q, window_left, window_right, softcap) -> str | None:
+    """None when attention_fwd can take this call, else why not (a host check: no GPU work).
+
+    The CUDA kernels take float16 and bfloat16 (tensor cores), head dims 32, 64, 96, 128 and 256, GQA/MQA,
+    varlen, sliding windows (any ints, negative included) and the softcap; sequences shorter than 2^30 tokens.
+    """
+    ok, why = available(q.device)
+    if not ok:
+        return why
+    if q.dtype not in _ATTN_DTYPES:
+        return f"the cuda attention kernels take float16 and bfloat16 (tensor cores), got {q.dtype}"
+    if k.dtype != q.dtype:
+        return f"the cuda attention kernels take q, k and v of one dtype, got {q.dtype} and {k.dtype}"
+    head_dim = q.shape[-1]
+    if head_dim not in _ATTN_HEAD_DIMS:
+        dims = ", ".join(str(d) for d in _ATTN_HEAD_DIMS[:-1]) + f" and {_ATTN_HEAD_DIMS[-1]}"
+        return f"the cuda attention kernels take head dims {dims}, got {head_dim}"
+    tokens_dim = 0 if cu_seqlens_q is not None else 1
+    if q.dim() > tokens_dim and k.dim() > tokens_dim:
+        longest = max(q.shape[tokens_dim], k.shape[tokens_dim])
+        if longest >= _ATTN_MAX_TOKENS:
+            return f"the cuda attention kernels take fewer than 2^30 tokens a sequence, got {longest}"
+    if cu_seqlens_q is None and q.dim() == 4 and q.shape[0] > _ATTN_MAX_GRID:
+        return f"the cuda attention kernels take a batch of at most {_ATTN_MAX_GRID}, got {q.shape[0]}"
+    if cu_seqlens_q is not None and cu_seqlens_q.numel() - 1 > _ATTN_MAX_GRID:
+        return f"the cuda attention kernels take at most {_ATTN_MAX_GRID} sequences, got {cu_seqlens_q.numel() - 1}"
+    if q.dim() >= 2 and q.shape[-2] > _ATTN_MAX_GRID:
+        return f"the cuda attention kernels take at most {_ATTN_MAX_GRID} query heads, got {q.shape[-2]}"
+    if softcap is not None and softcap < 0:
+        return f"softcap must be ≥ 0 (0 for none), got {softcap}"
+    return None
+
+
+def _attn_operand(name, t, ref, dims):
+    """q, k or v: `dims`-D, on ref's device, ref's dtype, unit stride along the head dim. Returned 16-byte aligned
+    (base and strides), as the kernels' 16-byte copies need: a view that is not gets a contiguous copy."""
+    _same_device(name, t, ref)
+    if t.dim() != dims:
+        layout = "(batch, seq, heads, head_dim)" if dims == 4 else "(tokens, heads, head_dim)"
+        raise ValueError(f"{name} must be {dims}-D {layout}, got shape {tuple(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} must have dtype {ref.dtype} like q, got {t.dtype}")
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride along the head dim, got strides {t.stride()}")
+    if t.numel() > 0 and (t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1])):
+        t = t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def _attn_window(w):
+    return None if w is None else max(-_ATTN_WINDOW_INF, min(_ATTN_WINDOW_INF, int(w)))
+
+
+def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                  window_right, softcap) -> None:
+    """Attention forward into preallocated out and lse, on torch's current stream.
+
+    Not varlen (cu_seqlens_q None): q (B, Sq, Hq, D), k and v (B, Sk, Hk, D), any strides with the head dim
+    contiguous; out (B, Sq, Hq, D) contiguous in q's dtype; lse (B, Hq, Sq) fp32 contiguous; max_seqlen_q/k are
+    Sq/Sk. Varlen: q (Tq, Hq, D), k and v (Tk, Hk, D), cu_seqlens_q/k (B + 1,) int32 offsets on the device,
+    out (Tq, Hq, D), lse (Hq, Tq); max_seqlen_q/k are host upper bounds of the lengths (no device value is read).
+    Key j (a position within its sequence) is visible to query i iff j ≥ i + Sk − Sq − window_left and
+    j ≤ i + Sk − Sq + window_right (None: no bound); a query that sees no key gets out 0 and lse −inf. softcap 0
+    or None: off, else scores softcap·tanh(scale·q·k / softcap). max_seqlen_q · Hq / Hk ≤ 16 takes the decode
+    kernel (keys split across CTAs, then combined); everything else the FlashAttention-2 kernel.
+    """
+    ext = _require("q", q)
+    if q.dtype not in _ATTN_DTYPES:
+        raise TypeError(f"q must be float16 or bfloat16, got {q.dtype}")
+    varlen = cu_seqlens_q is not None
+    if (cu_seqlens_k is not None) != varlen:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must be given together")
+    dims = 3 if varlen else 4
+    q = _attn_operand("q", q, q, dims)
+    k = _attn_operand("k", k, q, dims)
+    v = _attn_operand("v", v, q, dims)
+    *lead_q, heads_q, head_dim = q.shape
+    *lead_k, heads_k, head_dim_k = k.shape
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if head_dim_k != head_dim:
+        raise ValueError(f"q and k must share the head dim, got {head_dim} and {head_dim_k}")
+    if head_dim not in _ATTN_HEAD_DIMS:
+        raise ValueError(f"the cuda attention kernels take head dims {_ATTN_HEAD_DIMS}, got {head_dim}")
+    if heads_k == 0 or heads_q % heads_k:
+        raise ValueError(f"q's heads ({heads_q}) must be a multiple of k's heads ({heads_k})")
+    if varlen:
+        total_q, total_k = lead_q[0], lead_k[0]
+        batch = cu_seqlens_q.numel() - 1
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            _same_device(name, cu, q)
+            if cu.dtype != torch.int32:
+                raise TypeError(f"{name} must be int32, got {cu.dtype}")
+            if cu.dim() != 1 or cu.numel() != batch + 1 or batch < 0:
+                raise ValueError(f"{name} must be 1-D with batch + 1 = {batch + 1} offsets, got {tuple(cu.shape)}")
+            if cu.numel() > 1 and cu.stride(0) != 1:
+                raise ValueError(f"{name} must be contiguous, got stride {cu.stride()}")
+        max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+        out_shape, lse_shape = (total_q, heads_q, head_dim), (heads_q, total_q)
+        strides = [(0, *t.stride()[:2]) for t in (q, k, v)]
+    else:
+        batch, max_seqlen_q = lead_q
+        if lead_k[0] != batch:
+            raise ValueError(f"k must have q's batch {batch}, got shape {tuple(k.shape)}")
+        max_seqlen_k = lead_k[1]
+        total_q, total_k = max_seqlen_q, max_seqlen_k  # the kernels read them only to clamp varlen offsets
+        out_shape, lse_shape = (batch, max_seqlen_q, heads_q, head_dim), (batch, heads_q, max_seqlen_q)
+        strides = [t.stride()[:3] for t in (q, k, v)]
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k), ("q's tokens", total_q),
+                    ("k's tokens", total_k)):
+        if not 0 <= n < _ATTN_MAX_TOKENS:
+            raise ValueError(f"{name} must be in [0, 2^30), got {n}")
+    _same_device("out", out, q)
+    if out.dtype != q.dtype:
+        raise TypeError(f"out must have dtype {q.dtype}, got {out.dtype}")
+    if tuple(out.shape) != out_shape or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous with shape {out_shape}, got {tuple(out.shape)}, strides {out.stride()}")
+    if out.numel() > 0 and out.data_ptr() % 16:
+        raise ValueError("out must be 16-byte aligned")
+    _same_device("lse", lse, q)
+    if lse.dtype != torch.float32:
+        raise TypeError(f"lse must have dtype {torch.float32}, got {lse.dtype}")
+    if tuple(lse.shape) != lse_shape or not lse.is_contiguous():
+        raise ValueError(f"lse must be contiguous with shape {lse_shape}, got {tuple(lse.shape)}")
+    if batch == 0 or total_q == 0 or heads_q == 0 or max_seqlen_q == 0:
+        return
+    index = q.device.index
+    window_left, window_right = _attn_window(window_left), _attn_window(window_right)
+    splits = ext.attention_decode_splits(batch, heads_q, heads_k, head_dim, max_seqlen_q, max_seqlen_k, window_left,
+                                         window_right, index)
+    numel = ext.attention_workspace_numel(batch, heads_q, heads_k, head_dim, max_seqlen_q, splits)
+    workspace = torch.empty(numel, dtype=torch.float32, device=q.device) if numel > 0 else None
+    out_strides = (0, *out.stride()[:2]) if varlen else out.stride()[:3]
+    ext.attention_fwd(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), _ptr(cu_seqlens_q),
+        _ptr(cu_seqlens_k), list(strides[0]), list(strides[1]), list(strides[2]), list(out_strides), batch, heads_q,
+        heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q, total_k, _DTYPE_CODES[q.dtype], float(scale),
+        window_left, window_right, float(softcap or 0.0), _ptr(workspace), numel, splits, index, _stream(q),
+    )

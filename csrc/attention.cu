@@ -1,0 +1,1121 @@
+// Attention forward on tensor cores: a FlashAttention-2 kernel, and a flash-decoding (split-KV) kernel with its
+// combine kernel, for fp16 and bf16 at head dims 32, 64, 96, 128 and 256, with GQA/MQA, varlen (cu_seqlens),
+// sliding windows on either side (causal is window_right = 0) and the softcap. The launcher attention_fwd picks
+// the kernel; fastlm/_cuda.py checks the tensors and allocates the decode workspace. The Triton kernel
+// (kernels/attention.py) and fastlm/reference.py follow the same specification.
+//
+// Math, per (batch b, query head h, kv head h / (Hq/Hk)), positions within the sequence, Sq_b queries, Sk_b keys,
+// off = Sk_b − Sq_b:
+//   visible(i, j)   j ≥ i + off − window_left (no bound when None) and j ≤ i + off + window_right (likewise)
+//   s_ij            scale·q_i·k_j, or with the softcap c: c·tanh(scale·q_i·k_j / c)
+//   lse_i           log Σ_{visible j} exp(s_ij) (natural log, fp32; −inf when no key is visible)
+//   out_i           Σ_{visible j} exp(s_ij − lse_i)·v_j (0 exactly when no key is visible)
+// computed in one pass over key blocks with the online softmax in base 2: t = s·log2(e) (the scale and log2(e)
+// are one factor, mult, rounded once on the host; with the softcap mult = c·log2(e) and the tanh argument is
+// q·k·(scale/c)), m = running max of t, l = Σ 2^(t − m), O = Σ 2^(t − m)·v; a new block with max m' rescales l
+// and O by 2^(m − m'). At the end out = O / l and lse = (m + log2 l)·ln 2. p = 2^(t − m) is rounded to the input
+// dtype for the P·V product (as FlashAttention does); l sums the unrounded fp32 p; all accumulation is fp32.
+//
+// Roofline. FLOPs 4·b·Hq·Sq·Sk·D (two matmuls), about half that under a causal mask and Sq = Sk (the skipped key
+// blocks are never loaded or multiplied). Forward kernel: HBM bytes ≈ 2·b·Hq·Sq·D·2 (Q in, O out) +
+// 2·b·Hk·Sk·D·2 (K and V, once when they stay in L2 across the query blocks of a head) + 4·b·Hq·Sq (lse); with
+// Hk = Hq and Sq = Sk = S that is S/2 FLOPs a byte (2048 at S = 4096), far above the ridge (H100 datasheet:
+// ~990 TFLOP/s dense fp16 over 3.35 TB/s ≈ 300): compute bound, and mma.sync (not Hopper's wgmma) keeps it
+// below the H100 tensor-core peak. From L2 each
+// CTA re-reads K and V once per 128 query rows: 2·kBlockN·D·2 bytes per 4·128·kBlockN·D FLOPs, 128 FLOPs a byte.
+// Decode kernel: K and V are read once per (batch, kv head) whatever the group size, 2·b·Hk·Sk·D·2 bytes, for
+// 4·b·Hq·Sq·Sk·D FLOPs: Sq·Hq/Hk ≤ 16 FLOPs a byte, memory bound; the split partials add
+// 2·b·Hk·rows·splits·(D + 1)·4 bytes (written once, read once by the combine), small next to K and V when each
+// split covers ≥ kMinSplitKeys keys.
+//
+// Design, and why (configurations below; static report: no spills, no local memory, sm_80 and sm_90a):
+// - Forward (attn_fwd_kernel): FlashAttention-2's split: one CTA per (block of kBlockM query rows, query head,
+//   batch entry), each warp owns 16 query rows (one mma row tile), so the softmax statistics of a row never leave
+//   its quad of lanes (two shuffles a row for the max; the running sums stay per lane until the end). K and V
+//   blocks of kBlockN keys go global → shared by cp.async (16 bytes, L2 only) in two stages: block n + 1 loads
+//   while block n is multiplied. Operands come out of shared memory by ldmatrix (.trans for V, so V needs no
+//   transposed copy), products by mma.sync.m16n8k16 (fp16/bf16 in, fp32 accumulate), and P is turned from the
+//   accumulator layout of S into the A operand of P·V in registers (the C fragment of two 8-key tiles is exactly
+//   the A fragment of one 16-key slice). O stays in registers; the epilogue divides by l, rounds, and stores
+//   whole 16-byte pieces of rows through shared memory.
+//   kBlockM = 128 rows (8 warps) for D ≤ 128, so each K/V block loaded serves 128 query rows; kBlockN = 128 keys
+//   for D ≤ 64 and 64 for D = 96, 128 (S and O together stay within the 255 registers); D = 256 takes 64 rows
+//   (4 warps) and 32 keys, and re-reads Q from shared memory instead of holding 64 more registers of fragments.
+//   Shared memory ≤ 99 KB a CTA in every configuration (the Q tile shares the second stage where Q sits in
+//   registers), so one build runs on sm_80 to sm_90 including the 99 KB sm_86/sm_89 parts.
+// - Tiles are stored with a pitch of D + 8 elements: an odd number of 16-byte chunks, so the 8 rows one ldmatrix
+//   phase reads fall in 8 different bank groups at every D (96 included), at a cost of 8 elements a row.
+// - Masking: key blocks outside the union of the rows' visible ranges are not visited at all; a visited block is
+//   masked element by element only when some (row, key) pair in it is not visible (the boundary blocks: the
+//   sequence end, the causal diagonal, the window edges); interior blocks take no mask code. In positions, key j
+//   is visible to row i iff j < Sk_b and lo ≤ j − i ≤ hi, one subtraction and two compares.
+// - Rows with no visible key: the running max stays −inf and its shift is taken as 0, so every p and every
+//   rescale factor is 2^−inf = 0 (never inf − inf); l = 0 then gives out = 0 and lse = −inf exactly. Keys past
+//   the sequence end are zero-filled by cp.async (source size 0), so their scores are finite before the mask
+//   and their V rows are 0: nothing NaN enters the products.
+// - Query blocks are scheduled last-first: under a causal mask the last blocks have the most keys, and starting
+//   them first shortens the tail of the grid.
+// - Decode (attn_decode_kernel), taken when max_seqlen_q · Hq/Hk ≤ 16 (one mma row tile holds every (query,
+//   head-of-the-group) pair of a kv head, so each K/V byte is loaded once for the whole group): one CTA per (key
+//   split, kv head, batch entry) of 4 warps. The keys the rows may see (the union of their windows) are cut into
+//   16-key tiles, the tiles into `splits` contiguous runs, and inside a run the warps take tiles round-robin, each
+//   warp through its own cp.async pipeline of 2 to 4 stages with no block barrier; the warps' (m, l, O) are then
+//   merged in warp order through shared memory. The number of splits is chosen on the host from b·Hk, the keys a
+//   row may see (Sk, or the window's width) and the SM count: enough CTAs for kDecodeCtasPerSm per SM, no split
+//   under kMinSplitKeys keys, at most kMaxSplits. With one split the CTA writes out and lse itself; otherwise each
+//   split writes its normalized fp32 partial (o_s, lse_s in log2 units) to the workspace, every split and row
+//   always (−inf and 0 when it saw nothing), and attn_combine_kernel merges them in split order:
+//   lse = log Σ 2^lse_s, out = Σ 2^(lse_s − lse)·o_s. Fixed orders everywhere (warps, splits, lanes' butterfly
+//   sums) make the results bitwise repeatable.
+// - Varlen offsets are read on the device and clamped into [0, total tokens], non-decreasing, so no cu_seqlens
+//   content makes a kernel read or write outside the tensors; max_seqlen_q/k are host upper bounds that only size
+//   the grids. Positions stay below 2^30 (checked on the host), so differences of positions are ints; windows are
+//   clamped to ±2^40 (None is +2^40), and the per-row bounds lo, hi to ±(2^30 + 1), which changes no answer.
+// - The softcap is a template parameter (tanhf only in those instances); the accurate tanhf, as its approximate
+//   form's 2^−11 relative error times c = 30 or 50 would move scores by more than 16-bit inputs do.
+// - Raw pointers with (batch, token, head) strides in elements: any layout whose rows are 16-byte aligned is
+//   read in place (q, k, v views of a packed qkv tensor included); fastlm/_cuda.py copies the others.
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common.cuh"
+
+namespace fastlm {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shapes. Every tile lives in shared memory with rows of D + 8 elements: the row pitch is an odd number of 16-byte
+// chunks, so the 8 row addresses of one ldmatrix phase (and the 8 rows a quad group writes) fall in 8 different
+// bank groups, whatever D is (32, 64, 96, 128, 256), without a swizzle.
+
+constexpr int kMma = 16;  // rows of an mma.m16n8k16 A tile: the query rows of a warp
+
+// The forward kernel: one CTA per (block of kBlockM query rows, batch, query head); kWarps = kBlockM / 16, each warp
+// owns 16 query rows. Keys stream through two stages of (K, V) tiles of kBlockN rows. Up to D = 128 the Q tile is
+// read once into registers (D/16 A fragments), so it shares its shared memory with the second stage; at D = 256
+// the fragments would take 64 more registers next to the 128 of the O accumulator, so Q stays in shared memory
+// and is re-read by ldmatrix for every key block.
+template <int D>
+struct FwdConfig {
+  static constexpr int kBlockM = D <= 128 ? 128 : 64;
+  static constexpr int kBlockN = D <= 64 ? 128 : (D <= 128 ? 64 : 32);
+  static constexpr bool kQInRegs = D <= 128;
+  static constexpr int kWarps = kBlockM / kMma;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kPitch = D + 8;                              // elements between tile rows
+  static constexpr int kTileElems = kBlockN * kPitch;               // one K or V tile
+  static constexpr int kStageBytes = 2 * kTileElems * 2;            // K then V, 16-bit elements
+  static constexpr int kQBytes = kBlockM * kPitch * 2;
+  static constexpr int kQOffset = kQInRegs ? kStageBytes : 2 * kStageBytes;  // in stage 1, or after the stages
+  static constexpr int kSmemBytes = kQInRegs ? 2 * kStageBytes : 2 * kStageBytes + kQBytes;
+  static_assert(kBlockM * kPitch * 2 <= kStageBytes, "the Q tile (and the output staging) must fit in one stage");
+};
+
+// The decode kernel: one CTA per (split of the keys, batch, kv head), kDecodeWarps warps. The CTA's query rows are
+// the (query, head of the group) pairs of that kv head, at most 16 (one mma row tile); each warp walks its own
+// key tiles of kDecodeKeys keys through kStages private stages, then the warps' partial softmaxes are merged.
+constexpr int kDecodeWarps = 4;
+constexpr int kDecodeThreads = kDecodeWarps * 32;
+constexpr int kDecodeKeys = 16;
+constexpr int kDecodeSmemTarget = 72 * 1024;  // stages are added while the stages of all warps fit in this
+
+template <int D>
+struct DecodeConfig {
+  static constexpr int kPitch = D + 8;
+  static constexpr int kTileElems = kDecodeKeys * kPitch;
+  static constexpr int kStageBytes = 2 * kTileElems * 2;  // K then V
+  static constexpr int kFit = kDecodeSmemTarget / (kDecodeWarps * kStageBytes);
+  static constexpr int kStages = kFit < 2 ? 2 : (kFit > 4 ? 4 : kFit);
+  static constexpr int kWarpBytes = kStages * kStageBytes;
+  static constexpr int kQBytes = kMma * kPitch * 2;
+  static constexpr bool kQInRegs = D <= 128;  // as in the forward kernel
+  static constexpr int kSmemBytes = kDecodeWarps * kWarpBytes + kQBytes;
+  // The warps' partial results for the merge: O (16 × (D + 4) floats) then m and l (16 each), in the warp's own
+  // stage memory once its loads are done.
+  static constexpr int kRedPitch = D + 4;
+  static_assert(kMma * kRedPitch * 4 + 2 * kMma * 4 <= kWarpBytes, "the merge buffers must fit a warp's stages");
+};
+
+// The combine kernel: one warp per query row, kCombineWarps rows a CTA; at most kMaxSplits splits.
+constexpr int kCombineWarps = 4;
+constexpr int kMaxSplits = 128;
+// A split covers at least this many keys (kDecodeWarps · kDecodeKeys · 4: four tiles a warp), so the pipeline's
+// fill and the merge stay small next to the streaming.
+constexpr int kMinSplitKeys = 256;
+// Splits are added until the decode grid has this many CTAs per SM: two decode CTAs fit an SM (registers and
+// shared memory) on A100 and H100 at D ≤ 128, so this is about one full wave.
+constexpr int kDecodeCtasPerSm = 2;
+
+// Token positions and counts stay below 2^30, so differences of positions fit an int with room to spare; window
+// sizes are clamped to ±kWindowInf (None is +kWindowInf), far beyond any position.
+constexpr int64_t kMaxTokens = int64_t{1} << 30;
+constexpr int64_t kWindowInf = int64_t{1} << 40;
+constexpr int64_t kDiffClamp = (int64_t{1} << 30) + 1;
+
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct AttnParams {
+  const void* q;     // (B, Sq, Hq, D) or varlen (Tq, Hq, D); unit stride along D
+  const void* k;     // (B, Sk, Hk, D) or varlen (Tk, Hk, D)
+  const void* v;     // like k
+  void* out;         // like q, in q's dtype
+  float* lse;        // (B, Hq, Sq) or varlen (Hq, Tq) fp32: element b·lse_sb + h·lse_sh + token
+  const int* cu_q;   // (B + 1,) int32 offsets of each sequence's queries in the packed tokens; null: not varlen
+  const int* cu_k;   // (B + 1,) likewise for the keys
+  float* ws_o;       // decode with splits: (B, Hk, rows, splits, D) fp32 partial outputs, each normalized
+  float* ws_lse;     // decode with splits: (B, Hk, rows, splits) fp32 partial log-sum-exp, log2 units
+  // Strides in elements: batch (0 for varlen), token, head.
+  int64_t q_sb, q_ss, q_sh;
+  int64_t k_sb, k_ss, k_sh;
+  int64_t v_sb, v_ss, v_sh;
+  int64_t o_sb, o_ss, o_sh;
+  int64_t lse_sb, lse_sh;
+  int64_t window_left;   // clamped to [−kWindowInf, kWindowInf]; None is kWindowInf
+  int64_t window_right;  // likewise
+  int seqlen_q;          // not varlen: Sq (varlen: the host's upper bound, unused on the device)
+  int seqlen_k;          // not varlen: Sk
+  int total_q;           // varlen: Tq, the clamp for the offsets read from cu_q
+  int total_k;           // varlen: Tk
+  int heads_k;
+  int group;             // Hq / Hk: query head h reads kv head h / group
+  int rows;              // decode: max_seqlen_q · group, the CTA's query rows (≤ 16)
+  int splits;            // decode: splits of each (batch, kv head)'s keys; 1 writes out and lse directly
+  float mult;            // log2(e)·scale, or log2(e)·softcap with the softcap: scores in log2 units
+  float softcap_pre;     // scale / softcap (softcap kernels only)
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Device helpers: PTX wrappers.
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global → shared, bypassing L1 (each byte is read once per CTA). A row past the sequence's end copies 0
+// bytes and zero-fills: padded keys then give finite scores (masked) and V rows of 0, so 0 · V stays 0.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c += a · b for one m16n8k16 tile, 16-bit inputs, fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __half>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// 2^x on the MUFU unit; 2^−inf = +0.
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Two floats rounded to T, the first in the low half: the register layout of an mma operand pair.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t u;
+  if constexpr (std::is_same_v<T, __half>) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    memcpy(&u, &h, 4);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    memcpy(&u, &h, 4);
+  }
+  return u;
+}
+
+__device__ __forceinline__ int clamp_diff(int64_t d) {
+  return static_cast<int>(d < -kDiffClamp ? -kDiffClamp : (d > kDiffClamp ? kDiffClamp : d));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Device helpers: sequences and masks.
+
+// Where batch entry b's queries and keys are: the token offset of its first query and key (0 when not varlen: the
+// batch stride places it) and the lengths. Offsets read from cu_seqlens are clamped into [0, total] and made
+// non-decreasing, so no input makes a kernel read or write outside the tensors.
+struct Seq {
+  int64_t q_start;
+  int64_t k_start;
+  int sq;
+  int sk;
+};
+
+__device__ __forceinline__ Seq seq_of(const AttnParams& p, int b) {
+  if (p.cu_q == nullptr) return Seq{0, 0, p.seqlen_q, p.seqlen_k};
+  const int q0 = min(max(__ldg(p.cu_q + b), 0), p.total_q);
+  const int q1 = min(max(__ldg(p.cu_q + b + 1), q0), p.total_q);
+  const int k0 = min(max(__ldg(p.cu_k + b), 0), p.total_k);
+  const int k1 = min(max(__ldg(p.cu_k + b + 1), k0), p.total_k);
+  return Seq{q0, k0, q1 - q0, k1 - k0};
+}
+
+// Key j is visible to query i iff j < sk and lo_d ≤ j − i ≤ hi_d, with lo_d = (sk − sq) − window_left and
+// hi_d = (sk − sq) + window_right, clamped (positions differ by less than 2^30, so the clamp changes no answer).
+struct Band {
+  int lo_d;
+  int hi_d;
+};
+
+__device__ __forceinline__ Band band_of(const AttnParams& p, const Seq& s) {
+  const int64_t off = static_cast<int64_t>(s.sk) - s.sq;
+  return Band{clamp_diff(off - p.window_left), clamp_diff(off + p.window_right)};
+}
+
+// The keys [lo, hi) that some query row in [i_first, i_last] may see; empty when hi ≤ lo.
+__device__ __forceinline__ void key_range(const AttnParams& p, const Seq& s, int i_first, int i_last, int& lo,
+                                          int& hi) {
+  const int64_t off = static_cast<int64_t>(s.sk) - s.sq;
+  const int64_t sk = s.sk;
+  const int64_t a = i_first + off - p.window_left;
+  const int64_t z = i_last + off + p.window_right + 1;
+  const int64_t lo64 = a < 0 ? 0 : (a > sk ? sk : a);
+  lo = static_cast<int>(lo64);
+  hi = static_cast<int>(z < lo64 ? lo64 : (z > sk ? sk : z));
+}
+
+// Whether every key of [n0, n0 + n) is visible to every row of [i_first, i_last]: then the tile needs no mask.
+__device__ __forceinline__ bool tile_unmasked(const Band& band, int sk, int n0, int n, int i_first, int i_last) {
+  return n0 + n <= sk && n0 - i_last >= band.lo_d && n0 + n - 1 - i_first <= band.hi_d;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Device helpers: warp-level tiles. Fragment layouts of mma.m16n8k16 (lane = 4·g + t): A holds rows g and g + 8,
+// columns 2t, 2t + 1 (+ 8); B holds column g, rows 2t, 2t + 1 (+ 8); C holds rows g and g + 8, columns 2t, 2t + 1.
+
+// A 16 × D tile of 16-bit rows (pitch kPitch elements, at shared address `tile`) as D/16 A fragments.
+template <int D, int kPitch>
+__device__ __forceinline__ void load_a_frags(uint32_t (&a)[D / 16][4], uint32_t tile, int lane) {
+  const uint32_t base = tile + static_cast<uint32_t>(((lane & 15) * kPitch + ((lane >> 4) << 3)) * 2);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(a[kk], base + kk * 32);
+}
+
+// The A fragments of Q a warp keeps in registers: all D/16, or none (a placeholder) when it re-reads them.
+template <int D, bool kQInRegs>
+constexpr int q_frag_count() {
+  return kQInRegs ? D / 16 : 1;
+}
+
+// s = Q · K^T for the warp's 16 query rows and kN keys: K rows (keys) of D elements at shared address k_tile. One
+// ldmatrix.x4 gives the B fragments of two 8-key column tiles for one 16-wide slice of D. Q comes from qf, or, when
+// it is not kept in registers, from the warp's 16 rows at shared address q_rows.
+template <typename T, int D, int kN, int kPitch, bool kQInRegs>
+__device__ __forceinline__ void warp_qk(float (&s)[kN / 8][4], const uint32_t (&qf)[q_frag_count<D, kQInRegs>()][4],
+                                        uint32_t q_rows, uint32_t k_tile, int lane) {
+  const int key = (lane & 7) + ((lane >> 4) << 3);
+  const int col = ((lane >> 3) & 1) << 3;
+  const uint32_t base = k_tile + static_cast<uint32_t>((key * kPitch + col) * 2);
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+  }
+  const uint32_t q_base = q_rows + static_cast<uint32_t>(((lane & 15) * kPitch + ((lane >> 4) << 3)) * 2);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    if constexpr (kQInRegs) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) a[e] = qf[kk][e];
+    } else {
+      ldmatrix_x4(a, q_base + kk * 32);
+    }
+#pragma unroll
+    for (int n = 0; n < kN / 16; ++n) {
+      uint32_t b[4];
+      ldmatrix_x4(b, base + static_cast<uint32_t>((n * 16 * kPitch + kk * 16) * 2));
+      mma_16816<T>(s[2 * n], a, b[0], b[1]);
+      mma_16816<T>(s[2 * n + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// o += P · V for the warp's 16 rows: P as kN/16 A fragments over the keys, V rows (keys) of D elements at shared
+// address v_tile, read transposed so that a B fragment holds one column of V (one d) over 16 keys.
+template <typename T, int D, int kN, int kPitch>
+__device__ __forceinline__ void warp_pv(float (&o)[D / 8][4], const uint32_t (&pf)[kN / 16][4], uint32_t v_tile,
+                                        int lane) {
+  const int key = (lane & 7) + (((lane >> 3) & 1) << 3);
+  const int col = (lane >> 4) << 3;
+  const uint32_t base = v_tile + static_cast<uint32_t>((key * kPitch + col) * 2);
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, base + static_cast<uint32_t>((kk * 16 * kPitch + n * 16) * 2));
+      mma_16816<T>(o[2 * n], pf[kk], b[0], b[1]);
+      mma_16816<T>(o[2 * n + 1], pf[kk], b[2], b[3]);
+    }
+  }
+}
+
+// Raw q·k to log2 units: s·scale·log2(e), or with the softcap tanh(s·scale/c)·c·log2(e) (c·tanh(scale·s/c) in
+// natural units). Accurate tanhf: the approximate tanh's 2^−11 relative error, times a softcap of 30 or 50, would
+// move scores by more than the 16-bit inputs do.
+template <bool kSoftcap, int kN>
+__device__ __forceinline__ void to_log2_scores(float (&s)[kN / 8][4], const AttnParams& p) {
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[nt][e];
+      if constexpr (kSoftcap) x = tanhf(x * p.softcap_pre);
+      s[nt][e] = x * p.mult;
+    }
+  }
+}
+
+// −inf for the scores of keys not visible: key n0 + column, rows i0 (C elements 0, 1) and i1 (elements 2, 3).
+template <int kN>
+__device__ __forceinline__ void mask_scores(float (&s)[kN / 8][4], const Band& band, int sk, int n0, int i0,
+                                            int i1, int lane) {
+  const int c0 = n0 + ((lane & 3) << 1);
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int j = c0 + nt * 8 + (e & 1);
+      const int d = j - (e < 2 ? i0 : i1);
+      if (j >= sk || d < band.lo_d || d > band.hi_d) s[nt][e] = neg_inf();
+    }
+  }
+}
+
+// One step of the online softmax for the thread's two rows: m is the running max (log2 units, −inf before any
+// visible key), l this thread's share of the running sum (its columns only; the quad's shares are added once at
+// the end), o the unnormalized output. s becomes p = 2^(s − m). A row that has seen only masked keys shifts by 0
+// instead of −inf, so that its p and its rescale factor are 2^−inf = 0 and never NaN.
+template <int kN, int D>
+__device__ __forceinline__ void online_softmax(float (&s)[kN / 8][4], float (&o)[D / 8][4], float (&m)[2],
+                                               float (&l)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = m[r];
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float shift = mx == neg_inf() ? 0.f : mx;
+    const float alpha = exp2_approx(m[r] - shift);
+    m[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+      s[nt][2 * r] = exp2_approx(s[nt][2 * r] - shift);
+      s[nt][2 * r + 1] = exp2_approx(s[nt][2 * r + 1] - shift);
+      sum += s[nt][2 * r] + s[nt][2 * r + 1];
+    }
+    l[r] = l[r] * alpha + sum;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      o[nt][2 * r] *= alpha;
+      o[nt][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// P rounded to T as the A fragments of P · V: columns 16·kk .. 16·kk + 15 are C tiles 2·kk and 2·kk + 1.
+template <typename T, int kN>
+__device__ __forceinline__ void p_frags(uint32_t (&pf)[kN / 16][4], const float (&s)[kN / 8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    pf[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+    pf[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+    pf[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pf[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+}
+
+// Copies tiles of kRows rows of D 16-bit elements (row r at src + r·stride, one stride for every tile) into shared
+// memory (pitch D + 8) with kThreads threads, 16 bytes a cp.async: the threads form kChunks-wide rows of a pass,
+// a thread always copies the same column of rows r0, r0 + kRowsPerPass, ... Its offsets are computed once, so a
+// tile costs one 64-bit add and a select per 16 bytes. Rows from `valid` on are zero-filled; their source address
+// is `fallback` (any valid address; nothing is read from it).
+template <int kRows, int D, int kThreads>
+struct TileCopy {
+  static constexpr int kChunks = D / 8;
+  static constexpr int kRowsPerPass = kThreads / kChunks;
+  static constexpr int kPasses = (kRows + kRowsPerPass - 1) / kRowsPerPass;
+  static_assert(kRowsPerPass >= 1, "a pass covers at least one row");
+  int r0;          // this thread's first row; kRows (copies nothing) for threads past the last whole row of a pass
+  uint32_t soff;   // byte offset of (r0, its column) in the shared tile
+  int64_t goff;    // element offset of (r0, its column) from the tile's first row
+  int64_t step;    // kRowsPerPass rows, in elements
+
+  __device__ __forceinline__ TileCopy(int tid, int64_t stride) {
+    const int col = (tid % kChunks) * 8;
+    r0 = tid < kRowsPerPass * kChunks ? tid / kChunks : kRows;
+    soff = static_cast<uint32_t>((r0 * (D + 8) + col) * 2);
+    goff = r0 * stride + col;
+    step = kRowsPerPass * stride;
+  }
+
+  __device__ __forceinline__ void operator()(uint32_t dst, const __half* src, int valid, const void* fallback) const {
+#pragma unroll
+    for (int it = 0; it < kPasses; ++it) {
+      const int r = r0 + it * kRowsPerPass;
+      if ((kRows % kRowsPerPass == 0 && kThreads % kChunks == 0) || r < kRows) {
+        const bool ok = r < valid;
+        const void* g = ok ? static_cast<const void*>(src + goff + it * step) : fallback;
+        cp_async16(dst + soff + static_cast<uint32_t>(it * kRowsPerPass * (D + 8) * 2), g, ok);
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Forward kernel (FlashAttention-2): grid (query blocks, Hq, B), the heaviest query blocks (the last ones, under a
+// causal mask) first.
+
+template <typename T, int D, bool kSoftcap>
+__global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1) attn_fwd_kernel(const AttnParams p) {
+  using C = FwdConfig<D>;
+  constexpr int kN = C::kBlockN;
+  constexpr int kPitch = C::kPitch;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int h = static_cast<int>(blockIdx.y);
+  const int b = static_cast<int>(blockIdx.z);
+  const Seq seq = seq_of(p, b);
+  const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * C::kBlockM;
+  if (m0 >= seq.sq) return;
+  const int m_last = min(m0 + C::kBlockM, seq.sq) - 1;
+  const int hk = h / p.group;
+  const Band band = band_of(p, seq);
+  int key_lo, key_hi;
+  key_range(p, seq, m0, m_last, key_lo, key_hi);
+  const int n_begin = key_lo / kN;
+  const int n_end = key_hi > key_lo ? (key_hi + kN - 1) / kN : n_begin;
+
+  // 16-bit rows: the element type only sets the byte offsets here, so one pointer type serves fp16 and bf16.
+  const __half* q = static_cast<const __half*>(p.q) + b * p.q_sb + (seq.q_start + m0) * p.q_ss + h * p.q_sh;
+  const __half* k = static_cast<const __half*>(p.k) + b * p.k_sb + seq.k_start * p.k_ss + hk * p.k_sh;
+  const __half* v = static_cast<const __half*>(p.v) + b * p.v_sb + seq.k_start * p.v_ss + hk * p.v_sh;
+  const uint32_t stage0 = smem_u32(smem);
+  auto k_tile = [&](int stage) { return stage0 + static_cast<uint32_t>(stage * C::kStageBytes); };
+  auto v_tile = [&](int stage) { return k_tile(stage) + static_cast<uint32_t>(C::kTileElems * 2); };
+  const TileCopy<kN, D, C::kThreads> copy_k(tid, p.k_ss);
+  const TileCopy<kN, D, C::kThreads> copy_v(tid, p.v_ss);
+  auto load_kv = [&](int stage, int nb) {
+    const int n0 = nb * kN;
+    copy_k(k_tile(stage), k + n0 * p.k_ss, seq.sk - n0, p.k);
+    copy_v(v_tile(stage), v + n0 * p.v_ss, seq.sk - n0, p.v);
+  };
+
+  // Q goes to stage 1 (free until the first prefetch) or its own place, the first K/V block to stage 0.
+  const uint32_t q_rows = stage0 + static_cast<uint32_t>(C::kQOffset + warp * kMma * kPitch * 2);
+  TileCopy<C::kBlockM, D, C::kThreads>(tid, p.q_ss)(stage0 + C::kQOffset, q, m_last + 1 - m0, p.q);
+  cp_async_commit();
+  if (n_begin < n_end) load_kv(0, n_begin);
+  cp_async_commit();
+  cp_async_wait<1>();
+  __syncthreads();
+  uint32_t qf[q_frag_count<D, C::kQInRegs>()][4];
+  if constexpr (C::kQInRegs) {
+    load_a_frags<D, kPitch>(qf, q_rows, lane);
+    __syncthreads();
+  }
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
+  }
+  float m[2] = {neg_inf(), neg_inf()};
+  float l[2] = {0.f, 0.f};
+  const int i0 = m0 + warp * kMma + (lane >> 2);
+
+  for (int nb = n_begin; nb < n_end; ++nb) {
+    const int stage = (nb - n_begin) & 1;
+    if (nb + 1 < n_end) load_kv(stage ^ 1, nb + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    float s[kN / 8][4];
+    warp_qk<T, D, kN, kPitch, C::kQInRegs>(s, qf, q_rows, k_tile(stage), lane);
+    to_log2_scores<kSoftcap, kN>(s, p);
+    const int n0 = nb * kN;
+    if (!tile_unmasked(band, seq.sk, n0, kN, m0, m_last)) mask_scores<kN>(s, band, seq.sk, n0, i0, i0 + 8, lane);
+    online_softmax<kN, D>(s, o, m, l);
+    uint32_t pf[kN / 16][4];
+    p_frags<T, kN>(pf, s);
+    warp_pv<T, D, kN, kPitch>(o, pf, v_tile(stage), lane);
+    __syncthreads();
+  }
+
+  // Epilogue: O / l rounded to T, staged through the warp's own 16 rows of stage 0 (every read of the stages is
+  // behind the loop's last barrier) so that the stores to global memory are whole 16-byte rows pieces.
+  T* stage = reinterpret_cast<T*>(smem) + warp * kMma * kPitch;
+  const int g = lane >> 2;
+  const int t2 = (lane & 3) << 1;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    // A row that saw no visible key has l = 0: its output is exactly 0 and its lse −inf.
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const uint32_t w = pack2<T>(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
+      memcpy(stage + (g + 8 * r) * kPitch + nt * 8 + t2, &w, 4);
+    }
+    const int i = i0 + 8 * r;
+    if ((lane & 3) == 0 && i <= m_last) {
+      p.lse[b * p.lse_sb + h * p.lse_sh + seq.q_start + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : neg_inf();
+    }
+  }
+  __syncwarp();
+  T* out = static_cast<T*>(p.out) + b * p.o_sb + (seq.q_start + m0 + warp * kMma) * p.o_ss + h * p.o_sh;
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int it = 0; it < kMma * kChunks / 32; ++it) {
+    const int c = lane + it * 32;
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    if (m0 + warp * kMma + r <= m_last) {
+      *reinterpret_cast<uint4*>(out + r * p.o_ss + col) = *reinterpret_cast<const uint4*>(stage + r * kPitch + col);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decode kernel (flash-decoding): grid (splits, Hk, B). Row r of the CTA's 16 is query r / group of head
+// hk·group + r % group: consecutive rows are consecutive heads of one token, contiguous in q and out.
+
+template <typename T, int D, bool kSoftcap>
+__global__ void __launch_bounds__(kDecodeThreads, 1) attn_decode_kernel(const AttnParams p) {
+  using C = DecodeConfig<D>;
+  constexpr int kPitch = C::kPitch;
+  constexpr int kStages = C::kStages;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int split = static_cast<int>(blockIdx.x);
+  const int hk = static_cast<int>(blockIdx.y);
+  const int b = static_cast<int>(blockIdx.z);
+  const Seq seq = seq_of(p, b);
+  if (seq.sq == 0) return;
+  const int G = p.group;
+  const int valid_rows = min(p.rows, seq.sq * G);  // rows r < valid_rows have a query (r / G < sq)
+  const Band band = band_of(p, seq);
+  int key_lo, key_hi;
+  key_range(p, seq, 0, seq.sq - 1, key_lo, key_hi);
+  // Tiles of kDecodeKeys keys from key_lo rounded down, shared out among the splits in contiguous runs and, inside
+  // a split, among the warps round-robin.
+  const int first = key_lo - key_lo % kDecodeKeys;
+  const int n_tiles = key_hi > key_lo ? (key_hi - first + kDecodeKeys - 1) / kDecodeKeys : 0;
+  const int per_split = (n_tiles + p.splits - 1) / p.splits;
+  const int t_begin = min(split * per_split, n_tiles) + warp;
+  const int t_end = min((split + 1) * per_split, n_tiles);
+  const int n_mine = t_begin < t_end ? (t_end - t_begin + kDecodeWarps - 1) / kDecodeWarps : 0;
+
+  const __half* qbase = static_cast<const __half*>(p.q) + b * p.q_sb + seq.q_start * p.q_ss;
+  const __half* k = static_cast<const __half*>(p.k) + b * p.k_sb + seq.k_start * p.k_ss + hk * p.k_sh;
+  const __half* v = static_cast<const __half*>(p.v) + b * p.v_sb + seq.k_start * p.v_ss + hk * p.v_sh;
+  unsigned char* wsmem = smem + warp * C::kWarpBytes;
+  const uint32_t wbase = smem_u32(wsmem);
+  const uint32_t q_tile = smem_u32(smem + kDecodeWarps * C::kWarpBytes);
+
+  // The Q rows, gathered over heads (rows past valid_rows zero-filled).
+  {
+    constexpr int kChunks = D / 8;
+    for (int c = tid; c < kMma * kChunks; c += kDecodeThreads) {
+      const int r = c / kChunks;
+      const int col = (c % kChunks) * 8;
+      const bool ok = r < valid_rows;
+      const void* g = ok ? static_cast<const void*>(qbase + (r / G) * p.q_ss + (hk * G + r % G) * p.q_sh + col)
+                         : p.q;
+      cp_async16(q_tile + static_cast<uint32_t>((r * kPitch + col) * 2), g, ok);
+    }
+    cp_async_commit();
+  }
+  const TileCopy<kDecodeKeys, D, 32> copy_k(lane, p.k_ss);
+  const TileCopy<kDecodeKeys, D, 32> copy_v(lane, p.v_ss);
+  auto load_kv = [&](int stage, int mine) {
+    const int n0 = first + (t_begin + mine * kDecodeWarps) * kDecodeKeys;
+    const uint32_t kt = wbase + static_cast<uint32_t>(stage * C::kStageBytes);
+    copy_k(kt, k + n0 * p.k_ss, seq.sk - n0, p.k);
+    copy_v(kt + C::kTileElems * 2, v + n0 * p.v_ss, seq.sk - n0, p.v);
+  };
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    if (st < n_mine) load_kv(st, st);
+    cp_async_commit();
+  }
+  cp_async_wait<kStages - 1>();  // the Q group, the oldest
+  __syncthreads();
+  uint32_t qf[q_frag_count<D, C::kQInRegs>()][4];
+  if constexpr (C::kQInRegs) load_a_frags<D, kPitch>(qf, q_tile, lane);
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
+  }
+  float m[2] = {neg_inf(), neg_inf()};
+  float l[2] = {0.f, 0.f};
+  const int g = lane >> 2;
+  const int i0 = g / G;
+  const int i1 = (g + 8) / G;
+
+  for (int mine = 0; mine < n_mine; ++mine) {
+    const int stage = mine % kStages;
+    if (mine + kStages - 1 < n_mine) load_kv((mine + kStages - 1) % kStages, mine + kStages - 1);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();
+    __syncwarp();
+    const uint32_t kt = wbase + static_cast<uint32_t>(stage * C::kStageBytes);
+    float s[kDecodeKeys / 8][4];
+    warp_qk<T, D, kDecodeKeys, kPitch, C::kQInRegs>(s, qf, q_tile, kt, lane);
+    to_log2_scores<kSoftcap, kDecodeKeys>(s, p);
+    const int n0 = first + (t_begin + mine * kDecodeWarps) * kDecodeKeys;
+    if (!tile_unmasked(band, seq.sk, n0, kDecodeKeys, 0, seq.sq - 1)) {
+      mask_scores<kDecodeKeys>(s, band, seq.sk, n0, i0, i1, lane);
+    }
+    online_softmax<kDecodeKeys, D>(s, o, m, l);
+    uint32_t pf[kDecodeKeys / 16][4];
+    p_frags<T, kDecodeKeys>(pf, s);
+    warp_pv<T, D, kDecodeKeys, kPitch>(o, pf, kt + static_cast<uint32_t>(C::kTileElems * 2), lane);
+    __syncwarp();
+  }
+
+  // Each warp leaves (m, l, O unnormalized) in its own stage memory; then every thread merges, warp 0 first, a
+  // run of columns of one row.
+  cp_async_wait<0>();
+  __syncwarp();
+  float* red_o = reinterpret_cast<float*>(wsmem);
+  float* red_m = red_o + kMma * C::kRedPitch;
+  float* red_l = red_m + kMma;
+  const int t2 = (lane & 3) << 1;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      *reinterpret_cast<float2*>(red_o + (g + 8 * r) * C::kRedPitch + nt * 8 + t2) =
+          make_float2(o[nt][2 * r], o[nt][2 * r + 1]);
+    }
+    if ((lane & 3) == 0) {
+      red_m[g + 8 * r] = m[r];
+      red_l[g + 8 * r] = l[r];
+    }
+  }
+  __syncthreads();
+
+  constexpr int kParts = kDecodeThreads / kMma;  // threads per row
+  constexpr int kCols = D / kParts;              // columns per thread, a multiple of 4
+  static_assert(kCols % 4 == 0, "whole 4-column groups");
+  const int r = tid / kParts;
+  const int col0 = (tid % kParts) * kCols;
+  if (r >= valid_rows) return;
+  float mw[kDecodeWarps];
+  float mx = neg_inf();
+#pragma unroll
+  for (int w = 0; w < kDecodeWarps; ++w) {
+    mw[w] = reinterpret_cast<const float*>(smem + w * C::kWarpBytes)[kMma * C::kRedPitch + r];
+    mx = fmaxf(mx, mw[w]);
+  }
+  float cw[kDecodeWarps];
+  float lsum = 0.f;
+#pragma unroll
+  for (int w = 0; w < kDecodeWarps; ++w) {
+    const float* rw = reinterpret_cast<const float*>(smem + w * C::kWarpBytes);
+    cw[w] = mx == neg_inf() ? 0.f : exp2_approx(mw[w] - mx);
+    lsum += cw[w] * rw[kMma * C::kRedPitch + kMma + r];
+  }
+  const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
+  const int i = r / G;
+  const int h = hk * G + r % G;
+  const int64_t ws_row = ((static_cast<int64_t>(b) * p.heads_k + hk) * p.rows + r) * p.splits + split;
+#pragma unroll
+  for (int c4 = 0; c4 < kCols; c4 += 4) {
+    float val[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float acc = 0.f;
+#pragma unroll
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        acc += cw[w] * reinterpret_cast<const float*>(smem + w * C::kWarpBytes)[r * C::kRedPitch + col0 + c4 + e];
+      }
+      val[e] = acc * inv;
+    }
+    if (p.splits == 1) {
+      store_floats<4>(static_cast<T*>(p.out) + b * p.o_sb + (seq.q_start + i) * p.o_ss + h * p.o_sh + col0 + c4,
+                      val);
+    } else {
+      store_floats<4>(p.ws_o + ws_row * D + col0 + c4, val);
+    }
+  }
+  if (col0 == 0) {
+    if (p.splits == 1) {
+      p.lse[b * p.lse_sb + h * p.lse_sh + seq.q_start + i] = lsum > 0.f ? (mx + log2f(lsum)) * kLn2 : neg_inf();
+    } else {
+      p.ws_lse[ws_row] = lsum > 0.f ? mx + log2f(lsum) : neg_inf();
+    }
+  }
+}
+
+// Merges the splits of each query row in split order (bitwise repeatable): lse = log Σ_s 2^(lse_s), out =
+// Σ_s 2^(lse_s − lse) · o_s. One warp per row of the decode kernel's (B, Hk, rows) grid.
+template <typename T, int D>
+__global__ void __launch_bounds__(kCombineWarps * 32) attn_combine_kernel(const AttnParams p, int64_t n_rows) {
+  __shared__ float weights[kCombineWarps][kMaxSplits];
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kCombineWarps + warp;
+  if (row >= n_rows) return;
+  const int r = static_cast<int>(row % p.rows);
+  const int hk = static_cast<int>(row / p.rows % p.heads_k);
+  const int b = static_cast<int>(row / p.rows / p.heads_k);
+  const Seq seq = seq_of(p, b);
+  const int G = p.group;
+  if (r >= min(p.rows, seq.sq * G)) return;
+  const int S = p.splits;
+  const float* lse_s = p.ws_lse + row * S;
+  float lv[kMaxSplits / 32];
+  float mx = neg_inf();
+#pragma unroll
+  for (int k = 0; k < kMaxSplits / 32; ++k) {
+    const int s = lane + 32 * k;
+    lv[k] = s < S ? lse_s[s] : neg_inf();
+    mx = fmaxf(mx, lv[k]);
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < kMaxSplits / 32; ++k) {
+    const float w = mx == neg_inf() ? 0.f : exp2_approx(lv[k] - mx);
+    weights[warp][lane + 32 * k] = w;
+    sum += w;
+  }
+  sum = warp_sum(sum);
+  __syncwarp();
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  constexpr int kPer = D / 32;
+  float acc[kPer];
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) acc[c] = 0.f;
+  const float* o_s = p.ws_o + row * S * D;
+  for (int s = 0; s < S; ++s) {
+    const float w = weights[warp][s];
+#pragma unroll
+    for (int c = 0; c < kPer; ++c) acc[c] += w * o_s[s * D + lane + 32 * c];
+  }
+  const int i = r / G;
+  const int h = hk * G + r % G;
+  T* out = static_cast<T*>(p.out) + b * p.o_sb + (seq.q_start + i) * p.o_ss + h * p.o_sh;
+#pragma unroll
+  for (int c = 0; c < kPer; ++c) out[lane + 32 * c] = from_float<T>(acc[c] * inv);
+  if (lane == 0) p.lse[b * p.lse_sb + h * p.lse_sh + seq.q_start + i] = sum > 0.f ? (mx + log2f(sum)) * kLn2 : neg_inf();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Launchers.
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+void dispatch_half(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat16:
+      f(Tag<__half>{});
+      return;
+    case kBFloat16:
+      f(Tag<__nv_bfloat16>{});
+      return;
+    default:
+      throw std::invalid_argument("fastlm._C: the attention kernels take dtype code 1 (float16) or 2 (bfloat16), got " +
+                                  std::to_string(dtype));
+  }
+}
+
+template <typename F>
+void dispatch_head_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 32:
+      f(std::integral_constant<int, 32>{});
+      return;
+    case 64:
+      f(std::integral_constant<int, 64>{});
+      return;
+    case 96:
+      f(std::integral_constant<int, 96>{});
+      return;
+    case 128:
+      f(std::integral_constant<int, 128>{});
+      return;
+    case 256:
+      f(std::integral_constant<int, 256>{});
+      return;
+    default:
+      throw std::invalid_argument("fastlm._C: the attention kernels take head dims 32, 64, 96, 128 and 256, got " +
+                                  std::to_string(d));
+  }
+}
+
+template <typename P>
+P* ptr(int64_t address) {
+  return reinterpret_cast<P*>(static_cast<std::uintptr_t>(address));
+}
+
+cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream)); }
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("fastlm._C: " + what);
+}
+
+// Rows of D 16-bit elements copied with 16-byte accesses: the base address and every stride but the unit one must
+// keep 16-byte alignment.
+void check_rows16(const char* name, int64_t address, const std::vector<int64_t>& strides) {
+  require(address != 0, std::string(name) + " is null");
+  require(address % 16 == 0, std::string(name) + " must be 16-byte aligned");
+  require(strides.size() == 3, std::string(name) + "_strides must be (batch, token, head)");
+  for (const int64_t s : strides) {
+    require(s % 8 == 0, std::string(name) + " strides must be multiples of 8 elements (16 bytes), got " +
+                            std::to_string(s));
+  }
+}
+
+int64_t clamp_window(const std::optional<int64_t>& w) {
+  if (!w.has_value()) return kWindowInf;
+  return std::min(std::max(*w, -kWindowInf), kWindowInf);
+}
+
+// Query rows of a decode CTA, or 0 when the call takes the forward kernel.
+int64_t decode_rows(int64_t heads_q, int64_t heads_k, int64_t max_seqlen_q) {
+  const int64_t rows = max_seqlen_q * (heads_q / heads_k);
+  return rows >= 1 && rows <= kMma ? rows : 0;
+}
+
+int sm_count(int device) {
+  int sms = 0;
+  FASTLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return std::max(sms, 1);
+}
+
+// Dynamic shared memory beyond the default 48 KB must be asked for, per kernel; a GPU with less than the kernel
+// needs (sm_86 and sm_89 offer 99 KB a block) gets an error that says so.
+template <typename K>
+void set_smem(K kernel, int bytes, int device, const char* name) {
+  int optin = 0;
+  FASTLM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (bytes > optin) {
+    throw std::invalid_argument(std::string("fastlm._C: ") + name + " needs " + std::to_string(bytes) +
+                                " bytes of shared memory a block; this GPU offers " + std::to_string(optin));
+  }
+  FASTLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+void check_heads(int64_t heads_q, int64_t heads_k) {
+  require(heads_k >= 1 && heads_q >= 1 && heads_q % heads_k == 0,
+          "heads_q must be a positive multiple of heads_k, got " + std::to_string(heads_q) + " and " +
+              std::to_string(heads_k));
+  require(heads_q <= 65535, "at most 65535 query heads, got " + std::to_string(heads_q));
+}
+
+}  // namespace
+
+int64_t attention_decode_splits(int64_t batch, int64_t heads_q, int64_t heads_k, int64_t head_dim,
+                                int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<int64_t> window_left,
+                                std::optional<int64_t> window_right, int device) {
+  const DeviceGuard guard(device);
+  check_heads(heads_q, heads_k);
+  int smem = 0;
+  dispatch_head_dim(head_dim, [&](auto dim) { smem = DecodeConfig<decltype(dim)::value>::kSmemBytes; });
+  if (decode_rows(heads_q, heads_k, max_seqlen_q) == 0 || batch < 1 || max_seqlen_k < 1) return 0;
+  // The forward kernel fits every supported GPU (≤ 99 KB); the decode kernel at D = 256 does not (140 KB), and
+  // where it does not the forward kernel serves.
+  int optin = 0;
+  FASTLM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (smem > optin) return 0;
+  // The keys one (batch, kv head) may have to read: all of them, or the band of a window on both sides.
+  int64_t keys = max_seqlen_k;
+  if (window_left.has_value() && window_right.has_value()) {
+    keys = std::min(keys, std::max<int64_t>(1, max_seqlen_q + clamp_window(window_left) + clamp_window(window_right)));
+  }
+  const int64_t ctas = batch * heads_k;
+  const int64_t want = (static_cast<int64_t>(kDecodeCtasPerSm) * sm_count(device) + ctas - 1) / ctas;
+  const int64_t useful = (keys + kMinSplitKeys - 1) / kMinSplitKeys;
+  return std::max<int64_t>(1, std::min<int64_t>({want, useful, kMaxSplits}));
+}
+
+int64_t attention_workspace_numel(int64_t batch, int64_t heads_q, int64_t heads_k, int64_t head_dim,
+                                  int64_t max_seqlen_q, int64_t num_splits) {
+  check_heads(heads_q, heads_k);
+  if (num_splits <= 1) return 0;
+  return batch * heads_k * decode_rows(heads_q, heads_k, max_seqlen_q) * num_splits * (head_dim + 1);
+}
+
+void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
+                   int64_t cu_seqlens_k, std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
+                   std::vector<int64_t> v_strides, std::vector<int64_t> out_strides, int64_t batch, int64_t heads_q,
+                   int64_t heads_k, int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q,
+                   int64_t total_k, int dtype, double scale, std::optional<int64_t> window_left,
+                   std::optional<int64_t> window_right, double softcap, int64_t workspace, int64_t workspace_numel,
+                   int64_t num_splits, int device, int64_t stream) {
+  const DeviceGuard guard(device);
+  dispatch_half(dtype, [](auto) {});
+  dispatch_head_dim(head_dim, [](auto) {});
+  check_heads(heads_q, heads_k);
+  const bool varlen = cu_seqlens_q != 0;
+  require((cu_seqlens_k != 0) == varlen, "cu_seqlens_q and cu_seqlens_k must be given together");
+  require(batch >= 0 && batch <= 65535, "batch must be in [0, 65535], got " + std::to_string(batch));
+  require(max_seqlen_q >= 0 && max_seqlen_q < kMaxTokens && max_seqlen_k >= 0 && max_seqlen_k < kMaxTokens,
+          "max_seqlen_q and max_seqlen_k must be in [0, 2^30)");
+  require(total_q >= 0 && total_q < kMaxTokens && total_k >= 0 && total_k < kMaxTokens,
+          "total_q and total_k must be in [0, 2^30)");
+  require(std::isfinite(scale), "scale must be finite");
+  require(softcap >= 0.0 && std::isfinite(softcap), "softcap must be finite and > 0, or 0 for none");
+  require(num_splits >= 0 && num_splits <= kMaxSplits, "num_splits must be in [0, 128]");
+  const int64_t rows = decode_rows(heads_q, heads_k, max_seqlen_q);
+  require(num_splits == 0 || rows > 0, "the decode kernel (num_splits ≥ 1) takes max_seqlen_q · heads_q / heads_k ≤ 16");
+  require(rows == 0 || batch * heads_k * rows <= INT_MAX, "too many (batch, kv head, row) triples for one grid");
+  if (batch == 0 || max_seqlen_q == 0 || total_q == 0) return;
+  // With no keys at all nothing reads k or v (every row is empty), so they may be null; the kernels still write
+  // the zero rows and −inf.
+  const bool any_keys = max_seqlen_k > 0 && total_k > 0;
+  check_rows16("q", q, q_strides);
+  check_rows16("out", out, out_strides);
+  if (any_keys) {
+    check_rows16("k", k, k_strides);
+    check_rows16("v", v, v_strides);
+  } else {
+    require(k_strides.size() == 3 && v_strides.size() == 3, "k_strides and v_strides must be (batch, token, head)");
+  }
+  require(lse != 0 && lse % 4 == 0, "lse must be a non-null, 4-byte aligned float32 pointer");
+  if (varlen) require(cu_seqlens_q % 4 == 0 && cu_seqlens_k % 4 == 0, "cu_seqlens must be int32 pointers");
+  if (num_splits > 1) {
+    require(workspace != 0 && workspace % 16 == 0, "the decode workspace must be a 16-byte aligned pointer");
+    require(workspace_numel >= attention_workspace_numel(batch, heads_q, heads_k, head_dim, max_seqlen_q, num_splits),
+            "the decode workspace is smaller than attention_workspace_numel");
+  }
+
+  AttnParams p{};
+  p.q = ptr<const void>(q);
+  p.k = ptr<const void>(any_keys ? k : q);
+  p.v = ptr<const void>(any_keys ? v : q);
+  p.out = ptr<void>(out);
+  p.lse = ptr<float>(lse);
+  p.cu_q = ptr<const int>(cu_seqlens_q);
+  p.cu_k = ptr<const int>(cu_seqlens_k);
+  const int64_t sb = varlen ? 0 : 1;  // a varlen batch entry is placed by its token offset, not a batch stride
+  p.q_sb = q_strides[0] * sb;
+  p.q_ss = q_strides[1];
+  p.q_sh = q_strides[2];
+  p.k_sb = k_strides[0] * sb;
+  p.k_ss = k_strides[1];
+  p.k_sh = k_strides[2];
+  p.v_sb = v_strides[0] * sb;
+  p.v_ss = v_strides[1];
+  p.v_sh = v_strides[2];
+  p.o_sb = out_strides[0] * sb;
+  p.o_ss = out_strides[1];
+  p.o_sh = out_strides[2];
+  p.lse_sb = varlen ? 0 : heads_q * max_seqlen_q;
+  p.lse_sh = varlen ? total_q : max_seqlen_q;
+  p.window_left = clamp_window(window_left);
+  p.window_right = clamp_window(window_right);
+  p.seqlen_q = static_cast<int>(max_seqlen_q);
+  p.seqlen_k = any_keys ? static_cast<int>(max_seqlen_k) : 0;
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = any_keys ? static_cast<int>(total_k) : 0;
+  p.heads_k = static_cast<int>(heads_k);
+  p.group = static_cast<int>(heads_q / heads_k);
+  p.rows = static_cast<int>(rows);
+  p.splits = static_cast<int>(std::max<int64_t>(num_splits, 1));
+  // In double, rounded once: log2(e)·scale, or with the softcap log2(e)·c and the prescale scale / c.
+  p.mult = static_cast<float>((softcap > 0.0 ? softcap : scale) * 1.4426950408889634);
+  p.softcap_pre = softcap > 0.0 ? static_cast<float>(scale / softcap) : 0.f;
+  const cudaStream_t s = as_stream(stream);
+  const bool capped = softcap > 0.0;
+
+  dispatch_half(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_head_dim(head_dim, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      if (num_splits == 0) {
+        using C = FwdConfig<D>;
+        const auto kernel = capped ? attn_fwd_kernel<T, D, true> : attn_fwd_kernel<T, D, false>;
+        set_smem(kernel, C::kSmemBytes, device, "attn_fwd_kernel");
+        const dim3 grid(static_cast<unsigned>((max_seqlen_q + C::kBlockM - 1) / C::kBlockM),
+                        static_cast<unsigned>(heads_q), static_cast<unsigned>(batch));
+        kernel<<<grid, C::kThreads, C::kSmemBytes, s>>>(p);
+        check_launch("attn_fwd_kernel");
+        return;
+      }
+      using C = DecodeConfig<D>;
+      if (num_splits > 1) {
+        p.ws_o = ptr<float>(workspace);
+        p.ws_lse = p.ws_o + batch * heads_k * rows * num_splits * head_dim;
+      }
+      const auto kernel = capped ? attn_decode_kernel<T, D, true> : attn_decode_kernel<T, D, false>;
+      set_smem(kernel, C::kSmemBytes, device, "attn_decode_kernel");
+      const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(heads_k), static_cast<unsigned>(batch));
+      kernel<<<grid, kDecodeThreads, C::kSmemBytes, s>>>(p);
+      check_launch("attn_decode_kernel");
+      if (num_splits > 1) {
+        const int64_t n_rows = batch * heads_k * rows;  // < 2^31 · kCombineWarps: checked above
+        const unsigned blocks = static_cast<unsigned>((n_rows + kCombineWarps - 1) / kCombineWarps);
+        attn_combine_kernel<T, D><<<blocks, kCombineWarps * 32, 0, s>>>(p, n_rows);
+        check_launch("attn_combine_kernel");
+      }
+    });
+  });
+}
+
+}  // namespace fastlm
