@@ -347,6 +347,28 @@ def test_linear_without_bias_3d_and_frozen_weight(backend, small_chunks):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_linear_under_autocast(backend):
+    """fp32 hidden and weight under bf16 autocast: run as autocast runs the matmul it replaces (bf16 operands, the
+    loss in fp32), gradients back in fp32. Reference: float64 on the bf16-rounded operands."""
+    hidden, weight, _, target = _lce_inputs(253, 32, 50, torch.float32, bias=False)
+    ours, theirs = (hidden.clone().requires_grad_(), weight.clone().requires_grad_()), \
+        (hidden.clone().requires_grad_(), weight.clone().requires_grad_())
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = fastlm.linear_cross_entropy(*ours, target)
+        torch_loss = F.cross_entropy(F.linear(*theirs), target)
+    loss.backward()
+    torch_loss.backward()
+    exact = (hidden.bfloat16().double().requires_grad_(), weight.bfloat16().double().requires_grad_())
+    ref = reference.linear_cross_entropy(*exact, target)
+    ref.backward()
+    assert loss.dtype == torch.float32
+    assert_by_rule("loss", loss.detach(), ref.detach(), torch_loss.detach())
+    for name, a, r, t in zip(("dhidden", "dweight"), ours, exact, theirs):
+        assert a.grad.dtype == torch.float32
+        assert_by_rule(name, a.grad, r.grad, t.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_linear_module_loads_a_linear_head(backend):
     torch.manual_seed(4)
     head = torch.nn.Linear(16, 30, bias=True).to(DEVICE)

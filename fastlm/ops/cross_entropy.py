@@ -386,9 +386,25 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None
     (...) int64 or int32; class_weight (V,) per-class loss weights (cross_entropy's `weight`, renamed here because
     `weight` is the projection). Other keywords as fastlm.cross_entropy. Gradients for hidden, weight and bias;
     d(weight) and d(bias) accumulate in fp32 across token chunks.
+    Under autocast, hidden, weight and bias are cast to the autocast dtype first, as autocast would cast them for
+    the `hidden @ weight.T` this replaces (fp32 master weights with bf16 activations work); the loss stays fp32.
     """
     _checks.tensor("hidden", hidden)
     _checks.tensor("weight", weight)
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
+        with torch.autocast(device_type, enabled=False):
+            return _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
+                                         reduction, z_loss, softcap)
+    return _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
+                                 reduction, z_loss, softcap)
+
+
+def _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
+                          z_loss, softcap):
     if hidden.dim() == 0:
         raise ValueError("hidden must have a last (feature) dimension, got a 0-d tensor")
     H = hidden.shape[-1]
