@@ -10,6 +10,7 @@ from fastlm import nn
 from fastlm._backend import BACKENDS, BackendUnavailable, get_backend, set_backend, use_backend
 from fastlm.ops import (attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm,
                         scaled_dot_product_attention)
+from fastlm.integrations import patch, unpatch
 
 
 def build_info() -> dict:
@@ -29,8 +30,10 @@ __all__ = [
     "layer_norm",
     "linear_cross_entropy",
     "nn",
+    "patch",
     "rms_norm",
     "scaled_dot_product_attention",
     "set_backend",
+    "unpatch",
     "use_backend",
 ]
