@@ -61,6 +61,17 @@ def _seq_bounds(CU, b, fixed_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _head_mask(offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Which head-dim columns exist: a constant all-true mask when the tile is the head dim, so that loads keep
+    their full vector width."""
+    if HEAD_D == BLOCK_D:
+        ok = tl.full((BLOCK_D,), 1, tl.int1)
+    else:
+        ok = offs_d < HEAD_D
+    return ok
+
+
+@triton.jit
 def _scores(qk, scale2, softcap, HAS_SOFTCAP: tl.constexpr):
     """Scores in log2 units and dS/dZ from raw q·k (fp32). scale2 = scale·log2 e (scale alone with a softcap,
     whose log2 e is applied after the tanh)."""
@@ -139,7 +150,7 @@ def _fwd_blocks(
     """Online softmax over the key blocks [start, end): the running (acc, row sum l_i, row max m_i) in log2 units."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_D
+    d_ok = _head_mask(offs_d, HEAD_D, BLOCK_D)
     k_ptrs = K + start.to(tl.int64) * stride_ks + offs_n[None, :] * stride_ks + offs_d[:, None]  # (BLOCK_D, BLOCK_N)
     v_ptrs = V + start.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
     for start_n in range(start, end, BLOCK_N):
@@ -207,7 +218,7 @@ def _attn_fwd_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
-    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_D)
+    io_mask = row_ok[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
     q = tl.load(Qh + rows[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -258,7 +269,7 @@ def _attn_bwd_delta_kernel(
     b64 = b.to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_D)
+    mask = (rows[:, None] < q_len) & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
     o = tl.load(O + b64 * stride_ob + q_start * stride_os + h * stride_oh + rows[:, None] * stride_os
                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b64 * stride_db + q_start * stride_ds + h * stride_dh + rows[:, None] * stride_ds
@@ -280,7 +291,7 @@ def _bwd_dkdv_blocks(
     """Accumulate dK, dV (BLOCK_N, BLOCK_D) of the keys `cols` over the query blocks [start, end) of one head."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_D
+    d_ok = _head_mask(offs_d, HEAD_D, BLOCK_D)
     q_ptrs = Q + start.to(tl.int64) * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
     do_ptrs = DO + start.to(tl.int64) * stride_ds + offs_m[:, None] * stride_ds + offs_d[None, :]
     for start_m in range(start, end, BLOCK_M):
@@ -343,7 +354,7 @@ def _attn_bwd_dkdv_kernel(
     b64 = b.to(tl.int64)
     cols = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = (cols[:, None] < k_len) & (offs_d[None, :] < HEAD_D)
+    kv_mask = (cols[:, None] < k_len) & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
     k = tl.load(K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh + cols[:, None] * stride_ks
                 + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh + cols[:, None] * stride_vs
@@ -385,7 +396,7 @@ def _bwd_dq_blocks(
     """Accumulate dQ (BLOCK_M, BLOCK_D) of the queries `rows` over the key blocks [start, end)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_D
+    d_ok = _head_mask(offs_d, HEAD_D, BLOCK_D)
     k_ptrs = K + start.to(tl.int64) * stride_ks + offs_n[:, None] * stride_ks + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
     v_ptrs = V + start.to(tl.int64) * stride_vs + offs_n[:, None] * stride_vs + offs_d[None, :]
     for start_n in range(start, end, BLOCK_N):
@@ -441,7 +452,7 @@ def _attn_bwd_dq_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
-    io_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_D)
+    io_mask = row_ok[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
     q = tl.load(Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh + rows[:, None] * stride_qs
                 + offs_d[None, :], mask=io_mask, other=0.0)
     do = tl.load(DO + b64 * stride_db + q_start * stride_ds + h * stride_dh + rows[:, None] * stride_ds
@@ -474,19 +485,27 @@ def _attn_bwd_dq_kernel(
 # Block shapes per head-dim tile (a power of two ≥ 16) for 16-bit inputs, and for fp32 inputs (twice the bytes a
 # tile, fp32 matmuls): (BLOCK_M, BLOCK_N, num_warps, num_stages). The dK/dV kernel's BLOCK_M is its inner (query)
 # block and BLOCK_N its own key block; the dQ kernel's BLOCK_M is its own query block and BLOCK_N the inner one.
-# Every entry compiles without spills for sm_80 and sm_90a (the static report checks). Not yet tuned on a GPU.
+# Chosen without a GPU: for each, the largest candidate that compiles without spills for sm_80 and sm_90a, with a
+# causal mask and with every option on (the static report checks every entry). Not yet tuned by measurement; the
+# backward's small query blocks are what fit its registers (dK, dV and the K, V tiles all stay resident).
 FWD_CONFIGS = {
-    False: {16: (128, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)},
-    True: {16: (64, 32, 4, 2), 32: (64, 32, 4, 2), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 1)},
+    False: {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
+    True: {16: (32, 32, 4, 1), 32: (16, 32, 4, 1), 64: (32, 32, 4, 1), 128: (32, 16, 8, 1)},
 }
 DKDV_CONFIGS = {
-    False: {16: (32, 128, 4, 2), 32: (32, 128, 4, 2), 64: (32, 128, 8, 2), 128: (32, 64, 8, 2), 256: (16, 64, 8, 1)},
-    True: {16: (32, 64, 4, 1), 32: (32, 64, 4, 1), 64: (32, 64, 4, 1), 128: (16, 32, 4, 1), 256: (16, 32, 4, 1)},
+    False: {16: (16, 64, 4, 1), 32: (16, 64, 4, 1), 64: (16, 64, 4, 1), 128: (16, 32, 4, 1), 256: (16, 32, 8, 1)},
+    True: {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 8, 1)},
 }
 DQ_CONFIGS = {
-    False: {16: (128, 32, 4, 2), 32: (128, 32, 4, 2), 64: (128, 32, 8, 2), 128: (64, 64, 8, 2), 256: (64, 32, 8, 1)},
-    True: {16: (64, 32, 4, 1), 32: (64, 32, 4, 1), 64: (64, 32, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
+    False: {16: (128, 32, 8, 2), 32: (128, 32, 8, 2), 64: (128, 32, 8, 2), 128: (64, 64, 8, 2), 256: (32, 32, 8, 1)},
+    True: {16: (32, 32, 4, 1), 32: (64, 32, 4, 1), 64: (16, 32, 4, 1), 128: (16, 16, 4, 1)},
 }
+# Short query sides (decode over a KV cache): 16-row query blocks instead of 128 mostly empty ones.
+DECODE_MAX_SEQLEN_Q = 16
+DECODE_FWD_CONFIGS = {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2),
+                      256: (16, 32, 4, 2)}
+# fp32 stops at head dim 128: no fp32 block shape above it compiles without spills (see static_specs).
+FP32_MAX_HEAD_DIM = 128
 # Under the interpreter a program's cost is its Python overhead per block: one small shape that still crosses
 # block boundaries in the tests' short sequences.
 INTERPRET_CONFIG = (32, 32, 4, 1)
@@ -497,6 +516,14 @@ MAX_HEAD_DIM = 256
 def block_d(head_dim: int) -> int:
     """The head-dim tile: a power of two ≥ 16 (tl.dot's smallest K), the columns past head_dim masked."""
     return max(16, next_pow2(head_dim))
+
+
+def unsupported(dtype, head_dim):
+    """Why the Triton kernels cannot take this dtype and head dim, or None (the interpreter follows the GPU)."""
+    if dtype == torch.float32 and head_dim > FP32_MAX_HEAD_DIM:
+        return (f"float32 attention takes head dims up to {FP32_MAX_HEAD_DIM} (got {head_dim}): larger fp32 tiles "
+                "spill registers; use bfloat16 or float16")
+    return None
 
 
 def _config(table, dtype, head_dim):
@@ -547,6 +574,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if out.numel() == 0:
         return out, lse
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D)
+    if Sq <= DECODE_MAX_SEQLEN_Q and q.dtype != torch.float32 and not interpreting():
+        BLOCK_M, BLOCK_N, num_warps, num_stages = DECODE_FWD_CONFIGS[block_d(D)]
     args, flags = _mask_args(scale, window_left, window_right, softcap)
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
@@ -603,6 +632,12 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
 # ---------------------------------------------------------------------------------------------- static report
 
 
+def _aligned(signature):
+    """Pointers and strides, which the JIT specialises as multiples of 16 for the common layouts (head dims that
+    are multiples of 16, contiguous or head-major tensors): the report builds that case."""
+    return tuple(name for name, ty in signature.items() if ty.startswith("*") or name.startswith("stride_"))
+
+
 def static_specs():
     """Every block shape the launchers may launch, for each head-dim tile and dtype (bf16 standing for both 16-bit
     types, and fp32), each kernel with a causal mask, and once with every option on (window both sides, softcap,
@@ -624,7 +659,7 @@ def static_specs():
     for fp32 in (False, True):
         dt = "fp32" if fp32 else "bf16"
         prec = "ieee" if fp32 else "tf32"
-        for bd in (16, 32, 64, 128, 256):
+        for bd in FWD_CONFIGS[fp32]:
             for tag, flags in variants:
                 base = dict(HEAD_D=bd, BLOCK_D=bd, DOT_PRECISION=prec, **flags)
                 bm, bn, w, st = FWD_CONFIGS[fp32][bd]
@@ -632,9 +667,7 @@ def static_specs():
                           "qkvo", dict({"seqlen_q": "i32", "seqlen_k": "i32", "group": "i32"}, **mask_scalars))
                 const = dict(base, BLOCK_M=bm, BLOCK_N=bn)
                 specs.append(KernelSpec(f"attn_fwd[{dt}, d{bd}, {tag}]", _attn_fwd_kernel,
-                                        dict(fwd, **{c: "constexpr" for c in const}), const, w,
-                                        ("Q", "K", "V", "O", "LSE", "stride_qs", "stride_ks", "stride_vs", "stride_os"),
-                                        st))
+                                        dict(fwd, **{c: "constexpr" for c in const}), const, w, _aligned(fwd), st))
                 bwd_scalars = {"seqlen_q": "i32", "seqlen_k": "i32", "group": "i32", "scale2": "fp32",
                                "softcap": "fp32", "scale": "fp32", "window_left": "i32", "window_right": "i32"}
                 bm, bn, w, st = DKDV_CONFIGS[fp32][bd]
@@ -642,19 +675,21 @@ def static_specs():
                            (dt,) * 4 + ("fp32", "fp32", dt, dt, "i32", "i32"), "qkvdg", bwd_scalars)
                 const = dict(base, BLOCK_M=bm, BLOCK_N=bn)
                 specs.append(KernelSpec(f"attn_bwd_dkdv[{dt}, d{bd}, {tag}]", _attn_bwd_dkdv_kernel,
-                                        dict(dkdv, **{c: "constexpr" for c in const}), const, w,
-                                        ("Q", "K", "V", "DO", "DK", "DV", "stride_qs", "stride_ks", "stride_vs",
-                                         "stride_ds", "stride_gs"), st))
+                                        dict(dkdv, **{c: "constexpr" for c in const}), const, w, _aligned(dkdv), st))
                 bm, bn, w, st = DQ_CONFIGS[fp32][bd]
                 dq = sig(("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "CU_Q", "CU_K"),
                          (dt,) * 4 + ("fp32", "fp32", dt, "i32", "i32"), "qkvdg", bwd_scalars)
                 const = dict(base, BLOCK_M=bm, BLOCK_N=bn)
                 specs.append(KernelSpec(f"attn_bwd_dq[{dt}, d{bd}, {tag}]", _attn_bwd_dq_kernel,
-                                        dict(dq, **{c: "constexpr" for c in const}), const, w,
-                                        ("Q", "K", "V", "DO", "DQ", "stride_qs", "stride_ks", "stride_vs",
-                                         "stride_ds", "stride_gs"), st))
+                                        dict(dq, **{c: "constexpr" for c in const}), const, w, _aligned(dq), st))
+            if not fp32:
+                for tag, flags in variants:
+                    bm, bn, w, st = DECODE_FWD_CONFIGS[bd]
+                    const = dict(HEAD_D=bd, BLOCK_D=bd, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, **flags)
+                    specs.append(KernelSpec(f"attn_fwd_decode[{dt}, d{bd}, {tag}]", _attn_fwd_kernel,
+                                            dict(fwd, **{c: "constexpr" for c in const}), const, w, _aligned(fwd), st))
         delta = sig(("O", "DO", "DLSE", "DELTA", "CU_Q"), (dt, dt, "fp32", "fp32", "i32"), "od", {"seqlen_q": "i32"})
         const = dict(HEAD_D=128, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=128, VARLEN=True, HAS_DLSE=True)
         specs.append(KernelSpec(f"attn_bwd_delta[{dt}]", _attn_bwd_delta_kernel,
-                                dict(delta, **{c: "constexpr" for c in const}), const, 4, ("O", "DO")))
+                                dict(delta, **{c: "constexpr" for c in const}), const, 4, _aligned(delta)))
     return specs

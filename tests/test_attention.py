@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import fastlm
 from fastlm import reference
+from fastlm.kernels import attention as triton_attention
 from tests.conftest import BACKENDS, DEVICE, HAS_GPU, assert_by_rule
 
 CPU_DTYPES = (torch.float32, torch.float16)
@@ -21,11 +22,11 @@ GPU_DTYPES = (torch.bfloat16, torch.float16)
 # (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal, window, softcap)
 CPU_CASES = [
     (2, 17, 17, 2, 2, 32, False, (-1, -1), 0.0),
-    (1, 97, 128, 4, 1, 64, True, (-1, -1), 0.0),  # MQA, seqlen_q < seqlen_k
-    (1, 128, 97, 8, 1, 80, True, (-1, -1), 0.0),  # GQA 8, seqlen_q > seqlen_k: the first 31 queries see nothing
-    (2, 1, 97, 4, 4, 96, True, (-1, -1), 0.0),  # one query over a longer cache (decode)
+    (1, 70, 100, 4, 1, 64, True, (-1, -1), 0.0),  # MQA, seqlen_q < seqlen_k
+    (1, 64, 40, 8, 1, 80, True, (-1, -1), 0.0),  # GQA 8, seqlen_q > seqlen_k: the first 24 queries see nothing
+    (2, 1, 97, 2, 2, 96, True, (-1, -1), 0.0),  # one query over a longer cache (decode)
     (1, 64, 64, 2, 2, 256, False, (-1, -1), 0.0),
-    (1, 97, 97, 4, 2, 128, False, (16, 8), 10.0),  # window both sides and softcap
+    (1, 80, 80, 2, 1, 128, False, (16, 8), 10.0),  # window both sides and softcap
     (1, 65, 65, 2, 2, 16, True, (8, -1), 0.0),  # causal sliding window
     (1, 33, 47, 2, 2, 112, False, (-1, -1), 5.0),
 ]
@@ -115,6 +116,10 @@ DTYPES = GPU_DTYPES if HAS_GPU else CPU_DTYPES
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_reference(case, dtype, backend):
     b, sq, sk, h, hk, d, causal, window, softcap = case
+    if backend == "triton" and triton_attention.unsupported(dtype, d):
+        with pytest.raises(fastlm.BackendUnavailable, match="head dims up to"):
+            fastlm.attention(*_inputs((b, sq, h, d), (b, sk, hk, d), dtype))
+        return
     if backend == "cuda":
         from fastlm import _cuda
 
@@ -141,7 +146,7 @@ VARLEN_LENS = ([0, 1, 17, 40, 5], [3, 1, 30, 40, 0])  # empty query side, one to
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
 def test_varlen(causal, dtype, backend):
-    q, k, v, kw = _varlen(*VARLEN_LENS, 4, 2, 64, dtype)
+    q, k, v, kw = _varlen(*VARLEN_LENS, 2, 1, 64, dtype)
     if backend == "cuda":
         from fastlm import _cuda
 
@@ -149,7 +154,7 @@ def test_varlen(causal, dtype, backend):
         if why:
             pytest.skip(f"cuda backend: {why}")
     out, lse, dq, dk, dv = _compare(q, k, v, backend, causal=causal, **kw)
-    assert lse.shape == (4, q.shape[0])
+    assert lse.shape == (2, q.shape[0])
     # The last sequence has no keys: its queries get 0 output and 0 gradient; the first has no queries: its keys
     # get 0 gradient.
     last = slice(q.shape[0] - VARLEN_LENS[0][-1], q.shape[0])
@@ -184,7 +189,7 @@ def test_rows_that_see_nothing(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
 def test_deterministic_backward_is_bitwise_repeatable(backend):
-    q, k, v, kw = _varlen([33, 50, 9], [33, 64, 20], 8, 2, 64, DTYPES[-1])
+    q, k, v, kw = _varlen([33, 50, 9], [33, 64, 20], 4, 1, 32, DTYPES[-1])
     g = torch.randn(q.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, q.dtype)
     runs = []
     for _ in range(2):

@@ -193,7 +193,7 @@ def _kernel_unsupported(q, k, cu_q, left, right, softcap):
     def unsupported(backend):
         if backend == "cuda":
             return _cuda.attention_unsupported(q, k, cu_q, left, right, softcap)
-        return None
+        return triton_attention.unsupported(q.dtype, q.shape[-1])
 
     return unsupported
 
