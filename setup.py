@@ -117,7 +117,7 @@ setup(
     name="fastlm",
     version="0.1.0",
     description="Fused Triton and CUDA C++ kernels for training transformer language models in PyTorch",
-    packages=["fastlm", "fastlm.ops", "fastlm.kernels"],
+    packages=["fastlm", "fastlm.ops", "fastlm.kernels", "fastlm.models", "fastlm.integrations"],
     package_dir={"fastlm.kernels": "kernels"},
     ext_modules=[Extension("fastlm._C", sources=[])],
     cmdclass={"build_ext": NinjaCudaBuild},

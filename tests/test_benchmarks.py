@@ -648,3 +648,84 @@ def test_attention_families_are_discovered_and_need_a_gpu():
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "no CUDA GPU" in proc.stdout.splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_e2e_flops_cases_and_providers():
+    from benchmarks import e2e
+
+    gpt2, llama = e2e.cases(quick=False)
+    assert [c.params for c in (gpt2, llama)] == [{"model": "gpt2-124m", "batch": 8, "seq": 2048},
+                                                 {"model": "llama-1b", "batch": 4, "seq": 2048}]
+    assert [c.params["model"] for c in e2e.cases(quick=True)] == ["gpt2-124m"]
+    assert {c.dtype for c in (gpt2, llama)} == {torch.bfloat16} and gpt2.op == llama.op == "train_step"
+    # GPT-2 small: 123,532,032 matmul parameters (85M in the blocks, the tied 50257 × 768 head counted), 6 FLOPs
+    # each per token, and causal attention's 6 · 12 layers · 12 heads · 64 · 2048 per token; 16384 tokens a step.
+    per_token = 6 * 123_532_032 + 6 * 12 * 12 * 64 * 2048
+    assert e2e.work(gpt2, "fwd") == per_token * 8 * 2048
+    # Llama 3.2 1B: 16 layers of 2048 · (32 + 2·8) · 64 + 2048² attention and 3 · 2048 · 8192 MLP, the 128256 head.
+    matmul = 16 * (2048 * 48 * 64 + 2048 * 2048 + 3 * 2048 * 8192) + 128256 * 2048
+    assert e2e.work(llama, "fwd") == (6 * matmul + 6 * 16 * 32 * 64 * 2048) * 4 * 2048
+    # 64 TFLOP a Llama step: at 400 TFLOP/s (about half an H100's bf16 rate), 160 ms and 51k tokens/s.
+    assert harness.rate(e2e.work(llama, "fwd"), 160.0, "flops") == pytest.approx(400, rel=0.01)
+
+    family = e2e.FAMILY
+    assert family.modes == ("fwd",) and family.metric == "flops" and family.reference == "torch"
+    names = [p.name for p in family.providers]
+    assert names == ["fastlm", "torch", "torch.compile", "hf", "liger"]  # liger last: it patches transformers
+    assert [p.name for p in family.providers if p.backend] == ["fastlm"]
+    from benchmarks.__main__ import families
+
+    assert families()["e2e"] is family
+
+
+def test_e2e_eager_twin_and_labels_match_the_model():
+    from benchmarks import e2e
+    import fastlm
+    from fastlm.models import GPT, GPTConfig
+
+    for config in (GPTConfig.gpt2_tiny(init_std=0.1), GPTConfig.llama_tiny(init_std=0.1)):
+        torch.manual_seed(0)
+        model = GPT(config)
+        twin = e2e.EagerGPT.from_gpt(model)
+        assert twin.state_dict().keys() == model.state_dict().keys()
+        assert (twin.lm_head.weight is twin.wte.weight) == config.tie_embeddings
+        idx = torch.randint(0, config.vocab_size, (2, 16))
+        targets = torch.randint(0, config.vocab_size, (2, 16))
+        targets[:, -1] = e2e.IGNORE_INDEX
+        with fastlm.use_backend("torch"), torch.no_grad():
+            torch.testing.assert_close(twin(idx, targets), model(idx, targets))
+            # Hugging Face's loss on hf_labels(targets): position t predicts labels[t + 1], the same pairs as ours.
+            logits = model(idx, all_logits=True)
+            labels = e2e.hf_labels(targets)
+            shifted = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+            torch.testing.assert_close(shifted, model(idx, targets))
+
+
+def test_e2e_case_runs_on_cpu(cpu_timers, monkeypatch):
+    """The family's case machinery on CPU at tiny sizes: fastlm (its reference backend here) and the eager twin, a
+    training step each, checked against each other, every row filled."""
+    from benchmarks import e2e
+    from fastlm.models import GPTConfig
+
+    monkeypatch.setattr(e2e, "DEVICE", "cpu")
+    monkeypatch.setattr(e2e, "model_config", lambda name: (GPTConfig.gpt2_tiny() if name.startswith("gpt2")
+                                                           else GPTConfig.llama_tiny()))
+    providers = [p for p in e2e.FAMILY.providers if p.name in ("fastlm", "torch")]
+    family = harness.Family(name="e2e", metric="flops", cases=None, providers=providers,
+                            make_inputs=e2e.make_inputs, work=e2e.work, reference="torch", x_key="seq",
+                            tolerance=e2e.TOLERANCE, modes=e2e.FAMILY.modes)
+    for model in ("gpt2-124m", "llama-1b"):
+        case = e2e._case(model, batch=2, seq=16)
+        availability = {p.name: p.available() for p in providers}
+        rows = harness.run_case(family, case, availability, torch.device("cpu"), l2_bytes=1024, ceiling=100.0)
+        assert [(r["provider"], r["mode"], r["status"]) for r in rows] == [("fastlm", "fwd", "ok"),
+                                                                          ("torch", "fwd", "ok")]
+        ours = rows[0]
+        assert ours["work"] == e2e.model_config(model).train_flops_per_token(16) * 2 * 16
+        assert ours["rel_err"] < e2e.TOLERANCE[torch.bfloat16] and ours["vs"] == {"torch": 1.0}
+        table = e2e.tokens_per_second(rows)
+        assert [(m, p) for m, p, *_ in table] == [(model, "fastlm"), (model, "torch")]
+        assert table[0][2] == pytest.approx(2 * 16 / 2e-3)  # 32 tokens in the stubbed 2 ms
