@@ -225,29 +225,9 @@ def _probe(device, decode: bool):
 
 
 def unavailable_reason(backend: str, device, decode: bool = False) -> str:
-    """Why fastlm's `backend` cannot run attention on `device`, or "" when it can: fastlm not importable, no
-    fastlm.attention yet, the CUDA extension not usable, or the backend raising BackendUnavailable on a tiny call.
-    Any other failure is left to the benchmark case, whose rows then say "error" with it."""
-    try:
-        import fastlm
-    except Exception as e:  # noqa: BLE001 - any import failure makes the provider missing, with its reason
-        return f"fastlm not importable ({type(e).__name__}: {e})"
-    if not hasattr(fastlm, "attention"):
-        return "this fastlm has no attention"
-    if backend == "cuda":
-        from fastlm import _cuda
-
-        ok, why = _cuda.available()
-        if not ok:
-            return why
-    try:
-        with fastlm.use_backend(backend):
-            _probe(device, decode)
-    except fastlm.BackendUnavailable as e:
-        return str(e)
-    except Exception:  # noqa: BLE001 - not a missing backend but a failing one: the case rows say "error" with it
-        return ""
-    return ""
+    """Why fastlm's `backend` cannot run attention on `device`, or "" when it can (harness.fastlm_unavailable_reason
+    with a tiny training or decode call)."""
+    return harness.fastlm_unavailable_reason("attention", backend, lambda: _probe(device, decode))
 
 
 def _fastlm_available(backend, decode):
@@ -256,15 +236,6 @@ def _fastlm_available(backend, decode):
         return not why, why
 
     return check
-
-
-def _fastlm_context(backend):
-    def enter():
-        import fastlm
-
-        return fastlm.use_backend(backend)
-
-    return enter
 
 
 def _fastlm(case):
@@ -376,9 +347,9 @@ def _providers(decode):
         return Provider(name, _sdpa, _sdpa_available(backend), _sdpa_context(backend), **kw)
 
     out = [
-        Provider("fastlm-triton", _fastlm, _fastlm_available("triton", decode), _fastlm_context("triton"),
+        Provider("fastlm-triton", _fastlm, _fastlm_available("triton", decode), harness.fastlm_context("triton"),
                  backend="triton"),
-        Provider("fastlm-cuda", _fastlm, _fastlm_available("cuda", decode), _fastlm_context("cuda"),
+        Provider("fastlm-cuda", _fastlm, _fastlm_available("cuda", decode), harness.fastlm_context("cuda"),
                  backend="cuda"),
         sdpa("sdpa-flash", SDPBackend.FLASH_ATTENTION),
         sdpa("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),

@@ -25,6 +25,7 @@ rows 16384 × V 262144 in fp32, 16 GiB of logits each.
 import torch
 import torch.nn.functional as F
 
+from benchmarks import harness
 from benchmarks.harness import Case, Family, Provider
 
 REDUCTION = "mean"
@@ -142,29 +143,9 @@ def _probe(op: str, device):
 
 
 def unavailable_reason(op: str, backend: str, device) -> str:
-    """Why fastlm's `backend` cannot run `op` on `device`, or "" when it can: fastlm not importable, the op not in
-    this fastlm, the CUDA extension not usable, or the backend raising BackendUnavailable on a tiny call. Any
-    other failure is left to the benchmark case, whose rows then say "error" with it."""
-    try:
-        import fastlm
-    except Exception as e:  # noqa: BLE001 - any import failure makes the provider missing, with its reason
-        return f"fastlm not importable ({type(e).__name__}: {e})"
-    if not hasattr(fastlm, op):
-        return f"this fastlm has no {op}"
-    if backend == "cuda":
-        from fastlm import _cuda
-
-        ok, why = _cuda.available()
-        if not ok:
-            return why
-    try:
-        with fastlm.use_backend(backend):
-            _probe(op, device)
-    except fastlm.BackendUnavailable as e:
-        return str(e)
-    except Exception:  # noqa: BLE001 - not a missing backend but a failing one: the case rows say "error" with it
-        return ""
-    return ""
+    """Why fastlm's `backend` cannot run `op` on `device`, or "" when it can (harness.fastlm_unavailable_reason with
+    a tiny call with a gradient)."""
+    return harness.fastlm_unavailable_reason(op, backend, lambda: _probe(op, device))
 
 
 def _fastlm_available(op, backend):
@@ -173,15 +154,6 @@ def _fastlm_available(op, backend):
         return not why, why
 
     return check
-
-
-def _fastlm_context(backend):
-    def enter():
-        import fastlm
-
-        return fastlm.use_backend(backend)
-
-    return enter
 
 
 def _fastlm_ce(case):
@@ -230,17 +202,6 @@ def _compiled(eager):
     return build
 
 
-def _liger_available(module):
-    def check():
-        try:
-            __import__(module)
-        except Exception as e:  # noqa: BLE001 - any import failure makes the provider missing, with its reason
-            return False, f"{module} not importable ({type(e).__name__}: {e})"
-        return True, ""
-
-    return check
-
-
 def _liger_ce(case):
     from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
 
@@ -277,13 +238,13 @@ def _liger_lce(case):
 
 def _providers(op, build_fastlm, eager, liger, liger_module):
     return [
-        Provider("fastlm-triton", build_fastlm, _fastlm_available(op, "triton"), _fastlm_context("triton"),
+        Provider("fastlm-triton", build_fastlm, _fastlm_available(op, "triton"), harness.fastlm_context("triton"),
                  backend="triton"),
-        Provider("fastlm-cuda", build_fastlm, _fastlm_available(op, "cuda"), _fastlm_context("cuda"),
+        Provider("fastlm-cuda", build_fastlm, _fastlm_available(op, "cuda"), harness.fastlm_context("cuda"),
                  backend="cuda"),
         Provider("torch", eager),
         Provider("torch.compile", _compiled(eager)),
-        Provider("liger", liger, _liger_available(liger_module)),  # last: see _liger_ce
+        Provider("liger", liger, harness.importable(liger_module)),  # last: see _liger_ce
     ]
 
 

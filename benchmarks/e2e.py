@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import harness
 from benchmarks.harness import Case, Family, Provider
 
 SEQ = 2048
@@ -297,29 +298,12 @@ def _liger_skip(case):
     return ""
 
 
-def _importable(module):
-    def check():
-        try:
-            __import__(module)
-        except Exception as e:  # noqa: BLE001 - any import failure makes the provider missing, with its reason
-            return False, f"{module} not importable ({type(e).__name__}: {e})"
-        return True, ""
-
-    return check
-
-
-def _fastlm_context():
-    import fastlm
-
-    return fastlm.use_backend("auto")
-
-
 PROVIDERS = [
-    Provider("fastlm", _build_fastlm, _importable("fastlm.models"), _fastlm_context, backend="auto"),
+    Provider("fastlm", _build_fastlm, harness.importable("fastlm.models"), harness.fastlm_context("auto"), backend="auto"),
     Provider("torch", _build_eager),
     Provider("torch.compile", _build_compiled),
-    Provider("hf", _build_hf, _importable("transformers")),
-    Provider("liger", _build_liger, _importable("liger_kernel.transformers"), skip=_liger_skip),  # last: see above
+    Provider("hf", _build_hf, harness.importable("transformers")),
+    Provider("liger", _build_liger, harness.importable("liger_kernel.transformers"), skip=_liger_skip),  # last: see above
 ]
 
 FAMILY = Family(

@@ -31,6 +31,7 @@ compute-bound ones. Each row reports its achieved rate and its fraction of that 
 """
 
 import contextlib
+import importlib
 import datetime
 import itertools
 import json
@@ -736,3 +737,55 @@ def committed_results(root: Path = RESULTS_ROOT, families=None) -> list:
             newest[name] = (name, md, date, device)
     return sorted(newest.values(), key=lambda t: t[2], reverse=True)
 
+
+
+# ---------------------------------------------------------------------------------------------- provider helpers
+
+
+def importable(*modules):
+    """A Provider.available check: (True, "") when every module imports, else (False, why)."""
+    def check():
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except Exception as e:  # noqa: BLE001 - any import failure makes the provider missing, with its reason
+                return False, f"{module} not importable ({type(e).__name__}: {e})"
+        return True, ""
+
+    return check
+
+
+def fastlm_context(backend):
+    """A Provider.context: the block runs under fastlm.use_backend(backend)."""
+    def enter():
+        import fastlm
+
+        return fastlm.use_backend(backend)
+
+    return enter
+
+
+def fastlm_unavailable_reason(op: str, backend: str, probe) -> str:
+    """Why fastlm's `backend` cannot run `op`, or "" when it can: fastlm not importable, the op not in this fastlm,
+    the CUDA extension not usable, or the backend raising BackendUnavailable on `probe()`, a tiny call of the op.
+    Any other failure is left to the benchmark case, whose rows then say "error" with it."""
+    try:
+        import fastlm
+    except Exception as e:  # noqa: BLE001 - any import failure makes the provider missing, with its reason
+        return f"fastlm not importable ({type(e).__name__}: {e})"
+    if not hasattr(fastlm, op):
+        return f"this fastlm has no {op}"
+    if backend == "cuda":
+        from fastlm import _cuda
+
+        ok, why = _cuda.available()
+        if not ok:
+            return why
+    try:
+        with fastlm.use_backend(backend):
+            probe()
+    except fastlm.BackendUnavailable as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 - not a missing backend but a failing one: the case rows say "error" with it
+        return ""
+    return ""

@@ -14,6 +14,7 @@ few: every width at 16384 rows in bf16, a few in fp32, other row counts and the 
 import torch
 import torch.nn.functional as F
 
+from benchmarks import harness
 from benchmarks.harness import Case, Family, Provider
 
 EPS = {"layer_norm": 1e-5, "rms_norm": 1e-6}  # the library's defaults, used by every provider
@@ -97,15 +98,6 @@ def _fastlm_available(backend):
     return check
 
 
-def _fastlm_context(backend):
-    def enter():
-        import fastlm
-
-        return fastlm.use_backend(backend)
-
-    return enter
-
-
 def _fastlm(case):
     import fastlm
 
@@ -157,16 +149,6 @@ def _compiled(case):
     return torch.compile(_eager(case), dynamic=False, fullgraph=True)
 
 
-def _liger_available():
-    try:
-        import liger_kernel.ops.fused_add_rms_norm  # noqa: F401
-        import liger_kernel.ops.layer_norm  # noqa: F401
-        import liger_kernel.ops.rms_norm  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure makes the provider missing, with its reason
-        return False, f"liger_kernel not importable ({type(e).__name__}: {e})"
-    return True, ""
-
-
 def _liger(case):
     from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
     from liger_kernel.ops.layer_norm import LigerLayerNormFunction
@@ -201,11 +183,12 @@ FAMILY = Family(
     metric="bytes",
     cases=cases,
     providers=[
-        Provider("fastlm-triton", _fastlm, _fastlm_available("triton"), _fastlm_context("triton"), backend="triton"),
-        Provider("fastlm-cuda", _fastlm, _fastlm_available("cuda"), _fastlm_context("cuda"), backend="cuda"),
+        Provider("fastlm-triton", _fastlm, _fastlm_available("triton"), harness.fastlm_context("triton"), backend="triton"),
+        Provider("fastlm-cuda", _fastlm, _fastlm_available("cuda"), harness.fastlm_context("cuda"), backend="cuda"),
         Provider("torch", _eager),
         Provider("torch.compile", _compiled),
-        Provider("liger", _liger, _liger_available),
+        Provider("liger", _liger, harness.importable("liger_kernel.ops.fused_add_rms_norm", "liger_kernel.ops.layer_norm",
+                                                          "liger_kernel.ops.rms_norm")),
     ],
     make_inputs=make_inputs,
     work=work,

@@ -864,11 +864,6 @@ __global__ void __launch_bounds__(kCombineWarps * 32) attn_combine_kernel(const 
 // ---------------------------------------------------------------------------------------------------------------
 // Launchers.
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 template <typename F>
 void dispatch_half(int dtype, F&& f) {
   switch (dtype) {

@@ -36,6 +36,12 @@ enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
+// A type as a value: the launchers' dtype dispatch calls a generic lambda with Tag<T>{} and reads T back.
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
 }  // namespace fastlm
 
 #define FASTLM_CUDA_CHECK(expr) ::fastlm::cuda_check((expr), #expr, __FILE__, __LINE__)

@@ -585,11 +585,6 @@ __global__ void __launch_bounds__(kScaleThreads) ce_scale_grad_kernel(const Scal
 // ---------------------------------------------------------------------------------------------------------------
 // Launchers.
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 // Calls f(Tag<T>) for the dtype code.
 template <typename F>
 void dispatch_dtype(int dtype, F&& f) {

@@ -799,11 +799,6 @@ __global__ void __launch_bounds__(32 * kFinalizeSlices) norm_bwd_finalize_kernel
 
 namespace {
 
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
 // Calls f(Tag<T>, Tag<W>) for the data type and weight type codes; W is T or float.
 template <typename F>
 void dispatch_types(int dtype, int wdtype, F&& f) {
