@@ -2,7 +2,7 @@
 # Everything a lent GPU machine is for, in one call of the device tool (under its 10-minute limit): print the
 # machine, install fastlm offline into the machine's python3 (building the CUDA extension with nvcc), run the full
 # test suite on the GPU, run the benchmark suite, the static kernel report, and compute-sanitizer on a small norm
-# script. Each step runs under its own `timeout`, cut to what is left of the whole budget, so one hang cannot eat
+# and attention script. Each step runs under its own `timeout`, cut to what is left of the whole budget, so one hang cannot eat
 # the call; a failing step does not stop the next.
 #
 # Usage: scripts/gpu_check.sh [STEP...]   STEP: info install tests bench static sanitizer (default: all, in order)
@@ -171,8 +171,27 @@ for backend in backends:
                         continue
                     outs = out if isinstance(out, tuple) else (out,)
                     torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
+# Attention: ragged packed sequences (an empty one, one token), GQA, causal with a window, a head dim that is not a
+# power of two, forward and backward; the cuda backend's decode path (one query over a long cache) too.
+lens = [0, 1, 77, 130]
+cu = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32, device="cuda")
+for backend in backends:
+    with fastlm.use_backend(backend):
+        for d in (64, 96, 128):
+            q = torch.randn(sum(lens), 4, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+            k = torch.randn(sum(lens), 2, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+            v = torch.randn_like(k).requires_grad_()
+            try:
+                out = fastlm.attention(q, k, v, causal=True, window=(50, -1), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                       max_seqlen_q=max(lens), max_seqlen_k=max(lens))
+                out.backward(torch.randn_like(out))
+                q1 = torch.randn(3, 1, 8, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                kv = torch.randn(3, 3001, 2, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                fastlm.attention(q1, kv, kv, causal=True)
+            except fastlm.BackendUnavailable as e:
+                print(f"{backend} attention d{d}: {e}")
 torch.cuda.synchronize()
-print("the norm kernels ran under compute-sanitizer")
+print("the norm and attention kernels ran under compute-sanitizer")
 PYEOF
     TAIL_LINES=20 run_step sanitizer "$SANITIZER_S" "PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer \
         --tool memcheck --error-exitcode 1 --print-limit 20 $PY /tmp/sanitize_norm.py"
