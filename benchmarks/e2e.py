@@ -72,26 +72,17 @@ def model_config(name: str):
 # ---------------------------------------------------------------------------------------------- the eager twin
 
 
-class _EagerAttention(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        q_width, kv_width = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-        self.qkv = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
-        self.proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
+def _eager_attention(config):
+    """fastlm.models.gpt.Attention (the same projections and rotary) with torch's SDPA in place of fastlm's."""
+    from fastlm.models.gpt import Attention
 
-    def forward(self, x, rope):
-        from fastlm.models.gpt import apply_rope
+    class EagerAttention(Attention):
+        def forward(self, x, rope):
+            q, k, v = (t.transpose(1, 2) for t in self.project(x, rope))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+            return self.proj(y.transpose(1, 2).flatten(2))
 
-        B, T, _ = x.shape
-        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
-        q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                           enable_gqa=Hkv != H)
-        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+    return EagerAttention(config, layer=0)
 
 
 def _eager_norm(config):
@@ -106,7 +97,7 @@ class _EagerBlock(nn.Module):
 
         super().__init__()
         self.norm_1 = _eager_norm(config)
-        self.attn = _EagerAttention(config)
+        self.attn = _eager_attention(config)
         self.norm_2 = _eager_norm(config)
         self.mlp = MLP(config)  # plain PyTorch already
 

@@ -61,6 +61,24 @@ def _seq_bounds(CU, b, fixed_len, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN: tl.constexpr):
+    """A program over one query head (grid axis 1) of one sequence (axis 2): its head, kv head, batch index
+    (int64, for offsets) and the bounds of its queries and keys."""
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    return h, h // group, b.to(tl.int64), q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _lse_log2(lse):
+    """The LSE in log2 units for the backward's P = exp2(s2 − lse2). A row that saw nothing has lse = −inf; +inf
+    makes its P exactly 0 (its scores are −inf anyway)."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+@triton.jit
 def _head_mask(offs_d, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr):
     """Which head-dim columns exist: a constant all-true mask when the tile is the head dim, so that loads keep
     their full vector width."""
@@ -198,17 +216,11 @@ def _attn_fwd_kernel(
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    hk = h // group
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
-    start_m = pid_m * BLOCK_M
+    start_m = tl.program_id(0) * BLOCK_M
+    h, hk, b64, q_start, q_len, k_start, k_len = _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN)
     if start_m >= q_len:
         return
     diag = k_len - q_len
-    b64 = b.to(tl.int64)
     Qh = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
     Kh = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
     Vh = V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh
@@ -307,8 +319,7 @@ def _bwd_dkdv_blocks(
             do = tl.load(do_ptrs, mask=d_ok[None, :], other=0.0)
             lse = tl.load(L + rows)
             delta = tl.load(DELTA + rows)
-        # A row that saw nothing has lse = −inf; +inf makes its P exactly 0 (its scores are −inf anyway).
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        lse2 = _lse_log2(lse)
         s2t, sech2t = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), scale2, softcap,
                               HAS_SOFTCAP)  # (BLOCK_N, BLOCK_M): keys × queries
         if MASKED:
@@ -438,17 +449,11 @@ def _attn_bwd_dq_kernel(
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    hk = h // group
-    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
-    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
-    start_m = pid_m * BLOCK_M
+    start_m = tl.program_id(0) * BLOCK_M
+    h, hk, b64, q_start, q_len, k_start, k_len = _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN)
     if start_m >= q_len:
         return
     diag = k_len - q_len
-    b64 = b.to(tl.int64)
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
@@ -459,7 +464,7 @@ def _attn_bwd_dq_kernel(
                  + offs_d[None, :], mask=io_mask, other=0.0)
     l_off = b64 * stride_lb + h * stride_lh + q_start + rows
     lse = tl.load(LSE + l_off, mask=row_ok, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = _lse_log2(lse)
     delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
     Kh = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
     Vh = V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh

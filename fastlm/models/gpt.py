@@ -235,19 +235,24 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
         self.proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
 
-    def forward(self, x, rope=None, cache=None, start=0):
-        """x (B, T, C) at positions start … start+T−1; rope: (cos, sin) of those positions or None; cache: a
-        KVCache holding positions 0 … start−1 of this layer, which the new keys and values join."""
+    def project(self, x, rope=None):
+        """x (B, T, C) → q (B, T, H, D), k and v (B, T, Hkv, D), rotated when rope (cos, sin) is given."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x, rope=None, cache=None, start=0):
+        """x (B, T, C) at positions start … start+T−1; rope: (cos, sin) of those positions or None; cache: a
+        KVCache holding positions 0 … start−1 of this layer, which the new keys and values join."""
+        q, k, v = self.project(x, rope)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
         y = attention(q, k, v, causal=True)  # bottom-right causal: query start+i sees keys 0 … start+i
-        return self.proj(y.reshape(B, T, H * D))
+        return self.proj(y.flatten(2))
 
 
 class MLP(nn.Module):
