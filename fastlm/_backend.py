@@ -93,10 +93,35 @@ _REASONS = {"triton": _triton_reason, "cuda": _cuda_reason}
 _warned = set()
 
 
-def _say_once(key, message):
-    if key not in _warned:
+def say_once(key, message, stacklevel=3):
+    """Warn the first time `key` occurs; never while torch.compile traces (a warning is a side effect Dynamo
+    cannot put in a graph: it would break the graph)."""
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
-        warnings.warn(message, stacklevel=4)
+        warnings.warn(message, stacklevel=stacklevel + 1)
+
+
+def device_index(device: torch.device) -> int:
+    """The CUDA device's index (the current device for a bare "cuda"); torch.compile folds it to a constant."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+_device_names: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def device_name(index: int) -> str:
+    """torch.cuda.get_device_name, asked once per device. Under torch.compile the name is a constant of the
+    trace (a string-returning call cannot be a graph node), so choosing a backend never breaks a graph."""
+    name = _device_names.get(index)
+    if name is None:
+        name = _device_names[index] = torch.cuda.get_device_name(index)
+    return name
+
+
+def _why_not(backend, device, dtype, unsupported):
+    why = unsupported(backend) if unsupported is not None else None
+    return why or _REASONS[backend](device, dtype)
 
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype, unsupported=None) -> str:
@@ -104,23 +129,26 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, unsupported=None)
 
     `unsupported(backend)`: the op's own reason why that kernel backend cannot take this call (a shape or an
     argument its kernels do not cover), or None when it can.
+
+    Traceable by torch.compile without a graph break: the device queries are constants of the trace
+    (`device_name`, `_cuda.available`), and nothing here warns while tracing.
     """
-    unsupported = unsupported or (lambda backend: None)
     name = get_backend()
     if name == "torch":
         return name
     if name != "auto":
-        why = unsupported(name) or _REASONS[name](device, dtype)
+        why = _why_not(name, device, dtype, unsupported)
         if why:
             raise BackendUnavailable(f"fastlm.{op}: backend {name!r} cannot run this call: {why}")
         return name
     if device.type != "cuda":
         return "torch"
     reasons = []
-    for candidate in _dispatch_table.preferred(op, torch.cuda.get_device_name(device)):
-        why = unsupported(candidate) or _REASONS[candidate](device, dtype)
-        if why is None:
+    for candidate in _dispatch_table.preferred(op, device_name(device_index(device))):
+        why = _why_not(candidate, device, dtype, unsupported)
+        if not why:
             return candidate
         reasons.append(f"{candidate}: {why}")
-    _say_once((op, dtype, tuple(reasons)), f"fastlm.{op}: falling back to the torch reference ({'; '.join(reasons)})")
+    message = f"fastlm.{op}: falling back to the torch reference ({'; '.join(reasons)})"
+    say_once(message, message)
     return "torch"

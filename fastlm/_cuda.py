@@ -71,19 +71,34 @@ def _arch_reason(ext, index: int) -> str:
 
 def available(device=None) -> tuple[bool, str]:
     """(True, "") when fastlm._C is importable and can run on `device` (default: the current CUDA device);
-    otherwise (False, why). Never raises."""
+    otherwise (False, why). Never raises. Under torch.compile the answer is a constant of the trace."""
+    if device is not None:
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        if device.type != "cuda":
+            ok, why = _available_on(-1)
+            return (False, f"{device} is not a CUDA device") if ok else (ok, why)
+    return _available_on(-1 if device is None or device.index is None else device.index)
+
+
+_availability: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _available_on(index: int) -> tuple[bool, str]:
+    # index -1: the current device. Asked once per device: the answer cannot change within a process.
+    if index not in _availability:
+        _availability[index] = _ask_available(index)
+    return _availability[index]
+
+
+def _ask_available(index: int) -> tuple[bool, str]:
     ext, err = _load()
     if ext is None:
         return False, err
     try:
         if not torch.cuda.is_available():
             return False, "no CUDA GPU is visible (torch.cuda.is_available() is False)"
-        if device is not None:
-            device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
-            if device.type != "cuda":
-                return False, f"{device} is not a CUDA device"
-        index = torch.cuda.current_device() if device is None or device.index is None else device.index
-        why = _arch_reason(ext, index)
+        why = _arch_reason(ext, torch.cuda.current_device() if index < 0 else index)
     except Exception as e:
         return False, f"cannot query the CUDA device: {e}"
     return (False, why) if why else (True, "")

@@ -92,3 +92,34 @@ def test_gpu_auto_falls_back_once_with_a_warning():
         assert not [w for w in again if "falling back" in str(w.message)], "the fallback is said once only"
     with fastlm.use_backend("auto"):
         assert _backend.resolve("rms_norm", x.device, torch.bfloat16) in ("triton", "cuda")
+
+
+@pytest.mark.parametrize("setting", ["auto", "triton"])
+def test_choosing_a_backend_for_cuda_tensors_traces_without_graph_breaks(monkeypatch, setting):
+    """What torch.compile traces when an op gets CUDA tensors: the backend choice must be a constant of the trace
+    (no string-returning device query, no branch on a callable, no warning). No GPU is needed: the device's name
+    and the extension's availability are answered from fastlm's own per-device caches, filled here as a GPU
+    would fill them, so the trace takes exactly the path it takes on the GPU."""
+    monkeypatch.setitem(_backend._device_names, 0, "NVIDIA H200")
+    monkeypatch.setitem(_cuda._availability, 0, (True, ""))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cuda = torch.device("cuda", 0)
+
+    def picks(dtype):
+        chosen = [_backend.resolve(op, cuda, dtype) for op in ("rms_norm", "cross_entropy")]
+        chosen.append(_backend.resolve("attention", cuda, dtype, unsupported=lambda backend: None))
+        if setting == "auto":  # an op's refusal of the first candidate: auto moves on to the next
+            chosen.append(_backend.resolve("attention", cuda, dtype,
+                                           unsupported=lambda backend: "no" if backend == "triton" else None))
+        return chosen
+
+    def choose(x):
+        return x + sum(len(name) for name in picks(x.dtype))
+
+    torch._dynamo.reset()
+    with fastlm.use_backend(setting):
+        assert picks(torch.float32) == ["triton"] * 3 + (["cuda"] if setting == "auto" else [])
+        explained = torch._dynamo.explain(choose)(torch.zeros(2))
+        assert explained.graph_break_count == 0, explained.break_reasons
+        compiled = torch.compile(choose, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(torch.zeros(2)), choose(torch.zeros(2)), rtol=0, atol=0)

@@ -73,11 +73,11 @@ transformers 5.17 mechanics this relies on (paths under transformers/):
 
 import contextlib
 import sys
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from fastlm import _backend
 from fastlm import nn as fastlm_nn
 from fastlm.ops.attention import MAX_HEAD_DIM, attention
 from fastlm.ops.cross_entropy import linear_cross_entropy
@@ -174,14 +174,8 @@ def _norm_swaps(model_type):
 
 # ---------------------------------------------------------------------------------------------- warnings
 
-_said = set()
-
-
 def _say_once(message):
-    # Not while torch.compile traces: a warning is a side effect Dynamo cannot put in a graph (a graph break).
-    if message not in _said and not torch.compiler.is_compiling():
-        _said.add(message)
-        warnings.warn(message, stacklevel=3)
+    _backend.say_once(message, message)
 
 
 # ---------------------------------------------------------------------------------------------- attention

@@ -19,7 +19,6 @@ convention. No op reads a GPU value on the host: varlen callers pass the maxima 
 Saved for backward: q, k, v, out, lse (fp32, one float a query row and head) and the offsets.
 """
 
-import warnings
 from typing import Optional
 
 import torch
@@ -250,15 +249,6 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     return (out, lse) if return_lse else out
 
 
-_said = set()
-
-
-def _say_once(message):
-    if message not in _said:
-        _said.add(message)
-        warnings.warn(message, stacklevel=3)
-
-
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """A drop-in for torch.nn.functional.scaled_dot_product_attention: (batch, heads, seqlen, head_dim), causal
@@ -274,8 +264,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     elif query.shape[-1] > MAX_HEAD_DIM or query.shape[-1] != value.shape[-1]:
         why = f"head dims other than q = k = v ≤ {MAX_HEAD_DIM}"
     if why is not None:
-        _say_once(f"fastlm.scaled_dot_product_attention: {why} is not covered by the fastlm kernels; "
-                  "using torch's scaled_dot_product_attention")
+        _backend.say_once(why, f"fastlm.scaled_dot_product_attention: {why} is not covered by the fastlm kernels; "
+                          "using torch's scaled_dot_product_attention", stacklevel=2)
         return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
                                                                 dropout_p=dropout_p, is_causal=is_causal,
                                                                 scale=scale, enable_gqa=enable_gqa)
