@@ -145,18 +145,29 @@ def _check(logits, target, weight, ignore_index, label_smoothing, reduction, z_l
     _checks.tensor("logits", logits)
     if logits.dim() == 0 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a last (class) dimension of size ≥ 1, got shape {tuple(logits.shape)}")
+    _check_target_and_weight(target, logits.shape[:-1], logits.shape[-1], weight, "weight", logits, "logits",
+                             " (logits' shape without the class dimension)")
+    _check_options(ignore_index, label_smoothing, reduction, z_loss, softcap)
+
+
+def _check_target_and_weight(target, rows_shape, V, weight, weight_name, ref, ref_name, rows_why):
+    """target (rows_shape) of class indices and class weights (V,), on ref's device. Kinds, dtypes and shapes
+    first, devices last: one mistake gives one error on every device."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor of class indices, got {type(target).__name__}")
     if target.dtype not in INDEX_DTYPES:
         raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype} (class probabilities "
                         "as targets are not supported)")
-    _checks.shape("target", target, logits.shape[:-1], " (logits' shape without the class dimension)")
-    _checks.same_device("target", target, "logits", logits)
-    V = logits.shape[-1]
+    _checks.shape("target", target, rows_shape, rows_why)
     if weight is not None:
-        _checks.tensor("weight", weight)
-        _checks.shape("weight", weight, (V,), " (one weight per class)")
-        _checks.same_device("weight", weight, "logits", logits)
+        _checks.tensor(weight_name, weight)
+        _checks.shape(weight_name, weight, (V,), " (one weight per class)")
+    _checks.same_device("target", target, ref_name, ref)
+    if weight is not None:
+        _checks.same_device(weight_name, weight, ref_name, ref)
+
+
+def _check_options(ignore_index, label_smoothing, reduction, z_loss, softcap):
     if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     _checks.non_negative("label_smoothing", label_smoothing)
@@ -411,24 +422,20 @@ def _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_ind
     if weight.dim() != 2 or weight.shape[1] != H:
         raise ValueError(f"weight must have shape (V, {H}) (vocabulary × hidden's last dimension), "
                          f"got {tuple(weight.shape)}")
-    _checks.same_device("weight", weight, "hidden", hidden)
+    if bias is not None:
+        _checks.tensor("bias", bias)
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None and p.dtype != hidden.dtype:
             raise TypeError(f"{name} must have hidden's dtype ({hidden.dtype}), got {p.dtype}")
     if bias is not None:
-        _checks.tensor("bias", bias)
         _checks.shape("bias", bias, weight.shape[:1], " (one per vocabulary entry)")
-        _checks.same_device("bias", bias, "hidden", hidden)
     V = weight.shape[0]
-    if isinstance(target, torch.Tensor):
-        _checks.same_device("target", target, "hidden", hidden)
-    if class_weight is not None:
-        _checks.tensor("class_weight", class_weight)
-        _checks.same_device("class_weight", class_weight, "hidden", hidden)
-    # The cross-entropy checks, on shapes only: the logits they describe are never made.
-    meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t  # noqa: E731
-    _check(torch.empty(hidden.shape[:-1] + (V,), dtype=hidden.dtype, device="meta"), meta(target),
-           meta(class_weight), ignore_index, label_smoothing, reduction, z_loss, softcap)
+    _check_target_and_weight(target, hidden.shape[:-1], V, class_weight, "class_weight", hidden, "hidden",
+                             " (hidden's shape without the feature dimension)")
+    _checks.same_device("weight", weight, "hidden", hidden)
+    if bias is not None:
+        _checks.same_device("bias", bias, "hidden", hidden)
+    _check_options(ignore_index, label_smoothing, reduction, z_loss, softcap)
     backend = _backend.resolve("linear_cross_entropy", hidden.device, hidden.dtype)
     if backend == "torch":
         return reference.linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index,
