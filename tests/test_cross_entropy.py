@@ -406,8 +406,18 @@ def test_linear_bad_input():
         fastlm.linear_cross_entropy(hidden, weight.half(), target)
     with pytest.raises(ValueError, match="bias must have shape \\(10,\\)"):
         fastlm.linear_cross_entropy(hidden, weight, target, bias[:9])
-    with pytest.raises(ValueError, match="weight must have shape \\(10,\\)"):
-        fastlm.linear_cross_entropy(hidden, weight, target, class_weight=torch.ones(9))
+    with pytest.raises(ValueError, match="class_weight must have shape \\(10,\\)"):
+        fastlm.linear_cross_entropy(hidden, weight, target, class_weight=torch.ones(9, device=hidden.device))
+    # Shapes before devices: a wrong shape on another device is reported as the wrong shape, on every device.
+    for bad in (torch.ones(9, device="meta"), target[:3].to("meta")):
+        name = "class_weight" if bad.dtype.is_floating_point else "target"
+        args = (target, bad) if name == "class_weight" else (bad, None)
+        with pytest.raises(ValueError, match=f"{name} must have shape"):
+            fastlm.linear_cross_entropy(hidden, weight, args[0], class_weight=args[1])
+        with pytest.raises(ValueError, match=f"{name.replace('class_', '')} must have shape"):
+            fastlm.cross_entropy(hidden @ weight.T, args[0], weight=args[1])
+    with pytest.raises(ValueError, match="class_weight is on meta"):
+        fastlm.linear_cross_entropy(hidden, weight, target, class_weight=torch.ones(10, device="meta"))
     with pytest.raises(TypeError, match="target must hold class indices"):
         fastlm.linear_cross_entropy(hidden, weight, target.float())
     with pytest.raises(ValueError, match="reduction must be one of"):
