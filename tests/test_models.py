@@ -19,6 +19,7 @@ minute on a two-core machine.
 
 import copy
 import dataclasses
+import faulthandler
 import importlib.util
 import os
 import socket
@@ -431,6 +432,10 @@ def _dist_worker(rank, port, out_file, device_type):
     from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
+    # A rank that dies on a signal leaves no Python traceback (the H200 run saw only "SIGSEGV"): faulthandler
+    # writes each thread's stack to a file beside the results, which the test's error then shows.
+    crash_log = open(_crash_log(out_file, rank), "w")
+    faulthandler.enable(file=crash_log, all_threads=True)
     os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # the two ranks share the machine with the test process
     cuda = device_type == "cuda"
@@ -466,16 +471,38 @@ def _dist_worker(rank, port, out_file, device_type):
         dist.destroy_process_group()
 
 
+def _crash_log(out_file, rank):
+    return Path(out_file).with_name(f"rank{rank}-faults.log")
+
+
 def _start_distributed(tmp_path_factory, device_type):
     out_file = tmp_path_factory.mktemp("dist") / "results.pt"
-    context = torch.multiprocessing.spawn(_dist_worker, args=(_free_port(), str(out_file), device_type),
-                                          nprocs=DIST_WORLD, join=False)
+    # The gloo ranks never touch a GPU: they start with none visible, so that no CUDA driver state (initialised by
+    # any torch.cuda query at import) is part of a CPU test. The variable is the parent's only while the two
+    # processes start, which copies the environment; this process's own CUDA use is unaffected.
+    hide = {"CUDA_VISIBLE_DEVICES": ""} if device_type == "cpu" else {}
+    saved = {k: os.environ.get(k) for k in hide}
+    os.environ.update(hide)
+    try:
+        context = torch.multiprocessing.spawn(_dist_worker, args=(_free_port(), str(out_file), device_type),
+                                              nprocs=DIST_WORLD, join=False)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return context, out_file
 
 
 def _collect_distributed(context, out_file):
-    while not context.join():  # each join returns when one more process has ended; raises if one failed
-        pass
+    try:
+        while not context.join():  # each join returns when one more process has ended; raises if one failed
+            pass
+    except torch.multiprocessing.ProcessExitedException as e:
+        stacks = "\n".join(f"--- rank {rank}:\n{_crash_log(out_file, rank).read_text()}"
+                           for rank in range(DIST_WORLD) if _crash_log(out_file, rank).is_file())
+        raise AssertionError(f"a distributed rank died: {e}\n{stacks}") from e
     return torch.load(out_file)
 
 
