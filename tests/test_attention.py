@@ -318,6 +318,27 @@ def test_bad_input_is_refused_before_any_kernel(call, error, match):
         call()
 
 
+def _bad_varlen(cu, total=10, max_q=8, max_k=8):
+    cu = torch.tensor(cu, dtype=torch.int32)
+    q, k = torch.randn(total, 2, 16), torch.randn(total, 1, 16)
+    return lambda: fastlm.attention(q, k, k, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_q,
+                                    max_seqlen_k=max_k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("call,match", [
+    (_bad_varlen([0, 4, 12]), "≤ the 10 packed tokens"),  # past the tokens: it corrupted the heap
+    (_bad_varlen([-2, 4, 10]), "from ≥ 0"),  # a negative start: likewise
+    (_bad_varlen([0, 6, 4, 10]), "non-decreasing"),  # garbage on triton, a wrong shape on the reference
+    (_bad_varlen([0, 4, 10], max_q=0), "max_seqlen_q must be ≥ 1"),  # returned uninitialized memory
+    (_bad_varlen([0, 4, 10], max_k=5), "max_seqlen_k=5 is shorter than the longest sequence"),
+], ids=["past-the-end", "negative-start", "decreasing", "max-seqlen-0", "max-seqlen-short"])
+def test_bad_offsets_on_the_host_are_refused(backend, call, match):
+    """Offsets on the CPU are read (no sync there) and refused on every backend."""
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
 # ---------------------------------------------------------------------------------------------- compile, GPU
 
 

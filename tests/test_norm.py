@@ -110,7 +110,38 @@ def test_many_rows_and_one_row(backend, is_rms, N):
     # through its partial buffer); one row: a single program.
     rows = 300 if N < 8192 else 20
     check_against_reference(*_inputs((rows, N), torch.float32, "affine+residual", is_rms), is_rms=is_rms)
-    check_against_reference(*_inputs((1, N), torch.float16, "affine", is_rms), is_rms=is_rms)
+    check_against_reference(*_inputs((1, N), torch.float16, "affine", is_rms, seed=1), is_rms=is_rms)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("is_rms", (False, True), ids=("layer_norm", "rms_norm"))
+@pytest.mark.parametrize("view", ("strided", "expanded"))
+def test_strided_and_expanded_parameters(backend, is_rms, view):
+    """A weight or bias that is a view (every other element; one value expanded) gives exactly what its contiguous
+    copy gives, forward and backward (the kernels read parameters at unit stride: a view was read wrongly)."""
+    N = 24
+    x = torch.randn(5, N, device=DEVICE, requires_grad=True)
+    bases = [torch.randn(2 * N if view == "strided" else 1, device=DEVICE, requires_grad=True)
+             for _ in range(1 if is_rms else 2)]
+    views = [b[::2] if view == "strided" else b.expand(N) for b in bases]
+    copies = [v.detach().clone().requires_grad_() for v in views]
+    op = (lambda x, p: fastlm.rms_norm(x, p[0])) if is_rms else (lambda x, p: fastlm.layer_norm(x, p[0], p[1]))
+    dy = torch.randn(5, N, device=DEVICE)
+    out = op(x, views)
+    out.backward(dy)
+    dx = x.grad.clone()
+    x.grad = None
+    expected = op(x, copies)
+    expected.backward(dy)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(dx, x.grad, rtol=0, atol=0)
+    for base, copy in zip(bases, copies):
+        want = torch.zeros_like(base)
+        if view == "strided":
+            want[::2] = copy.grad
+        else:
+            want = copy.grad.sum().reshape(1)
+        torch.testing.assert_close(base.grad, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

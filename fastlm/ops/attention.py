@@ -173,6 +173,27 @@ def _check_cu(name, cu, q, batch=None):
     return cu.contiguous()
 
 
+def _check_cu_values(name, cu, total, max_seqlen, max_name):
+    """The offsets' values, where reading them costs no device sync (CPU offsets): 0 ≤ cu[0] ≤ … ≤ cu[-1] ≤ total,
+    and no sequence longer than max_seqlen. Offsets on a GPU are not read here: that would sync with the device."""
+    if cu.device.type != "cpu" or torch.compiler.is_compiling():  # a value read is a graph break when tracing
+        return
+    lengths = cu[1:] - cu[:-1]
+    if int(cu[0]) < 0 or bool((lengths < 0).any()) or int(cu[-1]) > total:
+        raise ValueError(f"{name} must be non-decreasing offsets from ≥ 0 to ≤ the {total} packed tokens, got "
+                         f"{cu.tolist()}")
+    if lengths.numel() and int(lengths.max()) > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} is shorter than the longest sequence in {name} "
+                         f"({int(lengths.max())})")
+
+
+def _positive_int(name, value):
+    value = _int_arg(name, value)
+    if not value >= 1:
+        raise ValueError(f"{name} must be ≥ 1 (the longest sequence's length), got {value}")
+    return value
+
+
 def _check_window(window):
     if not isinstance(window, (tuple, list)) or len(window) != 2:
         raise TypeError(f"window must be a pair (left, right) of ints, -1 for unbounded, got {window!r}")
@@ -241,8 +262,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         if max_seqlen_q is None or max_seqlen_k is None:
             raise ValueError("max_seqlen_q and max_seqlen_k (host ints ≥ the longest sequence) are required with "
                              "cu_seqlens: reading them from the offsets would sync with the device")
-        max_q = _checks.non_negative("max_seqlen_q", _int_arg("max_seqlen_q", max_seqlen_q))
-        max_k = _checks.non_negative("max_seqlen_k", _int_arg("max_seqlen_k", max_seqlen_k))
+        max_q = _positive_int("max_seqlen_q", max_seqlen_q)
+        max_k = _positive_int("max_seqlen_k", max_seqlen_k)
+        _check_cu_values("cu_seqlens_q", cu_q, q.shape[0], max_q, "max_seqlen_q")
+        _check_cu_values("cu_seqlens_k", cu_k, k.shape[0], max_k, "max_seqlen_k")
         out, lse = _attention(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale, left, right, softcap)
     else:
         out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, softcap)

@@ -186,6 +186,10 @@ def _norm(op, x, weight, bias, residual, eps, is_rms, offset):
             return reference.rms_norm(x, weight, eps, residual, offset)
         return reference.layer_norm(x, weight, bias, eps, residual)
     N = x.shape[-1]
+    # The kernels read weight and bias at unit stride: a strided or expanded one (torch.randn(1).expand(N)) is
+    # made contiguous here, or they would read the wrong elements.
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     x2 = _rows_contiguous(x.reshape(-1, N))
     r2 = _rows_contiguous(residual.reshape(-1, N)) if residual is not None else None
     y, residual_out, _, _ = torch.ops.fastlm.norm_fwd(x2, weight, bias, r2, float(eps), is_rms, float(offset),
