@@ -657,14 +657,14 @@ def test_e2e_flops_cases_and_providers():
     from benchmarks import e2e
 
     gpt2, llama = e2e.cases(quick=False)
-    assert [c.params for c in (gpt2, llama)] == [{"model": "gpt2-124m", "batch": 8, "seq": 2048},
+    assert [c.params for c in (gpt2, llama)] == [{"model": "gpt2-124m", "batch": 16, "seq": 1024},
                                                  {"model": "llama-1b", "batch": 4, "seq": 2048}]
     assert [c.params["model"] for c in e2e.cases(quick=True)] == ["gpt2-124m"]
     assert {c.dtype for c in (gpt2, llama)} == {torch.bfloat16} and gpt2.op == llama.op == "train_step"
     # GPT-2 small: 123,532,032 matmul parameters (85M in the blocks, the tied 50257 × 768 head counted), 6 FLOPs
-    # each per token, and causal attention's 6 · 12 layers · 12 heads · 64 · 2048 per token; 16384 tokens a step.
-    per_token = 6 * 123_532_032 + 6 * 12 * 12 * 64 * 2048
-    assert e2e.work(gpt2, "fwd") == per_token * 8 * 2048
+    # each per token, and causal attention's 6 · 12 layers · 12 heads · 64 · 1024 per token; 16384 tokens a step.
+    per_token = 6 * 123_532_032 + 6 * 12 * 12 * 64 * 1024
+    assert e2e.work(gpt2, "fwd") == per_token * 16 * 1024
     # Llama 3.2 1B: 16 layers of 2048 · (32 + 2·8) · 64 + 2048² attention and 3 · 2048 · 8192 MLP, the 128256 head.
     matmul = 16 * (2048 * 48 * 64 + 2048 * 2048 + 3 * 2048 * 8192) + 128256 * 2048
     assert e2e.work(llama, "fwd") == (6 * matmul + 6 * 16 * 32 * 64 * 2048) * 4 * 2048
@@ -679,6 +679,31 @@ def test_e2e_flops_cases_and_providers():
     from benchmarks.__main__ import families
 
     assert families()["e2e"] is family
+
+
+def test_e2e_cases_fit_their_models_and_the_eager_twin_refuses_longer_sequences():
+    """GPT-2's learned position table has block_size rows: a longer sequence made the eager twin's embedding gather
+    read out of bounds (a device-side assert on the H200 that ended the whole benchmark run)."""
+    from benchmarks import e2e
+    import fastlm
+    from fastlm.models import GPT, GPTConfig
+
+    for case in e2e.cases(quick=False) + e2e.cases(quick=True):
+        config = e2e.model_config(case.params["model"])
+        assert case.params["seq"] <= config.block_size, case.label
+        assert e2e.tokens(case) == {"gpt2-124m": 16384, "llama-1b": 8192}[case.params["model"]]
+    for config in (GPTConfig.gpt2_tiny(), GPTConfig.llama_tiny()):
+        model = GPT(config)
+        twin = e2e.EagerGPT.from_gpt(model)
+        idx = torch.randint(0, config.vocab_size, (1, config.block_size + 1))
+        message = f"positions up to {config.block_size + 1} exceed block_size {config.block_size}"
+        with fastlm.use_backend("torch"):
+            with pytest.raises(ValueError, match=message):
+                model(idx, idx)
+            with pytest.raises(ValueError, match=message):
+                twin(idx, idx)
+            with pytest.raises(ValueError, match=message):
+                twin.logits(idx)
 
 
 def test_e2e_eager_twin_and_labels_match_the_model():
