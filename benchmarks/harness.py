@@ -28,6 +28,11 @@ the extra memory that call needs.
 Ceilings, measured at the start of the run: the copy bandwidth (a device-to-device copy of COPY_BYTES, counting
 bytes read plus bytes written) for memory-bound families, the bf16 matmul rate (MATMUL_SIZE cubed) for
 compute-bound ones. Each row reports its achieved rate and its fraction of that ceiling.
+
+Failures are results: a provider that raises, runs out of memory, dies or breaks the CUDA context (a device-side
+assert, an illegal memory access) gets rows that say "error" or "oom" with the reason, and the run goes on. A
+run of the suite (`IsolatedRun`) does all its GPU work in a worker process and forks a fresh one after a failure
+that could spoil the next cells; see there.
 """
 
 import contextlib
@@ -38,6 +43,7 @@ import json
 import math
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import time
@@ -58,6 +64,13 @@ COPY_BYTES = 1 << 30  # the copy-bandwidth probe copies 1 GiB (2 GiB of traffic)
 MATMUL_SIZE = 8192  # the matmul-rate probe multiplies two bf16 MATMUL_SIZE² matrices
 ERROR_CHUNK = 1 << 26  # elements per step of the relative-error reduction, which bounds its temporary memory
 MIN_PLOT_POINTS = 3  # a series needs this many x values to get a panel in the plot
+# The longest one provider may take on one case (or one availability check) before its worker is killed: a hang
+# costs its cells alone. Far above a normal cell (a torch.compile build, ~30 s), below gpu_check.sh's 200-s cap on
+# a whole family.
+UNIT_TIMEOUT_S = 150
+# torch's CPU threads in a benchmark worker, as in torch's DataLoader workers: a forked process inherits a dead
+# OpenMP thread pool from a parent that used one, and its first parallel CPU op would hang. The work is on the GPU.
+WORKER_CPU_THREADS = 1
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_ROOT = REPO / "benchmarks" / "results"
 
@@ -360,35 +373,72 @@ def _row(family: Family, case: Case, provider: Provider, mode: str, **fields) ->
 
 
 def run_case(family: Family, case: Case, availability: dict, device, l2_bytes: int, ceiling: float, progress=None):
-    """Every provider on one case: rows for every (provider, mode), with the ratios of fastlm's rows filled in."""
+    """Every provider on one case, in this process: rows for every (provider, mode), with the ratios of fastlm's
+    rows filled in. (A run of the suite goes through `IsolatedRun`, which runs the same steps in a worker process.)"""
+    sets = input_sets(family, case, device, l2_bytes)
+    rows, reference = [], None
+    # The reference runs first, so that every other provider is checked against it.
+    for provider in run_order(family):
+        if progress is not None:
+            progress.set_postfix_str(f"{case.label} · {provider.name}", refresh=False)
+        provider_rows, outputs = provider_cells(family, case, provider, availability[provider.name],
+                                                lambda: (sets, reference), ceiling)
+        rows += provider_rows
+        if provider.name == family.reference:
+            reference = outputs
+        if progress is not None:
+            progress.update(1)
+    del sets, reference
+    torch.cuda.empty_cache()
+    return finish_case(family, rows)
+
+
+def input_sets(family: Family, case: Case, device, l2_bytes: int) -> list:
+    """The case's input sets, drawn from a generator seeded by the case's label (so a fresh process draws the same
+    ones), as many as rotate through ROTATE_L2_MULTIPLE L2 caches."""
     gen = torch.Generator(device=device)
     gen.manual_seed(zlib.crc32(case.label.encode()))
     sets = [family.make_inputs(case, device, gen)]
     n_sets = input_set_count(tensor_bytes(*sets[0]), l2_bytes)
     sets += [family.make_inputs(case, device, gen) for _ in range(n_sets - 1)]
-    rows, reference = [], None
-    # The reference runs first, so that every other provider is checked against it.
-    for provider in sorted(family.providers, key=lambda p: p.name != family.reference):
-        if progress is not None:
-            progress.set_postfix_str(f"{case.label} · {provider.name}", refresh=False)
-        usable, why = availability[provider.name]
-        skip = provider.skip(case) if usable else ""
-        if not usable:
-            rows += [_row(family, case, provider, m, status="missing", reason=why) for m in family.modes]
-        elif skip:
-            rows += [_row(family, case, provider, m, status="skipped", reason=skip) for m in family.modes]
-        else:
-            provider_rows, outputs = _run_provider(family, case, provider, sets, reference, ceiling)
-            rows += provider_rows
-            if provider.name == family.reference:
-                reference = outputs
-        if progress is not None:
-            progress.update(1)
-    del sets, reference
-    torch.cuda.empty_cache()
+    return sets
+
+
+def run_order(family: Family) -> list:
+    """The providers in the order a case runs them: the reference first, then the family's order."""
+    return sorted(family.providers, key=lambda p: p.name != family.reference)
+
+
+def provider_cells(family, case, provider, availability: tuple, inputs, ceiling):
+    """(rows, outputs) of one provider on one case: missing or skipped rows, or the measured ones. `inputs()` gives
+    (input sets, the reference's outputs or None); it is called only when the provider runs."""
+    usable, why = availability
+    skip = provider.skip(case) if usable else ""
+    if not usable:
+        return [_row(family, case, provider, m, status="missing", reason=why) for m in family.modes], None
+    if skip:
+        return [_row(family, case, provider, m, status="skipped", reason=skip) for m in family.modes], None
+    sets, reference = inputs()
+    return _run_provider(family, case, provider, sets, reference, ceiling)
+
+
+def finish_case(family: Family, rows: list) -> list:
+    """A case's rows with the ratios filled in, in the family's provider order and MODES order."""
     add_ratios(rows, family.providers)
     order = {p.name: i for i, p in enumerate(family.providers)}
     return sorted(rows, key=lambda r: (order[r["provider"]], MODES.index(r["mode"])))
+
+
+def reference_outputs(family: Family, case: Case, sets) -> Optional[list]:
+    """The reference provider's outputs and gradients on the first input set, untimed, or None when it cannot give
+    them: what a fresh worker needs to check the providers after a restart in the middle of a case."""
+    provider = next(p for p in family.providers if p.name == family.reference)
+    try:
+        with provider.context():
+            outs, grads = _forward_backward(provider.build(case), *sets[0])
+        return outs + grads
+    except Exception:  # noqa: BLE001 - no reference: the later rows go unchecked, as when the reference fails
+        return None
 
 
 def _run_provider(family, case, provider, sets, reference, ceiling):
@@ -507,6 +557,29 @@ def summarize(family: Family, rows) -> list:
                 else:
                     parts.append(f"vs {peer} {next(iter({r['vs'].get(peer, 'missing') for r in ok}))}")
             lines.append("; ".join(parts))
+    return lines
+
+
+def ratio_table(family: Family, rows) -> list:
+    """A markdown table, as lines: for every case and mode, each fastlm backend's ratio against each peer (peer time
+    / fastlm time, > 1: fastlm faster), or the status of whichever side did not give a time."""
+    ours = [p.name for p in family.providers if p.backend]
+    peers = [p.name for p in family.providers if not p.backend]
+    by = {(_case_key(r), r["provider"], r["mode"]): r for r in rows}
+    lines = ["| case | mode | fastlm | " + " | ".join(f"vs {p}" for p in peers) + " |", "|" + "---|" * (3 + len(peers))]
+    for key in _cases_in_order(rows):
+        label = " ".join([key[0], key[1]] + [f"{k}={_format_param(v)}" for k, v in key[2]])
+        for mode in family.modes:
+            for name in ours:
+                r = by.get((key, name, mode))
+                if r is None:
+                    continue
+                if r["status"] == "ok":
+                    cells = [r["vs"].get(p, "missing") for p in peers]
+                    cells = [f"{v:.2f}" if isinstance(v, (int, float)) else str(v) for v in cells]
+                else:
+                    cells = [r["status"]] * len(peers)
+                lines.append(f"| {label} | {mode} | {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -681,28 +754,358 @@ def write_results(out_dir: Path, family: Family, meta: dict, rows: list) -> list
 # ---------------------------------------------------------------------------------------------- running
 
 
-def run_family(family: Family, quick: bool, out_dir: Path, meta: dict, device, progress=None) -> tuple:
-    """Every case of the family, written to out_dir; returns (rows, meta, dispatch choice). The JSON and the
-    markdown are rewritten after each case, so a run cut short keeps what it measured."""
-    cases = family.cases(quick)
-    availability = {}
-    for p in family.providers:
+class IsolatedRun:
+    """A run of the suite whose GPU work happens in worker processes, so that a provider that fails costs its own
+    cells and nothing else.
+
+    Why processes: a provider can break the CUDA context of its process (a device-side assert, an illegal memory
+    access), after which every CUDA call there fails, and nothing in the process can undo it. So this process, the
+    coordinator, never touches CUDA (not even torch.cuda.is_available(), which initializes the driver). It forks a
+    worker that does all the device work one unit at a time: the device's metadata and ceilings, each provider's
+    availability check, and each provider on each case. The worker sends each unit's result as the unit ends, and
+    after each unit it synchronizes the device: when the context is broken, that unit's rows say error (with the
+    CUDA message) and the worker exits. When a worker exits that way, dies (a signal, os._exit, a crash in native
+    code) or spends more than UNIT_TIMEOUT_S on one unit (it is then killed), the coordinator records the error for
+    the unit that was running, forks a fresh worker at the next unit, and goes on: the later providers, cases and
+    families still run and are written.
+
+    Cost: one worker serves the whole run while nothing fails, so a clean run pays one fork; a fresh worker (a
+    fork, then its own CUDA initialization, a few seconds) is paid once per failure. A worker that starts in the
+    middle of a case draws the same inputs (their generator is seeded by the case's label) and recomputes the
+    reference's outputs, untimed, so the providers after the failure are still checked against it.
+
+    The coordinator writes the results: <family>.json and .md after every case (meta complete: false), so that a
+    run cut short keeps what it measured, then .json, .md and .png at the family's end, with the dispatch choice.
+    Fork, not spawn: the worker inherits the families (their providers are closures, which do not pickle) and the
+    results so far.
+    """
+
+    def __init__(self, families, quick: bool, out_dir: Optional[Path] = None, *, meta: Optional[dict] = None,
+                 device=None):
+        self.families = list(families)
+        self.quick = quick
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        # Given (with "ceilings" and "l2_bytes"; tests on CPU), or measured by the first unit, in the worker.
+        self.meta = meta
+        self.device = torch.device(device) if device is not None else None  # None: the worker's CUDA device
+        self.cases = [family.cases(quick) for family in self.families]
+        # A unit: ("setup",), ("probe", family index, provider), ("case", family index, case index, provider).
+        self.units = [("setup",)] if meta is None else []
+        for fi, family in enumerate(self.families):
+            self.units += [("probe", fi, p.name) for p in family.providers]
+            for ci in range(len(self.cases[fi])):
+                self.units += [("case", fi, ci, p.name) for p in run_order(family)]
+        self.availability = [{} for _ in self.families]  # per family: provider -> (usable, why not)
+        self.cells = {}  # (family index, case index) -> {provider: its rows}
+        self.rows = [[] for _ in self.families]  # per family: the rows of its finished cases
+        self.results = []  # (family, rows, meta, dispatch choice) of each finished family, in order
+        self.workers = 0  # worker processes started so far
+        self.progress = None
+        self._done = 0  # units finished (they finish in order)
+        self._proc = self._conn = None
+        self._exiting = False  # the worker said it would exit after its last unit
+        self._clock = time.perf_counter()  # when the current family began
+        # The worker's own state: the case whose input sets it holds, the sets, the reference's outputs.
+        self._case = self._sets = self._reference = None
+
+    # ------------------------------------------------------------------ the coordinator's side
+
+    def start(self) -> Optional[dict]:
+        """The run's metadata with the measured ceilings, or None when there is no CUDA GPU; the work goes on in
+        the background until finish()."""
         try:
-            availability[p.name] = p.available()
-        except Exception as e:  # noqa: BLE001 - a peer that cannot even be probed is missing, with the reason
-            availability[p.name] = (False, _reason(e))
-    meta = dict(meta, family=family.name, ceiling=meta["ceilings"][family.metric],
-                providers={p.name: {"available": ok, "reason": why} for p, (ok, why) in
-                           ((p, availability[p.name]) for p in family.providers)})
-    rows = []
-    for case in cases:
-        rows += run_case(family, case, availability, device, meta["l2_bytes"], meta["ceiling"], progress)
-        write_json(out_dir / f"{family.name}.json", dict(meta, complete=False), rows)
-        (out_dir / f"{family.name}.md").write_text(markdown(family, dict(meta, complete=False), rows))
-    choice, details = dispatch_summary(rows, family.providers, family.modes)
-    meta.update(complete=True, dispatch=details)
-    write_results(out_dir, family, meta, rows)
-    return rows, meta, choice
+            self._run_until(1 if self.meta is None else 0)
+        except BaseException:
+            self.close()
+            raise
+        if self.meta is None:
+            self.close()
+            return None
+        if self.out_dir is None:
+            self.out_dir = RESULTS_ROOT / self.meta["device_slug"]
+        if self._done <= 1:
+            self._clock = time.perf_counter()
+        return self.meta
+
+    def finish(self, progress=None) -> list:
+        """Every unit run and written; returns [(family, rows, meta, dispatch choice)] (empty without a GPU)."""
+        if self.start() is None:
+            return []
+        self.progress = progress
+        try:
+            self._run_until(len(self.units))
+        finally:
+            self.close()
+        return self.results
+
+    def _run_until(self, stop: int) -> None:
+        from multiprocessing import connection
+
+        while self._done < stop:
+            if self._proc is None:
+                self._fork()
+            ready = connection.wait([self._conn, self._proc.sentinel], timeout=UNIT_TIMEOUT_S)
+            if self._conn in ready or self._conn.poll():  # a message, or the end of the pipe
+                try:
+                    message = self._conn.recv()
+                except (EOFError, OSError):
+                    self._worker_gone(f"its worker process died ({self._exit_text()})")
+                    continue
+                if message[0] == "start":
+                    self._show(message[1])
+                else:
+                    _, idx, payload, exiting = message
+                    self._record(idx, payload)
+                    self._done = idx + 1
+                    self._exiting = exiting
+                    self._publish(idx)
+            elif ready:  # the worker ended, and a process it started still holds the pipe open
+                self._worker_gone(f"its worker process died ({self._exit_text()})")
+            else:
+                self._proc.kill()
+                self._worker_gone(f"it ran longer than UNIT_TIMEOUT_S ({UNIT_TIMEOUT_S} s); its worker was killed")
+
+    def _fork(self) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        receive, send = context.Pipe(duplex=False)
+        # Not a daemon: a daemonic process may not start processes of its own (a provider's compile workers, say).
+        self._proc = context.Process(target=self._work, args=(send, self._done),
+                                     name=f"fastlm-benchmark-worker-{self.workers}")
+        self._proc.start()
+        send.close()  # the worker holds the only writing end: its exit ends the pipe
+        self._conn = receive
+        self._exiting = False
+        self.workers += 1
+
+    def _exit_text(self) -> str:
+        self._proc.join(timeout=30)
+        code = self._proc.exitcode
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit status {code}"
+
+    def _worker_gone(self, why: str) -> None:
+        """The worker ended: unless it said it would, the unit it was running failed with `why`."""
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():  # its pipe closed, but it does not end
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
+        self._proc = self._conn = None
+        if not self._exiting and self._done < len(self.units):
+            idx = self._done
+            self._record(idx, self._failure(idx, why))
+            self._done = idx + 1
+            self._publish(idx)
+        self._exiting = False
+
+    def close(self) -> None:
+        """End the worker: the one that finished its units is waited for, any other is killed."""
+        if self._proc is None:
+            return
+        if self._done >= len(self.units) or self._exiting:
+            self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join()
+        self._conn.close()
+        self._proc = self._conn = None
+
+    def _failure(self, idx: int, why: str):
+        """The result of a unit whose worker died or was killed while running it."""
+        unit = self.units[idx]
+        if unit[0] == "setup":
+            raise RuntimeError(f"the benchmark worker could not measure the device: {why} (its traceback, if it "
+                               "printed one, is above)")
+        if unit[0] == "probe":
+            return False, f"its availability check ended the benchmark worker: {why}"
+        family, case, provider = self._unit_objects(unit)
+        return [_row(family, case, provider, m, status="error", reason=f"{why}; the cells after it ran in a fresh "
+                     "worker") for m in family.modes]
+
+    def _show(self, idx: int) -> None:
+        unit = self.units[idx]
+        if self.progress is not None and unit[0] == "case":
+            _, case, provider = self._unit_objects(unit)
+            self.progress.set_postfix_str(f"{case.label} · {provider.name}", refresh=False)
+
+    def _publish(self, idx: int) -> None:
+        """What the coordinator does when a unit ends: count it, and write the case's or the family's results when
+        it was their last unit."""
+        unit = self.units[idx]
+        if unit[0] == "setup":
+            return
+        fi, family = unit[1], self.families[unit[1]]
+        if unit[0] == "case":
+            if self.progress is not None:
+                self.progress.update(1)
+            if self._ends(idx, 3):
+                cells = self.cells[unit[1:3]]
+                self.rows[fi] += finish_case(family, [r for p in family.providers for r in cells.get(p.name, ())])
+                meta = dict(self._family_meta(fi), complete=False)
+                write_json(self.out_dir / f"{family.name}.json", meta, self.rows[fi])
+                (self.out_dir / f"{family.name}.md").write_text(markdown(family, meta, self.rows[fi]))
+        if self._ends(idx, 2):
+            rows = self.rows[fi]
+            choice, details = dispatch_summary(rows, family.providers, family.modes)
+            meta = dict(self._family_meta(fi), complete=True, dispatch=details,
+                        seconds=round(time.perf_counter() - self._clock, 1))
+            self._clock = time.perf_counter()
+            write_results(self.out_dir, family, meta, rows)
+            self.results.append((family, rows, meta, choice))
+
+    def _ends(self, idx: int, depth: int) -> bool:
+        """Whether unit idx is the last of its family (depth 2) or of its case (depth 3)."""
+        unit = self.units[idx]
+        if len(unit) <= depth:  # the setup unit; or, for depth 3, a probe
+            return False
+        nxt = self.units[idx + 1] if idx + 1 < len(self.units) else ()
+        return nxt[1:depth] != unit[1:depth]
+
+    def _family_meta(self, fi: int) -> dict:
+        family, availability = self.families[fi], self.availability[fi]
+        return dict(self.meta, family=family.name, ceiling=self.meta["ceilings"][family.metric],
+                    providers={p.name: {"available": ok, "reason": why} for p in family.providers
+                               for ok, why in [availability.get(p.name, (False, "not checked"))]})
+
+    # ------------------------------------------------------------------ both sides
+
+    def _record(self, idx: int, payload) -> None:
+        unit = self.units[idx]
+        if unit[0] == "setup":
+            self.meta = payload
+        elif unit[0] == "probe":
+            self.availability[unit[1]][unit[2]] = payload
+        else:
+            self.cells.setdefault(unit[1:3], {})[unit[3]] = payload
+
+    def _unit_objects(self, unit) -> tuple:
+        family = self.families[unit[1]]
+        return family, self.cases[unit[1]][unit[2]], next(p for p in family.providers if p.name == unit[3])
+
+    # ------------------------------------------------------------------ the worker's side
+
+    def _work(self, conn, start: int) -> None:
+        """The worker (a forked process): the units from `start` on, each result sent as soon as it is known."""
+        _die_with_parent()
+        torch.set_num_threads(WORKER_CPU_THREADS)
+        for idx in range(start, len(self.units)):
+            conn.send(("start", idx))
+            payload, exiting = self._execute(idx)
+            self._record(idx, payload)
+            conn.send(("done", idx, payload, exiting))
+            if exiting:
+                break
+        conn.close()
+
+    def _device(self):
+        if self.device is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        return self.device
+
+    def _execute(self, idx: int) -> tuple:
+        """(the unit's result, whether this worker must exit after it: no GPU, or a broken CUDA context)."""
+        unit = self.units[idx]
+        if unit[0] == "setup":
+            meta = self._setup()
+            return meta, meta is None
+        if unit[0] == "probe":
+            provider = next(p for p in self.families[unit[1]].providers if p.name == unit[2])
+            try:
+                usable, why = provider.available()
+            except Exception as e:  # noqa: BLE001 - a peer that cannot even be probed is missing, with the reason
+                usable, why = False, _reason(e)
+            broken = _context_error(self._device())
+            if broken:
+                usable, why = False, f"its availability check broke the CUDA context ({broken})"
+            return (usable, why), bool(broken)
+        family, case, provider = self._unit_objects(unit)
+        fi, ci = unit[1], unit[2]
+        try:
+            rows, outputs = provider_cells(family, case, provider, self.availability[fi][provider.name],
+                                           lambda: self._inputs(fi, ci), self.meta["ceilings"][family.metric])
+        except Exception as e:  # noqa: BLE001 - making the inputs (or the family's skip rule) failed: this cell's error
+            status = "oom" if isinstance(e, torch.cuda.OutOfMemoryError) else "error"
+            rows = [_row(family, case, provider, m, status=status, reason=_reason(e)) for m in family.modes]
+            outputs = None
+        if provider.name == family.reference:
+            self._reference = outputs
+        broken = _context_error(self._device())
+        if broken:  # this worker exits: nothing to free, and freeing would fail
+            return [_broken(r, broken) for r in rows], True
+        if self._ends(idx, 3):
+            self._drop_case()
+        return rows, False
+
+    def _setup(self) -> Optional[dict]:
+        if not torch.cuda.is_available():
+            return None
+        if getattr(torch.cuda, "_is_in_bad_fork", lambda: False)():
+            raise RuntimeError("CUDA was initialized in the benchmark coordinator before it forked this worker, so "
+                               "the worker cannot use it: the coordinator must leave CUDA alone")
+        device = self._device()
+        meta = run_metadata(device, self.quick)
+        meta["ceilings"] = measure_ceilings(self.families, device)
+        return meta
+
+    def _inputs(self, fi: int, ci: int) -> tuple:
+        """(input sets, reference outputs) of the case, made on first use in this worker."""
+        if self._case != (fi, ci):
+            self._drop_case()
+            family, case = self.families[fi], self.cases[fi][ci]
+            self._sets = input_sets(family, case, self._device(), self.meta["l2_bytes"])
+            self._case = (fi, ci)
+            reference = self.cells.get((fi, ci), {}).get(family.reference)
+            if reference and reference[0]["status"] == "ok":  # it ran in an earlier worker: its outputs again
+                self._reference = reference_outputs(family, case, self._sets)
+        return self._sets, self._reference
+
+    def _drop_case(self) -> None:
+        had = self._sets is not None
+        self._case = self._sets = self._reference = None
+        if had and self._device().type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when its parent dies, so that a coordinator killed mid-run (a timeout)
+    leaves no worker holding the GPU."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _context_error(device) -> str:
+    """'' while the device's CUDA context works, else why not: after a device-side assert or an illegal memory
+    access, synchronizing (as every later CUDA call) fails."""
+    if torch.device(device).type != "cuda":
+        return ""
+    try:
+        torch.cuda.synchronize(device)
+    except Exception as e:  # noqa: BLE001 - any failure here means the context cannot be trusted
+        return _reason(e)
+    return ""
+
+
+def _broken(row: dict, why: str) -> dict:
+    """A row of the provider during whose run the CUDA context broke: an error, its measurements dropped."""
+    if row["status"] in ("missing", "skipped"):  # it did not run: not its doing
+        return row
+    reason = f"the CUDA context broke during its run ({why}); the cells after it ran in a fresh worker"
+    if row["status"] in ("error", "oom") and row["reason"]:
+        reason = f"{row['reason']} ({reason})"
+    return dict(row, status="error", reason=reason, ms=None, rate=None, frac_of_ceiling=None, peak_mem_bytes=None,
+                rel_err=None)
 
 
 def measure_ceilings(families, device) -> dict:
@@ -737,6 +1140,83 @@ def committed_results(root: Path = RESULTS_ROOT, families=None) -> list:
             newest[name] = (name, md, date, device)
     return sorted(newest.values(), key=lambda t: t[2], reverse=True)
 
+
+
+# ---------------------------------------------------------------------------------------------- gpu_check.json
+
+_PYTEST_COUNT = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected|warnings?)\b")
+_PYTEST_SECONDS = re.compile(r" in ([0-9]+(?:\.[0-9]+)?)s\b")
+GPU_CHECK_COUNTS = ("passed", "failed", "errors", "skipped")
+PYTEST_TAIL_LINES = 20  # pytest's closing line is its last; a few lines of warnings at exit may follow it
+
+
+def pytest_summary(text: str) -> Optional[dict]:
+    """The counts of pytest's closing line in `text` (its output), e.g. "25 failed, 1167 passed, 25 skipped, 70
+    warnings, 4 errors in 311.95s (0:05:11)", bare (-q) or between "=" rules: {passed, failed, errors, skipped:
+    ints, 0 when absent; seconds; line}, or None when there is no such line (pytest was cut off before its end).
+    Only the last lines count: a test's own output, earlier in the log, may hold a nested run's summary."""
+    for line in reversed([line for line in text.splitlines() if line.strip()][-PYTEST_TAIL_LINES:]):
+        line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip().strip("=").strip()
+        seconds = _PYTEST_SECONDS.search(line)
+        if not seconds or not re.match(r"(\d+ [a-z]+\b|no tests ran)", line):
+            continue
+        counts = dict.fromkeys(GPU_CHECK_COUNTS, 0)
+        for n, what in _PYTEST_COUNT.findall(line[: seconds.start()]):
+            key = "errors" if what.startswith("error") else what
+            if key in counts:
+                counts[key] += int(n)
+        return dict(counts, seconds=float(seconds.group(1)), line=line)
+    return None
+
+
+def bench_complete(folder: Path, names) -> bool:
+    """True when `folder` holds the results of every named family from a full run (not --quick) that reached the
+    family's end."""
+    names = list(names)
+    for name in names:
+        try:
+            meta = json.loads((folder / f"{name}.json").read_text())["meta"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if meta.get("complete") is not True or meta.get("quick") is not False:
+            return False
+    return bool(names)
+
+
+def gpu_check_record(pytest_output: Optional[str], *, commit: Optional[str], device: str, bench_done: bool,
+                     date: Optional[str] = None) -> dict:
+    """What scripts/gpu_check.sh writes to gpu_check.json: the commit, date and device; the test counts and
+    seconds from pytest's closing line (None where the tests did not run or were cut off); bench_complete."""
+    counts = pytest_summary(pytest_output) if pytest_output else None
+    record = {"commit": commit, "date": date or datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds"), "device": device}
+    record.update({k: counts[k] if counts else None for k in GPU_CHECK_COUNTS + ("seconds",)})
+    record.update(bench_complete=bench_done, pytest_summary=counts["line"] if counts else None)
+    return record
+
+
+def write_gpu_check(results_root: Path, pytest_log: Optional[Path], family_names, *, device: str,
+                    commit: Optional[str]) -> Path:
+    """results_root/<device slug>/gpu_check.json from the tests' log (None: the tests did not run in this call)
+    and the benchmark results beside it; returns its path.
+
+    The tests and the full benchmark sweep take two calls of the device tool. A record already there from the same
+    device and commit (an earlier call on the same machine) lends the test counts this call lacks; bench_complete is
+    always judged anew from the results present."""
+    folder = Path(results_root) / slug(device)
+    path = folder / "gpu_check.json"
+    output = Path(pytest_log).read_text(errors="replace") if pytest_log and Path(pytest_log).exists() else None
+    record = gpu_check_record(output, commit=commit, device=device,
+                              bench_done=bench_complete(folder, family_names))
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    if record["pytest_summary"] is None and (earlier.get("commit"), earlier.get("device")) == (commit, device):
+        record.update({k: earlier.get(k) for k in GPU_CHECK_COUNTS + ("seconds", "pytest_summary")})
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- provider helpers

@@ -6,9 +6,11 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -297,6 +299,146 @@ def test_a_case_runs_every_provider_and_mode(cpu_timers):
     assert by[("absent", "fwd+bwd")]["status"] == "missing" and by[("absent", "fwd+bwd")]["ms"] is None
 
 
+# ---------------------------------------------------------------------------------------------- isolation
+
+
+def _test_meta(**extra):
+    return dict({"date": "2026-01-01T00:00:00+00:00", "device": "Test CPU", "device_slug": "test-cpu",
+                 "torch": "2.x", "cuda": None, "triton": "3.6.0", "fastlm": "0.1.0", "git_commit": "abc1234",
+                 "liger_kernel": "missing", "quick": False, "l2_bytes": 64 * 1024,
+                 "ceilings": {"bytes": 100.0, "flops": 10.0}}, **extra)
+
+
+def _norm_family(name, providers, cases):
+    return harness.Family(name=name, metric="bytes", cases=lambda quick: cases, providers=providers,
+                          make_inputs=norm.make_inputs, work=norm.work, reference="torch", x_key="N",
+                          tolerance=norm.TOLERANCE)
+
+
+def test_isolated_run_survives_providers_that_raise_die_or_break_the_context(cpu_timers, monkeypatch, tmp_path):
+    """Each failure costs its own cells: a provider that raises, one whose process dies (os._exit, as a crash in
+    native code would), one after which the CUDA context is broken (stood in for by the context check) and one
+    that hangs (killed at UNIT_TIMEOUT_S); the later providers, cases and families still run, in fresh workers,
+    and are written."""
+    eager = norm._eager
+    context = {"broken": False}  # set in the worker by "poisons"; a fresh worker, forked from here, starts clean
+
+    def raises(case):
+        raise ValueError("this provider cannot take the case")
+
+    def dies(case):
+        def fn(inputs):
+            os._exit(3)
+
+        return fn
+
+    def poisons(case):
+        fn = eager(case)
+
+        def run(inputs):
+            context["broken"] = True
+            return fn(inputs)
+
+        return run
+
+    def hangs(case):
+        def fn(inputs):
+            time.sleep(600)
+
+        return fn
+
+    def scaled(case):
+        fn = eager(case)
+        return lambda i: tuple(1.5 * o for o in fn(i))
+
+    def context_error(device):
+        return "AcceleratorError: CUDA error: device-side assert triggered" if context["broken"] else ""
+
+    monkeypatch.setattr(harness, "_context_error", context_error)
+    monkeypatch.setattr(harness, "UNIT_TIMEOUT_S", 5)
+    first = _norm_family("first", [
+        harness.Provider("torch", eager),
+        harness.Provider("raises", raises),
+        harness.Provider("dies", dies),
+        harness.Provider("poisons", poisons),
+        harness.Provider("ours", eager, backend="triton"),
+        harness.Provider("ours-wrong", scaled, backend="cuda"),
+        harness.Provider("absent", eager, lambda: (False, "not installed")),
+    ], [_norm_case("rms_norm", residual=True, rows=16, n=64, dtype=torch.float32),
+        _norm_case("layer_norm", residual=False, rows=8, n=32, dtype=torch.float32)])
+    second = _norm_family("second", [harness.Provider("torch", eager), harness.Provider("hangs", hangs),
+                                     harness.Provider("ours", eager, backend="triton")],
+                          [_norm_case("rms_norm", residual=False, rows=4, n=16, dtype=torch.float32)])
+
+    # This process has used torch's CPU thread pool (as pytest's earlier tests do): the workers forked from it
+    # must not hang on the pool they inherit.
+    torch.randn(256, 256) @ torch.randn(256, 256)
+    run = harness.IsolatedRun([first, second], quick=False, out_dir=tmp_path, meta=_test_meta(),
+                              device=torch.device("cpu"))
+    results = run.finish()
+    assert [family.name for family, *_ in results] == ["first", "second"]
+    # Per case of the first family: one worker until "dies", one for "poisons", one for the rest; then "hangs".
+    assert run.workers == 6
+
+    rows = results[0][1]
+    assert len(rows) == 2 * 7 * len(harness.MODES)
+    for case in first.cases(False):
+        by = {(r["provider"], r["mode"]): r for r in rows if r["params"] == case.params and r["op"] == case.op}
+        for mode in harness.MODES:
+            raised, died, poisoned = by[("raises", mode)], by[("dies", mode)], by[("poisons", mode)]
+            assert raised["status"] == "error" and "cannot take the case" in raised["reason"]
+            assert died["status"] == "error" and "worker process died (exit status 3)" in died["reason"]
+            assert poisoned["status"] == "error" and poisoned["ms"] is None
+            assert "CUDA context broke" in poisoned["reason"] and "device-side assert" in poisoned["reason"]
+            ours = by[("ours", mode)]
+            # Measured in a fresh worker, and still checked: the reference's outputs were recomputed there.
+            assert ours["status"] == "ok" and ours["ms"] == (4.0 if mode == "bwd" else 2.0)
+            assert ours["rel_err"] == 0.0
+            assert ours["vs"] == {"torch": 1.0, "raises": "error", "dies": "error", "poisons": "error",
+                                  "absent": "missing"}
+            wrong = by[("ours-wrong", mode)]
+            assert wrong["status"] == "mismatch" and wrong["rel_err"] == pytest.approx(0.5, rel=1e-3)
+            assert by[("torch", mode)]["status"] == "ok" and by[("absent", mode)]["status"] == "missing"
+
+    later = {r["provider"]: r for r in results[1][1] if r["mode"] == "fwd"}
+    assert later["hangs"]["status"] == "error" and "UNIT_TIMEOUT_S (5 s)" in later["hangs"]["reason"]
+    assert later["ours"]["status"] == "ok" and later["ours"]["rel_err"] == 0.0
+    assert later["ours"]["vs"] == {"torch": 1.0, "hangs": "error"}
+
+    for family, family_rows, meta, _ in results:
+        saved = json.loads((tmp_path / f"{family.name}.json").read_text())
+        assert saved["meta"]["complete"] is True and saved["rows"] == json.loads(json.dumps(family_rows))
+        assert (tmp_path / f"{family.name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "first.md").read_text()
+    assert "dies (error, 6 rows): its worker process died (exit status 3); the cells after it ran in a fresh" in md
+    assert "raises (error, 6 rows): ValueError: this provider cannot take the case" in md
+    assert "hangs (error, 3 rows): it ran longer than UNIT_TIMEOUT_S" in (tmp_path / "second.md").read_text()
+
+
+def test_isolated_run_without_a_gpu_measures_nothing(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    family = _norm_family("first", [harness.Provider("torch", norm._eager)], [_norm_case("rms_norm", False)])
+    run = harness.IsolatedRun([family], quick=False, out_dir=tmp_path)
+    assert run.start() is None and run.finish() == [] and run.workers == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_provider_that_breaks_its_availability_check_is_missing(monkeypatch, tmp_path, cpu_timers):
+    def killer():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    family = _norm_family("first", [harness.Provider("torch", norm._eager), harness.Provider("killer", norm._eager,
+                                                                                            killer)],
+                          [_norm_case("rms_norm", False, dtype=torch.float32)])
+    results = harness.IsolatedRun([family], quick=False, out_dir=tmp_path, meta=_test_meta(),
+                                  device=torch.device("cpu")).finish()
+    by = {r["provider"]: r for r in results[0][1] if r["mode"] == "fwd"}
+    assert by["torch"]["status"] == "ok"
+    assert by["killer"]["status"] == "missing" and "killed by SIGKILL" in by["killer"]["reason"]
+    assert results[0][2]["providers"]["killer"]["available"] is False
+
+
 # ---------------------------------------------------------------------------------------------- writers
 
 
@@ -367,6 +509,107 @@ def test_markdown_json_and_plot_on_synthetic_rows(tmp_path):
     assert "| layer_norm | bf16 | 16384 | 4096 | no | 3 | 3 | 3 | 3 | missing |" in md  # peak MiB
 
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[2].stat().st_size > 10_000
+
+
+def test_ratio_table_from_written_results(tmp_path, capsys):
+    from benchmarks.__main__ import main
+
+    family, meta, rows = _synthetic_rows()
+    mismatch = next(r for r in rows if r["provider"] == "fastlm-cuda" and r["params"]["N"] == 4096
+                    and r["mode"] == "bwd")
+    mismatch.update(status="mismatch", vs={})
+    harness.write_json(tmp_path / "norm.json", dict(meta, quick=True, complete=True), rows)
+    assert main(["--ratios", str(tmp_path), "--op", "norm"]) == 0
+    out = capsys.readouterr().out
+    assert "norm on Test GPU (2026-01-01T00:00:00+00:00, quick subset): peer time / fastlm time" in out
+    lines = out.splitlines()
+    assert "| case | mode | fastlm | vs torch | vs torch.compile | vs liger |" in lines
+    # torch 2.0 ms and torch.compile 1.5 ms over triton's 1.0 and cuda's 1.25; Liger not installed.
+    assert "| layer_norm bf16 rows=16384 N=1024 residual=no | fwd | fastlm-triton | 2.00 | 1.50 | missing |" in lines
+    assert "| layer_norm bf16 rows=16384 N=1024 residual=no | fwd | fastlm-cuda | 1.60 | 1.20 | missing |" in lines
+    assert "| layer_norm bf16 rows=16384 N=4096 residual=no | bwd | fastlm-cuda | mismatch | mismatch | mismatch |" \
+        in lines
+    assert sum(line.startswith("| layer_norm") for line in lines) == 2 * 3 * 2  # cases × modes × fastlm backends
+    assert any("vs torch: ×" in line for line in lines)  # the geometric means follow the table
+    assert main(["--ratios", str(tmp_path / "none"), "--op", "norm"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------- gpu_check.sh
+
+
+H200_SUMMARY = "25 failed, 1167 passed, 25 skipped, 70 warnings, 4 errors in 311.95s (0:05:11)"
+
+
+def test_pytest_summary_lines():
+    log = (f"===== tests (at most 420 s) =====\n.....F...\nFAILED tests/test_a.py::test_b - 3 passed in 2s\n"
+           f"{H200_SUMMARY}\n")
+    assert harness.pytest_summary(log) == {"passed": 1167, "failed": 25, "errors": 4, "skipped": 25,
+                                           "seconds": 311.95, "line": H200_SUMMARY}
+    assert harness.pytest_summary("==================== 3 passed, 1 error in 0.52s ====================\n") == {
+        "passed": 3, "failed": 0, "errors": 1, "skipped": 0, "seconds": 0.52, "line": "3 passed, 1 error in 0.52s"}
+    assert harness.pytest_summary("\x1b[32m12 passed\x1b[0m, 1 xfailed in 3.00s\n")["passed"] == 12
+    assert harness.pytest_summary("no tests ran in 0.01s")["passed"] == 0
+    # Cut off before its closing line (the step's timeout): nothing to report, not a count from a test's output.
+    assert harness.pytest_summary("FAILED tests/test_a.py::test_b - 3 passed in 2s\n....") is None
+    assert harness.pytest_summary("captured stdout\n3 passed in 2s\n" + "F\n" * 30) is None
+
+
+def _family_results(folder, names, **meta):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        harness.write_json(folder / f"{name}.json", dict({"complete": True, "quick": False}, **meta), [])
+
+
+def test_gpu_check_record(tmp_path):
+    folder = tmp_path / "nvidia-h200"
+    names = ["norm", "attention"]
+    assert not harness.bench_complete(folder, names)
+    _family_results(folder, names[:1])
+    assert not harness.bench_complete(folder, names)  # attention did not finish
+    _family_results(folder, names[1:], complete=False)
+    assert not harness.bench_complete(folder, names)
+    _family_results(folder, names[1:], quick=True)
+    assert not harness.bench_complete(folder, names)  # a --quick run is not the full run
+    _family_results(folder, names[1:])
+    assert harness.bench_complete(folder, names) and not harness.bench_complete(folder, [])
+
+    log = tmp_path / "tests.log"
+    log.write_text(f"...\n{H200_SUMMARY}\n")
+    path = harness.write_gpu_check(tmp_path, log, names, device="NVIDIA H200", commit="bfeb9b1")
+    assert path == folder / "gpu_check.json"
+    record = json.loads(path.read_text())
+    assert record.pop("date").startswith("20")
+    assert record == {"commit": "bfeb9b1", "device": "NVIDIA H200", "passed": 1167, "failed": 25, "errors": 4,
+                      "skipped": 25, "seconds": 311.95, "bench_complete": True, "pytest_summary": H200_SUMMARY}
+    # A second call on the same machine that ran no tests: the first call's counts stay, bench_complete is anew.
+    (folder / "norm.json").unlink()
+    record = json.loads(harness.write_gpu_check(tmp_path, None, names, device="NVIDIA H200",
+                                                commit="bfeb9b1").read_text())
+    assert record["passed"] == 1167 and record["seconds"] == 311.95 and record["bench_complete"] is False
+    # Another commit: nothing carried over.
+    record = json.loads(harness.write_gpu_check(tmp_path, None, names, device="NVIDIA H200",
+                                                commit="c0ffee1").read_text())
+    assert record["passed"] is None and record["pytest_summary"] is None and record["commit"] == "c0ffee1"
+
+
+def test_gpu_check_script_records_and_packs_without_a_gpu(tmp_path):
+    script = REPO / "scripts" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    out, results = tmp_path / "out", tmp_path / "results"
+    out.mkdir()
+    (out / "tests.log").write_text(f"===== tests =====\n{H200_SUMMARY}\n")
+    env = dict(os.environ, OUT=str(out), RESULTS=str(results), PY=sys.executable, FASTLM_COMMIT="abc1234",
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", str(script), "record"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    record = json.loads((results / "no-cuda-gpu" / "gpu_check.json").read_text())
+    assert (record["commit"], record["device"], record["passed"], record["bench_complete"]) == (
+        "abc1234", "no CUDA GPU", 1167, False)
+    listing = subprocess.run(["tar", "-tzf", str(out / "results.tar.gz")], capture_output=True, text=True).stdout
+    assert "./no-cuda-gpu/gpu_check.json" in listing.split()
+    bad = subprocess.run(["bash", str(script), "--op", "softmax"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "NAME one of norm" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------------- static report
