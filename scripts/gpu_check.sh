@@ -1,20 +1,37 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine is for, in one call of the device tool (under its 10-minute limit): print the
-# machine, install fastlm offline into the machine's python3 (building the CUDA extension with nvcc), run the full
-# test suite on the GPU, run the benchmark suite, the static kernel report, and compute-sanitizer on a small norm
-# and attention script. Each step runs under its own `timeout`, cut to what is left of the whole budget, so one hang cannot eat
-# the call; a failing step does not stop the next.
+# Everything a lent GPU machine is for, in calls of the device tool (each under its 10-minute limit). Two uses:
 #
-# Usage: scripts/gpu_check.sh [STEP...]   STEP: info install tests bench static sanitizer (default: all, in order)
-#        BENCH_ARGS="--quick" scripts/gpu_check.sh install bench    extra arguments for `python -m benchmarks`
-#        BENCH_OPS="norm cross_entropy" scripts/gpu_check.sh bench   only these benchmark families (default: all)
-# The bench step runs each family in a process of its own, within what is left of the step less BENCH_FLOOR_S for
-# each family after it, and never more than BENCH_FAMILY_MAX_S: a family that overruns is cut alone (keeping the
-# cases it finished, written after each one) without leaving the later ones nothing, and every family that
-# finishes adds its entries to dispatch.json. The whole sweep needs most of a call: after install and tests, run
-# the bench step in a call of its own.
+# 1. The whole check: print the machine, install fastlm offline into the machine's python3 (building the CUDA
+#    extension with nvcc), run the whole test suite on the GPU (pytest-xdist `-n 8 --dist loadfile` and
+#    pytest-timeout `--timeout 150` when importable; never -x, so the counts are complete), run the benchmark
+#    suite, the static kernel report, and compute-sanitizer on a small norm and attention script; then record
+#    benchmarks/results/<device-slug>/gpu_check.json (commit, date, device, the test counts and seconds from
+#    pytest's closing line, bench_complete) and pack the results.
+#      Usage: scripts/gpu_check.sh [STEP...]   STEP: info install tests bench static sanitizer record
+#             (default: all, in order; record also runs after any call that ran tests or bench)
+#      BENCH_ARGS="--quick" scripts/gpu_check.sh install bench    extra arguments for `python -m benchmarks`
+#      BENCH_OPS="norm cross_entropy" scripts/gpu_check.sh bench   only these benchmark families (default: all)
+#    The tests (~5 min on an H200) and the full benchmark sweep do not fit one call: run
+#    `info install tests static sanitizer` and `install bench` as two calls back to back. The results folder
+#    (/tmp/fastlm-results) outlives a call while the machine stays warm, and the record keeps what an earlier call
+#    on the same machine and commit recorded, so the second call's tarball holds the whole record.
+#
+# 2. The tuning loop for one op family, in one call (target: under 2 minutes):
+#      Usage: scripts/gpu_check.sh --op NAME   NAME: norm cross_entropy linear_cross_entropy attention
+#                                                     attention_decode e2e
+#    installs and builds, runs that op's tests (with xdist `--dist load` when importable), benchmarks its --quick
+#    cases against the peers (into a folder of their own, so they never mix with a full run's results), and prints
+#    the ratio table (fastlm backend vs each peer, per case and mode) last.
+#
+# Each step runs under its own `timeout`, cut to what is left of the whole budget, so one hang cannot eat the
+# call; a failing step does not stop the next. The bench step runs each family in a process of its own, within
+# what is left of the step less BENCH_FLOOR_S for each family after it, and never more than BENCH_FAMILY_MAX_S: a
+# family that overruns is cut alone (keeping the cases it finished, written after each one) without leaving the
+# later ones nothing, and every family that finishes adds its entries to dispatch.json. Within a family, a provider
+# that fails or breaks the CUDA context costs its own cells (benchmarks/harness.py, IsolatedRun).
 # Writes to $OUT (the device tool brings back at most 8 files): one log per step, and results.tar.gz holding
-# <device-slug>/{<op>.json,<op>.md,<op>.png,dispatch.json}, to untar into benchmarks/results/.
+# <device-slug>/{<op>.json,<op>.md,<op>.png,dispatch.json,gpu_check.json}, to untar into benchmarks/results/
+# (with --op: op-results.tar.gz, the quick results, not for committing).
 # Liger-Kernel, a benchmark peer, is installed from .whl/*.whl when the call carries it (scripts/README.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +40,9 @@ cd "$(dirname "$0")/.."
 BUDGET_S=570
 INFO_S=30
 INSTALL_S=300
-TESTS_S=240
+TESTS_S=420  # the whole suite took 312 s on an H200 with -n 8 --dist loadfile
+OP_TESTS_S=150  # --op: one op's tests
+OP_BENCH_S=240  # --op: one family's --quick cases
 BENCH_S=500  # 300 for norm and the cross-entropy families, plus attention ~145 s and attention_decode ~51 s (estimates)
 STATIC_S=120
 SANITIZER_S=90
@@ -32,11 +51,26 @@ BENCH_FLOOR_S=30  # the bench step keeps at least this for each benchmark family
 BENCH_FAMILY_MAX_S=200  # the most one benchmark family may take, so that one overrunning cannot starve the rest
 
 OUT=${OUT:-/tmp/gpu_check_out}
-PY=python3
-RESULTS=/tmp/fastlm-results
+PY=${PY:-python3}
+RESULTS=${RESULTS:-/tmp/fastlm-results}  # the full run's results, <device-slug>/... inside
+OP_RESULTS=${OP_RESULTS:-/tmp/fastlm-op-results}  # --op's quick results
 START=$(date +%s)
-STEPS=("$@")
-[ ${#STEPS[@]} -eq 0 ] && STEPS=(info install tests bench static sanitizer)
+OP=""
+if [ "${1:-}" = "--op" ]; then
+    OP=${2:-}
+    case "$OP" in
+        norm | cross_entropy | linear_cross_entropy | attention | attention_decode | e2e) ;;
+        *)
+            echo "usage: $0 --op NAME, NAME one of norm cross_entropy linear_cross_entropy attention" \
+                "attention_decode e2e (got '$OP')" >&2
+            exit 2
+            ;;
+    esac
+    STEPS=(install optests opbench)
+else
+    STEPS=("$@")
+    [ ${#STEPS[@]} -eq 0 ] && STEPS=(info install tests bench static sanitizer record)
+fi
 SUMMARY=()
 mkdir -p "$OUT"
 unset TRITON_INTERPRET
@@ -67,6 +101,31 @@ run_step() {
 }
 
 want() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
+
+# The pytest arguments for one op family's tests (--op).
+op_tests() {
+    case "$1" in
+        norm) echo "tests/test_norm.py" ;;
+        cross_entropy) echo "tests/test_cross_entropy.py -k 'not linear'" ;;
+        linear_cross_entropy) echo "tests/test_cross_entropy.py -k linear" ;;
+        attention | attention_decode) echo "tests/test_attention.py" ;;
+        e2e) echo "tests/test_models.py tests/test_benchmarks.py -k 'not test_benchmarks or e2e'" ;;
+    esac
+}
+
+# The device's results folder name, as the benchmarks name it.
+device_slug() {
+    $PY -c "import torch; from benchmarks.harness import slug; print(slug(torch.cuda.get_device_name()))" \
+        2>/dev/null || echo unknown-device
+}
+
+# pytest's parallel and timeout options, for the plugins this python has (DIST: loadfile or load).
+pytest_options() {
+    local opts=""
+    $PY -c "import xdist" 2>/dev/null && opts="-n 8 --dist $1"
+    $PY -c "import pytest_timeout" 2>/dev/null && opts="$opts --timeout 150"
+    echo "$opts"
+}
 
 if compgen -G ".whl/*.whl" >/dev/null; then
     if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -103,12 +162,23 @@ fi
 want install && TAIL_LINES=8 run_step install "$INSTALL_S" "
     $PY -m pip install --no-build-isolation --no-deps -e . && $PY -c 'import fastlm; print(fastlm.build_info())'"
 
-want tests && TAIL_LINES=25 run_step tests "$TESTS_S" "$PY -m pytest -x -q"
+want tests && TAIL_LINES=40 run_step tests "$TESTS_S" \
+    "$PY -m pytest -q -rfE --durations=15 $(pytest_options loadfile)"
+
+if want optests; then
+    TAIL_LINES=30 run_step optests "$OP_TESTS_S" "$PY -m pytest -q -rfE $(pytest_options load) $(op_tests "$OP")"
+fi
+
+if want opbench; then
+    SLUG=$(device_slug)
+    rm -rf "$OP_RESULTS" && mkdir -p "$OP_RESULTS/$SLUG"
+    TAIL_LINES=30 run_step opbench "$OP_BENCH_S" "$PY -m benchmarks --op $OP --quick --out $OP_RESULTS/$SLUG"
+fi
 
 if want bench; then
-    SLUG=$($PY -c "import torch; from benchmarks.harness import slug; print(slug(torch.cuda.get_device_name()))") \
-        || SLUG=unknown-device
-    rm -rf "$RESULTS" && mkdir -p "$RESULTS/$SLUG"
+    SLUG=$(device_slug)
+    # A fresh sweep: the family results of an earlier call go; the record (gpu_check.json) stays.
+    mkdir -p "$RESULTS/$SLUG" && find "$RESULTS/$SLUG" -maxdepth 1 -type f ! -name gpu_check.json -delete
     cat >/tmp/bench_families.sh <<'SHEOF'
 # Each family in its own process, within what is left of the step less FLOOR_S for each family after it and a
 # few seconds for timeout's kill grace.
@@ -137,8 +207,6 @@ exit $rc
 SHEOF
     TAIL_LINES=40 run_step bench "$BENCH_S" "PY=$PY RESULTS_DIR=$RESULTS/$SLUG BENCH_ARGS='${BENCH_ARGS:-}' \
         BENCH_OPS='${BENCH_OPS:-}' FLOOR_S=$BENCH_FLOOR_S FAMILY_MAX_S=$BENCH_FAMILY_MAX_S bash /tmp/bench_families.sh"
-    tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . &&
-        echo "results.tar.gz: $(cd "$RESULTS" && find . -type f | sort | tr '\n' ' ')"
 fi
 
 want static && TAIL_LINES=25 run_step static "$STATIC_S" "$PY -m benchmarks.static"
@@ -197,6 +265,40 @@ PYEOF
         --tool memcheck --error-exitcode 1 --print-limit 20 $PY /tmp/sanitize_norm.py"
 fi
 
+# The record: gpu_check.json beside the results (benchmarks/harness.py, write_gpu_check), from this call's
+# tests.log and the benchmark results present, keeping what an earlier call on this machine and commit recorded.
+if [ -z "$OP" ] && { want record || want tests || want bench; }; then
+    echo "===== record"
+    $PY - "$RESULTS" "$OUT/tests.log" <<'PYEOF'
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks import harness
+from benchmarks.__main__ import families
+
+results, log = Path(sys.argv[1]), Path(sys.argv[2])
+device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+commit = os.environ.get("FASTLM_COMMIT") or harness._command("git", "rev-parse", "--short", "HEAD")
+path = harness.write_gpu_check(results, log if log.exists() else None, families(), device=device, commit=commit)
+print(f"{path}: {path.read_text()}", end="")
+PYEOF
+fi
+
+if [ -n "$OP" ]; then
+    [ -d "$OP_RESULTS" ] && tar -czf "$OUT/op-results.tar.gz" -C "$OP_RESULTS" .
+elif [ -d "$RESULTS" ] && [ -n "$(find "$RESULTS" -type f)" ]; then
+    tar -czf "$OUT/results.tar.gz" -C "$RESULTS" . &&
+        echo "results.tar.gz: $(cd "$RESULTS" && find . -type f | sort | tr '\n' ' ')"
+fi
+
 echo
 echo "===== gpu_check: $(($(date +%s) - START)) s of ${BUDGET_S} s; in \$OUT: $(ls "$OUT" | tr '\n' ' ')"
 printf '%s\n' "${SUMMARY[@]}"
+if [ -n "$OP" ]; then
+    echo
+    echo "===== $OP: fastlm against the peers (--quick cases; peer time / fastlm time, > 1: fastlm faster)"
+    $PY -m benchmarks --ratios "$OP_RESULTS/${SLUG:-$(device_slug)}" --op "$OP"
+fi
