@@ -23,13 +23,16 @@ from pathlib import Path
 import benchmarks
 from benchmarks import harness
 
-SUPPORT_MODULES = {"harness", "static"}  # modules of the package that are not benchmark families
+# Modules of the package that are not benchmark families. overhead must not even be imported here: it sets
+# TRITON_INTERPRET=1 for the rest of the process, and every fastlm Triton kernel defined after that would run in
+# Triton's interpreter. test_* modules are pytest files (test_families.py times these families under pytest).
+SUPPORT_MODULES = {"harness", "static", "overhead"}
 
 
 def families() -> dict:
     found = {}
     for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda m: m.name):
-        if info.name.startswith("_") or info.name in SUPPORT_MODULES:
+        if info.name.startswith(("_", "test_")) or info.name in SUPPORT_MODULES:
             continue
         module = importlib.import_module(f"benchmarks.{info.name}")
         # A module declares one family (FAMILY) or several (FAMILIES).
