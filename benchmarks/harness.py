@@ -309,16 +309,13 @@ def _bench_after(prepare, timed) -> float:
     This times the backward: each call consumes a graph that a fresh, untimed forward built just before, as in
     training. (A graph built once and kept with retain_graph=True would serve too, but torch.compile donates its
     saved buffers to the backward and refuses retain_graph.)"""
-    import triton.runtime
-
-    driver = triton.runtime.driver.active
-    cache = driver.get_empty_cache_for_benchmark()
+    flush = l2_flusher()
 
     def run(n):
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
         for start, end in events:
             state = prepare()
-            driver.clear_cache(cache)
+            flush()
             start.record()
             timed(state)
             end.record()
@@ -332,6 +329,16 @@ def _bench_after(prepare, timed) -> float:
     per_call_ms = max((time.perf_counter() - start) * 1e3 / 5, 1e-3)
     run(max(1, int(WARMUP_MS / per_call_ms)))
     return statistics.median(run(max(1, int(REP_MS / per_call_ms))))
+
+
+def l2_flusher():
+    """A no-argument callable that evicts the L2 cache as do_bench does before each call (it zeroes a buffer larger
+    than the L2, allocated here once): _bench_after's flush, and benchmarks/test_families.py's."""
+    import triton.runtime
+
+    driver = triton.runtime.driver.active
+    cache = driver.get_empty_cache_for_benchmark()
+    return lambda: driver.clear_cache(cache)
 
 
 def _measure(mode: str, fn, sets) -> tuple:

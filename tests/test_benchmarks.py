@@ -997,3 +997,42 @@ def test_e2e_case_runs_on_cpu(cpu_timers, monkeypatch):
         table = e2e.tokens_per_second(rows)
         assert [(m, p) for m, p, *_ in table] == [(model, "fastlm"), (model, "torch")]
         assert table[0][2] == pytest.approx(2 * 16 / 2e-3)  # 32 tokens in the stubbed 2 ms
+
+
+# ---------------------------------------------------------------------------------------------- pytest-benchmark
+
+
+def test_families_as_pytest_benchmarks_collect_every_cell_and_skip_without_a_gpu():
+    """benchmarks/test_families.py (`pytest benchmarks --benchmark-only`): one test per family × case × provider ×
+    mode, the quick cases unless FASTLM_BENCH_FULL=1, and without a GPU every one skips saying so."""
+    from benchmarks.__main__ import families
+
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTLM_BENCH_FULL", "PYTEST_ADDOPTS")}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+
+    def pytest_run(*args, **extra_env):
+        return subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_families.py", "-q", "-p",
+                               "no:cacheprovider", *args], cwd=REPO, env=dict(env, **extra_env), capture_output=True,
+                              text=True, timeout=300)
+
+    def expected(quick):
+        return {f"benchmarks/test_families.py::test_family[{f.name}/{c.label.replace(' ', '-')}/{p.name}/{m}]"
+                for f in families().values() for c in f.cases(quick) for p in f.providers for m in f.modes}
+
+    def node_ids(proc):
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return [line for line in proc.stdout.splitlines() if "::test_family[" in line]
+
+    quick = node_ids(pytest_run("--collect-only"))
+    assert len(quick) == len(set(quick)) and set(quick) == expected(quick=True)
+    assert {"norm", "cross_entropy", "attention", "e2e"} <= {i.split("[")[1].split("/")[0] for i in quick}
+    full = node_ids(pytest_run("--collect-only", FASTLM_BENCH_FULL="1"))
+    assert len(full) == len(set(full)) and set(full) == expected(quick=False) and len(full) > len(quick)
+
+    ran = pytest_run("--benchmark-only", "-rs")
+    summary = harness.pytest_summary(ran.stdout)
+    assert ran.returncode == 0 and summary is not None, ran.stdout + ran.stderr
+    assert summary["skipped"] == len(quick), summary
+    assert summary["passed"] == summary["failed"] == summary["errors"] == 0, summary
+    assert f"SKIPPED [{len(quick)}] benchmarks/test_families.py" in ran.stdout
+    assert "needs a CUDA GPU" in ran.stdout
