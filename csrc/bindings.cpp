@@ -71,6 +71,23 @@ void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, in
                    int64_t num_splits, int device, int64_t stream);
 }  // namespace fastlm
 
+// Defined in rotary.cu; likewise.
+namespace fastlm {
+void rotary(int64_t x, std::vector<int64_t> x_strides, int64_t cos, int64_t sin, std::vector<int64_t> cos_strides,
+            int64_t out, std::vector<int64_t> out_strides, int64_t batch, int64_t seqlen, int64_t heads,
+            int64_t head_dim, int64_t rot, int dtype, int cdtype, bool interleaved, bool backward, int device,
+            int64_t stream);
+}  // namespace fastlm
+
+// Defined in gated.cu; likewise.
+namespace fastlm {
+void gated_fwd(int64_t gate, int64_t gate_stride, int64_t up, int64_t up_stride, int64_t h, int64_t h_stride,
+               int64_t M, int64_t N, int dtype, int activation, int device, int64_t stream);
+void gated_bwd(int64_t dh, int64_t dh_stride, int64_t gate, int64_t gate_stride, int64_t up, int64_t up_stride,
+               int64_t dgate, int64_t dgate_stride, int64_t dup, int64_t dup_stride, int64_t M, int64_t N, int dtype,
+               int activation, int device, int64_t stream);
+}  // namespace fastlm
+
 namespace {
 
 // "13.0" for CUDA 13.0: the runtime linked statically into this module (no GPU needed to ask).
@@ -169,5 +186,29 @@ PYBIND11_MODULE(_C, m) {
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("total_q"), py::arg("total_k"), py::arg("dtype"),
         py::arg("scale"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"), py::arg("workspace"),
         py::arg("workspace_numel"), py::arg("num_splits"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("rotary", &fastlm::rotary,
+        "Rotary position embedding of x (batch, seq, heads, head_dim) over its first rot features (the rest copied) "
+        "into out. Strides in elements: x and out (batch, seq, head), feature stride 1; cos and sin (batch, seq) "
+        "(batch 0: one table), feature stride 1, one dtype (cdtype: float32 or x's). backward applies the "
+        "transpose (the gradient).",
+        py::arg("x"), py::arg("x_strides"), py::arg("cos"), py::arg("sin"), py::arg("cos_strides"), py::arg("out"),
+        py::arg("out_strides"), py::arg("batch"), py::arg("seqlen"), py::arg("heads"), py::arg("head_dim"),
+        py::arg("rot"), py::arg("dtype"), py::arg("cdtype"), py::arg("interleaved"), py::arg("backward"),
+        py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("gated_fwd", &fastlm::gated_fwd,
+        "h = act(gate)·up over (M, N) operands (unit column stride, row strides in elements). activation: 0 silu "
+        "(SwiGLU), 1 gelu tanh, 2 gelu erf (GeGLU).",
+        py::arg("gate"), py::arg("gate_stride"), py::arg("up"), py::arg("up_stride"), py::arg("h"),
+        py::arg("h_stride"), py::arg("M"), py::arg("N"), py::arg("dtype"), py::arg("activation"), py::arg("device"),
+        py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("gated_bwd", &fastlm::gated_bwd,
+        "Backward of gated_fwd: writes dgate = dh·up·act'(gate) and dup = dh·act(gate).",
+        py::arg("dh"), py::arg("dh_stride"), py::arg("gate"), py::arg("gate_stride"), py::arg("up"),
+        py::arg("up_stride"), py::arg("dgate"), py::arg("dgate_stride"), py::arg("dup"), py::arg("dup_stride"),
+        py::arg("M"), py::arg("N"), py::arg("dtype"), py::arg("activation"), py::arg("device"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
 }

@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 from fastlm import nn
 from fastlm._backend import BACKENDS, BackendUnavailable, get_backend, set_backend, use_backend
-from fastlm.ops import (attention, cross_entropy, layer_norm, linear_cross_entropy, rms_norm,
-                        scaled_dot_product_attention)
+from fastlm.ops import (attention, cross_entropy, geglu, layer_norm, linear_cross_entropy, rms_norm, rotary_embedding,
+                        scaled_dot_product_attention, swiglu)
 from fastlm.integrations import patch, unpatch
 
 
@@ -26,14 +26,17 @@ __all__ = [
     "attention",
     "build_info",
     "cross_entropy",
+    "geglu",
     "get_backend",
     "layer_norm",
     "linear_cross_entropy",
     "nn",
     "patch",
     "rms_norm",
+    "rotary_embedding",
     "scaled_dot_product_attention",
     "set_backend",
+    "swiglu",
     "unpatch",
     "use_backend",
 ]

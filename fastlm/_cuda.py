@@ -15,7 +15,12 @@ Attention: `attention_unsupported` says (host check only) whether the CUDA kerne
 layer's dispatch; `attention_fwd` writes preallocated out and lse, choosing the FlashAttention-2 kernel or, for
 short query sides, the split-KV decode kernel, whose fp32 workspace it allocates here.
 
-Roofline and kernel design: csrc/norm.cu, csrc/cross_entropy.cu, csrc/attention.cu.
+Rotary embedding and the gated activations (SwiGLU, GeGLU) follow the launcher contract every op is moving to:
+`rotary_fwd`/`rotary_bwd` and `gated_fwd`/`gated_bwd` take tensors and return new ones, with the signatures of the
+Triton launchers of the same names (kernels/rotary.py, kernels/gated.py), outputs allocated with
+`kernels._common.empty`.
+
+Roofline and kernel design: csrc/norm.cu, csrc/cross_entropy.cu, csrc/attention.cu, csrc/rotary.cu, csrc/gated.cu.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from fastlm.kernels._common import empty
 from fastlm.kernels.cross_entropy import scalars
+from fastlm.kernels.gated import ACTIVATIONS, rows_view
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _NOT_BUILT = "fastlm._C is not built (nvcc was not found at install time, or FASTLM_BUILD_CUDA=0)"
@@ -503,3 +509,108 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q, total_k, _DTYPE_CODES[q.dtype], float(scale),
         window_left, window_right, float(softcap or 0.0), _ptr(workspace), numel, splits, index, _stream(q),
     )
+
+
+# --- rotary embedding ------------------------------------------------------------------------------------------------
+
+
+def _size1_zero(t):
+    """t's strides with those of size-1 dimensions set to 0: never multiplied by a non-zero index, so they must not
+    cost the kernel its 16-byte accesses."""
+    return [0 if n == 1 else st for n, st in zip(t.shape, t.stride())]
+
+
+def _rotary(x, cos, sin, interleaved, heads_first, backward):
+    ext = _require("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D, got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"x must have unit feature stride, got strides {x.stride()}")
+    xv = x.transpose(1, 2) if heads_first else x  # (batch, seq, heads, head_dim)
+    batch, seqlen, heads, head_dim = xv.shape
+    for name, t in (("cos", cos), ("sin", sin)):
+        _same_device(name, t, x)
+        if t.dim() not in (2, 3) or t.shape[-2] != seqlen or (t.dim() == 3 and t.shape[0] not in (1, batch)):
+            raise ValueError(f"{name} must have shape (seq, rot) or (batch or 1, seq, rot) with seq {seqlen} and "
+                             f"batch {batch}, got {tuple(t.shape)}")
+        if t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit feature stride, got strides {t.stride()}")
+    if cos.shape != sin.shape or cos.dtype != sin.dtype:
+        raise ValueError(f"cos and sin must have one shape and dtype, got {tuple(cos.shape)} {cos.dtype} and "
+                         f"{tuple(sin.shape)} {sin.dtype}")
+    rot = cos.shape[-1]
+    if rot < 2 or rot % 2 or rot > head_dim:
+        raise ValueError(f"cos's last dimension (rot) must be even, ≥ 2 and ≤ head_dim {head_dim}, got {rot}")
+    c3 = cos if cos.dim() == 3 else cos.unsqueeze(0)
+    cos_strides = _size1_zero(c3)[:2]
+    if cos_strides != _size1_zero(sin if sin.dim() == 3 else sin.unsqueeze(0))[:2]:
+        raise ValueError(f"cos and sin must have equal strides, got {cos.stride()} and {sin.stride()}")
+    out = empty(x.shape, x.dtype, x.device)
+    if out.numel() == 0:
+        return out
+    ov = out.transpose(1, 2) if heads_first else out
+    ext.rotary(
+        x.data_ptr(), _size1_zero(xv)[:3], cos.data_ptr(), sin.data_ptr(), cos_strides, out.data_ptr(),
+        _size1_zero(ov)[:3], batch, seqlen, heads, head_dim, rot, _DTYPE_CODES[x.dtype], _DTYPE_CODES[cos.dtype],
+        bool(interleaved), bool(backward), x.device.index, _stream(x),
+    )
+    return out
+
+
+def rotary_fwd(x, cos, sin, interleaved, heads_first):
+    """As kernels/rotary.py's rotary_fwd: x (batch, seq, heads, head_dim), or (batch, heads, seq, head_dim) when
+    heads_first, unit feature stride; cos, sin (seq, rot) or (batch or 1, seq, rot), unit feature stride, one dtype
+    (float32 or x's) and equal strides. Returns out: x's shape (contiguous) and dtype."""
+    return _rotary(x, cos, sin, interleaved, heads_first, False)
+
+
+def rotary_bwd(dy, cos, sin, interleaved, heads_first):
+    """Backward of rotary_fwd (the transpose of the rotation): dy like x. Returns dx, contiguous."""
+    return _rotary(dy, cos, sin, interleaved, heads_first, True)
+
+
+# --- gated activations (SwiGLU, GeGLU) -------------------------------------------------------------------------------
+
+
+def _gated_operands(activation, named):
+    """(rows, N) operands of one shape and dtype with unit column stride; returns (ext, the activation's code)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    ref_name, ref = named[0]
+    ext = _require(ref_name, ref)
+    M, N = _rows(ref_name, ref, ref)
+    for name, t in named[1:]:
+        _rows(name, t, ref, M, N, ref.dtype)
+    return ext, ACTIVATIONS[activation]
+
+
+def gated_fwd(gate, up, activation):
+    """As kernels/gated.py's gated_fwd: h = act(gate)·up for (M, N) gate and up of one dtype, unit column stride;
+    activation "silu", "gelu_tanh" or "gelu". Returns h (M, N), contiguous."""
+    ext, code = _gated_operands(activation, (("gate", gate), ("up", up)))
+    h = empty(gate.shape, gate.dtype, gate.device)
+    if h.numel() > 0:
+        g, u, hv = rows_view(gate, up, h)
+        M, N = hv.shape
+        ext.gated_fwd(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), hv.data_ptr(), hv.stride(0), M, N,
+                       _DTYPE_CODES[gate.dtype], code, gate.device.index, _stream(gate))
+    return h
+
+
+def gated_bwd(dh, gate, up, activation):
+    """As kernels/gated.py's gated_bwd: (dgate, dup), each (M, N) contiguous in the gate's dtype."""
+    ext, code = _gated_operands(activation, (("gate", gate), ("up", up), ("dh", dh)))
+    dgate = empty(gate.shape, gate.dtype, gate.device)
+    dup = empty(gate.shape, gate.dtype, gate.device)
+    if dgate.numel() > 0:
+        d, g, u, dg, du = rows_view(dh, gate, up, dgate, dup)
+        M, N = dg.shape
+        ext.gated_bwd(d.data_ptr(), d.stride(0), g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0),
+                       dg.data_ptr(), dg.stride(0), du.data_ptr(), du.stride(0), M, N, _DTYPE_CODES[gate.dtype], code,
+                       gate.device.index, _stream(gate))
+    return dgate, dup
+

@@ -176,3 +176,40 @@ def attention(q, k, v, causal=False, scale=None, window=(-1, -1), softcap=0.0, c
     out, lse = attention_masked(q, k, v, scale, *attention_window(causal, window), softcap, cu_seqlens_q,
                                 cu_seqlens_k)
     return (out, lse) if return_lse else out
+
+
+def rotary_embedding(x, cos, sin, interleaved=False, heads_first=False):
+    """Rotary position embedding over the first rot = cos.shape[-1] features of each head; the rest pass through.
+
+    x (batch, seq, heads, head_dim), or (batch, heads, seq, head_dim) with heads_first; cos, sin (seq, rot) or
+    (batch or 1, seq, rot) in Hugging Face's full-width form. With x_r = x[..., :rot]:
+      out[..., :rot] = x_r · cos + rotate(x_r) · sin,
+    rotate-half (interleaved False: Llama, Qwen, Mistral, Gemma): rotate(x_r) = cat(−x_r[rot/2:], x_r[:rot/2]);
+    interleaved (GPT-J): rotate(x_r)[2i] = −x_r[2i+1], rotate(x_r)[2i+1] = x_r[2i].
+    Computed in float32 (float64 for float64 x), rounded once to x's dtype; the pass-through features are copied."""
+    ct = _compute_dtype(x)
+    rot = cos.shape[-1]
+    # Broadcast (seq, rot) or (batch, seq, rot) against x's layout: a unit heads dimension next to seq.
+    c = cos.to(ct).unsqueeze(-3 if heads_first else -2)
+    s = sin.to(ct).unsqueeze(-3 if heads_first else -2)
+    xr = x[..., :rot].to(ct)
+    if interleaved:
+        rotated = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    out = (xr * c + rotated * s).to(x.dtype)
+    return torch.cat((out, x[..., rot:]), dim=-1)
+
+
+def swiglu(gate, up):
+    """silu(gate) · up, computed in float32 (float64 for float64 inputs), rounded once to the inputs' dtype."""
+    ct = _compute_dtype(gate)
+    return (torch.nn.functional.silu(gate.to(ct)) * up.to(ct)).to(gate.dtype)
+
+
+def geglu(gate, up, approximate="tanh"):
+    """gelu(gate, approximate) · up ("tanh" or "none"), computed in float32 (float64 for float64 inputs), rounded
+    once to the inputs' dtype."""
+    ct = _compute_dtype(gate)
+    return (torch.nn.functional.gelu(gate.to(ct), approximate=approximate) * up.to(ct)).to(gate.dtype)

@@ -69,7 +69,9 @@ def tanh_and_sech2(u):
     a = tl.abs(u)
     e = tl.exp(-2.0 * a)
     big = (1.0 - e) / (1.0 + e)
-    u2 = u * u
+    is_small = a < 0.55
+    us = tl.where(is_small, u, 0.0)  # the series only where it is used: elsewhere u¹⁷ and its square overflow
+    u2 = us * us
     p = 6404582.0 / 10854718875.0
     p = -929569.0 / 638512875.0 + u2 * p
     p = 21844.0 / 6081075.0 + u2 * p
@@ -78,8 +80,7 @@ def tanh_and_sech2(u):
     p = -17.0 / 315.0 + u2 * p
     p = 2.0 / 15.0 + u2 * p
     p = -1.0 / 3.0 + u2 * p
-    small = u + u * (u2 * p)
-    is_small = a < 0.55
+    small = us + us * (u2 * p)
     th = tl.where(is_small, small, tl.where(u < 0, -big, big))
     sech2 = tl.where(is_small, 1.0 - small * small, 4.0 * e / ((1.0 + e) * (1.0 + e)))
     return th, sech2
