@@ -72,7 +72,10 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothin
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     logp = torch.log_softmax(z, -1)  # not z − logsumexp(z): that rounds at the magnitude of the logsumexp
-    tk = torch.where(keep, t, torch.zeros_like(t))
+    # A target outside [0, V) (other than ignore_index) gives that row a NaN loss, as the kernels do: checking it
+    # on a GPU would sync (the ops layer refuses such targets when they are on the CPU).
+    bad = keep & ((t < 0) | (t >= V))
+    tk = torch.where(keep & ~bad, t, torch.zeros_like(t))
     w = weight.to(ct) if weight is not None else None
     w_t = w[tk] if w is not None else torch.ones_like(tk, dtype=ct)
     nll = -logp.gather(1, tk[:, None])[:, 0] * w_t
@@ -83,6 +86,7 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, label_smoothin
     if z_loss > 0:
         loss = loss + z_loss * torch.logsumexp(z, -1).square()
     loss = torch.where(keep, loss, torch.zeros_like(loss))
+    loss = torch.where(bad, torch.full_like(loss, float("nan")), loss)
     if reduction == "none":
         return loss.reshape(target.shape)
     if reduction == "sum":

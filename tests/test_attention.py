@@ -318,6 +318,13 @@ def test_bad_input_is_refused_before_any_kernel(call, error, match):
         call()
 
 
+def test_sdpa_head_dim_mismatch_names_query_and_key():
+    q, k = torch.randn(1, 2, 4, 16), torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"query and key must have the same head dim.*query \(1, 2, 4, 16\) and key "
+                                         r"\(1, 2, 4, 8\)"):
+        fastlm.scaled_dot_product_attention(q, k, k)
+
+
 def _bad_varlen(cu, total=10, max_q=8, max_k=8):
     cu = torch.tensor(cu, dtype=torch.int32)
     q, k = torch.randn(total, 2, 16), torch.randn(total, 1, 16)

@@ -284,6 +284,9 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         why = "dropout"
     elif not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
         why = "inputs that are not 4-D (batch, heads, seqlen, head_dim)"
+    elif query.shape[-1] != key.shape[-1]:
+        raise ValueError(f"query and key must have the same head dim (their last dimension), got query "
+                         f"{tuple(query.shape)} and key {tuple(key.shape)}")
     elif query.shape[-1] > MAX_HEAD_DIM or query.shape[-1] != value.shape[-1]:
         why = f"head dims other than q = k = v ≤ {MAX_HEAD_DIM}"
     if why is not None:

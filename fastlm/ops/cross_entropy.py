@@ -148,6 +148,7 @@ def _check(logits, target, weight, ignore_index, label_smoothing, reduction, z_l
     _check_target_and_weight(target, logits.shape[:-1], logits.shape[-1], weight, "weight", logits, "logits",
                              " (logits' shape without the class dimension)")
     _check_options(ignore_index, label_smoothing, reduction, z_loss, softcap)
+    _check_target_values(target, logits.shape[-1], ignore_index)
 
 
 def _check_target_and_weight(target, rows_shape, V, weight, weight_name, ref, ref_name, rows_why):
@@ -165,6 +166,18 @@ def _check_target_and_weight(target, rows_shape, V, weight, weight_name, ref, re
     _checks.same_device("target", target, ref_name, ref)
     if weight is not None:
         _checks.same_device(weight_name, weight, ref_name, ref)
+
+
+def _check_target_values(target, V, ignore_index):
+    """Targets on the CPU are read (no sync there): each must be in [0, V) or ignore_index. On a GPU they are not
+    read (a sync per call); there an out-of-range target gives its row a NaN loss and gradient on every backend."""
+    if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= V))
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0]) if target.dim() == 1 else tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"target must hold class indices in [0, {V}) or ignore_index ({ignore_index}); "
+                         f"target[{first}] is {int(target[bad][0])}")
 
 
 def _check_options(ignore_index, label_smoothing, reduction, z_loss, softcap):
@@ -189,10 +202,16 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, label_smoot
     softcap · tanh(logits / softcap) before the softmax (Gemma 2). The loss is float32 whatever the logits' dtype.
     When the logits need a gradient it is computed in the forward pass into a buffer of its own (the logits are
     never written).
+    Out-of-range targets: each target must be in [0, V) or equal ignore_index. Targets on the CPU are checked
+    (ValueError naming the first bad one); on a GPU they are not read, since that would synchronize the host with the
+    device, and a row with an out-of-range target gets a NaN loss (and NaN gradient) on every backend, so a mean
+    over it is NaN.
     """
     _check(logits, target, weight, ignore_index, label_smoothing, reduction, z_loss, softcap)
     V = logits.shape[-1]
-    backend = _backend.resolve("cross_entropy", logits.device, logits.dtype)
+    # Meta tensors (shapes only) take the reference's shapes under every backend.
+    backend = "torch" if logits.device.type == "meta" else _backend.resolve("cross_entropy", logits.device,
+                                                                             logits.dtype)
     if backend == "torch":
         return reference.cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction, z_loss,
                                        softcap)
@@ -396,14 +415,15 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None
     hidden (..., H) float32, float16 or bfloat16; weight (V, H) and bias (V,) or None in hidden's dtype; target
     (...) int64 or int32; class_weight (V,) per-class loss weights (cross_entropy's `weight`, renamed here because
     `weight` is the projection). Other keywords as fastlm.cross_entropy. Gradients for hidden, weight and bias;
-    d(weight) and d(bias) accumulate in fp32 across token chunks.
+    d(weight) and d(bias) accumulate in fp32 across token chunks. Out-of-range targets as fastlm.cross_entropy.
     Under autocast, hidden, weight and bias are cast to the autocast dtype first, as autocast would cast them for
     the `hidden @ weight.T` this replaces (fp32 master weights with bf16 activations work); the loss stays fp32.
     """
     _checks.tensor("hidden", hidden)
     _checks.tensor("weight", weight)
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    # is_autocast_enabled raises for a device type autocast does not know (meta).
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
@@ -436,7 +456,9 @@ def _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_ind
     if bias is not None:
         _checks.same_device("bias", bias, "hidden", hidden)
     _check_options(ignore_index, label_smoothing, reduction, z_loss, softcap)
-    backend = _backend.resolve("linear_cross_entropy", hidden.device, hidden.dtype)
+    _check_target_values(target, V, ignore_index)
+    backend = "torch" if hidden.device.type == "meta" else _backend.resolve("linear_cross_entropy", hidden.device,
+                                                                             hidden.dtype)
     if backend == "torch":
         return reference.linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index,
                                               label_smoothing, reduction, z_loss, softcap)
