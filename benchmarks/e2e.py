@@ -1,5 +1,10 @@
-"""End-to-end training steps: fastlm.models.GPT against the same model in plain PyTorch (eager and torch.compile),
-Hugging Face transformers, and Hugging Face patched by Liger-Kernel, at GPT-2 124M and Llama 3.2 1B shapes.
+"""End-to-end training steps, two families.
+
+e2e: fastlm.models.GPT against the same model in plain PyTorch (eager and torch.compile), Hugging Face
+transformers, and Hugging Face patched by Liger-Kernel, at GPT-2 124M and Llama 3.2 1B shapes.
+e2e_hf: a Hugging Face model as users have it — transformers' LlamaForCausalLM at Llama 3.2 1B's shapes and
+Qwen3ForCausalLM at Qwen3 1.7B's, random weights — as it is (`hf`), patched by Liger-Kernel (`liger`) and patched by
+fastlm (`fastlm.patch`). (A family of its own: its reference is `hf`, e2e's is the eager twin.)
 
 What one timed call is: a whole training step, forward, backward and optimizer step (AdamW, fused, lr 1e-4), then
 the gradients dropped (zero_grad(set_to_none=True)). The harness has no mode for that, so this family times one
@@ -18,7 +23,7 @@ bf16 matmul rate measured in the run is the MFU. Tokens per second = batch · se
 RESULTS.json` prints them. Peak memory is the harness's: the extra memory of one step over what is allocated before
 it (the weights and the optimizer state are not in it; gradients and activations are).
 
-Providers:
+Providers of e2e:
   fastlm         fastlm.models.GPT, fastlm's `auto` backend: fused residual + norm, fastlm.attention, and
                  linear_cross_entropy (no logits).
   torch          EagerGPT below: the same architecture and parameter names in plain PyTorch, what a user writes:
@@ -32,6 +37,16 @@ Providers:
   liger          the hf model patched by Liger-Kernel's apply_liger_kernel_to_<model> (its defaults: RMSNorm, RoPE,
                  SwiGLU, fused linear cross-entropy). Liger patches transformers' classes globally, so it runs last.
                  Liger has no GPT-2 patch: that case says skipped.
+Providers of e2e_hf (each builds the case's model from SEED, transformers' own init, bf16, sdpa attention: the same
+weights for each; the step is `_hf_step`'s, as for e2e's hf):
+  hf             the transformers model as it is (the reference).
+  fastlm.patch   fastlm.patch(model): its RMSNorms, rotary embedding, SwiGLU, attention and the causal-LM loss (no
+                 logits) on fastlm's kernels, backend auto.
+  liger          Liger-Kernel's apply_liger_kernel_to_<model>(model=model), as `_apply_liger_kernel_to_instance` calls
+                 it (defaults: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); last, as in e2e.
+  Liger replaces names in transformers' modeling modules (the RMSNorm and MLP classes, apply_rotary_pos_emb): every
+  Hugging Face build in this module first puts back what it replaced (`_restore_transformers`), so a model built
+  after a liger row, in either family, is transformers' own.
 Targets: random tokens, the last position of each row ignored (−100), so that Hugging Face's shifted labels give the
 same loss as ours.
 
@@ -39,7 +54,9 @@ GPU time, an estimate (not measured: no GPU was available when this was written)
 the two torch.compile builds (~15–25 s each with regional compilation); the steps themselves (GPT-2: 16 × 1024
 tokens, ~50 ms; Llama 1B: 4 × 2048 tokens, ~200 ms; ~10 steps per provider with do_bench's warm-up) and the model
 builds take the rest. --quick runs the GPT-2 case alone. Each model runs at a sequence length it supports: GPT-2 at
-its 1024 positions, Llama at 2048.
+its 1024 positions, Llama at 2048. e2e_hf, also an estimate: Llama 1B ~64 TFLOP and Qwen3 1.7B ~90 TFLOP a step
+(4 × 2048 tokens), a few hundred ms each on an H100/H200, ~10 steps and one model build (seconds) per provider:
+under a minute in all. Its --quick case is the Llama model on one sequence of 2048 (a quarter of the step).
 """
 
 import sys
@@ -56,6 +73,10 @@ from benchmarks.harness import Case, Family, Provider
 # float32 logits, 4 GiB, and their gradient dominate the peers' memory).
 CASES = (("gpt2-124m", 16, 1024), ("llama-1b", 4, 2048))
 QUICK_CASES = CASES[:1]
+# e2e_hf: transformers' models at Llama 3.2 1B's and Qwen3 1.7B's shapes, 8192 tokens a step; --quick: 2048.
+HF_CASES = (("llama-1b-hf", 4, 2048), ("qwen3-1.7b-hf", 4, 2048))
+HF_QUICK_CASES = (("llama-1b-hf", 1, 2048),)
+HF_MODEL_TYPES = {"llama-1b-hf": "llama", "qwen3-1.7b-hf": "qwen3"}  # e2e_hf's models: their transformers type
 DTYPE = torch.bfloat16
 DEVICE = "cuda"  # where the models are built: the current CUDA device, where the harness puts the inputs
 LR = 1e-4
@@ -65,19 +86,53 @@ SEED = 0
 
 
 def model_config(name: str):
+    """The case's model as a GPTConfig: fastlm's model for e2e; for e2e_hf the same shapes (its FLOPs and vocab)."""
     from fastlm.models import GPTConfig
 
-    return {"gpt2-124m": GPTConfig.gpt2_124m, "llama-1b": GPTConfig.llama_1b}[name]()
+    return {"gpt2-124m": GPTConfig.gpt2_124m, "llama-1b": GPTConfig.llama_1b, "llama-1b-hf": GPTConfig.llama_1b,
+            "qwen3-1.7b-hf": qwen3_1_7b}[name]()
+
+
+def qwen3_1_7b(**overrides):
+    """Qwen3 1.7B's shapes (its public config): 28 layers, 2048 wide, 16 query and 8 kv heads of 128, SwiGLU 6144,
+    151936 tokens, rope θ 10⁶, RMSNorm eps 10⁻⁶, embeddings tied. Its q and k RMSNorms are no matmul: not counted."""
+    from fastlm.models import GPTConfig
+
+    return GPTConfig(**{**dict(vocab_size=151936, block_size=40960, n_layer=28, n_head=16, n_kv_head=8, n_embd=2048,
+                               head_dim=128, intermediate_size=6144, norm="rmsnorm", mlp="swiglu", pos="rope",
+                               bias=False, tie_embeddings=True, eps=1e-6, rope_theta=1e6), **overrides})
+
+
+def hf_model_config(name: str):
+    """The transformers config of an e2e_hf model, from model_config(name): a LlamaConfig (fastlm.models.gpt's
+    hf_config: Llama 3's rope scaling, tied as Llama 3.2 1B) or a Qwen3Config (q/k norms, no sliding window)."""
+    import transformers
+    from fastlm.models.gpt import hf_config
+
+    c = model_config(name)
+    if HF_MODEL_TYPES[name] == "llama":
+        return hf_config(c)[1]
+    return transformers.Qwen3Config(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        head_dim=c.head_dim, max_position_embeddings=c.block_size, rms_norm_eps=c.eps,
+        rope_parameters={"rope_type": "default", "rope_theta": c.rope_theta}, tie_word_embeddings=c.tie_embeddings,
+        attention_bias=c.bias, use_sliding_window=False, hidden_act="silu", bos_token_id=None, eos_token_id=None,
+        pad_token_id=None)
 
 
 # ---------------------------------------------------------------------------------------------- the eager twin
 
 
 def _eager_attention(config):
-    """fastlm.models.gpt.Attention (the same projections and rotary) with torch's SDPA in place of fastlm's."""
-    from fastlm.models.gpt import Attention
+    """fastlm.models.gpt.Attention (the same projections) with the rotary embedding in plain PyTorch (apply_rope, on
+    rope_cos_sin's tables) and torch's SDPA in place of fastlm's ops."""
+    from fastlm.models.gpt import Attention, apply_rope
 
     class EagerAttention(Attention):
+        def rotate(self, x, rope):
+            return apply_rope(x, *rope)
+
         def forward(self, x, rope):
             q, k, v = (t.transpose(1, 2) for t in self.project(x, rope))
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
@@ -92,15 +147,27 @@ def _eager_norm(config):
     return nn.RMSNorm(config.n_embd, eps=config.eps)
 
 
+def _eager_mlp(config):
+    """fastlm.models.gpt.MLP (the same fused fc and proj) with SwiGLU as F.silu(gate) * up."""
+    from fastlm.models.gpt import MLP
+
+    class EagerMLP(MLP):
+        def activation(self, h):
+            if self.gated:
+                gate, up = h.chunk(2, dim=-1)
+                return F.silu(gate) * up
+            return F.gelu(h, approximate="tanh")
+
+    return EagerMLP(config)
+
+
 class _EagerBlock(nn.Module):
     def __init__(self, config):
-        from fastlm.models.gpt import MLP
-
         super().__init__()
         self.norm_1 = _eager_norm(config)
         self.attn = _eager_attention(config)
         self.norm_2 = _eager_norm(config)
-        self.mlp = MLP(config)  # plain PyTorch already
+        self.mlp = _eager_mlp(config)
 
     def forward(self, x, rope):
         x = x + self.attn(self.norm_1(x), rope)
@@ -184,6 +251,11 @@ def cases(quick: bool) -> list:
     return [_case(*c) for c in (QUICK_CASES if quick else CASES)]
 
 
+def hf_cases(quick: bool) -> list:
+    """e2e_hf's: 2 cases (1, smaller, with --quick), each run by 3 providers."""
+    return [_case(*c) for c in (HF_QUICK_CASES if quick else HF_CASES)]
+
+
 def tokens(case: Case) -> int:
     return case.params["batch"] * case.params["seq"]
 
@@ -263,6 +335,7 @@ def _hf_step(model):
 
 
 def _build_hf(case):
+    _restore_transformers()
     gpt = _seeded_gpt(case)
     model = gpt.to_hf(attn_implementation="sdpa")
     del gpt
@@ -277,15 +350,69 @@ def _liger_patch(case):
 
 
 def _model_type(case):
-    return "gpt2" if case.params["model"].startswith("gpt2") else "llama"
+    name = case.params["model"]
+    return HF_MODEL_TYPES.get(name) or ("gpt2" if name.startswith("gpt2") else "llama")
+
+
+# transformers modeling module → its globals before a Liger patch function replaced some of them
+_TRANSFORMERS_GLOBALS = {}
+
+
+def _apply_liger(case, model):
+    """Liger's patch of the case's model type on `model` (what _apply_liger_kernel_to_instance does), the
+    modeling module's globals saved first for `_restore_transformers`."""
+    module = sys.modules[type(model).__module__]
+    _TRANSFORMERS_GLOBALS.setdefault(module, dict(vars(module)))
+    _liger_patch(case)(model=model)
+
+
+def _restore_transformers():
+    """Put back the modeling-module globals Liger replaced (its RMSNorm and MLP classes, apply_rotary_pos_emb), before
+    every Hugging Face build: the model built is transformers' own. (The liger row, last in its case, is done by then:
+    its model looks apply_rotary_pos_emb up in the module at each call.)"""
+    for module, saved in _TRANSFORMERS_GLOBALS.items():
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
 
 
 def _build_liger(case):
+    _restore_transformers()
     gpt = _seeded_gpt(case)
     model = gpt.to_hf(attn_implementation="sdpa")
     del gpt
-    _liger_patch(case)(model=model)
+    _apply_liger(case, model)
     return _hf_step(model.train())
+
+
+def seeded_hf_model(case: Case):
+    """e2e_hf's model for the case: transformers' AutoModelForCausalLM from hf_model_config, initialised by
+    transformers from SEED on DEVICE in bf16, sdpa attention, in train mode: every provider starts from its
+    weights."""
+    import transformers
+
+    _restore_transformers()
+    config = hf_model_config(case.params["model"])
+    torch.manual_seed(SEED)
+    with torch.device(DEVICE):
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=DTYPE)
+    return model.train()
+
+
+def _build_hf_model(case):
+    return _hf_step(seeded_hf_model(case))
+
+
+def _build_fastlm_patch(case):
+    import fastlm
+
+    return _hf_step(fastlm.patch(seeded_hf_model(case)))
+
+
+def _build_liger_hf_model(case):
+    model = seeded_hf_model(case)
+    _apply_liger(case, model)
+    return _hf_step(model)
 
 
 def _liger_skip(case):
@@ -329,6 +456,40 @@ FAMILY = Family(
     ),
 )
 
+HF_PROVIDERS = [
+    Provider("hf", _build_hf_model, harness.importable("transformers")),
+    Provider("fastlm.patch", _build_fastlm_patch, harness.importable("fastlm", "transformers"),
+             harness.fastlm_context("auto"), backend="auto"),
+    Provider("liger", _build_liger_hf_model, harness.importable("liger_kernel.transformers"), skip=_liger_skip),
+]
+
+HF_FAMILY = Family(
+    name="e2e_hf",
+    metric="flops",
+    cases=hf_cases,
+    providers=HF_PROVIDERS,
+    make_inputs=make_inputs,
+    work=work,
+    reference="hf",
+    x_key="seq",
+    tolerance=TOLERANCE,
+    modes=("fwd",),
+    notes=(
+        "**Each timed call is a whole training step** (forward with labels, backward, fused AdamW step, zero_grad), "
+        "labelled fwd as in e2e.",
+        "The models are transformers' LlamaForCausalLM (Llama 3.2 1B's shapes) and Qwen3ForCausalLM (Qwen3 1.7B's), "
+        "random weights from one seed, bf16 (no autocast), sdpa attention; float32 losses.",
+        "hf: the model as it is. fastlm.patch: fastlm.patch(model) (norms, rotary, SwiGLU, attention, the loss "
+        "without logits), backend auto. liger: Liger-Kernel's apply_liger_kernel_to_<model>(model=model), defaults.",
+        "FLOPs as e2e's: 6 × matmul parameters (tied head counted) + causal attention's 6 × layers × heads × "
+        "head_dim × seq, per token (Qwen3's q/k norms are no matmul). MFU = the fraction of the measured bf16 matmul "
+        "rate; tokens/s with `python -m benchmarks.e2e <json>`.",
+        "Peak memory: extra over what is allocated before the step (weights and optimizer state excluded).",
+    ),
+)
+
+FAMILIES = (FAMILY, HF_FAMILY)
+
 
 # ---------------------------------------------------------------------------------------------- tokens per second
 
@@ -350,7 +511,8 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m benchmarks.e2e RESULTS/e2e.json  (prints tokens/s, MFU and peak memory per row)")
+        print("usage: python -m benchmarks.e2e RESULTS/e2e.json  (or e2e_hf.json: prints tokens/s, MFU and peak "
+              "memory per row)")
         return 2
     rows = json.loads(Path(argv[0]).read_text())["rows"]
     print("| model | provider | tokens/s | MFU | peak extra GiB |\n|---|---|---|---|---|")

@@ -13,6 +13,16 @@ from fastlm.ops import (attention, cross_entropy, geglu, layer_norm, linear_cros
 from fastlm.integrations import patch, unpatch
 
 
+def __getattr__(name):
+    """`fastlm.models` on first use, without `import fastlm.models` (it is imported lazily: `import fastlm` does not
+    need it)."""
+    if name == "models":
+        import importlib
+
+        return importlib.import_module("fastlm.models")  # also binds fastlm.models: this runs once
+    raise AttributeError(f"module 'fastlm' has no attribute {name!r}")
+
+
 def build_info() -> dict:
     """What this installation can run: the CUDA extension's build (compiled archs, CUDA runtime) and the backend."""
     from fastlm import _cuda
@@ -30,6 +40,7 @@ __all__ = [
     "get_backend",
     "layer_norm",
     "linear_cross_entropy",
+    "models",
     "nn",
     "patch",
     "rms_norm",

@@ -18,7 +18,7 @@
 #
 # 2. The tuning loop for one op family, in one call (target: under 2 minutes):
 #      Usage: scripts/gpu_check.sh --op NAME   NAME: norm cross_entropy linear_cross_entropy attention
-#                                                     attention_decode e2e
+#                                                     attention_decode e2e e2e_hf
 #    installs and builds, runs that op's tests (with xdist `--dist load` when importable), benchmarks its --quick
 #    cases against the peers (into a folder of their own, so they never mix with a full run's results), and prints
 #    the ratio table (fastlm backend vs each peer, per case and mode) last.
@@ -59,10 +59,10 @@ OP=""
 if [ "${1:-}" = "--op" ]; then
     OP=${2:-}
     case "$OP" in
-        norm | cross_entropy | linear_cross_entropy | attention | attention_decode | e2e) ;;
+        norm | cross_entropy | linear_cross_entropy | attention | attention_decode | e2e | e2e_hf) ;;
         *)
             echo "usage: $0 --op NAME, NAME one of norm cross_entropy linear_cross_entropy attention" \
-                "attention_decode e2e (got '$OP')" >&2
+                "attention_decode e2e e2e_hf (got '$OP')" >&2
             exit 2
             ;;
     esac
@@ -110,6 +110,7 @@ op_tests() {
         linear_cross_entropy) echo "tests/test_cross_entropy.py -k linear" ;;
         attention | attention_decode) echo "tests/test_attention.py" ;;
         e2e) echo "tests/test_models.py tests/test_benchmarks.py -k 'not test_benchmarks or e2e'" ;;
+        e2e_hf) echo "tests/test_integrations.py" ;;
     esac
 }
 

@@ -3,17 +3,37 @@ kernels, in place, with the same numbers as before.
 
 Supported: the model types in `SUPPORTED_MODEL_TYPES` (GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma 2), on the
 transformers versions in `SUPPORTED_TRANSFORMERS` (the ones whose source this was written against and tested on).
-transformers is imported by `patch`, never by `import fastlm`.
+transformers is imported by `patch`, never by `import fastlm` (which only arranges to register with it: 4.).
 
 What `patch` changes, and nothing else (parameters, buffers and state_dict keys are untouched):
 
-1. Norms. Each norm module of the model type's norm class is given a subclass of its own class (`__class__` swap)
-   whose forward calls fastlm.layer_norm / fastlm.rms_norm with the module's weight and eps, reproducing the
-   model's casting: GPT-2's torch.nn.LayerNorm becomes fastlm.nn.LayerNorm; Llama-style RMSNorms (eps in
-   `variance_epsilon`) normalize in fp32, cast to the input dtype and scale by the weight, which is
-   fastlm.rms_norm when weight and input share a dtype; Gemma 2's RMSNorm (eps in `eps`) scales by (1 + weight)
-   in fp32 before one cast, which is fastlm.rms_norm(..., offset=1.0) for a weight in the input's dtype or fp32.
-   Other dtype pairings (where HF's output dtype is the promotion of the two) run the original forward.
+1. Modules: each one patched is given a subclass of its own class (a `__class__` swap, so isinstance holds) with
+   fastlm's forward; unpatch swaps the class back.
+
+   Norms. Each norm module of the model type's norm class gets a forward that calls fastlm.layer_norm /
+   fastlm.rms_norm with the module's weight and eps, reproducing the model's casting: GPT-2's torch.nn.LayerNorm
+   becomes fastlm.nn.LayerNorm; Llama-style RMSNorms (eps in `variance_epsilon`) normalize in fp32, cast to the input
+   dtype and scale by the weight, which is fastlm.rms_norm when weight and input share a dtype; Gemma 2's RMSNorm
+   (eps in `eps`) scales by (1 + weight) in fp32 before one cast, which is fastlm.rms_norm(..., offset=1.0) for a
+   weight in the input's dtype or fp32. Other dtype pairings (where HF's output dtype is the promotion of the two)
+   run the original forward.
+
+   Rotary embedding (Llama, Mistral, Qwen2, Qwen3, Gemma 2). Each attention module gets the class's own forward — the
+   same code object — run over a copy of its modeling module's globals in which `apply_rotary_pos_emb` is fastlm's:
+   fastlm.rotary_embedding of q and of k (full-width rotate-half tables, HF's (batch, seq, head_dim) cos and sin,
+   read in place). Only the patched model's modules see it: the modeling module itself, and every unpatched model,
+   keep transformers' function. HF computes q·cos + rotate_half(q)·sin by type promotion: cos and sin come in the
+   hidden states' dtype (the rotary module casts them), so in the result dtype promote(q, cos) — q's own dtype except
+   where autocast made q bf16 beside float32 tables, where HF's result is float32. fastlm computes in float32
+   (float64 for float64) and rounds once to that same result dtype. A call the kernel does not cover (cos or sin
+   requiring grad, tables that do not match q's batch/seq/head_dim, an unsqueeze_dim other than 1 or 2) runs
+   transformers' function, with a warning the first time.
+
+   Gated MLP (the same five; GPT-2's MLP is left as it is). Each MLP module whose act_fn is SiLU (hidden_act
+   "silu"/"swish"), the tanh GELU ("gelu_pytorch_tanh", Gemma 2's) or the erf GELU ("gelu") gets the forward
+   down_proj(fastlm.swiglu(gate_proj(x), up_proj(x))) (fastlm.geglu(..., approximate="tanh" / "none") for the GELUs):
+   act(gate)·up in float32, rounded once, where HF rounds act(gate) and the product. Any other activation keeps its
+   module unpatched; an act_fn replaced after patching runs the original forward.
 
 2. Attention, through transformers' registries: "fastlm" is registered as an attention function
    (`AttentionInterface`, called by every attention module as (module, query, key, value, attention_mask,
@@ -43,6 +63,15 @@ What `patch` changes, and nothing else (parameters, buffers and state_dict keys 
    materializes a mask — the kernel still runs. Warnings are not given while torch.compile traces (a warning
    would break the graph).
 
+4. `attn_implementation="fastlm"` without `patch`: `import fastlm` registers the attention function and the mask
+   builder with transformers as soon as transformers' registries exist (at once when transformers.modeling_utils /
+   masking_utils are already imported, otherwise when they are: a `sys.meta_path` finder that runs the
+   registration right after each of those modules executes, then leaves). `import fastlm` itself imports no
+   transformers (1–3 s). So `AutoModelForCausalLM.from_config(config, attn_implementation="fastlm")` and
+   `from_pretrained(..., attn_implementation="fastlm")` select fastlm's attention as they select
+   "flash_attention_2" (attention alone: norms, rotary, MLP and loss are `patch`'s), on the transformers versions
+   `patch` supports (on others nothing is registered, and transformers says the implementation is unknown).
+
 `patch` on a patched model is a no-op that returns it; `unpatch` puts back the recorded classes, attention
 implementation and forward, after which outputs and state_dict are what they were (a no-op on a model that is not
 patched). The record lives in the model's `__dict__` and the forward is a bound method, so copy.deepcopy of a
@@ -69,10 +98,20 @@ transformers 5.17 mechanics this relies on (paths under transformers/):
   reduction "mean", or "sum" / num_items_in_batch.
 - utils/generic.py `can_return_tuple` (return_dict), utils/output_capturing.py `capture_outputs` (the base model
   takes return_dict and output_* keywords).
+- each modeling file's module-level `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` (q, k (B, H, S, D),
+  cos, sin (B, S, D) from the model's RotaryEmbedding, in the hidden states' dtype), called by name from
+  `<Model>Attention.forward` (not decorated: its own code holds the call); `<Model>MLP.forward` =
+  down_proj(act_fn(gate_proj(x)) * up_proj(x)) with act_fn = ACT2FN[hidden_act] (activations.py: SiLUActivation,
+  nn.SiLU for "swish", GELUTanh, GELUActivation). The kernels hub decorators (`use_kernel_forward_from_hub`,
+  `use_kernelized_func`) are no-ops without the `kernels` package, and `use_kernels=True` is not combined with patch.
+- Dynamo inlines a function whose globals carry a `__name__` through that module's attributes (guards on
+  `module.name`); the rotary forward's globals have none, so Dynamo guards on the dict itself.
 """
 
 import contextlib
+import importlib.abc
 import sys
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -81,7 +120,9 @@ from fastlm import _backend
 from fastlm import nn as fastlm_nn
 from fastlm.ops.attention import MAX_HEAD_DIM, attention
 from fastlm.ops.cross_entropy import linear_cross_entropy
+from fastlm.ops.gated import geglu, swiglu
 from fastlm.ops.norm import rms_norm
+from fastlm.ops.rotary import rotary_embedding
 from fastlm.reference import attention_visible
 
 ATTN_IMPLEMENTATION = "fastlm"
@@ -118,16 +159,141 @@ def _rms_norm_offset_forward(self, x):
 _SUBCLASSES = {}
 
 
-def _patched_norm_class(cls, forward):
-    """A subclass of cls with the fastlm forward: same parameters, state_dict keys and isinstance."""
-    if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(f"Fastlm{cls.__name__}", (cls,), {
-            "forward": forward,
+def _patched_class(cls, what, **attrs):
+    """A subclass of cls with fastlm's forward (`attrs`): same parameters, state_dict keys and isinstance. One per
+    class and attributes, made on first use."""
+    key = (cls, tuple(sorted(attrs.items(), key=lambda item: item[0])))
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Fastlm{cls.__name__}", (cls,), {
+            **attrs,
             "_fastlm_original_class": cls,
             "__module__": __name__,
-            "__doc__": f"{cls.__name__} on fastlm's norm kernel (installed by fastlm.patch).",
+            "__doc__": f"{cls.__name__} on fastlm's {what} (installed by fastlm.patch).",
         })
-    return _SUBCLASSES[cls]
+    return _SUBCLASSES[key]
+
+
+# ---------------------------------------------------------------------------------------------- rotary embedding
+
+_ROPE = "apply_rotary_pos_emb"
+_ROPE_PARAMETERS = ("q", "k", "cos", "sin", "unsqueeze_dim")  # transformers 5.17's signature, in every family
+_ROPE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _rope_unsupported(q, k, cos, sin, unsqueeze_dim):
+    """Why fastlm.rotary_embedding cannot reproduce HF's apply_rotary_pos_emb on these arguments, or None."""
+    if not isinstance(unsqueeze_dim, int) or unsqueeze_dim % 4 not in (1, 2):
+        return f"unsqueeze_dim={unsqueeze_dim!r} (q, k as (batch, heads, seq, head_dim) or (batch, seq, heads, ...))"
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
+        return "tables other than (batch or 1, seq, head_dim) beside 4-D q and k"
+    seq = 2 if unsqueeze_dim % 4 == 1 else 1
+    for x in (q, k):
+        if (cos.shape[0] not in (1, x.shape[0]) or cos.shape[1] != x.shape[seq] or cos.shape[2] != x.shape[3]
+                or x.shape[3] % 2):
+            return "tables that are not q's and k's (batch or 1, seq, head_dim), or an odd head_dim"
+    if any(t.dtype not in _ROPE_DTYPES for t in (q, k, cos)) or sin.dtype != cos.dtype:
+        return "dtypes other than float16, bfloat16, float32 or float64 (cos and sin alike)"
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        return "cos or sin requiring grad (fastlm treats them as buffers)"
+    if not (q.device == k.device == cos.device == sin.device):
+        return "tensors on different devices"
+    return None
+
+
+def _rotate(x, cos, sin, unsqueeze_dim):
+    """HF's x·cos + rotate_half(x)·sin with cos, sin unsqueezed at unsqueeze_dim, on fastlm.rotary_embedding: in the
+    dtype HF's type promotion gives (x's, or float32 for bf16/fp16 x beside float32 tables), rounded once."""
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    x = x.to(dtype)
+    if cos.dtype not in (dtype, torch.float32):
+        cos, sin = cos.to(dtype), sin.to(dtype)  # exact: a widening (float16 tables beside a bfloat16 x)
+    if unsqueeze_dim % 4 == 2:  # (batch, seq, heads, head_dim)
+        return rotary_embedding(x, cos, sin)
+    # (batch, heads, seq, head_dim), usually a transposed view of the projection's (batch, seq, heads, head_dim):
+    # rotate it in that layout, so the result has HF's strides and the attention kernel reads it without a copy.
+    if x.transpose(1, 2).is_contiguous():
+        return rotary_embedding(x.transpose(1, 2), cos, sin).transpose(1, 2)
+    return rotary_embedding(x, cos, sin, heads_first=True)
+
+
+def _fastlm_rope(original):
+    """The apply_rotary_pos_emb that patched attention modules call: fastlm.rotary_embedding of q and of k, or
+    `original` (transformers' function) for a call it does not cover."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        why = _rope_unsupported(q, k, cos, sin, unsqueeze_dim)
+        if why is not None:
+            _say_once(f"fastlm.patch: a rotary embedding with {why} is not covered by fastlm.rotary_embedding; "
+                      "such calls run transformers' apply_rotary_pos_emb")
+            return original(q, k, cos, sin, unsqueeze_dim)
+        return _rotate(q, cos, sin, unsqueeze_dim), _rotate(k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb.__doc__ = _fastlm_rope.__doc__
+    apply_rotary_pos_emb._fastlm_original = original
+    return apply_rotary_pos_emb
+
+
+_SCOPES = {}  # modeling module name → (the globals its patched attention forwards run over, original, fastlm's)
+_ROPE_FORWARDS = {}  # attention class → its forward over that scope
+
+
+def _rope_scope(module):
+    """A copy of the modeling module's globals with fastlm's apply_rotary_pos_emb, refreshed from the module on each
+    patch (so it holds what an unpatched forward would find). No `__name__`: see the module docstring (Dynamo)."""
+    original = vars(module)[_ROPE]
+    scope, was, rope = _SCOPES.get(module.__name__, ({}, None, None))
+    if original is not was:
+        rope = _fastlm_rope(original)
+    scope.update((name, value) for name, value in vars(module).items() if name != "__name__")
+    scope[_ROPE] = rope
+    _SCOPES[module.__name__] = (scope, original, rope)
+    return scope
+
+
+def _rope_forward(cls, module):
+    """cls.forward's own code over `_rope_scope(module)`, or None when that forward does not call the module's
+    apply_rotary_pos_emb itself (a decorated forward, another signature: a transformers this was not checked on)."""
+    import inspect
+
+    forward = cls.forward
+    rope = vars(module).get(_ROPE)
+    if (not isinstance(forward, types.FunctionType) or _ROPE not in forward.__code__.co_names or rope is None
+            or tuple(inspect.signature(rope).parameters) != _ROPE_PARAMETERS):
+        return None
+    scope = _rope_scope(module)
+    if cls not in _ROPE_FORWARDS:
+        new = types.FunctionType(forward.__code__, scope, forward.__name__, forward.__defaults__,
+                                 forward.__closure__)
+        new.__kwdefaults__ = forward.__kwdefaults__
+        new.__dict__.update(forward.__dict__)
+        new.__qualname__, new.__doc__, new.__module__ = forward.__qualname__, forward.__doc__, forward.__module__
+        new.__annotations__ = forward.__annotations__
+        _ROPE_FORWARDS[cls] = new
+    return _ROPE_FORWARDS[cls]
+
+
+# ---------------------------------------------------------------------------------------------- gated MLP
+
+
+def _gated_activations():
+    """{ACT2FN activation class: the GELU approximation fastlm.geglu takes, or None for SiLU (fastlm.swiglu)}."""
+    from transformers import activations
+
+    return {activations.SiLUActivation: None, torch.nn.SiLU: None, activations.GELUTanh: "tanh",
+            activations.GELUActivation: "none"}
+
+
+def _gated_mlp_forward(self, x):
+    """down_proj(act_fn(gate_proj(x)) * up_proj(x)) with act(gate)·up fused: fastlm.swiglu, or fastlm.geglu with the
+    class's GELU approximation."""
+    if type(self.act_fn) is not self._fastlm_activation:  # act_fn replaced after patching
+        return _original_forward(self, x)
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    if gate.dtype != up.dtype:  # projections in two dtypes: HF's product promotes
+        return self.down_proj(self.act_fn(gate) * up)
+    if self._fastlm_gelu is None:
+        return self.down_proj(swiglu(gate, up))
+    return self.down_proj(geglu(gate, up, approximate=self._fastlm_gelu))
 
 
 # ---------------------------------------------------------------------------------------------- the model types
@@ -137,19 +303,25 @@ def _patched_norm_class(cls, forward):
 class _ModelType:
     causal_lm: str  # the *ForCausalLM class whose loss is fused
     norms: dict  # norm class name in the modeling module → forward; "torch.nn.LayerNorm" for torch's own
+    attention: str = None  # the attention class whose apply_rotary_pos_emb becomes fastlm.rotary_embedding
+    mlp: str = None  # the gated MLP class, down_proj(act_fn(gate_proj(x)) * up_proj(x))
     final_softcap_attr: str = None  # the config attribute holding the final logit softcap
     output_class: str = "CausalLMOutputWithPast"  # what the causal LM's forward returns (transformers.modeling_outputs)
+
+
+def _llama_like(prefix, norm_forward=None, **kwargs):
+    return _ModelType(f"{prefix}ForCausalLM", {f"{prefix}RMSNorm": norm_forward or _rms_norm_cast_forward},
+                      attention=f"{prefix}Attention", mlp=f"{prefix}MLP", **kwargs)
 
 
 _MODEL_TYPES = {
     "gpt2": _ModelType("GPT2LMHeadModel", {"torch.nn.LayerNorm": None},
                        output_class="CausalLMOutputWithCrossAttentions"),
-    "llama": _ModelType("LlamaForCausalLM", {"LlamaRMSNorm": _rms_norm_cast_forward}),
-    "mistral": _ModelType("MistralForCausalLM", {"MistralRMSNorm": _rms_norm_cast_forward}),
-    "qwen2": _ModelType("Qwen2ForCausalLM", {"Qwen2RMSNorm": _rms_norm_cast_forward}),
-    "qwen3": _ModelType("Qwen3ForCausalLM", {"Qwen3RMSNorm": _rms_norm_cast_forward}),
-    "gemma2": _ModelType("Gemma2ForCausalLM", {"Gemma2RMSNorm": _rms_norm_offset_forward},
-                         final_softcap_attr="final_logit_softcapping"),
+    "llama": _llama_like("Llama"),
+    "mistral": _llama_like("Mistral"),
+    "qwen2": _llama_like("Qwen2"),
+    "qwen3": _llama_like("Qwen3"),
+    "gemma2": _llama_like("Gemma2", _rms_norm_offset_forward, final_softcap_attr="final_logit_softcapping"),
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(_MODEL_TYPES))
 
@@ -160,16 +332,37 @@ def _modeling_module(model_type):
     return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
 
 
-def _norm_swaps(model_type):
-    """{original norm class: patched class} for the model type."""
+def _class_swaps(model_type):
+    """module → its patched class, or None to leave it: the model type's norms, attention (rotary) and gated MLP
+    (when its act_fn is one fastlm fuses)."""
+    spec = _MODEL_TYPES[model_type]
     swaps = {}
-    for name, forward in _MODEL_TYPES[model_type].norms.items():
+    for name, forward in spec.norms.items():
         if name == "torch.nn.LayerNorm":
             swaps[torch.nn.LayerNorm] = fastlm_nn.LayerNorm
         else:
             cls = getattr(_modeling_module(model_type), name)
-            swaps[cls] = _patched_norm_class(cls, forward)
-    return swaps
+            swaps[cls] = _patched_class(cls, "norm kernel", forward=forward)
+    if spec.attention is not None:
+        module = _modeling_module(model_type)
+        cls = getattr(module, spec.attention)
+        forward = _rope_forward(cls, module)
+        if forward is not None:
+            swaps[cls] = _patched_class(cls, "rotary embedding", forward=forward)
+    mlp = getattr(_modeling_module(model_type), spec.mlp) if spec.mlp is not None else None
+    activations = _gated_activations() if mlp is not None else {}
+
+    def swap(module):
+        cls = type(module)
+        if cls is mlp:
+            act = type(getattr(module, "act_fn", None))
+            if act not in activations:
+                return None
+            return _patched_class(cls, "gated activation", forward=_gated_mlp_forward, _fastlm_activation=act,
+                                  _fastlm_gelu=activations[act])
+        return swaps.get(cls)
+
+    return swap
 
 
 # ---------------------------------------------------------------------------------------------- warnings
@@ -226,7 +419,8 @@ def _fallback(why, module, query, key, value, attention_mask, dropout, scaling, 
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=causal, **kwargs)
-    eager = sys.modules[type(module).__module__].eager_attention_forward
+    cls = getattr(type(module), "_fastlm_original_class", type(module))  # a patched attention: its own class's
+    eager = sys.modules[cls.__module__].eager_attention_forward
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(query.dtype)
     return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap,
@@ -257,12 +451,112 @@ def _attention_forward(module, query, key, value, attention_mask, dropout=0.0, s
     return out, None
 
 
-def _register():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+def _register_attention(modeling_utils):
+    modeling_utils.AttentionInterface.register(ATTN_IMPLEMENTATION, _attention_forward)
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask)
+
+def _register_mask(masking_utils):
+    masking_utils.AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask)
+
+
+def _register():
+    import transformers.masking_utils
+    import transformers.modeling_utils
+
+    _register_attention(transformers.modeling_utils)
+    _register_mask(transformers.masking_utils)
+
+
+# What registers "fastlm" with transformers, per module holding a registry: run right after the module executes.
+_REGISTRIES = {"transformers.modeling_utils": _register_attention, "transformers.masking_utils": _register_mask}
+
+
+def _supported_version(transformers):
+    from packaging.version import InvalidVersion, Version
+
+    low, high = SUPPORTED_TRANSFORMERS
+    try:
+        release = Version(Version(transformers.__version__).base_version)
+    except (InvalidVersion, AttributeError, TypeError):
+        return False
+    return Version(low) <= release < Version(high)
+
+
+def _registered_when_imported(name, module):
+    """Register with the registry `module` (just executed, or found imported) holds; never fails the import."""
+    try:
+        if _supported_version(sys.modules.get("transformers")):
+            _REGISTRIES[name](module)
+    except Exception as e:  # noqa: BLE001 - a failed registration leaves "fastlm" unknown to transformers, no more
+        import warnings
+
+        warnings.warn(f"fastlm could not register its attention with {name} ({type(e).__name__}: {e}); "
+                      f"attn_implementation={ATTN_IMPLEMENTATION!r} needs fastlm.patch(model) first", stacklevel=2)
+
+
+class _LoaderThen(importlib.abc.Loader):
+    """The module's own loader, then the registration. Puts the real loader back on the module before running it,
+    so nothing after the import sees this wrapper."""
+
+    def __init__(self, loader, name, finder):
+        self._loader, self._name, self._finder = loader, name, finder
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _registered_when_imported(self._name, module)
+        self._finder.done(self._name)
+
+    def __getattr__(self, name):  # the rest of the loader's interface (get_source, is_package, ...)
+        if name in ("_loader", "_name", "_finder"):
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """First on sys.meta_path while a registry module is still to be imported: for those module names only, it finds
+    the spec with the finders after it and wraps its loader (`_LoaderThen`); it leaves once each has executed."""
+
+    def __init__(self, pending):
+        self.pending = set(pending)
+
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.pending:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _LoaderThen(spec.loader, name, self)
+        return spec
+
+    def done(self, name):
+        self.pending.discard(name)
+        if not self.pending:
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self)
+
+
+def register_with_transformers():
+    """Make attn_implementation="fastlm" known to transformers without importing it (what `import fastlm` does): the
+    registries already imported are registered with now, the others as soon as they are imported. Idempotent."""
+    pending = []
+    for name in _REGISTRIES:
+        module = sys.modules.get(name)
+        if module is not None:
+            _registered_when_imported(name, module)
+        else:
+            pending.append(name)
+    if pending and not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport(pending))
 
 
 # ---------------------------------------------------------------------------------------------- causal-LM loss
@@ -394,7 +688,7 @@ def _wrap_forward(model, spec, record):
 class _Record:
     """What patch changed on one model, for unpatch."""
 
-    norms: list = field(default_factory=list)  # (module, original class)
+    classes: list = field(default_factory=list)  # (module, original class): norms, attention, MLP
     attn_implementation: str = None
     forward_wrapped: bool = False
     instance_forward: object = None  # model.__dict__["forward"] before patching, if there was one
@@ -440,11 +734,11 @@ def patch(model):
     _register()
     record = _Record(attn_implementation=model.config._attn_implementation)
     try:
-        swaps = _norm_swaps(model_type)
+        swap = _class_swaps(model_type)
         for module in model.modules():
-            patched = swaps.get(type(module))
+            patched = swap(module)
             if patched is not None:
-                record.norms.append((module, type(module)))
+                record.classes.append((module, type(module)))
                 module.__class__ = patched
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
@@ -462,7 +756,7 @@ def patch(model):
 
 
 def _undo(model, record):
-    for module, cls in record.norms:
+    for module, cls in record.classes:
         module.__class__ = cls
     model.config._attn_implementation = record.attn_implementation
     if record.forward_wrapped:
@@ -479,3 +773,6 @@ def unpatch(model):
     if record is not None:
         _undo(model, record)
     return model
+
+
+register_with_transformers()

@@ -18,8 +18,11 @@ Where fastlm's ops come in:
   queries see every cached key: decoding is the same call on the cache.
 - The training loss is `fastlm.linear_cross_entropy(hidden, lm_head.weight, targets)`: the (tokens, vocab) logits
   are never made.
-Everything else (embeddings, linear layers, the rotary embedding, activations) is plain PyTorch. Under
-`fastlm.use_backend("torch")` every op is the reference, so the same model is its own reference.
+- Llama's rotary embedding is `fastlm.rotary_embedding(q, cos, sin)` on the projection's (batch, seqlen, heads,
+  head_dim) views, with full-width tables made once per forward (`rope_tables`), and its MLP's gating is
+  `fastlm.swiglu(gate, up)` on the two halves of the fused gate-up projection, read in place.
+Everything else (embeddings, linear layers, GPT-2's GELU) is plain PyTorch. Under `fastlm.use_backend("torch")`
+every op is the reference, so the same model is its own reference.
 
 Mixed precision. Under torch.autocast the residual stream stays in float32 (as eager PyTorch's type promotion keeps
 it: the embeddings are float32 and each block's output is added to them), the matmuls and attention run in the
@@ -42,6 +45,8 @@ from torch import nn
 from fastlm import nn as fnn
 from fastlm.ops.attention import attention
 from fastlm.ops.cross_entropy import linear_cross_entropy
+from fastlm.ops.gated import swiglu
+from fastlm.ops.rotary import rotary_embedding
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -177,9 +182,17 @@ def rope_cos_sin(config: GPTConfig, positions: torch.Tensor, dtype: torch.dtype)
     return angles.cos(), angles.sin()
 
 
+def rope_tables(config: GPTConfig, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
+    """cos, sin (T, head_dim): rope_cos_sin's tables in Hugging Face's full-width form, cat(c, c), which
+    fastlm.rotary_embedding takes."""
+    cos, sin = rope_cos_sin(config, positions, dtype)
+    return torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (B, T, heads, D) by the angles, rotate-half layout: dims i and i + D/2 form a pair (Hugging Face's
-    Llama convention, not the interleaved one of Meta's original code). Computed in cos's dtype, rounded once."""
+    Llama convention, not the interleaved one of Meta's original code). Computed in cos's dtype, rounded once. The
+    plain-PyTorch form, on rope_cos_sin's half-width tables; the model runs fastlm.rotary_embedding on rope_tables'."""
     x1, x2 = x.to(cos.dtype).chunk(2, dim=-1)
     c, s = cos[:, None, :], sin[:, None, :]  # (T, 1, D/2): broadcast over batch and heads
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
@@ -235,6 +248,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, q_width + 2 * kv_width, bias=config.bias)
         self.proj = nn.Linear(q_width, config.n_embd, bias=config.bias)
 
+    def rotate(self, x, rope):
+        """x (B, T, heads, D) rotated by rope = (cos, sin), rope_tables' (T, D) tables, float32 (float64 for a float64
+        model): computed in the tables' dtype, rounded once to x's."""
+        return rotary_embedding(x, *rope)
+
     def project(self, x, rope=None):
         """x (B, T, C) → q (B, T, H, D), k and v (B, T, Hkv, D), rotated when rope (cos, sin) is given."""
         B, T, _ = x.shape
@@ -242,7 +260,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split((H * D, Hkv * D, Hkv * D), dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = self.rotate(q, rope), self.rotate(k, rope)
         return q, k, v
 
     def forward(self, x, rope=None, cache=None, start=0):
@@ -264,14 +282,15 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 2 * width if self.gated else width, bias=config.bias)
         self.proj = nn.Linear(width, config.n_embd, bias=config.bias)
 
-    def forward(self, x):
-        h = self.fc(x)
+    def activation(self, h):
+        """The fc output (…, 2·width) → swiglu of its halves (…, width), or GPT-2's GELU (tanh approximation)."""
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.proj(h)
+            gate, up = h.chunk(2, dim=-1)  # strided views of the fused projection: swiglu reads them in place
+            return swiglu(gate, up)
+        return F.gelu(h, approximate="tanh")
+
+    def forward(self, x):
+        return self.proj(self.activation(self.fc(x)))
 
 
 class Block(nn.Module):
@@ -356,7 +375,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions)
         else:
-            rope = rope_cos_sin(self.config, positions, self.wte.weight.dtype)
+            rope = rope_tables(self.config, positions, self.wte.weight.dtype)
         residual = None
         for block in self.blocks:
             x, residual = block(x, residual, rope, cache, start)
