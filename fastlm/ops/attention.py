@@ -220,6 +220,12 @@ def _kernel_unsupported(q, k, cu_q, left, right, softcap):
 
 def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
     """Dispatch the checked call: → (out, lse)."""
+    if q.device.type == "meta":
+        # Shapes only (model init on meta, FSDP), under every backend: the registered op's fake and autograd give
+        # them (the reference would read varlen offsets on the host). LSE dtype as the reference's for float64.
+        out, lse = torch.ops.fastlm.attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
+                                                  "triton")
+        return out, lse.to(torch.float64) if q.dtype == torch.float64 else lse
     backend = _backend.resolve("attention", q.device, q.dtype,
                                unsupported=_kernel_unsupported(q, k, cu_q, left, right, softcap))
     if backend == "torch":

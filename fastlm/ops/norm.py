@@ -180,7 +180,8 @@ def _check(x, weight, bias, residual, eps, offset=0.0):
 
 
 def _norm(op, x, weight, bias, residual, eps, is_rms, offset):
-    backend = _backend.resolve(op, x.device, x.dtype)
+    # Meta tensors (shapes only: model init on meta, FSDP) take the reference's shapes under every backend.
+    backend = "torch" if x.device.type == "meta" else _backend.resolve(op, x.device, x.dtype)
     if backend == "torch":
         if is_rms:
             return reference.rms_norm(x, weight, eps, residual, offset)
