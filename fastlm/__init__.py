@@ -6,7 +6,7 @@ Three ways in: drop-in modules (`fastlm.nn.LayerNorm` for `torch.nn.LayerNorm`),
 
 __version__ = "0.1.0"
 
-from fastlm import nn
+from fastlm import flash_attn, functional, nn
 from fastlm._backend import BACKENDS, BackendUnavailable, get_backend, set_backend, use_backend
 from fastlm.ops import (attention, cross_entropy, geglu, layer_norm, linear_cross_entropy, rms_norm, rotary_embedding,
                         scaled_dot_product_attention, swiglu)
@@ -36,6 +36,8 @@ __all__ = [
     "attention",
     "build_info",
     "cross_entropy",
+    "flash_attn",
+    "functional",
     "geglu",
     "get_backend",
     "layer_norm",
