@@ -29,8 +29,17 @@ Design.
 - Variable length: `cu_seqlens` offsets (int32, batch + 1) locate each packed sequence; the grid covers the longest
   and programs past a sequence's end return at once.
 - Head dims up to 256 of any size: tiles are padded to a power of two ≥ 16 and the extra columns masked.
-- Offsets: the start of a sequence and head is computed in int64 (packed tokens × heads × dims passes 2³¹);
-  offsets inside a block stay int32.
+- Offsets. Packed tokens × heads × dims passes 2³¹, and so can one long sequence's rows × its token stride, or a
+  head index × a head-major layout's head stride: every product of an index with a stride that is not bounded by
+  a tile is int64 — batch, sequence start and head (`_offset`), and a block's first row (the forward, delta, the
+  dK/dV key block and the loops' block starts) or the rows themselves (dQ). Offsets inside a tile (its rows ×
+  the token stride, head-dim columns) and block steps stay int32: a tile has at most MAX_TILE_ROWS rows, and the
+  launchers copy the (absurd) views whose token stride is not below 2³¹ / MAX_TILE_ROWS (contiguous layouts always
+  are: heads × head dim ≤ 65535 × 256 < 2²⁴). Positions within a sequence stay int32.
+  tests/test_large_offsets.py checks this rule on the Triton IR of every kernel. The int64 arithmetic costs a few
+  registers, which tipped ptxas into spilling at a few shapes; the epilogues therefore form their pointers and
+  masks after the loops (nothing kept live through them), and fp32 dK/dV at head dim 16 takes 32-query blocks.
+- Grid: axes 1 and 2 (heads, batch) are limited to 65535 by CUDA, so a larger batch is launched in chunks.
 - Configurations: fixed per head-dim tile and dtype (CONFIGS below), each compiled by the static report for sm_80
   and sm_90a without spills. They are not yet tuned on a GPU (no measurement exists).
 """
@@ -69,6 +78,13 @@ def _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN: tl.constexpr):
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
     return h, h // group, b.to(tl.int64), q_start, q_len, k_start, k_len
+
+
+@triton.jit
+def _offset(b64, token, head, stride_b, stride_s, stride_h):
+    """b·stride_b + token·stride_s + head·stride_h in int64 (token is int64: a packed index, or a sequence's start
+    plus the program's first row; head an int32 index)."""
+    return b64 * stride_b + token * stride_s + head.to(tl.int64) * stride_h
 
 
 @triton.jit
@@ -221,17 +237,17 @@ def _attn_fwd_kernel(
     if start_m >= q_len:
         return
     diag = k_len - q_len
-    Qh = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
-    Kh = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
-    Vh = V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh
-    Oh = O + b64 * stride_ob + q_start * stride_os + h * stride_oh
-    Lh = LSE + b64 * stride_lb + h * stride_lh + q_start
+    # 64-bit offsets: this block's first query, the kv head's first key.
+    Qm = Q + _offset(b64, q_start + start_m, h, stride_qb, stride_qs, stride_qh)
+    Kh = K + _offset(b64, k_start, hk, stride_kb, stride_ks, stride_kh)
+    Vh = V + _offset(b64, k_start, hk, stride_vb, stride_vs, stride_vh)
 
-    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
     io_mask = row_ok[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
-    q = tl.load(Qh + rows[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
+    q = tl.load(Qm + offs_m[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -252,8 +268,14 @@ def _attn_fwd_kernel(
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
     lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
-    tl.store(Oh + rows[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=io_mask)
-    tl.store(Lh + rows, lse, mask=row_ok)
+    # The output's pointers and row mask are formed only now: kept from the prologue, they stay live through the
+    # loops (the mask in predicate registers), which made ptxas spill at some shapes.
+    Om = O + _offset(b64, q_start + start_m, h, stride_ob, stride_os, stride_oh)
+    Lh = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
+    out_ok = offs_m < q_len - start_m
+    tl.store(Om + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=out_ok[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :])
+    tl.store(Lh + rows, lse, mask=out_ok)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -279,18 +301,20 @@ def _attn_bwd_delta_kernel(
     if start_m >= q_len:
         return
     b64 = b.to(tl.int64)
-    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < q_len) & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
-    o = tl.load(O + b64 * stride_ob + q_start * stride_os + h * stride_oh + rows[:, None] * stride_os
-                + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + b64 * stride_db + q_start * stride_ds + h * stride_dh + rows[:, None] * stride_ds
-                 + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    Om = O + _offset(b64, q_start + start_m, h, stride_ob, stride_os, stride_oh)
+    DOm = DO + _offset(b64, q_start + start_m, h, stride_db, stride_ds, stride_dh)
+    o = tl.load(Om + offs_m[:, None] * stride_os + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOm + offs_m[:, None] * stride_ds + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    lse_off = b64 * stride_lb + h * stride_lh + q_start + rows
+    lse_off = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
+    out_ok = offs_m < q_len - start_m  # a fresh mask, as in the forward's epilogue
     if HAS_DLSE:
-        delta -= tl.load(DLSE + lse_off, mask=rows < q_len, other=0.0)
-    tl.store(DELTA + lse_off, delta, mask=rows < q_len)
+        delta -= tl.load(DLSE + lse_off, mask=out_ok, other=0.0)
+    tl.store(DELTA + lse_off, delta, mask=out_ok)
 
 
 @triton.jit
@@ -363,13 +387,14 @@ def _attn_bwd_dkdv_kernel(
         return
     diag = k_len - q_len
     b64 = b.to(tl.int64)
-    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = start_n + offs_n
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < k_len) & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
-    k = tl.load(K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh + cols[:, None] * stride_ks
-                + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh + cols[:, None] * stride_vs
-                + offs_d[None, :], mask=kv_mask, other=0.0)
+    Kn = K + _offset(b64, k_start + start_n, hk, stride_kb, stride_ks, stride_kh)
+    Vn = V + _offset(b64, k_start + start_n, hk, stride_vb, stride_vs, stride_vh)
+    k = tl.load(Kn + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(Vn + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     c1 = tl.minimum(start_n + BLOCK_N, k_len) - 1
@@ -379,10 +404,10 @@ def _attn_bwd_dkdv_kernel(
     # and dv are never stored, so they only need to stay finite, which zero-filled k and v ensure.
     for g in range(0, group):
         h = hk * group + g
-        Qh = Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh
-        DOh = DO + b64 * stride_db + q_start * stride_ds + h * stride_dh
-        Lh = LSE + b64 * stride_lb + h * stride_lh + q_start
-        Dh = DELTA + b64 * stride_lb + h * stride_lh + q_start
+        Qh = Q + _offset(b64, q_start, h, stride_qb, stride_qs, stride_qh)
+        DOh = DO + _offset(b64, q_start, h, stride_db, stride_ds, stride_dh)
+        Lh = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        Dh = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, Lh, Dh, stride_qs, stride_ds, lo, full_lo, cols, q_len,
                                   diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, True,
                                   HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
@@ -392,7 +417,8 @@ def _attn_bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, Lh, Dh, stride_qs, stride_ds, full_hi, hi, cols, q_len,
                                   diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, True,
                                   HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
-    g_off = b64 * stride_gb + k_start * stride_gs + hk * stride_gh + cols[:, None] * stride_gs + offs_d[None, :]
+    g_off = _offset(b64, k_start + start_n, hk, stride_gb, stride_gs, stride_gh) + offs_n[:, None] * stride_gs \
+        + offs_d[None, :]
     tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + g_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -454,20 +480,24 @@ def _attn_bwd_dq_kernel(
     if start_m >= q_len:
         return
     diag = k_len - q_len
-    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
     io_mask = row_ok[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
-    q = tl.load(Q + b64 * stride_qb + q_start * stride_qs + h * stride_qh + rows[:, None] * stride_qs
-                + offs_d[None, :], mask=io_mask, other=0.0)
-    do = tl.load(DO + b64 * stride_db + q_start * stride_ds + h * stride_dh + rows[:, None] * stride_ds
-                 + offs_d[None, :], mask=io_mask, other=0.0)
-    l_off = b64 * stride_lb + h * stride_lh + q_start + rows
+    # The rows in int64 here rather than an int64 block offset plus int32 rows as in the forward: of the two
+    # formulations, this one is what ptxas compiles without spills at every shape of this kernel.
+    rows64 = rows.to(tl.int64)[:, None]
+    q = tl.load(Q + _offset(b64, q_start, h, stride_qb, stride_qs, stride_qh) + rows64 * stride_qs + offs_d[None, :],
+                mask=io_mask, other=0.0)
+    do = tl.load(DO + _offset(b64, q_start, h, stride_db, stride_ds, stride_dh) + rows64 * stride_ds + offs_d[None, :],
+                 mask=io_mask, other=0.0)
+    l_off = b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
     lse = tl.load(LSE + l_off, mask=row_ok, other=float("inf"))
     lse2 = _lse_log2(lse)
     delta = tl.load(DELTA + l_off, mask=row_ok, other=0.0)
-    Kh = K + b64 * stride_kb + k_start * stride_ks + hk * stride_kh
-    Vh = V + b64 * stride_vb + k_start * stride_vs + hk * stride_vh
+    Kh = K + _offset(b64, k_start, hk, stride_kb, stride_ks, stride_kh)
+    Vh = V + _offset(b64, k_start, hk, stride_vb, stride_vs, stride_vh)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     r1 = tl.minimum(start_m + BLOCK_M, q_len) - 1
     lo, full_lo, full_hi, hi = _key_range(start_m, r1, k_len, diag, window_left, window_right, BLOCK_N,
@@ -481,7 +511,7 @@ def _attn_bwd_dq_kernel(
     dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, full_hi, hi, rows, k_len, diag, scale2,
                         softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
                         HAS_SOFTCAP, DOT_PRECISION)
-    tl.store(DQ + b64 * stride_gb + q_start * stride_gs + h * stride_gh + rows[:, None] * stride_gs + offs_d[None, :],
+    tl.store(DQ + _offset(b64, q_start, h, stride_gb, stride_gs, stride_gh) + rows64 * stride_gs + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
 
 
@@ -500,7 +530,7 @@ FWD_CONFIGS = {
 }
 DKDV_CONFIGS = {
     False: {16: (32, 128, 8, 1), 32: (32, 128, 8, 1), 64: (32, 128, 8, 1), 128: (16, 64, 8, 1), 256: (16, 32, 8, 1)},
-    True: {16: (16, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 8, 1)},
+    True: {16: (32, 32, 4, 1), 32: (16, 32, 4, 1), 64: (16, 16, 8, 1), 128: (16, 16, 8, 1)},
 }
 DQ_CONFIGS = {
     False: {16: (128, 32, 8, 2), 32: (128, 32, 8, 2), 64: (128, 32, 8, 2), 128: (64, 64, 8, 2), 256: (32, 32, 8, 1)},
@@ -516,7 +546,16 @@ FP32_MAX_HEAD_DIM = 128
 # block boundaries in the tests' short sequences.
 INTERPRET_CONFIG = (32, 32, 4, 1)
 DELTA_BLOCK_M = 64
+# The most rows (queries or keys) a tile spans in any configuration: a token stride below 2³¹ / MAX_TILE_ROWS keeps
+# the offsets inside every tile in int32 (see the module's header); the launchers copy a view that has a larger one.
+MAX_TILE_ROWS = max(max(c[0], c[1]) for table in (FWD_CONFIGS[False], FWD_CONFIGS[True], DKDV_CONFIGS[False],
+                                                  DKDV_CONFIGS[True], DQ_CONFIGS[False], DQ_CONFIGS[True],
+                                                  DECODE_FWD_CONFIGS) for c in table.values())
+MAX_TILE_ROWS = max(MAX_TILE_ROWS, DELTA_BLOCK_M, *INTERPRET_CONFIG[:2])
 MAX_HEAD_DIM = 256
+# CUDA's limit on grid axes 1 and 2, which carry the heads and the batch: a larger batch is launched in chunks, and
+# more heads than this are refused (no model has them).
+MAX_GRID_YZ = 65535
 
 
 def block_d(head_dim: int) -> int:
@@ -560,14 +599,52 @@ def _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
     return q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], False
 
 
-def _mask_args(scale, window_left, window_right, softcap):
-    """The kernels' scalar and flag arguments for a window in bounded form (None = unbounded) and a softcap."""
+def _mask_args(scale, window_left, window_right, softcap, Sq, Sk):
+    """The kernels' scalar and flag arguments for a window in bounded form (None = unbounded) and a softcap.
+
+    The kernels add the window to positions in int32 (i + seqlen_k − seqlen_q ± window): a window is clamped to
+    ±(Sq + Sk), which changes no answer (j − i − (seqlen_k − seqlen_q) lies in (−Sk, Sq) for every pair) and keeps
+    those sums far from 2³¹ whatever int the caller passed."""
     scale2 = scale if softcap else scale * LOG2E
+    bound = Sq + Sk
+
+    def clamp(w):
+        return max(-bound, min(bound, int(w or 0)))
+
     return (
-        dict(scale2=scale2, softcap=float(softcap or 1.0), window_left=int(window_left or 0),
-             window_right=int(window_right or 0)),
+        dict(scale2=scale2, softcap=float(softcap or 1.0), window_left=clamp(window_left),
+             window_right=clamp(window_right)),
         dict(HAS_LEFT=window_left is not None, HAS_RIGHT=window_right is not None, HAS_SOFTCAP=bool(softcap)),
     )
+
+
+def _tile_rows_fit(t, varlen):
+    """t (or a contiguous copy of it, when its token stride is 2³¹ / MAX_TILE_ROWS or more): the in-tile offsets
+    row × token stride then fit int32."""
+    stride = t.stride(0) if varlen else t.stride(1)
+    return t if abs(stride) * MAX_TILE_ROWS < 2**31 else t.contiguous()
+
+
+def _check_heads(Hq):
+    if Hq > MAX_GRID_YZ:
+        raise ValueError(f"the triton attention kernels take at most {MAX_GRID_YZ} query heads (a grid axis), "
+                         f"got {Hq}")
+
+
+def _batch_chunks(B, varlen, cu_q, cu_k, tensors):
+    """(batch entries, cu_q, cu_k, tensors) for each run of at most MAX_GRID_YZ batch entries (one launch each).
+    Varlen keeps the packed tensors and slices the offsets, from which the kernels read absolute token indices; a
+    dense batch slices every tensor (all batch-first) and passes the lse chunk as the unused offsets."""
+    if B <= MAX_GRID_YZ:
+        yield (B, cu_q, cu_k, tensors) if varlen else (B, tensors[-1], tensors[-1], tensors)
+        return
+    for b0 in range(0, B, MAX_GRID_YZ):
+        b1 = min(B, b0 + MAX_GRID_YZ)
+        if varlen:
+            yield b1 - b0, cu_q[b0:b1 + 1], cu_k[b0:b1 + 1], tensors
+        else:
+            chunk = tuple(t[b0:b1] for t in tensors)
+            yield b1 - b0, chunk[-1], chunk[-1], chunk
 
 
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
@@ -579,19 +656,20 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     lse = empty((Hq, q.shape[0]) if varlen else (B, Hq, Sq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
+    _check_heads(Hq)
+    q, k, v = (_tile_rows_fit(t, varlen) for t in (q, k, v))
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D)
     if Sq <= DECODE_MAX_SEQLEN_Q and q.dtype != torch.float32 and not interpreting():
         BLOCK_M, BLOCK_N, num_warps, num_stages = DECODE_FWD_CONFIGS[block_d(D)]
-    args, flags = _mask_args(scale, window_left, window_right, softcap)
-    cu_q = cu_seqlens_q if varlen else lse
-    cu_k = cu_seqlens_k if varlen else lse
-    grid = (triton.cdiv(Sq, BLOCK_M), Hq, B)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_q, cu_k, *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-        *_strides(out, varlen), *_lse_strides(lse, varlen), Sq, Sk, Hq // Hk, **args,
-        HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
-    )
+    args, flags = _mask_args(scale, window_left, window_right, softcap, Sq, Sk)
+    for nb, cu_q, cu_k, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
+                                                                  (q, k, v, out, lse)):
+        _attn_fwd_kernel[(triton.cdiv(Sq, BLOCK_M), Hq, nb)](
+            q_, k_, v_, out_, lse_, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen),
+            *_strides(out_, varlen), *_lse_strides(lse_, varlen), Sq, Sk, Hq // Hk, **args,
+            HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
+        )
     return out, lse
 
 
@@ -607,31 +685,35 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
         return dq.zero_(), dk, dv
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
+    _check_heads(Hq)
+    do, q, k, v, out = (_tile_rows_fit(t, varlen) for t in (do, q, k, v, out))
     delta = empty(lse.shape, torch.float32, q.device)
-    cu_q = cu_seqlens_q if varlen else lse
-    cu_k = cu_seqlens_k if varlen else lse
-    lse_strides = _lse_strides(lse, varlen)
     BD = block_d(D)
-    _attn_bwd_delta_kernel[(triton.cdiv(Sq, DELTA_BLOCK_M), Hq, B)](
-        out, do, dlse if dlse is not None else lse, delta, cu_q, *_strides(out, varlen), *_strides(do, varlen),
-        *lse_strides, Sq, HEAD_D=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, VARLEN=varlen, HAS_DLSE=dlse is not None,
-        num_warps=4,
-    )
-    args, flags = _mask_args(scale, window_left, window_right, softcap)
+    args, flags = _mask_args(scale, window_left, window_right, softcap, Sq, Sk)
     common = dict(HEAD_D=D, BLOCK_D=BD, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype), **flags)
-    qkv_strides = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(do, varlen))
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config(DKDV_CONFIGS, q.dtype, D)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BLOCK_N), Hk, B)](
-        q, k, v, do, lse, delta, dk, dv, cu_q, cu_k, *qkv_strides, *_strides(dk, varlen), *lse_strides, Sq, Sk,
-        Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
-        num_stages=num_stages, **common,
-    )
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config(DQ_CONFIGS, q.dtype, D)
-    _attn_bwd_dq_kernel[(triton.cdiv(Sq, BLOCK_M), Hq, B)](
-        q, k, v, do, lse, delta, dq, cu_q, cu_k, *qkv_strides, *_strides(dq, varlen), *lse_strides, Sq, Sk,
-        Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
-        num_stages=num_stages, **common,
-    )
+    dkdv_config = _config(DKDV_CONFIGS, q.dtype, D)
+    dq_config = _config(DQ_CONFIGS, q.dtype, D)
+    tensors = (q, k, v, do, out, dq, dk, dv, delta, dlse if dlse is not None else lse, lse)
+    for nb, cu_q, cu_k, (q_, k_, v_, do_, out_, dq_, dk_, dv_, delta_, dlse_, lse_) in _batch_chunks(
+            B, varlen, cu_seqlens_q, cu_seqlens_k, tensors):
+        lse_strides = _lse_strides(lse_, varlen)
+        _attn_bwd_delta_kernel[(triton.cdiv(Sq, DELTA_BLOCK_M), Hq, nb)](
+            out_, do_, dlse_, delta_, cu_q, *_strides(out_, varlen), *_strides(do_, varlen), *lse_strides, Sq,
+            HEAD_D=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, VARLEN=varlen, HAS_DLSE=dlse is not None, num_warps=4,
+        )
+        qkv_strides = (*_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen), *_strides(do_, varlen))
+        BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BLOCK_N), Hk, nb)](
+            q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen), *lse_strides,
+            Sq, Sk, Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
+            num_stages=num_stages, **common,
+        )
+        BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
+        _attn_bwd_dq_kernel[(triton.cdiv(Sq, BLOCK_M), Hq, nb)](
+            q_, k_, v_, do_, lse_, delta_, dq_, cu_q, cu_k, *qkv_strides, *_strides(dq_, varlen), *lse_strides,
+            Sq, Sk, Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
+            num_stages=num_stages, **common,
+        )
     return dq, dk, dv
 
 

@@ -26,7 +26,9 @@ Design:
 - Backward: G programs (about 2 per SM) each own a contiguous range of rows, so dw/db accumulate in fp32
   registers (or, for chunked rows, in the program's own row of the fp32 partial buffer) without atomics or locks,
   and the result is deterministic; the G partial rows are summed once at the end.
-- Offsets are int64: rows × N passes 2^31 at 32k rows × 64k.
+- Offsets are int64: rows × N passes 2^31 at 32k rows × 64k. Row indices of the kernels that keep rows in
+  registers stay int32 (int64 ones cost up to 18 registers there): their launchers refuse a row count whose
+  programs would index past 2^31 − 1, which only a degenerate (~2^31, tiny N) input reaches.
 """
 
 import torch
@@ -358,6 +360,12 @@ def _fused(N):
     return N <= MAX_FUSED_N
 
 
+def _check_rows(M, end):
+    """The fused kernels index rows in int32, up to `end` (their programs' last row, masked past M)."""
+    if end >= 2**31:
+        raise ValueError(f"the triton norm kernels index rows in int32: {M} rows are too many for rows of this width")
+
+
 def norm_fwd(x, weight, bias, residual, eps, is_rms, offset):
     """Forward of LayerNorm (is_rms False) or RMSNorm (is_rms True) over the rows of x.
 
@@ -365,6 +373,9 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms, offset):
     Returns y (M, N), residual_out (M, N) or None, mean (M,) fp32 or None (RMSNorm), rstd (M,) fp32.
     """
     M, N = x.shape
+    if _fused(N):
+        block_m = _fused_config(N)[0]
+        _check_rows(M, triton.cdiv(M, block_m) * block_m)
     y = empty((M, N), x.dtype, x.device)
     residual_out = empty((M, N), x.dtype, x.device) if residual is not None else None
     mean = None if is_rms else empty((M,), torch.float32, x.device)
@@ -409,7 +420,6 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
     db (N,) in weight's dtype or None.
     """
     M, N = dy.shape
-    dx = empty((M, N), xin.dtype, xin.device)
     need_dw = need_dw and weight is not None
     wdtype = weight.dtype if weight is not None else xin.dtype
     fused = _fused(N)
@@ -420,6 +430,9 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
     programs = max(1, min(triton.cdiv(M, block_m), PARTIALS_PER_SM * num_sms(xin.device)))
     rows_per_prog = max(1, triton.cdiv(triton.cdiv(M, programs), block_m)) * block_m
     programs = max(1, triton.cdiv(M, rows_per_prog))
+    if fused:
+        _check_rows(M, programs * rows_per_prog)
+    dx = empty((M, N), xin.dtype, xin.device)
     # The fused kernel writes every element of its partial row; the chunked kernel accumulates into it (and with
     # no rows nothing runs, so the sums must start at zero).
     part = empty if fused and M > 0 else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
