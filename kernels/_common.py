@@ -35,16 +35,30 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_sm_counts: dict = {}
+
+
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of the device; a small fixed count under the interpreter, where a program's cost
-    is its Python overhead and more programs only cost time."""
+    """Streaming multiprocessors of the device (asked once per device); a small fixed count under the interpreter,
+    where a program's cost is its Python overhead and more programs only cost time."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        count = _sm_counts.get(index)
+        if count is None:
+            count = _sm_counts[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        return count
     return 4
 
 
+# Host-side launch arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr functions whose
+# every host call goes through Triton's JIT wrapper (~3 µs each, several per launch; issue 15).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def next_pow2(n: int) -> int:
-    return triton.next_power_of_2(max(1, n))
+    """The smallest power of 2 ≥ n (1 for n ≤ 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 # Tests set this to True so every output a launcher allocates starts as NaN (or the integer minimum): an element a

@@ -35,7 +35,7 @@ Design:
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, empty, next_pow2, tanh_and_sech2
+from ._common import KernelSpec, cdiv, empty, next_pow2, tanh_and_sech2
 
 TILE = 4096  # elements of each operand a program moves
 NUM_WARPS = 8
@@ -153,8 +153,8 @@ def rows_view(*tensors):
 def _launch(kernel, operands, activation):
     M, N = operands[0].shape
     block_m, block_n = _config(N)
-    tiles_n = triton.cdiv(N, block_n)
-    grid = (triton.cdiv(M, block_m) * tiles_n,)
+    tiles_n = cdiv(N, block_n)
+    grid = (cdiv(M, block_m) * tiles_n,)
     kernel[grid](*operands, *(t.stride(0) for t in operands), M, N, tiles_n, ACT=ACTIVATIONS[activation],
                  BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
 

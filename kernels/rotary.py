@@ -33,7 +33,7 @@ Design:
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, empty, next_pow2, num_sms
+from ._common import KernelSpec, cdiv, empty, next_pow2, num_sms
 
 TILE = 1024  # token × pair elements of each tile
 NUM_WARPS = 4
@@ -154,10 +154,10 @@ def _rotary(x, cos, sin, interleaved, heads_first, backward):
     # (seq, rot) and (1, seq, rot): batch stride 0, one table for every sequence.
     cos_b, cos_s = _strides(cos if cos.dim() == 3 else cos.unsqueeze(0))[:2]
     block_t, block_half = _config(rot)
-    tiles = triton.cdiv(tokens, block_t)
-    groups = max(1, min(heads, MAX_GRID_Y, triton.cdiv(PROGRAMS_PER_SM * num_sms(x.device), tiles)))
-    heads_per_prog = triton.cdiv(heads, groups)
-    groups = triton.cdiv(heads, heads_per_prog)
+    tiles = cdiv(tokens, block_t)
+    groups = max(1, min(heads, MAX_GRID_Y, cdiv(PROGRAMS_PER_SM * num_sms(x.device), tiles)))
+    heads_per_prog = cdiv(heads, groups)
+    groups = cdiv(heads, heads_per_prog)
     _rotary_kernel[(tiles, groups)](
         xv, cos, sin, ov, *_strides(xv)[:3], *_strides(ov)[:3], cos_b, cos_s, seqlen, tokens, heads,
         heads_per_prog, rot // 2, head_dim - rot, int(backward), INTERLEAVED=interleaved,

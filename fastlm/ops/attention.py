@@ -25,7 +25,7 @@ import torch
 
 from fastlm import _backend, _cuda, reference
 from fastlm.kernels import attention as triton_attention
-from fastlm.ops import _checks
+from fastlm.ops import _checks, _eager
 
 MAX_HEAD_DIM = triton_attention.MAX_HEAD_DIM
 
@@ -38,7 +38,7 @@ def _unit_last(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("fastlm::attention_fwd", mutates_args=())
+@_eager.custom_op("fastlm::attention_fwd", mutates_args=())
 def attention_fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -76,7 +76,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, wi
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastlm::attention_bwd", mutates_args=())
+@_eager.custom_op("fastlm::attention_bwd", mutates_args=())
 def attention_bwd_op(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -118,7 +118,7 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     # The kernels index dlse as lse is laid out; autograd may hand it over expanded (stride 0) from a sum.
     dlse = dlse.contiguous() if dlse is not None else None
-    dq, dk, dv = torch.ops.fastlm.attention_bwd(_unit_last(dout), q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
+    dq, dk, dv = attention_bwd_op(_unit_last(dout), q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -223,14 +223,14 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
     if q.device.type == "meta":
         # Shapes only (model init on meta, FSDP), under every backend: the registered op's fake and autograd give
         # them (the reference would read varlen offsets on the host). LSE dtype as the reference's for float64.
-        out, lse = torch.ops.fastlm.attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
+        out, lse = attention_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
                                                   "triton")
         return out, lse.to(torch.float64) if q.dtype == torch.float64 else lse
     backend = _backend.resolve("attention", q.device, q.dtype,
                                unsupported=_kernel_unsupported(q, k, cu_q, left, right, softcap))
     if backend == "torch":
         return reference.attention_masked(q, k, v, scale, left, right, softcap, cu_q, cu_k)
-    return torch.ops.fastlm.attention_fwd(_unit_last(q), _unit_last(k), _unit_last(v), cu_q, cu_k, max_q, max_k,
+    return attention_fwd_op(_unit_last(q), _unit_last(k), _unit_last(v), cu_q, cu_k, max_q, max_k,
                                           scale, left, right, softcap, backend)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from fastlm import _backend, _cuda, reference
 from fastlm.kernels import gated as triton_gated
-from fastlm.ops import _checks
+from fastlm.ops import _checks, _eager
 
 GELU_APPROXIMATIONS = ("tanh", "none")
 
@@ -30,7 +30,7 @@ def _impl(backend):
     return triton_gated if backend == "triton" else _cuda
 
 
-@torch.library.custom_op("fastlm::gated_fwd", mutates_args=())
+@_eager.custom_op("fastlm::gated_fwd", mutates_args=())
 def gated_fwd_op(gate: torch.Tensor, up: torch.Tensor, activation: str, backend: str) -> torch.Tensor:
     """(rows, N) gate and up → h = act(gate)·up (rows, N), contiguous. activation: "silu", "gelu_tanh", "gelu"."""
     return _impl(backend).gated_fwd(gate, up, activation)
@@ -41,7 +41,7 @@ def _(gate, up, activation, backend):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("fastlm::gated_bwd", mutates_args=())
+@_eager.custom_op("fastlm::gated_bwd", mutates_args=())
 def gated_bwd_op(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """→ d(gate), d(up): (rows, N), contiguous, in the gate's dtype."""
@@ -64,7 +64,7 @@ def _backward(ctx, dh):
     gate, up = ctx.saved_tensors
     # The kernels take any row stride but need unit column stride; autograd may hand out an expanded gradient.
     dh = dh if dh.stride(-1) == 1 else dh.contiguous()
-    dgate, dup = torch.ops.fastlm.gated_bwd(dh, gate, up, ctx.activation, ctx.backend)
+    dgate, dup = gated_bwd_op(dh, gate, up, ctx.activation, ctx.backend)
     need_gate, need_up = ctx.needs_input_grad[:2]
     return dgate if need_gate else None, dup if need_up else None, None, None
 
@@ -95,7 +95,7 @@ def _gated(op, gate, up, activation):
             return reference.swiglu(gate, up)
         return reference.geglu(gate, up, "tanh" if activation == "gelu_tanh" else "none")
     N = gate.shape[-1] if gate.dim() > 0 else 1
-    h = torch.ops.fastlm.gated_fwd(_rows(gate, N), _rows(up, N), activation, backend)
+    h = gated_fwd_op(_rows(gate, N), _rows(up, N), activation, backend)
     return h.view(gate.shape)
 
 

@@ -21,7 +21,7 @@ import torch
 from fastlm import _backend, _cuda, reference
 from fastlm.kernels import norm as triton_norm
 from fastlm.kernels._common import empty
-from fastlm.ops import _checks
+from fastlm.ops import _checks, _eager
 
 _EMPTY = (0,)
 
@@ -53,7 +53,7 @@ def _or_empty(t, like):
     return t if t is not None else like.new_empty(_EMPTY)
 
 
-@torch.library.custom_op("fastlm::norm_fwd", mutates_args=())
+@_eager.custom_op("fastlm::norm_fwd", mutates_args=())
 def norm_fwd_op(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -82,7 +82,7 @@ def _(x, weight, bias, residual, eps, is_rms, offset, backend):
     )
 
 
-@torch.library.custom_op("fastlm::norm_bwd", mutates_args=())
+@_eager.custom_op("fastlm::norm_bwd", mutates_args=())
 def norm_bwd_op(
     dy: torch.Tensor,
     xin: torch.Tensor,
@@ -135,7 +135,7 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd):
     if dy is None:
         dy = torch.zeros_like(xin)
     dres = _rows_contiguous(dresidual_out) if ctx.has_residual and dresidual_out is not None else None
-    dx, dw, db = torch.ops.fastlm.norm_bwd(
+    dx, dw, db = norm_bwd_op(
         _rows_contiguous(dy), xin, weight, mean, rstd, dres, ctx.is_rms, ctx.offset,
         bool(need_w), bool(need_b and ctx.has_bias), ctx.backend,
     )
@@ -193,7 +193,7 @@ def _norm(op, x, weight, bias, residual, eps, is_rms, offset):
     bias = bias.contiguous() if bias is not None else None
     x2 = _rows_contiguous(x.reshape(-1, N))
     r2 = _rows_contiguous(residual.reshape(-1, N)) if residual is not None else None
-    y, residual_out, _, _ = torch.ops.fastlm.norm_fwd(x2, weight, bias, r2, float(eps), is_rms, float(offset),
+    y, residual_out, _, _ = norm_fwd_op(x2, weight, bias, r2, float(eps), is_rms, float(offset),
                                                       backend)
     y = y.view(x.shape)
     return y if residual is None else (y, residual_out.view(x.shape))

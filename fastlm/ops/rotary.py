@@ -19,7 +19,7 @@ import torch
 
 from fastlm import _backend, _cuda, reference
 from fastlm.kernels import rotary as triton_rotary
-from fastlm.ops import _checks
+from fastlm.ops import _checks, _eager
 
 MAX_TOKENS = 2**31 - 1  # batch · seq: the kernels index tokens with 32-bit integers
 
@@ -29,7 +29,7 @@ def _impl(backend):
     return triton_rotary if backend == "triton" else _cuda
 
 
-@torch.library.custom_op("fastlm::rotary_embedding", mutates_args=())
+@_eager.custom_op("fastlm::rotary_embedding", mutates_args=())
 def rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, heads_first: bool,
               backward: bool, backend: str) -> torch.Tensor:
     """x (batch, seq, heads, head_dim), or (batch, heads, seq, head_dim) when heads_first → the rotated x, same
@@ -55,7 +55,7 @@ def _backward(ctx, dy):
     cos, sin = ctx.saved_tensors
     # The kernels take any strides but a unit feature stride; autograd may hand out an expanded gradient.
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    return torch.ops.fastlm.rotary_embedding(dy, cos, sin, *ctx.args), None, None, None, None, None, None
+    return rotary_op(dy, cos, sin, *ctx.args), None, None, None, None, None, None
 
 
 rotary_op.register_autograd(_backward, setup_context=_setup_context)
@@ -132,4 +132,4 @@ def rotary_embedding(x, cos, sin, *, interleaved=False, heads_first=False):
     cos, sin = _unit_last(cos), _unit_last(sin)
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    return torch.ops.fastlm.rotary_embedding(_unit_last(x), cos, sin, interleaved, heads_first, False, backend)
+    return rotary_op(_unit_last(x), cos, sin, interleaved, heads_first, False, backend)

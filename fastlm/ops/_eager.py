@@ -1,0 +1,113 @@
+"""The host path of a kernel call: registered ops for torch.compile, a direct call for eager PyTorch.
+
+Every kernel of fastlm is a `torch.library.custom_op` with a fake implementation and an autograd formula, so that
+torch.compile traces it without a graph break and a CUDA graph can capture it. Going through that registration
+costs, on every eager call, the dispatcher's boxing of the arguments, the generic autograd wrapper torch builds for
+the op (a second dispatch below autograd), the alias checks of the outputs, and the same again for the backward
+op: about 100 µs of host time per forward + backward on a fast CPU, more than the kernels themselves take at the
+sizes of a decode step or a norm over 4096 × 1024 (issue 15).
+
+`custom_op` here registers the op exactly as `torch.library.custom_op` does and returns a `KernelOp` whose call
+takes one of three paths:
+
+- through the registered op (`torch.ops.fastlm.<name>`) whenever something must see it as one operator: while
+  torch.compile or export traces (the fake implementation and the graph node), under a tensor subclass (DTensor,
+  FakeTensor, functional tensors), an active dispatch or torch-function mode, or functorch transforms (vmap, grad);
+  and for an op that mutates an argument or has no autograd formula while gradients are being recorded;
+- when autograd must record the call (grad mode on and an input requires grad): the op's own implementation inside
+  a plain `torch.autograd.Function` built from the op's `setup_context` and `backward`, the same formula the
+  registered op uses, with none of the dispatcher's wrapping;
+- otherwise (inference, or a backward op called from a backward): the implementation itself, a Python call.
+
+The three give the same tensors: the implementation is the same function, and the autograd formula is the same
+pair of functions (`tests/test_backend.py` runs each op both ways and compares them bit for bit).
+
+Set `DISPATCH_ALWAYS = True` (tests do, for some checks) to send every call through the registered op.
+"""
+
+from typing import Callable, Optional
+
+import torch
+
+# Every call through the registered op: for tests that compare the two paths, and for debugging.
+DISPATCH_ALWAYS = False
+
+_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_transforms = torch._C._are_functorch_transforms_active
+_any_requires_grad = torch._C._any_requires_grad
+_grad_enabled = torch.is_grad_enabled
+_Tensor = torch.Tensor
+
+
+def _plain(args) -> bool:
+    """Every tensor argument is a plain torch.Tensor (no subclass that must see the operator)."""
+    for a in args:
+        if isinstance(a, _Tensor) and type(a) is not _Tensor and not isinstance(a, torch.nn.Parameter):
+            return False
+    return True
+
+
+def _must_dispatch(args) -> bool:
+    return (DISPATCH_ALWAYS or _compiling() or _dispatch_modes() > 0 or _function_modes() or _transforms()
+            or not _plain(args))
+
+
+class KernelOp:
+    """A registered fastlm op (see the module docstring): `op(*args)` runs it on the cheapest correct path."""
+
+    def __init__(self, definition, fn: Callable, mutates: bool):
+        self._definition = definition  # torch.library's CustomOpDef
+        self._fn = fn
+        self._mutates = mutates
+        self._function: Optional[type] = None
+        self._overload = None
+
+    @property
+    def registered(self):
+        """The registered operator, `torch.ops.fastlm.<name>.default`."""
+        if self._overload is None:
+            self._overload = self._definition._opoverload
+        return self._overload
+
+    def register_fake(self, fn):
+        return self._definition.register_fake(fn)
+
+    def register_autograd(self, backward, *, setup_context=None):
+        self._definition.register_autograd(backward, setup_context=setup_context)
+        fn = self._fn
+
+        def forward(ctx, *args):
+            output = fn(*args)
+            if setup_context is not None:
+                setup_context(ctx, args, output)
+            return output
+
+        # The same (ctx, inputs, output) contract as torch.library's, and its default of materialized (zero)
+        # gradients for unused outputs. setup_context is called from forward rather than declared separately:
+        # autograd.Function binds a separate one's arguments with inspect.signature on every call (~10 µs).
+        self._function = type(
+            f"{self._definition._namespace}_{self._definition._name}_function",
+            (torch.autograd.Function,),
+            {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+        )
+
+    def __call__(self, *args):
+        if _must_dispatch(args):
+            return self.registered(*args)
+        if _grad_enabled() and _any_requires_grad(*args):
+            if self._function is None or self._mutates:
+                return self.registered(*args)
+            return self._function.apply(*args)
+        return self._fn(*args)
+
+
+def custom_op(name: str, *, mutates_args=()):
+    """`torch.library.custom_op(name, mutates_args=...)`, returning a `KernelOp` (positional arguments only)."""
+
+    def wrap(fn):
+        definition = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        return KernelOp(definition, fn, bool(mutates_args))
+
+    return wrap

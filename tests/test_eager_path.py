@@ -1,0 +1,100 @@
+"""The eager host path (fastlm/ops/_eager.py): a kernel call outside torch.compile skips the dispatcher, and gives
+exactly what the registered op gives, forward and backward, on every kernel backend that runs here."""
+
+import pytest
+import torch
+
+import fastlm
+from fastlm.ops import _eager
+from conftest import generator, kernel_backends
+
+
+def _case(name):
+    """(function of float leaves, the leaves) for one op, small shapes crossing the kernels' block edges."""
+    g = generator()
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    if name == "layer_norm":
+        return (lambda x, w, b, r: fastlm.layer_norm(x, w, b, residual=r)), (rand(5, 40), rand(40), rand(40),
+                                                                             rand(5, 40))
+    if name == "rms_norm":
+        return (lambda x, w: fastlm.rms_norm(x, w, offset=1.0)), (rand(3, 2, 24), rand(24))
+    if name == "swiglu":
+        return fastlm.swiglu, (rand(4, 48), rand(4, 48))
+    if name == "geglu":
+        return fastlm.geglu, (rand(4, 48), rand(4, 48))
+    if name == "rotary":
+        cos, sin = rand(6, 8), rand(6, 8)
+        return (lambda x: fastlm.rotary_embedding(x, cos, sin)), (rand(2, 6, 3, 12),)
+    if name == "attention":
+        return (lambda q, k, v: fastlm.attention(q, k, v, causal=True)), (rand(1, 40, 4, 16), rand(1, 40, 2, 16),
+                                                                          rand(1, 40, 2, 16))
+    raise KeyError(name)
+
+
+OPS = ("layer_norm", "rms_norm", "swiglu", "geglu", "rotary", "attention")
+
+
+def _run(name, grad):
+    fn, leaves = _case(name)
+    leaves = [t.requires_grad_(grad) for t in leaves]
+    out = fn(*leaves)
+    outs = out if isinstance(out, tuple) else (out,)
+    if not grad:
+        return [o.detach() for o in outs]
+    cotangents = [torch.randn(o.shape, generator=generator(1)) for o in outs]
+    torch.autograd.backward(outs, cotangents)
+    return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", [p for p in kernel_backends()], indirect=True)
+def test_the_eager_path_gives_what_the_registered_op_gives(backend, op, grad, monkeypatch):
+    monkeypatch.setattr(_eager, "DISPATCH_ALWAYS", True)
+    registered = _run(op, grad)
+    monkeypatch.setattr(_eager, "DISPATCH_ALWAYS", False)
+    direct = _run(op, grad)
+    assert len(direct) == len(registered)
+    for i, (a, b) in enumerate(zip(direct, registered)):
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        assert not a.isnan().any(), f"output {i} holds NaN: an element was left unwritten"
+        assert torch.equal(a, b), f"output {i} differs between the eager path and the registered op"
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("backend", [p for p in kernel_backends()], indirect=True)
+def test_eager_calls_never_go_through_the_dispatcher(backend, op, monkeypatch):
+    def refuse(self):
+        raise AssertionError("an eager call went through the registered op")
+
+    monkeypatch.setattr(_eager.KernelOp, "registered", property(refuse))
+    _run(op, grad=True)
+
+
+def test_what_must_see_the_operator_gets_it(monkeypatch):
+    """Dispatch modes, tensor subclasses and mutating ops go through the registered op."""
+    calls = []
+
+    @_eager.custom_op("fastlm_test::twice", mutates_args=())
+    def twice(x: torch.Tensor) -> torch.Tensor:
+        calls.append("impl")
+        return x * 2
+
+    twice.register_fake(lambda x: torch.empty_like(x))
+    twice.register_autograd(lambda ctx, g: g * 2)
+    seen = []
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.ones(3, requires_grad=True)
+    y = twice(x)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 2.0)) and not seen
+    with Record():
+        twice(torch.ones(3))
+    assert "fastlm_test.twice.default" in seen
+    assert calls == ["impl", "impl"]
+    assert type(y.grad_fn).__name__ == "fastlm_test_twice_functionBackward"  # the eager path recorded it
