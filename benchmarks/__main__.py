@@ -124,6 +124,8 @@ def main(argv=None) -> int:
     if choices:
         table = harness.merge_dispatch(run.out_dir / "dispatch.json", choices)
         print(f"dispatch.json: {table}")
+        orders = {op: entry["order"] for op, entry in sorted(table.items()) if "order" in entry}
+        print(f"for fastlm/_dispatch_table.py: MEASURED[{meta['device']!r}] = {orders!r}")
     else:
         print("dispatch.json not written: no op had both fastlm backends measured in this run")
     return 0

@@ -351,8 +351,9 @@ def _providers(decode):
                  backend="triton"),
         Provider("fastlm-cuda", _fastlm, _fastlm_available("cuda", decode), harness.fastlm_context("cuda"),
                  backend="cuda"),
-        sdpa("sdpa-flash", SDPBackend.FLASH_ATTENTION),
-        sdpa("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
+        # What `auto` runs when the table puts torch's SDPA first (fastlm.ops.attention._sdpa): the same call.
+        sdpa("sdpa-flash", SDPBackend.FLASH_ATTENTION, native="torch:sdpa-flash"),
+        sdpa("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION, native="torch:sdpa-cudnn"),
         sdpa("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, skip=_efficient_skip),
     ]
     if not decode:

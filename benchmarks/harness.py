@@ -106,6 +106,10 @@ class Provider:
     # The fastlm backend this provider runs ("triton", "cuda"), or None for a peer. fastlm rows get the ratio
     # against every peer, and the backends are compared for the dispatch table.
     backend: Optional[str] = None
+    # For a peer that computes exactly what `auto` runs when the dispatch table routes the op to torch's own
+    # kernel: that route's name (fastlm._backend.NATIVE, e.g. "torch:eager"). Such peers compete with the fastlm
+    # backends in the dispatch table, so that `auto` never loses to them.
+    native: Optional[str] = None
     # case -> why this provider leaves the case out (a peer that would not fit in memory, say), or "" to run it.
     # Its rows then say "skipped" with the reason.
     skip: Callable[[Case], str] = lambda case: ""
@@ -506,35 +510,42 @@ def _case_key(row) -> tuple:
 
 
 def dispatch_summary(rows, providers, modes=MODES) -> tuple:
-    """Which fastlm backend was faster, per op and mode: the one with the lowest geometric-mean time relative to the
-    per-case best, over the cases where every backend ran and agreed with the reference.
+    """What `auto` should run, per op and mode: the fastlm backends and the peers that are torch's own route for the
+    op (Provider.native) ranked by geometric-mean time relative to the per-case best, over the cases where every
+    one of them ran and agreed with the reference.
 
-    Returns ({op: {mode: backend}}, {op: {mode: details}}); a family with one backend has nothing to choose."""
-    backends = {p.name: p.backend for p in providers if p.backend}
+    Returns ({op: {mode: fastest, ..., "order": [fastest, ..., slowest by forward+backward, or by the last mode
+    measured]}}, {op: {mode: details}}); a candidate that ran none of an op's cases (a peer missing here) is left
+    out of its ranking, and a family with fewer than two candidates has nothing to choose."""
+    candidates = {p.name: p.backend or p.native for p in providers if p.backend or p.native}
     choice, details = {}, {}
-    if len(backends) < 2:
+    if len(candidates) < 2:
         return choice, details
     for op in dict.fromkeys(r["op"] for r in rows):
         for mode in modes:
             times = {}
             for r in rows:
-                if r["op"] == op and r["mode"] == mode and r["provider"] in backends and r["status"] == "ok":
+                if r["op"] == op and r["mode"] == mode and r["provider"] in candidates and r["status"] == "ok":
                     times.setdefault(_case_key(r), {})[r["provider"]] = r["ms"]
-            complete = [t for t in times.values() if len(t) == len(backends)]
-            if not complete:
-                details.setdefault(op, {})[mode] = {"cases": 0, "reason": "no case where every backend ran"}
+            # A candidate that ran no case here (a peer missing on this machine) is left out, not the cases.
+            ran = [name for name in candidates if any(name in t for t in times.values())]
+            complete = [t for t in times.values() if len(t) == len(ran)]
+            if len(ran) < 2 or not complete:
+                details.setdefault(op, {})[mode] = {"cases": 0, "reason": "no case where two or more candidates "
+                                                                          "all ran"}
                 continue
-            logs = {name: 0.0 for name in backends}
-            wins = {backends[name]: 0 for name in backends}
+            logs = {name: 0.0 for name in ran}
+            wins = {candidates[name]: 0 for name in ran}
             for t in complete:
                 best = min(t.values())
                 for name, ms in t.items():
                     logs[name] += math.log(ms / best)
-                wins[backends[min(t, key=t.get)]] += 1
-            geo = {backends[n]: round(math.exp(v / len(complete)), 4) for n, v in logs.items()}
-            winner = min(geo, key=geo.get)
-            choice.setdefault(op, {})[mode] = winner
-            details.setdefault(op, {})[mode] = {"winner": winner, "cases": len(complete),
+                wins[candidates[min(t, key=t.get)]] += 1
+            geo = {candidates[n]: round(math.exp(v / len(complete)), 4) for n, v in logs.items()}
+            order = sorted(geo, key=geo.get)
+            choice.setdefault(op, {})[mode] = order[0]
+            choice[op]["order"] = order
+            details.setdefault(op, {})[mode] = {"winner": order[0], "order": order, "cases": len(complete),
                                                 "geomean_time_vs_best": geo, "wins": wins}
     return choice, details
 

@@ -185,7 +185,7 @@ FAMILY = Family(
     providers=[
         Provider("fastlm-triton", _fastlm, _fastlm_available("triton"), harness.fastlm_context("triton"), backend="triton"),
         Provider("fastlm-cuda", _fastlm, _fastlm_available("cuda"), harness.fastlm_context("cuda"), backend="cuda"),
-        Provider("torch", _eager),
+        Provider("torch", _eager, native="torch:eager"),  # what `auto` runs on the "torch:eager" route
         Provider("torch.compile", _compiled),
         Provider("liger", _liger, harness.importable("liger_kernel.ops.fused_add_rms_norm", "liger_kernel.ops.layer_norm",
                                                           "liger_kernel.ops.rms_norm")),

@@ -4,9 +4,12 @@ Backends:
   "triton"  the Triton kernels in fastlm.kernels (CUDA tensors; CPU tensors too under TRITON_INTERPRET=1),
   "cuda"    the CUDA C++ kernels in fastlm._C (CUDA tensors, extension built),
   "torch"   the pure-PyTorch reference in fastlm.reference (any device, any floating dtype),
-  "auto"    (default) CUDA tensors go to the kernel backend measured faster for the op on this device
-            (fastlm._dispatch_table), CPU tensors to "torch". "auto" never fails where the reference can serve:
-            when the kernel backends cannot run a call, it falls back and says so once.
+  "auto"    (default) CUDA tensors go to the implementation measured fastest for the op on this device
+            (fastlm._dispatch_table): a fastlm kernel backend, or torch's own kernel for the calls it covers
+            (NATIVE: "torch:eager" is F.layer_norm / F.rms_norm, "torch:sdpa-cudnn" and "torch:sdpa-flash" are
+            SDPA with that backend first), so that `auto` never loses to what the user already has. CPU tensors
+            go to "torch". "auto" never fails where the reference can serve: when no kernel can run a call, it
+            falls back and says so once.
 
 The choice is read from, in order: the innermost `use_backend(...)` block, `set_backend(...)`, the environment
 variable FASTLM_BACKEND at import, "auto". An explicitly chosen backend that cannot run a call raises
@@ -90,6 +93,25 @@ def _cuda_reason(device: torch.device, dtype: torch.dtype):
 
 
 _REASONS = {"triton": _triton_reason, "cuda": _cuda_reason}
+
+# torch's own kernels that `auto` may route an op to (never chosen by name: only from a measured table), each a
+# name the benchmark's peer of the same computation carries (benchmarks/harness.py, Provider.native).
+NATIVE = {
+    "layer_norm": ("torch:eager",),
+    "rms_norm": ("torch:eager",),
+    "attention": ("torch:sdpa-cudnn", "torch:sdpa-flash"),
+    "attention_decode": ("torch:sdpa-cudnn", "torch:sdpa-flash"),
+}
+
+
+def _native_reason(op: str, name: str, device: torch.device, dtype: torch.dtype):
+    if name not in NATIVE.get(op, ()):
+        return f"torch has no kernel {name!r} for {op}"
+    if device.type != "cuda":
+        return f"{name} is taken for CUDA tensors only"
+    if dtype not in KERNEL_DTYPES:
+        return f"{name} is taken for float32, float16 and bfloat16 only"
+    return None
 _warned = set()
 
 
@@ -119,16 +141,22 @@ def device_name(index: int) -> str:
     return name
 
 
-def _why_not(backend, device, dtype, unsupported):
+def _why_not(op, backend, device, dtype, unsupported):
     why = unsupported(backend) if unsupported is not None else None
-    return why or _REASONS[backend](device, dtype)
+    if why:
+        return why
+    if backend.startswith("torch:"):
+        return _native_reason(op, backend, device, dtype)
+    return _REASONS[backend](device, dtype)
 
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype, unsupported=None) -> str:
     """The backend that runs `op` on tensors of this device and dtype.
 
     `unsupported(backend)`: the op's own reason why that kernel backend cannot take this call (a shape or an
-    argument its kernels do not cover), or None when it can.
+    argument its kernels do not cover), or None when it can. Under "auto" it is also asked about torch's own
+    kernels ("torch:..." names, see NATIVE) that the measured table puts first: an op that has such a path must
+    say which calls it covers (every other op's NATIVE entry is empty, so they are never chosen).
 
     Traceable by torch.compile without a graph break: the device queries are constants of the trace
     (`device_name`, `_cuda.available`), and nothing here warns while tracing.
@@ -137,7 +165,7 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, unsupported=None)
     if name == "torch":
         return name
     if name != "auto":
-        why = _why_not(name, device, dtype, unsupported)
+        why = _why_not(op, name, device, dtype, unsupported)
         if why:
             raise BackendUnavailable(f"fastlm.{op}: backend {name!r} cannot run this call: {why}")
         return name
@@ -145,7 +173,7 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, unsupported=None)
         return "torch"
     reasons = []
     for candidate in _dispatch_table.preferred(op, device_name(device_index(device))):
-        why = _why_not(candidate, device, dtype, unsupported)
+        why = _why_not(op, candidate, device, dtype, unsupported)
         if not why:
             return candidate
         reasons.append(f"{candidate}: {why}")

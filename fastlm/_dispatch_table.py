@@ -1,7 +1,10 @@
 """Which kernel backend `auto` picks for each op on each GPU: filled from measurements, never from a guess.
 
-MEASURED maps a device name (as torch.cuda.get_device_name prints it) to {op: [faster backend, other backend]}.
-It is copied from `benchmarks/results/<device>/dispatch.json`, which `python -m benchmarks` writes from the
+MEASURED maps a device name (as torch.cuda.get_device_name prints it) to {op: [fastest, ..., slowest]}, the
+implementations in the order `auto` tries them: the fastlm backends "triton" and "cuda", and torch's own kernels
+for the calls they cover ("torch:eager", "torch:sdpa-cudnn", "torch:sdpa-flash"; fastlm._backend.NATIVE), which
+`auto` passes over for a call they cannot take (a window, varlen, softcap, mixed dtypes). It is copied from the
+"order" of each op in `benchmarks/results/<device>/dispatch.json`, which `python -m benchmarks` writes from the
 forward+backward timings of the same run. A device or op with no measurement yet uses UNMEASURED_ORDER: the
 triton backend first, because it is the one whose every kernel CI runs through the interpreter.
 """

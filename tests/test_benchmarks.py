@@ -473,14 +473,28 @@ def test_ratios_and_dispatch_on_synthetic_rows(tmp_path):
     first = next(r for r in rows if r["provider"] == "fastlm-triton" and r["params"]["N"] == 1024)
     assert first["vs"] == {"torch": 2.0, "torch.compile": 1.5, "liger": "missing"}
     choice, details = harness.dispatch_summary(rows, family.providers)
-    # Over the two cases: triton 1.0 / 2.0 against cuda 1.25 / 1.0, geometric means of time over the best
-    # sqrt(1 · 2) = 1.41 for triton and sqrt(1.25 · 1) = 1.12 for cuda: cuda.
-    assert choice == {"layer_norm": {"fwd": "cuda", "bwd": "cuda", "fwd+bwd": "cuda"}}
-    assert details["layer_norm"]["fwd"]["wins"] == {"triton": 1, "cuda": 1}
+    # Over the two cases: triton 1.0 / 2.0 against cuda 1.25 / 1.0 and torch's own norm (the "torch" peer, which
+    # is auto's "torch:eager" route) 2.0 / 3.0; geometric means of time over the best sqrt(1 · 2) = 1.41 for triton,
+    # sqrt(1.25 · 1) = 1.12 for cuda, sqrt(2 · 3) = 2.45 for torch: cuda, then triton, then torch.
+    order = ["cuda", "triton", "torch:eager"]
+    assert choice == {"layer_norm": {"fwd": "cuda", "bwd": "cuda", "fwd+bwd": "cuda", "order": order}}
+    assert details["layer_norm"]["fwd"]["wins"] == {"triton": 1, "cuda": 1, "torch:eager": 0}
+    assert details["layer_norm"]["fwd+bwd"]["order"] == order
     path = tmp_path / "dispatch.json"
     path.write_text(json.dumps({"cross_entropy": {"fwd": "triton"}}))
     merged = harness.merge_dispatch(path, choice)
     assert json.loads(path.read_text()) == merged == dict(choice, cross_entropy={"fwd": "triton"})
+
+
+def test_torchs_own_kernel_goes_first_where_it_was_measured_fastest():
+    family, meta, rows = _synthetic_rows()
+    for r in rows:
+        if r["provider"] == "torch":
+            r["ms"] = 0.5  # torch's fused norm faster than both fastlm backends on every case
+    choice, details = harness.dispatch_summary(rows, family.providers)
+    assert choice["layer_norm"]["order"][0] == "torch:eager"
+    assert choice["layer_norm"]["fwd+bwd"] == "torch:eager"
+    assert details["layer_norm"]["fwd+bwd"]["wins"]["torch:eager"] == 2
 
 
 def test_markdown_json_and_plot_on_synthetic_rows(tmp_path):
@@ -869,7 +883,10 @@ def test_attention_decode_case_runs_on_cpu_forward_only(cpu_timers, tmp_path):
     assert by["fastlm-triton"]["rel_err"] < family.tolerance[torch.bfloat16]
     assert by["flex"]["status"] == "skipped"
     choice, _ = harness.dispatch_summary(rows, family.providers, family.modes)
-    assert set(choice["attention_decode"]) == {"fwd"}
+    assert set(choice["attention_decode"]) == {"fwd", "order"}
+    ran = {"triton", "cuda", "torch:sdpa-flash", "torch:sdpa-cudnn"} & {
+        (p.backend or p.native) for p in family.providers if by[p.name]["status"] == "ok"}
+    assert set(choice["attention_decode"]["order"]) == ran and {"triton", "cuda", "torch:sdpa-flash"} <= ran
 
     meta = {"date": "2026-01-01T00:00:00+00:00", "device": "Test GPU", "torch": "2.x", "cuda": "13.0",
             "triton": "3.6.0", "fastlm": "0.1.0", "git_commit": "abc1234", "liger_kernel": "missing",

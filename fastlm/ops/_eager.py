@@ -13,6 +13,7 @@ takes one of three paths:
 - through the registered op (`torch.ops.fastlm.<name>`) whenever something must see it as one operator: while
   torch.compile or export traces (the fake implementation and the graph node), under a tensor subclass (DTensor,
   FakeTensor, functional tensors), an active dispatch or torch-function mode, or functorch transforms (vmap, grad);
+  on meta tensors (the fake implementation gives the shapes);
   and for an op that mutates an argument or has no autograd formula while gradients are being recorded;
 - when autograd must record the call (grad mode on and an input requires grad): the op's own implementation inside
   a plain `torch.autograd.Function` built from the op's `setup_context` and `backward`, the same formula the
@@ -50,8 +51,10 @@ def _plain(args) -> bool:
 
 
 def _must_dispatch(args) -> bool:
+    # Meta tensors (shapes only) take the registered op's fake implementation; every op's first argument is a
+    # tensor on the device all its tensors share.
     return (DISPATCH_ALWAYS or _compiling() or _dispatch_modes() > 0 or _function_modes() or _transforms()
-            or not _plain(args))
+            or not _plain(args) or args[0].is_meta)
 
 
 class KernelOp:

@@ -22,6 +22,8 @@ Saved for backward: q, k, v, out, lse (fp32, one float a query row and head) and
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastlm import _backend, _cuda, reference
 from fastlm.kernels import attention as triton_attention
@@ -209,27 +211,70 @@ def _check_scale(scale, head_dim):
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-def _kernel_unsupported(q, k, cu_q, left, right, softcap):
+# torch's SDPA backends that `auto` may route a call to (fastlm._backend.NATIVE), by the table's names.
+_SDPA_BACKENDS = {"torch:sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "torch:sdpa-flash": SDPBackend.FLASH_ATTENTION}
+# Tried after the measured one where it cannot take a call (a head dim, a dtype): the other fused backends.
+_SDPA_FALLBACKS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.MATH)
+
+
+def _native_reason(q, k, v, cu_q, left, right, softcap, need_lse):
+    """Why torch's SDPA cannot compute this call as fastlm defines it, or None."""
+    if need_lse:
+        return "SDPA does not return the log-sum-exp"
+    if cu_q is not None:
+        return "SDPA has no variable-length form"
+    if softcap:
+        return "SDPA has no softcap"
+    if left is not None:
+        return "SDPA has no sliding window"
+    if right is not None and right + k.shape[1] - q.shape[1] != 0:
+        return "SDPA's causal mask is aligned top-left: it covers causal calls with as many queries as keys"
+    if q.shape[-1] != v.shape[-1]:
+        return "fastlm's SDPA route takes equal q, k and v head dims"
+    if torch.compiler.is_compiling():
+        return "under torch.compile the fastlm kernels are traced (a graph holds one implementation)"
+    return None
+
+
+def _kernel_unsupported(q, k, v, cu_q, left, right, softcap, need_lse):
     def unsupported(backend):
         if backend == "cuda":
             return _cuda.attention_unsupported(q, k, cu_q, left, right, softcap)
+        if backend.startswith("torch:"):
+            return _native_reason(q, k, v, cu_q, left, right, softcap, need_lse)
         return triton_attention.unsupported(q.dtype, q.shape[-1])
 
     return unsupported
 
 
-def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap):
-    """Dispatch the checked call: → (out, lse)."""
+def _sdpa(q, k, v, scale, causal, name):
+    """torch's SDPA on fastlm's (batch, seqlen, heads, head_dim) layout, the measured backend first."""
+    first = _SDPA_BACKENDS[name]
+    order = [first] + [b for b in _SDPA_FALLBACKS if b != first]
+    with sdpa_kernel(order, set_priority=True):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2)
+
+
+def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, need_lse=True):
+    """Dispatch the checked call: → (out, lse), lse None when need_lse is False and torch's SDPA ran it. Calls
+    with a short query side (≤ DECODE_MAX_SEQLEN_Q: decoding over a KV cache) are looked up in the measured
+    dispatch table as "attention_decode"."""
     if q.device.type == "meta":
         # Shapes only (model init on meta, FSDP), under every backend: the registered op's fake and autograd give
         # them (the reference would read varlen offsets on the host). LSE dtype as the reference's for float64.
         out, lse = attention_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
                                                   "triton")
         return out, lse.to(torch.float64) if q.dtype == torch.float64 else lse
-    backend = _backend.resolve("attention", q.device, q.dtype,
-                               unsupported=_kernel_unsupported(q, k, cu_q, left, right, softcap))
+    op = "attention_decode" if max_q <= triton_attention.DECODE_MAX_SEQLEN_Q else "attention"
+    backend = _backend.resolve(op, q.device, q.dtype,
+                               unsupported=_kernel_unsupported(q, k, v, cu_q, left, right, softcap, need_lse))
     if backend == "torch":
         return reference.attention_masked(q, k, v, scale, left, right, softcap, cu_q, cu_k)
+    if backend in _SDPA_BACKENDS:
+        return _sdpa(q, k, v, scale, right is not None, backend), None
     return attention_fwd_op(_unit_last(q), _unit_last(k), _unit_last(v), cu_q, cu_k, max_q, max_k,
                                           scale, left, right, softcap, backend)
 
@@ -272,9 +317,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         max_k = _positive_int("max_seqlen_k", max_seqlen_k)
         _check_cu_values("cu_seqlens_q", cu_q, q.shape[0], max_q, "max_seqlen_q")
         _check_cu_values("cu_seqlens_k", cu_k, k.shape[0], max_k, "max_seqlen_k")
-        out, lse = _attention(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale, left, right, softcap)
+        out, lse = _attention(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale, left, right, softcap, return_lse)
     else:
-        out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, softcap)
+        out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, softcap, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -308,5 +353,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     _check_qkv(q, k, v, False)
     sq, sk = q.shape[1], k.shape[1]
     right = sq - sk if is_causal else None  # top-left: j ≤ i, i.e. j ≤ i + (sk − sq) + (sq − sk)
-    out, _ = _attention(q, k, v, None, None, sq, sk, _check_scale(scale, q.shape[-1]), None, right, 0.0)
+    out, _ = _attention(q, k, v, None, None, sq, sk, _check_scale(scale, q.shape[-1]), None, right, 0.0, False)
     return out.transpose(1, 2)

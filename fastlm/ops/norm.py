@@ -17,6 +17,7 @@ mean (LayerNorm) and rstd.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from fastlm import _backend, _cuda, reference
 from fastlm.kernels import norm as triton_norm
@@ -179,13 +180,39 @@ def _check(x, weight, bias, residual, eps, offset=0.0):
     _checks.finite("offset", offset)
 
 
+def _native_unsupported(x, weight, bias):
+    def unsupported(backend):
+        if not backend.startswith("torch:"):
+            return None
+        if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
+            return "torch's fused norms take the weight and bias in x's dtype"
+        return None
+
+    return unsupported
+
+
+def _native(x, weight, bias, residual, eps, is_rms, offset):
+    """torch's own fused norm (`auto` routes here where the benchmark measured it fastest): the residual added
+    unfused, as a user without fastlm writes it."""
+    h = x + residual if residual is not None else x
+    shape = (x.shape[-1],)
+    if is_rms:
+        y = F.rms_norm(h, shape, weight + offset if weight is not None and offset != 0 else weight, eps)
+    else:
+        y = F.layer_norm(h, shape, weight, bias, eps)
+    return y if residual is None else (y, h)
+
+
 def _norm(op, x, weight, bias, residual, eps, is_rms, offset):
     # Meta tensors (shapes only: model init on meta, FSDP) take the reference's shapes under every backend.
-    backend = "torch" if x.device.type == "meta" else _backend.resolve(op, x.device, x.dtype)
+    backend = "torch" if x.device.type == "meta" else _backend.resolve(op, x.device, x.dtype,
+                                                                       _native_unsupported(x, weight, bias))
     if backend == "torch":
         if is_rms:
             return reference.rms_norm(x, weight, eps, residual, offset)
         return reference.layer_norm(x, weight, bias, eps, residual)
+    if backend == "torch:eager":
+        return _native(x, weight, bias, residual, eps, is_rms, offset)
     N = x.shape[-1]
     # The kernels read weight and bias at unit stride: a strided or expanded one (torch.randn(1).expand(N)) is
     # made contiguous here, or they would read the wrong elements.

@@ -1,0 +1,123 @@
+"""`auto`'s routing (fastlm._backend.resolve with fastlm._dispatch_table): the measured order per op and device,
+torch's own kernels ("torch:eager", "torch:sdpa-*") for the calls they cover and only those, and what those routes
+compute. The device is faked (a CUDA device on a machine without one): resolve only asks its name."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastlm import _backend, _dispatch_table, reference
+from conftest import assert_by_rule, generator, simulated_runs
+
+attention_op = importlib.import_module("fastlm.ops.attention")  # fastlm.ops.attention is also the function
+norm_op = importlib.import_module("fastlm.ops.norm")
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """A fake GPU named "Test GPU" with its measured table; the kernel backends count as available on it."""
+    monkeypatch.setattr(_backend, "device_index", lambda device: 0)
+    monkeypatch.setattr(_backend, "device_name", lambda index: "Test GPU")
+    monkeypatch.setitem(_backend._REASONS, "cuda", lambda device, dtype: None)
+    table = {}
+    monkeypatch.setitem(_dispatch_table.MEASURED, "Test GPU", table)
+    return table
+
+
+def _norm_resolve(x_dtype, w_dtype, op="rms_norm"):
+    x = torch.empty(2, 8, dtype=x_dtype)
+    w = torch.empty(8, dtype=w_dtype)
+    return _backend.resolve(op, CUDA, x_dtype, norm_op._native_unsupported(x, w, None))
+
+
+def test_auto_takes_torchs_own_norm_where_it_was_measured_fastest(measured):
+    measured["rms_norm"] = ["torch:eager", "cuda", "triton"]
+    assert _norm_resolve(torch.bfloat16, torch.bfloat16) == "torch:eager"
+    # A float32 weight on bf16 x: torch's fused norm wants one dtype, so the next measured choice runs.
+    assert _norm_resolve(torch.bfloat16, torch.float32) == "cuda"
+
+
+def test_an_unmeasured_op_or_device_keeps_the_default_order(measured):
+    assert _norm_resolve(torch.bfloat16, torch.bfloat16, "layer_norm") == _dispatch_table.UNMEASURED_ORDER[0]
+
+
+def test_a_torch_route_is_taken_only_for_ops_that_have_one(measured):
+    measured["cross_entropy"] = ["torch:eager", "cuda"]
+    assert _backend.resolve("cross_entropy", CUDA, torch.bfloat16) == "cuda"
+    measured["rms_norm"] = ["torch:sdpa-cudnn", "triton"]  # a name that is not rms_norm's
+    assert _norm_resolve(torch.bfloat16, torch.bfloat16) == "triton"
+
+
+def test_an_explicit_backend_never_takes_a_torch_route(measured):
+    measured["rms_norm"] = ["torch:eager", "cuda"]
+    with _backend.use_backend("triton"):
+        assert _norm_resolve(torch.bfloat16, torch.bfloat16) == "triton"
+
+
+def _attention_resolve(q, k, v, cu=None, left=None, right=None, softcap=0.0, need_lse=False):
+    unsupported = attention_op._kernel_unsupported(q, k, v, cu, left, right, softcap, need_lse)
+    op = "attention_decode" if q.shape[1] <= 16 else "attention"
+    return _backend.resolve(op, CUDA, q.dtype, unsupported)
+
+
+@pytest.mark.parametrize("what, kwargs, covered", [
+    ("causal, as many queries as keys", dict(right=0), True),
+    ("not causal", dict(), True),
+    ("the log-sum-exp asked for", dict(right=0, need_lse=True), False),
+    ("a sliding window", dict(left=16, right=0), False),
+    ("softcap", dict(softcap=30.0), False),
+])
+def test_sdpa_takes_the_attention_calls_it_covers(measured, what, kwargs, covered):
+    measured["attention"] = ["torch:sdpa-cudnn", "triton", "cuda"]
+    q = k = v = torch.empty(1, 32, 4, 64, dtype=torch.bfloat16)
+    assert _attention_resolve(q, k, v, **kwargs) == ("torch:sdpa-cudnn" if covered else "triton"), what
+
+
+def test_sdpa_takes_causal_calls_only_when_both_alignments_agree(measured):
+    measured["attention_decode"] = ["torch:sdpa-flash", "triton"]
+    q = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16)
+    k = torch.empty(1, 40, 4, 64, dtype=torch.bfloat16)
+    # One query at the end of 40 keys, causal bottom-right (fastlm's): it sees every key; SDPA's top-left causal
+    # would let it see one. Not covered with right = 0; covered not causal (the decode step's usual call).
+    assert _attention_resolve(q, k, k, right=0) == "triton"
+    assert _attention_resolve(q, k, k) == "torch:sdpa-flash"
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("is_rms", [False, True])
+def test_the_torch_norm_route_computes_the_norm(is_rms, residual):
+    g = generator()
+    x, r = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
+    w, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
+    res = r if residual else None
+    got = norm_op._native(x, w, None if is_rms else b, res, 1e-5, is_rms, 1.0 if is_rms else 0.0)
+
+    def torch_norm(x=x, w=w, b=b, r=res):
+        if is_rms:
+            return reference.rms_norm(x, w, 1e-5, r, offset=1.0)
+        return reference.layer_norm(x, w, b, 1e-5, r)
+
+    exact = torch_norm(*(t.double() if t is not None else None for t in (x, w, b, res)))
+    theirs, sims = torch_norm(), simulated_runs(torch_norm, samples=3)
+    as_tuple = (lambda o: o) if residual else (lambda o: (o,))
+    for i, (a, e, t) in enumerate(zip(as_tuple(got), as_tuple(exact), as_tuple(theirs))):
+        assert_by_rule(f"output {i}", a, e, t, samples=[as_tuple(sim)[i] for sim in sims])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_sdpa_route_computes_attention_in_fastlms_layout(causal):
+    g = generator()
+    q = torch.randn(2, 24, 4, 16, generator=g)
+    k, v = torch.randn(2, 24, 2, 16, generator=g), torch.randn(2, 24, 2, 16, generator=g)
+    got = attention_op._sdpa(q, k, v, 0.3, causal, "torch:sdpa-flash")
+    torch_attention = lambda q=q, k=k, v=v: reference.attention(q, k, v, causal=causal, scale=0.3)  # noqa: E731
+    exact = torch_attention(q.double(), k.double(), v.double())
+    assert_by_rule("out", got, exact, torch_attention(), samples=simulated_runs(torch_attention, samples=3))
+    # Exactly torch's own call in torch's layout: the route only transposes.
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                                         scale=0.3, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
