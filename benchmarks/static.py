@@ -180,14 +180,18 @@ def divisibility_attrs(spec) -> dict:
 
 def compile_triton(module_name: str, index: int, cap: int) -> dict:
     """Compile one spec for one architecture and read its cubin (runs in a pool worker)."""
+    return compile_spec(_specs(module_name)[index], cap, module_name.rsplit(".", 1)[-1] + ".py")
+
+
+def compile_spec(spec, cap: int, source: str) -> dict:
+    """Compile a KernelSpec for compute capability `cap` with triton.compile (no GPU needed) and read its cubin:
+    one row of the report (registers, shared and local memory, spills, load widths, tensor-core instructions)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import sm_arch_from_capability
     from triton.compiler import ASTSource
 
-    spec = _specs(module_name)[index]
-    row = {"source": module_name.rsplit(".", 1)[-1] + ".py", "kernel": spec.name,
-           "arch": sm_arch_from_capability(cap)}
+    row = {"source": source, "kernel": spec.name, "arch": sm_arch_from_capability(cap)}
     start = time.perf_counter()
     try:
         src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,

@@ -1,0 +1,97 @@
+"""The attention block-shape sweep (benchmarks/attention_sweep.py): its CPU-side pieces — the committed candidates,
+the table patching, the choice of the best shape and the report. The timing itself needs a GPU."""
+
+import json
+
+import pytest
+
+from benchmarks import attention_sweep as sweep
+from fastlm.kernels import attention as A
+
+
+def test_the_committed_candidates_are_grid_entries_that_fit():
+    assert sweep.CANDIDATES_FILE.exists(), "run `python -m benchmarks.attention_sweep --static` and commit the file"
+    found = json.loads(sweep.CANDIDATES_FILE.read_text())
+    assert set(found) == set(sweep.TABLES)
+    for kernel, by_dim in found.items():
+        assert set(by_dim) == {str(d) for d in sweep.HEAD_DIMS}
+        for entries in by_dim.values():
+            assert entries, f"no {kernel} candidate compiles without spills"
+            for e in entries:
+                assert tuple(e["config"]) in sweep.GRID[kernel]
+                assert 0 < e["regs"] <= 255 and 0 <= e["shared"] <= sweep.MAX_SHARED_BYTES
+
+
+def test_table_entry_sets_and_restores_the_launchers_table():
+    before = A.DKDV_CONFIGS[False][128]
+    with sweep.table_entry(A, "dkdv", 128, (64, 128, 8, 2)):
+        assert A.DKDV_CONFIGS[False][128] == (64, 128, 8, 2)
+    assert A.DKDV_CONFIGS[False][128] == before
+    with pytest.raises(RuntimeError):
+        with sweep.table_entry(A, "dkdv", 128, (64, 128, 8, 2)):
+            raise RuntimeError("a failed launch")
+    assert A.DKDV_CONFIGS[False][128] == before
+
+
+def _row(case, kernel, config, ms, correct=True):
+    return {"kind": "candidate", "case": case, "kernel": kernel, "head_dim": 128, "config": list(config), "ms": ms,
+            "tflops": 1.0, "correct": correct}
+
+
+def test_the_best_shape_is_the_fastest_correct_one_over_every_case():
+    a, b, c = (64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 3)
+    results = [
+        _row("x", "fwd", a, 2.0), _row("y", "fwd", a, 2.0),
+        _row("x", "fwd", b, 1.0), _row("y", "fwd", b, 3.0),  # geometric mean 1.73: best
+        _row("x", "fwd", c, 0.5, correct=False), _row("y", "fwd", c, 0.5, correct=False),  # wrong: never chosen
+        {"kind": "candidate", "case": "x", "kernel": "dq", "head_dim": 128, "config": list(a), "ms": None,
+         "correct": None, "error": "OutOfResources"},
+    ]
+    best = sweep.best_configs(results)
+    assert best["fwd"][128][0] == list(b)
+    assert abs(best["fwd"][128][1] - 3 ** 0.5) < 1e-9
+    assert "dq" not in best
+
+
+def test_a_shape_timed_on_fewer_cases_is_not_compared_unfairly():
+    a, b = (64, 64, 4, 2), (128, 64, 8, 3)
+    results = [_row("x", "fwd", a, 2.0), _row("y", "fwd", a, 2.0), _row("x", "fwd", b, 1.0)]  # b missed case y
+    assert sweep.best_configs(results)["fwd"][128][0] == list(a)
+
+
+def test_the_report_names_the_tables_to_paste_and_the_wrong_shapes():
+    case = sweep.CASES[0]
+    current = {k: {d: list(getattr(A, sweep.TABLES[k])[False][d]) for d in sweep.HEAD_DIMS} for k in sweep.TABLES}
+    cur = tuple(current["fwd"][128])
+    results = [_row(case[0], "fwd", cur, 2.0), _row(case[0], "fwd", (128, 128, 8, 3), 1.0),
+               _row(case[0], "fwd", (64, 32, 4, 2), 0.1, correct=False),
+               {"kind": "peer", "case": case[0], "provider": "sdpa-cudnn", "mode": "fwd", "ms": 1.0, "tflops": 550.0}]
+    text = sweep.report(results, current)
+    assert "FWD_CONFIGS[False][128] = (128, 128, 8, 3)" in text
+    assert "550 TFLOP/s" in text
+    assert "(64, 32, 4, 2)" in text.split("Wrong results")[1]
+    rate = sweep.flops(case, "fwd") / 1.0 / 1e9
+    assert f"| {rate:.0f} |" in text
+
+
+def test_the_measurement_loop_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
+    """The GPU loop on CPU tensors (the triton backend in the interpreter, do_bench replaced by a fixed time):
+    every candidate gets a row, a correct one, and the report and the JSON lines are written. float16: the
+    interpreter's bfloat16 dot is broken."""
+    import torch
+    import triton.testing
+
+    if not A.interpreting():
+        pytest.skip("runs the triton kernels through the interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (fn(), 1.0)[1])
+    case = ("tiny causal", 1, 20, 2, 1, 16, True)
+    candidates = {"fwd": {"16": [{"config": [32, 32, 4, 1], "regs": 1, "shared": 0}]}}
+    results = sweep.measure(tmp_path, 600.0, candidates, log=lambda *a: None, device="cpu", cases=(case,),
+                            dtype=torch.float16)
+    rows = [r for r in results if r.get("kind") == "candidate"]
+    assert {(r["kernel"], tuple(r["config"])) for r in rows} >= {("fwd", (32, 32, 4, 1)), ("dkdv", tuple(
+        A.DKDV_CONFIGS[False][16])), ("dq", tuple(A.DQ_CONFIGS[False][16]))}
+    assert all(r["correct"] for r in rows), [r.get("why") or r.get("error") for r in rows]
+    assert (tmp_path / "attention_sweep.md").exists()
+    assert len((tmp_path / "attention_sweep.jsonl").read_text().splitlines()) == len(results)
+    assert A.FWD_CONFIGS[False][16] == tuple(results[0]["current"]["fwd"][16])  # the tables restored
