@@ -17,7 +17,10 @@ It is a pytest-benchmark file, so its statistics, JSON (`--benchmark-json`), `--
     python -m benchmarks.overhead --benchmark-save=x   # any pytest / pytest-benchmark option is passed on
     TRITON_INTERPRET=1 python -m pytest benchmarks/overhead.py --benchmark-only
 
-The cuda backend's launchers need a GPU even to be called, so only the triton backend's host path is timed here.
+The cuda backend's host path is timed the same way with the extension stubbed (`stubbed_extension`): every
+fastlm._C launcher a no-op, its size queries answered, the device checks told the extension can run, so that
+fastlm/_cuda.py's checks, pointer and stride extraction and workspace allocation run as on a GPU. Its attention
+case takes float16 and head dim 32 (the CUDA kernels take 16-bit inputs and head dims from 32).
 """
 
 import os
@@ -69,8 +72,8 @@ def _linear_cross_entropy_case():
             lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t))
 
 
-def _attention_case():
-    q, k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+def _attention_case(dtype=torch.float32, head_dim=16):
+    q, k, v = (torch.randn(1, 8, 2, head_dim, dtype=dtype) for _ in range(3))
     return ((q, k, v), lambda q, k, v: fastlm.attention(q, k, v, causal=True),
             lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                            is_causal=True).transpose(1, 2))
@@ -84,6 +87,40 @@ CASES = {
     "linear_cross_entropy": _linear_cross_entropy_case,
     "attention": _attention_case,
 }
+
+
+# The cases the cuda backend's stub times differently (its kernels' dtypes and head dims).
+CUDA_CASES = {"attention": lambda: _attention_case(torch.float16, 32)}
+WHO = ("fastlm-triton", "fastlm-cuda", "torch")
+
+
+class _StubExtension:
+    """fastlm._C with nothing behind it: launchers do nothing, size queries give the smallest valid answers."""
+
+    def compiled_archs(self):
+        return [80, 90]
+
+    def attention_decode_splits(self, *args):
+        return 1
+
+    def __getattr__(self, name):
+        if name.endswith("_numel"):
+            return lambda *args: 0
+        return lambda *args: None
+
+
+@pytest.fixture
+def stubbed_extension(monkeypatch):
+    """The cuda backend's launchers (fastlm/_cuda.py) run in full on CPU tensors; the extension does nothing."""
+    from fastlm import _backend, _cuda
+
+    stub = _StubExtension()
+    monkeypatch.setattr(_cuda, "_require", lambda name, t: stub)
+    monkeypatch.setattr(_cuda, "available", lambda device=None: (True, ""))
+    monkeypatch.setattr(_cuda, "_stream", lambda t: 0)
+    monkeypatch.setitem(_backend._REASONS, "cuda", lambda device, dtype: None)
+    with fastlm.use_backend("cuda"):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -115,29 +152,35 @@ def _call(fn, args, mode):
     return step
 
 
-@pytest.mark.parametrize("who", ("fastlm", "torch"))
+@pytest.mark.parametrize("who", WHO)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("op", list(CASES))
-def test_host_path(benchmark, stubbed_launches, op, mode, who):
-    args, ours, theirs = CASES[op]()
+def test_host_path(benchmark, stubbed_launches, request, op, mode, who):
+    if who == "fastlm-cuda":
+        request.getfixturevalue("stubbed_extension")
+    args, ours, theirs = (CUDA_CASES.get(op, CASES[op]) if who == "fastlm-cuda" else CASES[op])()
     benchmark.group = f"{op} {mode}"
     benchmark.extra_info.update(op=op, mode=mode, who=who)
-    benchmark(_call(ours if who == "fastlm" else theirs, args, mode))
+    benchmark(_call(theirs if who == "torch" else ours, args, mode))
 
 
 def table(results: dict) -> str:
-    """Markdown: per op and mode, the medians in µs of fastlm's host path and torch's call, and the target."""
+    """Markdown: per op and mode, the medians in µs of fastlm's host path on each backend and of torch's call, and
+    the target."""
     rows = {}
     for bench in results["benchmarks"]:
         info = bench["extra_info"]
         rows.setdefault((info["op"], info["mode"]), {})[info["who"]] = bench["stats"]["median"] * 1e6
-    lines = ["| op | mode | fastlm host path (µs) | torch eager call (µs) | target (µs) | within |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| op | mode | fastlm-triton host path (µs) | fastlm-cuda host path (µs) | torch eager call (µs) "
+             "| target (µs) | within |",
+             "|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for (op, mode), by in rows.items():
         target = FWD_TARGET_US if mode == "fwd" else FWD_BWD_TARGET_US
-        ours = by.get("fastlm")
-        ok = "yes" if ours is not None and ours <= target else "no"
-        lines.append(f"| {op} | {mode} | {ours:.1f} | {by.get('torch', float('nan')):.1f} | {target:.0f} | {ok} |")
+        ours = [by.get(w) for w in WHO[:2]]
+        ok = "yes" if all(t is not None and t <= target for t in ours) else "no"
+        cells = " | ".join(f"{t if t is not None else nan:.1f}" for t in ours)
+        lines.append(f"| {op} | {mode} | {cells} | {by.get('torch', nan):.1f} | {target:.0f} | {ok} |")
     return "\n".join(lines)
 
 
