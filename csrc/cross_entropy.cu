@@ -9,7 +9,9 @@
 //   loss            w_t·(1−ε)·((m − x_t) + log s) + (ε/V)·(W·lse − Σ_v w_v·x_v) + ζ·lse²   (W = Σ_v w_v)
 //                   0 for an ignored row (t = ignore_index); NaN for a target that is neither ignore_index nor a
 //                   class in [0, V) (it cannot be checked without a host sync; it is never read out of bounds)
-//   d loss / d x_v  p_v·S − a_t·[v = t] − (ε/V)·w_v,  a_t = w_t·(1−ε),  S = a_t + (ε/V)·W + 2ζ·lse
+//   d loss / d x_v  p_v·S − a_t·[v = t] − (ε/V)·w_v,  a_t = w_t·(1−ε),  S = a_t + R,  R = (ε/V)·W + 2ζ·lse;
+//                   at the target fma(p_t, R, a_t·(p_t − 1) − c_t): the cross-entropy part first (p_t − 1 exact for
+//                   p_t ≥ ½), since a confident row's gradient there is about R·p_t, whose low bits S would round off
 //   d x / d z       1 − tanh²(z/c) with the softcap, as 4e/(1+e)² with e = exp(−2|z/c|) where |z/c| ≥ 0.55 (no
 //                   cancellation where tanh → ±1, the capped logits that matter most), else 1 − tanh²
 // The forward writes the gradient of the reduced loss for an incoming gradient of 1: each row's times
@@ -53,7 +55,7 @@
 //   rows other blocks are about to read again.
 // - The target's term −a_t·[v = t] is not tested per element: the row loop writes p·S − c everywhere, and after a
 //   barrier thread 0 (which loaded z_t at the row's start for the loss) rewrites the one element t with
-//   fma(p_t, S, −(a_t + c_t)), the exact expression of the specification. x_t is loaded directly too.
+//   fma(p_t, R, a_t·(p_t − 1) − c_t), the expression of the specification. x_t is loaded directly too.
 // - −inf logits give p = 0; a row of −inf only gives NaN (0/0) as torch does; +inf gives NaN as torch does (inf −
 //   inf); NaN logits propagate to the loss. A thread's sum is shifted by its max, or by 0 while that is −inf, so
 //   no inf − inf appears unless an input holds +inf. Padding lanes are never computed at all, so nothing leaks
@@ -70,7 +72,10 @@
 // - Options (weights, smoothing, z-loss, int32/int64 targets) are runtime arguments, uniform across a launch,
 //   which keeps the template instances (and the build time) down; the kernels are templated on the logits'
 //   dtype and on the softcap (tanhf in the inner loops).
-// - The gradient must not alias the logits (they are read through __restrict__ pointers).
+// - The gradient is either a buffer of its own or the logits themselves (fastlm.cross_entropy's
+//   inplace_backward): every element is read, in both passes, before the thread that reads it last writes it,
+//   and no element is read after it is written (the target's x_t is loaded at the row's start), so writing over
+//   the logits is safe even through the __restrict__ (and possibly non-coherent) loads. Partial overlap is not.
 
 #include <algorithm>
 #include <climits>
@@ -349,11 +354,13 @@ __device__ __forceinline__ void row_stats(const T* __restrict__ row, const CePar
   swx = sums[1];
 }
 
-// Per-row constants of the gradient: g_v = (fma(p_v, S, −c_v) · slope_v) · scale.
+// Per-row constants of the gradient: g_v = (fma(p_v, S, −c_v) · slope_v) · scale, S = a_t + R (R without a_t
+// for the target's element, see fix_target).
 struct GradRow {
   float m;
   float log_s;
   float S;
+  float R;
   float scale;
 };
 
@@ -361,9 +368,10 @@ __device__ __forceinline__ GradRow grad_row(const CeParams& p, float m, float lo
   GradRow g;
   g.m = m;
   g.log_s = log_s;
-  g.S = a_t;
-  if (p.has_smoothing) g.S += p.smooth_v * p.scalars[1];
-  if (p.has_z) g.S += 2.f * p.z_loss * (m + log_s);
+  g.R = 0.f;
+  if (p.has_smoothing) g.R += p.smooth_v * p.scalars[1];
+  if (p.has_z) g.R += 2.f * p.z_loss * (m + log_s);
+  g.S = a_t + g.R;
   g.scale = scale;
   return g;
 }
@@ -450,16 +458,21 @@ __device__ __forceinline__ void row_grad(const T* __restrict__ lrow, T* __restri
   }
 }
 
-// After row_grad: element t gets fma(p_t, S, −(a_t + c_t)), the specification's expression. The barrier orders
-// this store after the row loop's store of the same element by whichever thread wrote it. Called by every thread
-// of the block (t in range: uniform across the block); z_t is valid in thread 0.
+// After row_grad: element t gets fma(p_t, R, a_t·(p_t − 1) − c_t), the specification's expression. The barrier
+// orders this store after the row loop's store of the same element by whichever thread wrote it. Called by every
+// thread of the block (t in range: uniform across the block); z_t is valid in thread 0.
 template <typename T, bool kSoftcap>
 __device__ __forceinline__ void fix_target(T* grow, const RowTarget& rt, float z_t, float a_t, const GradRow& g,
                                            const CeParams& p) {
   __syncthreads();
   if (threadIdx.x == 0) {
     const float c_t = p.smooth_v * (p.has_smoothing && p.weight != nullptr ? rt.w_t : 1.f);
-    grow[rt.t] = from_float<T>(grad_value<kSoftcap>(z_t, a_t + c_t, g, p));
+    float slope = 1.f;
+    const float x_t = capped<kSoftcap>(z_t, p, &slope);
+    const float prob = expf((x_t - g.m) - g.log_s);
+    float v = fmaf(prob, g.R, fmaf(a_t, prob - 1.f, -c_t));
+    if constexpr (kSoftcap) v *= slope;
+    grow[rt.t] = from_float<T>(v * g.scale);
   }
 }
 

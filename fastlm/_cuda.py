@@ -306,13 +306,15 @@ def _row_vector(name, t, ref, rows):
 
 
 def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, softcap, reduction, compute_grad,
-                      sc=None):
+                      sc=None, out=None):
     """Rows of logits (rows, V) with column stride 1, target (rows,), weight (V,) fp32 or None.
 
     Returns loss (rows,) fp32 (unreduced; divide the sum by sc[0] for "mean"), row_max and log_s (rows,) fp32,
     sc (2,) fp32, and grad (rows, V) in logits' dtype, the gradient of the reduced loss for an incoming gradient
     of 1, or None when compute_grad is False. `sc` may be given: the scalars of a larger batch these rows are a
-    chunk of (fused linear cross-entropy), so the mean divides by the whole batch's divisor.
+    chunk of (fused linear cross-entropy), so the mean divides by the whole batch's divisor. `out` (rows, V) in
+    logits' dtype may be given for the gradient (with compute_grad), the logits themselves included (the kernel
+    reads each element before the same thread writes it; see csrc/cross_entropy.cu).
     """
     ext, rows, V, target, weight = _ce_inputs(logits, target, weight)
     if reduction not in _REDUCTIONS:
@@ -325,7 +327,11 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
     loss = empty((rows,), torch.float32, device)
     row_max = empty((rows,), torch.float32, device)
     log_s = empty((rows,), torch.float32, device)
-    grad = empty((rows, V), logits.dtype, device) if compute_grad else None
+    if out is not None and compute_grad:
+        _rows("out", out, logits, rows, V, logits.dtype, out=True)
+        grad = out
+    else:
+        grad = empty((rows, V), logits.dtype, device) if compute_grad else None
     if rows > 0:
         ext.cross_entropy_fwd(
             logits.data_ptr(), logits.stride(0), target.data_ptr(), target.dtype == torch.int64, _ptr(weight),
@@ -337,15 +343,20 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
 
 
 def cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, smoothing, z_loss,
-                      softcap):
+                      softcap, out=None):
     """Gradient of the unreduced loss ("none"): grad_output (rows,) times each row's gradient, recomputed from the
-    logits and the forward's row statistics in one pass. Returns grad (rows, V) in logits' dtype."""
+    logits and the forward's row statistics in one pass. Returns grad (rows, V) in logits' dtype: `out` when
+    given (as in cross_entropy_fwd, the logits themselves included)."""
     ext, rows, V, target, weight = _ce_inputs(logits, target, weight)
     _vector("sc", sc, logits, 2, torch.float32)
     _vector("row_max", row_max, logits, rows, torch.float32)
     _vector("log_s", log_s, logits, rows, torch.float32)
     go = _row_vector("grad_output", grad_output, logits, rows)
-    grad = empty((rows, V), logits.dtype, logits.device)
+    if out is not None:
+        _rows("out", out, logits, rows, V, logits.dtype, out=True)
+        grad = out
+    else:
+        grad = empty((rows, V), logits.dtype, logits.device)
     if rows > 0:
         ext.cross_entropy_bwd(
             logits.data_ptr(), logits.stride(0), target.data_ptr(), target.dtype == torch.int64, _ptr(weight),

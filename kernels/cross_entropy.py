@@ -4,7 +4,8 @@ and their launchers.
 Math, per row of logits z (length V), target t, class weights w (1 without), smoothing ε, z-loss coefficient ζ:
   softcap c       x = c·tanh(z/c) (Gemma 2), else x = z;   lse = log Σ_v exp(x_v);   p = exp(x − lse)
   loss            w_t·(1−ε)·(lse − x_t) + (ε/V)·Σ_v w_v·(lse − x_v) + ζ·lse²      (0 for an ignored row)
-  d loss / d x_v  w_t·(1−ε)·(p_v − [v = t]) + (ε/V)·(W·p_v − w_v) + 2ζ·lse·p_v    (W = Σ_v w_v)
+  d loss / d x_v  w_t·(1−ε)·(p_v − [v = t]) + (ε/V)·(W·p_v − w_v) + 2ζ·lse·p_v    (W = Σ_v w_v; at the target
+                  the first term is formed before the others are added: a confident row's p_t − 1 → 0)
   d x / d z       1 − (x/c)²  with the softcap
 Reduction "mean" divides by Σ w_t over the rows that are not ignored (torch's rule, smoothing included; all rows
 ignored gives 0/0 = NaN, as torch does); "sum" and "none" by 1. The divisor is computed on the device from the
@@ -67,14 +68,18 @@ def _write_grad_row(
 ):
     """Write scale · dloss/dlogits for one row, reading its logits once more.
 
-    dloss/dx_v = p_v·S − a_t·[v = t] − (ε/V)·w_v with a_t = w_t(1 − ε) and S = a_t + (ε/V)·W + 2ζ·lse: the form
-    of torch's log_softmax backward, one fused multiply-add per element before the subtraction."""
+    dloss/dx_v = p_v·S − a_t·[v = t] − (ε/V)·w_v with a_t = w_t(1 − ε), S = a_t + R and R = (ε/V)·W + 2ζ·lse:
+    the form of torch's log_softmax backward, one fused multiply-add per element before the subtraction. At the
+    target the cross-entropy part is formed first, a_t·(p_t − 1) (exact p_t − 1 where p_t ≥ ½), and R·p_t added
+    after: folding R into S first would round it at the magnitude of a_t, and where the row is confident
+    (p_t → 1) the gradient is about R·p_t alone, so its low bits would be lost."""
     a_t = w_t * keep_nll
-    S = a_t
+    R = 0.0
     if HAS_SMOOTHING:
-        S += smooth_v * weight_sum
+        R += smooth_v * weight_sum
     if HAS_Z:
-        S += 2.0 * z_loss * (m + log_s)
+        R += 2.0 * z_loss * (m + log_s)
+    S = a_t + R
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
@@ -89,7 +94,8 @@ def _write_grad_row(
                 c = smooth_v * tl.load(WEIGHT + cols, mask=mask, other=0.0)
             else:
                 c = smooth_v
-        g = tl.fma(p, S, -tl.where(cols == t, a_t + c, c))
+        is_t = cols == t
+        g = tl.fma(p, tl.where(is_t, R, S), tl.where(is_t, a_t * (p - 1.0), 0.0) - c)
         if HAS_SOFTCAP:
             g = g * dcap
         # An ignored row's gradient is exactly 0, whatever its logits hold (inf or NaN would survive a product).
@@ -251,13 +257,15 @@ def _constants(V, smoothing, z_loss, softcap):
 
 
 def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, softcap, reduction, compute_grad,
-                      sc=None):
+                      sc=None, out=None):
     """Rows of logits (rows, V) with column stride 1, target (rows,), weight (V,) fp32 or None.
 
     Returns loss (rows,) fp32 (unreduced; divide the sum by sc[0] for "mean"), row_max and log_s (rows,) fp32,
     sc (2,) fp32, and grad (rows, V) in logits' dtype, the gradient of the reduced loss for an incoming gradient
     of 1, or None when compute_grad is False. `sc` may be given: the scalars of a larger batch these rows are a
-    chunk of (fused linear cross-entropy), so the mean divides by the whole batch's divisor.
+    chunk of (fused linear cross-entropy), so the mean divides by the whole batch's divisor. `out` (rows, V) in
+    logits' dtype, column stride 1, may be given for the gradient (with compute_grad), the logits themselves
+    included: each element is read before it is written, by the same program.
     """
     rows, V = logits.shape
     if sc is None:
@@ -265,7 +273,10 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
     loss = empty((rows,), torch.float32, logits.device)
     row_max = empty((rows,), torch.float32, logits.device)
     log_s = empty((rows,), torch.float32, logits.device)
-    grad = empty((rows, V), logits.dtype, logits.device) if compute_grad else None
+    if out is not None and compute_grad:
+        grad = _out(out, logits)
+    else:
+        grad = empty((rows, V), logits.dtype, logits.device) if compute_grad else None
     if rows > 0:
         _ce_fwd_kernel[(rows,)](
             logits, target, weight if weight is not None else sc, sc, loss, row_max, log_s,
@@ -276,12 +287,21 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
     return loss, row_max, log_s, sc, grad
 
 
-def cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, smoothing, z_loss,
-                      softcap):
-    """Gradient of the unreduced loss ("none"): grad_output (rows,) times each row's gradient, recomputed from the
-    logits and the forward's row statistics in one pass. Returns grad (rows, V) in logits' dtype."""
+def _out(out, logits):
     rows, V = logits.shape
-    grad = empty((rows, V), logits.dtype, logits.device)
+    if tuple(out.shape) != (rows, V) or out.dtype != logits.dtype or (V > 1 and out.stride(1) != 1):
+        raise ValueError(f"out must be ({rows}, {V}) {logits.dtype} with column stride 1, got {tuple(out.shape)} "
+                         f"{out.dtype} strides {out.stride()}")
+    return out
+
+
+def cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, smoothing, z_loss,
+                      softcap, out=None):
+    """Gradient of the unreduced loss ("none"): grad_output (rows,) times each row's gradient, recomputed from the
+    logits and the forward's row statistics in one pass. Returns grad (rows, V) in logits' dtype: `out` when
+    given (as in cross_entropy_fwd, the logits themselves included)."""
+    rows, V = logits.shape
+    grad = _out(out, logits) if out is not None else empty((rows, V), logits.dtype, logits.device)
     if rows > 0:
         _ce_bwd_kernel[(rows,)](
             logits, target, weight if weight is not None else sc, sc, row_max, log_s,

@@ -6,6 +6,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlm
 from fastlm import reference
@@ -228,6 +229,17 @@ def test_opcheck(backend):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+def test_opcheck_inplace(backend):
+    """The in-place op declares the mutation it makes (test_schema compares) and has a fake implementation; its
+    autograd is an autograd.Function around it (torch.library registers none for a mutating op)."""
+    logits, target, _ = _inputs((2, 3), 300, torch.float32)
+    for reduction in ("mean", "none"):
+        args = (logits.clone(), target.reshape(-1), None, -100, 0.1, 1e-4, 0.0, reduction, backend)
+        torch.library.opcheck(torch.ops.fastlm.cross_entropy_fwd_inplace.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 def test_bad_input():
     logits = torch.randn(4, 10)
     target = torch.randint(0, 10, (4,))
@@ -251,6 +263,195 @@ def test_bad_input():
         fastlm.cross_entropy(logits, target, z_loss=-1.0)
 
 
+# --- z-loss precision, memory, inplace_backward -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+@pytest.mark.parametrize("weighted", (False, True))
+@pytest.mark.parametrize("V", (1, 2, 50))
+def test_z_loss_gradient_of_confident_rows(backend, V, weighted):
+    """Every row confident (p_t rounds to 1 in fp32): the target's gradient is a_t·(p_t − 1) + 2ζ·lse·p_t ≈ 2ζ·lse,
+    small next to a_t. Formed in that order it keeps fp32's relative precision; folding 2ζ·lse into a_t first
+    (as the kernels once did) rounds it at the magnitude of a_t: 7e-4 relative error here at ζ = 1e-6."""
+    g = generator(5)
+    rows = 16
+    logits = torch.randn(rows, V, generator=g)
+    target = torch.randint(0, V, (rows,), generator=g)
+    logits[torch.arange(rows), target] += 40.0
+    weight = (torch.rand(V, generator=g) + 0.5).to(DEVICE) if weighted else None
+    logits, target = logits.to(DEVICE), target.to(DEVICE)
+    for z_loss in (1e-6, 1e-3):
+        x = logits.clone().requires_grad_()
+        loss = fastlm.cross_entropy(x, target, weight=weight, z_loss=z_loss, reduction="sum")
+        loss.backward()
+        x64 = logits.double().requires_grad_()
+        ref = reference.cross_entropy(x64, target, weight.double() if weighted else None, z_loss=z_loss,
+                                      reduction="sum")
+        ref.backward()
+        at = (torch.arange(rows, device=DEVICE), target)
+        rel = ((x.grad[at].double() - x64.grad[at]).abs() / x64.grad[at].abs()).max().item()
+        assert rel <= 8 * torch.finfo(torch.float32).eps, f"z_loss={z_loss}: target gradient relative error {rel:.2e}"
+        assert abs(loss.item() - ref.item()) <= 8 * torch.finfo(torch.float32).eps * abs(ref.item())
+
+
+class _Allocations(TorchDispatchMode):
+    """Every tensor an op allocates (an output whose storage is none of its inputs' storages: views, in-place
+    ops and aliases excluded) of at least `nbytes` bytes, as (op name, storage data_ptr)."""
+
+    def __init__(self, nbytes):
+        super().__init__()
+        self.nbytes = nbytes
+        self.big = []
+        self.sized = []  # (op name, bytes, storage data_ptr)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat_in = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        seen = {a.untyped_storage().data_ptr() for a in flat_in}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().nbytes() >= self.nbytes:
+                ptr = o.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    self.big.append((str(func), ptr))
+                    self.sized.append((str(func), o.untyped_storage().nbytes(), ptr))
+                    seen.add(ptr)
+        return out
+
+
+def _logits_from_matmul(rows, H, V, dtype, seed=6):
+    """Non-leaf logits (rows, V) = h @ W.T with h and W leaves (smaller than the logits where H < rows)."""
+    g = generator(seed)
+    h = torch.randn(rows, H, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / H**0.5 * 3).to(dtype).to(DEVICE).requires_grad_()
+    return h, w
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_one_logits_sized_allocation(backend, reduction, dtype):
+    """Forward and backward together allocate one logits-sized tensor, the gradient the kernel writes, and it is
+    the gradient autograd hands on: logits.grad itself for a leaf (autograd takes it rather than copying it), the
+    incoming gradient of the matmul's backward for logits made by one. (Autograd once also materialized a
+    logits-sized tensor of zeros for the gradient buffer, an output of the forward op that no loss used.)"""
+    rows, V = 12, 300
+    nbytes = rows * V * dtype.itemsize
+    logits, target, _ = _inputs((rows,), V, dtype)
+    go = torch.randn(rows, device=DEVICE) if reduction == "none" else torch.tensor(1.0, device=DEVICE)
+    x = logits.clone().requires_grad_()
+    with _Allocations(nbytes) as seen:
+        fastlm.cross_entropy(x, target, reduction=reduction, z_loss=1e-4).backward(go)
+    assert len(seen.big) == 1, seen.big
+    assert x.grad.untyped_storage().data_ptr() == seen.big[0][1], "logits.grad is a copy of the kernel's buffer"
+
+    h, w = _logits_from_matmul(rows, 4, V, dtype)
+    z = h @ w.T
+    with _Allocations(nbytes) as seen:
+        fastlm.cross_entropy(z, target, reduction=reduction, z_loss=1e-4).backward(go)
+    assert len(seen.big) == 1, seen.big
+    assert h.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_inplace_backward_matches_and_allocates_nothing(backend, reduction, dtype):
+    rows, V, H = 12, 300, 4
+    target = _inputs((3, 4), V, dtype)[1]
+    go = torch.randn(3, 4, generator=generator(7)).to(DEVICE) if reduction == "none" else torch.tensor(
+        1.7, device=DEVICE)
+    kw = dict(reduction=reduction, z_loss=1e-4, label_smoothing=0.1, softcap=20.0)
+    out = []
+    for inplace in (False, True):
+        h, w = _logits_from_matmul(rows, H, V, dtype)
+        h = h.detach().view(3, 4, H).requires_grad_()
+        z = h @ w.T  # (3, 4, V) logits: matmul's fold of the leading dimensions, not a view
+        dz = []
+        z.register_hook(lambda g: dz.append(g.clone()))  # a hook is no hold on the logits
+        with _Allocations(rows * V * dtype.itemsize) as seen:
+            loss = fastlm.cross_entropy(z, target, inplace_backward=inplace, **kw)
+            loss.backward(go)
+        assert len([b for b in seen.big if b[0] != "aten.clone.default"]) == (0 if inplace else 1), seen.big
+        out.append((loss.detach(), h.grad, w.grad, dz[0]))
+    (loss, dh, dw, dz), (loss_i, dh_i, dw_i, dz_i) = out
+    assert torch.equal(loss, loss_i)
+    if reduction != "none":  # the same kernel, buffer and scaling, only the buffer's place differs
+        assert torch.equal(dh_i, dh) and torch.equal(dw_i, dw)
+        return
+    # "none": each row scaled by its incoming gradient after the gradient's rounding (in place) rather than before
+    # it (recomputed out of place), as "mean" and "sum" scale by an incoming gradient other than 1: by the rule.
+    logits = (h.detach() @ w.detach().T).detach()
+    x64 = logits.double().requires_grad_()
+    reference.cross_entropy(x64, target, **kw).backward(go.double())
+
+    def theirs():
+        xt = logits.clone().requires_grad_()
+        _torch_impl(xt, target, **kw).backward(go.to(dtype))
+        return xt.grad
+
+    assert_by_rule("dlogits, in place", dz_i, x64.grad, theirs(), samples=simulated_runs(theirs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+def test_inplace_backward_writes_over_the_logits_only_when_safe(backend):
+    rows, V = 6, 50
+    h, w = _logits_from_matmul(rows, 8, V, torch.float32)
+    target = _inputs((rows,), V, torch.float32)[1]
+
+    def refused(logits, target=target):
+        with pytest.raises(ValueError, match="writes the gradient over the logits, but the logits are still needed"):
+            fastlm.cross_entropy(logits, target, inplace_backward=True)
+
+    refused(torch.randn(rows, V, device=DEVICE, requires_grad=True))  # a leaf: the caller's own data
+    refused(torch.tanh(h @ w.T))  # tanh saved its output for its backward
+    refused((h @ w.T).exp())  # so did exp
+    refused(torch.softmax(h @ w.T, -1))  # and softmax
+    refused((h @ w.T).view(2, 3, V), target.view(2, 3))  # a view
+    z = h @ w.T
+    first_rows = z[:2]  # viewed: the view reads the same memory
+    refused(z)
+    del first_rows
+    z = h @ w.T
+    squares = z.pow(2)  # a consumer that saved its input for its backward
+    refused(z)
+    del squares
+    z = h @ w.T
+    alias = z.detach()  # an alias of the memory
+    refused(z)
+    del alias
+    z = h @ w.T
+    z.retain_grad()  # z.grad would be the same memory
+    refused(z)
+
+    # Nothing else holds these: the gradient goes over them, and equals the out-of-place one.
+    z = 3.0 * torch.tanh((h @ w.T) / 3.0)  # a softcap's final multiplication saves nothing
+    before = z.detach().clone()
+    fastlm.cross_entropy(z, target, inplace_backward=True).backward()
+    dh = h.grad.clone()
+    h.grad = w.grad = None
+    fastlm.cross_entropy(3.0 * torch.tanh((h @ w.T) / 3.0), target).backward()
+    assert torch.equal(dh, h.grad)
+    assert not torch.equal(z.detach(), before)  # the logits now hold the gradient, as documented
+
+    # Without a gradient to compute nothing is written; non-contiguous logits are copied first.
+    z = h @ w.T
+    before = z.detach().clone()
+    with torch.no_grad():
+        fastlm.cross_entropy(z, target, inplace_backward=True)
+    z_t = (w @ h.T).detach().requires_grad_().t()  # a leaf, but not contiguous: its copy takes the gradient
+    loss = fastlm.cross_entropy(z_t * 1.0, target, inplace_backward=True)
+    assert torch.equal(z.detach(), before)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="can run once per forward"):
+        z = h @ w.T * 1.0
+        loss = fastlm.cross_entropy(z, target, inplace_backward=True) * 2
+        loss.backward(retain_graph=True)
+        loss.backward()
+    with pytest.raises(TypeError, match="inplace_backward must be a bool"):
+        fastlm.cross_entropy(h @ w.T, target, inplace_backward=1)
+
+
 # --- GPU only ---------------------------------------------------------------------------------------------------------
 
 
@@ -261,6 +462,48 @@ def test_gpu_large_vocab_bf16(backend, V):
     logits, target, weight = _inputs((64,), V, torch.bfloat16)
     check(logits, target)
     check(logits, target, weight, weight=True, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+
+
+def _peak_extra(fn):
+    """Bytes fn allocates at its peak beyond what was allocated before it (the CUDA caching allocator's count)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+def test_gpu_peak_memory_is_one_gradient_buffer(backend):
+    """Issue 13's target: forward + backward allocate one logits-sized buffer (the gradient, which becomes
+    logits.grad); with inplace_backward none (beyond the matmul's own gradients that made the logits)."""
+    rows, V, H = 4096, 32000, 64
+    L = rows * V * 2
+    slack = 16 << 20  # per-row statistics, scalars, the allocator's rounding
+    logits, target, _ = _inputs((rows,), V, torch.bfloat16)
+    x = logits.clone().requires_grad_()
+    extra = _peak_extra(lambda: fastlm.cross_entropy(x, target).backward())
+    assert extra <= L + slack, f"{extra / L:.2f} logits-sized buffers"
+    h, w = _logits_from_matmul(rows, H, V, torch.bfloat16)
+    z = h @ w.T
+    extra = _peak_extra(lambda: fastlm.cross_entropy(z, target, inplace_backward=True).backward())
+    assert extra <= (rows * H + V * H) * 2 + slack, f"{extra / L:.2f} logits-sized buffers"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+def test_gpu_linear_peak_memory_is_bounded(backend):
+    """The fused linear cross-entropy's peak: the fp32 d(weight) accumulator, one chunk of logits, d(hidden),
+    d(weight) in bf16, and the blocks' overlap (see fastlm/ops/linear_cross_entropy.py), never the logits."""
+    lce = importlib.import_module("fastlm.ops.linear_cross_entropy")
+    tokens, H, V = 8192, 1024, 32000
+    hidden, weight, _, target = _lce_inputs(tokens, H, V, torch.bfloat16, bias=False)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    extra = _peak_extra(lambda: fastlm.linear_cross_entropy(h, w, target).backward())
+    bound = V * H * 4 + min(lce.CHUNK_BYTES, tokens * V * 2) + tokens * H * 2 + V * H * 2 + (64 << 20)
+    assert extra <= bound, f"{extra / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -340,7 +583,10 @@ def check_linear(hidden, weight, bias, target, **kw):
 def small_chunks(monkeypatch):
     # A few hundred bytes of logits a chunk: many chunks and an odd remainder even at test sizes.
     # The module, not the function fastlm.ops re-exports under the same name.
-    monkeypatch.setattr(importlib.import_module("fastlm.ops.cross_entropy"), "CHUNK_BYTES", 7 * 50 * 4)
+    lce = importlib.import_module("fastlm.ops.linear_cross_entropy")
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 7 * 50 * 4)
+    # And the fp32 d(weight) accumulator in blocks of 6 rows of H = 32 (50 = 8 blocks and a remainder of 2).
+    monkeypatch.setattr(lce, "DW_BLOCK_BYTES", 6 * 32 * 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -457,6 +703,49 @@ def test_linear_bad_input():
         fastlm.linear_cross_entropy(hidden, weight, target.float())
     with pytest.raises(ValueError, match="reduction must be one of"):
         fastlm.linear_cross_entropy(hidden, weight, target, reduction="mean ")
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_allocations_are_bounded(backend, reduction, monkeypatch):
+    """What the fused linear cross-entropy allocates, op by op inside its chunk loop (the pass run directly, so a
+    dispatch mode sees it): nothing the size of the (tokens, V) logits; chunks of logits at most CHUNK_BYTES (the
+    gradient written over them, so one a chunk), fp32 d(weight) blocks at most DW_BLOCK_BYTES, and above those
+    only the results. Then, through autograd: the backward of "mean"/"sum" allocates nothing of the gradients'
+    size (it scales them in place; no zeros for the op's other outputs), and "none" only its recomputed results."""
+    lce = importlib.import_module("fastlm.ops.linear_cross_entropy")
+    tokens, H, V = 96, 8, 200
+    dtype = torch.bfloat16
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 16 * V * 2)  # 16 rows: 6 chunks
+    monkeypatch.setattr(lce, "DW_BLOCK_BYTES", 40 * H * 4)  # 40 rows: 5 blocks
+    hidden, weight, bias, target = _lce_inputs(tokens, H, V, dtype)
+    logits_bytes = tokens * V * 2
+    sc = fastlm.kernels.cross_entropy.scalars(target, None, V, -100, "mean")
+    with _Allocations(1) as seen:
+        stats, dh, dw, db = lce._lce_pass(hidden, weight, bias, target, None, sc, (-100, 0.1, 1e-4, None, "mean"),
+                                          fastlm._backend.get_backend(), True)
+    results = {t.untyped_storage().data_ptr() for t in (dh, dw, db)}
+    sizes = sorted(((op, n) for op, n, ptr in seen.sized if ptr not in results), key=lambda x: -x[1])
+    big = [(op, n) for op, n in sizes if n > 16 * V * 2]
+    # The CPU's fp32 upcasts of a chunk's operands for the accumulation (_acc_mm: a CUDA matmul takes bf16 in
+    # and sums in fp32) are the only ones above a chunk here.
+    assert all(op == "aten._to_copy.default" and n <= 16 * V * 4 for op, n in big), big
+    assert max(n for _, n in sizes) < logits_bytes / 2
+    assert dw.dtype == weight.dtype and db.dtype == bias.dtype and dh.dtype == hidden.dtype
+    assert len([op for op, n, _ in seen.sized if n == 40 * H * 4 and "zeros" in op]) == 5  # the fp32 blocks
+
+    ours = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss = fastlm.linear_cross_entropy(ours[0], ours[1], target, ours[2], reduction=reduction, label_smoothing=0.1)
+    go = torch.randn(tokens, device=DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    with _Allocations(min(tokens * H, V * H) * 2) as seen:
+        loss.backward(go)
+    ops = [op for op, *_ in seen.sized]
+    if reduction == "none":
+        assert ops == ["fastlm.linear_cross_entropy_bwd.default"] * 2, ops  # its d(hidden) and d(weight)
+    else:
+        assert ops == [], ops
+    # (The numerics of these paths, blocks and chunks included: test_linear_matches_composition.)
+    assert all(a.grad.dtype == a.dtype and torch.isfinite(a.grad).all() for a in ours)
 
 
 @pytest.mark.gpu

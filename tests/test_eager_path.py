@@ -28,10 +28,20 @@ def _case(name):
     if name == "attention":
         return (lambda q, k, v: fastlm.attention(q, k, v, causal=True)), (rand(1, 40, 4, 16), rand(1, 40, 2, 16),
                                                                           rand(1, 40, 2, 16))
+    if name == "cross_entropy":
+        target = torch.randint(0, 50, (6,), generator=g)
+        return (lambda x: fastlm.cross_entropy(x, target, label_smoothing=0.1)), (rand(6, 50),)
+    if name == "cross_entropy_none":
+        target = torch.randint(0, 50, (6,), generator=g)
+        return (lambda x: fastlm.cross_entropy(x, target, reduction="none", z_loss=1e-3)), (rand(6, 50),)
+    if name == "linear_cross_entropy":
+        target = torch.randint(0, 50, (6,), generator=g)
+        return (lambda h, w: fastlm.linear_cross_entropy(h, w, target)), (rand(6, 24), rand(50, 24))
     raise KeyError(name)
 
 
-OPS = ("layer_norm", "rms_norm", "swiglu", "geglu", "rotary", "attention")
+OPS = ("layer_norm", "rms_norm", "swiglu", "geglu", "rotary", "attention", "cross_entropy", "cross_entropy_none",
+       "linear_cross_entropy")
 
 
 def _run(name, grad):

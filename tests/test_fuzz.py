@@ -659,10 +659,11 @@ def known_defect(reason, raises=AssertionError, torch_too=False, strict=True):
 def test_regression_z_loss_gradient_when_every_row_is_confident(backend, V):
     """Found as cross_entropy(V=1, z_loss=1e-3) and linear_cross_entropy(V=1, z_loss=1e-3) under the rule's
     former floor. Every row's target probability rounds to 1 in fp32, so dlogits at the target is
-    (p_t − 1) + 2ζ·lse·p_t ≈ 2ζ·lse, a small number; the kernels add 2ζ·lse to a_t = 1 first (S) and subtract
-    a_t after, so its low bits go: error ~0.5 ulp(1)/rows, where torch's run happens to be ~100× closer. Within
-    the rule, whose simulated rounding of p (any correct order may err by ~ulp(1) there) sets the bar: kept so it
-    does not get worse."""
+    (p_t − 1) + 2ζ·lse·p_t ≈ 2ζ·lse, a small number; the kernels added 2ζ·lse to a_t = 1 first (S) and subtracted
+    a_t after, so its low bits went: error ~0.5 ulp(1)/rows, where torch's run happens to be ~100× closer. Fixed
+    (2026-11-30): the target's gradient is fma(p_t, R, a_t·(p_t − 1) − c_t), p_t − 1 exact for p_t ≥ ½, in both
+    kernels; tests/test_cross_entropy.py::test_z_loss_gradient_of_confident_rows checks it tightly. Kept here under
+    the rule so it does not come back."""
     run_cross_entropy(dict(shape=(8, V), dtype=torch.float32, scale=1.0, layout=("contiguous",),
                            index_dtype=torch.int64, seed=0, ignore_index=-100, weight=False, label_smoothing=0.0,
                            z_loss=1e-3, softcap=None, reduction="mean", ignore_every=0, confident=40.0))

@@ -12,8 +12,20 @@ device when it is 1.0, as loss.backward() gives). For "none" each row has its ow
 backward (`fastlm::cross_entropy_bwd`) recomputes the gradient from the logits and the forward's row statistics
 in one pass instead. Nothing syncs the host: the "mean" divisor is a device tensor.
 
-Memory: one logits-sized gradient buffer. Because "mean"/"sum" scale it in place, their backward can run once
-per forward (a second backward with retain_graph=True raises).
+Memory: one logits-sized gradient buffer, which autograd hands on as it is (logits.grad itself for a leaf: it
+steals a returned gradient nothing else holds; the incoming gradient of the backward of the op that made the
+logits otherwise). Only the loss is a differentiable output of the op: autograd would otherwise materialize a
+gradient of zeros the size of every other output, the returned gradient buffer included, which was a second
+logits-sized allocation. Because "mean"/"sum" scale the buffer in place, their backward can run once per forward
+(a second backward with retain_graph=True raises).
+
+inplace_backward=True writes the gradient over the logits instead (`fastlm::cross_entropy_fwd_inplace`, which
+declares the mutation; torch.library gives a mutating op no autograd formula, so an autograd.Function calls it),
+after `_check_inplace` has refused logits whose values something else may still read (a leaf, a view, viewed or
+aliased memory, logits saved for backward by another op, retain_grad). Eager only: under torch.compile the
+out-of-place op is traced.
+
+Fused linear cross-entropy: fastlm/ops/linear_cross_entropy.py (re-exported at the end of this module).
 """
 
 from typing import Optional
@@ -22,7 +34,7 @@ import torch
 
 from fastlm import _backend, _cuda, reference
 from fastlm.kernels import cross_entropy as triton_ce
-from fastlm.ops import _checks
+from fastlm.ops import _checks, _eager
 
 REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -40,7 +52,7 @@ def _reduce(loss_rows, sc, reduction):
     return total / sc[0] if reduction == "mean" else total
 
 
-@torch.library.custom_op("fastlm::cross_entropy_fwd", mutates_args=())
+@_eager.custom_op("fastlm::cross_entropy_fwd", mutates_args=())
 def cross_entropy_fwd_op(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -73,7 +85,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, re
     return loss, grad, logits.new_empty((rows,), **f32), logits.new_empty((rows,), **f32), logits.new_empty((2,), **f32)
 
 
-@torch.library.custom_op("fastlm::cross_entropy_bwd", mutates_args=())
+@_eager.custom_op("fastlm::cross_entropy_bwd", mutates_args=())
 def cross_entropy_bwd_op(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -99,7 +111,7 @@ def _(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, lab
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("fastlm::cross_entropy_scale_grad", mutates_args=("grad",))
+@_eager.custom_op("fastlm::cross_entropy_scale_grad", mutates_args=("grad",))
 def cross_entropy_scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
     """Reductions "mean" and "sum": scale the forward's gradient (rows, V) in place by the incoming gradient."""
     _impl(backend).scale_grad(grad, grad_output)
@@ -110,9 +122,18 @@ def _(grad, grad_output, backend):
     return None
 
 
+def _no_zero_grads(ctx, outputs):
+    """Only the loss is differentiable. Autograd would otherwise hand the backward a gradient of zeros for every
+    other output it returned, materialized at that output's shape: for the (rows, V) gradient buffer, a second
+    logits-sized allocation (non-differentiable outputs included, unless materializing is off)."""
+    ctx.mark_non_differentiable(*outputs)
+    ctx.set_materialize_grads(False)
+
+
 def _setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, _, backend = inputs
     _, grad, row_max, log_s, sc = output
+    _no_zero_grads(ctx, output[1:])
     ctx.none = reduction == "none"
     if ctx.none:
         ctx.save_for_backward(logits, target, weight, sc, row_max, log_s)
@@ -124,9 +145,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dloss, *_):
+    if dloss is None:  # the loss is not in the graph being differentiated
+        return (None,) * 10
     if ctx.none:
         logits, target, weight, sc, row_max, log_s = ctx.saved_tensors
-        grad = torch.ops.fastlm.cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, dloss.contiguous(),
+        grad = cross_entropy_bwd_op(logits, target, weight, sc, row_max, log_s, dloss.contiguous(),
                                                   *ctx.args)
     else:
         if ctx.used:
@@ -134,11 +157,111 @@ def _backward(ctx, dloss, *_):
                                "once per forward; recompute the loss instead of retain_graph=True")
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        torch.ops.fastlm.cross_entropy_scale_grad(grad, dloss, ctx.backend)
+        cross_entropy_scale_grad_op(grad, dloss, ctx.backend)
     return grad, None, None, None, None, None, None, None, None, None
 
 
 cross_entropy_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- inplace_backward: the gradient written over the logits ---------------------------------------------------------
+
+
+@_eager.custom_op("fastlm::cross_entropy_fwd_inplace", mutates_args=("logits",))
+def cross_entropy_fwd_inplace_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+    reduction: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous logits (..., V), target (rows,) → loss (fp32, () or (rows,) for "none") and the (2,) device
+    scalars; the gradient of the loss for an incoming gradient of 1 (each row's own for "none") is written over
+    the logits, which the op therefore mutates."""
+    x = logits.view(-1, logits.shape[-1])
+    loss, _, _, sc, _ = _impl(backend).cross_entropy_fwd(
+        x, target, weight, ignore_index, label_smoothing, z_loss, softcap or None, reduction, True, out=x)
+    return _reduce(loss, sc, reduction), sc
+
+
+@cross_entropy_fwd_inplace_op.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, backend):
+    f32 = dict(dtype=torch.float32)
+    return logits.new_empty(target.shape if reduction == "none" else (), **f32), logits.new_empty((2,), **f32)
+
+
+class _CrossEntropyInplace(torch.autograd.Function):
+    """The autograd of `fastlm::cross_entropy_fwd_inplace`: torch.library registers no autograd formula for an op
+    that mutates its input, so the mutating op is called below this Function. It is the eager path only
+    (cross_entropy traces the out-of-place op under torch.compile). The op bumps the logits' version counter, so
+    anything that saved them before (refused by _check_inplace anyway) fails its backward instead of reading the
+    gradient as logits."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, reduction, backend):
+        loss, _ = cross_entropy_fwd_inplace_op(logits, target, weight, ignore_index, label_smoothing,
+                                                             z_loss, softcap, reduction, backend)
+        ctx.save_for_backward(logits)  # the gradient now; saved at the version the op left
+        ctx.none = reduction == "none"
+        ctx.backend = backend
+        ctx.used = False
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        if ctx.used:
+            raise RuntimeError("fastlm.cross_entropy: with inplace_backward=True the backward scales the gradient "
+                               "held in the logits in place and can run once per forward; recompute the loss "
+                               "instead of retain_graph=True")
+        ctx.used = True
+        grad = ctx.saved_tensors[0].detach()
+        g2 = grad.view(-1, grad.shape[-1])
+        if ctx.none:
+            g2.mul_(dloss.reshape(-1, 1).to(torch.float32))  # each row by its own incoming gradient, in place
+        else:
+            cross_entropy_scale_grad_op(g2, dloss, ctx.backend)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def _storage_refs(t):
+    """References to t's storage: every tensor that shares it (views, detached aliases, a copy of the tensor an
+    op saved for its backward) holds one. The temporary storage object made to ask adds one, taken off here."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
+
+
+def _check_inplace(logits):
+    """Whether the gradient may be written over these logits: raises ValueError naming the reason where their
+    values may still be needed. No host sync: the checks read autograd's and the allocator's bookkeeping only.
+
+    Refused: a leaf (the caller's own tensor; its .grad would alias it), a view or a tensor with views or
+    detached aliases (its storage is shared: something else reads it), one saved for the backward of an op that
+    already ran (the op that produced it and saved its output, as tanh, exp, sigmoid, softmax and log_softmax do,
+    or one that consumed it and saved its input, as pow or a matmul with a weight that needs a gradient do), and
+    one that retains its gradient (its .grad would alias it)."""
+    why = None
+    if logits.is_leaf:
+        why = ("they are a leaf tensor that requires grad (the caller's own data, and their .grad would be the "
+               "same memory)")
+    elif logits._base is not None:
+        why = ("they are a view of another tensor, which shares their memory (pass the logits themselves: "
+               "cross_entropy takes (..., V) logits with (...) targets, no flattening needed)")
+    elif logits.retains_grad:
+        why = "they retain their gradient (retain_grad()), which would be the same memory"
+    elif logits._use_count() > 1 or _storage_refs(logits) > 1:
+        # _use_count: references to the tensor itself (a view's base link, an op that saved it as its input);
+        # storage: other tensors on the same memory (views, detached aliases, a saved output's copy).
+        why = ("something else holds them: a view or detached alias of them, an op that saved them for its "
+               "backward (the op that produced them, if it differentiates from its output as tanh, exp, sigmoid, "
+               "softmax and log_softmax do; an op that consumed them and saved its input, as pow or a matmul do)")
+    if why:
+        raise ValueError("fastlm.cross_entropy(inplace_backward=True) writes the gradient over the logits, but "
+                         f"the logits are still needed: {why}. Pass inplace_backward=False (the default), or "
+                         "give the loss a tensor nothing else holds (e.g. the output of the head's matmul or of "
+                         "a final scalar multiplication such as a softcap's).")
 
 
 def _check(logits, target, weight, ignore_index, label_smoothing, reduction, z_loss, softcap):
@@ -194,20 +317,33 @@ def _check_options(ignore_index, label_smoothing, reduction, z_loss, softcap):
 
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="mean",
-                  z_loss=0.0, softcap=None):
+                  z_loss=0.0, softcap=None, inplace_backward=False):
     """Softmax cross-entropy, as torch.nn.functional.cross_entropy with class-index targets, plus z_loss and softcap.
 
     logits (..., V) float32, float16 or bfloat16; target (...) int64 or int32; weight (V,) class weights or None.
     z_loss adds z_loss · logsumexp(row)² per kept row (PaLM); softcap replaces the logits by
     softcap · tanh(logits / softcap) before the softmax (Gemma 2). The loss is float32 whatever the logits' dtype.
     When the logits need a gradient it is computed in the forward pass into a buffer of its own (the logits are
-    never written).
+    never written): the one logits-sized allocation of forward and backward, which becomes logits.grad (a leaf)
+    or flows on into the backward of the op that made the logits.
+    inplace_backward=True (kernel backends): the gradient is written over the logits instead, no allocation at
+    all. Safe where nothing else needs the logits' values, which is checked when the call is made: logits that
+    are a leaf, a view, viewed or aliased by another tensor, saved for backward by another op (the op that
+    produced them and differentiates from its output, as tanh, exp or softmax do; an op that consumed them
+    before this call and saved them) or that retain their gradient raise ValueError saying which, instead of
+    giving silently wrong gradients. What the check cannot see is a use after the call: after it the logits
+    tensor holds the gradient, so read nothing from it (compute any other loss or metric on the logits before
+    this call, or on a copy). Logits that are not contiguous are copied first (safe, nothing saved); without a
+    gradient to compute (no_grad, or logits that do not require grad) nothing is written; under torch.compile
+    the out-of-place op is traced instead (the check needs real tensors).
     Out-of-range targets: each target must be in [0, V) or equal ignore_index. Targets on the CPU are checked
     (ValueError naming the first bad one); on a GPU they are not read, since that would synchronize the host with the
     device, and a row with an out-of-range target gets a NaN loss (and NaN gradient) on every backend, so a mean
     over it is NaN.
     """
     _check(logits, target, weight, ignore_index, label_smoothing, reduction, z_loss, softcap)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     V = logits.shape[-1]
     # Meta tensors (shapes only) take the reference's shapes under every backend.
     backend = "torch" if logits.device.type == "meta" else _backend.resolve("cross_entropy", logits.device,
@@ -215,259 +351,28 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, label_smoot
     if backend == "torch":
         return reference.cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction, z_loss,
                                        softcap)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    w = weight.float().contiguous() if weight is not None else None
+    if inplace_backward and compute_grad and not torch.compiler.is_compiling():
+        if logits.is_contiguous():
+            _check_inplace(logits)
+        else:
+            logits = logits.contiguous()  # a copy of our own: nothing else holds it
+        loss = _CrossEntropyInplace.apply(
+            logits, target.reshape(-1).contiguous(), w, ignore_index, float(label_smoothing), float(z_loss),
+            float(softcap or 0.0), reduction, backend,
+        )
+        return loss.view(target.shape) if reduction == "none" else loss
     x = logits.reshape(-1, V)
     if x.stride(-1) != 1:
         x = x.contiguous()
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    w = weight.float().contiguous() if weight is not None else None
-    loss = torch.ops.fastlm.cross_entropy_fwd(
+    loss = cross_entropy_fwd_op(
         x, target.reshape(-1).contiguous(), w, ignore_index, float(label_smoothing), float(z_loss),
         float(softcap or 0.0), reduction, compute_grad, backend,
     )[0]
     return loss.view(target.shape) if reduction == "none" else loss
 
 
-# --- fused linear cross-entropy ---------------------------------------------------------------------------------------
-#
-# loss = cross_entropy(hidden @ weight.T + bias, target) without ever holding the (tokens, V) logits: the tokens go
-# through in chunks; each chunk's logits (chunk, V) are made by one matmul, the cross-entropy kernel writes their
-# gradient into a second chunk buffer, and two more matmuls turn it into d(hidden) for the chunk and a term of
-# d(weight), accumulated in fp32 across chunks (d(bias) likewise). FLOPs: 6·tokens·H·V for forward+backward, the
-# same as the unfused composition; memory: two chunk buffers, the fp32 d(weight) accumulator, and no logits.
-# "mean"/"sum" finish every gradient in the forward pass (the mean divisor of the whole batch is known up front
-# on the device), and the backward multiplies them by the incoming gradient; "none" saves the row statistics and
-# recomputes the chunks in the backward, where each row's incoming gradient is known.
-
-CHUNK_BYTES = 256 << 20  # logits bytes per chunk: small next to the (tokens, V) logits, large enough for cuBLAS
-MAX_CHUNKS = 64  # and never so many chunks that launch overhead shows
-
-
-def _chunk_rows(tokens, V, itemsize):
-    rows = max(1, CHUNK_BYTES // max(1, V * itemsize))
-    return max(rows, -(-tokens // MAX_CHUNKS))
-
-
-def _acc_mm(acc, a, b):
-    """acc (fp32) += a @ b, accumulated in fp32 whatever a and b are."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # cuBLAS: half inputs, fp32 output and sum
-    else:
-        acc.addmm_(a.float(), b.float())
-
-
-def _chunks(hidden, weight, bias, tokens):
-    step = _chunk_rows(tokens, weight.shape[0], hidden.element_size())
-    for start in range(0, tokens, step):
-        h = hidden[start:start + step]
-        yield start, start + step, h, torch.nn.functional.linear(h, weight, bias)
-
-
-def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, compute, saved=None):
-    """One pass over the token chunks.
-
-    Without `saved` (the forward): the losses and row statistics, and, when `compute`, the gradients of the
-    reduced loss for an incoming gradient of 1. With saved = (incoming gradient per row, row max, log-sum) (the
-    backward of "none"): the gradients for those incoming gradients. Gradients: d(hidden) in hidden's dtype,
-    d(weight) and d(bias) in fp32."""
-    ignore_index, smoothing, z_loss, softcap, reduction = args
-    tokens = hidden.shape[0]
-    f32 = dict(dtype=torch.float32, device=hidden.device)
-    stats = [torch.empty(tokens, **f32) for _ in range(3)] if saved is None else None  # loss, row max, log-sum
-    dh = torch.empty_like(hidden) if compute else None
-    dw = torch.zeros(weight.shape, **f32) if compute else None
-    db = torch.zeros(weight.shape[:1], **f32) if compute and bias is not None else None
-    for start, end, h, logits in _chunks(hidden, weight, bias, tokens):
-        t = target[start:end]
-        if saved is None:
-            loss, row_max, log_s, _, grad = _impl(backend).cross_entropy_fwd(
-                logits, t, class_weight, ignore_index, smoothing, z_loss, softcap, reduction, compute, sc=sc)
-            for dst, src in zip(stats, (loss, row_max, log_s)):
-                dst[start:end] = src
-        else:
-            go, row_max, log_s = (x[start:end] for x in saved)
-            grad = _impl(backend).cross_entropy_bwd(logits, t, class_weight, sc, row_max, log_s, go, ignore_index,
-                                                    smoothing, z_loss, softcap)
-        del logits
-        if compute:
-            torch.mm(grad, weight, out=dh[start:end])
-            _acc_mm(dw, grad.t(), h)
-            if db is not None:
-                db += grad.sum(0, dtype=torch.float32)
-    return stats, dh, dw, db
-
-
-def _empty(like):
-    return like.new_empty((0,))
-
-
-@torch.library.custom_op("fastlm::linear_cross_entropy_fwd", mutates_args=())
-def linear_cross_entropy_fwd_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    class_weight: Optional[torch.Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    reduction: str,
-    compute_grad: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden (tokens, H), weight (V, H) → loss; for "mean"/"sum" with compute_grad: d(hidden), fp32 d(weight),
-    fp32 d(bias) for an incoming gradient of 1 (else empty); row max, log-sum (tokens,) and the (2,) scalars."""
-    args = (ignore_index, label_smoothing, z_loss, softcap or None, reduction)
-    sc = triton_ce.scalars(target, class_weight, weight.shape[0], ignore_index, reduction)
-    compute = compute_grad and reduction != "none"
-    (loss, row_max, log_s), dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend,
-                                                   compute)
-    return (_reduce(loss, sc, reduction), *(g if g is not None else _empty(hidden) for g in (dh, dw, db)),
-            row_max, log_s, sc)
-
-
-@linear_cross_entropy_fwd_op.register_fake
-def _(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
-      compute_grad, backend):
-    tokens = hidden.shape[0]
-    f32 = dict(dtype=torch.float32)
-    grads = compute_grad and reduction != "none"
-    return (
-        hidden.new_empty((tokens,) if reduction == "none" else (), **f32),
-        hidden.new_empty(hidden.shape if grads else (0,)),
-        hidden.new_empty(weight.shape if grads else (0,), **f32),
-        hidden.new_empty(weight.shape[:1] if grads and bias is not None else (0,), **f32),
-        hidden.new_empty((tokens,), **f32),
-        hidden.new_empty((tokens,), **f32),
-        hidden.new_empty((2,), **f32),
-    )
-
-
-@torch.library.custom_op("fastlm::linear_cross_entropy_bwd", mutates_args=())
-def linear_cross_entropy_bwd_op(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    target: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    class_weight: Optional[torch.Tensor],
-    sc: torch.Tensor,
-    row_max: torch.Tensor,
-    log_s: torch.Tensor,
-    grad_output: torch.Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: float,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reduction "none": recompute the chunks with each row's incoming gradient → d(hidden), fp32 d(weight),
-    fp32 d(bias) (empty without a bias)."""
-    args = (ignore_index, label_smoothing, z_loss, softcap or None, "none")
-    saved = (grad_output.to(torch.float32), row_max, log_s)
-    _, dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, True, saved)
-    return dh, dw, db if db is not None else _empty(hidden)
-
-
-@linear_cross_entropy_bwd_op.register_fake
-def _(hidden, weight, target, bias, class_weight, sc, row_max, log_s, grad_output, ignore_index, label_smoothing,
-      z_loss, softcap, backend):
-    f32 = dict(dtype=torch.float32)
-    return (hidden.new_empty(hidden.shape), hidden.new_empty(weight.shape, **f32),
-            hidden.new_empty(weight.shape[:1] if bias is not None else (0,), **f32))
-
-
-def _lce_setup_context(ctx, inputs, output):
-    (hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, reduction, _,
-     backend) = inputs
-    _, dh, dw, db, row_max, log_s, sc = output
-    ctx.none = reduction == "none"
-    ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-    if ctx.none:
-        ctx.save_for_backward(hidden, weight, target, bias, class_weight, sc, row_max, log_s)
-        ctx.args = (ignore_index, label_smoothing, z_loss, softcap, backend)
-    else:
-        ctx.save_for_backward(dh, dw, db)
-
-
-def _lce_backward(ctx, dloss, *_):
-    if ctx.none:
-        hidden, weight, target, bias, class_weight, sc, row_max, log_s = ctx.saved_tensors
-        dh, dw, db = torch.ops.fastlm.linear_cross_entropy_bwd(hidden, weight, target, bias, class_weight, sc,
-                                                               row_max, log_s, dloss.contiguous(), *ctx.args)
-    else:
-        dh, dw, db = ctx.saved_tensors
-        # The incoming gradient is a device scalar: multiplying costs a pass over the gradients, never a sync.
-        dh, dw, db = dh * dloss.to(dh.dtype), dw * dloss, db * dloss
-    wdtype, bdtype = ctx.dtypes
-    return (dh, dw.to(wdtype), None, db.to(bdtype) if bdtype is not None else None,
-            None, None, None, None, None, None, None, None)
-
-
-linear_cross_entropy_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
-
-
-def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None, ignore_index=-100,
-                         label_smoothing=0.0, reduction="mean", z_loss=0.0, softcap=None):
-    """cross_entropy(hidden @ weight.T + bias, target, ...) without materializing the (tokens, V) logits.
-
-    hidden (..., H) float32, float16 or bfloat16; weight (V, H) and bias (V,) or None in hidden's dtype; target
-    (...) int64 or int32; class_weight (V,) per-class loss weights (cross_entropy's `weight`, renamed here because
-    `weight` is the projection). Other keywords as fastlm.cross_entropy. Gradients for hidden, weight and bias;
-    d(weight) and d(bias) accumulate in fp32 across token chunks. Out-of-range targets as fastlm.cross_entropy.
-    Under autocast, hidden, weight and bias are cast to the autocast dtype first, as autocast would cast them for
-    the `hidden @ weight.T` this replaces (fp32 master weights with bf16 activations work); the loss stays fp32.
-    """
-    _checks.tensor("hidden", hidden)
-    _checks.tensor("weight", weight)
-    device_type = hidden.device.type
-    # is_autocast_enabled raises for a device type autocast does not know (meta).
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
-        with torch.autocast(device_type, enabled=False):
-            return _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
-                                         reduction, z_loss, softcap)
-    return _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
-                                 reduction, z_loss, softcap)
-
-
-def _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
-                          z_loss, softcap):
-    if hidden.dim() == 0:
-        raise ValueError("hidden must have a last (feature) dimension, got a 0-d tensor")
-    H = hidden.shape[-1]
-    if weight.dim() != 2 or weight.shape[1] != H:
-        raise ValueError(f"weight must have shape (V, {H}) (vocabulary × hidden's last dimension), "
-                         f"got {tuple(weight.shape)}")
-    if bias is not None:
-        _checks.tensor("bias", bias)
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and p.dtype != hidden.dtype:
-            raise TypeError(f"{name} must have hidden's dtype ({hidden.dtype}), got {p.dtype}")
-    if bias is not None:
-        _checks.shape("bias", bias, weight.shape[:1], " (one per vocabulary entry)")
-    V = weight.shape[0]
-    _check_target_and_weight(target, hidden.shape[:-1], V, class_weight, "class_weight", hidden, "hidden",
-                             " (hidden's shape without the feature dimension)")
-    _checks.same_device("weight", weight, "hidden", hidden)
-    if bias is not None:
-        _checks.same_device("bias", bias, "hidden", hidden)
-    _check_options(ignore_index, label_smoothing, reduction, z_loss, softcap)
-    _check_target_values(target, V, ignore_index)
-    backend = "torch" if hidden.device.type == "meta" else _backend.resolve("linear_cross_entropy", hidden.device,
-                                                                             hidden.dtype)
-    if backend == "torch":
-        return reference.linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index,
-                                              label_smoothing, reduction, z_loss, softcap)
-    h = hidden.reshape(-1, H)
-    compute_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    cw = class_weight.float().contiguous() if class_weight is not None else None
-    loss = torch.ops.fastlm.linear_cross_entropy_fwd(
-        h, weight, target.reshape(-1).contiguous(), bias, cw, ignore_index, float(label_smoothing), float(z_loss),
-        float(softcap or 0.0), reduction, compute_grad, backend,
-    )[0]
-    return loss.view(target.shape) if reduction == "none" else loss
+# Fused linear cross-entropy has its own op file; re-exported here, where callers have imported it from. Imported
+# last: it builds on this module's checks and launchers.
+from fastlm.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
