@@ -15,7 +15,9 @@ window_right = 0; torch SDPA's top-left causal is window_right = seqlen_q − se
 
 Roofline. Forward 4·Sq·Sk·D FLOPs per (batch, head) (two matmuls), halved by a causal mask; backward 2.5× that
 (five matmuls here: S and dP recomputed, dV, dK, dQ, with S and dP computed twice, once per kernel — seven in all).
-Reads are O(S·D) per head: attention at these sizes is bound by the tensor cores.
+Reads are O(S·D) per head: attention at these sizes is bound by the tensor cores. Decode (a short query side over a
+KV cache) is the opposite: K and V, 2·B·Hk·Sk·D·2 bytes read once per kv head by the split-KV kernel, for
+4·B·Hq·Sq·Sk·D FLOPs, Sq·Hq/Hk ≤ 64 FLOPs a byte: bound by memory bandwidth.
 
 Design.
 - Forward: one program per (block of BLOCK_M queries, batch·head); keys in BLOCK_N blocks with the online softmax in
@@ -26,8 +28,23 @@ Design.
   program per (key block, batch·kv head) that accumulates dK and dV over every query block of every query head of
   its group, and one program per (query block, batch·head) that accumulates dQ. The S and dP matmuls are done in
   both (seven matmuls instead of FlashAttention-2's five with atomic dQ): the price of determinism without atomics.
+- Decode (split-KV, "flash-decoding"), for fp16/bf16 when a kv head's rows, max seqlen q × Hq/Hk, are at most
+  DECODE_MAX_ROWS: _attn_decode_kernel runs one program per (split of the keys, kv head, batch entry) whose tile
+  rows are the (query position, q head of the group) pairs r = position·(Hq/Hk) + g, so each K/V block is read
+  once for the whole group (the general kernel re-reads it per q head, and at batch 1 has Hq programs only). The
+  key blocks the rows see (the union of their windows, `_key_range` over all the sequence's queries) are cut into
+  `splits` runs of whole blocks, each run keeping the masked-edge / unmasked-middle / masked-edge loops by
+  clamping their bounds into it. The host picks `splits` (decode_splits) from B·Hk, the keys a row may see and the
+  SM count: DECODE_PROGRAMS_PER_SM programs per SM, no split under DECODE_MIN_SPLIT_KEYS keys, at most
+  DECODE_MAX_SPLITS. One split writes out and lse itself; with more, every split writes every row's fp32 partial
+  (o normalized, lse in log2 units; 0 and −inf when it saw nothing) to a workspace, and
+  _attn_decode_combine_kernel merges each row's splits in split order (lse = log2 Σ 2^lse_s, out =
+  Σ 2^(lse_s − lse)·o_s), a fixed order: bitwise repeatable. The LSE it writes is the general kernel's (natural
+  log, (B, Hq, Sq) or (Hq, Tq)), so the backward is unchanged. csrc/attention.cu has the same design.
 - Variable length: `cu_seqlens` offsets (int32, batch + 1) locate each packed sequence; the grid covers the longest
-  and programs past a sequence's end return at once.
+  and programs past a sequence's end return at once. The kernels clamp every offset into [0, packed tokens] and
+  each sequence's end to at least its start (`_seq_bounds`; the launchers pass the totals in place of the
+  lengths), so offsets the host cannot check (on the GPU) never make a kernel touch memory outside its tensors.
 - Head dims up to 256 of any size: tiles are padded to a power of two ≥ 16 and the extra columns masked.
 - Offsets. Packed tokens × heads × dims passes 2³¹, and so can one long sequence's rows × its token stride, or a
   head index × a head-major layout's head stride: every product of an index with a stride that is not bounded by
@@ -48,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, empty, interpreting, next_pow2, tanh_and_sech2
+from ._common import KernelSpec, empty, interpreting, next_pow2, num_sms, tanh_and_sech2
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -58,14 +75,19 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _seq_bounds(CU, b, fixed_len, VARLEN: tl.constexpr):
-    """(first packed index, length) of sequence b: from the offsets when VARLEN, else (0, fixed_len)."""
+def _seq_bounds(CU, b, n, VARLEN: tl.constexpr):
+    """(first packed index, length) of sequence b: from the offsets when VARLEN, else (0, n). With VARLEN, n is
+    the packed token total and the offsets are clamped into [0, n], the end to at least the start, so that no
+    content of cu_seqlens (past the tokens, negative, decreasing) makes a kernel touch memory outside its tensors:
+    a sequence then covers [start, start + length) ⊆ [0, n)."""
     if VARLEN:
-        start = tl.load(CU + b).to(tl.int64)
-        length = (tl.load(CU + b + 1).to(tl.int64) - start).to(tl.int32)
+        first = tl.minimum(tl.maximum(tl.load(CU + b), 0), n)
+        last = tl.minimum(tl.maximum(tl.load(CU + b + 1), first), n)
+        start = first.to(tl.int64)
+        length = last - first
     else:
         start = tl.zeros((), dtype=tl.int64)
-        length = fixed_len
+        length = n
     return start, length
 
 
@@ -225,7 +247,7 @@ def _attn_fwd_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,  # lse (B, Hq, Sq): Hq·Sq, Sq; varlen (Hq, Tq): 0, Tq. Its sequence stride is 1.
-    seqlen_q, seqlen_k,  # dense lengths (VARLEN reads them per sequence)
+    seqlen_q, seqlen_k,  # dense lengths, or with VARLEN the packed token totals (the offsets' bounds)
     group,  # query heads per kv head
     scale2, softcap, window_left, window_right,  # see _scores and _visible
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -278,6 +300,144 @@ def _attn_fwd_kernel(
     tl.store(Lh + rows, lse, mask=out_ok)
 
 
+# ---------------------------------------------------------------------------------------------- decode (split-KV)
+
+
+@triton.jit
+def _attn_decode_kernel(
+    Q, K, V, O, LSE,  # as _attn_fwd_kernel
+    WS_O, WS_L,  # with splits: (B, Hk, n_rows, splits, HEAD_D) fp32 partial outputs, (B, Hk, n_rows, splits) lse2
+    CU_Q, CU_K,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k,  # dense lengths, or with VARLEN the packed token totals (the offsets' bounds)
+    group, n_rows, splits,  # q heads per kv head; rows = max seqlen q · group (≤ BLOCK_M); key splits
+    scale2, softcap, window_left, window_right,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    ONE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (split of the keys, kv head, batch entry). Its rows are the (query position, q head of the
+    group) pairs r = position·group + g of the kv head, so each K/V block is loaded once for the whole group."""
+    split = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    if q_len <= 0:
+        return
+    diag = k_len - q_len
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    pos = offs_m // group  # query position of each row (in the sequence)
+    g = offs_m % group  # its q head within the group
+    row_ok = (offs_m < n_rows) & (pos < q_len)
+    h0 = hk * group
+    # Per-row offsets in int64: a head index times a head stride need not fit 32 bits (head-major layouts).
+    q_rows = pos.to(tl.int64) * stride_qs + g.to(tl.int64) * stride_qh
+    Qh = Q + _offset(b64, q_start, h0, stride_qb, stride_qs, stride_qh)
+    q = tl.load(Qh + q_rows[:, None] + offs_d[None, :],
+                mask=row_ok[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :], other=0.0)
+    Kh = K + _offset(b64, k_start, hk, stride_kb, stride_ks, stride_kh)
+    Vh = V + _offset(b64, k_start, hk, stride_vb, stride_vs, stride_vh)
+
+    # The key blocks the rows see, [lo, hi), cut into `splits` runs of whole blocks; this program's run [a, e)
+    # keeps the three loops' split (masked edge, unmasked middle, masked edge) by clamping their bounds into it.
+    lo, full_lo, full_hi, hi = _key_range(0, q_len - 1, k_len, diag, window_left, window_right, BLOCK_N,
+                                          HAS_LEFT, HAS_RIGHT)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), splits) * BLOCK_N
+    a = tl.minimum(lo + split * per_split, hi)
+    e = tl.minimum(a + per_split, hi)
+    m_lo = tl.minimum(tl.maximum(full_lo, a), e)
+    m_hi = tl.minimum(tl.maximum(full_hi, m_lo), e)
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Kh, Vh, stride_ks, stride_vs, a, m_lo, pos, k_len, diag, scale2,
+                                softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True, HAS_LEFT,
+                                HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Kh, Vh, stride_ks, stride_vs, m_lo, m_hi, pos, k_len, diag, scale2,
+                                softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, False, HAS_LEFT,
+                                HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Kh, Vh, stride_ks, stride_vs, m_hi, e, pos, k_len, diag, scale2,
+                                softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True, HAS_LEFT,
+                                HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+
+    empty_row = l_i == 0.0
+    out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
+    lse2 = tl.where(empty_row, float("-inf"), m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i)))
+    # Pointers and masks formed after the loops (see _attn_fwd_kernel's epilogue).
+    offs_m = tl.arange(0, BLOCK_M)
+    pos = offs_m // group
+    g = offs_m % group
+    d_ok = _head_mask(offs_d, HEAD_D, BLOCK_D)
+    if ONE_SPLIT:
+        out_ok = (offs_m < n_rows) & (pos < q_len)
+        o_rows = pos.to(tl.int64) * stride_os + g.to(tl.int64) * stride_oh
+        Oh = O + _offset(b64, q_start, h0, stride_ob, stride_os, stride_oh)
+        tl.store(Oh + o_rows[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=out_ok[:, None] & d_ok[None, :])
+        l_off = b64 * stride_lb + (h0 + g).to(tl.int64) * stride_lh + q_start + pos
+        tl.store(LSE + l_off, lse2 * 0.6931471805599453, mask=out_ok)
+    else:
+        # Every row below n_rows of every split, whether it saw keys or not: the combine reads them all.
+        ws_ok = offs_m < n_rows
+        w_row = (b64 * tl.num_programs(1) + hk) * n_rows * splits + split  # row 0 of this split, in rows of D
+        ws_rows = w_row + offs_m * splits
+        tl.store(WS_L + ws_rows, lse2, mask=ws_ok)
+        tl.store(WS_O + ws_rows[:, None] * HEAD_D + offs_d[None, :], out, mask=ws_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_decode_combine_kernel(
+    O, LSE, WS_O, WS_L, CU_Q,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, group, n_rows, splits,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_TILE: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """One program per (row, kv head, batch entry): lse2 = log2 Σ_s 2^lse2_s, out = Σ_s 2^(lse2_s − lse2)·o_s over
+    the splits, SPLIT_TILE at a time in split order (a fixed order: bitwise repeatable)."""
+    r = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
+    pos = r // group
+    if pos >= q_len:
+        return
+    h = hk * group + r % group
+    w_row = ((b64 * tl.num_programs(1) + hk) * n_rows + r) * splits
+    offs_s = tl.arange(0, SPLIT_TILE)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _head_mask(offs_d, HEAD_D, BLOCK_D)
+    m = tl.full((), float("-inf"), tl.float32)
+    for s0 in range(0, splits, SPLIT_TILE):
+        lse_s = tl.load(WS_L + w_row + s0 + offs_s, mask=s0 + offs_s < splits, other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse_s, 0))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    l = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(0, splits, SPLIT_TILE):
+        s_ok = s0 + offs_s < splits
+        w = tl.math.exp2(tl.load(WS_L + w_row + s0 + offs_s, mask=s_ok, other=float("-inf")) - m_use)
+        o = tl.load(WS_O + (w_row + s0 + offs_s)[:, None] * HEAD_D + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        l += tl.sum(w, 0)
+        acc += tl.sum(w[:, None] * o, 0)
+    empty_row = l == 0.0
+    out = acc / tl.where(empty_row, 1.0, l)
+    lse = tl.where(empty_row, float("-inf"), (m_use + tl.math.log2(tl.where(empty_row, 1.0, l))) * 0.6931471805599453)
+    Oh = O + _offset(b64, q_start + pos, h, stride_ob, stride_os, stride_oh)
+    tl.store(Oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
+    tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + pos, lse)
+
+
 # ---------------------------------------------------------------------------------------------- backward
 
 
@@ -288,7 +448,7 @@ def _attn_bwd_delta_kernel(
     stride_ob, stride_os, stride_oh,
     stride_db, stride_ds, stride_dh,
     stride_lb, stride_lh,
-    seqlen_q,
+    seqlen_q,  # dense length, or with VARLEN the packed token total
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DLSE: tl.constexpr,
 ):
@@ -371,7 +531,7 @@ def _attn_bwd_dkdv_kernel(
     stride_db, stride_ds, stride_dh,  # do
     stride_gb, stride_gs, stride_gh,  # dk and dv (allocated alike)
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group,
+    seqlen_q, seqlen_k, group,  # dense lengths, or with VARLEN the packed token totals
     scale2, softcap, scale, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -469,7 +629,7 @@ def _attn_bwd_dq_kernel(
     stride_db, stride_ds, stride_dh,
     stride_gb, stride_gs, stride_gh,  # dq
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, group,
+    seqlen_q, seqlen_k, group,  # dense lengths, or with VARLEN the packed token totals
     scale2, softcap, scale, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -540,6 +700,32 @@ DQ_CONFIGS = {
 DECODE_MAX_SEQLEN_Q = 16
 DECODE_FWD_CONFIGS = {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2),
                       256: (16, 32, 4, 2)}
+# Split-KV decode (_attn_decode_kernel + _attn_decode_combine_kernel), taken for 16-bit inputs when a kv head's
+# rows, max seqlen q × (Hq/Hk) (query positions × the q heads of its group), fit one tile of DECODE_MAX_ROWS: the
+# tile is BLOCK_M = max(16, next power of two ≥ rows) (tl.dot's smallest M), and K/V are read once per kv head.
+# Per head-dim tile: (BLOCK_N, num_warps, num_stages). Memory bound: a program streams BLOCK_N keys of K and V,
+# 2·BLOCK_N·D·2 bytes a block (16 KB at D ≥ 32, 8 KB at D = 16), in 3 stages (48 KB of shared memory: four
+# programs fit an H200 SM's 228 KB, three an A100's 164 KB) with 4 warps. Bytes in flight: H200's ~4.8 TB/s over
+# ~1 µs of latency is ~36 KB an SM, which two blocks ahead per program, several programs an SM, cover. With 16
+# rows the scores and P are a 16 × BLOCK_N tile and O a 16 × D fp32 tile. From first principles only (not yet
+# measured on a GPU): the static report checks each for spills, local memory and 16-byte loads.
+DECODE_CONFIGS = {
+    16: {16: (64, 4, 3), 32: (64, 4, 3), 64: (128, 4, 3)},
+    32: {16: (128, 4, 3), 32: (128, 4, 3), 64: (128, 8, 3)},
+    64: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 8, 3)},
+    128: {16: (32, 4, 3), 32: (32, 4, 3), 64: (32, 8, 3)},
+    256: {16: (16, 4, 3), 32: (16, 4, 3)},  # a 64-row tile spills at head dim 256
+}
+DECODE_MAX_ROWS = max(max(table) for table in DECODE_CONFIGS.values())
+DECODE_INTERPRET_CONFIG = (16, 4, 1)
+# The number of splits: enough programs for DECODE_PROGRAMS_PER_SM per SM (B·Hk programs per split), no split
+# under DECODE_MIN_SPLIT_KEYS keys (the keys a row may see: Sk, or Sq + the left window), at most
+# DECODE_MAX_SPLITS. Tests lower DECODE_MIN_SPLIT_KEYS to get several splits at the interpreter's sizes.
+DECODE_PROGRAMS_PER_SM = 4
+DECODE_MIN_SPLIT_KEYS = 256
+DECODE_MAX_SPLITS = 128
+COMBINE_SPLIT_TILE = 16  # splits the combine loads at once (a (16, D) fp32 tile)
+COMBINE_WARPS = 4
 # fp32 stops at head dim 128: no fp32 block shape above it compiles without spills (see static_specs).
 FP32_MAX_HEAD_DIM = 128
 # Under the interpreter a program's cost is its Python overhead per block: one small shape that still crosses
@@ -551,6 +737,8 @@ DELTA_BLOCK_M = 64
 MAX_TILE_ROWS = max(max(c[0], c[1]) for table in (FWD_CONFIGS[False], FWD_CONFIGS[True], DKDV_CONFIGS[False],
                                                   DKDV_CONFIGS[True], DQ_CONFIGS[False], DQ_CONFIGS[True],
                                                   DECODE_FWD_CONFIGS) for c in table.values())
+MAX_TILE_ROWS = max(MAX_TILE_ROWS, DECODE_MAX_ROWS,
+                    *(c[0] for table in DECODE_CONFIGS.values() for c in table.values()))
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DELTA_BLOCK_M, *INTERPRET_CONFIG[:2])
 MAX_HEAD_DIM = 256
 # CUDA's limit on grid axes 1 and 2, which carry the heads and the batch: a larger batch is launched in chunks, and
@@ -647,6 +835,63 @@ def _batch_chunks(B, varlen, cu_q, cu_k, tensors):
             yield b1 - b0, chunk[-1], chunk[-1], chunk
 
 
+def _decode_rows(Sq, Hq, Hk, D, dtype):
+    """A kv head's rows for the split-KV decode kernel (Sq · Hq/Hk), or None when it does not apply."""
+    rows = Sq * (Hq // Hk)
+    fits = _decode_block_m(rows) in DECODE_CONFIGS[block_d(D)]
+    return rows if dtype != torch.float32 and fits else None
+
+
+def _decode_block_m(rows):
+    return max(16, next_pow2(rows))  # tl.dot's smallest M is 16
+
+
+def _decode_config(head_dim, block_m):
+    """(BLOCK_N, num_warps, num_stages) of the decode kernel for this head dim and row tile."""
+    return DECODE_INTERPRET_CONFIG if interpreting() else DECODE_CONFIGS[block_d(head_dim)][block_m]
+
+
+def decode_splits(batch, kv_heads, keys, block_n, device):
+    """How many runs the decode kernel cuts a kv head's visible keys into (see DECODE_PROGRAMS_PER_SM)."""
+    # Rounded down: a split's work is uniform, so programs past a whole number of waves would add a second,
+    # mostly empty one (B = 16, Hk = 8 on 132 SMs: 4 splits, 512 programs, rather than 5 and 640).
+    want = DECODE_PROGRAMS_PER_SM * num_sms(device) // max(1, batch * kv_heads)
+    by_keys = max(1, keys // DECODE_MIN_SPLIT_KEYS)
+    return max(1, min(want, by_keys, triton.cdiv(max(keys, 1), block_n), DECODE_MAX_SPLITS))
+
+
+def _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, cu_seqlens_k, n_q, n_k, args, flags):
+    """The split-KV forward: one program per (split, kv head, batch entry); with several splits each writes its
+    partial to a workspace and the combine kernel merges them, with one it writes out and lse itself."""
+    group = Hq // Hk
+    rows = Sq * group
+    BLOCK_M = _decode_block_m(rows)
+    BLOCK_N, num_warps, num_stages = _decode_config(D, BLOCK_M)
+    keys = min(Sk, Sq + max(0, args["window_left"])) if flags["HAS_LEFT"] else Sk
+    splits = decode_splits(B, Hk, keys, BLOCK_N, q.device)
+    one = splits == 1
+    if not one:
+        ws_o = empty((B, Hk, rows, splits, D), torch.float32, q.device)
+        ws_l = empty((B, Hk, rows, splits), torch.float32, q.device)
+    b0 = 0
+    for nb, cu_q, cu_k, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
+                                                                  (q, k, v, out, lse)):
+        wo, wl = (out_, lse_) if one else (ws_o[b0:b0 + nb], ws_l[b0:b0 + nb])
+        out_strides, lse_strides = _strides(out_, varlen), _lse_strides(lse_, varlen)
+        _attn_decode_kernel[(splits, Hk, nb)](
+            q_, k_, v_, out_, lse_, wo, wl, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen),
+            *_strides(v_, varlen), *out_strides, *lse_strides, n_q, n_k, group, rows, splits, **args,
+            HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen, ONE_SPLIT=one,
+            DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
+        )
+        if not one:
+            _attn_decode_combine_kernel[(rows, Hk, nb)](
+                out_, lse_, wo, wl, cu_q, *out_strides, *lse_strides, n_q, group, rows, splits,
+                HEAD_D=D, BLOCK_D=block_d(D), SPLIT_TILE=COMBINE_SPLIT_TILE, VARLEN=varlen, num_warps=COMBINE_WARPS,
+            )
+        b0 += nb
+
+
 def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
                   softcap):
     """q (B, Sq, Hq, D), k, v (B, Sk, Hk, D), or packed (T, H, D) with int32 cu_seqlens (B + 1,) and host-int
@@ -658,15 +903,21 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         return out, lse
     _check_heads(Hq)
     q, k, v = (_tile_rows_fit(t, varlen) for t in (q, k, v))
+    args, flags = _mask_args(scale, window_left, window_right, softcap, Sq, Sk)
+    # The kernels' length arguments: dense lengths, or the packed totals that bound varlen offsets.
+    n_q, n_k = (q.shape[0], k.shape[0]) if varlen else (Sq, Sk)
+    if _decode_rows(Sq, Hq, Hk, D, q.dtype) is not None:
+        _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, cu_seqlens_k, n_q, n_k, args,
+                    flags)
+        return out, lse
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D)
     if Sq <= DECODE_MAX_SEQLEN_Q and q.dtype != torch.float32 and not interpreting():
         BLOCK_M, BLOCK_N, num_warps, num_stages = DECODE_FWD_CONFIGS[block_d(D)]
-    args, flags = _mask_args(scale, window_left, window_right, softcap, Sq, Sk)
     for nb, cu_q, cu_k, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
                                                                   (q, k, v, out, lse)):
         _attn_fwd_kernel[(triton.cdiv(Sq, BLOCK_M), Hq, nb)](
             q_, k_, v_, out_, lse_, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen),
-            *_strides(out_, varlen), *_lse_strides(lse_, varlen), Sq, Sk, Hq // Hk, **args,
+            *_strides(out_, varlen), *_lse_strides(lse_, varlen), n_q, n_k, Hq // Hk, **args,
             HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
         )
@@ -690,6 +941,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     delta = empty(lse.shape, torch.float32, q.device)
     BD = block_d(D)
     args, flags = _mask_args(scale, window_left, window_right, softcap, Sq, Sk)
+    n_q, n_k = (q.shape[0], k.shape[0]) if varlen else (Sq, Sk)  # see attention_fwd
     common = dict(HEAD_D=D, BLOCK_D=BD, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype), **flags)
     dkdv_config = _config(DKDV_CONFIGS, q.dtype, D)
     dq_config = _config(DQ_CONFIGS, q.dtype, D)
@@ -698,20 +950,20 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
             B, varlen, cu_seqlens_q, cu_seqlens_k, tensors):
         lse_strides = _lse_strides(lse_, varlen)
         _attn_bwd_delta_kernel[(triton.cdiv(Sq, DELTA_BLOCK_M), Hq, nb)](
-            out_, do_, dlse_, delta_, cu_q, *_strides(out_, varlen), *_strides(do_, varlen), *lse_strides, Sq,
+            out_, do_, dlse_, delta_, cu_q, *_strides(out_, varlen), *_strides(do_, varlen), *lse_strides, n_q,
             HEAD_D=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, VARLEN=varlen, HAS_DLSE=dlse is not None, num_warps=4,
         )
         qkv_strides = (*_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen), *_strides(do_, varlen))
         BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
         _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BLOCK_N), Hk, nb)](
             q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen), *lse_strides,
-            Sq, Sk, Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
+            n_q, n_k, Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
             num_stages=num_stages, **common,
         )
         BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
         _attn_bwd_dq_kernel[(triton.cdiv(Sq, BLOCK_M), Hq, nb)](
             q_, k_, v_, do_, lse_, delta_, dq_, cu_q, cu_k, *qkv_strides, *_strides(dq_, varlen), *lse_strides,
-            Sq, Sk, Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
+            n_q, n_k, Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
             num_stages=num_stages, **common,
         )
     return dq, dk, dv
@@ -776,6 +1028,27 @@ def static_specs():
                     const = dict(HEAD_D=bd, BLOCK_D=bd, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, **flags)
                     specs.append(KernelSpec(f"attn_fwd_decode[{dt}, d{bd}, {tag}]", _attn_fwd_kernel,
                                             dict(fwd, **{c: "constexpr" for c in const}), const, w, _aligned(fwd), st))
+            if not fp32:
+                # The split-KV decode kernel at each row tile of DECODE_CONFIGS: writing the workspace in
+                # both variants, and writing out and lse itself (one split) with every option on.
+                dec = sig(("Q", "K", "V", "O", "LSE", "WS_O", "WS_L", "CU_Q", "CU_K"),
+                          (dt,) * 4 + ("fp32", "fp32", "fp32", "i32", "i32"), "qkvo",
+                          dict({"seqlen_q": "i32", "seqlen_k": "i32", "group": "i32", "n_rows": "i32",
+                                "splits": "i32"}, **mask_scalars))
+                for bm, (bn, w, st) in DECODE_CONFIGS[bd].items():
+                    for tag, flags in variants + (("all, one split", variants[1][1]),):
+                        one = tag.endswith("one split")
+                        const = dict(HEAD_D=bd, BLOCK_D=bd, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn,
+                                     ONE_SPLIT=one, **flags)
+                        specs.append(KernelSpec(f"attn_decode_splitkv[{dt}, d{bd}, m{bm}, {tag}]", _attn_decode_kernel,
+                                                dict(dec, **{c: "constexpr" for c in const}), const, w, _aligned(dec),
+                                                st))
+                comb = sig(("O", "LSE", "WS_O", "WS_L", "CU_Q"), (dt, "fp32", "fp32", "fp32", "i32"), "o",
+                           {"seqlen_q": "i32", "group": "i32", "n_rows": "i32", "splits": "i32"})
+                const = dict(HEAD_D=bd, BLOCK_D=bd, SPLIT_TILE=COMBINE_SPLIT_TILE, VARLEN=True)
+                specs.append(KernelSpec(f"attn_decode_combine[{dt}, d{bd}]", _attn_decode_combine_kernel,
+                                        dict(comb, **{c: "constexpr" for c in const}), const, COMBINE_WARPS,
+                                        _aligned(comb)))
         delta = sig(("O", "DO", "DLSE", "DELTA", "CU_Q"), (dt, dt, "fp32", "fp32", "i32"), "od", {"seqlen_q": "i32"})
         const = dict(HEAD_D=128, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=128, VARLEN=True, HAS_DLSE=True)
         specs.append(KernelSpec(f"attn_bwd_delta[{dt}]", _attn_bwd_delta_kernel,

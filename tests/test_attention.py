@@ -446,3 +446,188 @@ def test_gpu_inductor_and_cuda_graph():
     q.copy_(torch.randn_like(q))
     graph.replay()
     torch.testing.assert_close(out, fastlm.attention(q, k, v, causal=True), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- split-KV decode
+#
+# Short query sides in 16-bit dtypes take the split-KV kernel (kernels/attention.py, _attn_decode_kernel and its
+# combine): a kv head's (query position, q head) pairs packed into one tile, the keys cut into splits. The
+# interpreter's sizes are far below DECODE_MIN_SPLIT_KEYS, so the tests lower it to get several splits.
+
+DECODE_DTYPES = GPU_DTYPES if HAS_GPU else (torch.float16,)  # fp32 keeps the general kernel
+# (batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, causal, window, softcap)
+DECODE_CASES = [
+    (2, 1, 97, 8, 2, 64, True, (-1, -1), 0.0),  # GQA 4: 4 rows a kv head
+    (1, 4, 100, 8, 2, 128, True, (30, -1), 0.0),  # 4 queries × 4 heads = 16 rows, causal sliding window
+    (2, 1, 64, 4, 1, 96, False, (-1, -1), 10.0),  # MQA, padded head dim, softcap
+    (1, 2, 70, 16, 1, 16, True, (-1, -1), 0.0),  # 32 rows: a 32-row tile
+    (1, 8, 40, 16, 2, 32, True, (-1, -1), 0.0),  # 64 rows: a 64-row tile
+    (1, 1, 90, 2, 2, 256, False, (40, 4), 0.0),  # no GQA, head dim 256, window both sides (41 keys: 2 splits)
+    (1, 5, 3, 4, 2, 32, True, (-1, -1), 0.0),  # seqlen_q > seqlen_k: the first two queries see nothing
+    (1, 3, 90, 6, 2, 80, False, (40, 0), 5.0),  # window's right edge at the diagonal, softcap, head dim 80
+]
+
+
+@pytest.fixture
+def decode_splits_seen(monkeypatch):
+    """Lowers the minimum keys a split (so the interpreter's short caches get several splits) and records the
+    number of splits of each decode launch."""
+    seen = []
+    real = triton_attention.decode_splits
+
+    def spy(*args):
+        seen.append(real(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(triton_attention, "DECODE_MIN_SPLIT_KEYS", 16)
+    monkeypatch.setattr(triton_attention, "decode_splits", spy)
+    return seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("dtype", DECODE_DTYPES, ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=_case_id)
+def test_decode_split_kv(case, dtype, backend, decode_splits_seen):
+    """Forward (out, lse) and a backward through it (which reads that lse) against the float64 reference."""
+    b, sq, sk, h, hk, d, causal, window, softcap = case
+    q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
+    _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap, lse_in_loss=True)
+    assert len(decode_splits_seen) == 1, "the short query side did not take the split-KV decode kernel"
+    if sk >= 40:
+        assert decode_splits_seen[0] > 1, decode_splits_seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+def test_decode_one_split_writes_directly(backend, monkeypatch):
+    """With one split (the default minimum keys a split at this cache length) the decode kernel writes out and
+    lse itself: no workspace, no combine."""
+    seen = []
+    real = triton_attention.decode_splits
+    monkeypatch.setattr(triton_attention, "decode_splits", lambda *a: seen.append(real(*a)) or seen[-1])
+    q, k, v = _inputs((2, 2, 8, 64), (2, 97, 2, 64), DECODE_DTYPES[-1])
+    _compare(q, k, v, backend, causal=True)
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("causal", (False, True), ids=("full", "causal"))
+def test_decode_varlen(causal, backend, decode_splits_seen):
+    """Packed sequences with 0 to 3 queries (12 rows a kv head at GQA 4) over caches of 0 to 60 keys."""
+    q, k, v, kw = _varlen([1, 0, 3, 2, 1], [40, 5, 0, 60, 17], 4, 1, 64, DECODE_DTYPES[-1])
+    out, lse, *_ = _compare(q, k, v, backend, causal=causal, window=(40, -1) if causal else (-1, -1), **kw)
+    assert decode_splits_seen and decode_splits_seen[0] > 1
+    seq2 = slice(1, 4)  # no keys: output 0, lse −inf
+    assert torch.equal(out[seq2], torch.zeros_like(out[seq2])) and torch.isneginf(lse[:, seq2]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+def test_decode_is_bitwise_repeatable(backend, monkeypatch):
+    """The combine merges the splits in a fixed order: two runs with several splits give the same bits."""
+    q, k, v = _inputs((1, 1, 8, 32), (1, 200, 2, 32), DECODE_DTYPES[-1])
+    monkeypatch.setattr(triton_attention, "DECODE_MIN_SPLIT_KEYS", 16)
+    with fastlm.use_backend(backend):
+        runs = [fastlm.attention(q, k, v, causal=True, return_lse=True) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def _clamped(cu, total):
+    """What the kernels make of offsets: each clamped into [0, total], each end at least its start."""
+    out = [min(max(cu[0], 0), total)]
+    for c in cu[1:]:
+        out.append(min(max(c, out[-1]), total))
+    return out
+
+
+# (cu_seqlens_q, cu_seqlens_k, tokens q, tokens k, max_seqlen_q, max_seqlen_k): offsets past the tokens, negative,
+# decreasing; each sequence's clamped range still covers every token, so every output element is written.
+BAD_OFFSETS = [
+    ([0, 1, 5], [0, 40, 200], 2, 50, 1, 48),  # decode: both ends past the tokens
+    ([-3, 1, 2], [-5, 20, 50], 2, 50, 1, 48),  # decode: negative starts
+    ([0, 1, 2], [0, 30, 10], 2, 30, 1, 48),  # decode: decreasing keys (the second sequence sees none)
+    ([0, 4, 40], [0, 6, 99], 30, 30, 30, 30),  # the general kernels: past the tokens
+    ([-7, 10, 30], [0, 25, 20], 30, 25, 30, 30),  # negative, decreasing
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("case", BAD_OFFSETS, ids=("decode-past", "decode-negative", "decode-decreasing",
+                                                    "past", "negative-decreasing"))
+def test_bad_device_offsets_stay_inside_the_tensors(case, backend, monkeypatch):
+    """Offsets that the host cannot check (on a GPU they are not read back) are clamped by the kernels: q, k, v are
+    views in the middle of a buffer whose other elements are 10⁴, which any read outside them would carry into
+    the outputs; the outputs equal those of the clamped offsets, forward and backward."""
+    monkeypatch.setattr(triton_attention, "DECODE_MIN_SPLIT_KEYS", 16)
+    cu_q, cu_k, tq, tk, max_q, max_k = case
+    dtype, h, hk, d = DECODE_DTYPES[-1], 4, 2, 32
+    gen = generator(7)
+
+    def inside(tokens, heads):
+        buf = torch.full((3 * tokens, heads, d), 1e4, dtype=dtype, device=DEVICE)
+        view = buf[tokens:2 * tokens]
+        view.copy_(torch.randn(view.shape, generator=gen).to(dtype))
+        return view
+
+    q, k, v, do = inside(tq, h), inside(tk, hk), inside(tk, hk), inside(tq, h)
+
+    def run(cq, ck):
+        cq, ck = (torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in (cq, ck))
+        args = (cq, ck, max_q, max_k, d ** -0.5, None, 0, None)
+        out, lse = triton_attention.attention_fwd(q, k, v, *args)
+        return (out, lse, *triton_attention.attention_bwd(do, q, k, v, out, lse, None, *args))
+
+    got = run(cu_q, cu_k)
+    want = run(_clamped(cu_q, tq), _clamped(cu_k, tk))
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert not g.isnan().any(), f"{name}: unwritten elements"
+        assert g.abs().masked_fill(torch.isneginf(g), 0).max() < 100, f"{name}: read the buffer around the inputs"
+        assert torch.equal(g, w), f"{name}: differs from the clamped offsets' result"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("shape", ((1, 1, 8192), (16, 1, 1024), (4, 4, 3000)), ids=("b1-k8k", "b16-k1k", "b4-q4"))
+def test_gpu_decode_split_kv_gqa_32_8(shape, backend):
+    """The issue's decode shapes (GQA 32/8, head dim 128, bf16) at shorter caches, with the default split rule."""
+    b, sq, sk = shape
+    q, k, v = _inputs((b, sq, 32, 128), (b, sk, 8, 128), torch.bfloat16)
+    _compare(q, k, v, backend, causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("varlen", (False, True), ids=("dense", "varlen"))
+def test_decode_batches_past_the_grid_limit_launch_in_chunks(varlen, backend, monkeypatch):
+    """Grid axis 2 (the batch) stops at 65535: lowered to 2, five sequences take three launches of the decode
+    kernel and of its combine, each on its own slice of the workspace, and give the bits of one launch."""
+    monkeypatch.setattr(triton_attention, "DECODE_MIN_SPLIT_KEYS", 16)
+    dtype = DECODE_DTYPES[-1]
+    if varlen:
+        q, k, v, kw = _varlen([1, 2, 0, 1, 2], [40, 33, 5, 0, 64], 2, 1, 32, dtype)
+        extra = (kw["cu_seqlens_q"], kw["cu_seqlens_k"], kw["max_seqlen_q"], kw["max_seqlen_k"])
+    else:
+        q, k, v = _inputs((5, 2, 2, 32), (5, 64, 1, 32), dtype)
+        extra = (None, None, 2, 64)
+
+    def run():
+        return triton_attention.attention_fwd(q, k, v, *extra, 32 ** -0.5, None, 0, None)
+
+    want = run()
+    monkeypatch.setattr(triton_attention, "MAX_GRID_YZ", 2)
+    got = run()
+    for a, b in zip(got, want):
+        assert torch.equal(a.nan_to_num(neginf=-1e30), b.nan_to_num(neginf=-1e30))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+def test_decode_heads_past_2_31_elements(backend, monkeypatch):
+    """A head-major q whose heads are 2³⁰ + 2¹⁰ elements apart: the decode tile's third row (q head 2) starts past
+    2³¹, which the kernel's per-row int64 offsets must reach (the buffer's pages are touched only where q lies)."""
+    monkeypatch.setattr(triton_attention, "DECODE_MIN_SPLIT_KEYS", 16)
+    d, head = 16, (1 << 30) + (1 << 10)
+    buf = torch.empty(2 * head + d, dtype=torch.float16, device=DEVICE)
+    q = buf.as_strided((1, 1, 3, d), (d, d, head, 1))
+    q.copy_(torch.randn(q.shape, generator=generator(8)).to(q.dtype))
+    _, k, v = _inputs((1, 1, 3, d), (1, 70, 1, d), torch.float16, seed=9)
+    args = (None, None, 1, 70, d ** -0.5, None, 0, None)
+    got = triton_attention.attention_fwd(q, k, v, *args)
+    want = triton_attention.attention_fwd(q.contiguous(), k, v, *args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
