@@ -25,6 +25,7 @@ work is split:
 
     python -m benchmarks.attention_sweep --static            # CPU: refresh CANDIDATES_FILE (minutes)
     python -m benchmarks.attention_sweep --out DIR           # GPU: one call, --budget-s seconds at most (480)
+    python -m benchmarks.attention_sweep --decode            # GPU: the split-KV decode kernel's shape and split rule
 
 On the GPU the candidates are first compiled in parallel (`precompile`: --workers spawned processes fill Triton's
 on-disk cache, since each compile takes seconds on one core), then timed one by one.
@@ -377,6 +378,82 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
     return results
 
 
+# The split-KV decode kernel (kernels/attention.py, DECODE_CONFIGS[128][16]: (BLOCK_N, num_warps, num_stages) for a
+# 16-row tile at head dim 128, and the split rule's DECODE_PROGRAMS_PER_SM and DECODE_MIN_SPLIT_KEYS), timed on
+# issue 12's two decode cases: one new token a sequence, GQA 32/8, d128, bf16. GB/s of K and V read.
+DECODE_CASES = (("b1 x 64k", 1, 65536), ("b16 x 8k", 16, 8192))
+DECODE_GRID = [(cfg, per_sm, min_keys) for cfg in ((32, 4, 3), (64, 4, 3), (32, 4, 4), (64, 4, 4), (64, 8, 3))
+               for per_sm in (2, 4, 8) for min_keys in (128, 256, 512)]
+
+
+def decode_sweep(out_dir: Path, budget_s: float, log=print, device="cuda", dtype=None) -> list:
+    """Every DECODE_GRID point on DECODE_CASES, checked against SDPA's flash backend on the same tensors; appends
+    to `<out>/decode_sweep.jsonl` and returns the rows (the best per case printed last)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from triton.testing import do_bench
+
+    import fastlm
+    from fastlm.kernels import attention as A
+
+    dtype = dtype or torch.bfloat16
+    deadline = time.monotonic() + budget_s
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    saved = (A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS)
+    with (out_dir / "decode_sweep.jsonl").open("a") as sink:
+        inputs = {}
+        for name, b, sk in DECODE_CASES:
+            g = torch.Generator(device=device).manual_seed(0)
+            q = torch.randn(b, 1, 32, 128, device=device, dtype=dtype, generator=g)
+            k = torch.randn(b, sk, 8, 128, device=device, dtype=dtype, generator=g)
+            v = torch.randn(b, sk, 8, 128, device=device, dtype=dtype, generator=g)
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                sdpa = lambda: F.scaled_dot_product_attention(  # noqa: E731
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True).transpose(1, 2)
+                ref = sdpa()
+                ms = do_bench(sdpa)
+            gbs = 2 * k.numel() * 2 / ms / 1e6
+            row = {"kind": "peer", "case": name, "provider": "sdpa-flash", "ms": ms, "gb_s": gbs}
+            rows.append(row)
+            sink.write(json.dumps(row) + "\n")
+            inputs[name] = (q, k, v, ref)
+        try:
+            for cfg, per_sm, min_keys in DECODE_GRID:
+                if time.monotonic() > deadline:
+                    log("time budget spent: stopping")
+                    break
+                A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS = cfg, per_sm, min_keys
+                for name, (q, k, v, ref) in inputs.items():
+                    row = {"kind": "candidate", "case": name, "config": list(cfg), "programs_per_sm": per_sm,
+                           "min_split_keys": min_keys}
+                    try:
+                        with fastlm.use_backend("triton"):
+                            out = fastlm.attention(q, k, v)
+                            ms = do_bench(lambda: fastlm.attention(q, k, v))
+                        err = _rel(out, ref.float())
+                        row.update(ms=ms, gb_s=2 * k.numel() * 2 / ms / 1e6, rel_err_vs_flash=err,
+                                   correct=err <= 1e-2)
+                    except Exception as e:  # noqa: BLE001 - a config that cannot run is a result
+                        row.update(ms=None, correct=None, error=f"{type(e).__name__}: {str(e)[:200]}")
+                    rows.append(row)
+                    sink.write(json.dumps(row) + "\n")
+                    sink.flush()
+                    log(f"decode {name} {cfg} per_sm={per_sm} min_keys={min_keys}: "
+                        f"{row.get('gb_s') or 0:.0f} GB/s {'ok' if row.get('correct') else row.get('error', 'WRONG')}")
+        finally:
+            A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS = saved
+    for name, _, _ in DECODE_CASES:
+        ok = [r for r in rows if r["kind"] == "candidate" and r["case"] == name and r.get("correct")]
+        peer = next((r for r in rows if r["kind"] == "peer" and r["case"] == name), None)
+        if ok:
+            top = max(ok, key=lambda r: r["gb_s"])
+            log(f"best {name}: {top['gb_s']:.0f} GB/s at {tuple(top['config'])}, {top['programs_per_sm']} programs "
+                f"a SM, {top['min_split_keys']} keys a split (sdpa-flash {peer['gb_s']:.0f} GB/s)")
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.attention_sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--static", action="store_true", help="CPU: compile GRID for sm_90a, write CANDIDATES_FILE")
@@ -384,6 +461,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "."), "attention_sweep"))
     parser.add_argument("--budget-s", type=float, default=480.0, help="GPU: stop timing after this many seconds")
     parser.add_argument("--workers", type=int, default=8, help="GPU: processes compiling candidates before timing")
+    parser.add_argument("--decode", action="store_true", help="GPU: sweep the split-KV decode kernel instead")
     args = parser.parse_args(argv)
     if args.static:
         found = static_candidates(args.jobs)
@@ -396,6 +474,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("attention_sweep: no CUDA GPU here; `--static` prepares the candidates on a CPU")
         return 2
+    if args.decode:
+        decode_sweep(args.out, args.budget_s)
+        return 0
     candidates = json.loads(CANDIDATES_FILE.read_text()) if CANDIDATES_FILE.exists() else {}
     start = time.monotonic()
     precompile(candidates, args.workers)

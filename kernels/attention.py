@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, empty, interpreting, next_pow2, num_sms, tanh_and_sech2
+from ._common import KernelSpec, cdiv, empty, interpreting, next_pow2, num_sms, tanh_and_sech2
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -857,7 +857,7 @@ def decode_splits(batch, kv_heads, keys, block_n, device):
     # mostly empty one (B = 16, Hk = 8 on 132 SMs: 4 splits, 512 programs, rather than 5 and 640).
     want = DECODE_PROGRAMS_PER_SM * num_sms(device) // max(1, batch * kv_heads)
     by_keys = max(1, keys // DECODE_MIN_SPLIT_KEYS)
-    return max(1, min(want, by_keys, triton.cdiv(max(keys, 1), block_n), DECODE_MAX_SPLITS))
+    return max(1, min(want, by_keys, cdiv(max(keys, 1), block_n), DECODE_MAX_SPLITS))
 
 
 def _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, cu_seqlens_k, n_q, n_k, args, flags):
@@ -915,7 +915,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         BLOCK_M, BLOCK_N, num_warps, num_stages = DECODE_FWD_CONFIGS[block_d(D)]
     for nb, cu_q, cu_k, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
                                                                   (q, k, v, out, lse)):
-        _attn_fwd_kernel[(triton.cdiv(Sq, BLOCK_M), Hq, nb)](
+        _attn_fwd_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
             q_, k_, v_, out_, lse_, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen),
             *_strides(out_, varlen), *_lse_strides(lse_, varlen), n_q, n_k, Hq // Hk, **args,
             HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
@@ -949,19 +949,19 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     for nb, cu_q, cu_k, (q_, k_, v_, do_, out_, dq_, dk_, dv_, delta_, dlse_, lse_) in _batch_chunks(
             B, varlen, cu_seqlens_q, cu_seqlens_k, tensors):
         lse_strides = _lse_strides(lse_, varlen)
-        _attn_bwd_delta_kernel[(triton.cdiv(Sq, DELTA_BLOCK_M), Hq, nb)](
+        _attn_bwd_delta_kernel[(cdiv(Sq, DELTA_BLOCK_M), Hq, nb)](
             out_, do_, dlse_, delta_, cu_q, *_strides(out_, varlen), *_strides(do_, varlen), *lse_strides, n_q,
             HEAD_D=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, VARLEN=varlen, HAS_DLSE=dlse is not None, num_warps=4,
         )
         qkv_strides = (*_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen), *_strides(do_, varlen))
         BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
-        _attn_bwd_dkdv_kernel[(triton.cdiv(Sk, BLOCK_N), Hk, nb)](
+        _attn_bwd_dkdv_kernel[(cdiv(Sk, BLOCK_N), Hk, nb)](
             q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen), *lse_strides,
             n_q, n_k, Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
             num_stages=num_stages, **common,
         )
         BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
-        _attn_bwd_dq_kernel[(triton.cdiv(Sq, BLOCK_M), Hq, nb)](
+        _attn_bwd_dq_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
             q_, k_, v_, do_, lse_, delta_, dq_, cu_q, cu_k, *qkv_strides, *_strides(dq_, varlen), *lse_strides,
             n_q, n_k, Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
             num_stages=num_stages, **common,

@@ -95,3 +95,22 @@ def test_the_measurement_loop_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert (tmp_path / "attention_sweep.md").exists()
     assert len((tmp_path / "attention_sweep.jsonl").read_text().splitlines()) == len(results)
     assert A.FWD_CONFIGS[False][16] == tuple(results[0]["current"]["fwd"][16])  # the tables restored
+
+
+def test_the_decode_sweep_runs_and_restores_the_tables_on_cpu(tmp_path, monkeypatch):
+    """The decode sweep's loop on CPU (small cases, the interpreter, a fixed timer): a row per grid point and
+    case, each correct, the peer timed, and the decode settings put back. float16: the interpreter's bfloat16 dot
+    is broken."""
+    import torch
+    import triton.testing
+
+    if not A.interpreting():
+        pytest.skip("runs the triton kernels through the interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(sweep, "DECODE_CASES", (("b1 x 40", 1, 40),))
+    monkeypatch.setattr(sweep, "DECODE_GRID", [((32, 4, 3), 2, 128)])
+    before = (A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS)
+    rows = sweep.decode_sweep(tmp_path, 600.0, log=lambda *a: None, device="cpu", dtype=torch.float16)
+    assert [r["kind"] for r in rows] == ["peer", "candidate"]
+    assert rows[1]["correct"], rows[1]
+    assert (A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS) == before
