@@ -127,7 +127,8 @@ def main(argv=None) -> int:
         orders = {op: entry["order"] for op, entry in sorted(table.items()) if "order" in entry}
         print(f"for fastlm/_dispatch_table.py: MEASURED[{meta['device']!r}] = {orders!r}")
     else:
-        print("dispatch.json not written: no op had both fastlm backends measured in this run")
+        print("dispatch.json not written: no op had two implementations (fastlm backends, or torch's own kernel) "
+              "measured in this run")
     return 0
 
 

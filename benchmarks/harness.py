@@ -542,7 +542,9 @@ def dispatch_summary(rows, providers, modes=MODES) -> tuple:
                     logs[name] += math.log(ms / best)
                 wins[candidates[min(t, key=t.get)]] += 1
             geo = {candidates[n]: round(math.exp(v / len(complete)), 4) for n, v in logs.items()}
-            order = sorted(geo, key=geo.get)
+            # The fastlm backends this mode could not rank (one missing here) still follow, so that `auto` tries
+            # them where the ranked ones cannot take a call rather than falling back to the reference.
+            order = sorted(geo, key=geo.get) + [p.backend for p in providers if p.backend and p.backend not in geo]
             choice.setdefault(op, {})[mode] = order[0]
             choice[op]["order"] = order
             details.setdefault(op, {})[mode] = {"winner": order[0], "order": order, "cases": len(complete),

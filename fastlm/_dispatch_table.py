@@ -14,5 +14,13 @@ MEASURED = {}
 UNMEASURED_ORDER = ("triton", "cuda")
 
 
+# An op without an entry of its own takes its parent's: decode calls the training attention's order.
+FALLBACK = {"attention_decode": "attention"}
+
+
 def preferred(op: str, device_name: str):
-    return tuple(MEASURED.get(device_name, {}).get(op, UNMEASURED_ORDER))
+    table = MEASURED.get(device_name, {})
+    order = table.get(op)
+    if order is None and op in FALLBACK:
+        order = table.get(FALLBACK[op])
+    return tuple(order if order is not None else UNMEASURED_ORDER)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastlm import _backend, _dispatch_table, reference
+from fastlm import _backend, _cuda, _dispatch_table, reference
 from conftest import assert_by_rule, generator, simulated_runs
 
 attention_op = importlib.import_module("fastlm.ops.attention")  # fastlm.ops.attention is also the function
@@ -23,15 +23,20 @@ def measured(monkeypatch):
     monkeypatch.setattr(_backend, "device_index", lambda device: 0)
     monkeypatch.setattr(_backend, "device_name", lambda index: "Test GPU")
     monkeypatch.setitem(_backend._REASONS, "cuda", lambda device, dtype: None)
+    monkeypatch.setattr(_cuda, "attention_unsupported", lambda *args: None)
+    # torch's own test of whether an SDPA backend takes a call says no for CPU tensors: yes here, unless a test
+    # says otherwise.
+    monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", lambda params, debug=False: True)
+    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", lambda params, debug=False: True)
     table = {}
     monkeypatch.setitem(_dispatch_table.MEASURED, "Test GPU", table)
     return table
 
 
-def _norm_resolve(x_dtype, w_dtype, op="rms_norm"):
+def _norm_resolve(x_dtype, w_dtype, op="rms_norm", offset=0.0):
     x = torch.empty(2, 8, dtype=x_dtype)
     w = torch.empty(8, dtype=w_dtype)
-    return _backend.resolve(op, CUDA, x_dtype, norm_op._native_unsupported(x, w, None))
+    return _backend.resolve(op, CUDA, x_dtype, norm_op._native_unsupported(x, w, None, offset))
 
 
 def test_auto_takes_torchs_own_norm_where_it_was_measured_fastest(measured):
@@ -39,6 +44,8 @@ def test_auto_takes_torchs_own_norm_where_it_was_measured_fastest(measured):
     assert _norm_resolve(torch.bfloat16, torch.bfloat16) == "torch:eager"
     # A float32 weight on bf16 x: torch's fused norm wants one dtype, so the next measured choice runs.
     assert _norm_resolve(torch.bfloat16, torch.float32) == "cuda"
+    # Gemma's offset: torch's rms_norm has none (offset + weight rounded in bf16 would differ from fastlm's).
+    assert _norm_resolve(torch.bfloat16, torch.bfloat16, offset=1.0) == "cuda"
 
 
 def test_an_unmeasured_op_or_device_keeps_the_default_order(measured):
@@ -58,8 +65,8 @@ def test_an_explicit_backend_never_takes_a_torch_route(measured):
         assert _norm_resolve(torch.bfloat16, torch.bfloat16) == "triton"
 
 
-def _attention_resolve(q, k, v, cu=None, left=None, right=None, softcap=0.0, need_lse=False):
-    unsupported = attention_op._kernel_unsupported(q, k, v, cu, left, right, softcap, need_lse)
+def _attention_resolve(q, k, v, cu=None, left=None, right=None, softcap=0.0, need_lse=False, deterministic=False):
+    unsupported = attention_op._kernel_unsupported(q, k, v, cu, left, right, softcap, need_lse, deterministic)
     op = "attention_decode" if q.shape[1] <= 16 else "attention"
     return _backend.resolve(op, CUDA, q.dtype, unsupported)
 
@@ -70,6 +77,7 @@ def _attention_resolve(q, k, v, cu=None, left=None, right=None, softcap=0.0, nee
     ("the log-sum-exp asked for", dict(right=0, need_lse=True), False),
     ("a sliding window", dict(left=16, right=0), False),
     ("softcap", dict(softcap=30.0), False),
+    ("deterministic", dict(deterministic=True), False),
 ])
 def test_sdpa_takes_the_attention_calls_it_covers(measured, what, kwargs, covered):
     measured["attention"] = ["torch:sdpa-cudnn", "triton", "cuda"]
@@ -79,12 +87,33 @@ def test_sdpa_takes_the_attention_calls_it_covers(measured, what, kwargs, covere
 
 def test_sdpa_takes_causal_calls_only_when_both_alignments_agree(measured):
     measured["attention_decode"] = ["torch:sdpa-flash", "triton"]
-    q = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16)
     k = torch.empty(1, 40, 4, 64, dtype=torch.bfloat16)
-    # One query at the end of 40 keys, causal bottom-right (fastlm's): it sees every key; SDPA's top-left causal
-    # would let it see one. Not covered with right = 0; covered not causal (the decode step's usual call).
-    assert _attention_resolve(q, k, k, right=0) == "triton"
-    assert _attention_resolve(q, k, k) == "torch:sdpa-flash"
+    # Four queries at the end of 40 keys, causal bottom-right (fastlm's): query i sees keys ≤ 36 + i; SDPA's
+    # top-left causal would let it see i + 1. No SDPA mask is equal: not covered.
+    q4 = torch.empty(1, 4, 4, 64, dtype=torch.bfloat16)
+    assert _attention_resolve(q4, k, k, right=0) == "triton"
+    assert _attention_resolve(q4, k, k) == "torch:sdpa-flash"
+    # One query (a decode step): its causal mask hides nothing, so SDPA without a mask is the same call.
+    q1 = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16)
+    assert _attention_resolve(q1, k, k, right=0) == "torch:sdpa-flash"
+    assert attention_op._sdpa_causal(q1, k, 0) is False and attention_op._sdpa_causal(q4, k, 0) is None
+
+
+def test_sdpa_is_taken_only_where_torch_says_its_backend_runs(measured, monkeypatch):
+    measured["attention"] = ["torch:sdpa-cudnn", "cuda", "triton"]
+    q = k = v = torch.empty(1, 32, 4, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", lambda params, debug=False: False)
+    assert _attention_resolve(q, k, v, right=0) == "cuda"
+    monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", lambda params, debug=False: True)
+    # float32: flash and cuDNN take 16-bit inputs only (SDPA would fall back to its math backend).
+    q32 = torch.empty(1, 32, 4, 64)
+    assert _attention_resolve(q32, q32, q32, right=0) == "cuda"
+
+
+def test_a_decode_call_takes_the_training_order_when_decode_was_not_measured(measured):
+    measured["attention"] = ["cuda", "triton"]
+    q1, k = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16), torch.empty(1, 40, 4, 64, dtype=torch.bfloat16)
+    assert _attention_resolve(q1, k, k) == "cuda"
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -94,11 +123,11 @@ def test_the_torch_norm_route_computes_the_norm(is_rms, residual):
     x, r = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
     w, b = torch.randn(32, generator=g), torch.randn(32, generator=g)
     res = r if residual else None
-    got = norm_op._native(x, w, None if is_rms else b, res, 1e-5, is_rms, 1.0 if is_rms else 0.0)
+    got = norm_op._native(x, w, None if is_rms else b, res, 1e-5, is_rms)
 
     def torch_norm(x=x, w=w, b=b, r=res):
         if is_rms:
-            return reference.rms_norm(x, w, 1e-5, r, offset=1.0)
+            return reference.rms_norm(x, w, 1e-5, r)
         return reference.layer_norm(x, w, b, 1e-5, r)
 
     exact = torch_norm(*(t.double() if t is not None else None for t in (x, w, b, res)))
@@ -113,7 +142,7 @@ def test_the_sdpa_route_computes_attention_in_fastlms_layout(causal):
     g = generator()
     q = torch.randn(2, 24, 4, 16, generator=g)
     k, v = torch.randn(2, 24, 2, 16, generator=g), torch.randn(2, 24, 2, 16, generator=g)
-    got = attention_op._sdpa(q, k, v, 0.3, causal, "torch:sdpa-flash")
+    got = attention_op._sdpa(q, k, v, 0.3, 0 if causal else None, "torch:sdpa-flash")
     torch_attention = lambda q=q, k=k, v=v: reference.attention(q, k, v, causal=causal, scale=0.3)  # noqa: E731
     exact = torch_attention(q.double(), k.double(), v.double())
     assert_by_rule("out", got, exact, torch_attention(), samples=simulated_runs(torch_attention, samples=3))

@@ -74,8 +74,14 @@ def test_the_eager_path_gives_what_the_registered_op_gives(backend, op, grad, mo
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend", [p for p in kernel_backends()], indirect=True)
 def test_eager_calls_never_go_through_the_dispatcher(backend, op, monkeypatch):
+    """Except the ops that mutate an argument (cross-entropy's in-place scaling of its gradient buffer), which
+    always do: their registration bumps the version counter."""
+    real = _eager.KernelOp.registered
+
     def refuse(self):
-        raise AssertionError("an eager call went through the registered op")
+        if not self._mutates:
+            raise AssertionError("an eager call went through the registered op")
+        return real.fget(self)
 
     monkeypatch.setattr(_eager.KernelOp, "registered", property(refuse))
     _run(op, grad=True)
@@ -108,3 +114,34 @@ def test_what_must_see_the_operator_gets_it(monkeypatch):
     assert "fastlm_test.twice.default" in seen
     assert calls == ["impl", "impl"]
     assert type(y.grad_fn).__name__ == "fastlm_test_twice_functionBackward"  # the eager path recorded it
+
+
+def test_a_parameter_wrapping_a_tensor_subclass_gets_the_registered_op():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    plain = torch.nn.Parameter(torch.ones(2))
+    wrapped = torch.nn.Parameter(TwoTensor(torch.ones(2), torch.ones(2)))
+    assert _eager._plain((plain, 1.0, None))
+    assert not _eager._plain((torch.ones(2), wrapped))  # a DTensor or quantized parameter looks like this
+
+
+def test_a_mutating_op_bumps_the_version_counter_as_registered():
+    @_eager.custom_op("fastlm_test::add_one_", mutates_args=("x",))
+    def add_one_(x: torch.Tensor) -> None:
+        x.add_(1)
+
+    x = torch.zeros(3)
+    before = x._version
+    with torch.no_grad():
+        add_one_(x)
+    assert torch.equal(x, torch.ones(3)) and x._version > before
+
+
+@pytest.mark.parametrize("backend", [p for p in kernel_backends()], indirect=True)
+def test_jit_trace_records_the_registered_op(backend):
+    g = generator()
+    x, w = torch.randn(4, 32, generator=g), torch.randn(32, generator=g)
+    traced = torch.jit.trace(lambda x, w: fastlm.rms_norm(x, w), (x, w))
+    assert "fastlm::norm_fwd" in str(traced.graph)
+    x2 = torch.randn(6, 32, generator=g)
+    assert torch.equal(traced(x2, w), fastlm.rms_norm(x2, w))

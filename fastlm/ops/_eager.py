@@ -13,15 +13,19 @@ takes one of three paths:
 - through the registered op (`torch.ops.fastlm.<name>`) whenever something must see it as one operator: while
   torch.compile or export traces (the fake implementation and the graph node), under a tensor subclass (DTensor,
   FakeTensor, functional tensors), an active dispatch or torch-function mode, or functorch transforms (vmap, grad);
-  on meta tensors (the fake implementation gives the shapes);
-  and for an op that mutates an argument or has no autograd formula while gradients are being recorded;
+  on meta tensors (the fake implementation gives the shapes); under torch.jit.trace; always for an op that mutates
+  an argument (its registration bumps the version counter); and for an op with no autograd formula while
+  gradients are being recorded;
 - when autograd must record the call (grad mode on and an input requires grad): the op's own implementation inside
   a plain `torch.autograd.Function` built from the op's `setup_context` and `backward`, the same formula the
   registered op uses, with none of the dispatcher's wrapping;
 - otherwise (inference, or a backward op called from a backward): the implementation itself, a Python call.
 
 The three give the same tensors: the implementation is the same function, and the autograd formula is the same
-pair of functions (`tests/test_backend.py` runs each op both ways and compares them bit for bit).
+pair of functions (`tests/test_eager_path.py` runs each op both ways and compares them bit for bit). What the direct
+path skips that the dispatcher does: schema normalization (every call site passes every argument positionally,
+already converted), the outputs' alias check (no implementation returns an input), lazy negative/conjugate views
+(every op makes its inputs' last dimension contiguous first), and the op's name in eager profiles.
 
 Set `DISPATCH_ALWAYS = True` (tests do, for some checks) to send every call through the registered op.
 """
@@ -42,19 +46,26 @@ _grad_enabled = torch.is_grad_enabled
 _Tensor = torch.Tensor
 
 
+_Parameter = torch.nn.Parameter
+_tracing = torch._C._get_tracing_state
+
+
 def _plain(args) -> bool:
-    """Every tensor argument is a plain torch.Tensor (no subclass that must see the operator)."""
+    """Every tensor argument is a plain torch.Tensor or a plain nn.Parameter (no subclass that must see the
+    operator: the exact type is compared, since an nn.Parameter wrapping a subclass — a DTensor parameter — passes
+    isinstance(p, nn.Parameter) but keeps the subclass's type)."""
     for a in args:
-        if isinstance(a, _Tensor) and type(a) is not _Tensor and not isinstance(a, torch.nn.Parameter):
+        if isinstance(a, _Tensor) and type(a) is not _Tensor and type(a) is not _Parameter:
             return False
     return True
 
 
 def _must_dispatch(args) -> bool:
     # Meta tensors (shapes only) take the registered op's fake implementation; every op's first argument is a
-    # tensor on the device all its tensors share.
+    # tensor on the device all its tensors share. torch.jit.trace records the registered op (its sizes are
+    # tensors there, which the launchers' arithmetic cannot take).
     return (DISPATCH_ALWAYS or _compiling() or _dispatch_modes() > 0 or _function_modes() or _transforms()
-            or not _plain(args) or args[0].is_meta)
+            or _tracing() is not None or not _plain(args) or args[0].is_meta)
 
 
 class KernelOp:
@@ -97,10 +108,12 @@ class KernelOp:
         )
 
     def __call__(self, *args):
-        if _must_dispatch(args):
+        # An op that mutates an argument always goes through the registration, whose ADInplaceOrView kernel bumps
+        # the argument's version counter (what makes autograd refuse a backward through values it overwrote).
+        if self._mutates or _must_dispatch(args):
             return self.registered(*args)
         if _grad_enabled() and _any_requires_grad(*args):
-            if self._function is None or self._mutates:
+            if self._function is None:
                 return self.registered(*args)
             return self._function.apply(*args)
         return self._fn(*args)

@@ -211,54 +211,75 @@ def _check_scale(scale, head_dim):
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-# torch's SDPA backends that `auto` may route a call to (fastlm._backend.NATIVE), by the table's names.
+# torch's SDPA backends that `auto` may route a call to (fastlm._backend.NATIVE), by the table's names, and torch's
+# own test of whether that backend takes a call.
 _SDPA_BACKENDS = {"torch:sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "torch:sdpa-flash": SDPBackend.FLASH_ATTENTION}
-# Tried after the measured one where it cannot take a call (a head dim, a dtype): the other fused backends.
-_SDPA_FALLBACKS = (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                   SDPBackend.MATH)
+_SDPA_CAN_USE = {"torch:sdpa-cudnn": "can_use_cudnn_attention", "torch:sdpa-flash": "can_use_flash_attention"}
 
 
-def _native_reason(q, k, v, cu_q, left, right, softcap, need_lse):
-    """Why torch's SDPA cannot compute this call as fastlm defines it, or None."""
+def _sdpa_causal(q, k, right):
+    """SDPA's is_causal for this call, or None when SDPA has no mask equal to fastlm's: fastlm's causal mask is
+    aligned bottom-right (query i sees keys j ≤ i + Sk − Sq + right), SDPA's top-left (j ≤ i)."""
+    sq, sk = q.shape[1], k.shape[1]
+    if right is None or right >= sq - 1:
+        return False  # no key is hidden from any query (a decode step's causal mask, say)
+    if right + sk - sq == 0:
+        return True
+    return None
+
+
+def _native_reason(name, q, k, v, cu_q, left, right, softcap, need_lse, deterministic):
+    """Why torch's SDPA with the backend `name` cannot compute this call exactly as fastlm defines it, or None."""
     if need_lse:
         return "SDPA does not return the log-sum-exp"
+    if deterministic:
+        return "deterministic=True: fastlm's backward is bitwise repeatable, SDPA's flash backward is not"
     if cu_q is not None:
         return "SDPA has no variable-length form"
     if softcap:
         return "SDPA has no softcap"
     if left is not None:
         return "SDPA has no sliding window"
-    if right is not None and right + k.shape[1] - q.shape[1] != 0:
+    causal = _sdpa_causal(q, k, right)
+    if causal is None:
         return "SDPA's causal mask is aligned top-left: it covers causal calls with as many queries as keys"
-    if q.shape[-1] != v.shape[-1]:
-        return "fastlm's SDPA route takes equal q, k and v head dims"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return "SDPA's flash and cuDNN backends take float16 and bfloat16"
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") != q.dtype:
+        return "under autocast to another dtype SDPA would compute in that dtype and return it"
     if torch.compiler.is_compiling():
         return "under torch.compile the fastlm kernels are traced (a graph holds one implementation)"
-    return None
+    try:
+        params = torch.backends.cuda.SDPAParams(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0,
+                                                causal, q.shape[2] != k.shape[2])
+        ok = getattr(torch.backends.cuda, _SDPA_CAN_USE[name])(params)
+    except Exception as e:  # noqa: BLE001 - an API this torch lacks: the route is not taken
+        return f"cannot ask torch whether {name} takes this call ({type(e).__name__})"
+    return None if ok else f"torch's {name} backend does not take this call (dtype, head dim or shape)"
 
 
-def _kernel_unsupported(q, k, v, cu_q, left, right, softcap, need_lse):
+def _kernel_unsupported(q, k, v, cu_q, left, right, softcap, need_lse, deterministic):
     def unsupported(backend):
         if backend == "cuda":
             return _cuda.attention_unsupported(q, k, cu_q, left, right, softcap)
         if backend.startswith("torch:"):
-            return _native_reason(q, k, v, cu_q, left, right, softcap, need_lse)
+            return _native_reason(backend, q, k, v, cu_q, left, right, softcap, need_lse, deterministic)
         return triton_attention.unsupported(q.dtype, q.shape[-1])
 
     return unsupported
 
 
-def _sdpa(q, k, v, scale, causal, name):
-    """torch's SDPA on fastlm's (batch, seqlen, heads, head_dim) layout, the measured backend first."""
-    first = _SDPA_BACKENDS[name]
-    order = [first] + [b for b in _SDPA_FALLBACKS if b != first]
-    with sdpa_kernel(order, set_priority=True):
+def _sdpa(q, k, v, scale, right, name):
+    """torch's SDPA with the measured backend alone (its test passed in _native_reason), on fastlm's
+    (batch, seqlen, heads, head_dim) layout."""
+    with sdpa_kernel(_SDPA_BACKENDS[name]):
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=causal, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+                                             is_causal=_sdpa_causal(q, k, right), scale=scale,
+                                             enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
 
 
-def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, need_lse=True):
+def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, need_lse=True, deterministic=False):
     """Dispatch the checked call: → (out, lse), lse None when need_lse is False and torch's SDPA ran it. Calls
     with a short query side (≤ DECODE_MAX_SEQLEN_Q: decoding over a KV cache) are looked up in the measured
     dispatch table as "attention_decode"."""
@@ -270,11 +291,12 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, n
         return out, lse.to(torch.float64) if q.dtype == torch.float64 else lse
     op = "attention_decode" if max_q <= triton_attention.DECODE_MAX_SEQLEN_Q else "attention"
     backend = _backend.resolve(op, q.device, q.dtype,
-                               unsupported=_kernel_unsupported(q, k, v, cu_q, left, right, softcap, need_lse))
+                               unsupported=_kernel_unsupported(q, k, v, cu_q, left, right, softcap, need_lse,
+                                                               deterministic))
     if backend == "torch":
         return reference.attention_masked(q, k, v, scale, left, right, softcap, cu_q, cu_k)
     if backend in _SDPA_BACKENDS:
-        return _sdpa(q, k, v, scale, right is not None, backend), None
+        return _sdpa(q, k, v, scale, right, backend), None
     return attention_fwd_op(_unit_last(q), _unit_last(k), _unit_last(v), cu_q, cu_k, max_q, max_k,
                                           scale, left, right, softcap, backend)
 
@@ -295,8 +317,9 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     head_dim^−½. A query that sees no key gets output 0 (and −inf LSE, zero gradients).
     Returns out (q's shape and dtype), and with return_lse the natural-log LSE (batch, heads, seqlen_q) fp32
     ((heads, total_q) for varlen), differentiable.
-    deterministic: accepted for flash-attn compatibility; the backward never uses atomics, so gradients are
-    bitwise repeatable whatever its value.
+    deterministic: fastlm's backward never uses atomics, so its gradients are bitwise repeatable whatever the
+    value; True also keeps `auto` off torch's SDPA (whose flash backward is not repeatable) where the measured
+    table would route the call there.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     _check_qkv(q, k, v, varlen)
@@ -317,9 +340,11 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
         max_k = _positive_int("max_seqlen_k", max_seqlen_k)
         _check_cu_values("cu_seqlens_q", cu_q, q.shape[0], max_q, "max_seqlen_q")
         _check_cu_values("cu_seqlens_k", cu_k, k.shape[0], max_k, "max_seqlen_k")
-        out, lse = _attention(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale, left, right, softcap, return_lse)
+        out, lse = _attention(q, k, v, cu_q, cu_k, int(max_q), int(max_k), scale, left, right, softcap, return_lse,
+                              deterministic)
     else:
-        out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, softcap, return_lse)
+        out, lse = _attention(q, k, v, None, None, q.shape[1], k.shape[1], scale, left, right, softcap, return_lse,
+                              deterministic)
     return (out, lse) if return_lse else out
 
 

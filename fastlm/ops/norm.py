@@ -14,6 +14,7 @@ Saved for backward: the normalized input (x, or residual_out when the residual w
 mean (LayerNorm) and rstd.
 """
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -180,39 +181,43 @@ def _check(x, weight, bias, residual, eps, offset=0.0):
     _checks.finite("offset", offset)
 
 
-def _native_unsupported(x, weight, bias):
+def _native_unsupported(x, weight, bias, offset):
     def unsupported(backend):
         if not backend.startswith("torch:"):
             return None
         if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
             return "torch's fused norms take the weight and bias in x's dtype"
+        if offset != 0:
+            return "torch's rms_norm has no offset (offset + weight would be rounded to the weight's dtype first)"
         return None
 
     return unsupported
 
 
-def _native(x, weight, bias, residual, eps, is_rms, offset):
+def _native(x, weight, bias, residual, eps, is_rms):
     """torch's own fused norm (`auto` routes here where the benchmark measured it fastest): the residual added
-    unfused, as a user without fastlm writes it."""
+    unfused, as a user without fastlm writes it. Outside autocast, which would run layer_norm in float32 and
+    return float32 where fastlm returns x's dtype."""
     h = x + residual if residual is not None else x
     shape = (x.shape[-1],)
-    if is_rms:
-        y = F.rms_norm(h, shape, weight + offset if weight is not None and offset != 0 else weight, eps)
-    else:
-        y = F.layer_norm(h, shape, weight, bias, eps)
+    with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) else _no_context:
+        y = F.rms_norm(h, shape, weight, eps) if is_rms else F.layer_norm(h, shape, weight, bias, eps)
     return y if residual is None else (y, h)
+
+
+_no_context = contextlib.nullcontext()
 
 
 def _norm(op, x, weight, bias, residual, eps, is_rms, offset):
     # Meta tensors (shapes only: model init on meta, FSDP) take the reference's shapes under every backend.
     backend = "torch" if x.device.type == "meta" else _backend.resolve(op, x.device, x.dtype,
-                                                                       _native_unsupported(x, weight, bias))
+                                                                       _native_unsupported(x, weight, bias, offset))
     if backend == "torch":
         if is_rms:
             return reference.rms_norm(x, weight, eps, residual, offset)
         return reference.layer_norm(x, weight, bias, eps, residual)
     if backend == "torch:eager":
-        return _native(x, weight, bias, residual, eps, is_rms, offset)
+        return _native(x, weight, bias, residual, eps, is_rms)
     N = x.shape[-1]
     # The kernels read weight and bias at unit stride: a strided or expanded one (torch.randn(1).expand(N)) is
     # made contiguous here, or they would read the wrong elements.
