@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 
 from fastlm.kernels._common import empty
+# The reduction's (2,) device scalars come from the Triton launcher's one small kernel (Triton is a hard
+# dependency, so the CUDA backend shares it rather than mirroring it in csrc/).
 from fastlm.kernels.cross_entropy import scalars
 from fastlm.kernels.gated import ACTIVATIONS, rows_view
 

@@ -228,9 +228,90 @@ def _ce_bwd_scale_kernel(
             tl.store(base + cols, (g * go).to(GRAD.dtype.element_ty), mask=mask)
 
 
-def scalars(target, weight, V, ignore_index, reduction):
-    """(2,) fp32 on the device: the divisor of the reduced loss (Σ w_t over kept rows for "mean", else 1) and
-    W = Σ_v w_v (V without weights). Plain tensor ops: no host sync."""
+# The scalars and the reduced loss are each one single-program launch (in place of 2–6 small torch ops a call),
+# below ONE_PROGRAM_ROWS rows. One program streams rows·8 bytes of targets (rows·4 of losses) in ONE_PROGRAM_BLOCK
+# chunks, each about one DRAM latency (~1 µs) with its 16 loads a thread in flight: 65536 rows are 8 chunks, a
+# few µs, about what the torch ops cost in launches (estimates, not measured). Above it the one program grows
+# linearly (1M rows: 128 chunks, ~100 µs, a sizable share of a small-V main kernel over those rows), so the torch
+# ops, spread over the device, take over.
+ONE_PROGRAM_ROWS = 1 << 16
+ONE_PROGRAM_BLOCK = 8192
+ONE_PROGRAM_WARPS = 16
+
+
+@triton.jit
+def _ce_scalars_kernel(
+    TARGET,  # (rows,) int32 or int64 class indices
+    WEIGHT,  # (V,) fp32 class weights (unused unless HAS_WEIGHT)
+    SCALARS,  # (2,) fp32 output: the divisor of the reduced loss, W = Σ_v w_v (V without weights)
+    rows,
+    V,
+    ignore_index,
+    MEAN: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program. "mean": the count of rows whose target is not ignore_index (out-of-range ones included: their
+    loss is NaN anyway), or with weights Σ w_t over the kept rows whose target is a class, in float64 and rounded
+    once (every row left out, ignored or out of range, adds w_0·0, as torch's gather-and-mask did, so a
+    non-finite w_0 still makes the divisor NaN when a row is left out); else 1. W: Σ_v w_v in float64 rounded
+    once, or V."""
+    offs = tl.arange(0, BLOCK)
+    divisor = tl.full((), 1.0, tl.float32)
+    if MEAN:
+        if HAS_WEIGHT:
+            acc = tl.zeros((BLOCK,), tl.float64)
+            for start in range(0, rows, BLOCK):
+                r = start + offs
+                mask = r < rows
+                t = tl.load(TARGET + r, mask=mask, other=0).to(tl.int64)
+                keep = (t != ignore_index) & (t >= 0) & (t < V)
+                w = tl.load(WEIGHT + tl.where(keep, t, 0), mask=mask, other=0.0).to(tl.float64)
+                acc += w * keep.to(tl.float64)
+            divisor = tl.sum(acc, 0).to(tl.float32)
+        else:
+            count = tl.zeros((BLOCK,), tl.int32)
+            for start in range(0, rows, BLOCK):
+                r = start + offs
+                mask = r < rows
+                t = tl.load(TARGET + r, mask=mask, other=0).to(tl.int64)
+                count += (mask & (t != ignore_index)).to(tl.int32)
+            divisor = tl.sum(count, 0).to(tl.float32)  # exact below 2^24 rows, one rounding above
+    total = tl.full((), 0.0, tl.float32) + V  # V rounded once to fp32, as torch.full did
+    if HAS_WEIGHT:
+        wacc = tl.zeros((BLOCK,), tl.float64)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            wacc += tl.load(WEIGHT + cols, mask=cols < V, other=0.0).to(tl.float64)
+        total = tl.sum(wacc, 0).to(tl.float32)
+    tl.store(SCALARS, divisor)
+    tl.store(SCALARS + 1, total)
+
+
+@triton.jit
+def _ce_reduce_kernel(
+    LOSS,  # (rows,) fp32 unreduced losses
+    SCALARS,  # (2,) fp32: the divisor for "mean"
+    OUT,  # () fp32 output: the reduced loss
+    rows,
+    MEAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program, a fixed order (deterministic): Σ loss in float64, rounded once, divided by the divisor for
+    "mean". NaN and inf propagate as in a sum."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float64)
+    for start in range(0, rows, BLOCK):
+        r = start + offs
+        acc += tl.load(LOSS + r, mask=r < rows, other=0.0).to(tl.float64)
+    total = tl.sum(acc, 0).to(tl.float32)
+    if MEAN:
+        total = total / tl.load(SCALARS)
+    tl.store(OUT, total)
+
+
+def _scalars_torch(target, weight, V, ignore_index, reduction):
+    """scalars() in plain tensor ops, for many rows (see ONE_PROGRAM_ROWS)."""
     device = target.device
     if reduction != "mean":
         divisor = torch.ones(1, dtype=torch.float32, device=device)
@@ -241,9 +322,36 @@ def scalars(target, weight, V, ignore_index, reduction):
         safe = torch.where(keep, target, torch.zeros_like(target))
         divisor = (weight.double()[safe] * keep).sum().float().reshape(1)
     # Summed in float64 (V values, negligible work), so W carries one rounding into every gradient element.
-    total = weight.double().sum().float().reshape(1) if weight is not None else torch.full((1,), float(V),
-                                                                                            device=device)
+    total = weight.double().sum().float().reshape(1) if weight is not None else torch.full(
+        (1,), float(V), dtype=torch.float32, device=device)
     return torch.cat([divisor, total])
+
+
+def scalars(target, weight, V, ignore_index, reduction):
+    """(2,) fp32 on the device: the divisor of the reduced loss (Σ w_t over kept rows for "mean", else 1) and
+    W = Σ_v w_v (V without weights); target (rows,) contiguous, weight (V,) contiguous fp32 or None. One
+    single-program kernel launch (the torch ops above ONE_PROGRAM_ROWS rows); no host sync either way. Float64
+    sums are rounded once to fp32. Also the CUDA backend's scalars (fastlm/_cuda.py)."""
+    rows = target.numel()
+    if rows > ONE_PROGRAM_ROWS:
+        return _scalars_torch(target, weight, V, ignore_index, reduction)
+    sc = empty((2,), torch.float32, target.device)
+    _ce_scalars_kernel[(1,)](target, weight if weight is not None else sc, sc, rows, V, ignore_index,
+                             MEAN=reduction == "mean", HAS_WEIGHT=weight is not None, BLOCK=ONE_PROGRAM_BLOCK,
+                             num_warps=ONE_PROGRAM_WARPS)
+    return sc
+
+
+def reduce_loss(loss, sc, mean):
+    """The reduced loss, () fp32: Σ loss (rows,) fp32 contiguous, divided by sc[0] when `mean`. One
+    single-program launch (float64 sum, fixed order); torch's sum and division above ONE_PROGRAM_ROWS rows."""
+    rows = loss.numel()
+    if rows > ONE_PROGRAM_ROWS:
+        total = loss.sum()
+        return total / sc[0] if mean else total
+    out = empty((), torch.float32, loss.device)
+    _ce_reduce_kernel[(1,)](loss, sc, out, rows, MEAN=mean, BLOCK=ONE_PROGRAM_BLOCK, num_warps=ONE_PROGRAM_WARPS)
+    return out
 
 
 def _flags(weight, smoothing, z_loss, softcap):
@@ -342,4 +450,15 @@ def static_specs():
         scale = {"GRAD": f"*{dt}", "GRAD_OUT": "*fp32", "stride_g": "i32", "V": "i32", "BLOCK_V": "constexpr"}
         specs.append(KernelSpec(f"ce_scale_grad[{dt}]", _ce_bwd_scale_kernel, scale, {"BLOCK_V": SCALE_BLOCK},
                                 NUM_WARPS, ("GRAD", "stride_g", "V")))
+    for idx in ("i64", "i32"):
+        for weighted in (True, False):
+            sig = {"TARGET": f"*{idx}", "WEIGHT": "*fp32", "SCALARS": "*fp32", "rows": "i32", "V": "i32",
+                   "ignore_index": "i32", "MEAN": "constexpr", "HAS_WEIGHT": "constexpr", "BLOCK": "constexpr"}
+            const = {"MEAN": True, "HAS_WEIGHT": weighted, "BLOCK": ONE_PROGRAM_BLOCK}
+            specs.append(KernelSpec(f"ce_scalars[{idx}, {'weighted' if weighted else 'count'}]", _ce_scalars_kernel,
+                                    sig, const, ONE_PROGRAM_WARPS, ("TARGET", "WEIGHT", "SCALARS", "rows", "V")))
+    sig = {"LOSS": "*fp32", "SCALARS": "*fp32", "OUT": "*fp32", "rows": "i32", "MEAN": "constexpr",
+           "BLOCK": "constexpr"}
+    specs.append(KernelSpec("ce_reduce[mean]", _ce_reduce_kernel, sig, {"MEAN": True, "BLOCK": ONE_PROGRAM_BLOCK},
+                            ONE_PROGRAM_WARPS, ("LOSS", "SCALARS", "OUT", "rows")))
     return specs

@@ -15,6 +15,7 @@ from conftest import BACKENDS, DEVICE, assert_by_rule, generator, seeded, simula
 VS = (2, 3, 1000, 32000, 50257)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
+INDEX_DTYPES_T = (torch.int64, torch.int32)
 OPTIONS = {
     "plain": {},
     "smoothing": dict(label_smoothing=0.1),
@@ -520,6 +521,69 @@ def test_out_of_range_cpu_targets_are_refused_naming_target(backend):
     t = target.clone()
     t[4] = -100
     assert torch.isfinite(fastlm.cross_entropy(logits, t))  # ignore_index is not out of range
+
+
+def _within_one_fp32_rounding(a, b):
+    """Equal, or one fp32 step apart (two float64 sums in different orders, each rounded once); NaN matches NaN."""
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+    both_nan = a.isnan() & b.isnan()
+    step = torch.nextafter(a, torch.full_like(a, float("inf"))) - a
+    ok = both_nan | (a == b) | ((a - b).abs() <= step.abs())
+    assert bool(ok.all()), (a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES_T, ids=str)
+@pytest.mark.parametrize("rows,V", [(0, 5), (1, 1), (37, 10), (8192 + 5, 8192 + 3)])
+def test_scalars_kernel_matches_the_torch_ops(backend, index_dtype, rows, V, monkeypatch):
+    """The one-program scalars (divisor, W) against the torch ops they replace, and the reduced loss against
+    torch's sum and division: counts exact, float64 sums within one fp32 rounding; targets ignored, in range
+    and out of range (excluded from the weighted divisor, counted in the plain one, as before); a non-finite
+    weight makes W (and, at w_0, gathered for the rows left out and multiplied by 0, the divisor) NaN or inf as
+    before. Above
+    ONE_PROGRAM_ROWS the torch ops themselves run."""
+    ce = fastlm.kernels.cross_entropy
+    g = generator(3)
+    target = torch.randint(0, V, (rows,), generator=g)
+    if rows >= 37:
+        target[::5] = -100
+        target[3], target[11] = V + 2, -7  # out of range, not ignored
+    target = target.to(index_dtype).to(DEVICE)
+    weight = (torch.rand(V, generator=g) + 0.5).to(DEVICE)
+    for w in (None, weight):
+        for reduction in REDUCTIONS:
+            ours = ce.scalars(target, w, V, -100, reduction)
+            theirs = ce._scalars_torch(target, w, V, -100, reduction)
+            _within_one_fp32_rounding(ours, theirs)
+            if w is None or reduction != "mean":
+                assert torch.equal(ours, theirs)
+            loss = torch.randn(rows, generator=g).abs().to(DEVICE)
+            if reduction != "none":
+                mean = reduction == "mean"
+                red = ce.reduce_loss(loss, ours, mean)
+                assert red.shape == () and red.dtype == torch.float32
+                expect = loss.double().sum() / (ours[0].double() if mean else 1.0)
+                if rows == 0 and mean:
+                    assert red.isnan()  # 0/0, as torch
+                else:
+                    torch.testing.assert_close(red.double(), expect, rtol=4 * 2.0**-24, atol=0)
+    if rows >= 37:
+        bad = weight.clone()
+        bad[0] = float("nan")  # gathered for the ignored and out-of-range rows, times 0: NaN, as before
+        bad[1] = float("inf")
+        ours, theirs = ce.scalars(target, bad, V, -100, "mean"), ce._scalars_torch(target, bad, V, -100, "mean")
+        assert ours[0].isnan() and theirs[0].isnan() and ours[1].isnan() and theirs[1].isnan()
+        bad[0] = 1.0
+        ours, theirs = ce.scalars(target, bad, V, -100, "mean"), ce._scalars_torch(target, bad, V, -100, "mean")
+        assert torch.equal(ours[1], theirs[1]) and ours[1] == float("inf")
+        nan_loss = torch.ones(rows, device=DEVICE)
+        nan_loss[5] = float("nan")
+        assert ce.reduce_loss(nan_loss, ours, False).isnan()
+        monkeypatch.setattr(ce, "ONE_PROGRAM_ROWS", 4)  # the torch ops' path for many rows
+        _within_one_fp32_rounding(ce.scalars(target, weight, V, -100, "mean"),
+                                  ce._scalars_torch(target, weight, V, -100, "mean"))
+        sc = ce.scalars(target, None, V, -100, "mean")
+        assert torch.equal(ce.reduce_loss(loss, sc, True), loss.sum() / sc[0])
 
 
 @pytest.mark.gpu

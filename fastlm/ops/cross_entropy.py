@@ -46,10 +46,11 @@ def _impl(backend):
 
 
 def _reduce(loss_rows, sc, reduction):
+    """The reduced loss from the (rows,) fp32 losses and the device scalars: one small Triton launch for either
+    kernel backend (kernels/cross_entropy.py::reduce_loss; Triton is a hard dependency)."""
     if reduction == "none":
         return loss_rows
-    total = loss_rows.sum()
-    return total / sc[0] if reduction == "mean" else total
+    return triton_ce.reduce_loss(loss_rows, sc, reduction == "mean")
 
 
 @_eager.custom_op("fastlm::cross_entropy_fwd", mutates_args=())
