@@ -25,8 +25,16 @@ FP32_WIDTHS = (1024, 16384)  # fp32, both norms, ROWS rows
 OTHER_ROWS = (4096, 32768)  # bf16, both norms, at OTHER_ROWS_WIDTH
 OTHER_ROWS_WIDTH = 4096
 RESIDUAL_WIDTHS = (1024, 8192)  # bf16, both norms, ROWS rows, residual add fused
-QUICK_ROWS = 4096
-QUICK_WIDTHS = (1024, 8192)
+# --quick (scripts/gpu_check.sh --op norm): the issue-15 shapes that matter most, one case each; the whole issue-15
+# grid (both dtypes, three kinds, four shapes) is benchmarks/norm_sweep.py.
+QUICK_CASES = (
+    ("rms_norm", torch.bfloat16, 16384, 4096, False),
+    ("layer_norm", torch.bfloat16, 16384, 4096, False),
+    ("rms_norm", torch.bfloat16, 16384, 4096, True),
+    ("rms_norm", torch.bfloat16, 4096, 1024, False),
+    ("rms_norm", torch.bfloat16, 1024, 65536, False),
+    ("layer_norm", torch.float32, 1024, 4096, False),
+)
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-3}
 
 
@@ -35,11 +43,9 @@ def _case(op, dtype, rows, n, residual=False):
 
 
 def cases(quick: bool) -> list:
-    """28 cases (5 with --quick); each runs 5 providers × 3 modes."""
+    """28 cases (6 with --quick); each runs 5 providers × 3 modes."""
     if quick:
-        return [_case(op, torch.bfloat16, QUICK_ROWS, n) for op in OPS for n in QUICK_WIDTHS] + [
-            _case("rms_norm", torch.bfloat16, QUICK_ROWS, QUICK_WIDTHS[0], residual=True)
-        ]
+        return [_case(op, dt, rows, n, residual=res) for op, dt, rows, n, res in QUICK_CASES]
     out = [_case(op, torch.bfloat16, ROWS, n) for op in OPS for n in WIDTHS]
     out += [_case(op, torch.float32, ROWS, n) for op in OPS for n in FP32_WIDTHS]
     out += [_case(op, torch.bfloat16, rows, OTHER_ROWS_WIDTH) for op in OPS for rows in OTHER_ROWS]

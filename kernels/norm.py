@@ -18,14 +18,27 @@ per-row statistics are noise next to that for rows ≥ a few thousand. Everythin
 copy bandwidth of the device.
 
 Design:
-- N ≤ MAX_FUSED_N: a program holds a [BLOCK_M, BLOCK_N] tile of whole rows in registers, one read and one write
-  per element. Small rows are packed BLOCK_M to a program so each program still moves ~TILE elements.
-- N > MAX_FUSED_N (up to and past 65536): one program per row walks it in BLOCK_N chunks twice: statistics
+- Forward, N ≤ MAX_FUSED_N: a program holds a [BLOCK_M, BLOCK_N] tile of whole rows in registers, one read and
+  one write per element. Small rows are packed BLOCK_M to a program so each program still moves ~TILE elements.
+- Forward, N > MAX_FUSED_N (up to and past 65536): one program per row walks it in BLOCK_N chunks twice: statistics
   first (LayerNorm merges per-chunk mean and M2 with Chan's formula, which stays accurate where E[x²]−E[x]²
   cancels), then normalize. The second read mostly hits L2. Keeping a 64k row in registers would spill.
-- Backward: G programs (about 2 per SM) each own a contiguous range of rows, so dw/db accumulate in fp32
-  registers (or, for chunked rows, in the program's own row of the fp32 partial buffer) without atomics or locks,
-  and the result is deterministic; the G partial rows are summed once at the end.
+- Backward, rows up to BWD_MAX_FUSED_N: G programs (what fits an SM at once, times the SMs) each own a contiguous
+  range of rows, so dw/db accumulate in fp32 registers without atomics or locks, and the result is deterministic;
+  the G partial rows are summed once at the end (_sum_partials_kernel, which also casts to the parameter's dtype).
+  Bandwidth is a matter of bytes in flight: an H200 needs ~5 MB in flight (4.8 TB/s × ~1 µs), ~36 KB per SM. A
+  program's row loop is a dependence chain (load dy and v, two cross-warp reductions with barriers, store dx), so
+  without overlap an SM has a tile in flight only while it waits for it, and none while it reduces: the old
+  kernel (at most 2 programs an SM, 1 for N = 8192 at 128 registers; one tile of dy and v, 8–32 KB, in flight
+  each, none during the reductions; 64-bit accesses for 16-bit rows up to 2048) was far below it. Now
+  the loop is software-pipelined (tl.range num_stages: cp.async copies of the next NUM_STAGES − 1 tiles of dy, v
+  and dres into shared memory, no registers held), sized so an SM keeps ~BWD_IN_FLIGHT_BYTES in flight through
+  the reductions, and every thread's share of a tile is a 16-byte vector per tensor (128-bit accesses).
+- Backward, wider rows: a row that does not fit a program's registers would have to be read twice and its dw
+  partial kept in memory (read-modify-written at every row: far more traffic than the row itself). Instead one
+  kernel computes each row's two reductions (mean(g·xhat), mean(g)), then programs over (column block × row
+  range) compute dx with no cross-thread reduction at all, their dw/db partials in registers. Cost: dy and v are
+  read twice (5 passes over the data against 3), the price of rows wider than registers without grid-wide sync.
 - Offsets are int64: rows × N passes 2^31 at 32k rows × 64k. Row indices of the kernels that keep rows in
   registers stay int32 (int64 ones cost up to 18 registers there): their launchers refuse a row count whose
   programs would index past 2^31 − 1, which only a degenerate (~2^31, tiny N) input reaches.
@@ -35,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, empty, next_pow2, num_sms
+from ._common import KernelSpec, cdiv, empty, next_pow2, num_sms
 
 MAX_FUSED_N = 8192  # widest row kept whole in registers: 16 fp32 values a thread per tensor at 16 warps
 CHUNK_N = 4096  # chunk of a wider row
@@ -202,19 +215,24 @@ def _norm_bwd_kernel(
     HAS_DRES: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # ≥ N: whole rows
+    NUM_STAGES: tl.constexpr,  # tiles of dy, v (and dres) in flight: Triton pipelines the loop's loads with cp.async
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
+    row_start = pid * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
     if HAS_W:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
         if IS_RMS:
             w = w + offset
     dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, rows_per_prog, BLOCK_M):
-        rows = pid * rows_per_prog + r0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
+    # The software pipeline keeps the next NUM_STAGES − 1 tiles' loads in flight (into shared memory, costing no
+    # registers) while this tile's row reductions, whose barriers would otherwise leave the memory system idle, run.
+    for r0 in tl.range(row_start, row_end, BLOCK_M, num_stages=NUM_STAGES):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
         mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
         dy = tl.load(DY + rows64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -252,32 +270,69 @@ def _norm_bwd_kernel(
 
 
 @triton.jit
-def _bwd_chunk(DY, XIN, W, row, stride_dy, stride_x, cols, mask, mean, rstd, offset, IS_RMS: tl.constexpr,
-               HAS_W: tl.constexpr):
-    """One chunk of a row for the chunked backward: dy, v, xhat (0 on padding) and g = dy·w_eff, in fp32."""
-    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(XIN + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    xhat = tl.where(mask, (v - mean) * rstd, 0.0)
-    g = dy
-    if HAS_W:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        if IS_RMS:
-            w = w + offset
-        g = dy * w
-    return dy, v, xhat, g
-
-
-@triton.jit
-def _norm_bwd_chunked_kernel(
+def _norm_bwd_row_stats_kernel(
     DY,  # (M, N) gradient of y
     XIN,  # (M, N) the normalized input
     W,  # (N,) weight (unused unless HAS_W)
     MEAN,  # (M,) fp32 (unused for RMSNorm)
     RSTD,  # (M,) fp32
+    C1,  # (M,) fp32 output: mean(g·xhat), times rstd for RMSNorm (mean(g·v)·rstd³, see _norm_bwd_kernel)
+    C2,  # (M,) fp32 output: mean(g) (unused for RMSNorm)
+    stride_dy,
+    stride_x,
+    N,
+    offset,
+    IS_RMS: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # chunk width; one program per row
+    NUM_STAGES: tl.constexpr,  # chunks in flight
+):
+    """First kernel of the wide-row backward: a row's two reductions. Per-lane partial sums across the chunks, one
+    cross-thread reduction at the end, so the chunk loop is pure streaming."""
+    row = tl.program_id(0).to(tl.int64)
+    cols0 = tl.arange(0, BLOCK_N)
+    rstd = tl.load(RSTD + row)
+    mean = 0.0
+    if not IS_RMS:
+        mean = tl.load(MEAN + row)
+    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for start in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
+        cols = start + cols0
+        mask = cols < N
+        g = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(XIN + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_W:
+            w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if IS_RMS:
+                w = w + offset
+            g = g * w
+        if IS_RMS:
+            acc1 += g * v
+        else:
+            acc1 += g * tl.where(mask, (v - mean) * rstd, 0.0)
+            acc2 += g
+    c1 = tl.sum(acc1, axis=0) / N
+    if IS_RMS:
+        c1 = c1 * rstd * rstd * rstd
+    else:
+        tl.store(C2 + row, tl.sum(acc2, axis=0) / N)
+    tl.store(C1 + row, c1)
+
+
+@triton.jit
+def _norm_bwd_cols_kernel(
+    DY,  # (M, N) gradient of y
+    XIN,  # (M, N) the normalized input
+    W,  # (N,) weight (unused unless HAS_W)
+    MEAN,  # (M,) fp32 (unused for RMSNorm)
+    RSTD,  # (M,) fp32
+    C1,  # (M,) fp32, from _norm_bwd_row_stats_kernel
+    C2,  # (M,) fp32 (unused for RMSNorm)
     DRES,  # (M, N) gradient of residual_out (unused unless HAS_DRES)
     DX,  # (M, N) output
-    DW_PART,  # (G, N) fp32, zero-filled: this program accumulates into its own row (unused unless HAS_DW)
-    DB_PART,  # (G, N) fp32, zero-filled (unused unless HAS_DB)
+    DW_PART,  # (S, N) fp32 output: this row range's partial Σ dy·xhat over its columns (unused unless HAS_DW)
+    DB_PART,  # (S, N) fp32 output (unused unless HAS_DB)
     stride_dy,
     stride_x,
     stride_dres,
@@ -291,64 +346,95 @@ def _norm_bwd_chunked_kernel(
     HAS_DW: tl.constexpr,
     HAS_DB: tl.constexpr,
     HAS_DRES: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # chunk width
+    BLOCK_N: tl.constexpr,  # columns of a program
+    NUM_STAGES: tl.constexpr,  # rows in flight (Triton's software pipelining of the loop's loads)
 ):
-    pid = tl.program_id(0)
-    cols0 = tl.arange(0, BLOCK_N)
-    part = pid.to(tl.int64) * N
-    for i in range(0, rows_per_prog):
-        row = pid.to(tl.int64) * rows_per_prog + i
-        if row < M:
-            rstd = tl.load(RSTD + row)
-            mean = 0.0
-            if not IS_RMS:
-                mean = tl.load(MEAN + row)
-            c1 = 0.0
-            c2 = 0.0
-            for start in range(0, N, BLOCK_N):
-                cols = start + cols0
-                mask = cols < N
-                dy, v, xhat, g = _bwd_chunk(DY, XIN, W, row, stride_dy, stride_x, cols, mask, mean, rstd, offset,
-                                            IS_RMS, HAS_W)
-                if IS_RMS:
-                    c1 += tl.sum(g * v)  # as in _norm_bwd_kernel: v, not xhat, for accuracy
-                else:
-                    c1 += tl.sum(g * xhat)
-                c2 += tl.sum(g)
-            c1 = c1 / N
-            c2 = c2 / N
-            if IS_RMS:
-                c1 = c1 * rstd * rstd * rstd
-            for start in range(0, N, BLOCK_N):
-                cols = start + cols0
-                mask = cols < N
-                dy, v, xhat, g = _bwd_chunk(DY, XIN, W, row, stride_dy, stride_x, cols, mask, mean, rstd, offset,
-                                            IS_RMS, HAS_W)
-                if IS_RMS:
-                    dx = g * rstd - v * c1
-                else:
-                    dx = (g - (xhat * c1 + c2)) * rstd
-                if HAS_DRES:
-                    dx += tl.load(DRES + row * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
-                tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-                # Each element of this program's partial row is read and written by the thread that owns it in
-                # this layout, at every row: no other program touches the row, so no atomics are needed.
-                if HAS_DW:
-                    p = DW_PART + part + cols
-                    tl.store(p, tl.load(p, mask=mask, other=0.0) + dy * xhat, mask=mask)
-                if HAS_DB:
-                    p = DB_PART + part + cols
-                    tl.store(p, tl.load(p, mask=mask, other=0.0) + dy, mask=mask)
+    """Second kernel of the wide-row backward: program (c, s) owns columns [c·BLOCK_N, (c+1)·BLOCK_N) of the rows of
+    range s. With the row reductions known, every element is independent: no cross-thread reduction in the loop,
+    the dw/db partials of its columns stay in registers, and the loop's loads are pipelined NUM_STAGES rows deep."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    s = tl.program_id(1).to(tl.int64)
+    row_start = s * rows_per_prog
+    row_end = tl.minimum(row_start + rows_per_prog, M)
+    if HAS_W:
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        if IS_RMS:
+            w = w + offset
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # The row as row_start (int64) + i: the interpreter runs the loop over Python ints, which would meet the i32
+    # strides in 32 bits.
+    for i in tl.range(0, row_end - row_start, num_stages=NUM_STAGES):
+        row = row_start + i
+        dy = tl.load(DY + row * stride_dy + cols, mask=col_mask, other=0.0).to(tl.float32)
+        v = tl.load(XIN + row * stride_x + cols, mask=col_mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        c1 = tl.load(C1 + row)
+        g = dy
+        if HAS_W:
+            g = dy * w
+        if IS_RMS:
+            xhat = v * rstd
+            dx = g * rstd - v * c1
+        else:
+            mean = tl.load(MEAN + row)
+            c2 = tl.load(C2 + row)
+            xhat = tl.where(col_mask, (v - mean) * rstd, 0.0)
+            dx = (g - (xhat * c1 + c2)) * rstd
+        if HAS_DRES:
+            dx += tl.load(DRES + row * stride_dres + cols, mask=col_mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=col_mask)
+        if HAS_DW:
+            dw_acc += dy * xhat
+        if HAS_DB:
+            db_acc += dy
+    if HAS_DW:
+        tl.store(DW_PART + s * N + cols, dw_acc, mask=col_mask)
+    if HAS_DB:
+        tl.store(DB_PART + s * N + cols, db_acc, mask=col_mask)
 
 
-def _fused_config(N, backward=False):
-    """(BLOCK_M, BLOCK_N, num_warps) for rows kept whole, at most 16 warps: ~16 values a thread per tensor in the
-    forward; in the backward, which holds five tiles (dy, v, g, and the dw and db accumulators) at once, half the
-    forward's tile at 4 values a thread (8 a thread spilled on sm_90a in the static report)."""
+@triton.jit
+def _sum_partials_kernel(
+    DW_PART,  # (G, N) fp32 (unused unless HAS_DW)
+    DB_PART,  # (G, N) fp32 (unused unless HAS_DB)
+    DW,  # (N,) output, the weight's dtype (unused unless HAS_DW)
+    DB,  # (N,) output (unused unless HAS_DB)
+    G,
+    N,
+    HAS_DW: tl.constexpr,
+    HAS_DB: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """dw = Σ_g DW_PART[g], db likewise, in a fixed order (deterministic), cast to the parameter's dtype: one launch
+    for both instead of a sum and a cast each."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dw = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for g0 in tl.range(0, G, BLOCK_G, num_stages=NUM_STAGES):
+        gs = g0 + tl.arange(0, BLOCK_G)
+        mask = (gs < G)[:, None] & col_mask[None, :]
+        offs = gs.to(tl.int64)[:, None] * N + cols[None, :]
+        if HAS_DW:
+            dw += tl.load(DW_PART + offs, mask=mask, other=0.0)
+        if HAS_DB:
+            db += tl.load(DB_PART + offs, mask=mask, other=0.0)
+    if HAS_DW:
+        tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_mask)
+    if HAS_DB:
+        tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_mask)
+
+
+def _fused_config(N):
+    """(BLOCK_M, BLOCK_N, num_warps) of the forward for rows kept whole, at most 16 warps, ~16 values a thread per
+    tensor; small rows packed BLOCK_M to a program."""
     block_n = next_pow2(N)
-    block_m = max(1, min((TILE // 2 if backward else TILE) // block_n, 64))
-    per_thread = 4 if backward else 16
-    num_warps = max(1, min(16, block_m * block_n // (32 * per_thread)))
+    block_m = max(1, min(TILE // block_n, 64))
+    num_warps = max(1, min(16, block_m * block_n // (32 * 16)))
     return block_m, block_n, num_warps
 
 
@@ -358,6 +444,63 @@ def _chunked_config():
 
 def _fused(N):
     return N <= MAX_FUSED_N
+
+
+# ---- backward launch table (benchmarks/norm_sweep.py varies these on a GPU) ----
+# Rows kept whole (N ≤ BWD_MAX_FUSED_N[element size]): a thread holds BWD_VECTORS 16-byte vectors of each tensor per
+# tile, so every load is 128 bits wide; rows narrower than a BWD_SMALL_WARPS-warp tile are packed BLOCK_M to a
+# program; up to BWD_MAX_WARPS warps cover a wide row (past that a thread holds more). BWD_PROGRAMS_PER_SM[warps]
+# programs per SM (what their registers allow: ≤ 65536 / (32·warps·programs) each, checked by the static report),
+# and each keeps NUM_STAGES − 1 tiles of dy, v and dres in flight, as many as make the SM's bytes in flight reach
+# BWD_IN_FLIGHT_BYTES, within BWD_SMEM_BYTES of shared memory a program (A100: 163 KB a block at most).
+BWD_VECTORS = 1
+BWD_SMALL_WARPS = 8
+BWD_MAX_WARPS = 16
+BWD_MAX_BLOCK_M = 512
+BWD_PROGRAMS_PER_SM = {1: 8, 2: 8, 4: 4, 8: 2, 16: 1, 32: 1}
+BWD_IN_FLIGHT_BYTES = 64 * 1024
+BWD_SMEM_BYTES = 144 * 1024
+BWD_MAX_STAGES = 4
+BWD_MAX_FUSED_N = {2: 8192, 4: 8192}
+# Wider rows: a row-statistics kernel (one program per row, BWD_STATS_WARPS warps over CHUNK_N chunks,
+# BWD_STATS_STAGES deep), then programs over (BLOCK_N columns × a range of rows), BWD_COLS_WARPS warps holding
+# BWD_COLS_VECTORS 16-byte vectors a thread, about BWD_COLS_PROGRAMS_PER_SM of them per SM, each walking at least
+# BWD_COLS_MIN_ROWS rows, BWD_COLS_STAGES deep.
+BWD_STATS_WARPS = 8
+BWD_STATS_STAGES = 3
+BWD_COLS_WARPS = 4
+BWD_COLS_VECTORS = 1
+BWD_COLS_PROGRAMS_PER_SM = 8
+BWD_COLS_MIN_ROWS = 16
+BWD_COLS_STAGES = 4
+# The final Σ over the partial rows: BLOCK_G partial rows × BLOCK_N columns per step (N / 32 programs: 128 for
+# N = 4096), SUM_STAGES steps in flight.
+SUM_BLOCK_G, SUM_BLOCK_N, SUM_WARPS, SUM_STAGES = 32, 32, 4, 3
+
+
+def _bwd_fused_config(N, elem_size):
+    """(BLOCK_M, BLOCK_N, num_warps, programs per SM, NUM_STAGES) of the fused backward."""
+    per_thread = BWD_VECTORS * max(1, 16 // elem_size)
+    block_n = next_pow2(N)
+    small_tile = per_thread * 32 * BWD_SMALL_WARPS
+    if block_n >= small_tile:
+        block_m, num_warps = 1, min(BWD_MAX_WARPS, block_n // (32 * per_thread))
+    else:
+        block_m, num_warps = min(BWD_MAX_BLOCK_M, small_tile // block_n), BWD_SMALL_WARPS
+    per_sm = BWD_PROGRAMS_PER_SM.get(num_warps, 1)
+    tile_bytes = 3 * block_m * block_n * elem_size  # dy, v, dres
+    ahead = -(-BWD_IN_FLIGHT_BYTES // (tile_bytes * per_sm))
+    stages = max(2, min(BWD_MAX_STAGES, 1 + ahead, BWD_SMEM_BYTES // tile_bytes))
+    return block_m, block_n, num_warps, per_sm, stages
+
+
+def _bwd_cols_config(elem_size):
+    """(BLOCK_N, num_warps, NUM_STAGES) of the wide-row backward's column kernel."""
+    return BWD_COLS_VECTORS * max(1, 16 // elem_size) * 32 * BWD_COLS_WARPS, BWD_COLS_WARPS, BWD_COLS_STAGES
+
+
+def _bwd_fused(N, elem_size):
+    return N <= BWD_MAX_FUSED_N.get(elem_size, MAX_FUSED_N)
 
 
 def _check_rows(M, end):
@@ -375,7 +518,7 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms, offset):
     M, N = x.shape
     if _fused(N):
         block_m = _fused_config(N)[0]
-        _check_rows(M, triton.cdiv(M, block_m) * block_m)
+        _check_rows(M, cdiv(M, block_m) * block_m)
     y = empty((M, N), x.dtype, x.device)
     residual_out = empty((M, N), x.dtype, x.device) if residual is not None else None
     mean = None if is_rms else empty((M,), torch.float32, x.device)
@@ -404,7 +547,7 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms, offset):
     flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None)
     if _fused(N):
         block_m, block_n, num_warps = _fused_config(N)
-        grid = (triton.cdiv(M, block_m),)
+        grid = (cdiv(M, block_m),)
         _norm_fwd_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     else:
         block_n, num_warps = _chunked_config()
@@ -422,50 +565,67 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
     M, N = dy.shape
     need_dw = need_dw and weight is not None
     wdtype = weight.dtype if weight is not None else xin.dtype
-    fused = _fused(N)
+    elem = xin.element_size()
+    fused = _bwd_fused(N, elem)
+    sms = num_sms(xin.device)
     if fused:
-        block_m, block_n, num_warps = _fused_config(N, backward=True)
-    else:
-        block_m, (block_n, num_warps) = 1, _chunked_config()
-    programs = max(1, min(triton.cdiv(M, block_m), PARTIALS_PER_SM * num_sms(xin.device)))
-    rows_per_prog = max(1, triton.cdiv(triton.cdiv(M, programs), block_m)) * block_m
-    programs = max(1, triton.cdiv(M, rows_per_prog))
-    if fused:
+        block_m, block_n, num_warps, per_sm, stages = _bwd_fused_config(N, elem)
+        programs = max(1, min(cdiv(M, block_m), per_sm * sms))
+        rows_per_prog = max(1, cdiv(cdiv(M, programs), block_m)) * block_m
+        programs = max(1, cdiv(M, rows_per_prog))
         _check_rows(M, programs * rows_per_prog)
+    else:
+        block_n, num_warps, stages = _bwd_cols_config(elem)
+        col_blocks = cdiv(N, block_n)
+        programs = cdiv(BWD_COLS_PROGRAMS_PER_SM * sms, col_blocks)
+        programs = max(1, min(cdiv(M, BWD_COLS_MIN_ROWS), programs))
+        rows_per_prog = max(1, cdiv(M, programs))
+        programs = max(1, cdiv(M, rows_per_prog))
     dx = empty((M, N), xin.dtype, xin.device)
-    # The fused kernel writes every element of its partial row; the chunked kernel accumulates into it (and with
-    # no rows nothing runs, so the sums must start at zero).
-    part = empty if fused and M > 0 else (lambda shape, dtype, device: torch.zeros(shape, dtype=dtype, device=device))
-    dw_part = part((programs, N), torch.float32, xin.device) if need_dw else None
-    db_part = part((programs, N), torch.float32, xin.device) if need_db else None
-    if M > 0:
-        dummy = rstd
-        args = (
-            dy,
-            xin,
-            weight if weight is not None else dummy,
-            mean if mean is not None else dummy,
-            rstd,
-            dres if dres is not None else dy,
-            dx,
-            dw_part if need_dw else dummy,
-            db_part if need_db else dummy,
-            dy.stride(0),
-            xin.stride(0),
-            dres.stride(0) if dres is not None else 0,
-            dx.stride(0),
-            M,
-            N,
-            rows_per_prog,
-            float(offset),
-        )
-        flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_DW=need_dw, HAS_DB=need_db, HAS_DRES=dres is not None)
-        if fused:
-            _norm_bwd_kernel[(programs,)](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        else:
-            _norm_bwd_chunked_kernel[(programs,)](*args, **flags, BLOCK_N=block_n, num_warps=num_warps)
-    dw = dw_part.sum(0).to(wdtype) if need_dw else None
-    db = db_part.sum(0).to(wdtype) if need_db else None
+    if M == 0:
+        zeros = lambda: torch.zeros(N, dtype=wdtype, device=xin.device)  # noqa: E731
+        return dx, zeros() if need_dw else None, zeros() if need_db else None
+    # Every program writes every element of its partial rows (all N columns of row `pid`).
+    dw_part = empty((programs, N), torch.float32, xin.device) if need_dw else None
+    db_part = empty((programs, N), torch.float32, xin.device) if need_db else None
+    dummy = rstd
+    flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_DW=need_dw, HAS_DB=need_db, HAS_DRES=dres is not None)
+    w_arg = weight if weight is not None else dummy
+    mean_arg = mean if mean is not None else dummy
+    tail = (
+        dres if dres is not None else dy,
+        dx,
+        dw_part if need_dw else dummy,
+        db_part if need_db else dummy,
+        dy.stride(0),
+        xin.stride(0),
+        dres.stride(0) if dres is not None else 0,
+        dx.stride(0),
+        M,
+        N,
+        rows_per_prog,
+        float(offset),
+    )
+    if fused:
+        _norm_bwd_kernel[(programs,)](dy, xin, w_arg, mean_arg, rstd, *tail, **flags, BLOCK_M=block_m,
+                                      BLOCK_N=block_n, NUM_STAGES=stages, num_warps=num_warps)
+    else:
+        c1 = torch.empty(M, dtype=torch.float32, device=xin.device)
+        c2 = torch.empty(M, dtype=torch.float32, device=xin.device) if not is_rms else dummy
+        _norm_bwd_row_stats_kernel[(M,)](dy, xin, w_arg, mean_arg, rstd, c1, c2, dy.stride(0), xin.stride(0), N,
+                                         float(offset), IS_RMS=is_rms, HAS_W=weight is not None, BLOCK_N=CHUNK_N,
+                                         NUM_STAGES=BWD_STATS_STAGES, num_warps=BWD_STATS_WARPS)
+        _norm_bwd_cols_kernel[(col_blocks, programs)](dy, xin, w_arg, mean_arg, rstd, c1, c2, *tail, **flags,
+                                                      BLOCK_N=block_n, NUM_STAGES=stages, num_warps=num_warps)
+    dw = empty((N,), wdtype, xin.device) if need_dw else None
+    db = empty((N,), wdtype, xin.device) if need_db else None
+    if need_dw or need_db:
+        # Under the interpreter a program costs ~20 ms whatever its size: wide blocks there, same code.
+        sum_block_n = SUM_BLOCK_N if xin.device.type == "cuda" else max(SUM_BLOCK_N, min(next_pow2(N), 4096))
+        _sum_partials_kernel[(cdiv(N, sum_block_n),)](
+            dw_part if need_dw else dummy, db_part if need_db else dummy, dw if need_dw else dummy,
+            db if need_db else dummy, programs, N, HAS_DW=need_dw, HAS_DB=need_db, BLOCK_G=SUM_BLOCK_G,
+            BLOCK_N=sum_block_n, NUM_STAGES=SUM_STAGES, num_warps=SUM_WARPS)
     return dx, dw, db
 
 
@@ -474,8 +634,17 @@ def static_specs():
     shape and warps, which is what sets register pressure), with every optional input on, for bf16 with an fp32
     weight (the mixed-precision training case) and for fp32."""
     specs = []
-    widths = [1 << k for k in range(MAX_FUSED_N.bit_length())]
+    aligned = ("X", "R", "Y", "RES_OUT", "DY", "XIN", "DRES", "DX", "DW_PART", "DB_PART", "DW", "DB", "stride_x",
+               "stride_r", "stride_y", "stride_ro", "stride_dy", "stride_dres", "stride_dx", "N")
+
+    def spec(name, fn, common, const, nw, n=16, stages=None):
+        sig = dict(common, **{k: "constexpr" for k in const})
+        # Rows narrower than 16 elements never have N or the row strides divisible by 16.
+        div = tuple(a for a in aligned if a in sig and (n >= 16 or not (a == "N" or a.startswith("stride"))))
+        return KernelSpec(name, fn, sig, const, nw, div, num_stages=stages)
+
     for dt, wdt in (("bf16", "fp32"), ("fp32", "fp32")):
+        elem = 2 if dt == "bf16" else 4
         for is_rms in (False, True):
             kind = "rms" if is_rms else "ln"
             common_fwd = {
@@ -491,26 +660,34 @@ def static_specs():
             }
             fwd_flags = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms, HAS_RES=True)
             bwd_flags = dict(IS_RMS=is_rms, HAS_W=True, HAS_DW=True, HAS_DB=not is_rms, HAS_DRES=True)
-            aligned = ("X", "R", "Y", "RES_OUT", "DY", "XIN", "DRES", "DX", "stride_x", "stride_r", "stride_y",
-                       "stride_ro", "stride_dy", "stride_dres", "stride_dx", "N")
-            for n in widths:
-                for fn, common, flags, tag in (
-                    (_norm_fwd_kernel, common_fwd, fwd_flags, "fwd"),
-                    (_norm_bwd_kernel, common_bwd, bwd_flags, "bwd"),
-                ):
-                    bm, bn, nw = _fused_config(n, backward=tag == "bwd")
-                    const = dict(flags, BLOCK_M=bm, BLOCK_N=bn)
-                    sig = dict(common, **{k: "constexpr" for k in const})
-                    # Rows narrower than 16 elements never have N or the row strides divisible by 16.
-                    div = tuple(a for a in aligned if a in sig and (n >= 16 or not (a == "N" or a.startswith("stride"))))
-                    specs.append(KernelSpec(f"norm_{tag}[{kind},{dt},N<={bn},M{bm}]", fn, sig, const, nw, div))
+            for n in (1 << k for k in range(MAX_FUSED_N.bit_length())):
+                bm, bn, nw = _fused_config(n)
+                specs.append(spec(f"norm_fwd[{kind},{dt},N<={bn},M{bm}]", _norm_fwd_kernel, common_fwd,
+                                  dict(fwd_flags, BLOCK_M=bm, BLOCK_N=bn), nw, n))
             bn, nw = _chunked_config()
-            for fn, common, flags, tag in (
-                (_norm_fwd_chunked_kernel, common_fwd, fwd_flags, "fwd"),
-                (_norm_bwd_chunked_kernel, common_bwd, bwd_flags, "bwd"),
-            ):
-                const = dict(flags, BLOCK_N=bn)
-                sig = dict(common, **{k: "constexpr" for k in const})
-                specs.append(KernelSpec(f"norm_{tag}_chunked[{kind},{dt},chunk {bn}]", fn, sig, const, nw,
-                                        tuple(a for a in aligned if a in sig)))
+            specs.append(spec(f"norm_fwd_chunked[{kind},{dt},chunk {bn}]", _norm_fwd_chunked_kernel, common_fwd,
+                              dict(fwd_flags, BLOCK_N=bn), nw))
+            seen = set()
+            for n in (1 << k for k in range(BWD_MAX_FUSED_N[elem].bit_length())):
+                bm, bn, nw, _, st = _bwd_fused_config(n, elem)
+                if (bm, bn, nw, st) in seen:
+                    continue
+                seen.add((bm, bn, nw, st))
+                specs.append(spec(f"norm_bwd[{kind},{dt},N<={bn},M{bm},s{st}]", _norm_bwd_kernel, common_bwd,
+                                  dict(bwd_flags, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=st), nw, n, st))
+            stats = {"DY": f"*{dt}", "XIN": f"*{dt}", "W": f"*{wdt}", "MEAN": "*fp32", "RSTD": "*fp32",
+                     "C1": "*fp32", "C2": "*fp32", "stride_dy": "i32", "stride_x": "i32", "N": "i32", "offset": "fp32"}
+            specs.append(spec(f"norm_bwd_row_stats[{kind},{dt},chunk{CHUNK_N}]", _norm_bwd_row_stats_kernel, stats,
+                              dict(IS_RMS=is_rms, HAS_W=True, BLOCK_N=CHUNK_N, NUM_STAGES=BWD_STATS_STAGES),
+                              BWD_STATS_WARPS, stages=BWD_STATS_STAGES))
+            cols = dict(common_bwd, C1="*fp32", C2="*fp32")
+            cols = {k: cols[k] for k in _norm_bwd_cols_kernel.arg_names if k in cols}
+            bn, nw, st = _bwd_cols_config(elem)
+            specs.append(spec(f"norm_bwd_cols[{kind},{dt},cols{bn},s{st}]", _norm_bwd_cols_kernel, cols,
+                              dict(bwd_flags, BLOCK_N=bn, NUM_STAGES=st), nw, stages=st))
+    for wdt in ("bf16", "fp32"):
+        sig = {"DW_PART": "*fp32", "DB_PART": "*fp32", "DW": f"*{wdt}", "DB": f"*{wdt}", "G": "i32", "N": "i32"}
+        specs.append(spec(f"norm_bwd_sum_partials[{wdt}]", _sum_partials_kernel, sig,
+                          dict(HAS_DW=True, HAS_DB=True, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N,
+                               NUM_STAGES=SUM_STAGES), SUM_WARPS, stages=SUM_STAGES))
     return specs

@@ -402,3 +402,80 @@ def test_float32_bias_without_weight(backend):
     fastlm.layer_norm(x, None, b).backward(dy)
     assert b.grad.dtype == torch.float32
     torch.testing.assert_close(b.grad, dy.float().sum(0), rtol=1e-3, atol=1e-3)
+
+
+# --- the backward's launch configurations (issue 15) -----------------------------------------------------------------
+
+
+def _bwd_branch_shapes():
+    """(rows, N, dtype) hitting each branch of the Triton backward's launch table: rows packed BLOCK_M to a program
+    (several tiles a program, the last one partial), one row a tile at 8 and 16 warps, the widest fused row (two
+    stages), the first wide row (row statistics, then column programs over several row ranges, the last shorter and
+    its column block partial); 16- and 32-bit elements, whose tiles differ."""
+    from fastlm.kernels import norm as triton_norm
+
+    shapes = []
+    for dtype in (torch.float16, torch.float32):
+        elem = torch.finfo(dtype).bits // 8
+        widest = triton_norm.BWD_MAX_FUSED_N[elem]
+        seen = set()
+        for n in (3, 40, 300, 1500, 2100, 4000, widest):
+            config = triton_norm._bwd_fused_config(n, elem)
+            if config[1:] in seen and n != widest:
+                continue
+            seen.add(config[1:])
+            block_m = config[0]
+            # More tiles than the programs (4 SMs under the interpreter) take at once, and a partial last tile.
+            shapes.append((block_m * 2 * 8 * 3 + 1 if block_m > 1 else 37, n, dtype))
+        shapes.append((37, widest + 1, dtype))
+    return shapes
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+@pytest.mark.parametrize("rows,N,dtype", _bwd_branch_shapes(), ids=lambda p: str(p).replace("torch.", ""))
+@pytest.mark.parametrize("is_rms", (False, True), ids=("layer_norm", "rms_norm"))
+def test_backward_launch_branches(backend, is_rms, rows, N, dtype):
+    wdtype = torch.float32 if dtype != torch.float32 else dtype
+    check_against_reference(*_inputs((rows, N), dtype, "affine+residual", is_rms, wdtype, seed=3), is_rms=is_rms,
+                            offset=1.0 if is_rms else 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+@pytest.mark.parametrize("N", (300, 9000), ids=("fused", "wide"))
+@pytest.mark.parametrize("is_rms", (False, True), ids=("layer_norm", "rms_norm"))
+def test_backward_without_weight_or_residual(backend, is_rms, N):
+    # HAS_W, HAS_DW, HAS_DB and HAS_DRES off in both backward paths; then a bias alone (HAS_DB without HAS_DW).
+    x, _, _, _, dy, _ = _inputs((21, N), torch.float32, "plain", is_rms, seed=4)
+    check_against_reference(x, None, None, None, dy, None, is_rms=is_rms)
+    if not is_rms:
+        b = (0.5 * torch.randn(N, generator=generator(5))).to(DEVICE)
+
+        def grads(fn, x, b):
+            x, b = x.clone().requires_grad_(), b.clone().requires_grad_()
+            fn(x, b).backward(dy.to(x.dtype))
+            return x.grad, b.grad
+
+        out = grads(lambda x, b: fastlm.layer_norm(x, None, b), x, b)
+        ref = grads(lambda x, b: reference.layer_norm(x, None, b), x.double(), b.double())
+        torch_fn = lambda: grads(lambda x, b: F.layer_norm(x, (N,), None, b), x, b)  # noqa: E731
+        sims = simulated_runs(torch_fn)
+        for i, name in enumerate(("dx", "dbias")):
+            assert_by_rule(name, out[i], ref[i], torch_fn()[i], samples=[s[i] for s in sims])
+
+
+def test_backward_static_specs_cover_the_launch_table():
+    """static_specs() lists exactly the backward variants the launcher can pick (so the static report checks every
+    shipped config for spills): each fused config for every row width up to the threshold, per element size."""
+    from fastlm.kernels import norm as triton_norm
+
+    names = {s.name for s in triton_norm.static_specs()}
+    for dt, elem in (("bf16", 2), ("fp32", 4)):
+        picked = set()
+        for n in range(1, triton_norm.BWD_MAX_FUSED_N[elem] + 1):
+            bm, bn, nw, per_sm, st = triton_norm._bwd_fused_config(n, elem)
+            assert bm * bn >= n and (bm & (bm - 1)) == 0 and per_sm >= 1 and 2 <= st <= triton_norm.BWD_MAX_STAGES
+            picked.add(f"norm_bwd[rms,{dt},N<={bn},M{bm},s{st}]")
+        listed = {n for n in names if n.startswith(f"norm_bwd[rms,{dt},")}
+        assert picked == listed
+        bn, nw, st = triton_norm._bwd_cols_config(elem)
+        assert f"norm_bwd_cols[rms,{dt},cols{bn},s{st}]" in names
