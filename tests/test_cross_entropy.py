@@ -686,6 +686,23 @@ def test_linear_without_bias_3d_and_frozen_weight(backend, small_chunks):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_linear_with_a_transposed_hidden_and_a_scaled_loss(backend, small_chunks, reduction):
+    """hidden a transposed view, the loss's incoming gradient not 1: d(hidden) must not take hidden's layout for
+    the in-place scaling kernel, which walks rows (found by the fuzz tests: dhidden off by 0.6). Layout alone
+    changes nothing: the same numbers as with a row-major copy of hidden."""
+    hidden, weight, _, target = _lce_inputs(24, 16, 40, torch.float32, bias=False)
+    go = torch.full((24,), 0.7, device=DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
+    grads = []
+    for h0 in (hidden.t().contiguous().t(), hidden.contiguous()):
+        h = h0.detach().requires_grad_()
+        fastlm.linear_cross_entropy(h, weight, target, reduction=reduction).backward(go)
+        grads.append(h.grad)
+    assert not grads[0].isnan().any()
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_linear_under_autocast(backend):
     """fp32 hidden and weight under bf16 autocast: run as autocast runs the matmul it replaces (bf16 operands, the
     loss in fp32), gradients back in fp32. Reference: float64 on the bf16-rounded operands."""

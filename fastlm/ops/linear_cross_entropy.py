@@ -93,7 +93,9 @@ def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, com
     tokens = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     stats = [torch.empty(tokens, **f32) for _ in range(3)] if saved is None else None  # loss, row max, log-sum
-    dh = torch.empty_like(hidden) if compute else None
+    # Row-major whatever hidden's layout (empty_like would copy a transposed one's strides): the chunks' mm writes
+    # rows of it, and the backward's in-place scaling kernel takes rows with unit column stride.
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if compute else None
     blocks = _dw_blocks(weight) if compute else None
     db = torch.zeros(weight.shape[:1], **f32) if compute and bias is not None else None
     for start, end, h, logits in _chunks(hidden, weight, bias, tokens):
@@ -221,8 +223,11 @@ def _lce_setup_context(ctx, inputs, output):
 def _scale(g, dloss, backend):
     """g *= dloss in place (nothing on the device when it is 1.0): the cross-entropy's scaling kernel, which
     multiplies in fp32 and rounds once, on g seen as rows."""
-    if g.numel():
-        cross_entropy_scale_grad_op(g.view(-1, g.shape[-1]), dloss, backend)
+    if not g.numel():
+        return
+    if not g.is_contiguous():
+        raise RuntimeError("fastlm.linear_cross_entropy: a gradient buffer is not contiguous")  # the kernel's rows
+    cross_entropy_scale_grad_op(g.view(-1, g.shape[-1]), dloss, backend)
 
 
 def _lce_backward(ctx, dloss, *_):
