@@ -167,10 +167,8 @@ def report(results, current, cases=CASES) -> str:
             mode = "fwd" if kernel == "fwd" else "bwd"
             peer = [peers.get((case[0], p, mode)) for p in ("sdpa-flash", "sdpa-cudnn")]
             fmt = lambda r: f"{r['tflops']:.0f} TFLOP/s" if r and r.get("tflops") else "–"  # noqa: E731
-            lines.append(f"| {case[0]} | {kernel} | {cur[0]['ms']:.3f} | {top['ms']:.3f} | {tuple(top['config'])} "
-                         f"| {flops(case, mode) / top['ms'] / 1e9:.0f} | {fmt(peer[0])} | {fmt(peer[1])} |"
-                         if cur else
-                         f"| {case[0]} | {kernel} | – | {top['ms']:.3f} | {tuple(top['config'])} "
+            current_ms = f"{cur[0]['ms']:.3f}" if cur else "–"
+            lines.append(f"| {case[0]} | {kernel} | {current_ms} | {top['ms']:.3f} | {tuple(top['config'])} "
                          f"| {flops(case, mode) / top['ms'] / 1e9:.0f} | {fmt(peer[0])} | {fmt(peer[1])} |")
     lines += ["", "Tables for kernels/attention.py (16-bit inputs; the dkdv and dq times are the whole backward):", ""]
     for kernel, by_dim in best_configs(results).items():

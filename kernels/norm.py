@@ -53,7 +53,6 @@ from ._common import KernelSpec, cdiv, empty, next_pow2, num_sms
 MAX_FUSED_N = 8192  # widest row kept whole in registers: 16 fp32 values a thread per tensor at 16 warps
 CHUNK_N = 4096  # chunk of a wider row
 TILE = 4096  # elements a program handles per step when rows are short
-PARTIALS_PER_SM = 2
 
 
 @triton.jit
@@ -489,7 +488,7 @@ def _bwd_fused_config(N, elem_size):
         block_m, num_warps = min(BWD_MAX_BLOCK_M, small_tile // block_n), BWD_SMALL_WARPS
     per_sm = BWD_PROGRAMS_PER_SM.get(num_warps, 1)
     tile_bytes = 3 * block_m * block_n * elem_size  # dy, v, dres
-    ahead = -(-BWD_IN_FLIGHT_BYTES // (tile_bytes * per_sm))
+    ahead = cdiv(BWD_IN_FLIGHT_BYTES, tile_bytes * per_sm)
     stages = max(2, min(BWD_MAX_STAGES, 1 + ahead, BWD_SMEM_BYTES // tile_bytes))
     return block_m, block_n, num_warps, per_sm, stages
 
