@@ -88,6 +88,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "launchers.h"
 
 namespace fastlm {
 namespace {
@@ -156,9 +157,10 @@ constexpr int kMinSplitKeys = 256;
 constexpr int kDecodeCtasPerSm = 2;
 
 // Token positions and counts stay below 2^30, so differences of positions fit an int with room to spare; window
-// sizes are clamped to ±kWindowInf (None is +kWindowInf), far beyond any position.
-constexpr int64_t kMaxTokens = int64_t{1} << 30;
-constexpr int64_t kWindowInf = int64_t{1} << 40;
+// sizes are clamped to ±kWindowInf (None is +kWindowInf), far beyond any position. launchers.h holds the values
+// (Python reads them from the module), as it does the head dims (AttnHeadDims) and the grid limit.
+constexpr int64_t kMaxTokens = kAttnMaxTokens;
+constexpr int64_t kWindowInf = kAttnWindowInf;
 constexpr int64_t kDiffClamp = (int64_t{1} << 30) + 1;
 
 constexpr float kLn2 = 0.6931471805599453f;
@@ -864,51 +866,36 @@ __global__ void __launch_bounds__(kCombineWarps * 32) attn_combine_kernel(const 
 // ---------------------------------------------------------------------------------------------------------------
 // Launchers.
 
+// Calls f(Tag<T>) for the dtype code, T __half or __nv_bfloat16 (tensor cores: no float32 instance).
 template <typename F>
 void dispatch_half(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat16:
-      f(Tag<__half>{});
-      return;
-    case kBFloat16:
-      f(Tag<__nv_bfloat16>{});
-      return;
-    default:
-      throw std::invalid_argument("fastlm._C: the attention kernels take dtype code 1 (float16) or 2 (bfloat16), got " +
-                                  std::to_string(dtype));
-  }
+  dispatch_dtype<false>(dtype, f, "the attention kernels");
 }
 
+// "32, 64, 96, 128 and 256": launchers.h's AttnHeadDims, for the error message.
+template <int... Ds>
+std::string head_dims_text(std::integer_sequence<int, Ds...>) {
+  const int dims[] = {Ds...};
+  std::string text;
+  for (size_t i = 0; i < sizeof...(Ds); ++i) {
+    text += (i == 0 ? "" : i + 1 == sizeof...(Ds) ? " and " : ", ") + std::to_string(dims[i]);
+  }
+  return text;
+}
+
+template <typename F, int... Ds>
+bool dispatch_in(int64_t d, F& f, std::integer_sequence<int, Ds...>) {
+  return ((d == Ds ? (f(std::integral_constant<int, Ds>{}), true) : false) || ...);
+}
+
+// Calls f(integral_constant<int, D>) for the head dim, one of launchers.h's AttnHeadDims.
 template <typename F>
 void dispatch_head_dim(int64_t d, F&& f) {
-  switch (d) {
-    case 32:
-      f(std::integral_constant<int, 32>{});
-      return;
-    case 64:
-      f(std::integral_constant<int, 64>{});
-      return;
-    case 96:
-      f(std::integral_constant<int, 96>{});
-      return;
-    case 128:
-      f(std::integral_constant<int, 128>{});
-      return;
-    case 256:
-      f(std::integral_constant<int, 256>{});
-      return;
-    default:
-      throw std::invalid_argument("fastlm._C: the attention kernels take head dims 32, 64, 96, 128 and 256, got " +
-                                  std::to_string(d));
+  if (!dispatch_in(d, f, AttnHeadDims{})) {
+    throw std::invalid_argument("fastlm._C: the attention kernels take head dims " + head_dims_text(AttnHeadDims{}) +
+                                ", got " + std::to_string(d));
   }
 }
-
-template <typename P>
-P* ptr(int64_t address) {
-  return reinterpret_cast<P*>(static_cast<std::uintptr_t>(address));
-}
-
-cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream)); }
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("fastlm._C: " + what);
@@ -943,29 +930,20 @@ int sm_count(int device) {
   return std::max(sms, 1);
 }
 
-// Dynamic shared memory beyond the default 48 KB must be asked for, per kernel; a GPU with less than the kernel
-// needs (sm_86 and sm_89 offer 99 KB a block) gets an error that says so.
-template <typename K>
-void set_smem(K kernel, int bytes, int device, const char* name) {
-  int optin = 0;
-  FASTLM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (bytes > optin) {
-    throw std::invalid_argument(std::string("fastlm._C: ") + name + " needs " + std::to_string(bytes) +
-                                " bytes of shared memory a block; this GPU offers " + std::to_string(optin));
-  }
-  FASTLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-}
-
 void check_heads(int64_t heads_q, int64_t heads_k) {
   require(heads_k >= 1 && heads_q >= 1 && heads_q % heads_k == 0,
           "heads_q must be a positive multiple of heads_k, got " + std::to_string(heads_q) + " and " +
               std::to_string(heads_k));
-  require(heads_q <= 65535, "at most 65535 query heads, got " + std::to_string(heads_q));
+  require(heads_q <= kAttnMaxGrid, "at most 65535 query heads, got " + std::to_string(heads_q));
 }
 
 }  // namespace
+}  // namespace fastlm
 
-int64_t attention_decode_splits(int64_t batch, int64_t heads_q, int64_t heads_k, int64_t head_dim,
+// ---------------------------------------------------------------------------------------------------------------
+// The launchers of launchers.h, defined by qualified name: a signature unlike the declaration does not compile.
+
+int64_t fastlm::attention_decode_splits(int64_t batch, int64_t heads_q, int64_t heads_k, int64_t head_dim,
                                 int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<int64_t> window_left,
                                 std::optional<int64_t> window_right, int device) {
   const DeviceGuard guard(device);
@@ -989,14 +967,14 @@ int64_t attention_decode_splits(int64_t batch, int64_t heads_q, int64_t heads_k,
   return std::max<int64_t>(1, std::min<int64_t>({want, useful, kMaxSplits}));
 }
 
-int64_t attention_workspace_numel(int64_t batch, int64_t heads_q, int64_t heads_k, int64_t head_dim,
+int64_t fastlm::attention_workspace_numel(int64_t batch, int64_t heads_q, int64_t heads_k, int64_t head_dim,
                                   int64_t max_seqlen_q, int64_t num_splits) {
   check_heads(heads_q, heads_k);
   if (num_splits <= 1) return 0;
   return batch * heads_k * decode_rows(heads_q, heads_k, max_seqlen_q) * num_splits * (head_dim + 1);
 }
 
-void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
+void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
                    int64_t cu_seqlens_k, std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
                    std::vector<int64_t> v_strides, std::vector<int64_t> out_strides, int64_t batch, int64_t heads_q,
                    int64_t heads_k, int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q,
@@ -1009,7 +987,7 @@ void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, in
   check_heads(heads_q, heads_k);
   const bool varlen = cu_seqlens_q != 0;
   require((cu_seqlens_k != 0) == varlen, "cu_seqlens_q and cu_seqlens_k must be given together");
-  require(batch >= 0 && batch <= 65535, "batch must be in [0, 65535], got " + std::to_string(batch));
+  require(batch >= 0 && batch <= kAttnMaxGrid, "batch must be in [0, 65535], got " + std::to_string(batch));
   require(max_seqlen_q >= 0 && max_seqlen_q < kMaxTokens && max_seqlen_k >= 0 && max_seqlen_k < kMaxTokens,
           "max_seqlen_q and max_seqlen_k must be in [0, 2^30)");
   require(total_q >= 0 && total_q < kMaxTokens && total_k >= 0 && total_k < kMaxTokens,
@@ -1086,7 +1064,7 @@ void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, in
       if (num_splits == 0) {
         using C = FwdConfig<D>;
         const auto kernel = capped ? attn_fwd_kernel<T, D, true> : attn_fwd_kernel<T, D, false>;
-        set_smem(kernel, C::kSmemBytes, device, "attn_fwd_kernel");
+        opt_in_smem(kernel, C::kSmemBytes, "attn_fwd_kernel");
         const dim3 grid(static_cast<unsigned>((max_seqlen_q + C::kBlockM - 1) / C::kBlockM),
                         static_cast<unsigned>(heads_q), static_cast<unsigned>(batch));
         kernel<<<grid, C::kThreads, C::kSmemBytes, s>>>(p);
@@ -1099,7 +1077,7 @@ void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, in
         p.ws_lse = p.ws_o + batch * heads_k * rows * num_splits * head_dim;
       }
       const auto kernel = capped ? attn_decode_kernel<T, D, true> : attn_decode_kernel<T, D, false>;
-      set_smem(kernel, C::kSmemBytes, device, "attn_decode_kernel");
+      opt_in_smem(kernel, C::kSmemBytes, "attn_decode_kernel");
       const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(heads_k), static_cast<unsigned>(batch));
       kernel<<<grid, kDecodeThreads, C::kSmemBytes, s>>>(p);
       check_launch("attn_decode_kernel");
@@ -1112,5 +1090,3 @@ void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, in
     });
   });
 }
-
-}  // namespace fastlm

@@ -11,6 +11,11 @@
 // RuntimeError. The GIL is released while a launcher runs: launches are asynchronous, and another Python thread
 // may feed another stream meanwhile.
 //
+// Every launcher is declared once, in launchers.h (with what it computes and which pointers may be 0), and defined
+// by qualified name in its .cu file: a signature that drifts fails to compile instead of leaving an undefined symbol.
+// The constants Python needs from the C++ side (dtype codes, what the attention kernels take, the activation codes)
+// are module attributes, set below, so fastlm/_cuda.py keeps no copies.
+//
 // This file is compiled as host C++ (nvcc -x c++): no device code here, and no torch headers.
 
 #include <cuda_runtime_api.h>
@@ -20,81 +25,20 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common.cuh"
+#include "launchers.h"
 
 namespace py = pybind11;
 
-// Defined in norm.cu; the signatures must match (a mismatch leaves an undefined symbol that fails the import).
-namespace fastlm {
-void norm_fwd(int64_t x, int64_t x_stride, int64_t residual, int64_t residual_stride, int64_t weight, int64_t bias,
-              int64_t y, int64_t y_stride, int64_t residual_out, int64_t residual_out_stride, int64_t mean,
-              int64_t rstd, int64_t M, int64_t N, int dtype, int wdtype, double eps, bool is_rms, double offset,
-              int device, int64_t stream);
-int64_t norm_bwd_num_partials(int64_t M, int64_t N, int device);
-int64_t norm_bwd_workspace_numel(int64_t M, int64_t N, bool need_dw, bool need_db, int device);
-void norm_bwd(int64_t dy, int64_t dy_stride, int64_t xin, int64_t xin_stride, int64_t weight, int64_t mean,
-              int64_t rstd, int64_t dres, int64_t dres_stride, int64_t dx, int64_t dx_stride, int64_t dw, int64_t db,
-              int64_t workspace, int64_t workspace_numel, int64_t M, int64_t N, int dtype, int wdtype, bool is_rms,
-              double offset, int device, int64_t stream);
-std::vector<int> compiled_archs();
-}  // namespace fastlm
-
-// Defined in cross_entropy.cu; likewise.
-namespace fastlm {
-void cross_entropy_fwd(int64_t logits, int64_t logits_stride, int64_t target, bool target_int64, int64_t weight,
-                       int64_t scalars, int64_t loss, int64_t row_max, int64_t log_s, int64_t grad,
-                       int64_t grad_stride, int64_t rows, int64_t V, int dtype, int64_t ignore_index,
-                       double smoothing, double z_loss, double softcap, int device, int64_t stream);
-void cross_entropy_bwd(int64_t logits, int64_t logits_stride, int64_t target, bool target_int64, int64_t weight,
-                       int64_t scalars, int64_t row_max, int64_t log_s, int64_t grad_out, int64_t grad,
-                       int64_t grad_stride, int64_t rows, int64_t V, int dtype, int64_t ignore_index,
-                       double smoothing, double z_loss, double softcap, int device, int64_t stream);
-void cross_entropy_scale_grad(int64_t grad, int64_t grad_stride, int64_t grad_out, int64_t rows, int64_t V,
-                              int dtype, int device, int64_t stream);
-}  // namespace fastlm
-
-// Defined in attention.cu; likewise.
-namespace fastlm {
-int64_t attention_decode_splits(int64_t batch, int64_t heads_q, int64_t heads_k, int64_t head_dim,
-                                int64_t max_seqlen_q, int64_t max_seqlen_k, std::optional<int64_t> window_left,
-                                std::optional<int64_t> window_right, int device);
-int64_t attention_workspace_numel(int64_t batch, int64_t heads_q, int64_t heads_k, int64_t head_dim,
-                                  int64_t max_seqlen_q, int64_t num_splits);
-void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
-                   int64_t cu_seqlens_k, std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
-                   std::vector<int64_t> v_strides, std::vector<int64_t> out_strides, int64_t batch, int64_t heads_q,
-                   int64_t heads_k, int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q,
-                   int64_t total_k, int dtype, double scale, std::optional<int64_t> window_left,
-                   std::optional<int64_t> window_right, double softcap, int64_t workspace, int64_t workspace_numel,
-                   int64_t num_splits, int device, int64_t stream);
-}  // namespace fastlm
-
-// Defined in rotary.cu; likewise.
-namespace fastlm {
-void rotary(int64_t x, std::vector<int64_t> x_strides, int64_t cos, int64_t sin, std::vector<int64_t> cos_strides,
-            int64_t out, std::vector<int64_t> out_strides, int64_t batch, int64_t seqlen, int64_t heads,
-            int64_t head_dim, int64_t rot, int dtype, int cdtype, bool interleaved, bool backward, int device,
-            int64_t stream);
-}  // namespace fastlm
-
-// Defined in gated.cu; likewise.
-namespace fastlm {
-void gated_fwd(int64_t gate, int64_t gate_stride, int64_t up, int64_t up_stride, int64_t h, int64_t h_stride,
-               int64_t M, int64_t N, int dtype, int activation, int device, int64_t stream);
-void gated_bwd(int64_t dh, int64_t dh_stride, int64_t gate, int64_t gate_stride, int64_t up, int64_t up_stride,
-               int64_t dgate, int64_t dgate_stride, int64_t dup, int64_t dup_stride, int64_t M, int64_t N, int dtype,
-               int activation, int device, int64_t stream);
-}  // namespace fastlm
-
 namespace {
 
-// "13.0" for CUDA 13.0: the runtime linked statically into this module (no GPU needed to ask).
-std::string cuda_runtime_version() {
-  int version = 0;
-  FASTLM_CUDA_CHECK(cudaRuntimeGetVersion(&version));
-  return std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10);
+// A std::integer_sequence as a Python tuple of ints.
+template <int... Vs>
+py::tuple int_tuple(std::integer_sequence<int, Vs...>) {
+  return py::make_tuple(Vs...);
 }
 
 }  // namespace
@@ -102,9 +46,24 @@ std::string cuda_runtime_version() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastlm CUDA C++ kernels (raw-pointer launchers; use them through fastlm._cuda)";
 
+  // Constants of the C++ side (launchers.h, common.cuh), for fastlm/_cuda.py.
+  m.attr("DTYPE_FLOAT32") = static_cast<int>(fastlm::kFloat32);
+  m.attr("DTYPE_FLOAT16") = static_cast<int>(fastlm::kFloat16);
+  m.attr("DTYPE_BFLOAT16") = static_cast<int>(fastlm::kBFloat16);
+  m.attr("ATTN_DTYPES") = py::make_tuple(static_cast<int>(fastlm::kFloat16), static_cast<int>(fastlm::kBFloat16));
+  m.attr("ATTN_HEAD_DIMS") = int_tuple(fastlm::AttnHeadDims{});
+  m.attr("ATTN_MAX_TOKENS") = fastlm::kAttnMaxTokens;
+  m.attr("ATTN_MAX_GRID") = fastlm::kAttnMaxGrid;
+  m.attr("ATTN_WINDOW_INF") = fastlm::kAttnWindowInf;
+  py::dict activations;
+  activations["silu"] = static_cast<int>(fastlm::kSilu);
+  activations["gelu_tanh"] = static_cast<int>(fastlm::kGeluTanh);
+  activations["gelu"] = static_cast<int>(fastlm::kGelu);
+  m.attr("GATED_ACTIVATIONS") = activations;
+
   m.def("compiled_archs", &fastlm::compiled_archs,
         "SM architectures of the device code in this binary, e.g. [80, 90].");
-  m.def("cuda_runtime_version", &cuda_runtime_version, "Version of the CUDA runtime linked in, e.g. '13.0'.");
+  m.def("cuda_runtime_version", &fastlm::cuda_runtime_version, "Version of the CUDA runtime linked in, e.g. '13.0'.");
 
   m.def("norm_fwd", &fastlm::norm_fwd,
         "LayerNorm / RMSNorm forward with the residual add fused. (M, N) operands by pointer and row stride; "
@@ -159,6 +118,28 @@ PYBIND11_MODULE(_C, m) {
         "it is 1.0.",
         py::arg("grad"), py::arg("grad_stride"), py::arg("grad_out"), py::arg("rows"), py::arg("V"), py::arg("dtype"),
         py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("cross_entropy_reduce_workspace_numel", &fastlm::cross_entropy_reduce_workspace_numel,
+        "float64 elements of the workspace cross_entropy_scalars ('mean') and cross_entropy_reduce need for `rows` "
+        "rows: 0 when one block takes them all (one launch), else one partial sum per block of rows.",
+        py::arg("rows"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("cross_entropy_scalars", &fastlm::cross_entropy_scalars,
+        "Writes the (2,) fp32 reduction scalars: [0] the divisor ('mean' (is_mean): the count of rows whose target "
+        "is not ignore_index, or with weights Σ w_t over those whose target is a class, float64 rounded once; else "
+        "1), [1] W = Σ_v w_v (float64 rounded once) or V. target: (rows,) int64 or int32; weight: (V,) fp32 or 0; "
+        "workspace: cross_entropy_reduce_workspace_numel(rows) doubles for 'mean', else 0.",
+        py::arg("target"), py::arg("target_int64"), py::arg("weight"), py::arg("scalars"), py::arg("workspace"),
+        py::arg("workspace_numel"), py::arg("rows"), py::arg("V"), py::arg("ignore_index"), py::arg("is_mean"),
+        py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("cross_entropy_reduce", &fastlm::cross_entropy_reduce,
+        "Writes the reduced loss, () fp32: Σ loss ((rows,) fp32) in float64, fixed order, rounded once, divided by "
+        "scalars[0] when is_mean (scalars may be 0 otherwise). workspace: cross_entropy_reduce_workspace_numel(rows) "
+        "doubles.",
+        py::arg("loss"), py::arg("scalars"), py::arg("out"), py::arg("workspace"), py::arg("workspace_numel"),
+        py::arg("rows"), py::arg("is_mean"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
 
   m.def("attention_decode_splits", &fastlm::attention_decode_splits,
         "How attention_fwd should run a call of this shape: 0 for the forward kernel, else the number of key splits "

@@ -2,7 +2,11 @@
 //
 // Host part (any C++ compiler, so bindings.cpp includes it too): the CUDA error check that turns a failed call
 // into std::runtime_error (pybind11 raises it as RuntimeError), and the device check every launcher runs first,
-// before it looks at a pointer, so that a machine without a GPU gets an error that says so instead of a crash.
+// before it looks at a pointer, so that a machine without a GPU gets an error that says so instead of a crash;
+// the dtype codes, and the launchers' small conversions (an int64 address to a pointer, to a stream).
+//
+// Launcher part (nvcc only, host code): the one dtype dispatch (a code to a type, for a generic lambda) and the
+// one opt-in to more than 48 KB of dynamic shared memory.
 //
 // Device part (nvcc only): 16-byte vector loads and stores, fp32 conversions of float / __half / __nv_bfloat16,
 // packed storage (values kept in their 16-bit storage type, two to a register, between loading and use), warp
@@ -31,7 +35,7 @@ inline void cuda_check(cudaError_t err, const char* what, const char* file, int 
   }
 }
 
-// Dtype codes shared with fastlm/_cuda.py (_DTYPE_CODES), and the size of an element of each.
+// Dtype codes of the launchers (exported as fastlm._C.DTYPE_FLOAT32 etc.), and the size of an element of each.
 enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 inline int dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
@@ -97,6 +101,19 @@ inline void check_launch(const char* kernel) {
 
 inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
+// A device address as Python passes it (an int, 0 for an absent tensor) to a typed pointer, null for 0.
+template <typename P>
+P* ptr(int64_t address) {
+  return reinterpret_cast<P*>(static_cast<std::uintptr_t>(address));
+}
+
+// The cudaStream_t handle as Python passes it (torch's stream.cuda_stream, an int).
+inline cudaStream_t as_stream(int64_t stream) {
+  return reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream));
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 }  // namespace fastlm
 
 #if defined(__CUDACC__)
@@ -107,6 +124,53 @@ inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p
 #include <type_traits>
 
 namespace fastlm {
+
+// Calls f(Tag<T>{}) for the dtype code: T is float, __half or __nv_bfloat16 (kWithFloat32 false: the 16-bit
+// types only, and f is never instantiated for float). Any other code throws std::invalid_argument (ValueError);
+// `who` names the kernels in that message when they take a subset ("the attention kernels").
+template <bool kWithFloat32 = true, typename F>
+void dispatch_dtype(int dtype, F&& f, const char* who = nullptr) {
+  switch (dtype) {
+    case kFloat32:
+      if constexpr (kWithFloat32) {
+        f(Tag<float>{});
+        return;
+      }
+      break;
+    case kFloat16:
+      f(Tag<__half>{});
+      return;
+    case kBFloat16:
+      f(Tag<__nv_bfloat16>{});
+      return;
+    default:
+      break;
+  }
+  throw std::invalid_argument(std::string("fastlm._C: ") +
+                              (who != nullptr ? std::string(who) + " take dtype code " : "dtype code must be ") +
+                              (kWithFloat32 ? "0 (float32), 1 (float16) or 2 (bfloat16)" : "1 (float16) or 2 (bfloat16)") +
+                              ", got " + std::to_string(dtype));
+}
+
+// Dynamic shared memory a block gets without asking (cudaFuncAttributeMaxDynamicSharedMemorySize).
+constexpr int kDefaultSmemBytes = 48 * 1024;
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device: above the default 48 KB it
+// must be asked for, per kernel; a GPU that offers a block less than that (sm_86 and sm_89: 99 KB) gets an error
+// that names the kernel instead of a failed launch.
+template <typename K>
+void opt_in_smem(K kernel, int bytes, const char* name) {
+  if (bytes <= kDefaultSmemBytes) return;
+  int device = 0;
+  int optin = 0;
+  FASTLM_CUDA_CHECK(cudaGetDevice(&device));
+  FASTLM_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (bytes > optin) {
+    throw std::invalid_argument(std::string("fastlm._C: ") + name + " needs " + std::to_string(bytes) +
+                                " bytes of shared memory a block; this GPU offers " + std::to_string(optin));
+  }
+  FASTLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
 
 // N elements of T loaded or stored by one instruction; N * sizeof(T) is at most 16 bytes here, the widest
 // access sm_80 and sm_90 have.

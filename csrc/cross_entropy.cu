@@ -20,6 +20,17 @@
 // "sum" scale the forward's buffer in place by the one incoming scalar, which is read on the device, so the
 // kernel returns at once when it is 1.0 (loss.backward()) and nothing syncs the host.
 //
+// The reduction's bookkeeping, kernels/cross_entropy.py's scalars() and reduce_loss() for any number of rows:
+//   SCALARS[0]      "mean": #{rows: t ≠ ignore_index} (out-of-range targets counted: their loss is NaN anyway), or
+//                   with weights Σ w_t·keep over the rows, keep = [t ≠ ignore_index and 0 ≤ t < V], where a row
+//                   left out adds w_0·0 (so a non-finite w_0 still makes the divisor NaN, as torch's gather did);
+//                   else 1. SCALARS[1] = W = Σ_v w_v, or V without weights.
+//   reduced loss    Σ_rows loss, divided by SCALARS[0] for "mean" (div.full.f32, the division Triton emits).
+// Every sum is float64 in a fixed order (each thread its rows in order, then a fixed tree), rounded once to fp32:
+// the counts are exact, the weighted sums within one fp32 rounding of the Triton kernel's. Up to kSumChunk rows
+// one block does everything (one launch, what small calls need); above, one block per kSumChunk rows writes a
+// float64 partial to a workspace the caller allocates and one block sums the partials in order (two launches).
+//
 // Saved for the backward (by the caller): "none": the logits, targets, weights, SCALARS, and per row m and log s
 // (fp32, 8 bytes a row); "mean"/"sum": the gradient buffer only. m and log s are kept apart rather than as lse:
 // x − m is exact for nearby values and log s is small, so p keeps the precision of torch's log_softmax, whereas
@@ -85,6 +96,7 @@
 #include <string>
 
 #include "common.cuh"
+#include "launchers.h"
 
 namespace fastlm {
 namespace {
@@ -102,6 +114,11 @@ constexpr int kScaleBlocksPerSm = 4;
 constexpr float kSlopeSwitch = 0.55f;
 // Widest row: columns and vector indices stay in int with room for a chunk past the end.
 constexpr int64_t kMaxV = int64_t{1} << 30;
+// The reduction's bookkeeping (scalars, reduced loss): blocks of kSumThreads threads, each thread with kSumUnroll
+// loads in flight (8192 a block, as the Triton kernel's 16 warps); a block takes up to kSumChunk rows.
+constexpr int kSumThreads = 512;
+constexpr int kSumUnroll = 16;
+constexpr int64_t kSumChunk = int64_t{1} << 16;
 
 struct CeParams {
   const void* logits;     // (rows, V) in the logits' dtype, row stride stride_l, unit column stride
@@ -126,6 +143,20 @@ struct CeParams {
   bool target_int64;
   bool has_smoothing;
   bool has_z;
+};
+
+struct SumParams {
+  const void* target;     // (rows,) int64 (target_int64) or int32 class indices (scalars)
+  const float* weight;    // (V,) fp32 class weights, or null (scalars)
+  const float* loss;      // (rows,) fp32 unreduced losses (reduce)
+  const float* divisor;   // SCALARS[0], read for "mean" (reduce)
+  float* out;             // (2,) SCALARS (scalars) or () the reduced loss (reduce)
+  double* partials;       // (num_partials,) float64 per-block sums, or null (one block takes every row)
+  int64_t rows;
+  int64_t num_partials;
+  int64_t ignore_index;
+  int V;
+  bool is_mean;
 };
 
 struct ScaleParams {
@@ -596,32 +627,124 @@ __global__ void __launch_bounds__(kScaleThreads) ce_scale_grad_kernel(const Scal
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Launchers.
+// The reduction's bookkeeping (see the header): float64 sums in a fixed order.
 
-// Calls f(Tag<T>) for the dtype code.
-template <typename F>
-void dispatch_dtype(int dtype, F&& f) {
-  switch (dtype) {
-    case kFloat32:
-      f(Tag<float>{});
-      return;
-    case kFloat16:
-      f(Tag<__half>{});
-      return;
-    case kBFloat16:
-      f(Tag<__nv_bfloat16>{});
-      return;
-    default:
-      throw std::invalid_argument("fastlm._C: dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                                  std::to_string(dtype));
+// The sum over the block (kSumThreads threads) of one double; every thread gets it, in the same bits (xor
+// butterflies, then every thread adds the warps' sums in warp order). smem holds kSumThreads / 32 doubles; the first
+// barrier keeps this call from overwriting what a previous call's readers have not read yet.
+__device__ __forceinline__ double block_sum_f64(double v, double* smem) {
+  constexpr int kWarps = kSumThreads / 32;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  const int warp = static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  double total = 0.0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) total += smem[w];
+  return total;
+}
+
+// This thread's sum of term(i) over i in [begin, end) with i ≡ begin + threadIdx.x (mod kSumThreads), in order of i;
+// kSumUnroll terms are loaded before any is added, so that many loads a thread are in flight.
+template <typename Term>
+__device__ __forceinline__ double thread_sum(int64_t begin, int64_t end, Term term) {
+  double acc = 0.0;
+  for (int64_t base = begin + threadIdx.x; base < end; base += int64_t{kSumThreads} * kSumUnroll) {
+    double v[kSumUnroll];
+#pragma unroll
+    for (int i = 0; i < kSumUnroll; ++i) {
+      const int64_t r = base + static_cast<int64_t>(i) * kSumThreads;
+      v[i] = r < end ? term(r) : 0.0;
+    }
+#pragma unroll
+    for (int i = 0; i < kSumUnroll; ++i) {
+      if (base + static_cast<int64_t>(i) * kSumThreads < end) acc += v[i];
+    }
+  }
+  return acc;
+}
+
+// Row r's term of the "mean" divisor: [t ≠ ignore_index], or with weights w_t·keep (w_0·0 for a row left out).
+template <typename TI>
+__device__ __forceinline__ double divisor_term(const SumParams& p, int64_t r) {
+  const int64_t t = static_cast<const TI*>(p.target)[r];
+  if (p.weight == nullptr) return t != p.ignore_index ? 1.0 : 0.0;
+  const bool keep = t != p.ignore_index && t >= 0 && t < p.V;
+  return static_cast<double>(p.weight[keep ? t : 0]) * (keep ? 1.0 : 0.0);
+}
+
+// Σ over this block's rows [b·kSumChunk, (b + 1)·kSumChunk) of the divisor's terms (kDivisor, TI the target's type)
+// or of the losses (TI unused), into partials[b].
+template <typename TI, bool kDivisor>
+__global__ void __launch_bounds__(kSumThreads) ce_partials_kernel(const SumParams p) {
+  __shared__ double red[kSumThreads / 32];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kSumChunk;
+  const int64_t end = begin + kSumChunk < p.rows ? begin + kSumChunk : p.rows;
+  double s;
+  if constexpr (kDivisor) {
+    s = thread_sum(begin, end, [&](int64_t r) { return divisor_term<TI>(p, r); });
+  } else {
+    s = thread_sum(begin, end, [&](int64_t r) { return static_cast<double>(p.loss[r]); });
+  }
+  s = block_sum_f64(s, red);
+  if (threadIdx.x == 0) p.partials[blockIdx.x] = s;
+}
+
+// One block: SCALARS = (divisor, W), from the rows themselves or, with partials, from their sums in order.
+template <typename TI>
+__global__ void __launch_bounds__(kSumThreads) ce_scalars_kernel(const SumParams p) {
+  __shared__ double red[kSumThreads / 32];
+  float divisor = 1.f;
+  if (p.is_mean) {
+    double s;
+    if (p.partials != nullptr) {
+      s = thread_sum(0, p.num_partials, [&](int64_t b) { return p.partials[b]; });
+    } else {
+      s = thread_sum(0, p.rows, [&](int64_t r) { return divisor_term<TI>(p, r); });
+    }
+    divisor = static_cast<float>(block_sum_f64(s, red));  // counts exact below 2^24 rows, one rounding above
+  }
+  float total = static_cast<float>(p.V);  // V rounded once to fp32, as torch.full did
+  if (p.weight != nullptr) {
+    const double w = thread_sum(0, p.V, [&](int64_t v) { return static_cast<double>(p.weight[v]); });
+    total = static_cast<float>(block_sum_f64(w, red));
+  }
+  if (threadIdx.x == 0) {
+    p.out[0] = divisor;
+    p.out[1] = total;
   }
 }
 
-
-template <typename P>
-P* ptr(int64_t address) {
-  return reinterpret_cast<P*>(static_cast<std::uintptr_t>(address));
+// a / b as Triton's fp32 division compiles (div.full.f32: ≤ 2 ulp, full range), so the reduced loss matches the
+// Triton kernel's bits.
+__device__ __forceinline__ float div_full(float a, float b) {
+  float r;
+  asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
 }
+
+// One block: the reduced loss, Σ loss (from the rows, or the partials' sums in order) rounded once, / divisor.
+__global__ void __launch_bounds__(kSumThreads) ce_reduce_kernel(const SumParams p) {
+  __shared__ double red[kSumThreads / 32];
+  double s;
+  if (p.partials != nullptr) {
+    s = thread_sum(0, p.num_partials, [&](int64_t b) { return p.partials[b]; });
+  } else {
+    s = thread_sum(0, p.rows, [&](int64_t r) { return static_cast<double>(p.loss[r]); });
+  }
+  s = block_sum_f64(s, red);
+  if (threadIdx.x == 0) {
+    float total = static_cast<float>(s);
+    if (p.is_mean) total = div_full(total, *p.divisor);
+    *p.out = total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Launchers.
 
 void check_dtype(int dtype) {
   dispatch_dtype(dtype, [](auto) {});
@@ -692,13 +815,36 @@ CeParams ce_params(int64_t logits, int64_t logits_stride, int64_t target, bool t
   return p;
 }
 
-cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream)); }
-
 unsigned row_grid(int64_t rows) { return static_cast<unsigned>(std::min<int64_t>(rows, INT_MAX)); }
 
-}  // namespace
+// Partial sums the bookkeeping needs for `rows` rows: 0 when one block takes them all.
+int64_t sum_partials(int64_t rows) { return rows > kSumChunk ? ceil_div(rows, kSumChunk) : 0; }
 
-void cross_entropy_fwd(int64_t logits, int64_t logits_stride, int64_t target, bool target_int64, int64_t weight,
+// The bookkeeping's common checks: a workspace of sum_partials(rows) doubles where needed.
+SumParams sum_params(int64_t rows, int64_t workspace, int64_t workspace_numel) {
+  if (rows < 0) throw std::invalid_argument("fastlm._C: rows must be ≥ 0, got " + std::to_string(rows));
+  SumParams p{};
+  p.rows = rows;
+  p.num_partials = sum_partials(rows);
+  if (p.num_partials > INT_MAX) throw std::invalid_argument("fastlm._C: too many rows: " + std::to_string(rows));
+  if (p.num_partials > 0) {
+    if (workspace_numel < p.num_partials) {
+      throw std::invalid_argument("fastlm._C: the workspace holds " + std::to_string(workspace_numel) +
+                                  " doubles, " + std::to_string(p.num_partials) + " are needed");
+    }
+    check_ptr("workspace", workspace, 8);
+    p.partials = ptr<double>(workspace);
+  }
+  return p;
+}
+
+}  // namespace
+}  // namespace fastlm
+
+// ---------------------------------------------------------------------------------------------------------------
+// The launchers of launchers.h, defined by qualified name: a signature unlike the declaration does not compile.
+
+void fastlm::cross_entropy_fwd(int64_t logits, int64_t logits_stride, int64_t target, bool target_int64, int64_t weight,
                        int64_t scalars, int64_t loss, int64_t row_max, int64_t log_s, int64_t grad,
                        int64_t grad_stride, int64_t rows, int64_t V, int dtype, int64_t ignore_index,
                        double smoothing, double z_loss, double softcap, int device, int64_t stream) {
@@ -732,7 +878,7 @@ void cross_entropy_fwd(int64_t logits, int64_t logits_stride, int64_t target, bo
   });
 }
 
-void cross_entropy_bwd(int64_t logits, int64_t logits_stride, int64_t target, bool target_int64, int64_t weight,
+void fastlm::cross_entropy_bwd(int64_t logits, int64_t logits_stride, int64_t target, bool target_int64, int64_t weight,
                        int64_t scalars, int64_t row_max, int64_t log_s, int64_t grad_out, int64_t grad,
                        int64_t grad_stride, int64_t rows, int64_t V, int dtype, int64_t ignore_index,
                        double smoothing, double z_loss, double softcap, int device, int64_t stream) {
@@ -764,7 +910,7 @@ void cross_entropy_bwd(int64_t logits, int64_t logits_stride, int64_t target, bo
   });
 }
 
-void cross_entropy_scale_grad(int64_t grad, int64_t grad_stride, int64_t grad_out, int64_t rows, int64_t V,
+void fastlm::cross_entropy_scale_grad(int64_t grad, int64_t grad_stride, int64_t grad_out, int64_t rows, int64_t V,
                               int dtype, int device, int64_t stream) {
   const DeviceGuard guard(device);
   check_dtype(dtype);
@@ -790,4 +936,60 @@ void cross_entropy_scale_grad(int64_t grad, int64_t grad_stride, int64_t grad_ou
   });
 }
 
-}  // namespace fastlm
+int64_t fastlm::cross_entropy_reduce_workspace_numel(int64_t rows) {
+  if (rows < 0) throw std::invalid_argument("fastlm._C: rows must be ≥ 0, got " + std::to_string(rows));
+  return sum_partials(rows);
+}
+
+void fastlm::cross_entropy_scalars(int64_t target, bool target_int64, int64_t weight, int64_t scalars,
+                                   int64_t workspace, int64_t workspace_numel, int64_t rows, int64_t V,
+                                   int64_t ignore_index, bool is_mean, int device, int64_t stream) {
+  const DeviceGuard guard(device);
+  check_rows(rows, V);
+  SumParams p = sum_params(is_mean ? rows : 0, workspace, workspace_numel);  // only "mean" reads the rows
+  p.rows = rows;
+  if (rows > 0 && is_mean) check_ptr("target", target, target_int64 ? 8 : 4);  // empty: may be null
+  if (weight != 0) check_ptr("weight", weight, 4);
+  check_ptr("scalars", scalars, 4);
+  p.target = ptr<const void>(target);
+  p.weight = ptr<const float>(weight);
+  p.out = ptr<float>(scalars);
+  p.ignore_index = ignore_index;
+  p.V = static_cast<int>(V);
+  p.is_mean = is_mean;
+  const cudaStream_t s = as_stream(stream);
+  auto launch = [&](auto index) {
+    using TI = decltype(index);
+    if (p.num_partials > 0) {
+      ce_partials_kernel<TI, true><<<static_cast<unsigned>(p.num_partials), kSumThreads, 0, s>>>(p);
+      check_launch("ce_partials_kernel");
+    }
+    ce_scalars_kernel<TI><<<1, kSumThreads, 0, s>>>(p);
+    check_launch("ce_scalars_kernel");
+  };
+  if (target_int64) {
+    launch(int64_t{0});
+  } else {
+    launch(int{0});
+  }
+}
+
+void fastlm::cross_entropy_reduce(int64_t loss, int64_t scalars, int64_t out, int64_t workspace,
+                                  int64_t workspace_numel, int64_t rows, bool is_mean, int device, int64_t stream) {
+  const DeviceGuard guard(device);
+  SumParams p = sum_params(rows, workspace, workspace_numel);
+  if (rows > 0) check_ptr("loss", loss, 4);  // empty: may be null
+  if (is_mean) check_ptr("scalars", scalars, 4);
+  check_ptr("out", out, 4);
+  p.loss = ptr<const float>(loss);
+  p.divisor = ptr<const float>(scalars);
+  p.out = ptr<float>(out);
+  p.is_mean = is_mean;
+  const cudaStream_t s = as_stream(stream);
+  if (p.num_partials > 0) {
+    ce_partials_kernel<float, false><<<static_cast<unsigned>(p.num_partials), kSumThreads, 0, s>>>(p);
+    check_launch("ce_partials_kernel");
+  }
+  ce_reduce_kernel<<<1, kSumThreads, 0, s>>>(p);
+  check_launch("ce_reduce_kernel");
+}

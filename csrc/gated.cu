@@ -42,11 +42,10 @@
 #include <string>
 
 #include "common.cuh"
+#include "launchers.h"
 
 namespace fastlm {
 namespace {
-
-enum Activation : int { kSilu = 0, kGeluTanh = 1, kGelu = 2 };  // kernels/gated.py's ACTIVATIONS codes
 
 constexpr int kThreads = 256;
 constexpr int kVecElems = 16;    // elements a thread per operand and tile, 16-byte accesses
@@ -229,13 +228,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) gated_bwd_kernel(const G
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename P>
-P* ptr(int64_t address) {
-  return reinterpret_cast<P*>(static_cast<std::uintptr_t>(address));
-}
-
 // An (M, N) operand allows V-wide accesses when its base is 16-byte aligned and so is every row.
 bool rows_aligned(const void* p, int64_t stride, int64_t M, int V) {
   return p == nullptr || (aligned16(p) && (M <= 1 || stride % V == 0));
@@ -257,9 +249,10 @@ void plan(GatedParams& p, int V) {
   p.col_tiles = static_cast<uint32_t>(col_tiles);
 }
 
+// Calls f(Tag<T>, integral_constant<int, kAct>) for the dtype and activation codes (launchers.h's Activation).
 template <typename F>
 void dispatch(int dtype, int act, F&& f) {
-  auto with_act = [&](auto tag) {
+  dispatch_dtype(dtype, [&](auto tag) {
     switch (act) {
       case kSilu:
         return f(tag, std::integral_constant<int, kSilu>{});
@@ -270,17 +263,7 @@ void dispatch(int dtype, int act, F&& f) {
       default:
         throw std::invalid_argument("fastlm._C: unknown activation code " + std::to_string(act));
     }
-  };
-  switch (dtype) {
-    case kFloat32:
-      return with_act(Tag<float>{});
-    case kFloat16:
-      return with_act(Tag<__half>{});
-    case kBFloat16:
-      return with_act(Tag<__nv_bfloat16>{});
-    default:
-      throw std::invalid_argument("fastlm._C: unknown dtype code " + std::to_string(dtype));
-  }
+  });
 }
 
 void check_sizes(int64_t M, int64_t N) {
@@ -319,11 +302,13 @@ void launch(GatedParams& p, bool backward, int dtype, int act, cudaStream_t stre
   });
 }
 
-cudaStream_t as_stream(int64_t stream) { return reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream)); }
-
 }  // namespace
+}  // namespace fastlm
 
-void gated_fwd(int64_t gate, int64_t gate_stride, int64_t up, int64_t up_stride, int64_t h, int64_t h_stride,
+// ---------------------------------------------------------------------------------------------------------------
+// The launchers of launchers.h, defined by qualified name: a signature unlike the declaration does not compile.
+
+void fastlm::gated_fwd(int64_t gate, int64_t gate_stride, int64_t up, int64_t up_stride, int64_t h, int64_t h_stride,
                int64_t M, int64_t N, int dtype, int activation, int device, int64_t stream) {
   const DeviceGuard guard(device);
   check_sizes(M, N);
@@ -341,7 +326,7 @@ void gated_fwd(int64_t gate, int64_t gate_stride, int64_t up, int64_t up_stride,
   launch(p, false, dtype, activation, as_stream(stream));
 }
 
-void gated_bwd(int64_t dh, int64_t dh_stride, int64_t gate, int64_t gate_stride, int64_t up, int64_t up_stride,
+void fastlm::gated_bwd(int64_t dh, int64_t dh_stride, int64_t gate, int64_t gate_stride, int64_t up, int64_t up_stride,
                int64_t dgate, int64_t dgate_stride, int64_t dup, int64_t dup_stride, int64_t M, int64_t N, int dtype,
                int activation, int device, int64_t stream) {
   const DeviceGuard guard(device);
@@ -365,5 +350,3 @@ void gated_bwd(int64_t dh, int64_t dh_stride, int64_t gate, int64_t gate_stride,
   p.N = N;
   launch(p, true, dtype, activation, as_stream(stream));
 }
-
-}  // namespace fastlm

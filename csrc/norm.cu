@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "launchers.h"
 
 namespace fastlm {
 
@@ -88,8 +89,6 @@ constexpr int kPartialsPerSm = 2;
 constexpr int kColBlocksPerSm = 4;
 // dw/db reduction: a block sums 32 columns over G rows, kFinalizeSlices rows at a time.
 constexpr int kFinalizeSlices = 16;
-// Shared memory above which a kernel must opt in (cudaFuncAttributeMaxDynamicSharedMemorySize).
-constexpr int kDefaultSmem = 48 * 1024;
 
 // Blocks of `threads` that must fit on an SM together, for __launch_bounds__: 1024 threads for the vectorized
 // 16-bit forward (64 registers a thread, 32 elements: 64 KB of loads in flight per SM), 512 otherwise (128
@@ -157,6 +156,37 @@ struct FinalizeParams {
 // ---------------------------------------------------------------------------------------------------------------
 // Forward, rows in registers. Block = kRows groups of kGroup threads, one row per group; thread `lane` of a group
 // holds the row's elements (i·kGroup + lane)·V + [0, V) for i < kIters, so a warp's accesses are contiguous.
+// The forward's epilogue, shared by both forward kernels: y[row, col + j] = (v[j] − mean)·rstd·w_eff[j] + b[j] for
+// j < V, with w_eff = w (+ offset for RMSNorm), 1 without weight, and b = 0 without bias; one rounding to T.
+// I is the column's type (int or int64_t, as the caller indexes), so the address arithmetic is the caller's own.
+// The pointers are __restrict__ (outputs never alias inputs): the register kernel's code is then what it was with
+// the epilogue written inline; the chunked kernel takes 2 more registers at V = 1 (80 of its 128, no spills).
+template <int V, typename T, typename W, typename I>
+__device__ __forceinline__ void store_normalized(const NormFwdParams& p, const W* __restrict__ weight,
+                                                 const W* __restrict__ bias, T* __restrict__ y, int64_t row, I col,
+                                                 const float (&v)[V], float mean, float rstd) {
+  float w[V];
+  float b[V];
+  if (weight != nullptr) {
+    load_floats<V>(weight + col, w);
+#pragma unroll
+    for (int j = 0; j < V; ++j) w[j] += p.is_rms ? p.offset : 0.f;
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) w[j] = 1.f;
+  }
+  if (bias != nullptr) {
+    load_floats<V>(bias + col, b);
+  } else {
+#pragma unroll
+    for (int j = 0; j < V; ++j) b[j] = 0.f;
+  }
+  float out[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) out[j] = (v[j] - mean) * rstd * w[j] + b[j];
+  store_floats<V>(y + row * p.y_stride + col, out);
+}
+
 // kRows > 1 only with kGroup == 32 (warp reductions, no barrier), so a warp past the last row may stop early.
 template <typename T, typename W, int V, int kGroup, int kRows, int kIters>
 __global__ void __launch_bounds__(kGroup* kRows, fwd_min_blocks<T, V>(kGroup* kRows))
@@ -242,28 +272,7 @@ __global__ void __launch_bounds__(kGroup* kRows, fwd_min_blocks<T, V>(kGroup* kR
 #pragma unroll
     for (int i = 0; i < kIters; ++i) {
       const int col = (i * kGroup + lane) * V;
-      if (col < N) {
-        float w[V];
-        float b[V];
-        if (weight != nullptr) {
-          load_floats<V>(weight + col, w);
-#pragma unroll
-          for (int j = 0; j < V; ++j) w[j] += p.is_rms ? p.offset : 0.f;
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) w[j] = 1.f;
-        }
-        if (bias != nullptr) {
-          load_floats<V>(bias + col, b);
-        } else {
-#pragma unroll
-          for (int j = 0; j < V; ++j) b[j] = 0.f;
-        }
-        float out[V];
-#pragma unroll
-        for (int j = 0; j < V; ++j) out[j] = (v[i][j] - mean) * rstd * w[j] + b[j];
-        store_floats<V>(y + row * p.y_stride + col, out);
-      }
+      if (col < N) store_normalized<V>(p, weight, bias, y, row, col, v[i], mean, rstd);
     }
   }
 }
@@ -371,28 +380,7 @@ __global__ void __launch_bounds__(kThreads, fwd_min_blocks<T, V>(kThreads))
 #pragma unroll
       for (int i = 0; i < kIters; ++i) {
         const int64_t col = base + static_cast<int64_t>(i * kThreads + t) * V;
-        if (col < N) {
-          float w[V];
-          float b[V];
-          if (weight != nullptr) {
-            load_floats<V>(weight + col, w);
-#pragma unroll
-            for (int j = 0; j < V; ++j) w[j] += p.is_rms ? p.offset : 0.f;
-          } else {
-#pragma unroll
-            for (int j = 0; j < V; ++j) w[j] = 1.f;
-          }
-          if (bias != nullptr) {
-            load_floats<V>(bias + col, b);
-          } else {
-#pragma unroll
-            for (int j = 0; j < V; ++j) b[j] = 0.f;
-          }
-          float out[V];
-#pragma unroll
-          for (int j = 0; j < V; ++j) out[j] = (v[i][j] - mean) * rstd * w[j] + b[j];
-          store_floats<V>(y + row * p.y_stride + col, out);
-        }
+        if (col < N) store_normalized<V>(p, weight, bias, y, row, col, v[i], mean, rstd);
       }
     }
   }
@@ -802,43 +790,22 @@ namespace {
 // Calls f(Tag<T>, Tag<W>) for the data type and weight type codes; W is T or float.
 template <typename F>
 void dispatch_types(int dtype, int wdtype, F&& f) {
-  const bool w32 = wdtype == kFloat32;
-  switch (dtype) {
-    case kFloat32:
-      f(Tag<float>{}, Tag<float>{});
-      return;
-    case kFloat16:
-      if (w32) {
-        f(Tag<__half>{}, Tag<float>{});
-      } else {
-        f(Tag<__half>{}, Tag<__half>{});
-      }
-      return;
-    case kBFloat16:
-      if (w32) {
-        f(Tag<__nv_bfloat16>{}, Tag<float>{});
-      } else {
-        f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
-      }
-      return;
-    default:
-      throw std::invalid_argument("fastlm._C: unknown dtype code " + std::to_string(dtype));
-  }
+  dispatch_dtype(dtype, [&](auto t) {
+    if (wdtype == kFloat32) {
+      f(t, Tag<float>{});
+    } else {
+      f(t, t);
+    }
+  });
 }
 
 void check_dtypes(int dtype, int wdtype) {
-  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16) {
-    throw std::invalid_argument("fastlm._C: dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                                std::to_string(dtype));
-  }
+  dispatch_dtype(dtype, [](auto) {});
   if (wdtype != dtype && wdtype != kFloat32) {
     throw std::invalid_argument("fastlm._C: the weight dtype must be the data dtype or float32 (code " +
                                 std::to_string(wdtype) + " with data code " + std::to_string(dtype) + ")");
   }
 }
-
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Largest grid.x we launch; the row kernels loop over rows past it.
 constexpr int64_t kMaxGridX = INT_MAX;
@@ -886,9 +853,7 @@ void launch_fwd(const NormFwdParams& p, cudaStream_t stream) {
 template <typename Kernel>
 void launch_with_smem(Kernel kernel, const char* name, dim3 grid, int threads, int smem, cudaStream_t stream,
                       const NormBwdParams& p) {
-  if (smem > kDefaultSmem) {
-    FASTLM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  }
+  opt_in_smem(kernel, smem, name);
   kernel<<<grid, threads, smem, stream>>>(p);
   check_launch(name);
 }
@@ -980,11 +945,6 @@ int64_t workspace_numel(int64_t M, int64_t N, bool need_dw, bool need_db, const 
   return parts * num_partials(M, N, d) * N + 2 * M;
 }
 
-template <typename P>
-P* ptr(int64_t address) {
-  return reinterpret_cast<P*>(static_cast<std::uintptr_t>(address));
-}
-
 void check_sizes(int64_t M, int64_t N) {
   if (M < 0 || N < 0) {
     throw std::invalid_argument("fastlm._C: M and N must be ≥ 0, got M=" + std::to_string(M) +
@@ -1000,8 +960,12 @@ bool rows_aligned(const void* p, int64_t stride, int64_t M, int V) {
 }
 
 }  // namespace
+}  // namespace fastlm
 
-void norm_fwd(int64_t x, int64_t x_stride, int64_t residual, int64_t residual_stride, int64_t weight, int64_t bias,
+// ---------------------------------------------------------------------------------------------------------------
+// The launchers of launchers.h, defined by qualified name: a signature unlike the declaration does not compile.
+
+void fastlm::norm_fwd(int64_t x, int64_t x_stride, int64_t residual, int64_t residual_stride, int64_t weight, int64_t bias,
               int64_t y, int64_t y_stride, int64_t residual_out, int64_t residual_out_stride, int64_t mean,
               int64_t rstd, int64_t M, int64_t N, int dtype, int wdtype, double eps, bool is_rms, double offset,
               int device, int64_t stream) {
@@ -1043,7 +1007,7 @@ void norm_fwd(int64_t x, int64_t x_stride, int64_t residual, int64_t residual_st
                    rows_aligned(p.residual, residual_stride, M, V) && rows_aligned(p.y, y_stride, M, V) &&
                    rows_aligned(p.residual_out, residual_out_stride, M, V) && rows_aligned(p.weight, 0, 1, V) &&
                    rows_aligned(p.bias, 0, 1, V);
-  const auto s = reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream));
+  const cudaStream_t s = as_stream(stream);
   dispatch_types(dtype, wdtype, [&](auto t, auto w) {
     using T = typename decltype(t)::type;
     using W = typename decltype(w)::type;
@@ -1055,19 +1019,19 @@ void norm_fwd(int64_t x, int64_t x_stride, int64_t residual, int64_t residual_st
   });
 }
 
-int64_t norm_bwd_num_partials(int64_t M, int64_t N, int device) {
+int64_t fastlm::norm_bwd_num_partials(int64_t M, int64_t N, int device) {
   const DeviceGuard guard(device);
   check_sizes(M, N);
   return num_partials(M, N, device_limits(device));
 }
 
-int64_t norm_bwd_workspace_numel(int64_t M, int64_t N, bool need_dw, bool need_db, int device) {
+int64_t fastlm::norm_bwd_workspace_numel(int64_t M, int64_t N, bool need_dw, bool need_db, int device) {
   const DeviceGuard guard(device);
   check_sizes(M, N);
   return workspace_numel(M, N, need_dw, need_db, device_limits(device));
 }
 
-void norm_bwd(int64_t dy, int64_t dy_stride, int64_t xin, int64_t xin_stride, int64_t weight, int64_t mean,
+void fastlm::norm_bwd(int64_t dy, int64_t dy_stride, int64_t xin, int64_t xin_stride, int64_t weight, int64_t mean,
               int64_t rstd, int64_t dres, int64_t dres_stride, int64_t dx, int64_t dx_stride, int64_t dw, int64_t db,
               int64_t workspace, int64_t workspace_numel_given, int64_t M, int64_t N, int dtype, int wdtype,
               bool is_rms, double offset, int device, int64_t stream) {
@@ -1123,7 +1087,7 @@ void norm_bwd(int64_t dy, int64_t dy_stride, int64_t xin, int64_t xin_stride, in
                    rows_aligned(p.dres, dres_stride, M, V) && rows_aligned(p.dx, dx_stride, M, V) &&
                    rows_aligned(p.weight, 0, 1, V) && (ws == nullptr || aligned16(ws));
   const bool chunked = N > bwd_register_max_n(vec, dtype, limits);
-  const auto s = reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream));
+  const cudaStream_t s = as_stream(stream);
   dispatch_types(dtype, wdtype, [&](auto t, auto w) {
     using T = typename decltype(t)::type;
     using W = typename decltype(w)::type;
@@ -1157,7 +1121,7 @@ void norm_bwd(int64_t dy, int64_t dy_stride, int64_t xin, int64_t xin_stride, in
 // The SM architectures of the device code in this binary, from nvcc's __CUDA_ARCH_LIST__ (e.g. 800,900). It lives
 // in a .cu file because setup.py compiles bindings.cpp without the -gencode flags, where nvcc reports its default
 // architecture instead.
-std::vector<int> compiled_archs() {
+std::vector<int> fastlm::compiled_archs() {
 #if defined(__CUDA_ARCH_LIST__)
   const int list[] = {__CUDA_ARCH_LIST__};
   std::vector<int> archs;
@@ -1170,4 +1134,10 @@ std::vector<int> compiled_archs() {
 #endif
 }
 
-}  // namespace fastlm
+// "13.0" for CUDA 13.0: the runtime linked statically into this module (no GPU needed to ask). Beside
+// compiled_archs as the module's other piece of build information.
+std::string fastlm::cuda_runtime_version() {
+  int version = 0;
+  FASTLM_CUDA_CHECK(cudaRuntimeGetVersion(&version));
+  return std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10);
+}

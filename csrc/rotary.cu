@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "common.cuh"
+#include "launchers.h"
 
 namespace fastlm {
 namespace {
@@ -190,29 +191,20 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p) 
   }
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename P>
-P* ptr(int64_t address) {
-  return reinterpret_cast<P*>(static_cast<std::uintptr_t>(address));
-}
-
+// Calls f(Tag<T>, Tag<C>) for x's dtype code and the cos/sin dtype code; C is float or T.
 template <typename F>
 void dispatch_types(int dtype, int cdtype, F&& f) {
   const bool c32 = cdtype == kFloat32;
   if (cdtype != kFloat32 && cdtype != dtype) {
     throw std::invalid_argument("fastlm._C: rotary: cos and sin must be float32 or x's dtype");
   }
-  switch (dtype) {
-    case kFloat32:
-      return f(Tag<float>{}, Tag<float>{});
-    case kFloat16:
-      return c32 ? f(Tag<__half>{}, Tag<float>{}) : f(Tag<__half>{}, Tag<__half>{});
-    case kBFloat16:
-      return c32 ? f(Tag<__nv_bfloat16>{}, Tag<float>{}) : f(Tag<__nv_bfloat16>{}, Tag<__nv_bfloat16>{});
-    default:
-      throw std::invalid_argument("fastlm._C: unknown dtype code " + std::to_string(dtype));
-  }
+  dispatch_dtype(dtype, [&](auto t) {
+    if (c32) {
+      f(t, Tag<float>{});
+    } else {
+      f(t, t);
+    }
+  });
 }
 
 bool multiples(const std::vector<int64_t>& strides, int v) {
@@ -220,8 +212,12 @@ bool multiples(const std::vector<int64_t>& strides, int v) {
 }
 
 }  // namespace
+}  // namespace fastlm
 
-void rotary(int64_t x, std::vector<int64_t> x_strides, int64_t cos, int64_t sin, std::vector<int64_t> cos_strides,
+// ---------------------------------------------------------------------------------------------------------------
+// The launcher of launchers.h, defined by qualified name: a signature unlike the declaration does not compile.
+
+void fastlm::rotary(int64_t x, std::vector<int64_t> x_strides, int64_t cos, int64_t sin, std::vector<int64_t> cos_strides,
             int64_t out, std::vector<int64_t> out_strides, int64_t batch, int64_t seqlen, int64_t heads,
             int64_t head_dim, int64_t rot, int dtype, int cdtype, bool interleaved, bool backward, int device,
             int64_t stream) {
@@ -283,7 +279,7 @@ void rotary(int64_t x, std::vector<int64_t> x_strides, int64_t cos, int64_t sin,
   p.heads_per_block = static_cast<int>(ceil_div(heads, groups));
   const dim3 grid(static_cast<unsigned>(token_blocks), static_cast<unsigned>(ceil_div(heads, p.heads_per_block)));
 
-  const auto s = reinterpret_cast<cudaStream_t>(static_cast<std::uintptr_t>(stream));
+  const cudaStream_t s = as_stream(stream);
   dispatch_types(dtype, cdtype, [&](auto t, auto c) {
     using T = typename decltype(t)::type;
     using C = typename decltype(c)::type;
@@ -302,5 +298,3 @@ void rotary(int64_t x, std::vector<int64_t> x_strides, int64_t cos, int64_t sin,
     check_launch("rotary_kernel");
   });
 }
-
-}  // namespace fastlm
