@@ -8,9 +8,10 @@ block at d128 feeds wgmma tiles a quarter of their natural height. Measurement d
 work is split:
 
 1. On a CPU (`--static`, no GPU): every candidate of GRID is compiled for sm_90a through the static report's
-   compiler (`benchmarks.static.compile_spec`), with a causal mask, as the launchers would launch it; a candidate
-   that spills, uses local memory, needs more shared memory than an H100/H200 block may have (227 KB), or fails
-   to compile is dropped. The survivors, with their registers and shared memory, go to CANDIDATES_FILE
+   compiler (`benchmarks.static.compile_variant`), with a causal mask, as the launcher launches it with the
+   candidate in its table (the report's recorder on the report's causal call); a candidate that spills, uses
+   local memory, needs more shared memory than an H100/H200 block may have (227 KB), or fails to compile is
+   dropped. The survivors, with their registers and shared memory, go to CANDIDATES_FILE
    (committed), so the GPU spends no time on configurations that cannot win.
 2. On the GPU (default): for each case of CASES and each kernel, every candidate for the case's head dim is put in
    the launcher's table and the op is timed (`triton.testing.do_bench` medians: the forward for a forward shape,
@@ -72,18 +73,24 @@ ERROR_FLOOR = 1e-3
 
 
 def _static_row(job):
-    """Compile one candidate for sm_90a (a worker of --static): the static report's row for it."""
+    """Compile one candidate for sm_90a (a worker of --static): the static report's row for it. The candidate is put
+    in the launcher's table and the report's bf16 causal call at this head dim is recorded (benchmarks.static):
+    the variant compiled is the one the launcher launches with that table."""
     kernel, head_dim, config = job
     os.environ.pop("TRITON_INTERPRET", None)
+    import torch
+
     from benchmarks import static
     from fastlm.kernels import attention as A
 
+    fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
     with table_entry(A, kernel, head_dim, tuple(config)):
-        name = f"{SPEC_PREFIX[kernel]}[bf16, d{head_dim}, causal]"
-        specs = [s for s in A.static_specs() if s.name == name]
-        if len(specs) != 1:
-            return {"kernel": name, "error": f"static_specs() lists {len(specs)} specs named {name}"}
-        return static.compile_spec(specs[0], 90, "attention.py")
+        found = static.record(lambda _: static.attention_call(torch.bfloat16, head_dim, "causal"), "attention.py")
+    found = [v for v in found if v.fn is fn]
+    if len(found) != 1:
+        return {"kernel": f"{SPEC_PREFIX[kernel]}[bf16, d{head_dim}, causal]",
+                "error": f"the causal call launched {len(found)} variants of {fn.__name__}"}
+    return static.compile_variant(found[0], 90)
 
 
 def usable(row) -> bool:

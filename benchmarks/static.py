@@ -2,9 +2,11 @@
 
 It compiles every kernel fastlm ships, for every architecture it ships for, on a machine with no GPU, and reads
 the machine code:
-- Triton: every `KernelSpec` that a module of fastlm.kernels lists in `static_specs()` (each variant its launchers
-  may launch), through `triton.compile` with a `GPUTarget` for sm_80 and sm_90 (which Triton builds as sm_90a),
-  with the divisible-by-16 specialisation the JIT would give the spec's aligned arguments.
+- Triton: every variant the launchers of fastlm.kernels launch. The launchers themselves are run (LAUNCHES: call
+  shapes that reach every entry of their launch tables) on CPU tensors with Triton's JIT launch replaced by a
+  recorder that binds each call as the JIT does (argument types, constexprs, divisible-by-16 attributes); each
+  distinct variant is compiled by `triton.compile` with a `GPUTarget` for sm_80 and sm_90 (which Triton builds as
+  sm_90a).
 - CUDA C++: every csrc/*.cu for every architecture setup.py builds. Where setup.py's build object of the source
   is newer than csrc/ and setup.py (CI builds before the report runs), that object is read: it is exactly what
   ships, and nvcc takes minutes on these templates. Otherwise nvcc compiles it here with setup.py's own flags,
@@ -21,9 +23,9 @@ os.cpu_count() workers; it runs in CI after the tests.
 import argparse
 import functools
 import importlib
+import itertools
 import multiprocessing
 import os
-import pkgutil
 import re
 import runpy
 import shlex
@@ -34,12 +36,13 @@ import tempfile
 import time
 import unittest.mock
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TRITON_CAPS = (80, 90)  # compute capabilities the Triton kernels are compiled for; 90 builds sm_90a
 TRITON_WARP_SIZE = 32
-KERNEL_PACKAGE = "fastlm.kernels"
 CSRC = REPO / "csrc"
 BUILD_DIR = REPO / "build" / "cuda"  # where setup.py's ninja build leaves one object per source, <name>.o
 NAME_WIDTH = 64  # kernel names longer than this are shortened in the table
@@ -147,60 +150,347 @@ def problems(row: dict) -> list:
     return why
 
 
-# ---------------------------------------------------------------------------------------------- Triton
+# ---------------------------------------------------------------------------------------------- Triton: recording
+#
+# The launchers are the specification of what ships. `recording()` replaces JITFunction.run (what `kernel[grid](...)`
+# calls) with a recorder that binds the call exactly as Triton's JIT does (its own binder and `_pack_args`: the
+# signature types, ints equal to 1 specialised as constexprs, the divisible-by-16 attributes of pointers and ints)
+# and, instead of compiling and launching, keeps (kernel, signature, constexprs, attributes, launch options). Then
+# the real launchers run on small CPU tensors over the call shapes of LAUNCHES, without Triton's interpreter, so
+# they take their GPU configurations. They never read device values (no host syncs by design), so the garbage the
+# outputs hold is never looked at.
+
+CPU_SMS = 4  # what fastlm._util.num_sms answers for a CPU tensor: it sets a few programs-per-SM counts below
 
 
-def kernel_modules() -> list:
-    """Names of the modules of fastlm.kernels that list their variants (`static_specs`)."""
-    package = importlib.import_module(KERNEL_PACKAGE)
-    names = []
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{KERNEL_PACKAGE}.{info.name}")
-        if hasattr(module, "static_specs"):
-            names.append(module.__name__)
-    return names
+@dataclass(eq=False)
+class Variant:
+    """One compiled variant of a Triton kernel, as its launcher launches it: what `triton.compile` needs to build it
+    without a GPU."""
+
+    source: str  # the kernels module's file, e.g. "norm.py"
+    fn: object  # the JITFunction
+    signature: dict  # argument name -> Triton type ("*bf16", "i32", "i64", "fp32", "constexpr")
+    constexprs: dict  # argument name -> value, for every "constexpr" of the signature (ints of 1 included)
+    attrs: dict  # {(argument position,): [["tt.divisibility", 16]], ...}: the JIT's specialisation attributes
+    options: dict  # launch options the launcher passed: num_warps, num_stages
+    name: str = ""
+
+    @property
+    def num_warps(self):
+        return self.options.get("num_warps", 4)  # Triton's default
+
+    @property
+    def num_stages(self):
+        return self.options.get("num_stages")
+
+    def aligned(self) -> tuple:
+        """Arguments the JIT specialised as divisible by 16."""
+        return tuple(self.fn.arg_names[path[0]] for path, attr in self.attrs.items()
+                     if ["tt.divisibility", 16] in attr)
+
+    def key(self) -> tuple:
+        return (self.fn, tuple(self.signature.items()), repr(sorted(self.constexprs.items())),
+                repr(sorted(self.attrs.items())), repr(sorted(self.options.items())))
+
+    def __reduce__(self):  # for the pool's workers: the kernel by reference (module and name), the rest as data
+        return (_variant, (self.fn.module, self.fn.__name__, self.source, self.signature, self.constexprs, self.attrs,
+                           self.options, self.name))
+
+
+def _variant(module, fn_name, *rest):
+    return Variant(rest[0], getattr(importlib.import_module(module), fn_name), *rest[1:])
+
+
+# Launch options of JITFunction.run that are not kernel launch options (the JIT sets them itself).
+_NOT_OPTIONS = ("debug", "instrumentation_mode")
+
+
+@contextmanager
+def recording(source: str = None):
+    """Within it, `kernel[grid](*args, **kwargs)` of any @triton.jit kernel binds its arguments as the JIT does and
+    appends a Variant to the yielded list instead of compiling and launching (duplicates kept once, in order)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("recording needs compiled @triton.jit functions: unset TRITON_INTERPRET before importing "
+                           "the kernels")
+    # The binder specialises the same way for every CUDA target (sm_80 and sm_90 alike).
+    backend = make_backend(GPUTarget("cuda", TRITON_CAPS[-1], TRITON_WARP_SIZE))
+    binders, found, seen = {}, [], set()
+
+    def record(fn, *args, grid, warmup, **kwargs):
+        binder = binders.get(fn)
+        if binder is None:
+            binder = binders[fn] = create_function_from_signature(fn.signature, fn.params, backend)
+        bound_args, specialization, _ = binder(*args, **kwargs)
+        _, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, kwargs)
+        names = fn.arg_names
+        v = Variant(source or f"{fn.module.rsplit('.', 1)[-1]}.py", fn, signature,
+                    {names[path[0]]: value for path, value in constexprs.items()}, attrs,
+                    {k: val for k, val in kwargs.items() if k not in names and k not in _NOT_OPTIONS})
+        if v.key() not in seen:
+            seen.add(v.key())
+            found.append(v)
+        return None
+
+    with unittest.mock.patch.object(JITFunction, "run", record):
+        yield found
+
+
+def _fmt_const(name, value):
+    return name if value is True else f"{name}={value}"
+
+
+def _extras(v: Variant) -> dict:
+    """What else may tell two variants apart: {feature: its text in a name}."""
+    out = {("ptr", n): f"{n}:{ty[1:]}" for n, ty in v.signature.items() if ty.startswith("*")}
+    out.update({("type", n): f"{n}:{ty}" for n, ty in v.signature.items() if ty[0] in "iu"})
+    aligned = set(v.aligned())
+    out.update({("div", n): f"{n}%16" for n, ty in v.signature.items() if ty[0] in "*iu" and n not in aligned})
+    out.update({("opt", k): f"{k}={val}" for k, val in v.options.items()})
+    return out
+
+
+def name_variants(variants: list) -> None:
+    """Name each variant: its kernel, the dtype of its first pointer, and the constexprs that differ between the
+    variants of that kernel (a flag by its name when on; an int the JIT specialised as 1 as name=1). Variants that
+    this leaves alike get what tells them apart: other pointers' dtypes (X:bf16), int types (n:i64), arguments
+    not divisible by 16 (n%16), launch options (num_stages=3)."""
+    by_fn = {}
+    for v in variants:
+        by_fn.setdefault(v.fn, []).append(v)
+    for fn, group in by_fn.items():
+        base = re.sub(r"_kernel$", "", fn.__name__.lstrip("_"))
+        consts = [{n: val for n, val in v.constexprs.items()} for v in group]
+        varying = [n for n in fn.arg_names if len({repr(c.get(n, "-")) for c in consts}) > 1]
+        first_ptr = next((n for n, ty in group[0].signature.items() if ty.startswith("*")), None)
+        alike = {}
+        for v, c in zip(group, consts):
+            parts = [v.signature[first_ptr][1:]] if first_ptr and v.signature[first_ptr].startswith("*") else []
+            parts += [_fmt_const(n, c[n]) for n in varying if n in c and c[n] is not False]
+            alike.setdefault(", ".join(parts), []).append(v)
+        for head, same in alike.items():
+            extras = [_extras(v) for v in same]
+            keys = list(dict.fromkeys(k for e in extras for k in e))
+            differ = [k for k in keys if len({e.get(k, "") for e in extras}) > 1]
+            for i, (v, e) in enumerate(zip(same, extras)):
+                parts = [head] if head else []
+                parts += [e[k] for k in differ if k in e]
+                v.name = f"{base}[{', '.join(parts)}]"
+            taken = {}
+            for v in same:  # alike in everything named: numbered (not expected)
+                taken[v.name] = taken.get(v.name, 0) + 1
+                if taken[v.name] > 1:
+                    v.name += f" #{taken[v.name]}"
+
+
+# ---------------------------------------------------------------------------------------------- Triton: call shapes
+#
+# Per kernels module, the launcher calls whose launches the report compiles: chosen so that every entry of the
+# module's launch tables is launched, each kernel with its options off and on, with realistic layouts (contiguous
+# tensors, or the views the ops take: strided gate/up halves, packed varlen), so the JIT types every argument as it
+# would on the GPU. Small sizes: nothing is computed, only bound.
+
+
+def _launch_norm(found: list) -> None:
+    import torch
+
+    from fastlm.kernels import norm as K
+
+    M = 1000  # rows: ≥ 2 programs for every block shape, not a multiple of 16 (a token count need not be)
+    widest = max(K.MAX_FUSED_N, *K.BWD_MAX_FUSED_N.values())
+    widths = [1 << k for k in range(widest.bit_length())] + [2 * widest]  # each fused block, then the chunked path
+    # bf16 with an fp32 weight (mixed-precision training), fp32; and a bf16 weight for the Σ kernel's bf16 output.
+    for xdt, wdt, ns in ((torch.bfloat16, torch.float32, widths), (torch.float32, torch.float32, widths),
+                         (torch.bfloat16, torch.bfloat16, [K.SUM_BLOCK_N])):
+        for is_rms in (False, True):
+            for n in ns:
+                x, res, dy, dres = (torch.empty(M, n, dtype=xdt) for _ in range(4))
+                w = torch.empty(n, dtype=wdt)
+                b = None if is_rms else torch.empty(n, dtype=wdt)
+                _, res_out, mean, rstd = K.norm_fwd(x, w, b, res, 1e-5, is_rms, 0.0)
+                K.norm_bwd(dy, res_out, w, mean, rstd, dres, is_rms, 0.0, True, not is_rms)
+    # norm_bwd widens the Σ kernel's column block for tensors not on a CUDA device (the interpreter's programs cost
+    # ~20 ms whatever their size); on the GPU it is always SUM_BLOCK_N, and the wide ones never ship.
+    found[:] = [v for v in found if v.fn is not K._sum_partials_kernel or v.constexprs["BLOCK_N"] == K.SUM_BLOCK_N]
+
+
+def _launch_cross_entropy(found: list) -> None:
+    import torch
+
+    from fastlm.kernels import cross_entropy as K
+
+    rows, V = 64, 1024
+    weight = torch.empty(V, dtype=torch.float32)
+    for dt in (torch.bfloat16, torch.float32):
+        logits = torch.empty(rows, V, dtype=dt)
+        target = torch.empty(rows, dtype=torch.int64)
+        loss, row_max, log_s, sc, grad = K.cross_entropy_fwd(logits, target, weight, -100, 0.1, 1e-4, 30.0, "mean",
+                                                             True)
+        K.cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, torch.empty(rows), -100, 0.1, 1e-4, 30.0)
+        K.scale_grad(grad, torch.empty(1))
+        for mean in (True, False):
+            K.reduce_loss(loss, sc, mean)
+    for idx in (torch.int64, torch.int32):
+        for w in (weight, None):
+            K.scalars(torch.empty(rows, dtype=idx), w, V, -100, "mean")
+
+
+def attention_call(dtype, head_dim: int, kind: str, rows: int = None) -> None:
+    """One attention call of the report's, forward (and backward where the kind has one) on CPU tensors:
+    - "causal": dense (2, 64) causal, 4 query heads over 2 kv heads, forward and backward;
+    - "all": packed varlen (40 + 24 tokens), a window on both sides and a softcap, backward with dlse;
+    - "decode", "decode all": 16 query positions (5 q heads a kv head: too many rows for split-KV), dense causal
+      and varlen with every option, forward;
+    - "splitkv", "splitkv all", "splitkv all one": the split-KV decode kernel for a kv head's `rows` query rows,
+      dense causal and varlen with every option over 600+ keys (several splits), and varlen over a few keys (one)."""
+    import torch
+
+    from fastlm.kernels import attention as K
+
+    group = 2
+    wl, wr, softcap, varlen, backward = None, 0, None, kind.endswith(("all", "all one")), False
+    if varlen:
+        wl, wr, softcap = 8, 4, 30.0
+    if kind == "causal":
+        q_lens = k_lens = [64, 64]
+        backward = True
+    elif kind == "all":
+        q_lens = k_lens = [40, 24]
+        backward = True
+    elif kind == "decode":
+        q_lens, k_lens, group = [16, 16], [64, 64], 5
+    elif kind == "decode all":
+        q_lens, k_lens, group = [14, 2], [64, 48], 5
+    elif kind.startswith("splitkv"):
+        seqlen_q, group = (1, rows) if rows < 16 else (rows // 2, 2)
+        q_lens = [seqlen_q] * (1 if kind == "splitkv" else 2)
+        k_lens = [64, 48] if kind.endswith("one") else [640] * len(q_lens)
+        if kind == "splitkv all":
+            wl = 600
+    else:
+        raise ValueError(kind)
+    Hk = 2
+    Hq = Hk * group
+    if varlen:
+        cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32) for lens in (q_lens, k_lens))
+        q = torch.empty(sum(q_lens), Hq, head_dim, dtype=dtype)
+        k, v = (torch.empty(sum(k_lens), Hk, head_dim, dtype=dtype) for _ in range(2))
+        extra = (cu_q, cu_k, max(q_lens), max(k_lens))
+    else:
+        q = torch.empty(len(q_lens), q_lens[0], Hq, head_dim, dtype=dtype)
+        k, v = (torch.empty(len(k_lens), k_lens[0], Hk, head_dim, dtype=dtype) for _ in range(2))
+        extra = (None, None, None, None)
+    scale = head_dim ** -0.5
+    out, lse = K.attention_fwd(q, k, v, *extra, scale, wl, wr, softcap)
+    if backward:
+        dlse = torch.empty_like(lse) if varlen else None
+        K.attention_bwd(torch.empty_like(out), q, k, v, out, lse, dlse, *extra, scale, wl, wr, softcap)
+
+
+def _launch_attention(found: list) -> None:
+    import torch
+
+    from fastlm.kernels import attention as K
+
+    for fp32 in (False, True):
+        dtype = torch.float32 if fp32 else torch.bfloat16
+        for head_dim in K.FWD_CONFIGS[fp32]:
+            for kind in ("causal", "all"):
+                attention_call(dtype, head_dim, kind)
+            if fp32:
+                continue  # the short-query and split-KV paths are 16-bit only
+            for kind in ("decode", "decode all"):
+                attention_call(dtype, head_dim, kind)
+            for block_m in K.DECODE_CONFIGS[K.block_d(head_dim)]:
+                # A tile of block_m rows (4 for 16: one query position, as in token-by-token decoding; and 16,
+                # speculative decoding's few positions), several splits and one.
+                for rows in ((4, block_m) if block_m == 16 else (block_m,)):
+                    for kind in ("splitkv", "splitkv all", "splitkv all one"):
+                        attention_call(dtype, head_dim, kind, rows)
+
+
+def _launch_gated(found: list) -> None:
+    import torch
+
+    from fastlm.kernels import gated as K
+
+    M = 24
+    widths = [1 << k for k in range(K.MIN_BLOCK_N.bit_length() - 1, K.TILE.bit_length())] + [2 * K.TILE]
+    for dt in (torch.bfloat16, torch.float32):
+        for act in K.ACTIVATIONS:
+            # The halves of a fused gate-up projection (row stride 2N): each row width's tile; then contiguous
+            # operands, which the launcher views as one row.
+            halves = [torch.empty(M, 2 * n, dtype=dt) for n in widths]
+            pairs = [(b[:, :n], b[:, n:]) for b, n in zip(halves, widths)]
+            pairs.append((torch.empty(M, K.TILE, dtype=dt), torch.empty(M, K.TILE, dtype=dt)))
+            for gate, up in pairs:
+                K.gated_fwd(gate, up, act)
+                K.gated_bwd(torch.empty(gate.shape, dtype=dt), gate, up, act)
+
+
+def _launch_rotary(found: list) -> None:
+    import torch
+
+    from fastlm.kernels import rotary as K
+
+    for xdt, cdt in ((torch.bfloat16, torch.float32), (torch.float32, torch.float32)):
+        for interleaved in (False, True):
+            for k in range(K.MIN_BLOCK_HALF.bit_length() - 1, (K.MAX_ROT // 2).bit_length()):
+                rot = 2 << k  # every rotation tile; head dim 64 (a pass-through part) or the rotation
+                x = torch.empty(2, 16, 4, max(rot, 64), dtype=xdt)
+                cos, sin = (torch.empty(16, rot, dtype=cdt) for _ in range(2))
+                K.rotary_fwd(x, cos, sin, interleaved, False)
+                K.rotary_bwd(x, cos, sin, interleaved, False)
+
+
+LAUNCHES = {"attention.py": _launch_attention, "cross_entropy.py": _launch_cross_entropy, "gated.py": _launch_gated,
+            "norm.py": _launch_norm, "rotary.py": _launch_rotary}
+
+
+def record(launch, source: str = None) -> list:
+    """The variants `launch(found)` launches (named)."""
+    with recording(source) as found:
+        launch(found)
+    name_variants(found)
+    return found
 
 
 @functools.lru_cache(maxsize=None)
-def _specs(module_name: str) -> list:
-    return importlib.import_module(module_name).static_specs()
+def _all_variants() -> tuple:
+    variants = []
+    for source, launch in LAUNCHES.items():
+        variants += record(launch, source)
+    return tuple(variants)
 
 
-def divisibility_attrs(spec) -> dict:
-    """The JIT's encoding of "this argument is divisible by 16" (triton 3.6: BaseBackend.parse_attr of the "D"
-    specialisation), keyed by the argument's position."""
-    names = spec.fn.arg_names
-    unknown = [a for a in spec.divisible_by_16 if a not in names]
-    if unknown:
-        raise ValueError(f"divisible_by_16 names arguments the kernel does not have: {unknown}")
-    return {(names.index(a),): [["tt.divisibility", 16]] for a in spec.divisible_by_16}
+def triton_variants(pattern: str = None) -> list:
+    """Every variant the launchers launch over LAUNCHES's calls, named; with `pattern`, those whose name matches."""
+    return [v for v in _all_variants() if pattern is None or re.search(pattern, v.name)]
 
 
-def compile_triton(module_name: str, index: int, cap: int) -> dict:
-    """Compile one spec for one architecture and read its cubin (runs in a pool worker)."""
-    return compile_spec(_specs(module_name)[index], cap, module_name.rsplit(".", 1)[-1] + ".py")
+def compile_triton(variant: Variant, cap: int) -> dict:
+    """Compile one variant for one architecture and read its cubin (runs in a pool worker)."""
+    return compile_variant(variant, cap)
 
 
-def compile_spec(spec, cap: int, source: str) -> dict:
-    """Compile a KernelSpec for compute capability `cap` with triton.compile (no GPU needed) and read its cubin:
-    one row of the report (registers, shared and local memory, spills, load widths, tensor-core instructions)."""
+def compile_variant(variant: Variant, cap: int, source: str = None) -> dict:
+    """Compile a Variant for compute capability `cap` with triton.compile (no GPU needed) and read its cubin: one row
+    of the report (registers, shared and local memory, spills, load widths, tensor-core instructions)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import sm_arch_from_capability
     from triton.compiler import ASTSource
 
-    row = {"source": source, "kernel": spec.name, "arch": sm_arch_from_capability(cap)}
+    row = {"source": source or variant.source, "kernel": variant.name, "arch": sm_arch_from_capability(cap)}
     start = time.perf_counter()
     try:
-        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs,
-                        attrs=divisibility_attrs(spec))
-        options = {"num_warps": spec.num_warps}
-        # Pipelined kernels (attention) set their software-pipelining depth; others leave Triton's default.
-        if getattr(spec, "num_stages", None) is not None:
-            options["num_stages"] = spec.num_stages
-        compiled = triton.compile(src, target=GPUTarget("cuda", cap, TRITON_WARP_SIZE), options=options)
+        src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs,
+                        attrs=variant.attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", cap, TRITON_WARP_SIZE), options=dict(variant.options))
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp, "kernel.cubin")
             cubin.write_bytes(compiled.asm["cubin"])
@@ -210,7 +500,7 @@ def compile_spec(spec, cap: int, source: str) -> dict:
         facts = next(iter(found.values()))
         # Triton's shared memory is dynamic, so the cubin's static SHARED misses it; the compiler's metadata has it.
         facts["shared"] = max(facts["shared"], int(compiled.metadata.shared))
-        row.update(facts, warps=spec.num_warps)
+        row.update(facts, warps=variant.num_warps)
     except Exception as e:  # noqa: BLE001 - a compile error is a result of the report, named in its table
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400]
     row["seconds"] = round(time.perf_counter() - start, 2)
@@ -367,10 +657,8 @@ def collect_jobs(pattern: str = None, recompile_cuda: bool = False) -> tuple:
             jobs += [(compile_cuda, (str(source), a, build["nvcc"], build["cflags"])) for a in build["archs"]]
             notes.append(f"{source.name}: compiled here by nvcc with setup.py's flags (no build object newer than "
                          "csrc/ and setup.py)")
-    for module_name in kernel_modules():
-        for i, spec in enumerate(_specs(module_name)):
-            if pattern is None or re.search(pattern, spec.name):
-                jobs += [(compile_triton, (module_name, i, cap)) for cap in TRITON_CAPS]
+    for variant in triton_variants(pattern):
+        jobs += [(compile_triton, (variant, cap)) for cap in TRITON_CAPS]
     return jobs, notes
 
 
@@ -391,12 +679,22 @@ def run(jobs: int = None, pattern: str = None, recompile_cuda: bool = False) -> 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.static", description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, help="worker processes (default: os.cpu_count())")
-    parser.add_argument("--filter", help="only kernels (Triton spec names) or .cu files matching this regex")
+    parser.add_argument("--filter", help="only kernels (Triton variant names) or .cu files matching this regex")
+    parser.add_argument("--list", action="store_true", help="list the Triton variants (source, name, warps, stages, "
+                        "arguments not divisible by 16) without compiling anything")
     parser.add_argument("--recompile-cuda", action="store_true",
                         help="compile csrc/*.cu with nvcc even where setup.py's build objects are up to date")
     args = parser.parse_args(argv)
     # Under Triton's interpreter @triton.jit makes functions that cannot be compiled; the pool's workers inherit this.
     os.environ["TRITON_INTERPRET"] = "0"
+    if args.list:
+        variants = triton_variants(args.filter)
+        for v in variants:
+            unaligned = [n for n, ty in v.signature.items() if ty[0] in "*iu" and n not in v.aligned()]
+            print(f"{v.source}  {v.name}  warps {v.num_warps}, stages {v.num_stages or 'default'}, "
+                  f"not divisible by 16: {', '.join(unaligned) or '-'}")
+        print(f"{len(variants)} Triton variants")
+        return 0
     start = time.perf_counter()
     rows, notes = run(args.jobs, args.filter, args.recompile_cuda)
     print(table(rows))

@@ -293,6 +293,41 @@ __device__ __forceinline__ Seq seq_of(const AttnParams& p, int b) {
   return Seq{q0, k0, q1 - q0, k1 - k0};
 }
 
+// Varlen query tokens outside every sequence, before the first (cu_q[0] > 0) and after the last (cu_q[B] < Tq):
+// queries that see no key, so out 0 and lse −inf, as a row with no visible key (issue 11). The CTAs of the first
+// and the last sequence write them, for the heads [h0, h0 + n_heads): CTA `cta` of the `ctas` along grid x takes
+// the rows cta, cta + ctas, …, so the range is covered whatever its length (it may pass max_seqlen_q). Called by
+// every thread before the kernel's early return and its first barrier; no host sync, no memset of the output.
+// The range ends come from seq_of's clamped offsets (the grid holds the whole batch: no chunked launches here).
+template <int D>
+__device__ __forceinline__ void write_outside_rows(const AttnParams& p, const Seq& seq, int b, int cta, int ctas,
+                                                   int h0, int n_heads) {
+  if (p.cu_q == nullptr) return;
+  constexpr int kChunks = D / 8;  // 16-byte pieces of a row (out's rows are 16-byte aligned: check_rows16)
+  const int64_t lo[2] = {0, seq.q_start + seq.sq};
+  const int64_t hi[2] = {b == 0 ? seq.q_start : 0, b == static_cast<int>(gridDim.z) - 1 ? int64_t{p.total_q} : 0};
+  const int threads = static_cast<int>(blockDim.x);
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int part = 0; part < 2; ++part) {
+    const int64_t first = lo[part] + cta;
+    if (first >= hi[part]) continue;
+    const int64_t n_rows = (hi[part] - first + ctas - 1) / ctas;  // this CTA's rows of the range
+    const int64_t per_row = static_cast<int64_t>(n_heads) * (kChunks + 1);  // the row pieces, and one lse each
+    for (int64_t e = tid; e < n_rows * per_row; e += threads) {
+      const int64_t row = first + (e / per_row) * ctas;
+      const int piece = static_cast<int>(e % per_row);
+      if (piece < n_heads * kChunks) {
+        const int h = h0 + piece / kChunks;
+        __half* out = static_cast<__half*>(p.out) + row * p.o_ss + h * p.o_sh + (piece % kChunks) * 8;
+        *reinterpret_cast<uint4*>(out) = make_uint4(0u, 0u, 0u, 0u);
+      } else {
+        const int h = h0 + piece - n_heads * kChunks;
+        p.lse[h * p.lse_sh + row] = neg_inf();
+      }
+    }
+  }
+}
+
 // Key j is visible to query i iff j < sk and lo_d ≤ j − i ≤ hi_d, with lo_d = (sk − sq) − window_left and
 // hi_d = (sk − sq) + window_right, clamped (positions differ by less than 2^30, so the clamp changes no answer).
 struct Band {
@@ -525,6 +560,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1) attn_fwd_kernel(con
   const int h = static_cast<int>(blockIdx.y);
   const int b = static_cast<int>(blockIdx.z);
   const Seq seq = seq_of(p, b);
+  write_outside_rows<D>(p, seq, b, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), h, 1);
   const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * C::kBlockM;
   if (m0 >= seq.sq) return;
   const int m_last = min(m0 + C::kBlockM, seq.sq) - 1;
@@ -645,6 +681,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) attn_decode_kernel(const At
   const int hk = static_cast<int>(blockIdx.y);
   const int b = static_cast<int>(blockIdx.z);
   const Seq seq = seq_of(p, b);
+  // Tokens outside every sequence, for the group's q heads (with splits too: the combine writes only the
+  // sequences' rows).
+  write_outside_rows<D>(p, seq, b, split, static_cast<int>(gridDim.x), hk * p.group, p.group);
   if (seq.sq == 0) return;
   const int G = p.group;
   const int valid_rows = min(p.rows, seq.sq * G);  // rows r < valid_rows have a query (r / G < sq)

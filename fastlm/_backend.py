@@ -24,7 +24,7 @@ import warnings
 import torch
 
 from fastlm import _dispatch_table
-from fastlm.kernels._common import interpreting
+from fastlm._util import interpreting
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -112,6 +112,17 @@ def _native_reason(op: str, name: str, device: torch.device, dtype: torch.dtype)
     if dtype not in KERNEL_DTYPES:
         return f"{name} is taken for float32, float16 and bfloat16 only"
     return None
+def launchers(backend: str, triton_module):
+    """A kernel backend's launchers for one op: `triton_module` (kernels/<op>.py) for "triton", fastlm._cuda for
+    "cuda". Both follow the launcher contract (docs/DESIGN.md): the same function names and signatures, tensors
+    and plain values in, freshly allocated outputs out."""
+    if backend == "triton":
+        return triton_module
+    from fastlm import _cuda
+
+    return _cuda
+
+
 _warned = set()
 
 

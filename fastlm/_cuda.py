@@ -7,18 +7,16 @@ workspace with torch (the caching allocator, so no sync), and passes torch's cur
 fails and does no GPU work; `available()` says why the extension cannot run, and every entry point raises
 RuntimeError with that reason.
 
-The cross-entropy functions mirror the Triton launchers of the same names in kernels/cross_entropy.py (same
-arguments, same returns); they allocate their outputs as those do (`kernels._common.empty`, so the tests'
-NaN-poisoning covers them) and take the reduction's device scalars from the same `scalars()`.
+Every op's launchers here have the names, parameters and returns of the Triton launchers in kernels/<op>.py (the
+launcher contract, docs/DESIGN.md; tests/test_build.py compares the signatures): tensors and plain values in,
+outputs allocated here with `fastlm._util.empty` (so the tests' NaN-poisoning covers them) and returned. That
+includes the cross-entropy reduction's bookkeeping (`scalars`, `reduce_loss`), which has its own CUDA kernels:
+neither backend borrows the other's. The constants of the C++ side (dtype codes, attention's dtypes, head dims and
+limits, the activation codes) are read from fastlm._C's attributes, declared once in csrc/launchers.h.
 
 Attention: `attention_unsupported` says (host check only) whether the CUDA kernels can take a call, for the op
-layer's dispatch; `attention_fwd` writes preallocated out and lse, choosing the FlashAttention-2 kernel or, for
-short query sides, the split-KV decode kernel, whose fp32 workspace it allocates here.
-
-Rotary embedding and the gated activations (SwiGLU, GeGLU) follow the launcher contract every op is moving to:
-`rotary_fwd`/`rotary_bwd` and `gated_fwd`/`gated_bwd` take tensors and return new ones, with the signatures of the
-Triton launchers of the same names (kernels/rotary.py, kernels/gated.py), outputs allocated with
-`kernels._common.empty`.
+layer's dispatch; `attention_fwd` chooses the FlashAttention-2 kernel or, for short query sides, the split-KV
+decode kernel, whose fp32 workspace it allocates here. The backward is the Triton one for both backends.
 
 Roofline and kernel design: csrc/norm.cu, csrc/cross_entropy.cu, csrc/attention.cu, csrc/rotary.cu, csrc/gated.cu.
 """
@@ -27,19 +25,32 @@ from __future__ import annotations
 
 import torch
 
-from fastlm.kernels._common import empty
-# The reduction's (2,) device scalars come from the Triton launcher's one small kernel (Triton is a hard
-# dependency, so the CUDA backend shares it rather than mirroring it in csrc/).
-from fastlm.kernels.cross_entropy import scalars
-from fastlm.kernels.gated import ACTIVATIONS, rows_view
+from fastlm import _util
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _NOT_BUILT = "fastlm._C is not built (nvcc was not found at install time, or FASTLM_BUILD_CUDA=0)"
 
 _ext = None
 _ext_error = None
 _loaded = False
 _arch_reasons: dict[int, str] = {}
+
+# The C++ side's constants, read from fastlm._C's module attributes when it loads (csrc/launchers.h is their one
+# source; nothing here copies them). Every use comes after _require/available, which load the extension.
+_DTYPE_CODES: dict = {}  # torch dtype -> the launchers' dtype code
+_ATTN_DTYPES: tuple = ()  # the torch dtypes the attention kernels take
+_ATTN_HEAD_DIMS: tuple = ()
+_ATTN_MAX_TOKENS = _ATTN_MAX_GRID = _ATTN_WINDOW_INF = 0  # token count bound, grid y/z limit, "unbounded" window
+_ACTIVATIONS: dict = {}  # gated activation name -> code
+
+
+def _read_constants(ext):
+    global _ATTN_DTYPES, _ATTN_HEAD_DIMS, _ATTN_MAX_TOKENS, _ATTN_MAX_GRID, _ATTN_WINDOW_INF
+    _DTYPE_CODES.update({torch.float32: ext.DTYPE_FLOAT32, torch.float16: ext.DTYPE_FLOAT16,
+                         torch.bfloat16: ext.DTYPE_BFLOAT16})
+    _ATTN_DTYPES = tuple(d for d, code in _DTYPE_CODES.items() if code in tuple(ext.ATTN_DTYPES))
+    _ATTN_HEAD_DIMS = tuple(ext.ATTN_HEAD_DIMS)
+    _ATTN_MAX_TOKENS, _ATTN_MAX_GRID, _ATTN_WINDOW_INF = ext.ATTN_MAX_TOKENS, ext.ATTN_MAX_GRID, ext.ATTN_WINDOW_INF
+    _ACTIVATIONS.update(dict(ext.GATED_ACTIVATIONS))
 
 
 def _load():
@@ -49,6 +60,7 @@ def _load():
         try:
             from fastlm import _C
 
+            _read_constants(_C)
             _ext = _C
         except ModuleNotFoundError as e:
             _ext_error = _NOT_BUILT if e.name == "fastlm._C" else f"fastlm._C failed to import: {e}"
@@ -179,6 +191,17 @@ def _weight_code(x, N, named):
     return _DTYPE_CODES[wdtype if wdtype is not None else x.dtype]
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds of torch only
+
+
+def _stream(t):
+    """torch's current stream on t's device, as the handle the launchers take. The raw query (what Inductor's
+    generated code calls) builds no Stream object: a few µs less on every launch."""
+    if _raw_stream is not None:
+        return _raw_stream(t.device.index)
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
 def _ptr(t):
     return 0 if t is None else t.data_ptr()
 
@@ -196,58 +219,59 @@ def _row_stats(mean, rstd, ref, M, is_rms):
     _vector("rstd", rstd, ref, M, torch.float32)
 
 
-def norm_fwd(x, weight, bias, residual, y, residual_out, mean, rstd, eps: float, is_rms: bool, offset: float) -> None:
-    """LayerNorm (is_rms False) or RMSNorm forward into preallocated outputs.
+def norm_fwd(x, weight, bias, residual, eps: float, is_rms: bool, offset: float):
+    """LayerNorm (is_rms False) or RMSNorm forward; the signature and returns of kernels/norm.py's norm_fwd.
 
     x: (M, N) with unit column stride; weight, bias: (N,) contiguous, x's dtype or float32, or None; residual:
-    like x or None; y: (M, N) output; residual_out: (M, N) output iff residual is given; mean: (M,) fp32 output
-    (None for RMSNorm); rstd: (M,) fp32 output.
+    like x or None. Returns y (M, N), residual_out (M, N) or None, mean (M,) fp32 or None (RMSNorm), rstd (M,) fp32.
     """
     ext = _require("x", x)
     M, N = _rows("x", x, x)
-    _rows("y", y, x, M, N, x.dtype, out=True)
-    if (residual is None) != (residual_out is None):
-        raise ValueError("residual_out must be given exactly when residual is")
     if residual is not None:
         _rows("residual", residual, x, M, N, x.dtype)
-        _rows("residual_out", residual_out, x, M, N, x.dtype, out=True)
     if is_rms and bias is not None:
         raise ValueError("RMSNorm takes no bias")
     wcode = _weight_code(x, N, (("weight", weight), ("bias", bias)))
-    _row_stats(mean, rstd, x, M, is_rms)
-    if M == 0 or N == 0:
-        return
-    ext.norm_fwd(
-        x.data_ptr(), x.stride(0), _ptr(residual), _stride(residual), _ptr(weight), _ptr(bias),
-        y.data_ptr(), y.stride(0), _ptr(residual_out), _stride(residual_out), _ptr(mean), rstd.data_ptr(),
-        M, N, _DTYPE_CODES[x.dtype], wcode, float(eps), bool(is_rms), float(offset),
-        x.device.index, _stream(x)
-    )
+    y = _util.empty((M, N), x.dtype, x.device)
+    residual_out = _util.empty((M, N), x.dtype, x.device) if residual is not None else None
+    mean = None if is_rms else _util.empty((M,), torch.float32, x.device)
+    rstd = _util.empty((M,), torch.float32, x.device)
+    if M > 0 and N > 0:
+        ext.norm_fwd(
+            x.data_ptr(), x.stride(0), _ptr(residual), _stride(residual), _ptr(weight), _ptr(bias),
+            y.data_ptr(), y.stride(0), _ptr(residual_out), _stride(residual_out), _ptr(mean), rstd.data_ptr(),
+            M, N, _DTYPE_CODES[x.dtype], wcode, float(eps), bool(is_rms), float(offset),
+            x.device.index, _stream(x)
+        )
+    return y, residual_out, mean, rstd
 
 
-def norm_bwd(dy, xin, weight, mean, rstd, dres, dx, dw, db, is_rms: bool, offset: float) -> None:
-    """Backward of norm_fwd into preallocated outputs.
+def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms: bool, offset: float, need_dw: bool, need_db: bool):
+    """Backward of norm_fwd; the signature and returns of kernels/norm.py's norm_bwd.
 
     dy, xin (the normalized input: x, or residual_out), dres (gradient of residual_out, or None): (M, N) with unit
-    column stride; weight: (N,) or None; mean: (M,) fp32 (None for RMSNorm); rstd: (M,) fp32; dx: (M, N) output;
-    dw, db: (N,) outputs in the weight's dtype, or None when not wanted.
+    column stride; weight: (N,) or None; mean: (M,) fp32 (None for RMSNorm); rstd: (M,) fp32. Returns dx (M, N),
+    dw (N,) in the weight's dtype or None (not wanted, or no weight), db (N,) or None (not wanted).
     """
     ext = _require("xin", xin)
     M, N = _rows("xin", xin, xin)
     _rows("dy", dy, xin, M, N, xin.dtype)
-    _rows("dx", dx, xin, M, N, xin.dtype, out=True)
     if dres is not None:
         _rows("dres", dres, xin, M, N, xin.dtype)
-    if is_rms and db is not None:
+    if is_rms and need_db:
         raise ValueError("RMSNorm has no bias gradient")
-    wcode = _weight_code(xin, N, (("weight", weight), ("dw", dw), ("db", db)))
+    wcode = _weight_code(xin, N, (("weight", weight),))
     _row_stats(mean, rstd, xin, M, is_rms)
+    wdtype = weight.dtype if weight is not None else xin.dtype
+    dx = _util.empty((M, N), xin.dtype, xin.device)
+    dw = _util.empty((N,), wdtype, xin.device) if need_dw and weight is not None else None
+    db = _util.empty((N,), wdtype, xin.device) if need_db else None
     if M == 0 or N == 0:
         # Sums over no rows: the kernels launch nothing, so the zeros come from here.
         for t in (dw, db):
             if t is not None:
                 t.zero_()
-        return
+        return dx, dw, db
     index = xin.device.index
     numel = ext.norm_bwd_workspace_numel(M, N, dw is not None, db is not None, index)
     workspace = torch.empty(numel, dtype=torch.float32, device=xin.device)
@@ -257,23 +281,13 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, dx, dw, db, is_rms: bool, offset
         workspace.data_ptr(), numel, M, N, _DTYPE_CODES[xin.dtype], wcode, bool(is_rms), float(offset),
         index, _stream(xin)
     )
+    return dx, dw, db
 
 
 # --- softmax cross-entropy --------------------------------------------------------------------------------------------
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 _REDUCTIONS = ("none", "mean", "sum")
-
-
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # CUDA builds of torch only
-
-
-def _stream(t):
-    """torch's current stream on t's device, as the handle the launchers take. The raw query (what Inductor's
-    generated code calls) builds no Stream object: a few µs less on every launch."""
-    if _raw_stream is not None:
-        return _raw_stream(t.device.index)
-    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def _ce_inputs(logits, target, weight):
@@ -326,14 +340,14 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
     else:
         _vector("sc", sc, logits, 2, torch.float32)
     device = logits.device
-    loss = empty((rows,), torch.float32, device)
-    row_max = empty((rows,), torch.float32, device)
-    log_s = empty((rows,), torch.float32, device)
+    loss = _util.empty((rows,), torch.float32, device)
+    row_max = _util.empty((rows,), torch.float32, device)
+    log_s = _util.empty((rows,), torch.float32, device)
     if out is not None and compute_grad:
         _rows("out", out, logits, rows, V, logits.dtype, out=True)
         grad = out
     else:
-        grad = empty((rows, V), logits.dtype, device) if compute_grad else None
+        grad = _util.empty((rows, V), logits.dtype, device) if compute_grad else None
     if rows > 0:
         ext.cross_entropy_fwd(
             logits.data_ptr(), logits.stride(0), target.data_ptr(), target.dtype == torch.int64, _ptr(weight),
@@ -358,7 +372,7 @@ def cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, i
         _rows("out", out, logits, rows, V, logits.dtype, out=True)
         grad = out
     else:
-        grad = empty((rows, V), logits.dtype, logits.device)
+        grad = _util.empty((rows, V), logits.dtype, logits.device)
     if rows > 0:
         ext.cross_entropy_bwd(
             logits.data_ptr(), logits.stride(0), target.data_ptr(), target.dtype == torch.int64, _ptr(weight),
@@ -381,13 +395,62 @@ def scale_grad(grad, grad_output):
     return grad
 
 
+def _ce_workspace(ext, rows, device):
+    """The float64 partial sums the reduction's bookkeeping needs above one block of rows (None and 0 below)."""
+    numel = ext.cross_entropy_reduce_workspace_numel(rows)
+    return (_util.empty((numel,), torch.float64, device) if numel > 0 else None), numel
+
+
+def scalars(target, weight, V, ignore_index, reduction):
+    """As kernels/cross_entropy.py's scalars: (2,) fp32 on the device, the divisor of the reduced loss (Σ w_t over
+    kept rows for "mean", else 1) and W = Σ_v w_v (V without weights); target (rows,) int64 or int32, weight (V,)
+    fp32 or None. Float64 sums rounded once, any number of rows: one launch up to 65536 rows, two above (with a
+    float64 workspace); no host sync."""
+    ext = _require("target", target)
+    if target.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    target = target.reshape(-1).contiguous()
+    rows, V = target.numel(), int(V)
+    if weight is not None:
+        _same_device("weight", weight, target)
+        if weight.dtype != torch.float32:
+            raise TypeError(f"weight must have dtype {torch.float32}, got {weight.dtype}")
+        if tuple(weight.shape) != (V,):
+            raise ValueError(f"weight must have shape {(V,)}, got {tuple(weight.shape)}")
+        weight = weight.contiguous()
+    mean = reduction == "mean"
+    device = target.device
+    sc = _util.empty((2,), torch.float32, device)
+    workspace, numel = _ce_workspace(ext, rows, device) if mean else (None, 0)
+    ext.cross_entropy_scalars(target.data_ptr(), target.dtype == torch.int64, _ptr(weight), sc.data_ptr(),
+                              _ptr(workspace), numel, rows, V, int(ignore_index), mean, device.index, _stream(target))
+    return sc
+
+
+def reduce_loss(loss, sc, mean):
+    """As kernels/cross_entropy.py's reduce_loss: the reduced loss, () fp32: Σ loss (rows,) fp32 in float64 in a
+    fixed order, rounded once, divided by sc[0] when `mean`. Any number of rows: one launch up to 65536 rows, two
+    above (with a float64 workspace); no host sync."""
+    ext = _require("loss", loss)
+    if loss.dtype != torch.float32:
+        raise TypeError(f"loss must have dtype {torch.float32}, got {loss.dtype}")
+    loss = loss.reshape(-1).contiguous()
+    rows = loss.numel()
+    if mean:
+        _vector("sc", sc, loss, 2, torch.float32)
+    device = loss.device
+    out = _util.empty((), torch.float32, device)
+    workspace, numel = _ce_workspace(ext, rows, device)
+    ext.cross_entropy_reduce(loss.data_ptr(), sc.data_ptr() if mean else 0, out.data_ptr(), _ptr(workspace), numel,
+                             rows, bool(mean), device.index, _stream(loss))
+    return out
+
+
 # --- attention -------------------------------------------------------------------------------------------------------
 
-_ATTN_DTYPES = (torch.float16, torch.bfloat16)
-_ATTN_HEAD_DIMS = (32, 64, 96, 128, 256)
-_ATTN_MAX_TOKENS = 1 << 30  # positions and token counts stay below 2^30 in the kernels' int arithmetic
-_ATTN_MAX_GRID = 65535  # batch and query heads index grid dimensions y and z
-_ATTN_WINDOW_INF = 1 << 40  # windows wider than any sequence mean the same as None
+
 
 
 def attention_unsupported(q, k, cu_seqlens_q, window_left, window_right, softcap) -> str | None:
@@ -443,13 +506,14 @@ def _attn_window(w):
     return None if w is None else max(-_ATTN_WINDOW_INF, min(_ATTN_WINDOW_INF, int(w)))
 
 
-def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                  window_right, softcap) -> None:
-    """Attention forward into preallocated out and lse, on torch's current stream.
+def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
+                  softcap):
+    """Attention forward on torch's current stream; the signature and returns of kernels/attention.py's
+    attention_fwd: (out, lse).
 
     Not varlen (cu_seqlens_q None): q (B, Sq, Hq, D), k and v (B, Sk, Hk, D), any strides with the head dim
-    contiguous; out (B, Sq, Hq, D) contiguous in q's dtype; lse (B, Hq, Sq) fp32 contiguous; max_seqlen_q/k are
-    Sq/Sk. Varlen: q (Tq, Hq, D), k and v (Tk, Hk, D), cu_seqlens_q/k (B + 1,) int32 offsets on the device,
+    contiguous; returns out (B, Sq, Hq, D) contiguous in q's dtype and lse (B, Hq, Sq) fp32; max_seqlen_q/k are
+    Sq/Sk. Varlen: q (Tq, Hq, D), k and v (Tk, Hk, D), cu_seqlens_q/k (B + 1,) int32 offsets on the device;
     out (Tq, Hq, D), lse (Hq, Tq); max_seqlen_q/k are host upper bounds of the lengths (no device value is read).
     Key j (a position within its sequence) is visible to query i iff j ≥ i + Sk − Sq − window_left and
     j ≤ i + Sk − Sq + window_right (None: no bound); a query that sees no key gets out 0 and lse −inf. softcap 0
@@ -502,20 +566,11 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                     ("k's tokens", total_k)):
         if not 0 <= n < _ATTN_MAX_TOKENS:
             raise ValueError(f"{name} must be in [0, 2^30), got {n}")
-    _same_device("out", out, q)
-    if out.dtype != q.dtype:
-        raise TypeError(f"out must have dtype {q.dtype}, got {out.dtype}")
-    if tuple(out.shape) != out_shape or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous with shape {out_shape}, got {tuple(out.shape)}, strides {out.stride()}")
-    if out.numel() > 0 and out.data_ptr() % 16:
-        raise ValueError("out must be 16-byte aligned")
-    _same_device("lse", lse, q)
-    if lse.dtype != torch.float32:
-        raise TypeError(f"lse must have dtype {torch.float32}, got {lse.dtype}")
-    if tuple(lse.shape) != lse_shape or not lse.is_contiguous():
-        raise ValueError(f"lse must be contiguous with shape {lse_shape}, got {tuple(lse.shape)}")
+    # 16-byte aligned (the caching allocator's blocks are), as the kernels' 16-byte stores need.
+    out = _util.empty(out_shape, q.dtype, q.device)
+    lse = _util.empty(lse_shape, torch.float32, q.device)
     if batch == 0 or total_q == 0 or heads_q == 0 or max_seqlen_q == 0:
-        return
+        return out, lse
     index = q.device.index
     window_left, window_right = _attn_window(window_left), _attn_window(window_right)
     splits = ext.attention_decode_splits(batch, heads_q, heads_k, head_dim, max_seqlen_q, max_seqlen_k, window_left,
@@ -529,6 +584,7 @@ def attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
         heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q, total_k, _DTYPE_CODES[q.dtype], float(scale),
         window_left, window_right, float(softcap or 0.0), _ptr(workspace), numel, splits, index, _stream(q),
     )
+    return out, lse
 
 
 # --- rotary embedding ------------------------------------------------------------------------------------------------
@@ -569,7 +625,7 @@ def _rotary(x, cos, sin, interleaved, heads_first, backward):
     cos_strides = _size1_zero(c3)[:2]
     if cos_strides != _size1_zero(sin if sin.dim() == 3 else sin.unsqueeze(0))[:2]:
         raise ValueError(f"cos and sin must have equal strides, got {cos.stride()} and {sin.stride()}")
-    out = empty(x.shape, x.dtype, x.device)
+    out = _util.empty(x.shape, x.dtype, x.device)
     if out.numel() == 0:
         return out
     ov = out.transpose(1, 2) if heads_first else out
@@ -598,23 +654,23 @@ def rotary_bwd(dy, cos, sin, interleaved, heads_first):
 
 def _gated_operands(activation, named):
     """(rows, N) operands of one shape and dtype with unit column stride; returns (ext, the activation's code)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     ref_name, ref = named[0]
     ext = _require(ref_name, ref)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
     M, N = _rows(ref_name, ref, ref)
     for name, t in named[1:]:
         _rows(name, t, ref, M, N, ref.dtype)
-    return ext, ACTIVATIONS[activation]
+    return ext, _ACTIVATIONS[activation]
 
 
 def gated_fwd(gate, up, activation):
     """As kernels/gated.py's gated_fwd: h = act(gate)·up for (M, N) gate and up of one dtype, unit column stride;
     activation "silu", "gelu_tanh" or "gelu". Returns h (M, N), contiguous."""
     ext, code = _gated_operands(activation, (("gate", gate), ("up", up)))
-    h = empty(gate.shape, gate.dtype, gate.device)
+    h = _util.empty(gate.shape, gate.dtype, gate.device)
     if h.numel() > 0:
-        g, u, hv = rows_view(gate, up, h)
+        g, u, hv = _util.rows_view(gate, up, h)
         M, N = hv.shape
         ext.gated_fwd(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), hv.data_ptr(), hv.stride(0), M, N,
                        _DTYPE_CODES[gate.dtype], code, gate.device.index, _stream(gate))
@@ -624,10 +680,10 @@ def gated_fwd(gate, up, activation):
 def gated_bwd(dh, gate, up, activation):
     """As kernels/gated.py's gated_bwd: (dgate, dup), each (M, N) contiguous in the gate's dtype."""
     ext, code = _gated_operands(activation, (("gate", gate), ("up", up), ("dh", dh)))
-    dgate = empty(gate.shape, gate.dtype, gate.device)
-    dup = empty(gate.shape, gate.dtype, gate.device)
+    dgate = _util.empty(gate.shape, gate.dtype, gate.device)
+    dup = _util.empty(gate.shape, gate.dtype, gate.device)
     if dgate.numel() > 0:
-        d, g, u, dg, du = rows_view(dh, gate, up, dgate, dup)
+        d, g, u, dg, du = _util.rows_view(dh, gate, up, dgate, dup)
         M, N = dg.shape
         ext.gated_bwd(d.data_ptr(), d.stride(0), g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0),
                        dg.data_ptr(), dg.stride(0), du.data_ptr(), du.stride(0), M, N, _DTYPE_CODES[gate.dtype], code,

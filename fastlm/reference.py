@@ -145,20 +145,30 @@ def attention_masked(q, k, v, scale, window_left=None, window_right=None, softca
     Varlen: q (Tq, Hq, D), k and v (Tk, Hk, D), packed sequences with int32 offsets cu_seqlens_q/k (B + 1,).
     Score s = scale·q·k, capped to softcap·tanh(s/softcap) when softcap > 0. Returns out in q's dtype and the
     natural-log LSE (B, Hq, Sq) or (Hq, Tq), −inf for a query that sees no key (its output row is 0).
+    Packed tokens outside every sequence (before cu[0] > 0, after cu[-1] < T) are such queries: output 0, LSE −inf,
+    and zero gradients (also for such keys). Offsets must be valid here (0 ≤ cu[0] ≤ … ≤ cu[-1] ≤ T).
     upcast=False computes in the input dtype: PyTorch's own precision, the baseline of the tolerance rule.
     Varlen reads the offsets on the host (a sync): this is the reference, not a kernel."""
     ct = _compute_dtype(q) if upcast else q.dtype
     if cu_seqlens_q is None:
         return _attention_dense(q, k, v, scale, window_left, window_right, softcap, ct)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs, lses = [], []
+    lse_dtype = torch.float32 if ct != torch.float64 else ct
+    Tq, Hq = q.shape[0], q.shape[1]
+
+    def outside(n):  # n query tokens outside every sequence
+        return (q.new_zeros((n, *q.shape[1:])),
+                torch.full((Hq, n), float("-inf"), dtype=lse_dtype, device=q.device))
+
+    head, tail = outside(cq[0]), outside(Tq - cq[-1])
+    outs, lses = [head[0]], [head[1]]
     for b in range(len(cq) - 1):
         o, lse = _attention_dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
                                   scale, window_left, window_right, softcap, ct)
         outs.append(o[0])
         lses.append(lse[0])
-    if not outs:
-        return q.new_zeros(q.shape), q.new_zeros((q.shape[1], 0), dtype=torch.float32)
+    outs.append(tail[0])
+    lses.append(tail[1])
     return torch.cat(outs, 0), torch.cat(lses, 1)
 
 

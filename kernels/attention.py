@@ -45,6 +45,8 @@ Design.
   and programs past a sequence's end return at once. The kernels clamp every offset into [0, packed tokens] and
   each sequence's end to at least its start (`_seq_bounds`; the launchers pass the totals in place of the
   lengths), so offsets the host cannot check (on the GPU) never make a kernel touch memory outside its tensors.
+  Packed tokens outside every sequence (before cu_seqlens[0], from cu_seqlens[-1]) get out 0, LSE −inf and zero
+  dq/dk/dv, written by the programs of the first and last sequences (`_outside_edges`, `_fill_rows`).
 - Head dims up to 256 of any size: tiles are padded to a power of two ≥ 16 and the extra columns masked.
 - Offsets. Packed tokens × heads × dims passes 2³¹, and so can one long sequence's rows × its token stride, or a
   head index × a head-major layout's head stride: every product of an index with a stride that is not bounded by
@@ -65,10 +67,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, cdiv, empty, interpreting, next_pow2, num_sms, tanh_and_sech2
+from fastlm import _util
+from fastlm._util import cdiv, interpreting, next_pow2, num_sms
+from ._common import tanh_and_sech2
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# The kernels work in base 2 (exp2/log2): scores are scaled by log2(e) and the LSE converted back by ln(2).
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -103,6 +108,40 @@ def _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _fill_rows(P, stride_s, L, lo, hi, value, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_D: tl.constexpr, HAS_L: tl.constexpr):
+    """Zero the packed rows [lo, hi) of one head (P at that head's token 0, token stride stride_s) and, with HAS_L,
+    set its LSE row L[lo:hi] to `value`. Program i along grid axis 0 takes the blocks of BLOCK_M rows i, i + n,
+    i + 2n, … (n programs): the axis covers a range of any length. lo, hi are int64 packed indices."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _head_mask(offs_d, HEAD_D, BLOCK_D)
+    zero = tl.zeros((BLOCK_M, BLOCK_D), dtype=P.dtype.element_ty)
+    in_tile = offs_m[:, None] * stride_s + offs_d[None, :]  # int32 (the header's rule), formed outside the loop
+    for r0 in range(lo + tl.program_id(0) * BLOCK_M, hi, tl.num_programs(0) * BLOCK_M):
+        ok = offs_m < hi - r0
+        tl.store(P + r0 * stride_s + in_tile, zero, mask=ok[:, None] & d_ok[None, :])
+        if HAS_L:
+            tl.store(L + r0 + offs_m, tl.full((BLOCK_M,), value, tl.float32), mask=ok)
+
+
+@triton.jit
+def _outside_edges(b, first_end, last_end, n, edges):
+    """The packed rows outside every sequence that the programs of sequence b write (varlen): [0, first_end)
+    before the first sequence when b is the launch's first and it holds the call's first (edges bit 0), and
+    [last_end, n) after the last sequence when b is the launch's last and it holds the call's last (bit 1).
+    first_end, last_end: sequence b's clamped start and end. → (head lo, head hi, tail lo, tail hi), int64; the
+    ranges other programs get are empty. A query there gets out 0 and LSE −inf (it sees no key) and dq 0, a key
+    dk = dv = 0: written by the kernels themselves (no memset of the whole output, no host sync)."""
+    zero = tl.zeros((), dtype=tl.int64)
+    total = zero + n  # n and edges may arrive as constexpr (the JIT specialises ints equal to 1)
+    flags = tl.zeros((), dtype=tl.int32) + edges
+    head = tl.where((b == 0) & ((flags & 1) != 0), first_end, zero)
+    tail = tl.where((b == tl.num_programs(2) - 1) & ((flags & 2) != 0), last_end, total)
+    return zero, head, tail, total
+
+
+@triton.jit
 def _offset(b64, token, head, stride_b, stride_s, stride_h):
     """b·stride_b + token·stride_s + head·stride_h in int64 (token is int64: a packed index, or a sequence's start
     plus the program's first row; head an int32 index)."""
@@ -113,7 +152,7 @@ def _offset(b64, token, head, stride_b, stride_s, stride_h):
 def _lse_log2(lse):
     """The LSE in log2 units for the backward's P = exp2(s2 − lse2). A row that saw nothing has lse = −inf; +inf
     makes its P exactly 0 (its scores are −inf anyway)."""
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
 @triton.jit
@@ -133,7 +172,7 @@ def _scores(qk, scale2, softcap, HAS_SOFTCAP: tl.constexpr):
     whose log2 e is applied after the tanh)."""
     if HAS_SOFTCAP:
         th, sech2 = tanh_and_sech2(qk * (scale2 / softcap))
-        s2 = th * (softcap * 1.4426950408889634)
+        s2 = th * (softcap * LOG2E)
     else:
         s2 = qk * scale2
         sech2 = s2
@@ -249,6 +288,7 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh,  # lse (B, Hq, Sq): Hq·Sq, Sq; varlen (Hq, Tq): 0, Tq. Its sequence stride is 1.
     seqlen_q, seqlen_k,  # dense lengths, or with VARLEN the packed token totals (the offsets' bounds)
     group,  # query heads per kv head
+    edges,  # with VARLEN: bit 0 this launch holds the first sequence, bit 1 the last (see _outside_edges)
     scale2, softcap, window_left, window_right,  # see _scores and _visible
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -256,6 +296,12 @@ def _attn_fwd_kernel(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     h, hk, b64, q_start, q_len, k_start, k_len = _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN)
+    if VARLEN:  # query tokens outside every sequence: out 0, lse −inf (before the return below)
+        h0, h1, t0, t1 = _outside_edges(tl.program_id(2), q_start, q_start + q_len, seqlen_q, edges)
+        Oh = O + h.to(tl.int64) * stride_oh
+        Lh = LSE + h.to(tl.int64) * stride_lh
+        _fill_rows(Oh, stride_os, Lh, h0, h1, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
+        _fill_rows(Oh, stride_os, Lh, t0, t1, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
     if start_m >= q_len:
         return
     diag = k_len - q_len
@@ -289,7 +335,7 @@ def _attn_fwd_kernel(
 
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
-    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(tl.where(empty_row, 1.0, l_i))) * LN2)
     # The output's pointers and row mask are formed only now: kept from the prologue, they stay live through the
     # loops (the mask in predicate registers), which made ptxas spill at some shapes.
     Om = O + _offset(b64, q_start + start_m, h, stride_ob, stride_os, stride_oh)
@@ -315,6 +361,7 @@ def _attn_decode_kernel(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k,  # dense lengths, or with VARLEN the packed token totals (the offsets' bounds)
     group, n_rows, splits,  # q heads per kv head; rows = max seqlen q · group (≤ BLOCK_M); key splits
+    edges,  # as _attn_fwd_kernel's
     scale2, softcap, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -328,6 +375,15 @@ def _attn_decode_kernel(
     b64 = b.to(tl.int64)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    if VARLEN:  # query tokens outside every sequence, each q head of the group: out 0, lse −inf (even with
+        # splits: the combine only writes the sequences' rows)
+        h0, h1, t0, t1 = _outside_edges(b, q_start, q_start + q_len, seqlen_q, edges)
+        for g in range(0, group):
+            h = hk * group + g
+            Oh = O + h.to(tl.int64) * stride_oh
+            Lh = LSE + h.to(tl.int64) * stride_lh
+            _fill_rows(Oh, stride_os, Lh, h0, h1, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
+            _fill_rows(Oh, stride_os, Lh, t0, t1, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
     if q_len <= 0:
         return
     diag = k_len - q_len
@@ -383,7 +439,7 @@ def _attn_decode_kernel(
         tl.store(Oh + o_rows[:, None] + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=out_ok[:, None] & d_ok[None, :])
         l_off = b64 * stride_lb + (h0 + g).to(tl.int64) * stride_lh + q_start + pos
-        tl.store(LSE + l_off, lse2 * 0.6931471805599453, mask=out_ok)
+        tl.store(LSE + l_off, lse2 * LN2, mask=out_ok)
     else:
         # Every row below n_rows of every split, whether it saw keys or not: the combine reads them all.
         ws_ok = offs_m < n_rows
@@ -432,7 +488,7 @@ def _attn_decode_combine_kernel(
         acc += tl.sum(w[:, None] * o, 0)
     empty_row = l == 0.0
     out = acc / tl.where(empty_row, 1.0, l)
-    lse = tl.where(empty_row, float("-inf"), (m_use + tl.math.log2(tl.where(empty_row, 1.0, l))) * 0.6931471805599453)
+    lse = tl.where(empty_row, float("-inf"), (m_use + tl.math.log2(tl.where(empty_row, 1.0, l))) * LN2)
     Oh = O + _offset(b64, q_start + pos, h, stride_ob, stride_os, stride_oh)
     tl.store(Oh + offs_d, out.to(O.dtype.element_ty), mask=d_ok)
     tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + pos, lse)
@@ -532,6 +588,7 @@ def _attn_bwd_dkdv_kernel(
     stride_gb, stride_gs, stride_gh,  # dk and dv (allocated alike)
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, group,  # dense lengths, or with VARLEN the packed token totals
+    edges,  # as _attn_fwd_kernel's
     scale2, softcap, scale, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -542,6 +599,14 @@ def _attn_bwd_dkdv_kernel(
     b = tl.program_id(2)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
+    if VARLEN:  # key tokens outside every sequence: dk = dv = 0 (before the return below)
+        h0, h1, t0, t1 = _outside_edges(b, k_start, k_start + k_len, seqlen_k, edges)
+        DKh = DK + hk.to(tl.int64) * stride_gh
+        DVh = DV + hk.to(tl.int64) * stride_gh
+        _fill_rows(DKh, stride_gs, DKh, h0, h1, 0.0, HEAD_D, BLOCK_N, BLOCK_D, False)
+        _fill_rows(DKh, stride_gs, DKh, t0, t1, 0.0, HEAD_D, BLOCK_N, BLOCK_D, False)
+        _fill_rows(DVh, stride_gs, DVh, h0, h1, 0.0, HEAD_D, BLOCK_N, BLOCK_D, False)
+        _fill_rows(DVh, stride_gs, DVh, t0, t1, 0.0, HEAD_D, BLOCK_N, BLOCK_D, False)
     start_n = pid_n * BLOCK_N
     if start_n >= k_len:
         return
@@ -630,6 +695,7 @@ def _attn_bwd_dq_kernel(
     stride_gb, stride_gs, stride_gh,  # dq
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, group,  # dense lengths, or with VARLEN the packed token totals
+    edges,  # as _attn_fwd_kernel's
     scale2, softcap, scale, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -637,6 +703,11 @@ def _attn_bwd_dq_kernel(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     h, hk, b64, q_start, q_len, k_start, k_len = _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN)
+    if VARLEN:  # query tokens outside every sequence: dq = 0 (before the return below)
+        h0, h1, t0, t1 = _outside_edges(tl.program_id(2), q_start, q_start + q_len, seqlen_q, edges)
+        DQh = DQ + h.to(tl.int64) * stride_gh
+        _fill_rows(DQh, stride_gs, DQh, h0, h1, 0.0, HEAD_D, BLOCK_M, BLOCK_D, False)
+        _fill_rows(DQh, stride_gs, DQh, t0, t1, 0.0, HEAD_D, BLOCK_M, BLOCK_D, False)
     if start_m >= q_len:
         return
     diag = k_len - q_len
@@ -726,7 +797,7 @@ DECODE_MIN_SPLIT_KEYS = 256
 DECODE_MAX_SPLITS = 128
 COMBINE_SPLIT_TILE = 16  # splits the combine loads at once (a (16, D) fp32 tile)
 COMBINE_WARPS = 4
-# fp32 stops at head dim 128: no fp32 block shape above it compiles without spills (see static_specs).
+# fp32 stops at head dim 128: no fp32 block shape above it compiles without spills (see the static report).
 FP32_MAX_HEAD_DIM = 128
 # Under the interpreter a program's cost is its Python overhead per block: one small shape that still crosses
 # block boundaries in the tests' short sequences.
@@ -740,7 +811,6 @@ MAX_TILE_ROWS = max(max(c[0], c[1]) for table in (FWD_CONFIGS[False], FWD_CONFIG
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DECODE_MAX_ROWS,
                     *(c[0] for table in DECODE_CONFIGS.values() for c in table.values()))
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DELTA_BLOCK_M, *INTERPRET_CONFIG[:2])
-MAX_HEAD_DIM = 256
 # CUDA's limit on grid axes 1 and 2, which carry the heads and the batch: a larger batch is launched in chunks, and
 # more heads than this are refused (no model has them).
 MAX_GRID_YZ = 65535
@@ -751,8 +821,11 @@ def block_d(head_dim: int) -> int:
     return max(16, next_pow2(head_dim))
 
 
-def unsupported(dtype, head_dim):
-    """Why the Triton kernels cannot take this dtype and head dim, or None (the interpreter follows the GPU)."""
+def attention_unsupported(q, k, cu_seqlens_q, window_left, window_right, softcap):
+    """None when attention_fwd can take this call, else why not (a host check; fastlm._cuda's function of the same
+    name answers for the CUDA kernels). The Triton kernels take every call the op layer admits except float32 above
+    head dim FP32_MAX_HEAD_DIM (the interpreter follows the GPU)."""
+    dtype, head_dim = q.dtype, q.shape[-1]
     if dtype == torch.float32 and head_dim > FP32_MAX_HEAD_DIM:
         return (f"float32 attention takes head dims up to {FP32_MAX_HEAD_DIM} (got {head_dim}): larger fp32 tiles "
                 "spill registers; use bfloat16 or float16")
@@ -793,7 +866,7 @@ def _mask_args(scale, window_left, window_right, softcap, Sq, Sk):
     The kernels add the window to positions in int32 (i + seqlen_k − seqlen_q ± window): a window is clamped to
     ±(Sq + Sk), which changes no answer (j − i − (seqlen_k − seqlen_q) lies in (−Sk, Sq) for every pair) and keeps
     those sums far from 2³¹ whatever int the caller passed."""
-    scale2 = scale if softcap else scale * LOG2E
+    scale2 = scale if softcap else scale * LOG2E.value
     bound = Sq + Sk
 
     def clamp(w):
@@ -820,19 +893,22 @@ def _check_heads(Hq):
 
 
 def _batch_chunks(B, varlen, cu_q, cu_k, tensors):
-    """(batch entries, cu_q, cu_k, tensors) for each run of at most MAX_GRID_YZ batch entries (one launch each).
-    Varlen keeps the packed tensors and slices the offsets, from which the kernels read absolute token indices; a
-    dense batch slices every tensor (all batch-first) and passes the lse chunk as the unused offsets."""
+    """(batch entries, cu_q, cu_k, edges, tensors) for each run of at most MAX_GRID_YZ batch entries (one launch
+    each). Varlen keeps the packed tensors (the kernels get the whole call's packed totals) and slices the offsets,
+    from which the kernels read absolute token indices; edges says whether the run holds the call's first sequence
+    (bit 0) and its last (bit 1), whose programs write the tokens before and after every sequence. A dense batch
+    slices every tensor (all batch-first) and passes the lse chunk as the unused offsets (edges unused)."""
     if B <= MAX_GRID_YZ:
-        yield (B, cu_q, cu_k, tensors) if varlen else (B, tensors[-1], tensors[-1], tensors)
+        yield (B, cu_q, cu_k, 3, tensors) if varlen else (B, tensors[-1], tensors[-1], 3, tensors)
         return
     for b0 in range(0, B, MAX_GRID_YZ):
         b1 = min(B, b0 + MAX_GRID_YZ)
+        edges = (1 if b0 == 0 else 0) | (2 if b1 == B else 0)
         if varlen:
-            yield b1 - b0, cu_q[b0:b1 + 1], cu_k[b0:b1 + 1], tensors
+            yield b1 - b0, cu_q[b0:b1 + 1], cu_k[b0:b1 + 1], edges, tensors
         else:
             chunk = tuple(t[b0:b1] for t in tensors)
-            yield b1 - b0, chunk[-1], chunk[-1], chunk
+            yield b1 - b0, chunk[-1], chunk[-1], edges, chunk
 
 
 def _decode_rows(Sq, Hq, Hk, D, dtype):
@@ -871,16 +947,16 @@ def _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, c
     splits = decode_splits(B, Hk, keys, BLOCK_N, q.device)
     one = splits == 1
     if not one:
-        ws_o = empty((B, Hk, rows, splits, D), torch.float32, q.device)
-        ws_l = empty((B, Hk, rows, splits), torch.float32, q.device)
+        ws_o = _util.empty((B, Hk, rows, splits, D), torch.float32, q.device)
+        ws_l = _util.empty((B, Hk, rows, splits), torch.float32, q.device)
     b0 = 0
-    for nb, cu_q, cu_k, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
-                                                                  (q, k, v, out, lse)):
+    for nb, cu_q, cu_k, edges, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
+                                                                         (q, k, v, out, lse)):
         wo, wl = (out_, lse_) if one else (ws_o[b0:b0 + nb], ws_l[b0:b0 + nb])
         out_strides, lse_strides = _strides(out_, varlen), _lse_strides(lse_, varlen)
         _attn_decode_kernel[(splits, Hk, nb)](
             q_, k_, v_, out_, lse_, wo, wl, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen),
-            *_strides(v_, varlen), *out_strides, *lse_strides, n_q, n_k, group, rows, splits, **args,
+            *_strides(v_, varlen), *out_strides, *lse_strides, n_q, n_k, group, rows, splits, edges, **args,
             HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen, ONE_SPLIT=one,
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
         )
@@ -897,8 +973,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     """q (B, Sq, Hq, D), k, v (B, Sk, Hk, D), or packed (T, H, D) with int32 cu_seqlens (B + 1,) and host-int
     maxima; head-dim stride 1. Returns out (contiguous, q's shape and dtype) and lse fp32 (B, Hq, Sq) or (Hq, Tq)."""
     B, Sq, Sk, Hq, Hk, D, varlen = _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    out = empty(q.shape, q.dtype, q.device)
-    lse = empty((Hq, q.shape[0]) if varlen else (B, Hq, Sq), torch.float32, q.device)
+    out = _util.empty(q.shape, q.dtype, q.device)
+    lse = _util.empty((Hq, q.shape[0]) if varlen else (B, Hq, Sq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
     _check_heads(Hq)
@@ -913,11 +989,11 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D)
     if Sq <= DECODE_MAX_SEQLEN_Q and q.dtype != torch.float32 and not interpreting():
         BLOCK_M, BLOCK_N, num_warps, num_stages = DECODE_FWD_CONFIGS[block_d(D)]
-    for nb, cu_q, cu_k, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
-                                                                  (q, k, v, out, lse)):
+    for nb, cu_q, cu_k, edges, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
+                                                                         (q, k, v, out, lse)):
         _attn_fwd_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
             q_, k_, v_, out_, lse_, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen),
-            *_strides(out_, varlen), *_lse_strides(lse_, varlen), n_q, n_k, Hq // Hk, **args,
+            *_strides(out_, varlen), *_lse_strides(lse_, varlen), n_q, n_k, Hq // Hk, edges, **args,
             HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
         )
@@ -929,16 +1005,16 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     """Gradients of attention_fwd's out (and lse, when dlse is given): dq like q, dk, dv like k and v (contiguous).
     do has out's shape with head-dim stride 1; dlse lse's shape, fp32, or None. No atomics: bitwise repeatable."""
     B, Sq, Sk, Hq, Hk, D, varlen = _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    dq = empty(q.shape, q.dtype, q.device)
-    dk = empty(k.shape, k.dtype, k.device)
-    dv = empty(v.shape, v.dtype, v.device)
+    dq = _util.empty(q.shape, q.dtype, q.device)
+    dk = _util.empty(k.shape, k.dtype, k.device)
+    dv = _util.empty(v.shape, v.dtype, v.device)
     if k.numel() == 0:
         return dq.zero_(), dk, dv
     if q.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     _check_heads(Hq)
     do, q, k, v, out = (_tile_rows_fit(t, varlen) for t in (do, q, k, v, out))
-    delta = empty(lse.shape, torch.float32, q.device)
+    delta = _util.empty(lse.shape, torch.float32, q.device)
     BD = block_d(D)
     args, flags = _mask_args(scale, window_left, window_right, softcap, Sq, Sk)
     n_q, n_k = (q.shape[0], k.shape[0]) if varlen else (Sq, Sk)  # see attention_fwd
@@ -946,7 +1022,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     dkdv_config = _config(DKDV_CONFIGS, q.dtype, D)
     dq_config = _config(DQ_CONFIGS, q.dtype, D)
     tensors = (q, k, v, do, out, dq, dk, dv, delta, dlse if dlse is not None else lse, lse)
-    for nb, cu_q, cu_k, (q_, k_, v_, do_, out_, dq_, dk_, dv_, delta_, dlse_, lse_) in _batch_chunks(
+    for nb, cu_q, cu_k, edges, (q_, k_, v_, do_, out_, dq_, dk_, dv_, delta_, dlse_, lse_) in _batch_chunks(
             B, varlen, cu_seqlens_q, cu_seqlens_k, tensors):
         lse_strides = _lse_strides(lse_, varlen)
         _attn_bwd_delta_kernel[(cdiv(Sq, DELTA_BLOCK_M), Hq, nb)](
@@ -957,100 +1033,13 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
         BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
         _attn_bwd_dkdv_kernel[(cdiv(Sk, BLOCK_N), Hk, nb)](
             q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen), *lse_strides,
-            n_q, n_k, Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
+            n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
             num_stages=num_stages, **common,
         )
         BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
         _attn_bwd_dq_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
             q_, k_, v_, do_, lse_, delta_, dq_, cu_q, cu_k, *qkv_strides, *_strides(dq_, varlen), *lse_strides,
-            n_q, n_k, Hq // Hk, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
+            n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
             num_stages=num_stages, **common,
         )
     return dq, dk, dv
-
-
-# ---------------------------------------------------------------------------------------------- static report
-
-
-def _aligned(signature):
-    """Pointers and strides, which the JIT specialises as multiples of 16 for the common layouts (head dims that
-    are multiples of 16, contiguous or head-major tensors): the report builds that case."""
-    return tuple(name for name, ty in signature.items() if ty.startswith("*") or name.startswith("stride_"))
-
-
-def static_specs():
-    """Every block shape the launchers may launch, for each head-dim tile and dtype (bf16 standing for both 16-bit
-    types, and fp32), each kernel with a causal mask, and once with every option on (window both sides, softcap,
-    varlen): the most registers."""
-    specs = []
-    strides3 = ("b", "s", "h")
-
-    def sig(pointers, ptr_dt, stride_groups, scalars):
-        s = {name: f"*{dt}" for name, dt in zip(pointers, ptr_dt)}
-        for g in stride_groups:
-            s.update({f"stride_{g}{x}": "i32" for x in strides3})
-        s.update({"stride_lb": "i32", "stride_lh": "i32"})
-        s.update(scalars)
-        return s
-
-    mask_scalars = {"scale2": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32"}
-    variants = (("causal", dict(HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, VARLEN=False)),
-                ("all", dict(HAS_LEFT=True, HAS_RIGHT=True, HAS_SOFTCAP=True, VARLEN=True)))
-    for fp32 in (False, True):
-        dt = "fp32" if fp32 else "bf16"
-        prec = "ieee" if fp32 else "tf32"
-        for bd in FWD_CONFIGS[fp32]:
-            for tag, flags in variants:
-                base = dict(HEAD_D=bd, BLOCK_D=bd, DOT_PRECISION=prec, **flags)
-                bm, bn, w, st = FWD_CONFIGS[fp32][bd]
-                fwd = sig(("Q", "K", "V", "O", "LSE", "CU_Q", "CU_K"), (dt,) * 4 + ("fp32", "i32", "i32"),
-                          "qkvo", dict({"seqlen_q": "i32", "seqlen_k": "i32", "group": "i32"}, **mask_scalars))
-                const = dict(base, BLOCK_M=bm, BLOCK_N=bn)
-                specs.append(KernelSpec(f"attn_fwd[{dt}, d{bd}, {tag}]", _attn_fwd_kernel,
-                                        dict(fwd, **{c: "constexpr" for c in const}), const, w, _aligned(fwd), st))
-                bwd_scalars = {"seqlen_q": "i32", "seqlen_k": "i32", "group": "i32", "scale2": "fp32",
-                               "softcap": "fp32", "scale": "fp32", "window_left": "i32", "window_right": "i32"}
-                bm, bn, w, st = DKDV_CONFIGS[fp32][bd]
-                dkdv = sig(("Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "CU_Q", "CU_K"),
-                           (dt,) * 4 + ("fp32", "fp32", dt, dt, "i32", "i32"), "qkvdg", bwd_scalars)
-                const = dict(base, BLOCK_M=bm, BLOCK_N=bn)
-                specs.append(KernelSpec(f"attn_bwd_dkdv[{dt}, d{bd}, {tag}]", _attn_bwd_dkdv_kernel,
-                                        dict(dkdv, **{c: "constexpr" for c in const}), const, w, _aligned(dkdv), st))
-                bm, bn, w, st = DQ_CONFIGS[fp32][bd]
-                dq = sig(("Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "CU_Q", "CU_K"),
-                         (dt,) * 4 + ("fp32", "fp32", dt, "i32", "i32"), "qkvdg", bwd_scalars)
-                const = dict(base, BLOCK_M=bm, BLOCK_N=bn)
-                specs.append(KernelSpec(f"attn_bwd_dq[{dt}, d{bd}, {tag}]", _attn_bwd_dq_kernel,
-                                        dict(dq, **{c: "constexpr" for c in const}), const, w, _aligned(dq), st))
-            if not fp32:
-                for tag, flags in variants:
-                    bm, bn, w, st = DECODE_FWD_CONFIGS[bd]
-                    const = dict(HEAD_D=bd, BLOCK_D=bd, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, **flags)
-                    specs.append(KernelSpec(f"attn_fwd_decode[{dt}, d{bd}, {tag}]", _attn_fwd_kernel,
-                                            dict(fwd, **{c: "constexpr" for c in const}), const, w, _aligned(fwd), st))
-            if not fp32:
-                # The split-KV decode kernel at each row tile of DECODE_CONFIGS: writing the workspace in
-                # both variants, and writing out and lse itself (one split) with every option on.
-                dec = sig(("Q", "K", "V", "O", "LSE", "WS_O", "WS_L", "CU_Q", "CU_K"),
-                          (dt,) * 4 + ("fp32", "fp32", "fp32", "i32", "i32"), "qkvo",
-                          dict({"seqlen_q": "i32", "seqlen_k": "i32", "group": "i32", "n_rows": "i32",
-                                "splits": "i32"}, **mask_scalars))
-                for bm, (bn, w, st) in DECODE_CONFIGS[bd].items():
-                    for tag, flags in variants + (("all, one split", variants[1][1]),):
-                        one = tag.endswith("one split")
-                        const = dict(HEAD_D=bd, BLOCK_D=bd, DOT_PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn,
-                                     ONE_SPLIT=one, **flags)
-                        specs.append(KernelSpec(f"attn_decode_splitkv[{dt}, d{bd}, m{bm}, {tag}]", _attn_decode_kernel,
-                                                dict(dec, **{c: "constexpr" for c in const}), const, w, _aligned(dec),
-                                                st))
-                comb = sig(("O", "LSE", "WS_O", "WS_L", "CU_Q"), (dt, "fp32", "fp32", "fp32", "i32"), "o",
-                           {"seqlen_q": "i32", "group": "i32", "n_rows": "i32", "splits": "i32"})
-                const = dict(HEAD_D=bd, BLOCK_D=bd, SPLIT_TILE=COMBINE_SPLIT_TILE, VARLEN=True)
-                specs.append(KernelSpec(f"attn_decode_combine[{dt}, d{bd}]", _attn_decode_combine_kernel,
-                                        dict(comb, **{c: "constexpr" for c in const}), const, COMBINE_WARPS,
-                                        _aligned(comb)))
-        delta = sig(("O", "DO", "DLSE", "DELTA", "CU_Q"), (dt, dt, "fp32", "fp32", "i32"), "od", {"seqlen_q": "i32"})
-        const = dict(HEAD_D=128, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=128, VARLEN=True, HAS_DLSE=True)
-        specs.append(KernelSpec(f"attn_bwd_delta[{dt}]", _attn_bwd_delta_kernel,
-                                dict(delta, **{c: "constexpr" for c in const}), const, 4, _aligned(delta)))
-    return specs

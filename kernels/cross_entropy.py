@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, empty, tanh_and_sech2
+from fastlm import _util
+from ._common import tanh_and_sech2
 
 BLOCK_V = 4096  # chunk of the vocabulary a program holds at once: 8 fp32 values a thread at 16 warps
 NUM_WARPS = 16
@@ -335,7 +336,7 @@ def scalars(target, weight, V, ignore_index, reduction):
     rows = target.numel()
     if rows > ONE_PROGRAM_ROWS:
         return _scalars_torch(target, weight, V, ignore_index, reduction)
-    sc = empty((2,), torch.float32, target.device)
+    sc = _util.empty((2,), torch.float32, target.device)
     _ce_scalars_kernel[(1,)](target, weight if weight is not None else sc, sc, rows, V, ignore_index,
                              MEAN=reduction == "mean", HAS_WEIGHT=weight is not None, BLOCK=ONE_PROGRAM_BLOCK,
                              num_warps=ONE_PROGRAM_WARPS)
@@ -349,7 +350,7 @@ def reduce_loss(loss, sc, mean):
     if rows > ONE_PROGRAM_ROWS:
         total = loss.sum()
         return total / sc[0] if mean else total
-    out = empty((), torch.float32, loss.device)
+    out = _util.empty((), torch.float32, loss.device)
     _ce_reduce_kernel[(1,)](loss, sc, out, rows, MEAN=mean, BLOCK=ONE_PROGRAM_BLOCK, num_warps=ONE_PROGRAM_WARPS)
     return out
 
@@ -378,13 +379,13 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
     rows, V = logits.shape
     if sc is None:
         sc = scalars(target, weight, V, ignore_index, reduction)
-    loss = empty((rows,), torch.float32, logits.device)
-    row_max = empty((rows,), torch.float32, logits.device)
-    log_s = empty((rows,), torch.float32, logits.device)
+    loss = _util.empty((rows,), torch.float32, logits.device)
+    row_max = _util.empty((rows,), torch.float32, logits.device)
+    log_s = _util.empty((rows,), torch.float32, logits.device)
     if out is not None and compute_grad:
         grad = _out(out, logits)
     else:
-        grad = empty((rows, V), logits.dtype, logits.device) if compute_grad else None
+        grad = _util.empty((rows, V), logits.dtype, logits.device) if compute_grad else None
     if rows > 0:
         _ce_fwd_kernel[(rows,)](
             logits, target, weight if weight is not None else sc, sc, loss, row_max, log_s,
@@ -409,7 +410,7 @@ def cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, i
     logits and the forward's row statistics in one pass. Returns grad (rows, V) in logits' dtype: `out` when
     given (as in cross_entropy_fwd, the logits themselves included)."""
     rows, V = logits.shape
-    grad = _out(out, logits) if out is not None else empty((rows, V), logits.dtype, logits.device)
+    grad = _out(out, logits) if out is not None else _util.empty((rows, V), logits.dtype, logits.device)
     if rows > 0:
         _ce_bwd_kernel[(rows,)](
             logits, target, weight if weight is not None else sc, sc, row_max, log_s,
@@ -427,38 +428,3 @@ def scale_grad(grad, grad_output):
         _ce_bwd_scale_kernel[(rows,)](grad, grad_output.reshape(1).to(torch.float32), grad.stride(0), V,
                                       BLOCK_V=SCALE_BLOCK, num_warps=NUM_WARPS)
     return grad
-
-
-def static_specs():
-    """Every variant the launchers may launch, for the static kernel report: one block shape, so each kernel with
-    every option on (the most registers), for bf16 and fp32 logits, int64 targets."""
-    specs = []
-    for dt in ("bf16", "fp32"):
-        flags = dict(HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z=True, HAS_SOFTCAP=True, BLOCK_V=BLOCK_V)
-        consts = {"keep_nll": "fp32", "smooth_v": "fp32", "z_loss": "fp32", "softcap": "fp32"}
-        fwd = dict({"LOGITS": f"*{dt}", "TARGET": "*i64", "WEIGHT": "*fp32", "SCALARS": "*fp32", "LOSS": "*fp32",
-                    "MAX": "*fp32", "LOG_S": "*fp32", "GRAD": f"*{dt}", "stride_l": "i32", "stride_g": "i32",
-                    "V": "i32", "ignore_index": "i32"}, **consts)
-        const = dict(flags, COMPUTE_GRAD=True)
-        specs.append(KernelSpec(f"ce_fwd[{dt}]", _ce_fwd_kernel, dict(fwd, **{k: "constexpr" for k in const}), const,
-                                NUM_WARPS, ("LOGITS", "GRAD", "stride_l", "stride_g", "V")))
-        bwd = dict({"LOGITS": f"*{dt}", "TARGET": "*i64", "WEIGHT": "*fp32", "SCALARS": "*fp32", "MAX": "*fp32",
-                    "LOG_S": "*fp32", "GRAD_OUT": "*fp32", "GRAD": f"*{dt}", "stride_l": "i32", "stride_g": "i32",
-                    "V": "i32", "ignore_index": "i32"}, **consts)
-        specs.append(KernelSpec(f"ce_bwd[{dt}]", _ce_bwd_kernel, dict(bwd, **{k: "constexpr" for k in flags}), flags,
-                                NUM_WARPS, ("LOGITS", "GRAD", "stride_l", "stride_g", "V")))
-        scale = {"GRAD": f"*{dt}", "GRAD_OUT": "*fp32", "stride_g": "i32", "V": "i32", "BLOCK_V": "constexpr"}
-        specs.append(KernelSpec(f"ce_scale_grad[{dt}]", _ce_bwd_scale_kernel, scale, {"BLOCK_V": SCALE_BLOCK},
-                                NUM_WARPS, ("GRAD", "stride_g", "V")))
-    for idx in ("i64", "i32"):
-        for weighted in (True, False):
-            sig = {"TARGET": f"*{idx}", "WEIGHT": "*fp32", "SCALARS": "*fp32", "rows": "i32", "V": "i32",
-                   "ignore_index": "i32", "MEAN": "constexpr", "HAS_WEIGHT": "constexpr", "BLOCK": "constexpr"}
-            const = {"MEAN": True, "HAS_WEIGHT": weighted, "BLOCK": ONE_PROGRAM_BLOCK}
-            specs.append(KernelSpec(f"ce_scalars[{idx}, {'weighted' if weighted else 'count'}]", _ce_scalars_kernel,
-                                    sig, const, ONE_PROGRAM_WARPS, ("TARGET", "WEIGHT", "SCALARS", "rows", "V")))
-    sig = {"LOSS": "*fp32", "SCALARS": "*fp32", "OUT": "*fp32", "rows": "i32", "MEAN": "constexpr",
-           "BLOCK": "constexpr"}
-    specs.append(KernelSpec("ce_reduce[mean]", _ce_reduce_kernel, sig, {"MEAN": True, "BLOCK": ONE_PROGRAM_BLOCK},
-                            ONE_PROGRAM_WARPS, ("LOSS", "SCALARS", "OUT", "rows")))
-    return specs

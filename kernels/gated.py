@@ -24,7 +24,7 @@ device's copy bandwidth.
 Design:
 - Operands are (rows, N) with unit column stride and any row stride, so the two halves of a fused gate-up
   projection (`x.chunk(2, -1)`) are read in place, without a copy. When every operand is contiguous the launcher
-  views them as one row (1, rows·N) (`rows_view`), so short or odd rows leave no lanes idle.
+  views them as one row (1, rows·N) (`fastlm._util.rows_view`), so short or odd rows leave no lanes idle.
 - A program moves one [BLOCK_M, BLOCK_N] tile of TILE elements per operand: 16 a thread at 8 warps, two 16-byte
   accesses per 16-bit operand (four for fp32), issued before any is used. Rows shorter than TILE stack BLOCK_M to
   a tile. 16-byte accesses come from the JIT's divisibility-by-16 specialisation of the pointers, the row strides
@@ -35,12 +35,14 @@ Design:
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, cdiv, empty, next_pow2, tanh_and_sech2
+from fastlm import _util
+from fastlm._util import cdiv, next_pow2, rows_view
+from ._common import tanh_and_sech2
 
 TILE = 4096  # elements of each operand a program moves
 NUM_WARPS = 8
 MIN_BLOCK_N = 16  # narrower rows are padded to this: one variant for every row under 16 elements
-ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}  # the kernels' ACT codes, shared with csrc/gated.cu
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}  # these kernels' ACT codes (csrc/gated.cu has its own)
 
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
 _GELU_C = tl.constexpr(0.044715)
@@ -142,14 +144,6 @@ def _config(N):
     return TILE // block_n, block_n
 
 
-def rows_view(*tensors):
-    """(rows, N) operands as the kernels walk them: viewed as one row (1, rows·N) when all are contiguous, so that
-    programs never straddle the padding of short rows; otherwise as given. Shared with fastlm._cuda."""
-    if all(t.is_contiguous() for t in tensors):
-        return [t.view(1, -1) for t in tensors]
-    return list(tensors)
-
-
 def _launch(kernel, operands, activation):
     M, N = operands[0].shape
     block_m, block_n = _config(N)
@@ -162,7 +156,7 @@ def _launch(kernel, operands, activation):
 def gated_fwd(gate, up, activation):
     """h = act(gate)·up. gate, up: (M, N), one dtype, unit column stride, any row stride; activation "silu",
     "gelu_tanh" or "gelu". Returns h (M, N), contiguous, in the gate's dtype."""
-    h = empty(gate.shape, gate.dtype, gate.device)
+    h = _util.empty(gate.shape, gate.dtype, gate.device)
     if h.numel() > 0:
         _launch(_gated_fwd_kernel, rows_view(gate, up, h), activation)
     return h
@@ -171,30 +165,8 @@ def gated_fwd(gate, up, activation):
 def gated_bwd(dh, gate, up, activation):
     """Backward of gated_fwd: dh, gate, up (M, N) with unit column stride. Returns (dgate, dup), (M, N) contiguous
     in the gate's dtype."""
-    dgate = empty(gate.shape, gate.dtype, gate.device)
-    dup = empty(gate.shape, gate.dtype, gate.device)
+    dgate = _util.empty(gate.shape, gate.dtype, gate.device)
+    dup = _util.empty(gate.shape, gate.dtype, gate.device)
     if dgate.numel() > 0:
         _launch(_gated_bwd_kernel, rows_view(dh, gate, up, dgate, dup), activation)
     return dgate, dup
-
-
-def static_specs():
-    """Every variant the launchers may launch: each row width's tile (BLOCK_N from MIN_BLOCK_N to TILE) for each
-    activation, forward and backward, bf16 and fp32, with the pointers, row strides and N divisible by 16."""
-    specs = []
-    fwd_args = ("G", "U", "H")
-    bwd_args = ("DH", "G", "U", "DG", "DU")
-    widths = [1 << k for k in range(MIN_BLOCK_N.bit_length() - 1, TILE.bit_length())]
-    for dt in ("bf16", "fp32"):
-        for act, code in ACTIVATIONS.items():
-            for bn in widths:
-                for fn, ptrs, tag in ((_gated_fwd_kernel, fwd_args, "fwd"), (_gated_bwd_kernel, bwd_args, "bwd")):
-                    strides = tuple("stride_" + p.lower() for p in ptrs)
-                    sig = {p: f"*{dt}" for p in ptrs}
-                    sig.update({s: "i32" for s in strides})
-                    sig.update(M="i32", N="i32", tiles_n="i32")
-                    const = dict(ACT=code, BLOCK_M=TILE // bn, BLOCK_N=bn)
-                    sig.update({k: "constexpr" for k in const})
-                    specs.append(KernelSpec(f"gated_{tag}[{act},{dt},N<={bn}]", fn, sig, const, NUM_WARPS,
-                                            ptrs + strides + ("N",)))
-    return specs

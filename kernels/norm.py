@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, cdiv, empty, next_pow2, num_sms
+from fastlm import _util
+from fastlm._util import cdiv, next_pow2, num_sms
 
 MAX_FUSED_N = 8192  # widest row kept whole in registers: 16 fp32 values a thread per tensor at 16 warps
 CHUNK_N = 4096  # chunk of a wider row
@@ -518,10 +519,10 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms, offset):
     if _fused(N):
         block_m = _fused_config(N)[0]
         _check_rows(M, cdiv(M, block_m) * block_m)
-    y = empty((M, N), x.dtype, x.device)
-    residual_out = empty((M, N), x.dtype, x.device) if residual is not None else None
-    mean = None if is_rms else empty((M,), torch.float32, x.device)
-    rstd = empty((M,), torch.float32, x.device)
+    y = _util.empty((M, N), x.dtype, x.device)
+    residual_out = _util.empty((M, N), x.dtype, x.device) if residual is not None else None
+    mean = None if is_rms else _util.empty((M,), torch.float32, x.device)
+    rstd = _util.empty((M,), torch.float32, x.device)
     if M == 0:
         return y, residual_out, mean, rstd
     dummy = rstd  # stands in for absent pointers; never dereferenced (its HAS_* flag is off)
@@ -580,13 +581,13 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
         programs = max(1, min(cdiv(M, BWD_COLS_MIN_ROWS), programs))
         rows_per_prog = max(1, cdiv(M, programs))
         programs = max(1, cdiv(M, rows_per_prog))
-    dx = empty((M, N), xin.dtype, xin.device)
+    dx = _util.empty((M, N), xin.dtype, xin.device)
     if M == 0:
         zeros = lambda: torch.zeros(N, dtype=wdtype, device=xin.device)  # noqa: E731
         return dx, zeros() if need_dw else None, zeros() if need_db else None
     # Every program writes every element of its partial rows (all N columns of row `pid`).
-    dw_part = empty((programs, N), torch.float32, xin.device) if need_dw else None
-    db_part = empty((programs, N), torch.float32, xin.device) if need_db else None
+    dw_part = _util.empty((programs, N), torch.float32, xin.device) if need_dw else None
+    db_part = _util.empty((programs, N), torch.float32, xin.device) if need_db else None
     dummy = rstd
     flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_DW=need_dw, HAS_DB=need_db, HAS_DRES=dres is not None)
     w_arg = weight if weight is not None else dummy
@@ -616,8 +617,8 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
                                          NUM_STAGES=BWD_STATS_STAGES, num_warps=BWD_STATS_WARPS)
         _norm_bwd_cols_kernel[(col_blocks, programs)](dy, xin, w_arg, mean_arg, rstd, c1, c2, *tail, **flags,
                                                       BLOCK_N=block_n, NUM_STAGES=stages, num_warps=num_warps)
-    dw = empty((N,), wdtype, xin.device) if need_dw else None
-    db = empty((N,), wdtype, xin.device) if need_db else None
+    dw = _util.empty((N,), wdtype, xin.device) if need_dw else None
+    db = _util.empty((N,), wdtype, xin.device) if need_db else None
     if need_dw or need_db:
         # Under the interpreter a program costs ~20 ms whatever its size: wide blocks there, same code.
         sum_block_n = SUM_BLOCK_N if xin.device.type == "cuda" else max(SUM_BLOCK_N, min(next_pow2(N), 4096))
@@ -626,67 +627,3 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
             db if need_db else dummy, programs, N, HAS_DW=need_dw, HAS_DB=need_db, BLOCK_G=SUM_BLOCK_G,
             BLOCK_N=sum_block_n, NUM_STAGES=SUM_STAGES, num_warps=SUM_WARPS)
     return dx, dw, db
-
-
-def static_specs():
-    """Every variant the launchers above may launch, for the static kernel report: each launch config (block
-    shape and warps, which is what sets register pressure), with every optional input on, for bf16 with an fp32
-    weight (the mixed-precision training case) and for fp32."""
-    specs = []
-    aligned = ("X", "R", "Y", "RES_OUT", "DY", "XIN", "DRES", "DX", "DW_PART", "DB_PART", "DW", "DB", "stride_x",
-               "stride_r", "stride_y", "stride_ro", "stride_dy", "stride_dres", "stride_dx", "N")
-
-    def spec(name, fn, common, const, nw, n=16, stages=None):
-        sig = dict(common, **{k: "constexpr" for k in const})
-        # Rows narrower than 16 elements never have N or the row strides divisible by 16.
-        div = tuple(a for a in aligned if a in sig and (n >= 16 or not (a == "N" or a.startswith("stride"))))
-        return KernelSpec(name, fn, sig, const, nw, div, num_stages=stages)
-
-    for dt, wdt in (("bf16", "fp32"), ("fp32", "fp32")):
-        elem = 2 if dt == "bf16" else 4
-        for is_rms in (False, True):
-            kind = "rms" if is_rms else "ln"
-            common_fwd = {
-                "X": f"*{dt}", "R": f"*{dt}", "W": f"*{wdt}", "B": f"*{wdt}", "Y": f"*{dt}", "RES_OUT": f"*{dt}",
-                "MEAN": "*fp32", "RSTD": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32",
-                "stride_ro": "i32", "M": "i32", "N": "i32", "eps": "fp32", "offset": "fp32",
-            }
-            common_bwd = {
-                "DY": f"*{dt}", "XIN": f"*{dt}", "W": f"*{wdt}", "MEAN": "*fp32", "RSTD": "*fp32", "DRES": f"*{dt}",
-                "DX": f"*{dt}", "DW_PART": "*fp32", "DB_PART": "*fp32", "stride_dy": "i32", "stride_x": "i32",
-                "stride_dres": "i32", "stride_dx": "i32", "M": "i32", "N": "i32", "rows_per_prog": "i32",
-                "offset": "fp32",
-            }
-            fwd_flags = dict(IS_RMS=is_rms, HAS_W=True, HAS_B=not is_rms, HAS_RES=True)
-            bwd_flags = dict(IS_RMS=is_rms, HAS_W=True, HAS_DW=True, HAS_DB=not is_rms, HAS_DRES=True)
-            for n in (1 << k for k in range(MAX_FUSED_N.bit_length())):
-                bm, bn, nw = _fused_config(n)
-                specs.append(spec(f"norm_fwd[{kind},{dt},N<={bn},M{bm}]", _norm_fwd_kernel, common_fwd,
-                                  dict(fwd_flags, BLOCK_M=bm, BLOCK_N=bn), nw, n))
-            bn, nw = _chunked_config()
-            specs.append(spec(f"norm_fwd_chunked[{kind},{dt},chunk {bn}]", _norm_fwd_chunked_kernel, common_fwd,
-                              dict(fwd_flags, BLOCK_N=bn), nw))
-            seen = set()
-            for n in (1 << k for k in range(BWD_MAX_FUSED_N[elem].bit_length())):
-                bm, bn, nw, _, st = _bwd_fused_config(n, elem)
-                if (bm, bn, nw, st) in seen:
-                    continue
-                seen.add((bm, bn, nw, st))
-                specs.append(spec(f"norm_bwd[{kind},{dt},N<={bn},M{bm},s{st}]", _norm_bwd_kernel, common_bwd,
-                                  dict(bwd_flags, BLOCK_M=bm, BLOCK_N=bn, NUM_STAGES=st), nw, n, st))
-            stats = {"DY": f"*{dt}", "XIN": f"*{dt}", "W": f"*{wdt}", "MEAN": "*fp32", "RSTD": "*fp32",
-                     "C1": "*fp32", "C2": "*fp32", "stride_dy": "i32", "stride_x": "i32", "N": "i32", "offset": "fp32"}
-            specs.append(spec(f"norm_bwd_row_stats[{kind},{dt},chunk{CHUNK_N}]", _norm_bwd_row_stats_kernel, stats,
-                              dict(IS_RMS=is_rms, HAS_W=True, BLOCK_N=CHUNK_N, NUM_STAGES=BWD_STATS_STAGES),
-                              BWD_STATS_WARPS, stages=BWD_STATS_STAGES))
-            cols = dict(common_bwd, C1="*fp32", C2="*fp32")
-            cols = {k: cols[k] for k in _norm_bwd_cols_kernel.arg_names if k in cols}
-            bn, nw, st = _bwd_cols_config(elem)
-            specs.append(spec(f"norm_bwd_cols[{kind},{dt},cols{bn},s{st}]", _norm_bwd_cols_kernel, cols,
-                              dict(bwd_flags, BLOCK_N=bn, NUM_STAGES=st), nw, stages=st))
-    for wdt in ("bf16", "fp32"):
-        sig = {"DW_PART": "*fp32", "DB_PART": "*fp32", "DW": f"*{wdt}", "DB": f"*{wdt}", "G": "i32", "N": "i32"}
-        specs.append(spec(f"norm_bwd_sum_partials[{wdt}]", _sum_partials_kernel, sig,
-                          dict(HAS_DW=True, HAS_DB=True, BLOCK_G=SUM_BLOCK_G, BLOCK_N=SUM_BLOCK_N,
-                               NUM_STAGES=SUM_STAGES), SUM_WARPS, stages=SUM_STAGES))
-    return specs

@@ -33,7 +33,8 @@ Design:
 import triton
 import triton.language as tl
 
-from ._common import KernelSpec, cdiv, empty, next_pow2, num_sms
+from fastlm import _util
+from fastlm._util import cdiv, next_pow2, num_sms
 
 TILE = 1024  # token × pair elements of each tile
 NUM_WARPS = 4
@@ -144,7 +145,7 @@ def _strides(t):
 def _rotary(x, cos, sin, interleaved, heads_first, backward):
     if cos.stride() != sin.stride():
         raise ValueError(f"cos and sin must have equal strides, got {cos.stride()} and {sin.stride()}")
-    out = empty(x.shape, x.dtype, x.device)
+    out = _util.empty(x.shape, x.dtype, x.device)
     xv, ov = _bshd(x, heads_first), _bshd(out, heads_first)
     batch, seqlen, heads, head_dim = xv.shape
     rot = cos.shape[-1]
@@ -176,27 +177,3 @@ def rotary_fwd(x, cos, sin, interleaved, heads_first):
 def rotary_bwd(dy, cos, sin, interleaved, heads_first):
     """Backward of rotary_fwd: dy like x. Returns dx, dy's shape (contiguous) and dtype."""
     return _rotary(dy, cos, sin, interleaved, heads_first, True)
-
-
-def static_specs():
-    """Every variant the launcher may launch: each rotation width's tile (BLOCK_HALF from MIN_BLOCK_HALF to
-    MAX_ROT/2), rotate-half and interleaved, for bf16 x with fp32 cos/sin (Hugging Face's tables under autocast
-    are x's dtype; fp32 is the wider case) and for fp32. Pointers, strides, rot/2 (from 16) and the pass-through
-    width divisible by 16, as the usual head dims give."""
-    specs = []
-    aligned = ("X", "COS", "SIN", "OUT", "stride_xb", "stride_xs", "stride_xh", "stride_ob", "stride_os",
-               "stride_oh", "stride_cb", "stride_cs", "n_pass")
-    for dt, cdt in (("bf16", "fp32"), ("fp32", "fp32")):
-        sig = {"X": f"*{dt}", "COS": f"*{cdt}", "SIN": f"*{cdt}", "OUT": f"*{dt}"}
-        for name in _rotary_kernel.arg_names[4:19]:
-            sig[name] = "i32"
-        for interleaved in (False, True):
-            for k in range(MIN_BLOCK_HALF.bit_length() - 1, (MAX_ROT // 2).bit_length()):
-                bh = 1 << k
-                block_t, _ = _config(2 * bh)
-                const = dict(INTERLEAVED=interleaved, BLOCK_T=block_t, BLOCK_HALF=bh)
-                div = aligned + (("half",) if bh >= 16 else ())
-                layout = "interleaved" if interleaved else "half"
-                specs.append(KernelSpec(f"rotary[{layout},{dt}/{cdt},rot<={2 * bh}]", _rotary_kernel,
-                                        dict(sig, **{c: "constexpr" for c in const}), const, NUM_WARPS, div))
-    return specs

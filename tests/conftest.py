@@ -14,8 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlm
-from fastlm import _cuda
-from fastlm.kernels import _common
+from fastlm import _cuda, _util
 
 HAS_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
@@ -56,12 +55,20 @@ def pytest_runtest_makereport(item, call):
         report.sections.append(("reproduce", f"FASTLM_TEST_SEED={TEST_SEED} python -m pytest '{item.nodeid}'"))
 
 
+def poisoned_empty(shape, dtype, device):
+    """fastlm._util.empty for the tests: every kernel output starts as NaN (the integer minimum for integer
+    outputs), so an element a kernel forgets to write fails the comparison instead of passing on leftover memory."""
+    fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _poison_outputs():
-    # Every kernel output starts as NaN, so an element a kernel forgets to write fails the comparison.
-    _common.POISON_OUTPUTS = True
+    # The library allocates every kernel output through the module attribute fastlm._util.empty.
+    unpoisoned = _util.empty
+    _util.empty = poisoned_empty
     yield
-    _common.POISON_OUTPUTS = False
+    _util.empty = unpoisoned
 
 
 def pytest_collection_modifyitems(config, items):
@@ -74,7 +81,7 @@ def pytest_collection_modifyitems(config, items):
 def kernel_backends():
     """The kernel backends that can run here, each a pytest param; the others skip saying why."""
     params = []
-    triton_ok = HAS_GPU or _common.interpreting()
+    triton_ok = HAS_GPU or _util.interpreting()
     params.append(pytest.param("triton", marks=[] if triton_ok else pytest.mark.skip(
         reason="triton backend needs a GPU or TRITON_INTERPRET=1")))
     ok, why = _cuda.available()

@@ -123,7 +123,8 @@ DTYPES = GPU_DTYPES if HAS_GPU else CPU_DTYPES
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_reference(case, dtype, backend):
     b, sq, sk, h, hk, d, causal, window, softcap = case
-    if backend == "triton" and triton_attention.unsupported(dtype, d):
+    if backend == "triton" and triton_attention.attention_unsupported(torch.empty(0, d, dtype=dtype), None, None, None,
+                                                                      None, 0.0):
         with pytest.raises(fastlm.BackendUnavailable, match="head dims up to"):
             fastlm.attention(*_inputs((b, sq, h, d), (b, sk, hk, d), dtype))
         return
@@ -139,11 +140,24 @@ def test_matches_reference(case, dtype, backend):
     _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
 
 
-def _varlen(lens_q, lens_k, h, hk, d, dtype):
-    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
-    q, k, v = _inputs((sum(lens_q), h, d), (sum(lens_k), hk, d), dtype, seed=3)
+def _varlen(lens_q, lens_k, h, hk, d, dtype, outside_q=(0, 0), outside_k=(0, 0)):
+    """Packed sequences; outside_q/k = (tokens before the first sequence, tokens after the last)."""
+    cu_q = torch.tensor([outside_q[0], *(outside_q[0] + torch.tensor(lens_q).cumsum(0)).tolist()],
+                        dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([outside_k[0], *(outside_k[0] + torch.tensor(lens_k).cumsum(0)).tolist()],
+                        dtype=torch.int32, device=DEVICE)
+    q, k, v = _inputs((sum(lens_q) + sum(outside_q), h, d), (sum(lens_k) + sum(outside_k), hk, d), dtype, seed=3)
     return q, k, v, dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q), max_seqlen_k=max(lens_k))
+
+
+def _assert_outside_rows(got, kw):
+    """Tokens outside every sequence (issue 11): out 0, lse −inf, dq 0 for queries; dk = dv = 0 for keys."""
+    out, lse, dq, dk, dv = got
+    (q0, q1), (k0, k1) = (kw[n][[0, -1]].tolist() for n in ("cu_seqlens_q", "cu_seqlens_k"))
+    for name, t, lo, hi in (("out", out, q0, q1), ("dq", dq, q0, q1), ("dk", dk, k0, k1), ("dv", dv, k0, k1)):
+        for part in (t[:lo], t[hi:]):
+            assert torch.equal(part, torch.zeros_like(part)), f"{name}: a token outside every sequence is not 0"
+    assert torch.isneginf(lse[:, :q0]).all() and torch.isneginf(lse[:, q1:]).all(), "lse outside: not −inf"
 
 
 VARLEN_LENS = ([0, 1, 17, 40, 5], [3, 1, 30, 40, 0])  # empty query side, one token, ragged, empty key side
@@ -168,6 +182,53 @@ def test_varlen(causal, dtype, backend):
     assert torch.equal(out[last], torch.zeros_like(out[last]))
     assert torch.equal(dq[last], torch.zeros_like(dq[last]))
     assert torch.equal(dk[:3], torch.zeros_like(dk[:3])) and torch.equal(dv[:3], torch.zeros_like(dv[:3]))
+
+
+# (tokens before, after) the sequences, for q and for k: a tail past the longest sequence (40) and past the
+# forward's programs × block (2 × 32 rows in the interpreter), so the programs must stride over it.
+OUTSIDE = (((3, 0), (0, 2)), ((0, 101), (0, 0)), ((5, 70), (4, 90)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("outside", OUTSIDE, ids=("heads", "long-q-tail", "both"))
+def test_varlen_tokens_outside_every_sequence(outside, dtype, backend):
+    """Offsets that start past 0 and end before the packed total (issue 11): the kernels write those rows (out 0,
+    lse −inf, zero gradients) themselves; the rest matches the reference, which returns the full packed size."""
+    q, k, v, kw = _varlen(*VARLEN_LENS, 2, 1, 64, dtype, *outside)
+    if backend == "cuda":
+        from fastlm import _cuda
+
+        why = _cuda.attention_unsupported(q, k, kw["cu_seqlens_q"], None, 0, 0.0)
+        if why:
+            pytest.skip(f"cuda backend: {why}")
+    got = _compare(q, k, v, backend, causal=True, lse_in_loss=True, **kw)
+    assert got[1].shape == (2, q.shape[0])
+    _assert_outside_rows(got, kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+def test_varlen_outside_tokens_with_batches_in_chunks(backend, monkeypatch):
+    """Chunked launches (grid axis 2 lowered to 2): only the launch holding the call's first sequence writes the
+    tokens before it, only the one holding the last those after it, with the call's packed totals; the bits of
+    one launch, forward and backward."""
+    dtype = DTYPES[-1]
+    q, k, v, kw = _varlen([3, 0, 17, 9, 5], [4, 6, 20, 0, 8], 2, 1, 32, dtype, (4, 40), (2, 3))
+    do = torch.randn(q.shape, generator=generator(6)).to(DEVICE, dtype)
+    args = (kw["cu_seqlens_q"], kw["cu_seqlens_k"], kw["max_seqlen_q"], kw["max_seqlen_k"], 32 ** -0.5, None, 0,
+            None)
+
+    def run():
+        out, lse = triton_attention.attention_fwd(q, k, v, *args)
+        return (out, lse, *triton_attention.attention_bwd(do, q, k, v, out, lse, None, *args))
+
+    want = run()
+    monkeypatch.setattr(triton_attention, "MAX_GRID_YZ", 2)
+    got = run()
+    for a, b in zip(got, want):
+        assert not a.isnan().any()
+        assert torch.equal(a, b)
+    _assert_outside_rows(got, kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -216,7 +277,7 @@ def test_strided_inputs_and_default_scale():
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     wide = torch.zeros((2, 47, 4, 64), device=DEVICE)
     wide[..., ::2] = kt
-    kernel = "triton" if (HAS_GPU or fastlm.kernels._common.interpreting()) else "torch"
+    kernel = "triton" if (HAS_GPU or fastlm._util.interpreting()) else "torch"
     with fastlm.use_backend(kernel):
         out = fastlm.attention(qt, kt, vt, causal=True)
         out_contig = fastlm.attention(qt.contiguous(), kt.contiguous(), vt.contiguous(), causal=True)
@@ -363,7 +424,7 @@ def test_bad_offsets_on_the_host_are_refused(backend, call, match):
 @pytest.mark.parametrize("dynamic", (False, True), ids=("static", "dynamic"))
 def test_compiles_without_graph_breaks(dynamic):
     torch._dynamo.reset()
-    backend = "triton" if (HAS_GPU or fastlm.kernels._common.interpreting()) else "torch"
+    backend = "triton" if (HAS_GPU or fastlm._util.interpreting()) else "torch"
     q, k, v = _inputs((1, 16, 2, 32), (1, 24, 1, 32), torch.float32)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
 
@@ -387,7 +448,7 @@ def test_compiles_without_graph_breaks(dynamic):
 
 def test_opcheck():
     q, k, v = _inputs((1, 16, 2, 32), (1, 16, 2, 32), torch.float32)
-    if not (HAS_GPU or fastlm.kernels._common.interpreting()):
+    if not (HAS_GPU or fastlm._util.interpreting()):
         pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, 16, 16, 0.2, None, 0, 0.0,
             "triton")
@@ -518,6 +579,20 @@ def test_decode_varlen(causal, backend, decode_splits_seen):
     assert decode_splits_seen and decode_splits_seen[0] > 1
     seq2 = slice(1, 4)  # no keys: output 0, lse −inf
     assert torch.equal(out[seq2], torch.zeros_like(out[seq2])) and torch.isneginf(lse[:, seq2]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("splits", ("one", "several"))
+def test_decode_varlen_tokens_outside_every_sequence(splits, backend, decode_splits_seen, monkeypatch):
+    """The split-KV decode kernel writes the tokens before and after the sequences (issue 11) itself, with one
+    split and with several (the combine writes only the sequences' rows): 50 query tokens after 3 sequences of
+    at most 3 queries, keys before and after too."""
+    if splits == "one":
+        monkeypatch.setattr(triton_attention, "DECODE_MIN_SPLIT_KEYS", 1 << 20)
+    q, k, v, kw = _varlen([1, 3, 2], [40, 0, 60], 4, 1, 64, DECODE_DTYPES[-1], (2, 50), (3, 20))
+    got = _compare(q, k, v, backend, causal=True, lse_in_loss=True, **kw)
+    assert decode_splits_seen and (decode_splits_seen[0] > 1) == (splits == "several"), decode_splits_seen
+    _assert_outside_rows(got, kw)
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)

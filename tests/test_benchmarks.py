@@ -658,10 +658,9 @@ def test_parsers_on_cuobjdump_and_ptxas_text():
 
 
 TINY_KERNELS = '''
+import torch
 import triton
 import triton.language as tl
-
-from fastlm.kernels._common import KernelSpec
 
 
 @triton.jit
@@ -672,24 +671,34 @@ def _scale_rows_kernel(X, Y, N, BLOCK: tl.constexpr):
     tl.store(Y + offs, (x * r).to(Y.dtype.element_ty), mask=offs < N)
 
 
-def static_specs():
-    sig = {"X": "*bf16", "Y": "*bf16", "N": "i32", "BLOCK": "constexpr"}
-    return [
-        KernelSpec("fits", _scale_rows_kernel, sig, {"BLOCK": 1024}, 4, ("X", "Y", "N")),
-        # 16384 fp32 values held by one warp: 512 a thread, far past the 255 registers there are.
-        KernelSpec("spills", _scale_rows_kernel, sig, {"BLOCK": 16384}, 1, ("X", "Y", "N")),
-    ]
+def scale_rows(x, block, num_warps):
+    y = torch.empty_like(x)
+    _scale_rows_kernel[(1,)](x, y, x.numel(), BLOCK=block, num_warps=num_warps)
+    return y
+
+
+def launch(found):
+    x = torch.empty(4096, dtype=torch.bfloat16)
+    scale_rows(x, 1024, 4)  # fits
+    scale_rows(x, 16384, 1)  # 16384 fp32 values held by one warp: 512 a thread, far past the 255 registers there are
+    scale_rows(x, 1024, 4)  # the same variant again: recorded once
 '''
 
 
-def _compile_triton(jobs, path=""):
-    """static.compile_triton on each (module, spec index, capability), in a fresh Python without
-    TRITON_INTERPRET: `make test` runs pytest under Triton's interpreter, whose @triton.jit functions cannot be
-    compiled."""
+def _compile_triton(path, caps):
+    """The static report's recorder on the tiny module's launcher and on fastlm's launchers, then
+    static.compile_triton on (tiny variants at each capability, one norm variant with ≥ 4 warps), in a fresh Python
+    without TRITON_INTERPRET: `make test` runs pytest under Triton's interpreter, whose @triton.jit functions cannot
+    be compiled (nor recorded)."""
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join(p for p in (str(path), str(REPO), os.environ.get("PYTHONPATH")) if p))
-    code = ("import json, sys; from benchmarks import static; "
-            f"print(json.dumps([static.compile_triton(*job) for job in {jobs!r}], default=sorted))")
+    code = ("import json, fastlm_tiny_kernels as tiny; from benchmarks import static; "
+            "tiny_variants = static.record(tiny.launch, 'tiny.py'); "
+            "norm = next(v for v in static.triton_variants() if v.source == 'norm.py' and v.num_warps >= 4); "
+            f"rows = [static.compile_triton(v, cap) for v in tiny_variants for cap in {caps!r}]; "
+            "rows.append(static.compile_triton(norm, 90)); "
+            "print(json.dumps([len(tiny_variants), [v.aligned() for v in tiny_variants], norm.name, rows], "
+            "default=sorted))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -698,12 +707,11 @@ def _compile_triton(jobs, path=""):
 
 def test_static_report_reads_compiled_triton_kernels(tmp_path):
     (tmp_path / "fastlm_tiny_kernels.py").write_text(TINY_KERNELS)
-    specs = static._specs("fastlm.kernels.norm")
-    norm_index = next(i for i, s in enumerate(specs) if s.num_warps >= 4)
-    fits, spills, shipped = _compile_triton([("fastlm_tiny_kernels", 0, 90), ("fastlm_tiny_kernels", 1, 90),
-                                             ("fastlm.kernels.norm", norm_index, 90)], tmp_path)
+    n_tiny, aligned, norm_name, (fits, spills, shipped) = _compile_triton(tmp_path, (90,))
+    # Recorded as the JIT binds the launch: the pointers and N = 4096 divisible by 16, one variant per config.
+    assert n_tiny == 2 and aligned == [["X", "Y", "N"]] * 2
     assert "error" not in fits, fits.get("error")
-    assert fits["arch"] == "sm_90a" and fits["warps"] == 4
+    assert fits["source"] == "tiny.py" and fits["arch"] == "sm_90a" and fits["warps"] == 4
     assert 0 < fits["regs"] <= 255
     assert fits["ld"] == 128 and fits["st"] == 128  # the divisible-by-16 hint gives 16-byte accesses
     assert fits["stack"] == fits["local"] == fits["ldl_stl"] == 0 and static.problems(fits) == []
@@ -712,9 +720,8 @@ def test_static_report_reads_compiled_triton_kernels(tmp_path):
     assert any("LDL/STL" in why for why in static.problems(spills))
 
     # One variant the norm launchers ship, found the way the report finds it.
-    assert "fastlm.kernels.norm" in static.kernel_modules()
     assert "error" not in shipped, shipped.get("error")
-    assert shipped["kernel"] == specs[norm_index].name
+    assert shipped["source"] == "norm.py" and shipped["kernel"] == norm_name and norm_name.startswith("norm_")
     assert shipped["regs"] > 0 and shipped["local"] == 0
 
 

@@ -104,10 +104,6 @@ def _cpu_norm_args(is_rms):
         weight=torch.ones(N),
         bias=None if is_rms else torch.zeros(N),
         residual=None,
-        y=torch.empty_like(x),
-        residual_out=None,
-        mean=None if is_rms else torch.empty(M),
-        rstd=torch.empty(M),
         eps=1e-5,
         is_rms=is_rms,
         offset=0.0,
@@ -126,8 +122,31 @@ def test_norm_bwd_without_gpu_raises():
     M, N = 4, 64
     xin = torch.randn(M, N)
     with pytest.raises((RuntimeError, ValueError), match="GPU|CUDA|fastlm._C"):
-        _cuda.norm_bwd(torch.randn(M, N), xin, torch.ones(N), torch.zeros(M), torch.ones(M), None,
-                       torch.empty_like(xin), torch.empty(N), torch.empty(N), False, 0.0)
+        _cuda.norm_bwd(torch.randn(M, N), xin, torch.ones(N), torch.zeros(M), torch.ones(M), None, False, 0.0,
+                       True, True)
+
+
+# The launcher contract (docs/DESIGN.md): for every op, kernels/<op>.py and fastlm._cuda expose the same launcher
+# names with the same parameters, so the op layer calls either through _backend.launchers(backend, module).
+LAUNCHERS = {
+    "norm": ("norm_fwd", "norm_bwd"),
+    "cross_entropy": ("cross_entropy_fwd", "cross_entropy_bwd", "scale_grad", "scalars", "reduce_loss"),
+    "attention": ("attention_fwd", "attention_unsupported"),
+    "rotary": ("rotary_fwd", "rotary_bwd"),
+    "gated": ("gated_fwd", "gated_bwd"),
+}
+
+
+@pytest.mark.parametrize("op", sorted(LAUNCHERS))
+def test_both_backends_expose_one_launcher_signature(op):
+    import importlib
+    import inspect
+
+    triton_module = importlib.import_module(f"fastlm.kernels.{op}")
+    for name in LAUNCHERS[op]:
+        want = list(inspect.signature(getattr(triton_module, name)).parameters)
+        got = list(inspect.signature(getattr(_cuda, name)).parameters)
+        assert got == want, f"{name}: fastlm._cuda takes {got}, kernels/{op}.py takes {want}"
 
 
 @needs_build

@@ -163,7 +163,7 @@ def _assert_patched_like_unpatched(model_type, backend, seq=16):
 
 
 def _skip_without_triton(backend):
-    if backend == "triton" and not (HAS_GPU or fastlm.kernels._common.interpreting()):
+    if backend == "triton" and not (HAS_GPU or fastlm._util.interpreting()):
         pytest.skip("triton backend needs a GPU or TRITON_INTERPRET=1")
 
 
@@ -463,7 +463,7 @@ def test_autocast_loss():
 def test_torch_compile_fullgraph_no_graph_breaks():
     """torch.compile(fullgraph=True) traces a patched Gemma 2 training step in one graph (a graph break would
     raise) that calls fastlm's registered ops — the attention kernel included — and gives the eager loss."""
-    backend = "triton" if (HAS_GPU or fastlm.kernels._common.interpreting()) else "auto"
+    backend = "triton" if (HAS_GPU or fastlm._util.interpreting()) else "auto"
     model = fastlm.patch(_model("gemma2", num_hidden_layers=1))
     x = _tokens(2, 8)
     graphs = []
@@ -729,7 +729,7 @@ def test_torch_compile_rotary_and_gated_mlp_fullgraph_without_recompiles():
     """A patched Llama training step compiles into one graph holding fastlm's rotary and gated ops (on the kernel
     backends), gives the eager loss, and a second batch reuses it: the patched attention forward's globals (a copy
     of its modeling module's, without __name__) are guarded as a dict, so nothing fails a guard."""
-    backend = "triton" if (HAS_GPU or fastlm.kernels._common.interpreting()) else "auto"
+    backend = "triton" if (HAS_GPU or fastlm._util.interpreting()) else "auto"
     model = fastlm.patch(_model("llama", num_hidden_layers=1))
     graphs = []
 

@@ -29,12 +29,11 @@ import torch
 import torch.nn.functional as F
 
 import fastlm
-from fastlm import reference
-from fastlm.kernels import _common
+from fastlm import _util, reference
 from fastlm.kernels import attention as triton_attention
 from fastlm.kernels import cross_entropy as triton_ce
 from fastlm.kernels import norm as triton_norm
-from conftest import BACKENDS, DEVICE, HAS_GPU, assert_by_rule, generator, seeded
+from conftest import BACKENDS, DEVICE, HAS_GPU, assert_by_rule, generator, poisoned_empty, seeded
 
 TWO31 = 2 ** 31
 TRITON = BACKENDS[:1]  # the triton param (skipped without a GPU or the interpreter)
@@ -156,23 +155,29 @@ def thirty_two_bit_stride_products(ttir):
     return found
 
 
-def _representative_specs(specs):
+def _representative_variants(variants):
     """Per kernel function, its variants with the fewest and the most flags on (dense causal / varlen with every
-    option, for attention): the offset arithmetic of every code path, without compiling each block shape."""
+    option, for attention): the offset arithmetic of every code path, without compiling each block shape. Only
+    variants whose stride arguments the JIT typed as runtime i32 (none specialised to the constant 1 by a
+    degenerate shape, none i64): the case the rule is about."""
     by_fn = {}
-    for s in specs:
-        by_fn.setdefault(s.fn, []).append(s)
+    for v in variants:
+        by_fn.setdefault(v.fn, []).append(v)
     chosen = []
-    for group in by_fn.values():
-        def flags_on(s):
-            return sum(v is True for v in s.constexprs.values())
-        lo, hi = min(group, key=flags_on), max(group, key=flags_on)
+    for fn, group in by_fn.items():
+        strided = [v for v in group if all(ty == "i32" for n, ty in v.signature.items() if STRIDE_ARG.match(n))]
+        assert strided, f"every recorded variant of {fn.__name__} has a stride argument that is not a runtime i32"
+
+        def flags_on(v):
+            return sum(val is True for val in v.constexprs.values())
+
+        lo, hi = min(strided, key=flags_on), max(strided, key=flags_on)
         chosen += [lo] if lo is hi else [lo, hi]
     return chosen
 
 
-def _ttir(spec):
-    """Triton IR of one spec after Triton's own IR passes (inlined, canonicalized), for sm_80: the first compile
+def _ttir(variant):
+    """Triton IR of one variant after Triton's own IR passes (inlined, canonicalized), for sm_80: the first compile
     stage only, as triton.compile runs it."""
     from triton._C.libtriton import ir
     from triton.backends.compiler import GPUTarget
@@ -181,11 +186,8 @@ def _ttir(spec):
 
     target = GPUTarget("cuda", 80, 32)
     backend = CUDABackend(target)
-    src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
-    opts = {"num_warps": spec.num_warps}
-    if spec.num_stages is not None:
-        opts["num_stages"] = spec.num_stages
-    options = backend.parse_options(opts)
+    src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs, attrs=variant.attrs)
+    options = backend.parse_options(dict(variant.options))
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)
@@ -198,15 +200,17 @@ def _ttir(spec):
 
 def _check_modules(module_names):
     """Run in a fresh process without the interpreter (its @triton.jit objects cannot be compiled): prints one line
-    per violation, and 'checked N kernels'."""
-    import importlib
+    per violation, and 'checked N kernels'. The variants are the static report's: what the launchers launch."""
+    from benchmarks import static
 
+    sources = {name.rsplit(".", 1)[-1] + ".py" for name in module_names}
+    variants = [v for v in static.triton_variants() if v.source in sources]
+    assert {v.source for v in variants} == sources, f"no variants recorded for {sources - {v.source for v in variants}}"
     n = 0
-    for module_name in module_names:
-        for spec in _representative_specs(importlib.import_module(module_name).static_specs()):
-            for name, where in thirty_two_bit_stride_products(_ttir(spec)):
-                print(f"VIOLATION {spec.name}: {name} = a 32-bit product with a stride, at {where}")
-            n += 1
+    for variant in _representative_variants(variants):
+        for name, where in thirty_two_bit_stride_products(_ttir(variant)):
+            print(f"VIOLATION {variant.name}: {name} = a 32-bit product with a stride, at {where}")
+        n += 1
     print(f"checked {n} kernels")
 
 
@@ -703,8 +707,9 @@ def test_gpu_decode_past_2_31(backend):
     t_o, t_l = reference.attention_masked(q, k[:, k0:], v[:, k0:], scale, W, 0, upcast=False)
     assert_by_rule("out", out, ref_o, t_o)
     assert_by_rule("lse", lse, ref_l.float(), t_l.float())
-    assert _common.POISON_OUTPUTS  # outputs the kernels forgot would be NaN and fail above
+    assert _util.empty is poisoned_empty  # outputs the kernels forgot would be NaN and fail above
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--check-ir"]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/: a folder of the repository
     _check_modules(sys.argv[2:])

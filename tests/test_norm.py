@@ -463,19 +463,36 @@ def test_backward_without_weight_or_residual(backend, is_rms, N):
             assert_by_rule(name, out[i], ref[i], torch_fn()[i], samples=[s[i] for s in sims])
 
 
-def test_backward_static_specs_cover_the_launch_table():
-    """static_specs() lists exactly the backward variants the launcher can pick (so the static report checks every
-    shipped config for spills): each fused config for every row width up to the threshold, per element size."""
+def test_backward_static_report_covers_the_launch_table():
+    """The static report's norm variants (its recorder, on the launchers over benchmarks/static.py's call shapes)
+    include every backward config the launcher can pick (so the report checks every shipped config for spills):
+    each fused config for every row width up to the threshold, per element size, and the wide-row kernels."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
     from fastlm.kernels import norm as triton_norm
 
-    names = {s.name for s in triton_norm.static_specs()}
-    for dt, elem in (("bf16", 2), ("fp32", 4)):
+    repo = Path(__file__).resolve().parent.parent
+    code = ("import json; from benchmarks import static; print(json.dumps([[v.fn.__name__, v.signature['DY'], "
+            "v.constexprs, v.num_warps] for v in static.record(static._launch_norm) "
+            "if v.fn.__name__ in ('_norm_bwd_kernel', '_norm_bwd_cols_kernel')]))")
+    # Recording needs compiled @triton.jit functions: a fresh Python without the interpreter.
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recorded = json.loads(proc.stdout.splitlines()[-1])
+    for dt, elem in (("*bf16", 2), ("*fp32", 4)):
+        fused = {(c["BLOCK_M"], c["BLOCK_N"], w, c["NUM_STAGES"]) for name, d, c, w in recorded
+                 if name == "_norm_bwd_kernel" and d == dt and c["IS_RMS"] and c["HAS_W"] and c["HAS_DRES"]}
         picked = set()
         for n in range(1, triton_norm.BWD_MAX_FUSED_N[elem] + 1):
             bm, bn, nw, per_sm, st = triton_norm._bwd_fused_config(n, elem)
             assert bm * bn >= n and (bm & (bm - 1)) == 0 and per_sm >= 1 and 2 <= st <= triton_norm.BWD_MAX_STAGES
-            picked.add(f"norm_bwd[rms,{dt},N<={bn},M{bm},s{st}]")
-        listed = {n for n in names if n.startswith(f"norm_bwd[rms,{dt},")}
-        assert picked == listed
+            picked.add((bm, bn, nw, st))
+        assert picked == fused
         bn, nw, st = triton_norm._bwd_cols_config(elem)
-        assert f"norm_bwd_cols[rms,{dt},cols{bn},s{st}]" in names
+        assert any(name == "_norm_bwd_cols_kernel" and d == dt and (c["BLOCK_N"], w, c["NUM_STAGES"]) == (bn, nw, st)
+                   for name, d, c, w in recorded)

@@ -78,34 +78,8 @@ patched). The record lives in the model's `__dict__` and the forward is a bound 
 patched model gives a patched copy; pickling a whole patched module does not work (its norm classes are made at
 patch time): pickle the state_dict, or unpatch first.
 
-transformers 5.17 mechanics this relies on (paths under transformers/):
-- modeling_utils.py `AttentionInterface` / `ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, ...)`
-  called from each model's Attention.forward (e.g. models/llama/modeling_llama.py `LlamaAttention.forward`;
-  Gemma 2 passes sliding_window and softcap, Mistral/Qwen2/Qwen3 pass sliding_window, GPT-2 passes scaling).
-- modeling_utils.py `set_attn_implementation` (validates against ALL_ATTENTION_FUNCTIONS.valid_keys()).
-- masking_utils.py `_preprocess_mask_arguments`: an implementation missing from
-  `ALL_MASK_ATTENTION_FUNCTIONS._global_mapping` gets *no mask at all* (padding silently ignored), hence the mask
-  builder registered with `AttentionMaskInterface.register`. `create_causal_mask` /
-  `create_sliding_window_causal_mask` call it with (batch_size, q_length, kv_length, q_offset, kv_offset,
-  mask_function, attention_mask (2-D bool padding mask or None), allow_is_causal_skip, local_size, ...);
-  allow_is_causal_skip is False when the pattern is not plain causal (packed sequences found from position_ids,
-  or/and mask functions), and `sdpa_mask` builds the boolean mask otherwise.
-- cache_utils.py `DynamicLayer` / `DynamicSlidingWindowLayer.get_mask_sizes`: kv_offset + kv_length equals
-  q_offset + q_length, so their keys are aligned bottom-right; a static cache's are not (a mask is built).
-- integrations/sdpa_attention.py `sdpa_attention_forward`, and each modeling file's `eager_attention_forward`
-  (additive float mask, softcap), for the fallback.
-- loss/loss_utils.py `ForCausalLMLoss` / `fixed_cross_entropy`: float32 logits, shift with pad, ignore_index,
-  reduction "mean", or "sum" / num_items_in_batch.
-- utils/generic.py `can_return_tuple` (return_dict), utils/output_capturing.py `capture_outputs` (the base model
-  takes return_dict and output_* keywords).
-- each modeling file's module-level `apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)` (q, k (B, H, S, D),
-  cos, sin (B, S, D) from the model's RotaryEmbedding, in the hidden states' dtype), called by name from
-  `<Model>Attention.forward` (not decorated: its own code holds the call); `<Model>MLP.forward` =
-  down_proj(act_fn(gate_proj(x)) * up_proj(x)) with act_fn = ACT2FN[hidden_act] (activations.py: SiLUActivation,
-  nn.SiLU for "swish", GELUTanh, GELUActivation). The kernels hub decorators (`use_kernel_forward_from_hub`,
-  `use_kernelized_func`) are no-ops without the `kernels` package, and `use_kernels=True` is not combined with patch.
-- Dynamo inlines a function whose globals carry a `__name__` through that module's attributes (guards on
-  `module.name`); the rotary forward's globals have none, so Dynamo guards on the dict itself.
+The transformers internals this relies on (which will move) are listed, dated, in docs/DESIGN.md ("Hugging Face
+integration").
 """
 
 import contextlib

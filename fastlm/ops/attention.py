@@ -25,19 +25,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from fastlm import _backend, _cuda, reference
+from fastlm import _backend, _util, reference
 from fastlm.kernels import attention as triton_attention
 from fastlm.ops import _checks, _eager
 
-MAX_HEAD_DIM = triton_attention.MAX_HEAD_DIM
+# The public limit: the largest head dim the op takes. Both kernel backends' tables reach it (block_d(256) in
+# kernels/attention.py, the head dims of csrc/attention.cu); float32 stops lower (attention_unsupported says so).
+MAX_HEAD_DIM = 256
 
 
 # ---------------------------------------------------------------------------------------------- registered ops
-
-
-def _unit_last(t):
-    # The kernels take any batch, sequence and head strides but need unit head-dim stride.
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 @_eager.custom_op("fastlm::attention_fwd", mutates_args=())
@@ -56,14 +53,8 @@ def attention_fwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """→ out (q's shape, contiguous), lse fp32 (B, Hq, Sq) or (Hq, Tq) with cu_seqlens."""
-    if backend == "cuda":
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        lse = torch.empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32, device=q.device)
-        _cuda.attention_fwd(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                            window_left, window_right, softcap)
-        return out, lse
-    return triton_attention.attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                                          window_left, window_right, softcap)
+    return _backend.launchers(backend, triton_attention).attention_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap)
 
 
 def _lse_shape(q, cu_seqlens_q):
@@ -120,7 +111,7 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     # The kernels index dlse as lse is laid out; autograd may hand it over expanded (stride 0) from a sum.
     dlse = dlse.contiguous() if dlse is not None else None
-    dq, dk, dv = attention_bwd_op(_unit_last(dout), q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
+    dq, dk, dv = attention_bwd_op(_util.unit_stride_last(dout), q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -260,11 +251,9 @@ def _native_reason(name, q, k, v, cu_q, left, right, softcap, need_lse, determin
 
 def _kernel_unsupported(q, k, v, cu_q, left, right, softcap, need_lse, deterministic):
     def unsupported(backend):
-        if backend == "cuda":
-            return _cuda.attention_unsupported(q, k, cu_q, left, right, softcap)
         if backend.startswith("torch:"):
             return _native_reason(backend, q, k, v, cu_q, left, right, softcap, need_lse, deterministic)
-        return triton_attention.unsupported(q.dtype, q.shape[-1])
+        return _backend.launchers(backend, triton_attention).attention_unsupported(q, k, cu_q, left, right, softcap)
 
     return unsupported
 
@@ -297,8 +286,8 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, n
         return reference.attention_masked(q, k, v, scale, left, right, softcap, cu_q, cu_k)
     if backend in _SDPA_BACKENDS:
         return _sdpa(q, k, v, scale, right, backend), None
-    return attention_fwd_op(_unit_last(q), _unit_last(k), _unit_last(v), cu_q, cu_k, max_q, max_k,
-                                          scale, left, right, softcap, backend)
+    q, k, v = (_util.unit_stride_last(t) for t in (q, k, v))
+    return attention_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, backend)
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, cu_seqlens_q=None,
@@ -310,7 +299,8 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     the torch backend).
     Variable length: with cu_seqlens_q and cu_seqlens_k (int32 (batch + 1,) offsets) q is packed
     (total_q, heads, head_dim) and k, v (total_k, kv_heads, head_dim); sequence b attends only within itself, and
-    max_seqlen_q, max_seqlen_k (host ints, at least the longest sequence) are required so nothing syncs.
+    max_seqlen_q, max_seqlen_k (host ints, at least the longest sequence) are required so nothing syncs. Packed
+    tokens in no sequence (before cu_seqlens[0] or from cu_seqlens[-1]) get output 0, LSE −inf and zero gradients.
     causal: query i sees key j when j ≤ i + seqlen_k − seqlen_q (bottom-right, FlashAttention ≥ 2.1).
     window=(left, right): query i sees keys i + off − left … i + off + right, off = seqlen_k − seqlen_q; −1
     unbounded. softcap > 0: scores become softcap·tanh(score/softcap) before the softmax. scale defaults to

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from fastlm import _backend, _cuda, reference
+from fastlm import _backend, reference
 from fastlm.kernels import cross_entropy as triton_ce
 from fastlm.ops import _checks, _eager
 
@@ -40,17 +40,12 @@ REDUCTIONS = ("none", "mean", "sum")
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def _impl(backend):
-    """The kernel backend's launchers: kernels/cross_entropy.py and fastlm._cuda share their signatures."""
-    return triton_ce if backend == "triton" else _cuda
-
-
-def _reduce(loss_rows, sc, reduction):
-    """The reduced loss from the (rows,) fp32 losses and the device scalars: one small Triton launch for either
-    kernel backend (kernels/cross_entropy.py::reduce_loss; Triton is a hard dependency)."""
+def _reduce(loss_rows, sc, reduction, backend):
+    """The reduced loss from the (rows,) fp32 losses and the device scalars: the backend's reduce_loss (one small
+    launch, a fixed-order float64 sum)."""
     if reduction == "none":
         return loss_rows
-    return triton_ce.reduce_loss(loss_rows, sc, reduction == "mean")
+    return _backend.launchers(backend, triton_ce).reduce_loss(loss_rows, sc, reduction == "mean")
 
 
 @_eager.custom_op("fastlm::cross_entropy_fwd", mutates_args=())
@@ -69,12 +64,12 @@ def cross_entropy_fwd_op(
     """(rows, V) logits, (rows,) target → loss (() or (rows,) for "none", fp32); grad (rows, V) in logits' dtype
     for "mean"/"sum" when compute_grad (else empty); row max, row log-sum (rows,) and the (2,) device scalars, which
     the backward of "none" recomputes the gradient from. softcap 0 means none."""
-    loss, row_max, log_s, sc, grad = _impl(backend).cross_entropy_fwd(
+    loss, row_max, log_s, sc, grad = _backend.launchers(backend, triton_ce).cross_entropy_fwd(
         logits, target, weight, ignore_index, label_smoothing, z_loss, softcap or None, reduction,
         compute_grad and reduction != "none",
     )
     grad = grad if grad is not None else logits.new_empty((0,))
-    return _reduce(loss, sc, reduction), grad, row_max, log_s, sc
+    return _reduce(loss, sc, reduction, backend), grad, row_max, log_s, sc
 
 
 @cross_entropy_fwd_op.register_fake
@@ -102,7 +97,7 @@ def cross_entropy_bwd_op(
     backend: str,
 ) -> torch.Tensor:
     """Reduction "none": the gradient (rows, V), each row's times its incoming gradient, from the logits."""
-    return _impl(backend).cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index,
+    return _backend.launchers(backend, triton_ce).cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index,
                                             label_smoothing, z_loss, softcap or None)
 
 
@@ -115,7 +110,7 @@ def _(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, lab
 @_eager.custom_op("fastlm::cross_entropy_scale_grad", mutates_args=("grad",))
 def cross_entropy_scale_grad_op(grad: torch.Tensor, grad_output: torch.Tensor, backend: str) -> None:
     """Reductions "mean" and "sum": scale the forward's gradient (rows, V) in place by the incoming gradient."""
-    _impl(backend).scale_grad(grad, grad_output)
+    _backend.launchers(backend, triton_ce).scale_grad(grad, grad_output)
 
 
 @cross_entropy_scale_grad_op.register_fake
@@ -184,9 +179,9 @@ def cross_entropy_fwd_inplace_op(
     scalars; the gradient of the loss for an incoming gradient of 1 (each row's own for "none") is written over
     the logits, which the op therefore mutates."""
     x = logits.view(-1, logits.shape[-1])
-    loss, _, _, sc, _ = _impl(backend).cross_entropy_fwd(
+    loss, _, _, sc, _ = _backend.launchers(backend, triton_ce).cross_entropy_fwd(
         x, target, weight, ignore_index, label_smoothing, z_loss, softcap or None, reduction, True, out=x)
-    return _reduce(loss, sc, reduction), sc
+    return _reduce(loss, sc, reduction, backend), sc
 
 
 @cross_entropy_fwd_inplace_op.register_fake

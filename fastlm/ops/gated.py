@@ -18,22 +18,17 @@ import math
 
 import torch
 
-from fastlm import _backend, _cuda, reference
+from fastlm import _backend, reference
 from fastlm.kernels import gated as triton_gated
 from fastlm.ops import _checks, _eager
 
 GELU_APPROXIMATIONS = ("tanh", "none")
 
 
-def _impl(backend):
-    """The kernel backend's launchers: kernels/gated.py and fastlm._cuda share their signatures."""
-    return triton_gated if backend == "triton" else _cuda
-
-
 @_eager.custom_op("fastlm::gated_fwd", mutates_args=())
 def gated_fwd_op(gate: torch.Tensor, up: torch.Tensor, activation: str, backend: str) -> torch.Tensor:
     """(rows, N) gate and up → h = act(gate)·up (rows, N), contiguous. activation: "silu", "gelu_tanh", "gelu"."""
-    return _impl(backend).gated_fwd(gate, up, activation)
+    return _backend.launchers(backend, triton_gated).gated_fwd(gate, up, activation)
 
 
 @gated_fwd_op.register_fake
@@ -45,7 +40,7 @@ def _(gate, up, activation, backend):
 def gated_bwd_op(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """→ d(gate), d(up): (rows, N), contiguous, in the gate's dtype."""
-    return _impl(backend).gated_bwd(dh, gate, up, activation)
+    return _backend.launchers(backend, triton_gated).gated_bwd(dh, gate, up, activation)
 
 
 @gated_bwd_op.register_fake

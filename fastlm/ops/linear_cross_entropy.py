@@ -30,7 +30,7 @@ import torch
 from fastlm import _backend, reference
 from fastlm.kernels import cross_entropy as triton_ce
 from fastlm.ops import _checks, _eager
-from fastlm.ops.cross_entropy import (_check_options, _check_target_and_weight, _check_target_values, _impl,
+from fastlm.ops.cross_entropy import (_check_options, _check_target_and_weight, _check_target_values,
                                       _no_zero_grads, _reduce, cross_entropy_scale_grad_op)
 
 CHUNK_BYTES = 256 << 20  # logits bytes per chunk: small next to the (tokens, V) logits, large enough for cuBLAS
@@ -102,14 +102,14 @@ def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, com
         t = target[start:end]
         # The gradient goes over the chunk's logits (out=logits): one chunk buffer, not two.
         if saved is None:
-            loss, row_max, log_s, _, grad = _impl(backend).cross_entropy_fwd(
+            loss, row_max, log_s, _, grad = _backend.launchers(backend, triton_ce).cross_entropy_fwd(
                 logits, t, class_weight, ignore_index, smoothing, z_loss, softcap, reduction, compute, sc=sc,
                 out=logits)
             for dst, src in zip(stats, (loss, row_max, log_s)):
                 dst[start:end] = src
         else:
             go, row_max, log_s = (x[start:end] for x in saved)
-            grad = _impl(backend).cross_entropy_bwd(logits, t, class_weight, sc, row_max, log_s, go, ignore_index,
+            grad = _backend.launchers(backend, triton_ce).cross_entropy_bwd(logits, t, class_weight, sc, row_max, log_s, go, ignore_index,
                                                     smoothing, z_loss, softcap, out=logits)
         del logits
         if compute:
@@ -148,11 +148,11 @@ def linear_cross_entropy_fwd_op(
     d(bias) in their operands' dtypes for an incoming gradient of 1 (else empty); row max, log-sum (tokens,) and
     the (2,) scalars."""
     args = (ignore_index, label_smoothing, z_loss, softcap or None, reduction)
-    sc = triton_ce.scalars(target, class_weight, weight.shape[0], ignore_index, reduction)
+    sc = _backend.launchers(backend, triton_ce).scalars(target, class_weight, weight.shape[0], ignore_index, reduction)
     compute = compute_grad and reduction != "none"
     (loss, row_max, log_s), dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend,
                                                    compute)
-    return (_reduce(loss, sc, reduction), *(g if g is not None else _empty(hidden) for g in (dh, dw, db)),
+    return (_reduce(loss, sc, reduction, backend), *(g if g is not None else _empty(hidden) for g in (dh, dw, db)),
             row_max, log_s, sc)
 
 

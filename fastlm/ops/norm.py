@@ -20,35 +20,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastlm import _backend, _cuda, reference
+from fastlm import _backend, _util, reference
 from fastlm.kernels import norm as triton_norm
-from fastlm.kernels._common import empty
 from fastlm.ops import _checks, _eager
 
 _EMPTY = (0,)
-
-
-def _kernel_fwd(backend, x, weight, bias, residual, eps, is_rms, offset):
-    if backend == "triton":
-        return triton_norm.norm_fwd(x, weight, bias, residual, eps, is_rms, offset)
-    M, N = x.shape
-    y = empty((M, N), x.dtype, x.device)
-    residual_out = empty((M, N), x.dtype, x.device) if residual is not None else None
-    mean = None if is_rms else empty((M,), torch.float32, x.device)
-    rstd = empty((M,), torch.float32, x.device)
-    _cuda.norm_fwd(x, weight, bias, residual, y, residual_out, mean, rstd, eps, is_rms, offset)
-    return y, residual_out, mean, rstd
-
-
-def _kernel_bwd(backend, dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db):
-    if backend == "triton":
-        return triton_norm.norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db)
-    dx = empty(xin.shape, xin.dtype, xin.device)
-    wdtype = weight.dtype if weight is not None else xin.dtype
-    dw = empty(xin.shape[-1:], wdtype, xin.device) if need_dw and weight is not None else None
-    db = empty(xin.shape[-1:], wdtype, xin.device) if need_db else None
-    _cuda.norm_bwd(dy, xin, weight, mean, rstd, dres, dx, dw, db, is_rms, offset)
-    return dx, dw, db
 
 
 def _or_empty(t, like):
@@ -67,7 +43,8 @@ def norm_fwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, N) → y (rows, N), residual_out (rows, N) or empty, mean (rows,) fp32 or empty, rstd (rows,) fp32."""
-    y, residual_out, mean, rstd = _kernel_fwd(backend, x, weight, bias, residual, eps, is_rms, offset)
+    y, residual_out, mean, rstd = _backend.launchers(backend, triton_norm).norm_fwd(x, weight, bias, residual, eps,
+                                                                                    is_rms, offset)
     return y, _or_empty(residual_out, x), _or_empty(mean, rstd), rstd
 
 
@@ -99,8 +76,8 @@ def norm_bwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """→ dx (rows, N), dw (N,) or empty, db (N,) or empty; dw and db in the weight's dtype."""
-    dx, dw, db = _kernel_bwd(backend, dy, xin, weight, None if is_rms else mean, rstd, dres, is_rms, offset,
-                             need_dw, need_db)
+    dx, dw, db = _backend.launchers(backend, triton_norm).norm_bwd(dy, xin, weight, None if is_rms else mean, rstd,
+                                                                   dres, is_rms, offset, need_dw, need_db)
     wlike = weight if weight is not None else xin
     return dx, _or_empty(dw, wlike), _or_empty(db, wlike)
 
@@ -126,19 +103,14 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _rows_contiguous(t):
-    # The kernels take any row stride but need unit column stride; autograd hands out expanded gradients.
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _backward(ctx, dy, dresidual_out, dmean, drstd):
     xin, weight, mean, rstd = ctx.saved_tensors
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
     if dy is None:
         dy = torch.zeros_like(xin)
-    dres = _rows_contiguous(dresidual_out) if ctx.has_residual and dresidual_out is not None else None
+    dres = _util.unit_stride_last(dresidual_out) if ctx.has_residual and dresidual_out is not None else None
     dx, dw, db = norm_bwd_op(
-        _rows_contiguous(dy), xin, weight, mean, rstd, dres, ctx.is_rms, ctx.offset,
+        _util.unit_stride_last(dy), xin, weight, mean, rstd, dres, ctx.is_rms, ctx.offset,
         bool(need_w), bool(need_b and ctx.has_bias), ctx.backend,
     )
     return (
@@ -223,8 +195,8 @@ def _norm(op, x, weight, bias, residual, eps, is_rms, offset):
     # made contiguous here, or they would read the wrong elements.
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    x2 = _rows_contiguous(x.reshape(-1, N))
-    r2 = _rows_contiguous(residual.reshape(-1, N)) if residual is not None else None
+    x2 = _util.unit_stride_last(x.reshape(-1, N))
+    r2 = _util.unit_stride_last(residual.reshape(-1, N)) if residual is not None else None
     y, residual_out, _, _ = norm_fwd_op(x2, weight, bias, r2, float(eps), is_rms, float(offset),
                                                       backend)
     y = y.view(x.shape)

@@ -17,16 +17,11 @@ Saved for backward: cos and sin.
 
 import torch
 
-from fastlm import _backend, _cuda, reference
+from fastlm import _backend, reference
 from fastlm.kernels import rotary as triton_rotary
 from fastlm.ops import _checks, _eager
 
 MAX_TOKENS = 2**31 - 1  # batch · seq: the kernels index tokens with 32-bit integers
-
-
-def _impl(backend):
-    """The kernel backend's launchers: kernels/rotary.py and fastlm._cuda share their signatures."""
-    return triton_rotary if backend == "triton" else _cuda
 
 
 @_eager.custom_op("fastlm::rotary_embedding", mutates_args=())
@@ -35,7 +30,7 @@ def rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved
     """x (batch, seq, heads, head_dim), or (batch, heads, seq, head_dim) when heads_first → the rotated x, same
     shape, contiguous; backward applies the transpose (the gradient). cos, sin (seq, rot) or (batch or 1, seq,
     rot), unit feature stride, equal strides."""
-    impl = _impl(backend)
+    impl = _backend.launchers(backend, triton_rotary)
     launcher = impl.rotary_bwd if backward else impl.rotary_fwd
     return launcher(x, cos, sin, interleaved, heads_first)
 
