@@ -39,10 +39,12 @@ ROWS = (4096, 16384, 32768)  # bf16: every (rows, V) whose logits fit MAX_LOGITS
 VOCABS = (32000, 131072, 262144)  # Llama 2's 32000; Llama 3's 128256 and Gemma's 256000 rounded up to powers of 2
 FP32_ROWS = (16384,)  # fp32 at fewer shapes: these rows, every V that fits
 QUICK_CE = ((torch.bfloat16, 4096, 32000), (torch.bfloat16, 4096, 131072), (torch.float32, 4096, 32000))
+# Issue 13's measured shapes, exactly (Llama 3's vocabulary, 8192 tokens), so its targets are read off the sweep.
+ISSUE_CE = ((torch.bfloat16, 8192, 128256),)
 
 # (tokens, hidden, V), bf16: both token counts and vocabularies at hidden 4096, and the largest at hidden 2048.
 LCE_SHAPES = ((4096, 4096, 32000), (4096, 4096, 131072), (16384, 4096, 32000), (16384, 4096, 131072),
-              (16384, 2048, 131072))
+              (16384, 2048, 131072), (8192, 4096, 128256))  # the last: issue 13's measured shape
 QUICK_LCE = ((4096, 2048, 32000),)
 
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-3}
@@ -69,18 +71,19 @@ def logits_bytes(case: Case) -> int:
 def ce_grid() -> list:
     """Every cross_entropy case of the sweep before the memory cap: bf16 at every rows × V, fp32 at FP32_ROWS."""
     return ([_ce_case(torch.bfloat16, rows, v) for rows in ROWS for v in VOCABS]
-            + [_ce_case(torch.float32, rows, v) for rows in FP32_ROWS for v in VOCABS])
+            + [_ce_case(torch.float32, rows, v) for rows in FP32_ROWS for v in VOCABS]
+            + [_ce_case(*c) for c in ISSUE_CE])
 
 
 def ce_cases(quick: bool) -> list:
-    """10 cases (3 with --quick): 8 bf16, 2 fp32; each runs 5 providers × 3 modes."""
+    """11 cases (3 with --quick): 9 bf16, 2 fp32; each runs 5 providers × 3 modes."""
     if quick:
         return [_ce_case(*c) for c in QUICK_CE]
     return [c for c in ce_grid() if logits_bytes(c) <= MAX_LOGITS_BYTES]
 
 
 def lce_cases(quick: bool) -> list:
-    """5 cases (1 with --quick); each runs 5 providers × 3 modes."""
+    """6 cases (1 with --quick); each runs 5 providers × 3 modes."""
     return [_lce_case(*shape) for shape in (QUICK_LCE if quick else LCE_SHAPES)]
 
 

@@ -95,7 +95,23 @@ WHO = ("fastlm-triton", "fastlm-cuda", "torch")
 
 
 class _StubExtension:
-    """fastlm._C with nothing behind it: launchers do nothing, size queries give the smallest valid answers."""
+    """fastlm._C with nothing behind it: launchers do nothing, size queries give the smallest valid answers. Its
+    constants are the built extension's where there is one, else these (csrc/launchers.h's values)."""
+
+    DTYPE_FLOAT32, DTYPE_FLOAT16, DTYPE_BFLOAT16 = 0, 1, 2
+    ATTN_DTYPES = (1, 2)
+    ATTN_HEAD_DIMS = (32, 64, 96, 128, 256)
+    ATTN_MAX_TOKENS, ATTN_MAX_GRID, ATTN_WINDOW_INF = 1 << 30, 65535, 1 << 40
+    GATED_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+
+    def __init__(self):
+        try:
+            from fastlm import _C
+        except ImportError:
+            return
+        for name in ("DTYPE_FLOAT32", "DTYPE_FLOAT16", "DTYPE_BFLOAT16", "ATTN_DTYPES", "ATTN_HEAD_DIMS",
+                     "ATTN_MAX_TOKENS", "ATTN_MAX_GRID", "ATTN_WINDOW_INF", "GATED_ACTIVATIONS"):
+            setattr(self, name, getattr(_C, name))
 
     def compiled_archs(self):
         return [80, 90]
@@ -115,6 +131,13 @@ def stubbed_extension(monkeypatch):
     from fastlm import _backend, _cuda
 
     stub = _StubExtension()
+    # The constants _cuda reads from the extension when it loads: from the stub, into fresh containers that the
+    # monkeypatch puts back afterwards.
+    for name in ("_DTYPE_CODES", "_ACTIVATIONS"):
+        monkeypatch.setattr(_cuda, name, {})
+    for name in ("_ATTN_DTYPES", "_ATTN_HEAD_DIMS", "_ATTN_MAX_TOKENS", "_ATTN_MAX_GRID", "_ATTN_WINDOW_INF"):
+        monkeypatch.setattr(_cuda, name, getattr(_cuda, name))
+    _cuda._read_constants(stub)
     monkeypatch.setattr(_cuda, "_require", lambda name, t: stub)
     monkeypatch.setattr(_cuda, "available", lambda device=None: (True, ""))
     monkeypatch.setattr(_cuda, "_stream", lambda t: 0)

@@ -290,6 +290,18 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 _REDUCTIONS = ("none", "mean", "sum")
 
 
+def _class_weight(weight, ref, V):
+    """The per-class weight: (V,) float32 on ref's device, or None; returned contiguous."""
+    if weight is None:
+        return None
+    _same_device("weight", weight, ref)
+    if weight.dtype != torch.float32:
+        raise TypeError(f"weight must have dtype {torch.float32}, got {weight.dtype}")
+    if tuple(weight.shape) != (V,):
+        raise ValueError(f"weight must have shape {(V,)}, got {tuple(weight.shape)}")
+    return weight.contiguous()
+
+
 def _ce_inputs(logits, target, weight):
     """The checks of what both cross-entropy kernels read: (rows, V) logits with unit column stride (any row
     stride), (rows,) int64 or int32 targets, (V,) fp32 class weights or None. Returns (ext, rows, V, target,
@@ -303,14 +315,7 @@ def _ce_inputs(logits, target, weight):
         raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
     if tuple(target.shape) != (rows,):
         raise ValueError(f"target must have shape {(rows,)}, got {tuple(target.shape)}")
-    if weight is not None:
-        _same_device("weight", weight, logits)
-        if weight.dtype != torch.float32:
-            raise TypeError(f"weight must have dtype {torch.float32}, got {weight.dtype}")
-        if tuple(weight.shape) != (V,):
-            raise ValueError(f"weight must have shape {(V,)}, got {tuple(weight.shape)}")
-        weight = weight.contiguous()
-    return ext, rows, V, target.contiguous(), weight
+    return ext, rows, V, target.contiguous(), _class_weight(weight, logits, V)
 
 
 def _row_vector(name, t, ref, rows):
@@ -413,13 +418,7 @@ def scalars(target, weight, V, ignore_index, reduction):
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     target = target.reshape(-1).contiguous()
     rows, V = target.numel(), int(V)
-    if weight is not None:
-        _same_device("weight", weight, target)
-        if weight.dtype != torch.float32:
-            raise TypeError(f"weight must have dtype {torch.float32}, got {weight.dtype}")
-        if tuple(weight.shape) != (V,):
-            raise ValueError(f"weight must have shape {(V,)}, got {tuple(weight.shape)}")
-        weight = weight.contiguous()
+    weight = _class_weight(weight, target, V)
     mean = reduction == "mean"
     device = target.device
     sc = _util.empty((2,), torch.float32, device)

@@ -134,13 +134,15 @@ def test_cross_entropy_sweeps_fit_the_memory_cap_and_the_gpu_budget():
     assert full == [c for c in grid if cross_entropy.logits_bytes(c) <= cap]
     left_out = {(harness.DTYPE_NAMES[c.dtype], c.params["rows"], c.params["V"]) for c in grid if c not in full}
     assert left_out == {("bf16", 32768, 262144), ("fp32", 16384, 262144)}  # 16 GiB of logits each
-    # torch.compile compiles every case anew: the two families stay at 15 cases (10 + 5) to fit the session.
-    assert len(full) == 10 and {c.dtype for c in full} == {torch.bfloat16, torch.float32}
+    # torch.compile compiles every case anew: the two families stay at 17 cases (11 + 6) to fit the session.
+    assert len(full) == 11 and {c.dtype for c in full} == {torch.bfloat16, torch.float32}
     assert sum(c.dtype == torch.float32 for c in full) == 2
-    assert {c.params["V"] for c in full} == set(cross_entropy.VOCABS)
-    assert {c.params["rows"] for c in full} == set(cross_entropy.ROWS)
+    # The power-of-two grid, and issue 13's exact shape (8192 × 128256) so its targets are read off the sweep.
+    assert {c.params["V"] for c in full} == set(cross_entropy.VOCABS) | {128256}
+    assert {c.params["rows"] for c in full} == set(cross_entropy.ROWS) | {8192}
     lce = cross_entropy.lce_cases(quick=False)
-    assert len(lce) == 5 and all(cross_entropy.logits_bytes(c) <= cap for c in lce)
+    assert (8192, 4096, 128256) in {(c.params["tokens"], c.params["hidden"], c.params["V"]) for c in lce}
+    assert len(lce) == 6 and all(cross_entropy.logits_bytes(c) <= cap for c in lce)
     assert {c.dtype for c in lce} == {torch.bfloat16}
     for family, cases in ((cross_entropy.FAMILY, full), (cross_entropy.LINEAR_FAMILY, lce)):
         assert len({c.label for c in cases}) == len(cases)

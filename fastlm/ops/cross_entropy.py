@@ -97,8 +97,8 @@ def cross_entropy_bwd_op(
     backend: str,
 ) -> torch.Tensor:
     """Reduction "none": the gradient (rows, V), each row's times its incoming gradient, from the logits."""
-    return _backend.launchers(backend, triton_ce).cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index,
-                                            label_smoothing, z_loss, softcap or None)
+    return _backend.launchers(backend, triton_ce).cross_entropy_bwd(
+        logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, label_smoothing, z_loss, softcap or None)
 
 
 @cross_entropy_bwd_op.register_fake
