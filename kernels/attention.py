@@ -142,6 +142,19 @@ def _outside_edges(b, first_end, last_end, n, edges):
 
 
 @triton.jit
+def _fill_outside_q(O, LSE, h, b, stride_os, stride_oh, stride_lh, q_start, q_len, seqlen_q, edges,
+                    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Query head h's packed rows outside every sequence (varlen; see _outside_edges): out 0, LSE −inf. Called
+    where little else is live (a program's early exit, or after its stores): ahead of the main loop it kept values
+    live across it and made ptxas spill."""
+    h0, h1, t0, t1 = _outside_edges(b, q_start, q_start + q_len, seqlen_q, edges)
+    Oh = O + h.to(tl.int64) * stride_oh
+    Lh = LSE + h.to(tl.int64) * stride_lh
+    _fill_rows(Oh, stride_os, Lh, h0, h1, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
+    _fill_rows(Oh, stride_os, Lh, t0, t1, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
+
+
+@triton.jit
 def _offset(b64, token, head, stride_b, stride_s, stride_h):
     """b·stride_b + token·stride_s + head·stride_h in int64 (token is int64: a packed index, or a sequence's start
     plus the program's first row; head an int32 index)."""
@@ -296,13 +309,10 @@ def _attn_fwd_kernel(
 ):
     start_m = tl.program_id(0) * BLOCK_M
     h, hk, b64, q_start, q_len, k_start, k_len = _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN)
-    if VARLEN:  # query tokens outside every sequence: out 0, lse −inf (before the return below)
-        h0, h1, t0, t1 = _outside_edges(tl.program_id(2), q_start, q_start + q_len, seqlen_q, edges)
-        Oh = O + h.to(tl.int64) * stride_oh
-        Lh = LSE + h.to(tl.int64) * stride_lh
-        _fill_rows(Oh, stride_os, Lh, h0, h1, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
-        _fill_rows(Oh, stride_os, Lh, t0, t1, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
     if start_m >= q_len:
+        if VARLEN:  # query tokens outside every sequence: out 0, lse −inf (every program takes its share)
+            _fill_outside_q(O, LSE, h, tl.program_id(2), stride_os, stride_oh, stride_lh, q_start, q_len, seqlen_q,
+                            edges, HEAD_D, BLOCK_M, BLOCK_D)
         return
     diag = k_len - q_len
     # 64-bit offsets: this block's first query, the kv head's first key.
@@ -344,6 +354,9 @@ def _attn_fwd_kernel(
     tl.store(Om + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=out_ok[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :])
     tl.store(Lh + rows, lse, mask=out_ok)
+    if VARLEN:  # as at the early exit above, for the programs that did not take it
+        _fill_outside_q(O, LSE, h, tl.program_id(2), stride_os, stride_oh, stride_lh, q_start, q_len, seqlen_q,
+                        edges, HEAD_D, BLOCK_M, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------------------------- decode (split-KV)
@@ -361,29 +374,21 @@ def _attn_decode_kernel(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k,  # dense lengths, or with VARLEN the packed token totals (the offsets' bounds)
     group, n_rows, splits,  # q heads per kv head; rows = max seqlen q · group (≤ BLOCK_M); key splits
-    edges,  # as _attn_fwd_kernel's
     scale2, softcap, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     ONE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (split of the keys, kv head, batch entry). Its rows are the (query position, q head of the
-    group) pairs r = position·group + g of the kv head, so each K/V block is loaded once for the whole group."""
+    group) pairs r = position·group + g of the kv head, so each K/V block is loaded once for the whole group.
+    Packed query tokens outside every sequence are _attn_fill_outside_kernel's (written here, their code made
+    ptxas spill in the all-options variants)."""
     split = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
     q_start, q_len = _seq_bounds(CU_Q, b, seqlen_q, VARLEN)
     k_start, k_len = _seq_bounds(CU_K, b, seqlen_k, VARLEN)
-    if VARLEN:  # query tokens outside every sequence, each q head of the group: out 0, lse −inf (even with
-        # splits: the combine only writes the sequences' rows)
-        h0, h1, t0, t1 = _outside_edges(b, q_start, q_start + q_len, seqlen_q, edges)
-        for g in range(0, group):
-            h = hk * group + g
-            Oh = O + h.to(tl.int64) * stride_oh
-            Lh = LSE + h.to(tl.int64) * stride_lh
-            _fill_rows(Oh, stride_os, Lh, h0, h1, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
-            _fill_rows(Oh, stride_os, Lh, t0, t1, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
     if q_len <= 0:
         return
     diag = k_len - q_len
@@ -495,6 +500,30 @@ def _attn_decode_combine_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attn_fill_outside_kernel(
+    O, LSE, CU_Q,  # out (Tq, Hq, D), lse (Hq, Tq); the launch's (nb + 1,) offsets
+    stride_os, stride_oh, stride_lh,
+    nb, seqlen_q, edges,  # sequences in the launch; the packed total; bit 0 first sequence here, bit 1 the last
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The decode path's packed query tokens outside every sequence (varlen): out 0, LSE −inf, for query head
+    program_id(1); programs along axis 0 stride over the rows (_fill_rows). A launch of its own: inside the decode
+    kernel this code made ptxas spill."""
+    h = tl.program_id(1)
+    zero = tl.zeros((), dtype=tl.int64)
+    total = zero + seqlen_q
+    flags = tl.zeros((), dtype=tl.int32) + edges
+    first, _ = _seq_bounds(CU_Q, 0, seqlen_q, True)
+    last, last_len = _seq_bounds(CU_Q, nb - 1, seqlen_q, True)
+    head_hi = tl.where((flags & 1) != 0, first, zero)
+    tail_lo = tl.where((flags & 2) != 0, last + last_len, total)
+    Oh = O + h.to(tl.int64) * stride_oh
+    Lh = LSE + h.to(tl.int64) * stride_lh
+    _fill_rows(Oh, stride_os, Lh, zero, head_hi, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
+    _fill_rows(Oh, stride_os, Lh, tail_lo, total, float("-inf"), HEAD_D, BLOCK_M, BLOCK_D, True)
 
 
 @triton.jit
@@ -797,12 +826,23 @@ DECODE_MIN_SPLIT_KEYS = 256
 DECODE_MAX_SPLITS = 128
 COMBINE_SPLIT_TILE = 16  # splits the combine loads at once (a (16, D) fp32 tile)
 COMBINE_WARPS = 4
+# The decode path's fill of packed tokens outside every sequence (_attn_fill_outside_kernel): programs a query head
+# along axis 0 (they stride over the rows), rows a store, warps.
+FILL_PROGRAMS = 4
+FILL_BLOCK_M = 16
+FILL_WARPS = 4
 # fp32 stops at head dim 128: no fp32 block shape above it compiles without spills (see the static report).
 FP32_MAX_HEAD_DIM = 128
 # Under the interpreter a program's cost is its Python overhead per block: one small shape that still crosses
 # block boundaries in the tests' short sequences.
 INTERPRET_CONFIG = (32, 32, 4, 1)
 DELTA_BLOCK_M = 64
+
+
+def _delta_warps(dtype, block_d):
+    """Warps of the delta kernel: its two (DELTA_BLOCK_M, block_d) fp32 tiles in registers; 8 warps from 32 KB of
+    them (fp32 at head dim 128 spilled 8 bytes with 4 warps on sm_90a)."""
+    return 8 if DELTA_BLOCK_M * block_d * (4 if dtype == torch.float32 else 2) >= 32768 else 4
 # The most rows (queries or keys) a tile spans in any configuration: a token stride below 2³¹ / MAX_TILE_ROWS keeps
 # the offsets inside every tile in int32 (see the module's header); the launchers copy a view that has a larger one.
 MAX_TILE_ROWS = max(max(c[0], c[1]) for table in (FWD_CONFIGS[False], FWD_CONFIGS[True], DKDV_CONFIGS[False],
@@ -956,7 +996,7 @@ def _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, c
         out_strides, lse_strides = _strides(out_, varlen), _lse_strides(lse_, varlen)
         _attn_decode_kernel[(splits, Hk, nb)](
             q_, k_, v_, out_, lse_, wo, wl, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen),
-            *_strides(v_, varlen), *out_strides, *lse_strides, n_q, n_k, group, rows, splits, edges, **args,
+            *_strides(v_, varlen), *out_strides, *lse_strides, n_q, n_k, group, rows, splits, **args,
             HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen, ONE_SPLIT=one,
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
         )
@@ -964,6 +1004,11 @@ def _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, c
             _attn_decode_combine_kernel[(rows, Hk, nb)](
                 out_, lse_, wo, wl, cu_q, *out_strides, *lse_strides, n_q, group, rows, splits,
                 HEAD_D=D, BLOCK_D=block_d(D), SPLIT_TILE=COMBINE_SPLIT_TILE, VARLEN=varlen, num_warps=COMBINE_WARPS,
+            )
+        if varlen and edges:
+            _attn_fill_outside_kernel[(FILL_PROGRAMS, Hq)](
+                out_, lse_, cu_q, out_strides[1], out_strides[2], lse_strides[1], nb, n_q, edges,
+                HEAD_D=D, BLOCK_M=FILL_BLOCK_M, BLOCK_D=block_d(D), num_warps=FILL_WARPS,
             )
         b0 += nb
 
@@ -1027,7 +1072,8 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
         lse_strides = _lse_strides(lse_, varlen)
         _attn_bwd_delta_kernel[(cdiv(Sq, DELTA_BLOCK_M), Hq, nb)](
             out_, do_, dlse_, delta_, cu_q, *_strides(out_, varlen), *_strides(do_, varlen), *lse_strides, n_q,
-            HEAD_D=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, VARLEN=varlen, HAS_DLSE=dlse is not None, num_warps=4,
+            HEAD_D=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, VARLEN=varlen, HAS_DLSE=dlse is not None,
+            num_warps=_delta_warps(q.dtype, BD),
         )
         qkv_strides = (*_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen), *_strides(do_, varlen))
         BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
