@@ -57,5 +57,6 @@ def rows_view(*tensors):
 
 def unit_stride_last(t):
     """t, or a contiguous copy when its last dimension is strided: the kernels take any other strides but need
-    unit stride along the last (feature) dimension, and autograd hands out expanded (stride 0) gradients."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+    unit stride along the last (feature) dimension, and autograd hands out expanded (stride 0) gradients. A last
+    dimension of size 1 has no stride that matters."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()

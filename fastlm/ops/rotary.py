@@ -17,7 +17,7 @@ Saved for backward: cos and sin.
 
 import torch
 
-from fastlm import _backend, reference
+from fastlm import _backend, _util, reference
 from fastlm.kernels import rotary as triton_rotary
 from fastlm.ops import _checks, _eager
 
@@ -96,10 +96,6 @@ def _kernel_unsupported(x, cos, heads_first):
     return unsupported
 
 
-def _unit_last(t):
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def rotary_embedding(x, cos, sin, *, interleaved=False, heads_first=False):
     """Rotary position embedding (RoPE) of x by the angles whose cosines and sines are cos and sin.
 
@@ -124,7 +120,7 @@ def rotary_embedding(x, cos, sin, *, interleaved=False, heads_first=False):
         "rotary_embedding", x.device, x.dtype, unsupported=_kernel_unsupported(x, cos, heads_first))
     if backend == "torch":
         return reference.rotary_embedding(x, cos.detach(), sin.detach(), interleaved, heads_first)
-    cos, sin = _unit_last(cos), _unit_last(sin)
+    cos, sin = _util.unit_stride_last(cos), _util.unit_stride_last(sin)
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    return rotary_op(_unit_last(x), cos, sin, interleaved, heads_first, False, backend)
+    return rotary_op(_util.unit_stride_last(x), cos, sin, interleaved, heads_first, False, backend)
