@@ -23,7 +23,7 @@ import warnings
 
 import torch
 
-from fastlm import _dispatch_table
+from fastlm import _cuda, _dispatch_table
 from fastlm._util import interpreting
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
@@ -81,8 +81,6 @@ def _triton_reason(device: torch.device, dtype: torch.dtype):
 
 
 def _cuda_reason(device: torch.device, dtype: torch.dtype):
-    from fastlm import _cuda
-
     if dtype not in KERNEL_DTYPES:
         return f"the cuda kernels take float32, float16 or bfloat16, not {dtype}"
     if device.type != "cuda":
@@ -112,15 +110,13 @@ def _native_reason(op: str, name: str, device: torch.device, dtype: torch.dtype)
     if dtype not in KERNEL_DTYPES:
         return f"{name} is taken for float32, float16 and bfloat16 only"
     return None
+
+
 def launchers(backend: str, triton_module):
     """A kernel backend's launchers for one op: `triton_module` (kernels/<op>.py) for "triton", fastlm._cuda for
     "cuda". Both follow the launcher contract (docs/DESIGN.md): the same function names and signatures, tensors
     and plain values in, freshly allocated outputs out."""
-    if backend == "triton":
-        return triton_module
-    from fastlm import _cuda
-
-    return _cuda
+    return triton_module if backend == "triton" else _cuda
 
 
 _warned = set()
