@@ -106,10 +106,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("cross_entropy_bwd", &fastlm::cross_entropy_bwd,
         "Softmax cross-entropy backward for reduction 'none': grad = grad_out[row] · dloss_row/dlogits, recomputed "
-        "from the logits and the forward's row_max and log_s.",
+        "from the logits and the forward's row_max and log_s; logits and grad may hold a block of cols columns, "
+        "the classes col0 .. col0 + cols - 1 of V.",
         py::arg("logits"), py::arg("logits_stride"), py::arg("target"), py::arg("target_int64"), py::arg("weight"),
         py::arg("scalars"), py::arg("row_max"), py::arg("log_s"), py::arg("grad_out"), py::arg("grad"),
-        py::arg("grad_stride"), py::arg("rows"), py::arg("V"), py::arg("dtype"), py::arg("ignore_index"),
+        py::arg("grad_stride"), py::arg("rows"), py::arg("V"), py::arg("cols"), py::arg("col0"), py::arg("dtype"),
+        py::arg("ignore_index"),
         py::arg("smoothing"), py::arg("z_loss"), py::arg("softcap"), py::arg("device"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
 

@@ -134,7 +134,9 @@ struct CeParams {
   int64_t stride_g;       // grad row stride, elements
   int64_t rows;
   int64_t ignore_index;
-  int V;
+  int V;              // classes
+  int cols;           // columns of logits and grad: the classes col0 .. col0 + cols − 1 (V and 0: whole rows; a
+  int col0;           // vocabulary block in the backward of the low-memory linear cross-entropy)
   float keep_nll;     // 1 − ε, computed in double on the host and rounded once
   float smooth_v;     // ε / V, likewise; 0 without smoothing
   float z_loss;       // ζ
@@ -427,8 +429,8 @@ __device__ __forceinline__ void row_grad(const T* __restrict__ lrow, T* __restri
   constexpr int kVE = 16 / static_cast<int>(sizeof(T));
   constexpr int kChunk = kThreads * kIters;
   const int tid = static_cast<int>(threadIdx.x);
-  const int V = p.V;
-  const float* w = p.has_smoothing ? p.weight : nullptr;
+  const int V = p.cols;
+  const float* w = p.has_smoothing && p.weight != nullptr ? p.weight + p.col0 : nullptr;
   const std::uintptr_t la = reinterpret_cast<std::uintptr_t>(lrow);
   const std::uintptr_t ga = reinterpret_cast<std::uintptr_t>(grow);
   if ((la ^ ga) % 16 == 0) {
@@ -503,7 +505,7 @@ __device__ __forceinline__ void fix_target(T* grow, const RowTarget& rt, float z
     const float prob = expf((x_t - g.m) - g.log_s);
     float v = fmaf(prob, g.R, fmaf(a_t, prob - 1.f, -c_t));
     if constexpr (kSoftcap) v *= slope;
-    grow[rt.t] = from_float<T>(v * g.scale);
+    grow[rt.t - p.col0] = from_float<T>(v * g.scale);
   }
 }
 
@@ -555,7 +557,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) ce_fwd_kernel(const Ce
     if (grad != nullptr) {
       T* grow = grad + row * p.stride_g;
       if (rt.ignored) {
-        row_zero(grow, p.V);
+        row_zero(grow, p.cols);
         continue;
       }
       const GradRow g = grad_row(p, m, log_s, a_t, rt.in_range ? 1.f / p.scalars[0] : quiet_nan());
@@ -576,16 +578,18 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) ce_bwd_kernel(const Ce
     const RowTarget rt = row_target(p, row);
     T* grow = grad + row * p.stride_g;
     if (rt.ignored) {
-      row_zero(grow, p.V);
+      row_zero(grow, p.cols);
       continue;
     }
     const T* lrow = logits + row * p.stride_l;
-    const float z_t = threadIdx.x == 0 && rt.in_range ? to_float(lrow[rt.t]) : 0.f;
+    // The target's column, when this block of columns holds it (uniform across the block, like rt).
+    const bool has_t = rt.in_range && rt.t >= p.col0 && rt.t - p.col0 < p.cols;
+    const float z_t = threadIdx.x == 0 && has_t ? to_float(lrow[rt.t - p.col0]) : 0.f;
     const float a_t = rt.w_t * p.keep_nll;
     const GradRow g =
         grad_row(p, p.row_max[row], p.log_s[row], a_t, rt.in_range ? p.grad_out[row] : quiet_nan());
     row_grad<T, kSoftcap>(lrow, grow, p, g);
-    if (rt.in_range) fix_target<T, kSoftcap>(grow, rt, z_t, a_t, g, p);
+    if (has_t) fix_target<T, kSoftcap>(grow, rt, z_t, a_t, g, p);
   }
 }
 
@@ -803,6 +807,8 @@ CeParams ce_params(int64_t logits, int64_t logits_stride, int64_t target, bool t
   p.rows = rows;
   p.ignore_index = ignore_index;
   p.V = static_cast<int>(V);
+  p.cols = p.V;
+  p.col0 = 0;
   // As the Triton launcher: 1 − ε and ε/V in double, rounded once to fp32.
   p.keep_nll = static_cast<float>(1.0 - smoothing);
   p.smooth_v = static_cast<float>(smoothing / static_cast<double>(V));
@@ -880,19 +886,26 @@ void fastlm::cross_entropy_fwd(int64_t logits, int64_t logits_stride, int64_t ta
 
 void fastlm::cross_entropy_bwd(int64_t logits, int64_t logits_stride, int64_t target, bool target_int64, int64_t weight,
                        int64_t scalars, int64_t row_max, int64_t log_s, int64_t grad_out, int64_t grad,
-                       int64_t grad_stride, int64_t rows, int64_t V, int dtype, int64_t ignore_index,
-                       double smoothing, double z_loss, double softcap, int device, int64_t stream) {
+                       int64_t grad_stride, int64_t rows, int64_t V, int64_t cols, int64_t col0, int dtype,
+                       int64_t ignore_index, double smoothing, double z_loss, double softcap, int device,
+                       int64_t stream) {
   const DeviceGuard guard(device);
   check_dtype(dtype);
   check_rows(rows, V);
+  if (cols < 1 || col0 < 0 || col0 > V - cols) {
+    throw std::invalid_argument("fastlm._C: a block of " + std::to_string(cols) + " columns from column " +
+                                std::to_string(col0) + " does not fit in V = " + std::to_string(V));
+  }
   if (rows == 0) return;
   CeParams p = ce_params(logits, logits_stride, target, target_int64, weight, scalars, rows, V, dtype, ignore_index,
                          smoothing, z_loss, softcap);
+  p.cols = static_cast<int>(cols);
+  p.col0 = static_cast<int>(col0);
   check_ptr("row_max", row_max, 4);
   check_ptr("log_s", log_s, 4);
   check_ptr("grad_out", grad_out, 4);
   check_ptr("grad", grad, dtype_size(dtype));
-  check_out_stride("grad", grad_stride, rows, V);
+  check_out_stride("grad", grad_stride, rows, cols);
   p.row_max = ptr<float>(row_max);
   p.log_s = ptr<float>(log_s);
   p.grad_out = ptr<const float>(grad_out);

@@ -82,10 +82,12 @@ void cross_entropy_fwd(int64_t logits, int64_t logits_stride, int64_t target, bo
                        double smoothing, double z_loss, double softcap, int device, int64_t stream);
 // Backward for reduction "none": grad = grad_out[row]·d loss_row / d logits, recomputed from the logits, row_max
 // and log_s; grad_out (rows,) fp32.
+// logits and grad hold `cols` columns, the classes col0 .. col0 + cols − 1 of V (V and 0: whole rows).
 void cross_entropy_bwd(int64_t logits, int64_t logits_stride, int64_t target, bool target_int64, int64_t weight,
                        int64_t scalars, int64_t row_max, int64_t log_s, int64_t grad_out, int64_t grad,
-                       int64_t grad_stride, int64_t rows, int64_t V, int dtype, int64_t ignore_index,
-                       double smoothing, double z_loss, double softcap, int device, int64_t stream);
+                       int64_t grad_stride, int64_t rows, int64_t V, int64_t cols, int64_t col0, int dtype,
+                       int64_t ignore_index, double smoothing, double z_loss, double softcap, int device,
+                       int64_t stream);
 // "mean"/"sum" backward: grad *= grad_out[0] (one fp32 device value) in place; nothing on the device when it is 1.
 void cross_entropy_scale_grad(int64_t grad, int64_t grad_stride, int64_t grad_out, int64_t rows, int64_t V,
                               int dtype, int device, int64_t stream);

@@ -302,12 +302,15 @@ def _class_weight(weight, ref, V):
     return weight.contiguous()
 
 
-def _ce_inputs(logits, target, weight):
+def _ce_inputs(logits, target, weight, classes=None):
     """The checks of what both cross-entropy kernels read: (rows, V) logits with unit column stride (any row
     stride), (rows,) int64 or int32 targets, (V,) fp32 class weights or None. Returns (ext, rows, V, target,
-    weight), the two vectors made contiguous (a copy of rows or V elements at most, where a view is strided)."""
+    weight), the two vectors made contiguous (a copy of rows or V elements at most, where a view is strided).
+    With `classes`, the logits are a block of columns of rows of that many classes, and V is `classes`."""
     ext = _require("logits", logits)
     rows, V = _rows("logits", logits, logits)
+    if classes is not None and V > 0:
+        V = classes
     if V == 0:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     _same_device("target", target, logits)
@@ -364,25 +367,29 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
 
 
 def cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, smoothing, z_loss,
-                      softcap, out=None):
+                      softcap, out=None, col0=0, classes=None):
     """Gradient of the unreduced loss ("none"): grad_output (rows,) times each row's gradient, recomputed from the
-    logits and the forward's row statistics in one pass. Returns grad (rows, V) in logits' dtype: `out` when
-    given (as in cross_entropy_fwd, the logits themselves included)."""
-    ext, rows, V, target, weight = _ce_inputs(logits, target, weight)
+    logits and the forward's row statistics in one pass. Returns grad (rows, width) in logits' dtype: `out` when
+    given (as in cross_entropy_fwd, the logits themselves included). logits (rows, width) may be the columns
+    col0 .. col0 + width − 1 of rows of `classes` classes (as the Triton launcher)."""
+    ext, rows, V, target, weight = _ce_inputs(logits, target, weight, classes)
+    width = logits.shape[1]
+    if not 0 <= col0 <= V - width:
+        raise ValueError(f"a block of {width} columns from column {col0} does not fit in {V} classes")
     _vector("sc", sc, logits, 2, torch.float32)
     _vector("row_max", row_max, logits, rows, torch.float32)
     _vector("log_s", log_s, logits, rows, torch.float32)
     go = _row_vector("grad_output", grad_output, logits, rows)
     if out is not None:
-        _rows("out", out, logits, rows, V, logits.dtype, out=True)
+        _rows("out", out, logits, rows, width, logits.dtype, out=True)
         grad = out
     else:
-        grad = _util.empty((rows, V), logits.dtype, logits.device)
+        grad = _util.empty((rows, width), logits.dtype, logits.device)
     if rows > 0:
         ext.cross_entropy_bwd(
             logits.data_ptr(), logits.stride(0), target.data_ptr(), target.dtype == torch.int64, _ptr(weight),
             sc.data_ptr(), row_max.data_ptr(), log_s.data_ptr(), go.data_ptr(), grad.data_ptr(), grad.stride(0),
-            rows, V, _DTYPE_CODES[logits.dtype], int(ignore_index), float(smoothing), float(z_loss),
+            rows, V, width, int(col0), _DTYPE_CODES[logits.dtype], int(ignore_index), float(smoothing), float(z_loss),
             float(softcap or 0.0), logits.device.index, _stream(logits),
         )
     return grad

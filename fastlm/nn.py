@@ -88,10 +88,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     cross_entropy(hidden @ weight.T + bias, target) computed in token chunks, never holding the (tokens, V)
     logits (fastlm.linear_cross_entropy). `logits(hidden)` gives the logits for inference. The parameters are a
     torch.nn.Linear(in_features, vocab_size)'s (`weight` (V, H), `bias`), so an existing head's state dict loads.
-    Keywords as fastlm.cross_entropy; `class_weight` is its per-class `weight`."""
+    Keywords as fastlm.cross_entropy; `class_weight` is its per-class `weight`; `low_memory` as
+    fastlm.linear_cross_entropy's."""
 
     def __init__(self, in_features, vocab_size, bias=False, *, class_weight=None, ignore_index=-100,
-                 label_smoothing=0.0, reduction="mean", z_loss=0.0, softcap=None, device=None, dtype=None):
+                 label_smoothing=0.0, reduction="mean", z_loss=0.0, softcap=None, low_memory=False, device=None,
+                 dtype=None):
         super().__init__()
         head = torch.nn.Linear(in_features, vocab_size, bias=bias, device=device, dtype=dtype)
         self.weight = head.weight
@@ -99,12 +101,13 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         self.register_buffer("class_weight", class_weight)
         self.in_features, self.vocab_size = in_features, vocab_size
         self.ignore_index, self.label_smoothing, self.reduction = ignore_index, label_smoothing, reduction
-        self.z_loss, self.softcap = z_loss, softcap
+        self.z_loss, self.softcap, self.low_memory = z_loss, softcap, low_memory
 
     def forward(self, hidden, target):
         return _linear_cross_entropy(
             hidden, self.weight, target, self.bias, class_weight=self.class_weight, ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing, reduction=self.reduction, z_loss=self.z_loss, softcap=self.softcap,
+            low_memory=self.low_memory,
         )
 
     def logits(self, hidden):

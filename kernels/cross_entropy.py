@@ -63,11 +63,13 @@ def _row_target(TARGET, WEIGHT, row, V, ignore_index, HAS_WEIGHT: tl.constexpr):
 
 @triton.jit
 def _write_grad_row(
-    base, gbase, WEIGHT, t, ignored, m, log_s, w_t, scale, V, keep_nll, smooth_v, z_loss, softcap, weight_sum,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    base, gbase, WEIGHT, t, ignored, m, log_s, w_t, scale, width, col0, keep_nll, smooth_v, z_loss, softcap,
+    weight_sum, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Write scale · dloss/dlogits for one row, reading its logits once more.
+    """Write scale · dloss/dlogits for one row, reading its logits once more: the `width` columns at base and
+    gbase, which are the classes col0, col0 + 1, ... (the whole row: width V, col0 0; a vocabulary block of it for
+    the low-memory linear cross-entropy).
 
     dloss/dx_v = p_v·S − a_t·[v = t] − (ε/V)·w_v with a_t = w_t(1 − ε), S = a_t + R and R = (ε/V)·W + 2ζ·lse:
     the form of torch's log_softmax backward, one fused multiply-add per element before the subtraction. At the
@@ -82,9 +84,10 @@ def _write_grad_row(
         R += 2.0 * z_loss * (m + log_s)
     S = a_t + R
     cols0 = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
+    t_col = t - col0  # the target's column in this block (outside [0, width) when it is not in the block)
+    for start in range(0, width, BLOCK_V):
         cols = start + cols0
-        mask = cols < V
+        mask = cols < width
         x, dcap = _softcapped(tl.load(base + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
         # (x − m) − log s rather than x − lse: x − m is exact for nearby values and log s is small, so p keeps
         # the precision of torch's log_softmax; lse itself is rounded at its (larger) magnitude.
@@ -92,10 +95,10 @@ def _write_grad_row(
         c = 0.0
         if HAS_SMOOTHING:
             if HAS_WEIGHT:
-                c = smooth_v * tl.load(WEIGHT + cols, mask=mask, other=0.0)
+                c = smooth_v * tl.load(WEIGHT + col0 + cols, mask=mask, other=0.0)
             else:
                 c = smooth_v
-        is_t = cols == t
+        is_t = cols == t_col
         g = tl.fma(p, tl.where(is_t, R, S), tl.where(is_t, a_t * (p - 1.0), 0.0) - c)
         if HAS_SOFTCAP:
             g = g * dcap
@@ -173,7 +176,7 @@ def _ce_fwd_kernel(
     tl.store(LOG_S + row, log_s)
     if COMPUTE_GRAD:
         _write_grad_row(base, GRAD + row * stride_g, WEIGHT, t, ignored, m, log_s, w_t, keep / tl.load(SCALARS), V,
-                        keep_nll, smooth_v, z_loss, softcap, weight_sum,
+                        0, keep_nll, smooth_v, z_loss, softcap, weight_sum,
                         HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, BLOCK_V)
 
 
@@ -186,10 +189,12 @@ def _ce_bwd_kernel(
     MAX,  # (rows,) fp32 from the forward
     LOG_S,  # (rows,) fp32 from the forward
     GRAD_OUT,  # (rows,) fp32 incoming gradient of each row's loss
-    GRAD,  # (rows, V) output, logits' dtype
+    GRAD,  # (rows, width) output, logits' dtype
     stride_l,
     stride_g,
-    V,
+    V,  # classes
+    width,  # columns of LOGITS and GRAD: the classes col0 .. col0 + width − 1 (V and 0 for whole rows)
+    col0,
     ignore_index,
     keep_nll,
     smooth_v,
@@ -205,7 +210,8 @@ def _ce_bwd_kernel(
     t, ignored, in_range, w_t = _row_target(TARGET, WEIGHT, row, V, ignore_index, HAS_WEIGHT)
     scale = tl.where(ignored, 0.0, tl.where(in_range, tl.load(GRAD_OUT + row), float("nan")))
     _write_grad_row(LOGITS + row * stride_l, GRAD + row * stride_g, WEIGHT, t, ignored, tl.load(MAX + row),
-                    tl.load(LOG_S + row), w_t, scale, V, keep_nll, smooth_v, z_loss, softcap, tl.load(SCALARS + 1),
+                    tl.load(LOG_S + row), w_t, scale, width, col0, keep_nll, smooth_v, z_loss, softcap,
+                    tl.load(SCALARS + 1),
                     HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, BLOCK_V)
 
 
@@ -405,17 +411,25 @@ def _out(out, logits):
 
 
 def cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, ignore_index, smoothing, z_loss,
-                      softcap, out=None):
+                      softcap, out=None, col0=0, classes=None):
     """Gradient of the unreduced loss ("none"): grad_output (rows,) times each row's gradient, recomputed from the
-    logits and the forward's row statistics in one pass. Returns grad (rows, V) in logits' dtype: `out` when
-    given (as in cross_entropy_fwd, the logits themselves included)."""
-    rows, V = logits.shape
-    grad = _out(out, logits) if out is not None else _util.empty((rows, V), logits.dtype, logits.device)
+    logits and the forward's row statistics in one pass. Returns grad (rows, width) in logits' dtype: `out` when
+    given (as in cross_entropy_fwd, the logits themselves included).
+
+    logits (rows, width) may be a block of the classes: columns col0 .. col0 + width − 1 of rows of `classes`
+    (default: width, the whole rows). row_max, log_s and sc are then the whole rows' (cross_entropy_fwd's), weight
+    is all `classes` of it, and the gradient is the block's columns of the whole rows' gradient."""
+    rows, width = logits.shape
+    V = width if classes is None else classes
+    if not 0 <= col0 <= V - width:
+        raise ValueError(f"a block of {width} columns from column {col0} does not fit in {V} classes")
+    grad = _out(out, logits) if out is not None else _util.empty((rows, width), logits.dtype, logits.device)
     if rows > 0:
+        go = grad_output.reshape(-1).to(torch.float32).contiguous()  # (rows,) even from an expanded scalar
         _ce_bwd_kernel[(rows,)](
-            logits, target, weight if weight is not None else sc, sc, row_max, log_s,
-            grad_output.reshape(-1).to(torch.float32), grad, logits.stride(0), grad.stride(0), V, ignore_index,
-            *_constants(V, smoothing, z_loss, softcap), **_flags(weight, smoothing, z_loss, softcap),
+            logits, target, weight if weight is not None else sc, sc, row_max, log_s, go, grad, logits.stride(0),
+            grad.stride(0), V, width, col0, ignore_index, *_constants(V, smoothing, z_loss, softcap),
+            **_flags(weight, smoothing, z_loss, softcap),
         )
     return grad
 

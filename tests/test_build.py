@@ -200,8 +200,8 @@ def test_cross_entropy_launchers_check_the_device_before_any_pointer():
         calls = {
             "cross_entropy_fwd": lambda: _C.cross_entropy_fwd(p, V, p, True, 0, p, p, p, p, p, V, rows, V, bf16, -100,
                                                               0.1, 0.0, 0.0, 0, 0),
-            "cross_entropy_bwd": lambda: _C.cross_entropy_bwd(p, V, p, False, p, p, p, p, p, p, V, rows, V, bf16,
-                                                              -100, 0.0, 1e-4, 30.0, 0, 0),
+            "cross_entropy_bwd": lambda: _C.cross_entropy_bwd(p, V, p, False, p, p, p, p, p, p, V, rows, V, V, 0,
+                                                              bf16, -100, 0.0, 1e-4, 30.0, 0, 0),
             "cross_entropy_scale_grad": lambda: _C.cross_entropy_scale_grad(p, V, p, rows, V, bf16, 0, 0),
         }
         assert set(calls) == set(CE_LAUNCHERS)

@@ -2,6 +2,7 @@
 z-loss and softcap, the registered ops under torch.compile, the drop-in module and bad input."""
 
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -320,6 +321,43 @@ class _Allocations(TorchDispatchMode):
         return out
 
 
+class _LivePeak(TorchDispatchMode):
+    """The peak of the bytes held by tensors the ops under it create, on any device (the CPU has no allocator
+    statistics): each new storage counts from its op until the last tensor on it that the mode saw is collected.
+    Storages of the inputs present before the mode are not counted. Run the computation directly, without
+    autograd, whose graph holds tensors that Python does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # storage data_ptr → [bytes, tensors alive]
+        self.held = self.peak = 0
+
+    def _drop(self, ptr):
+        entry = self.live[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.held -= entry[0]
+            del self.live[ptr]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(o, torch.Tensor) or o.untyped_storage().nbytes() == 0:
+                continue
+            ptr = o.untyped_storage().data_ptr()
+            if ptr not in self.live:
+                if ptr in inputs:
+                    continue  # a view or an in-place result of something older than the mode
+                self.live[ptr] = [o.untyped_storage().nbytes(), 0]
+                self.held += self.live[ptr][0]
+                self.peak = max(self.peak, self.held)
+            self.live[ptr][1] += 1
+            weakref.finalize(o, self._drop, ptr)
+        return out
+
+
 def _logits_from_matmul(rows, H, V, dtype, seed=6):
     """Non-leaf logits (rows, V) = h @ W.T with h and W leaves (smaller than the logits where H < rows)."""
     g = generator(seed)
@@ -507,6 +545,21 @@ def test_gpu_linear_peak_memory_is_bounded(backend):
     assert extra <= bound, f"{extra / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+def test_gpu_linear_low_memory_peak_is_the_gradients_and_one_block(backend):
+    """low_memory's peak (issue 13: at most a tenth of eager's): d(weight) and d(hidden) themselves and one
+    vocabulary block of logits, or, before d(weight) exists, one token chunk; no fp32 d(weight)."""
+    lce = importlib.import_module("fastlm.ops.linear_cross_entropy")
+    tokens, H, V = 8192, 1024, 32000
+    hidden, weight, _, target = _lce_inputs(tokens, H, V, torch.bfloat16, bias=False)
+    h, w = hidden.requires_grad_(), weight.requires_grad_()
+    extra = _peak_extra(lambda: fastlm.linear_cross_entropy(h, w, target, low_memory=True).backward())
+    grads = V * H * 2 + tokens * H * 2
+    bound = grads + max(lce.LOW_MEMORY_BLOCK_BYTES, min(lce.CHUNK_BYTES, tokens * V * 2)) + (16 << 20)
+    assert extra <= bound, f"{extra / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+
+
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_out_of_range_cpu_targets_are_refused_naming_target(backend):
     logits, target, _ = _inputs((6,), 10, torch.float32)
@@ -614,14 +667,14 @@ def _lce_inputs(tokens, H, V, dtype, bias=True, seed=3):
     return to(hidden), to(weight), to(b), to(target)
 
 
-def check_linear(hidden, weight, bias, target, **kw):
+def check_linear(hidden, weight, bias, target, low_memory=False, **kw):
     reduction = kw.get("reduction", "mean")
     g = generator(2)
     go = torch.randn(target.shape, generator=g).to(DEVICE) if reduction == "none" else torch.tensor(0.7, device=DEVICE)
     leaves = lambda ts, f=lambda t: t: [f(t).detach().clone().requires_grad_() if t is not None else None  # noqa: E731
                                         for t in ts]
     ours = leaves((hidden, weight, bias))
-    loss = fastlm.linear_cross_entropy(ours[0], ours[1], target, ours[2], **kw)
+    loss = fastlm.linear_cross_entropy(ours[0], ours[1], target, ours[2], low_memory=low_memory, **kw)
     loss.backward(go)
     exact = leaves((hidden, weight, bias), lambda t: t.double())
     cw = kw.pop("class_weight", None)
@@ -651,14 +704,24 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_BYTES", 7 * 50 * 4)
     # And the fp32 d(weight) accumulator in blocks of 6 rows of H = 32 (50 = 8 blocks and a remainder of 2).
     monkeypatch.setattr(lce, "DW_BLOCK_BYTES", 6 * 32 * 4)
+    # low_memory's vocabulary blocks: 7 columns of 253 fp32 tokens (14 of fp16): 50 = 7 blocks and a remainder.
+    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 7 * 253 * 4)
+
+
+# low_memory (its own d(weight) pass over vocabulary blocks) in float32 with every option, and in float16 with all
+# of them at once: the rounding behaviour is the default path's, already covered in both dtypes.
+LINEAR_CASES = [(dtype, option, False) for dtype in (torch.float32, torch.float16)
+                for option in ("plain", "smoothing", "everything")]
+LINEAR_CASES += [(torch.float32, option, True) for option in ("plain", "smoothing", "everything")]
+LINEAR_CASES += [(torch.float16, "everything", True)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
-@pytest.mark.parametrize("option", ("plain", "smoothing", "everything"))
-def test_linear_matches_composition(backend, small_chunks, reduction, dtype, option):
-    kw = dict(OPTIONS[option])
+@pytest.mark.parametrize("dtype, option, low_memory", LINEAR_CASES,
+                         ids=[f"{d}-{o}" + ("-low_memory" if lm else "") for d, o, lm in LINEAR_CASES])
+def test_linear_matches_composition(backend, small_chunks, reduction, dtype, option, low_memory):
+    kw = dict(OPTIONS[option], low_memory=low_memory)
     # 253 tokens (36 chunks of 7 and a remainder of 1): over fewer tokens the maximum of ~1-ulp matmul errors,
     # torch's included, swings two-fold from one seed to the next and the rule measures noise.
     hidden, weight, bias, target = _lce_inputs(253, 32, 50, dtype)
@@ -827,6 +890,96 @@ def test_linear_allocations_are_bounded(backend, reduction, monkeypatch):
         assert ops == [], ops
     # (The numerics of these paths, blocks and chunks included: test_linear_matches_composition.)
     assert all(a.grad.dtype == a.dtype and torch.isfinite(a.grad).all() for a in ours)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("option", ("plain", "everything"))
+def test_backward_of_column_blocks_is_the_whole_rows_backward(backend, dtype, option):
+    """cross_entropy_bwd on a block of columns (col0, classes: low_memory's vocabulary blocks) writes exactly those
+    columns of the whole rows' gradient, bit for bit: the target's column inside the block or not, ignored rows
+    (zeros) and an out-of-range target (a NaN row) included, at odd block offsets and widths (unaligned rows)."""
+    launch = fastlm._backend.launchers(backend, fastlm.kernels.cross_entropy)
+    kw = dict(OPTIONS[option])
+    rows, V = 11, 300
+    ignore_index = kw.pop("ignore_index", -100)
+    logits, target, weight = _inputs((rows,), V, dtype, ignore_index=ignore_index)
+    weight = weight if kw.pop("weight", False) else None
+    target[3] = V + 4  # neither a class nor ignored
+    args = (ignore_index, kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("softcap"))
+    sc = launch.scalars(target, weight, V, ignore_index, "none")
+    _, row_max, log_s, _, _ = launch.cross_entropy_fwd(logits, target, weight, *args, "none", False, sc=sc)
+    go = torch.randn(rows, generator=generator(5)).to(DEVICE)
+    whole = launch.cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, go, *args)
+    assert torch.isnan(whole[3]).all() and not torch.isnan(whole[torch.arange(rows) != 3]).any()
+    for c0, c1 in ((0, 1), (0, 97), (97, 211), (211, 300), (5, 13), (299, 300)):
+        block = logits[:, c0:c1].contiguous()
+        got = launch.cross_entropy_bwd(block, target, weight, sc, row_max, log_s, go, *args, col0=c0, classes=V)
+        assert torch.equal(got.nan_to_num(7.0), whole[:, c0:c1].nan_to_num(7.0)), (c0, c1)
+        over = launch.cross_entropy_bwd(block, target, weight, sc, row_max, log_s, go, *args, out=block, col0=c0,
+                                        classes=V)
+        assert over.data_ptr() == block.data_ptr() and torch.equal(over.nan_to_num(7.0), got.nan_to_num(7.0))
+    with pytest.raises(ValueError, match="does not fit in 300 classes"):
+        launch.cross_entropy_bwd(logits[:, :50].contiguous(), target, weight, sc, row_max, log_s, go, *args,
+                                 col0=251, classes=V)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_linear_low_memory_allocates_no_fp32_dweight(backend, reduction, monkeypatch):
+    """low_memory's allocations, op by op (the passes run directly, so a dispatch mode sees them): above a token
+    chunk or a vocabulary block of logits, only the results; nothing fp32 the size of d(weight)'s rows, and no
+    zeros (nothing accumulates: each block of d(weight) is one matmul's output)."""
+    lce = importlib.import_module("fastlm.ops.linear_cross_entropy")
+    tokens, H, V = 96, 8, 200
+    dtype = torch.bfloat16
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 16 * V * 2)  # 16 rows: 6 token chunks
+    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 40 * tokens * 2)  # 40 columns: 5 vocabulary blocks
+    hidden, weight, bias, target = _lce_inputs(tokens, H, V, dtype)
+    sc = fastlm.kernels.cross_entropy.scalars(target, None, V, -100, reduction)
+    args = (-100, 0.1, 1e-4, None, reduction)
+    saved = None
+    if reduction == "none":
+        stats = lce._lce(hidden, weight, bias, target, None, sc, args, fastlm._backend.get_backend(), False, None,
+                         True)[0]
+        saved = (torch.randn(tokens, device=DEVICE), stats[1], stats[2])
+    with _Allocations(1) as seen:
+        _, dh, dw, db = lce._lce(hidden, weight, bias, target, None, sc, args, fastlm._backend.get_backend(), True,
+                                 saved, True)
+    results = {t.untyped_storage().data_ptr() for t in (dh, dw, db)}
+    others = [(op, n) for op, n, ptr in seen.sized if ptr not in results]
+    assert max(n for _, n in others) <= max(16 * V * 2, 40 * tokens * 2), sorted(others, key=lambda x: -x[1])[:3]
+    assert not [op for op, _ in others if "zeros" in op], others
+    assert dw.dtype == weight.dtype and db.dtype == bias.dtype and dh.dtype == hidden.dtype
+    assert all(torch.isfinite(g).all() for g in (dh, dw, db))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+def test_linear_low_memory_peak_is_the_gradients_and_one_block(backend, monkeypatch):
+    """The peak of what the forward pass of "mean" holds at once (_LivePeak, on any device), at issue 13's
+    proportions scaled down (V·H·d of d(weight) ≫ the chunks): low_memory's is d(weight) and d(hidden) themselves,
+    one block of logits (or before d(weight) exists one token chunk) and per-row vectors, as the module docstring
+    plans; the default's includes the fp32 d(weight) accumulator."""
+    lce = importlib.import_module("fastlm.ops.linear_cross_entropy")
+    tokens, H, V = 128, 64, 3000
+    d = 2
+    monkeypatch.setattr(lce, "CHUNK_BYTES", 32 * V * d)  # 32 token rows: 4 chunks
+    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 256 * tokens * d)  # 256 columns: 12 blocks (V = 3000)
+    monkeypatch.setattr(lce, "DW_BLOCK_BYTES", 1000 * H * 4)
+    hidden, weight, _, target = _lce_inputs(tokens, H, V, torch.bfloat16, bias=False)
+    sc = fastlm.kernels.cross_entropy.scalars(target, None, V, -100, "mean")
+    args = (-100, 0.0, 0.0, None, "mean")
+    peaks = {}
+    for low_memory in (False, True):
+        with _LivePeak() as seen:
+            grads = lce._lce(hidden, weight, None, target, None, sc, args, fastlm._backend.get_backend(), True, None,
+                             low_memory)[1:3]
+        peaks[low_memory] = seen.peak
+        assert all(torch.isfinite(g).all() for g in grads)
+    gradients = V * H * d + tokens * H * d
+    plan = gradients + max(lce.LOW_MEMORY_BLOCK_BYTES, lce.CHUNK_BYTES) + 64 * tokens  # 64 B a row: its vectors
+    assert gradients < peaks[True] <= plan, (peaks, gradients, plan)
+    assert peaks[False] >= V * H * 4 + tokens * H * d, peaks  # the fp32 accumulator
 
 
 @pytest.mark.gpu

@@ -27,10 +27,24 @@ all): with the logits made once (6·T·H·V FLOPs), every token chunk adds a ter
 sum is held for the whole (V, H) at once. Holding it in bf16 instead, as Liger does, rounds it once per chunk:
 measured on CPU (T 8192, H 256, V 2048, bf16 inputs, error against float64, relative Frobenius norm), one fp32 sum
 rounded once (eager) errs 1.7e-3, bf16 sums of 2, 4, 8, 16 chunks 2.0e-3, 2.6e-3, 3.5e-3, 4.8e-3: past 2× eager's
-from 8 chunks, and 4 chunks at that shape are 512 MiB of logits each. Chunking the vocabulary instead (each
-d(weight) block complete after one pass over the tokens) needs every row's log-sum-exp first, so the logits are
-made twice (8·T·H·V, 1.33× the FLOPs). Memory, speed and d(weight)'s accuracy cannot all meet issue 13's targets
-at once; this op keeps speed and accuracy.
+from 8 chunks, and 4 chunks at that shape are 512 MiB of logits each.
+
+low_memory=True chunks the vocabulary for d(weight) instead, so that nothing accumulates across chunks:
+  pass 1   token chunks over the whole vocabulary, as above but without d(weight): the row statistics and loss,
+           and (for "mean"/"sum") each chunk's gradient turned into its rows of d(hidden) (complete per chunk)
+  pass 2   vocabulary blocks of LOW_MEMORY_BLOCK_BYTES of logits over all T tokens: the block's logits (the
+           whole rows' statistics are known now), their gradient written over them by the cross-entropy's
+           backward kernel on that block of columns, and the block's rows of d(weight) = gradᵀ·hidden, one matmul
+           summed in fp32 inside and rounded once: as accurate as eager's (and the default's) d(weight)
+FLOPs 8·T·H·V (the logits are made twice: 1.33× the default's matmul work). "none" runs both passes in its
+backward. Memory beyond the inputs, at issue 13's shape (T 8192, H 4096, V 128256, bf16; MiB = 2²⁰ bytes):
+  pass 1   one CHUNK_BYTES token chunk (256) + d(hidden) (T·H·d: 64) + row statistics (12 B a token: 0.1)  = 320
+  pass 2   d(weight) (V·H·d: 1002) + d(hidden) (64) + one block (T × 4096 columns × d: 64)
+           + the rows' incoming gradients (4 B a token: 0.03) + row statistics (0.1)                      = 1130
+so the peak, 1130 MiB = 1.10 GiB, is the gradients themselves (1066 MiB) and one block of logits. The block width
+is LOW_MEMORY_BLOCK_BYTES / (T·d), rounded down to a multiple of 128 columns, so the block stays about that size
+at any T up to 2¹⁸ bf16 tokens (past that, narrower blocks of the same size). The default keeps speed (6·T·H·V) at the
+cost of the fp32 accumulator; which is the better default is for measurements on a GPU to decide (issue 13).
 """
 
 from typing import Optional
@@ -46,6 +60,7 @@ from fastlm.ops.cross_entropy import (_check_options, _check_target_and_weight, 
 CHUNK_BYTES = 256 << 20  # logits bytes per chunk: small next to the (tokens, V) logits, large enough for cuBLAS
 MAX_CHUNKS = 64  # and never so many chunks that launch overhead shows
 DW_BLOCK_BYTES = 256 << 20  # fp32 d(weight) accumulator bytes per block (its own allocation)
+LOW_MEMORY_BLOCK_BYTES = 64 << 20  # low_memory: logits bytes of a vocabulary block (tokens × its columns)
 
 
 def _chunk_rows(tokens, V, itemsize):
@@ -92,13 +107,14 @@ def _finish_dw(blocks, dtype):
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, compute, saved=None):
+def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, compute, saved=None, dweight=True):
     """One pass over the token chunks.
 
     Without `saved` (the forward): the losses and row statistics, and, when `compute`, the gradients of the
     reduced loss for an incoming gradient of 1. With saved = (incoming gradient per row, row max, log-sum) (the
     backward of "none"): the gradients for those incoming gradients. Gradients: d(hidden), d(weight), d(bias) in
-    the dtypes of hidden, weight and bias (d(weight) and d(bias) summed in fp32 across chunks)."""
+    the dtypes of hidden, weight and bias (d(weight) and d(bias) summed in fp32 across chunks; None, with
+    dweight False: the low-memory path makes them in its own pass)."""
     ignore_index, smoothing, z_loss, softcap, reduction = args
     tokens = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -106,8 +122,8 @@ def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, com
     # Row-major whatever hidden's layout (empty_like would copy a transposed one's strides): the chunks' mm writes
     # rows of it, and the backward's in-place scaling kernel takes rows with unit column stride.
     dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if compute else None
-    blocks = _dw_blocks(weight) if compute else None
-    db = torch.zeros(weight.shape[:1], **f32) if compute and bias is not None else None
+    blocks = _dw_blocks(weight) if compute and dweight else None
+    db = torch.zeros(weight.shape[:1], **f32) if compute and dweight and bias is not None else None
     for start, end, h, logits in _chunks(hidden, weight, bias, tokens):
         t = target[start:end]
         # The gradient goes over the chunk's logits (out=logits): one chunk buffer, not two.
@@ -124,14 +140,60 @@ def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, com
         del logits
         if compute:
             torch.mm(grad, weight, out=dh[start:end])
-            for v0, v1, acc in blocks:
+            for v0, v1, acc in blocks or ():
                 _acc_mm(acc, grad[:, v0:v1].t(), h)
             if db is not None:
                 db += grad.sum(0, dtype=torch.float32)
         del grad
-    dw = _finish_dw(blocks, weight.dtype) if compute else None
+    dw = _finish_dw(blocks, weight.dtype) if blocks is not None else None
     if db is not None:
         db = db.to(bias.dtype)
+    return stats, dh, dw, db
+
+
+def _vocab_columns(tokens, V, itemsize):
+    """Columns of a vocabulary block of the low-memory pass: its (tokens, columns) logits about
+    LOW_MEMORY_BLOCK_BYTES, a multiple of 128 columns where that many fit (whole 16-byte vectors, matmul tiles)."""
+    cols = max(1, LOW_MEMORY_BLOCK_BYTES // max(1, tokens * itemsize))
+    return min(V, cols // 128 * 128 if cols >= 128 else cols)
+
+
+def _dweight_pass(hidden, weight, bias, target, class_weight, sc, args, backend, go, row_max, log_s):
+    """The low-memory path's d(weight) and d(bias): one pass over vocabulary blocks, each block's logits made for
+    every token (the whole rows' statistics are known), their gradient written over them, and the block's rows of
+    d(weight) made by one matmul over all the tokens: summed in fp32 inside the matmul and rounded once, as eager's.
+    go (tokens,) fp32: each row's incoming gradient (for "mean"/"sum" in the forward, 1 / the divisor)."""
+    ignore_index, smoothing, z_loss, softcap, _ = args
+    tokens, V = hidden.shape[0], weight.shape[0]
+    ce = _backend.launchers(backend, triton_ce)
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    db = torch.empty(weight.shape[:1], dtype=bias.dtype, device=bias.device) if bias is not None else None
+    step = _vocab_columns(tokens, V, hidden.element_size())
+    for v0 in range(0, V, step):
+        v1 = min(V, v0 + step)
+        logits = torch.nn.functional.linear(hidden, weight[v0:v1], bias[v0:v1] if bias is not None else None)
+        grad = ce.cross_entropy_bwd(logits, target, class_weight, sc, row_max, log_s, go, ignore_index, smoothing,
+                                    z_loss, softcap, out=logits, col0=v0, classes=V)
+        del logits
+        torch.mm(grad.t(), hidden, out=dw[v0:v1])
+        if db is not None:
+            db[v0:v1] = grad.sum(0, dtype=torch.float32)
+        del grad
+    return dw, db
+
+
+def _lce(hidden, weight, bias, target, class_weight, sc, args, backend, compute, saved, low_memory):
+    """The passes of either path: _lce_pass alone, or (low_memory) _lce_pass for the statistics and d(hidden),
+    then _dweight_pass. Returns (loss, row max, log-sum) (the forward's; None with saved), dh, dw, db."""
+    stats, dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, compute, saved,
+                                  dweight=not low_memory)
+    if compute and low_memory:
+        if saved is None:  # "mean"/"sum": the gradient of the reduced loss for an incoming 1, as the forward kernel
+            go = torch.reciprocal(sc[:1]).expand(hidden.shape[0]).contiguous()
+            row_max, log_s = stats[1], stats[2]
+        else:
+            go, row_max, log_s = saved
+        dw, db = _dweight_pass(hidden, weight, bias, target, class_weight, sc, args, backend, go, row_max, log_s)
     return stats, dh, dw, db
 
 
@@ -152,6 +214,7 @@ def linear_cross_entropy_fwd_op(
     softcap: float,
     reduction: str,
     compute_grad: bool,
+    low_memory: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden (tokens, H), weight (V, H) → loss; for "mean"/"sum" with compute_grad: d(hidden), d(weight),
@@ -160,15 +223,15 @@ def linear_cross_entropy_fwd_op(
     args = (ignore_index, label_smoothing, z_loss, softcap or None, reduction)
     sc = _backend.launchers(backend, triton_ce).scalars(target, class_weight, weight.shape[0], ignore_index, reduction)
     compute = compute_grad and reduction != "none"
-    (loss, row_max, log_s), dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend,
-                                                   compute)
+    (loss, row_max, log_s), dh, dw, db = _lce(hidden, weight, bias, target, class_weight, sc, args, backend, compute,
+                                              None, low_memory)
     return (_reduce(loss, sc, reduction, backend), *(g if g is not None else _empty(hidden) for g in (dh, dw, db)),
             row_max, log_s, sc)
 
 
 @linear_cross_entropy_fwd_op.register_fake
 def _(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, reduction,
-      compute_grad, backend):
+      compute_grad, low_memory, backend):
     tokens = hidden.shape[0]
     f32 = dict(dtype=torch.float32)
     grads = compute_grad and reduction != "none"
@@ -198,26 +261,27 @@ def linear_cross_entropy_bwd_op(
     label_smoothing: float,
     z_loss: float,
     softcap: float,
+    low_memory: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Reduction "none": recompute the chunks with each row's incoming gradient → d(hidden), d(weight), d(bias)
     (empty without a bias) in their operands' dtypes."""
     args = (ignore_index, label_smoothing, z_loss, softcap or None, "none")
     saved = (grad_output.to(torch.float32), row_max, log_s)
-    _, dh, dw, db = _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, True, saved)
+    _, dh, dw, db = _lce(hidden, weight, bias, target, class_weight, sc, args, backend, True, saved, low_memory)
     return dh, dw, db if db is not None else _empty(hidden)
 
 
 @linear_cross_entropy_bwd_op.register_fake
 def _(hidden, weight, target, bias, class_weight, sc, row_max, log_s, grad_output, ignore_index, label_smoothing,
-      z_loss, softcap, backend):
+      z_loss, softcap, low_memory, backend):
     return (hidden.new_empty(hidden.shape), weight.new_empty(weight.shape),
             bias.new_empty(weight.shape[:1]) if bias is not None else hidden.new_empty((0,)))
 
 
 def _lce_setup_context(ctx, inputs, output):
     (hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, z_loss, softcap, reduction, _,
-     backend) = inputs
+     low_memory, backend) = inputs
     _, dh, dw, db, row_max, log_s, sc = output
     _no_zero_grads(ctx, output[1:])  # no zeros the size of d(weight) and d(hidden) for the unused outputs
     ctx.none = reduction == "none"
@@ -225,7 +289,7 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.used = False
     if ctx.none:
         ctx.save_for_backward(hidden, weight, target, bias, class_weight, sc, row_max, log_s)
-        ctx.args = (ignore_index, label_smoothing, z_loss, softcap, backend)
+        ctx.args = (ignore_index, label_smoothing, z_loss, softcap, low_memory, backend)
     else:
         ctx.save_for_backward(dh, dw, db)
 
@@ -242,7 +306,7 @@ def _scale(g, dloss, backend):
 
 def _lce_backward(ctx, dloss, *_):
     if dloss is None:
-        return (None,) * 12
+        return (None,) * 13
     if ctx.none:
         hidden, weight, target, bias, class_weight, sc, row_max, log_s = ctx.saved_tensors
         dh, dw, db = linear_cross_entropy_bwd_op(hidden, weight, target, bias, class_weight, sc,
@@ -255,14 +319,14 @@ def _lce_backward(ctx, dloss, *_):
         dh, dw, db = ctx.saved_tensors
         for g in (dh, dw, db):
             _scale(g, dloss, ctx.backend)
-    return (dh, dw, None, db if db.numel() else None, None, None, None, None, None, None, None, None)
+    return (dh, dw, None, db if db.numel() else None, None, None, None, None, None, None, None, None, None)
 
 
 linear_cross_entropy_fwd_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 
 
 def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None, ignore_index=-100,
-                         label_smoothing=0.0, reduction="mean", z_loss=0.0, softcap=None):
+                         label_smoothing=0.0, reduction="mean", z_loss=0.0, softcap=None, low_memory=False):
     """cross_entropy(hidden @ weight.T + bias, target, ...) without materializing the (tokens, V) logits.
 
     hidden (..., H) float32, float16 or bfloat16; weight (V, H) and bias (V,) or None in hidden's dtype; target
@@ -273,6 +337,11 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None
     range targets as fastlm.cross_entropy.
     Under autocast, hidden, weight and bias are cast to the autocast dtype first, as autocast would cast them for
     the `hidden @ weight.T` this replaces (fp32 master weights with bf16 activations work); the loss stays fp32.
+
+    low_memory=True: no fp32 d(weight) accumulator. The logits are made a second time, in vocabulary blocks over
+    all the tokens, and each block's rows of d(weight) come from one matmul (8·tokens·H·V FLOPs instead of 6·, as
+    accurate as the default). Extra memory: the gradients themselves, one LOW_MEMORY_BLOCK_BYTES block of logits
+    and a CHUNK_BYTES token chunk before d(weight) exists (see the module docstring).
     """
     _checks.tensor("hidden", hidden)
     _checks.tensor("weight", weight)
@@ -284,13 +353,13 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, class_weight=None
         bias = bias.to(dtype) if isinstance(bias, torch.Tensor) else bias
         with torch.autocast(device_type, enabled=False):
             return _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
-                                         reduction, z_loss, softcap)
+                                         reduction, z_loss, softcap, low_memory)
     return _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing,
-                                 reduction, z_loss, softcap)
+                                 reduction, z_loss, softcap, low_memory)
 
 
 def _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index, label_smoothing, reduction,
-                          z_loss, softcap):
+                          z_loss, softcap, low_memory=False):
     if hidden.dim() == 0:
         raise ValueError("hidden must have a last (feature) dimension, got a 0-d tensor")
     H = hidden.shape[-1]
@@ -323,6 +392,6 @@ def _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_ind
     cw = class_weight.float().contiguous() if class_weight is not None else None
     loss = linear_cross_entropy_fwd_op(
         h, weight, target.reshape(-1).contiguous(), bias, cw, ignore_index, float(label_smoothing), float(z_loss),
-        float(softcap or 0.0), reduction, compute_grad, backend,
+        float(softcap or 0.0), reduction, compute_grad, bool(low_memory), backend,
     )[0]
     return loss.view(target.shape) if reduction == "none" else loss
