@@ -42,6 +42,7 @@ weights for each; the step is `_hf_step`'s, as for e2e's hf):
   hf             the transformers model as it is (the reference).
   fastlm.patch   fastlm.patch(model): its RMSNorms, rotary embedding, SwiGLU, attention and the causal-LM loss (no
                  logits) on fastlm's kernels, backend auto.
+  fastlm.patch-low_memory  the same with low_memory_loss=True (no fp32 accumulator for the head's weight gradient).
   liger          Liger-Kernel's apply_liger_kernel_to_<model>(model=model), as `_apply_liger_kernel_to_instance` calls
                  it (defaults: RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); last, as in e2e.
   Liger replaces names in transformers' modeling modules (the RMSNorm and MLP classes, apply_rotary_pos_emb): every
@@ -409,6 +410,12 @@ def _build_fastlm_patch(case):
     return _hf_step(fastlm.patch(seeded_hf_model(case)))
 
 
+def _build_fastlm_patch_low_memory(case):
+    import fastlm
+
+    return _hf_step(fastlm.patch(seeded_hf_model(case), low_memory_loss=True))
+
+
 def _build_liger_hf_model(case):
     model = seeded_hf_model(case)
     _apply_liger(case, model)
@@ -460,6 +467,10 @@ HF_PROVIDERS = [
     Provider("hf", _build_hf_model, harness.importable("transformers")),
     Provider("fastlm.patch", _build_fastlm_patch, harness.importable("fastlm", "transformers"),
              harness.fastlm_context("auto"), backend="auto"),
+    # The loss's low-memory path (issue 13 against issue 14's "no more peak memory than Liger"): a column of its
+    # own, not ranked for the dispatch table.
+    Provider("fastlm.patch-low_memory", _build_fastlm_patch_low_memory, harness.importable("fastlm", "transformers"),
+             harness.fastlm_context("auto")),
     Provider("liger", _build_liger_hf_model, harness.importable("liger_kernel.transformers"), skip=_liger_skip),
 ]
 
@@ -480,7 +491,9 @@ HF_FAMILY = Family(
         "The models are transformers' LlamaForCausalLM (Llama 3.2 1B's shapes) and Qwen3ForCausalLM (Qwen3 1.7B's), "
         "random weights from one seed, bf16 (no autocast), sdpa attention; float32 losses.",
         "hf: the model as it is. fastlm.patch: fastlm.patch(model) (norms, rotary, SwiGLU, attention, the loss "
-        "without logits), backend auto. liger: Liger-Kernel's apply_liger_kernel_to_<model>(model=model), defaults.",
+        "without logits), backend auto; fastlm.patch-low_memory: the same with `low_memory_loss=True` (the head's "
+        "weight gradient without its fp32 accumulator, the logits made twice). liger: Liger-Kernel's "
+        "apply_liger_kernel_to_<model>(model=model), defaults.",
         "FLOPs as e2e's: 6 × matmul parameters (tied head counted) + causal attention's 6 × layers × heads × "
         "head_dim × seq, per token (Qwen3's q/k norms are no matmul). MFU = the fraction of the measured bf16 matmul "
         "rate; tokens/s with `python -m benchmarks.e2e <json>`.",

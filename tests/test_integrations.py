@@ -9,6 +9,7 @@ on CPU) for some model types, the default backend for the others.
 """
 
 import copy
+import importlib
 import subprocess
 import sys
 import types
@@ -136,10 +137,10 @@ def _train_step(model, x):
     return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
-def _assert_patched_like_unpatched(model_type, backend, seq=16):
+def _assert_patched_like_unpatched(model_type, backend, seq=16, **patch_kw):
     base = _model(model_type)
     ref = _float64_reference(base)
-    patched = fastlm.patch(copy.deepcopy(base))
+    patched = fastlm.patch(copy.deepcopy(base), **patch_kw)
     x = _tokens(2, seq)
     ref_logits, (ref_loss, ref_grads) = _eval_logits(ref, x), _train_step(ref, x)
 
@@ -180,6 +181,23 @@ def test_import_fastlm_does_not_import_transformers():
 def test_patched_matches_unpatched(model_type, backend):
     _skip_without_triton(backend)
     _assert_patched_like_unpatched(model_type, backend)
+
+
+def test_patch_with_low_memory_loss(monkeypatch):
+    """fastlm.patch(model, low_memory_loss=True): the fused loss runs its low-memory path (the lm_head's weight
+    gradient in vocabulary blocks), and the model still matches the unpatched one by the rule."""
+    _skip_without_triton("triton")
+    lce = importlib.import_module("fastlm.ops.linear_cross_entropy")
+    calls = []
+    real = lce._dweight_pass
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lce, "_dweight_pass", spy)
+    _assert_patched_like_unpatched("llama", "triton", low_memory_loss=True)
+    assert calls == [(VOCAB, calls[0][1])], calls  # once: the one training step's loss
 
 
 def test_patch_replaces_what_it_says():
@@ -832,7 +850,8 @@ def test_e2e_hf_cases_and_providers():
     family = e2e.HF_FAMILY
     assert families()["e2e_hf"] is family and families()["e2e"] is e2e.FAMILY
     assert family.modes == ("fwd",) and family.metric == "flops" and family.reference == "hf"
-    assert [p.name for p in family.providers] == ["hf", "fastlm.patch", "liger"]  # liger last: it patches globally
+    # liger last: it patches globally
+    assert [p.name for p in family.providers] == ["hf", "fastlm.patch", "fastlm.patch-low_memory", "liger"]
     assert [p.name for p in family.providers if p.backend] == ["fastlm.patch"]
     llama, qwen3 = e2e.hf_cases(quick=False)
     assert [c.params for c in (llama, qwen3)] == [{"model": "llama-1b-hf", "batch": 4, "seq": 2048},

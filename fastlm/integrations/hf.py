@@ -537,10 +537,11 @@ def register_with_transformers():
 
 
 def causal_lm_loss(hidden, lm_head, labels, softcap=None, num_items_in_batch=None, ignore_index=IGNORE_INDEX,
-                   shift_labels=None):
+                   shift_labels=None, low_memory=False):
     """HF's ForCausalLMLoss on lm_head(hidden) without making the logits: hidden (B, S, H), labels (B, S),
     lm_head a torch.nn.Linear. Under autocast, hidden and the head are cast to the autocast dtype first, as
-    autocast casts lm_head's inputs, and the fused op runs with autocast off."""
+    autocast casts lm_head's inputs, and the fused op runs with autocast off. low_memory: as
+    fastlm.linear_cross_entropy's."""
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     target = shift_labels.reshape(-1).to(hidden.device)
@@ -555,7 +556,7 @@ def causal_lm_loss(hidden, lm_head, labels, softcap=None, num_items_in_batch=Non
     reduction = "mean" if num_items_in_batch is None else "sum"
     with torch.autocast(device_type, enabled=False) if autocast else contextlib.nullcontext():
         loss = linear_cross_entropy(h, weight, target, bias, ignore_index=ignore_index, reduction=reduction,
-                                    softcap=softcap)
+                                    softcap=softcap, low_memory=low_memory)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -613,7 +614,7 @@ def _causal_lm_forward(self, *args, **kwargs):
     logits = None
     same_dtype = head.weight.dtype == hidden.dtype and (head.bias is None or head.bias.dtype == hidden.dtype)
     if type(head) is torch.nn.Linear and (same_dtype or torch.is_autocast_enabled(hidden.device.type)):
-        loss = causal_lm_loss(hidden, head, labels, softcap, **loss_args)
+        loss = causal_lm_loss(hidden, head, labels, softcap, **loss_args, low_memory=record.low_memory_loss)
     else:
         # An adapter-wrapped head, or mixed dtypes (HF's output is the promotion): HF's own computation.
         _say_once("fastlm.patch: an lm_head that is not a torch.nn.Linear in the hidden states' dtype; the loss "
@@ -670,6 +671,7 @@ class _Record:
     arg_names: list = None  # its positional parameters, in order
     final_softcap_attr: str = None
     output_class: type = None
+    low_memory_loss: bool = False  # patch's option: the fused loss with low_memory=True
 
 
 def _check_transformers():
@@ -686,12 +688,14 @@ def _check_transformers():
                            f"mask dispatch it was checked against); this is transformers {transformers.__version__}")
 
 
-def patch(model):
+def patch(model, *, low_memory_loss=False):
     """Run a Hugging Face transformers model on fastlm's kernels, in place; returns the model.
 
     Norms, attention and (for *ForCausalLM in training mode with labels) the loss are patched: see
     fastlm.integrations.hf. Raises ValueError for a model type not in SUPPORTED_MODEL_TYPES. Patching a patched
-    model does nothing.
+    model does nothing. low_memory_loss=True runs the fused loss as fastlm.linear_cross_entropy(...,
+    low_memory=True): no fp32 accumulator for the head's weight gradient (V·H·4 bytes less at the peak), its
+    logits made twice.
     """
     _check_transformers()
     from transformers import PreTrainedModel
@@ -706,7 +710,7 @@ def patch(model):
                          f"{model_type!r} ({type(model).__name__})")
     spec = _MODEL_TYPES[model_type]
     _register()
-    record = _Record(attn_implementation=model.config._attn_implementation)
+    record = _Record(attn_implementation=model.config._attn_implementation, low_memory_loss=bool(low_memory_loss))
     try:
         swap = _class_swaps(model_type)
         for module in model.modules():
