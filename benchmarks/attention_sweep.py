@@ -25,6 +25,7 @@ work is split:
    the cases of that head dim.
 
     python -m benchmarks.attention_sweep --static            # CPU: refresh CANDIDATES_FILE (minutes)
+    python -m benchmarks.attention_sweep --static --kernels dkdv_tma   # CPU: one kernel's candidates only
     python -m benchmarks.attention_sweep --out DIR           # GPU: one call, --budget-s seconds at most (480)
     python -m benchmarks.attention_sweep --decode            # GPU: the split-KV decode kernel's shape and split rule
 
@@ -46,14 +47,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 CANDIDATES_FILE = Path(__file__).resolve().parent / "attention_sweep_candidates.json"
-TABLES = {"fwd": "FWD_CONFIGS", "dkdv": "DKDV_CONFIGS", "dq": "DQ_CONFIGS"}
-SPEC_PREFIX = {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dq": "attn_bwd_dq"}
+# dkdv_tma: the dK/dV kernel's Hopper path (DKDV_TMA_CONFIGS, a table of its own, keyed by head dim only: 16-bit
+# inputs), swept with the path forced on, as dkdv is with it forced off; both best times are in the report, which
+# says which path is faster per head dim.
+TABLES = {"fwd": "FWD_CONFIGS", "dkdv": "DKDV_CONFIGS", "dkdv_tma": "DKDV_TMA_CONFIGS", "dq": "DQ_CONFIGS"}
+SPEC_PREFIX = {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dkdv_tma": "attn_bwd_dkdv", "dq": "attn_bwd_dq"}
+TMA_PATH = {"dkdv": False, "dkdv_tma": True}  # A.TMA while a kernel is swept (the others leave it as it is)
 HEAD_DIMS = (64, 128)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). For dK/dV, BLOCK_M is the inner (query) block and BLOCK_N its own key
 # block; for dQ, BLOCK_M its own query block and BLOCK_N the inner (key) block.
 GRID = {
     "fwd": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))),
     "dkdv": list(itertools.product((16, 32, 64), (64, 128), (4, 8), (1, 2, 3))),
+    "dkdv_tma": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
     "dq": list(itertools.product((64, 128), (16, 32, 64), (4, 8), (1, 2, 3))),
 }
 MAX_SHARED_BYTES = 227 * 1024  # the most dynamic shared memory one block may use on sm_90
@@ -83,7 +89,8 @@ def _static_row(job):
     from benchmarks import static
     from fastlm.kernels import attention as A
 
-    fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
+    fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dkdv_tma": A._attn_bwd_dkdv_kernel,
+          "dq": A._attn_bwd_dq_kernel}[kernel]
     with table_entry(A, kernel, head_dim, tuple(config)):
         found = static.record(lambda _: static.attention_call(torch.bfloat16, head_dim, "causal"), "attention.py")
     found = [v for v in found if v.fn is fn]
@@ -100,10 +107,12 @@ def usable(row) -> bool:
     return not static.problems(row) and row.get("shared", 0) <= MAX_SHARED_BYTES
 
 
-def static_candidates(jobs=None, log=print) -> dict:
-    """{kernel: {head_dim: [{"config": [...], "regs": r, "shared": s}, ...]}} for every usable candidate of GRID."""
-    work = [(k, d, c) for k in GRID for d in HEAD_DIMS for c in GRID[k]]
-    out = {k: {str(d): [] for d in HEAD_DIMS} for k in GRID}
+def static_candidates(jobs=None, log=print, kernels=None) -> dict:
+    """{kernel: {head_dim: [{"config": [...], "regs": r, "shared": s}, ...]}} for every usable candidate of GRID
+    (of the named kernels only, when given)."""
+    kernels = [k for k in GRID if kernels is None or k in kernels]
+    work = [(k, d, c) for k in kernels for d in HEAD_DIMS for c in GRID[k]]
+    out = {k: {str(d): [] for d in HEAD_DIMS} for k in kernels}
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=jobs or os.cpu_count()) as pool:
         for (kernel, head_dim, config), row in zip(work, pool.map(_static_row, work)):
@@ -120,16 +129,28 @@ def static_candidates(jobs=None, log=print) -> dict:
 # ---------------------------------------------------------------------------------------------- the tables
 
 
+def table(module, kernel) -> dict:
+    """The launcher's table of `kernel` for 16-bit inputs: {head dim tile: config}."""
+    found = getattr(module, TABLES[kernel])
+    return found if kernel == "dkdv_tma" else found[False]
+
+
 @contextmanager
 def table_entry(module, kernel, head_dim, config):
-    """Put `config` in the launcher's table for 16-bit inputs at this head dim for the block; restore it after."""
-    table = getattr(module, TABLES[kernel])[False]
-    old = table[head_dim]
-    table[head_dim] = tuple(config)
+    """Put `config` in the launcher's table for 16-bit inputs at this head dim for the block, with the dK/dV
+    kernel's path forced to the kernel's (TMA_PATH); restore both after."""
+    entries = table(module, kernel)
+    old, old_tma = entries.get(head_dim), module.TMA
+    entries[head_dim] = tuple(config)
+    module.TMA = TMA_PATH.get(kernel, module.TMA)
     try:
         yield
     finally:
-        table[head_dim] = old
+        module.TMA = old_tma
+        if old is None:
+            del entries[head_dim]
+        else:
+            entries[head_dim] = old
 
 
 def flops(case, mode) -> float:
@@ -169,7 +190,7 @@ def report(results, current, cases=CASES) -> str:
                     and r["kernel"] == kernel and r.get("correct") and r.get("ms") is not None]
             if not rows:
                 continue
-            cur = [r for r in rows if tuple(r["config"]) == tuple(current[kernel][case[5]])]
+            cur = [r for r in rows if tuple(r["config"]) == tuple(current[kernel].get(case[5]) or ())]
             top = min(rows, key=lambda r: r["ms"])
             mode = "fwd" if kernel == "fwd" else "bwd"
             peer = [peers.get((case[0], p, mode)) for p in ("sdpa-flash", "sdpa-cudnn")]
@@ -178,9 +199,16 @@ def report(results, current, cases=CASES) -> str:
             lines.append(f"| {case[0]} | {kernel} | {current_ms} | {top['ms']:.3f} | {tuple(top['config'])} "
                          f"| {flops(case, mode) / top['ms'] / 1e9:.0f} | {fmt(peer[0])} | {fmt(peer[1])} |")
     lines += ["", "Tables for kernels/attention.py (16-bit inputs; the dkdv and dq times are the whole backward):", ""]
-    for kernel, by_dim in best_configs(results).items():
+    best = best_configs(results)
+    for kernel, by_dim in best.items():
         for head_dim, (cfg, ms) in sorted(by_dim.items()):
-            lines.append(f"- {TABLES[kernel]}[False][{head_dim}] = {tuple(cfg)}  (geometric mean {ms:.3f} ms)")
+            key = f"[{head_dim}]" if kernel == "dkdv_tma" else f"[False][{head_dim}]"
+            lines.append(f"- {TABLES[kernel]}{key} = {tuple(cfg)}  (geometric mean {ms:.3f} ms)")
+    for head_dim in sorted(set(best.get("dkdv", {})) & set(best.get("dkdv_tma", {}))):
+        ptr, tma = best["dkdv"][head_dim][1], best["dkdv_tma"][head_dim][1]
+        verdict = "keep" if tma < ptr else "drop"
+        lines.append(f"- dK/dV at head dim {head_dim}: the {'TMA' if tma < ptr else 'pointer'} path is faster "
+                     f"({tma:.3f} ms against {ptr:.3f}): {verdict} DKDV_TMA_CONFIGS[{head_dim}]")
     wrong = [r for r in results if r.get("kind") == "candidate" and r.get("correct") is False]
     if wrong:
         lines += ["", "Wrong results (never chosen):"]
@@ -317,7 +345,7 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
         sink.flush()
 
     dims = sorted({c[5] for c in cases} | set(HEAD_DIMS))
-    current = {k: {d: list(getattr(A, TABLES[k])[False][d]) for d in dims} for k in TABLES}
+    current = {k: {d: list(table(A, k)[d]) for d in dims if d in table(A, k)} for k in TABLES}
     emit({"kind": "meta", "device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
           "torch": torch.__version__,
           "triton": __import__("triton").__version__, "current": current})
@@ -345,7 +373,8 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
         with fastlm.use_backend("triton"):
             for kernel in TABLES:
                 options = [c["config"] for c in candidates.get(kernel, {}).get(str(head_dim), [])]
-                options = [current[kernel][head_dim]] + [c for c in options if c != current[kernel][head_dim]]
+                shipped = current[kernel].get(head_dim)
+                options = ([shipped] if shipped else []) + [c for c in options if c != shipped]
                 timed = []
                 for config in options:
                     if time.monotonic() > deadline:
@@ -372,9 +401,12 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
                         timed.append((ms, config))
                     log(f"{name} {kernel} {tuple(config)}: {ms:.3f} ms {'ok' if ok else 'WRONG'}")
                 if timed:  # the next kernel is swept with this one's best shape in place (this case only)
-                    getattr(A, TABLES[kernel])[False][head_dim] = tuple(min(timed)[1])
+                    table(A, kernel)[head_dim] = tuple(min(timed)[1])
             for kernel in TABLES:  # back to the shipped tables for the next case
-                getattr(A, TABLES[kernel])[False][head_dim] = tuple(current[kernel][head_dim])
+                if head_dim in current[kernel]:
+                    table(A, kernel)[head_dim] = tuple(current[kernel][head_dim])
+                else:
+                    table(A, kernel).pop(head_dim, None)
         del q, k, v, do, ref_out, ref_grads
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -467,9 +499,14 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=480.0, help="GPU: stop timing after this many seconds")
     parser.add_argument("--workers", type=int, default=8, help="GPU: processes compiling candidates before timing")
     parser.add_argument("--decode", action="store_true", help="GPU: sweep the split-KV decode kernel instead")
+    parser.add_argument("--kernels", nargs="+", choices=list(GRID),
+                        help="--static: only these kernels' candidates, replaced in CANDIDATES_FILE (default: all)")
     args = parser.parse_args(argv)
     if args.static:
-        found = static_candidates(args.jobs)
+        found = static_candidates(args.jobs, kernels=args.kernels)
+        if args.kernels and CANDIDATES_FILE.exists():
+            found = dict(json.loads(CANDIDATES_FILE.read_text()), **found)
+        found = {k: found[k] for k in GRID if k in found}
         CANDIDATES_FILE.write_text(json.dumps(found, indent=1) + "\n")
         print(f"wrote {CANDIDATES_FILE}: " + ", ".join(f"{k} d{d}: {len(v)}" for k, by in found.items()
                                                          for d, v in by.items()))

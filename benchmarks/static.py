@@ -184,6 +184,11 @@ class Variant:
     def num_stages(self):
         return self.options.get("num_stages")
 
+    def caps(self) -> tuple:
+        """The compute capabilities this variant ships for: TRITON_CAPS, but a Hopper path (USE_TMA: tensor
+        descriptors, chosen by its launcher on compute capability 9 and up) only for 90."""
+        return tuple(c for c in TRITON_CAPS if c >= 90) if self.constexprs.get("USE_TMA") else TRITON_CAPS
+
     def aligned(self) -> tuple:
         """Arguments the JIT specialised as divisible by 16."""
         return tuple(self.fn.arg_names[path[0]] for path, attr in self.attrs.items()
@@ -403,6 +408,13 @@ def _launch_attention(found: list) -> None:
                 attention_call(dtype, head_dim, kind)
             if fp32:
                 continue  # the short-query and split-KV paths are 16-bit only
+            if K.block_d(head_dim) in K.DKDV_TMA_CONFIGS:  # the dK/dV kernel's Hopper path too
+                saved, K.TMA = K.TMA, True
+                try:
+                    for kind in ("causal", "all"):
+                        attention_call(dtype, head_dim, kind)
+                finally:
+                    K.TMA = saved
             for kind in ("decode", "decode all"):
                 attention_call(dtype, head_dim, kind)
             for block_m in K.DECODE_CONFIGS[K.block_d(head_dim)]:
@@ -658,7 +670,7 @@ def collect_jobs(pattern: str = None, recompile_cuda: bool = False) -> tuple:
             notes.append(f"{source.name}: compiled here by nvcc with setup.py's flags (no build object newer than "
                          "csrc/ and setup.py)")
     for variant in triton_variants(pattern):
-        jobs += [(compile_triton, (variant, cap)) for cap in TRITON_CAPS]
+        jobs += [(compile_triton, (variant, cap)) for cap in variant.caps()]
     return jobs, notes
 
 

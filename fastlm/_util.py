@@ -36,6 +36,20 @@ def num_sms(device: torch.device) -> int:
     return 4
 
 
+_capabilities: dict = {}
+
+
+def capability(device: torch.device) -> tuple:
+    """The CUDA device's compute capability (asked once per device); (0, 0) for any other device."""
+    if device.type != "cuda":
+        return (0, 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _capabilities.get(index)
+    if cap is None:
+        cap = _capabilities[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
 # Host-side launch arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr functions whose
 # every host call goes through Triton's JIT wrapper (~3 µs each, several per launch; issue 15).
 def cdiv(a: int, b: int) -> int:

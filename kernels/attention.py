@@ -28,6 +28,12 @@ Design.
   program per (key block, batch·kv head) that accumulates dK and dV over every query block of every query head of
   its group, and one program per (query block, batch·head) that accumulates dQ. The S and dP matmuls are done in
   both (seven matmuls instead of FlashAttention-2's five with atomic dQ): the price of determinism without atomics.
+  The dK/dV kernel has two paths. Through pointers it forms the scores keys × queries (Sᵀ = K·Qᵀ) with K, V, dK
+  and dV in registers, which leaves room for 16-query blocks at head dim 128. On Hopper (TMA, below) it reads Q and
+  dO tiles by TMA through tensor descriptors made in the kernel for each head's rows (rows past the sequence and
+  columns past the head dim arrive as zeros: no per-element pointers or masks) and forms S = Q·Kᵀ, so that K and V
+  are wgmma's B operand, kept in shared memory for the whole loop, and Pᵀ, dSᵀ pass through shared memory to feed
+  dV and dK: 128-query blocks fit at head dim 128 without spills.
 - Decode (split-KV, "flash-decoding"), for fp16/bf16 when a kv head's rows, max seqlen q × Hq/Hk, are at most
   DECODE_MAX_ROWS: _attn_decode_kernel runs one program per (split of the keys, kv head, batch entry) whose tile
   rows are the (query position, q head of the group) pairs r = position·(Hq/Hk) + g, so each K/V block is read
@@ -568,8 +574,29 @@ def _bwd_dkdv_blocks(
     window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """Accumulate dK, dV (BLOCK_N, BLOCK_D) of the keys `cols` over the query blocks [start, end) of one head."""
+    """Accumulate dK, dV (BLOCK_N, BLOCK_D) of the keys `cols` over the query blocks [start, end) of one head.
+    Q and DO: the head's first query row (pointers), or with USE_TMA its tensor descriptors (_dkdv_descriptors)."""
+    if USE_TMA:
+        dk, dv = _bwd_dkdv_blocks_tma(dk, dv, k, v, Q, DO, L, DELTA, start, end, cols, seqlen_q, diag, scale2,
+                                      softcap, window_left, window_right, BLOCK_M, MASKED, HAS_LEFT, HAS_RIGHT,
+                                      HAS_SOFTCAP, DOT_PRECISION)
+    else:
+        dk, dv = _bwd_dkdv_blocks_ptr(dk, dv, k, v, Q, DO, L, DELTA, stride_qs, stride_ds, start, end, cols,
+                                      seqlen_q, diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M,
+                                      BLOCK_D, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_blocks_ptr(
+    dk, dv, k, v, Q, DO, L, DELTA, stride_qs, stride_ds, start, end, cols, seqlen_q, diag, scale2, softcap,
+    window_left, window_right,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """_bwd_dkdv_blocks through pointers, scores formed keys × queries (K and V held in registers)."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_mask(offs_d, HEAD_D, BLOCK_D)
@@ -607,6 +634,60 @@ def _bwd_dkdv_blocks(
 
 
 @triton.jit
+def _bwd_dkdv_blocks_tma(
+    dk, dv, k, v, q_desc, do_desc, L, DELTA, start, end, cols, seqlen_q, diag, scale2, softcap, window_left,
+    window_right, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """_bwd_dkdv_blocks on Hopper: the Q and dO tiles come by TMA (rows past the sequence and head-dim columns past
+    HEAD_D arrive as zeros), and the scores are formed queries × keys, S = Q·Kᵀ, so that K and V are wgmma's B
+    operand, held in shared memory for the whole loop; Pᵀ and dSᵀ go through shared memory to feed dV and dK.
+    Without per-element pointers and with K and V out of the registers, a 128-query block fits at head dim 128
+    (the pointer path's transposed form fits 16)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        q = q_desc.load([start_m, 0])
+        do = do_desc.load([start_m, 0])
+        if MASKED:
+            row_ok = rows < seqlen_q
+            lse = tl.load(L + rows, mask=row_ok, other=float("inf"))  # p = 0 for the zero rows past the end
+            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+        else:
+            lse = tl.load(L + rows)
+            delta = tl.load(DELTA + rows)
+        s2, sech2 = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale2, softcap,
+                            HAS_SOFTCAP)  # (BLOCK_M, BLOCK_N): queries × keys
+        if MASKED:
+            vis = _visible(rows, cols, 2147483647, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s2 = tl.where(vis, s2, float("-inf"))
+        p = tl.math.exp2(s2 - _lse_log2(lse)[:, None])
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * sech2
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_descriptors(Qh, DOh, q_len, stride_qs, stride_ds, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """What _bwd_dkdv_blocks reads Q and dO of one head through: the pointers, or with USE_TMA tensor descriptors of
+    the head's (q_len, HEAD_D) rows, made here on the device (16-byte aligned rows: the launcher checks)."""
+    if USE_TMA:
+        rows = tl.maximum(q_len, 1)  # an empty sequence reads nothing, but a descriptor's sizes must be positive
+        q_desc = tl.make_tensor_descriptor(Qh, shape=[rows, HEAD_D], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(DOh, shape=[rows, HEAD_D], strides=[stride_ds, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D])
+        return q_desc, do_desc
+    else:
+        return Qh, DOh
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # q, do (.., Hq, D); k, v, dk, dv (.., Hk, D); lse, delta fp32 like the forward
     CU_Q, CU_K,
@@ -621,7 +702,7 @@ def _attn_bwd_dkdv_kernel(
     scale2, softcap, scale, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -662,15 +743,16 @@ def _attn_bwd_dkdv_kernel(
         DOh = DO + _offset(b64, q_start, h, stride_db, stride_ds, stride_dh)
         Lh = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         Dh = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
-        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, Lh, Dh, stride_qs, stride_ds, lo, full_lo, cols, q_len,
+        Qa, DOa = _dkdv_descriptors(Qh, DOh, q_len, stride_qs, stride_ds, HEAD_D, BLOCK_M, BLOCK_D, USE_TMA)
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, lo, full_lo, cols, q_len,
                                   diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, True,
-                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, Lh, Dh, stride_qs, stride_ds, full_lo, full_hi, cols, q_len,
+                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, full_lo, full_hi, cols, q_len,
                                   diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, False,
-                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
-        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qh, DOh, Lh, Dh, stride_qs, stride_ds, full_hi, hi, cols, q_len,
+                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, full_hi, hi, cols, q_len,
                                   diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, True,
-                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
     g_off = _offset(b64, k_start + start_n, hk, stride_gb, stride_gs, stride_gh) + offs_n[:, None] * stride_gs \
         + offs_d[None, :]
     tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -796,6 +878,16 @@ DQ_CONFIGS = {
     False: {16: (128, 32, 8, 2), 32: (128, 32, 8, 2), 64: (128, 32, 8, 2), 128: (64, 64, 8, 2), 256: (32, 32, 8, 1)},
     True: {16: (32, 32, 4, 1), 32: (64, 32, 4, 1), 64: (16, 32, 4, 1), 128: (16, 16, 4, 1)},
 }
+# The dK/dV kernel's Hopper path (_bwd_dkdv_blocks_tma: Q and dO by TMA, K and V in shared memory), 16-bit inputs:
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim tile as above. Head dims without an entry take the pointer
+# path. Chosen without a GPU: at d128 the 128-query, 64-key block with 8 warps is the one of the sweep's grid that
+# compiles without spills (a 128 × 64 wgmma tile over two warpgroups, where the pointer path's is 16 × 64); not yet
+# timed (benchmarks/attention_sweep.py times both paths).
+DKDV_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 1), 128: (128, 64, 8, 1)}
+# Whether the dK/dV kernel takes its Hopper path: None decides per call (a device of compute capability ≥ 9,
+# 16-bit inputs, a DKDV_TMA_CONFIGS entry, rows TMA can address: _dkdv_tma); True or False force it where it can
+# run (the interpreter included: the tests run both paths), for the tests and the sweep.
+TMA = None
 # Short query sides (decode over a KV cache): 16-row query blocks instead of 128 mostly empty ones.
 DECODE_MAX_SEQLEN_Q = 16
 DECODE_FWD_CONFIGS = {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2),
@@ -847,7 +939,7 @@ def _delta_warps(dtype, block_d):
 # the offsets inside every tile in int32 (see the module's header); the launchers copy a view that has a larger one.
 MAX_TILE_ROWS = max(max(c[0], c[1]) for table in (FWD_CONFIGS[False], FWD_CONFIGS[True], DKDV_CONFIGS[False],
                                                   DKDV_CONFIGS[True], DQ_CONFIGS[False], DQ_CONFIGS[True],
-                                                  DECODE_FWD_CONFIGS) for c in table.values())
+                                                  DECODE_FWD_CONFIGS, DKDV_TMA_CONFIGS) for c in table.values())
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DECODE_MAX_ROWS,
                     *(c[0] for table in DECODE_CONFIGS.values() for c in table.values()))
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DELTA_BLOCK_M, *INTERPRET_CONFIG[:2])
@@ -1045,6 +1137,55 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     return out, lse
 
 
+def _tma_rows(t, varlen):
+    """Whether TMA can address t's (token, head_dim) rows from any head's first row: a 16-byte aligned base and
+    batch, token and head strides in whole 16-byte units (the descriptor's row stride and every head's base), none
+    of them 0 where that dimension has more than one entry (an expanded gradient: the pointer path takes it)."""
+    size = t.element_size()
+    sizes = (1, *t.shape[:2]) if varlen else t.shape[:3]
+    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 and (s > 0 or n <= 1)
+                                          for s, n in zip(_strides(t, varlen), sizes))
+
+
+def _dkdv_tma(q, do, head_dim, varlen):
+    """Whether the dK/dV kernel takes its Hopper path for this call (see TMA)."""
+    if q.dtype == torch.float32 or block_d(head_dim) not in DKDV_TMA_CONFIGS:
+        return False
+    if TMA is None:
+        if interpreting() or _util.capability(q.device)[0] < 9:
+            return False
+    elif not TMA:
+        return False
+    return _tma_rows(q, varlen) and _tma_rows(do, varlen)
+
+
+class _Scratch:
+    """Triton's allocator for the global scratch of in-kernel tensor descriptors (128 bytes a descriptor and
+    program), from torch's caching allocator on the launch's device: installed for one launch, unless the caller
+    installed one of their own (triton.set_allocator)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.token = None
+
+    def __call__(self, size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8, device=self.device)
+
+    def __enter__(self):
+        from triton.runtime import _allocation
+
+        if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            self.token = _allocation._allocator.set(self)
+        return self
+
+    def __exit__(self, *exc):
+        if self.token is not None:
+            from triton.runtime import _allocation
+
+            _allocation._allocator.reset(self.token)
+            self.token = None
+
+
 def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                   window_left, window_right, softcap):
     """Gradients of attention_fwd's out (and lse, when dlse is given): dq like q, dk, dv like k and v (contiguous).
@@ -1064,7 +1205,9 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     args, flags = _mask_args(scale, window_left, window_right, softcap, Sq, Sk)
     n_q, n_k = (q.shape[0], k.shape[0]) if varlen else (Sq, Sk)  # see attention_fwd
     common = dict(HEAD_D=D, BLOCK_D=BD, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype), **flags)
-    dkdv_config = _config(DKDV_CONFIGS, q.dtype, D)
+    dkdv_tma = _dkdv_tma(q, do, D, varlen)
+    dkdv_config = (INTERPRET_CONFIG if interpreting() else DKDV_TMA_CONFIGS[BD]) if dkdv_tma else \
+        _config(DKDV_CONFIGS, q.dtype, D)
     dq_config = _config(DQ_CONFIGS, q.dtype, D)
     tensors = (q, k, v, do, out, dq, dk, dv, delta, dlse if dlse is not None else lse, lse)
     for nb, cu_q, cu_k, edges, (q_, k_, v_, do_, out_, dq_, dk_, dv_, delta_, dlse_, lse_) in _batch_chunks(
@@ -1077,11 +1220,12 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
         )
         qkv_strides = (*_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen), *_strides(do_, varlen))
         BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
-        _attn_bwd_dkdv_kernel[(cdiv(Sk, BLOCK_N), Hk, nb)](
-            q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen), *lse_strides,
-            n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
-            num_stages=num_stages, **common,
-        )
+        with _Scratch(q.device):
+            _attn_bwd_dkdv_kernel[(cdiv(Sk, BLOCK_N), Hk, nb)](
+                q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen),
+                *lse_strides, n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                num_warps=num_warps, num_stages=num_stages, USE_TMA=dkdv_tma, **common,
+            )
         BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
         _attn_bwd_dq_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
             q_, k_, v_, do_, lse_, delta_, dq_, cu_q, cu_k, *qkv_strides, *_strides(dq_, varlen), *lse_strides,

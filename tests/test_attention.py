@@ -207,6 +207,87 @@ def test_varlen_tokens_outside_every_sequence(outside, dtype, backend):
     _assert_outside_rows(got, kw)
 
 
+# The dK/dV kernel's two paths (kernels/attention.py: TMA): head dims its Hopper path has configurations for, GQA and
+# MQA, queries that see nothing, windows, softcap; varlen below.
+DKDV_PATH_CASES = [c for c in CPU_CASES if c[5] <= 128 and c[1] > 1]
+
+
+def _force_dkdv_path(monkeypatch, tma):
+    if tma and HAS_GPU and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the dK/dV kernel's TMA path needs compute capability 9 or more")
+    monkeypatch.setattr(triton_attention, "TMA", tma)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("tma", (False, True), ids=("pointers", "tma"))
+@pytest.mark.parametrize("case", DKDV_PATH_CASES, ids=_case_id)
+def test_dkdv_paths_match_reference(case, tma, backend, monkeypatch):
+    """Each path of the dK/dV kernel on its own against the reference by the rule (the interpreter runs both; a GPU
+    of compute capability 9 or more takes TMA by default and the pointer path only when forced)."""
+    _force_dkdv_path(monkeypatch, tma)
+    b, sq, sk, h, hk, d, causal, window, softcap = case
+    dtype = GPU_DTYPES[0] if HAS_GPU else torch.float16
+    q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
+    _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
+
+
+def test_dkdv_path_choice(monkeypatch):
+    """When the dK/dV kernel may take its TMA path: 16-bit inputs at a head dim of DKDV_TMA_CONFIGS whose rows TMA
+    can address (16-byte aligned base and strides, no stride 0 over several entries); never when TMA is False; by
+    default only on a device of compute capability 9 or more."""
+    choose = triton_attention._dkdv_tma
+    q = torch.zeros(2, 8, 4, 64, dtype=torch.float16)
+    monkeypatch.setattr(triton_attention, "TMA", True)
+    assert choose(q, q, 64, False)
+    assert not choose(q.float(), q.float(), 64, False)  # fp32: the pointer path
+    assert not choose(torch.zeros(2, 8, 4, 256, dtype=torch.float16), q, 256, False)  # no table entry
+    wide = torch.zeros(2, 8, 4, 72, dtype=torch.float16)[..., :64]  # heads 144 bytes apart: 16-aligned
+    assert choose(wide, wide, 64, False)
+    odd = torch.zeros(2, 8, 4, 66, dtype=torch.float16)[..., :64]  # heads 132 bytes apart: not
+    assert not choose(odd, odd, 64, False)
+    assert not choose(q, torch.zeros(1, 1, 1, 64, dtype=torch.float16).expand(2, 8, 4, 64), 64, False)
+    assert not choose(q[..., 1:33], q[..., 1:33], 32, False)  # a base 2 bytes past alignment
+    packed = torch.zeros(30, 4, 64, dtype=torch.float16)
+    assert choose(packed, packed, 64, True)
+    monkeypatch.setattr(triton_attention, "TMA", False)
+    assert not choose(q, q, 64, False)
+    monkeypatch.setattr(triton_attention, "TMA", None)
+    assert choose(q, q, 64, False) is False  # CPU tensors: no compute capability 9
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("tma", (False, True), ids=("pointers", "tma"))
+def test_dkdv_paths_keep_packed_neighbours_apart(tma, backend, monkeypatch):
+    """Varlen through both dK/dV paths with NaN in every token outside the sequences and in the query-side
+    gradient's rows there: a query block that runs past its sequence's end must not read the next sequence or the
+    padding (the TMA path's descriptors end at the sequence: those rows arrive as zeros)."""
+    _force_dkdv_path(monkeypatch, tma)
+    dtype = GPU_DTYPES[0] if HAS_GPU else torch.float16
+    q, k, v, kw = _varlen(*VARLEN_LENS, 2, 1, 64, dtype, (5, 70), (4, 90))
+    (q0, q1), (k0, k1) = (kw[n][[0, -1]].tolist() for n in ("cu_seqlens_q", "cu_seqlens_k"))
+    for t, lo, hi in ((q, q0, q1), (k, k0, k1), (v, k0, k1)):
+        t[:lo] = float("nan")
+        t[hi:] = float("nan")
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with fastlm.use_backend(backend):
+        out = fastlm.attention(*leaves, causal=True, **kw)
+    g = torch.randn(out.shape, generator=generator(2)).to(DEVICE, dtype)
+    g[:q0] = float("nan")
+    g[q1:] = float("nan")
+    out.backward(g)
+    for name, t, lo, hi in (("dq", leaves[0], q0, q1), ("dk", leaves[1], k0, k1), ("dv", leaves[2], k0, k1)):
+        assert torch.isfinite(t.grad[lo:hi]).all(), f"{name}: NaN leaked into a sequence"
+        assert torch.equal(t.grad[:lo], torch.zeros_like(t.grad[:lo])) and torch.equal(
+            t.grad[hi:], torch.zeros_like(t.grad[hi:])), f"{name}: a token outside every sequence is not 0"
+    # And the same numbers as the inputs without the NaN (the rows outside are never read).
+    clean = [torch.where(torch.isnan(t), 0.0, t).detach().requires_grad_() for t in (q, k, v)]
+    with fastlm.use_backend(backend):
+        out_clean = fastlm.attention(*clean, causal=True, **kw)
+    out_clean.backward(torch.where(torch.isnan(g), 0.0, g))
+    for t, c in zip(leaves, clean):
+        torch.testing.assert_close(t.grad, c.grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
 def test_varlen_outside_tokens_with_batches_in_chunks(backend, monkeypatch):
     """Chunked launches (grid axis 2 lowered to 2): only the launch holding the call's first sequence writes the

@@ -33,6 +33,18 @@ def test_table_entry_sets_and_restores_the_launchers_table():
     assert A.DKDV_CONFIGS[False][128] == before
 
 
+def test_table_entry_forces_the_dkdv_path_of_the_kernel_swept():
+    before_tma, before = A.TMA, dict(A.DKDV_TMA_CONFIGS)
+    with sweep.table_entry(A, "dkdv_tma", 256, (64, 32, 8, 1)):  # a head dim the table lacks
+        assert A.DKDV_TMA_CONFIGS[256] == (64, 32, 8, 1) and A.TMA is True
+    assert A.DKDV_TMA_CONFIGS == before and A.TMA is before_tma
+    with sweep.table_entry(A, "dkdv", 128, (16, 64, 8, 1)):
+        assert A.TMA is False
+    with sweep.table_entry(A, "fwd", 128, (128, 64, 8, 2)):
+        assert A.TMA is before_tma
+    assert A.TMA is before_tma
+
+
 def _row(case, kernel, config, ms, correct=True):
     return {"kind": "candidate", "case": case, "kernel": kernel, "head_dim": 128, "config": list(config), "ms": ms,
             "tflops": 1.0, "correct": correct}
@@ -61,13 +73,16 @@ def test_a_shape_timed_on_fewer_cases_is_not_compared_unfairly():
 
 def test_the_report_names_the_tables_to_paste_and_the_wrong_shapes():
     case = sweep.CASES[0]
-    current = {k: {d: list(getattr(A, sweep.TABLES[k])[False][d]) for d in sweep.HEAD_DIMS} for k in sweep.TABLES}
+    current = {k: {d: list(sweep.table(A, k)[d]) for d in sweep.HEAD_DIMS} for k in sweep.TABLES}
     cur = tuple(current["fwd"][128])
     results = [_row(case[0], "fwd", cur, 2.0), _row(case[0], "fwd", (128, 128, 8, 3), 1.0),
+               _row(case[0], "dkdv", (16, 64, 8, 1), 3.0), _row(case[0], "dkdv_tma", (128, 64, 8, 1), 2.0),
                _row(case[0], "fwd", (64, 32, 4, 2), 0.1, correct=False),
                {"kind": "peer", "case": case[0], "provider": "sdpa-cudnn", "mode": "fwd", "ms": 1.0, "tflops": 550.0}]
     text = sweep.report(results, current)
     assert "FWD_CONFIGS[False][128] = (128, 128, 8, 3)" in text
+    assert "DKDV_TMA_CONFIGS[128] = (128, 64, 8, 1)" in text
+    assert "dK/dV at head dim 128: the TMA path is faster (2.000 ms against 3.000)" in text
     assert "550 TFLOP/s" in text
     assert "(64, 32, 4, 2)" in text.split("Wrong results")[1]
     rate = sweep.flops(case, "fwd") / 1.0 / 1e9
@@ -89,8 +104,9 @@ def test_the_measurement_loop_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     results = sweep.measure(tmp_path, 600.0, candidates, log=lambda *a: None, device="cpu", cases=(case,),
                             dtype=torch.float16)
     rows = [r for r in results if r.get("kind") == "candidate"]
-    assert {(r["kernel"], tuple(r["config"])) for r in rows} >= {("fwd", (32, 32, 4, 1)), ("dkdv", tuple(
-        A.DKDV_CONFIGS[False][16])), ("dq", tuple(A.DQ_CONFIGS[False][16]))}
+    assert {(r["kernel"], tuple(r["config"])) for r in rows} >= {
+        ("fwd", (32, 32, 4, 1)), ("dkdv", tuple(A.DKDV_CONFIGS[False][16])),
+        ("dkdv_tma", tuple(A.DKDV_TMA_CONFIGS[16])), ("dq", tuple(A.DQ_CONFIGS[False][16]))}
     assert all(r["correct"] for r in rows), [r.get("why") or r.get("error") for r in rows]
     assert (tmp_path / "attention_sweep.md").exists()
     assert len((tmp_path / "attention_sweep.jsonl").read_text().splitlines()) == len(results)
