@@ -32,6 +32,10 @@ work is split:
 On the GPU the candidates are first compiled in parallel (`precompile`: --workers spawned processes fill Triton's
 on-disk cache, since each compile takes seconds on one core), then timed one by one.
 
+The forward and dK/dV kernels have a Hopper path each (TMA loads, kernels/attention.py TMA): swept as kernels
+fwd_tma and dkdv_tma with the paths forced on (fwd and dkdv with them forced off), and the report says per head dim
+which path is faster, to keep or drop its FWD_TMA_CONFIGS / DKDV_TMA_CONFIGS entry.
+
 FLOPs as benchmarks/attention.py counts them: forward 4·b·h·s²·d, halved when causal; backward 2.5× that.
 """
 
@@ -47,17 +51,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 CANDIDATES_FILE = Path(__file__).resolve().parent / "attention_sweep_candidates.json"
-# dkdv_tma: the dK/dV kernel's Hopper path (DKDV_TMA_CONFIGS, a table of its own, keyed by head dim only: 16-bit
-# inputs), swept with the path forced on, as dkdv is with it forced off; both best times are in the report, which
-# says which path is faster per head dim.
-TABLES = {"fwd": "FWD_CONFIGS", "dkdv": "DKDV_CONFIGS", "dkdv_tma": "DKDV_TMA_CONFIGS", "dq": "DQ_CONFIGS"}
-SPEC_PREFIX = {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dkdv_tma": "attn_bwd_dkdv", "dq": "attn_bwd_dq"}
-TMA_PATH = {"dkdv": False, "dkdv_tma": True}  # A.TMA while a kernel is swept (the others leave it as it is)
+# fwd_tma, dkdv_tma: the forward and dK/dV kernels' Hopper paths (FWD_TMA_CONFIGS, DKDV_TMA_CONFIGS: tables of
+# their own, keyed by head dim only: 16-bit inputs), swept with the paths forced on, as fwd and dkdv are with them
+# forced off; the report gives both best times and says which path is faster per head dim.
+TABLES = {"fwd": "FWD_CONFIGS", "fwd_tma": "FWD_TMA_CONFIGS", "dkdv": "DKDV_CONFIGS",
+          "dkdv_tma": "DKDV_TMA_CONFIGS", "dq": "DQ_CONFIGS"}
+SPEC_PREFIX = {"fwd": "attn_fwd", "fwd_tma": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dkdv_tma": "attn_bwd_dkdv",
+               "dq": "attn_bwd_dq"}
+# A.TMA while a kernel is swept (dq leaves it as it is: the backward it times takes the dK/dV path of the default)
+TMA_PATH = {"fwd": False, "fwd_tma": True, "dkdv": False, "dkdv_tma": True}
 HEAD_DIMS = (64, 128)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). For dK/dV, BLOCK_M is the inner (query) block and BLOCK_N its own key
 # block; for dQ, BLOCK_M its own query block and BLOCK_N the inner (key) block.
 GRID = {
     "fwd": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))),
+    "fwd_tma": list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))),
     "dkdv": list(itertools.product((16, 32, 64), (64, 128), (4, 8), (1, 2, 3))),
     "dkdv_tma": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
     "dq": list(itertools.product((64, 128), (16, 32, 64), (4, 8), (1, 2, 3))),
@@ -89,8 +97,8 @@ def _static_row(job):
     from benchmarks import static
     from fastlm.kernels import attention as A
 
-    fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel, "dkdv_tma": A._attn_bwd_dkdv_kernel,
-          "dq": A._attn_bwd_dq_kernel}[kernel]
+    fn = {"fwd": A._attn_fwd_kernel, "fwd_tma": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel,
+          "dkdv_tma": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
     with table_entry(A, kernel, head_dim, tuple(config)):
         found = static.record(lambda _: static.attention_call(torch.bfloat16, head_dim, "causal"), "attention.py")
     found = [v for v in found if v.fn is fn]
@@ -132,7 +140,7 @@ def static_candidates(jobs=None, log=print, kernels=None) -> dict:
 def table(module, kernel) -> dict:
     """The launcher's table of `kernel` for 16-bit inputs: {head dim tile: config}."""
     found = getattr(module, TABLES[kernel])
-    return found if kernel == "dkdv_tma" else found[False]
+    return found if kernel.endswith("_tma") else found[False]
 
 
 @contextmanager
@@ -192,7 +200,7 @@ def report(results, current, cases=CASES) -> str:
                 continue
             cur = [r for r in rows if tuple(r["config"]) == tuple(current[kernel].get(case[5]) or ())]
             top = min(rows, key=lambda r: r["ms"])
-            mode = "fwd" if kernel == "fwd" else "bwd"
+            mode = "fwd" if kernel.startswith("fwd") else "bwd"
             peer = [peers.get((case[0], p, mode)) for p in ("sdpa-flash", "sdpa-cudnn")]
             fmt = lambda r: f"{r['tflops']:.0f} TFLOP/s" if r and r.get("tflops") else "–"  # noqa: E731
             current_ms = f"{cur[0]['ms']:.3f}" if cur else "–"
@@ -202,13 +210,14 @@ def report(results, current, cases=CASES) -> str:
     best = best_configs(results)
     for kernel, by_dim in best.items():
         for head_dim, (cfg, ms) in sorted(by_dim.items()):
-            key = f"[{head_dim}]" if kernel == "dkdv_tma" else f"[False][{head_dim}]"
+            key = f"[{head_dim}]" if kernel.endswith("_tma") else f"[False][{head_dim}]"
             lines.append(f"- {TABLES[kernel]}{key} = {tuple(cfg)}  (geometric mean {ms:.3f} ms)")
-    for head_dim in sorted(set(best.get("dkdv", {})) & set(best.get("dkdv_tma", {}))):
-        ptr, tma = best["dkdv"][head_dim][1], best["dkdv_tma"][head_dim][1]
-        verdict = "keep" if tma < ptr else "drop"
-        lines.append(f"- dK/dV at head dim {head_dim}: the {'TMA' if tma < ptr else 'pointer'} path is faster "
-                     f"({tma:.3f} ms against {ptr:.3f}): {verdict} DKDV_TMA_CONFIGS[{head_dim}]")
+    for kernel, label in (("fwd", "forward"), ("dkdv", "dK/dV")):
+        for head_dim in sorted(set(best.get(kernel, {})) & set(best.get(f"{kernel}_tma", {}))):
+            ptr, tma = best[kernel][head_dim][1], best[f"{kernel}_tma"][head_dim][1]
+            verdict = "keep" if tma < ptr else "drop"
+            lines.append(f"- {label} at head dim {head_dim}: the {'TMA' if tma < ptr else 'pointer'} path is faster "
+                         f"({tma:.3f} ms against {ptr:.3f}): {verdict} {TABLES[kernel + '_tma']}[{head_dim}]")
     wrong = [r for r in results if r.get("kind") == "candidate" and r.get("correct") is False]
     if wrong:
         lines += ["", "Wrong results (never chosen):"]
@@ -381,7 +390,7 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
                         break
                     row = {"kind": "candidate", "case": name, "kernel": kernel, "head_dim": head_dim,
                            "config": list(config)}
-                    forward = kernel == "fwd"  # a forward shape is timed forward only; a backward one backward
+                    forward = kernel.startswith("fwd")  # a forward shape is timed forward only, a backward one backward
                     with table_entry(A, kernel, head_dim, config):
                         try:
                             f_ms, b_ms, out, grads = _time_pair(lambda q, k, v: ours(q, k, v, causal), q, k, v, do,
@@ -393,8 +402,8 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
                     limit = (ERROR_FACTOR * bounds.get("out", 0) + ERROR_FLOOR,
                              ERROR_FACTOR * bounds.get("grads", 0) + ERROR_FLOOR)
                     ok = bool(bounds) and errs[0] <= limit[0] and max(errs[1:], default=0.0) <= limit[1]
-                    ms = f_ms if kernel == "fwd" else b_ms
-                    emit(dict(row, ms=ms, tflops=flops(case, "fwd" if kernel == "fwd" else "bwd") / ms / 1e9,
+                    ms = f_ms if forward else b_ms
+                    emit(dict(row, ms=ms, tflops=flops(case, "fwd" if forward else "bwd") / ms / 1e9,
                               correct=ok, errors=errs,
                               why=None if ok else f"errors {errs} over {limit} (or no sdpa-flash bound)"))
                     if ok:

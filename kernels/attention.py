@@ -23,7 +23,9 @@ Design.
 - Forward: one program per (block of BLOCK_M queries, batch·head); keys in BLOCK_N blocks with the online softmax in
   exp2 (scale·log2 e folded into the scores). The key range is split in three loops: blocks the mask partly covers
   (left edge, right edge and the sequence's end) apply it, the blocks in between run without one, and blocks the
-  mask empties are never visited.
+  mask empties are never visited. On Hopper (TMA, below) the K and V tiles come by TMA through tensor descriptors
+  of the kv head's rows made in the kernel (FWD_TMA_CONFIGS: 128 × 128 tiles, the Triton tutorial's Hopper shape,
+  fit without spills at head dim 128; the pointer path's per-element addresses fit 128 × 32).
 - Backward: three kernels and no atomics, so gradients are bitwise repeatable in every mode: a preprocess for D, one
   program per (key block, batch·kv head) that accumulates dK and dV over every query block of every query head of
   its group, and one program per (query block, batch·head) that accumulates dQ. The S and dP matmuls are done in
@@ -260,8 +262,63 @@ def _fwd_blocks(
     window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
-    """Online softmax over the key blocks [start, end): the running (acc, row sum l_i, row max m_i) in log2 units."""
+    """Online softmax over the key blocks [start, end): the running (acc, row sum l_i, row max m_i) in log2 units.
+    K and V: the kv head's first key row (pointers), or with USE_TMA its tensor descriptors (_head_rows)."""
+    if USE_TMA:
+        acc, l_i, m_i = _fwd_blocks_tma(acc, l_i, m_i, q, K, V, start, end, rows, seqlen_k, diag, scale2, softcap,
+                                        window_left, window_right, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT,
+                                        HAS_SOFTCAP, DOT_PRECISION)
+    else:
+        acc, l_i, m_i = _fwd_blocks_ptr(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, start, end, rows, seqlen_k,
+                                        diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D,
+                                        MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _online_softmax_step(acc, l_i, m_i, s2, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: scores s2 (log2 units, −inf where masked), values v (the TMA path's;
+    the pointer path inlines it, loading V after the softmax: see there)."""
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    if MASKED:  # a row with nothing visible yet keeps m = −inf: subtract 0 instead (exp2(−inf) = 0, no NaN)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s2 - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_blocks_tma(
+    acc, l_i, m_i, q, k_desc, v_desc, start, end, rows, seqlen_k, diag, scale2, softcap, window_left, window_right,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """_fwd_blocks on Hopper: K and V tiles by TMA (keys past the sequence arrive as zero rows, masked as before)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        k = k_desc.load([start_n, 0])
+        s2, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale2, softcap, HAS_SOFTCAP)
+        if MASKED:
+            vis = _visible(rows, start_n + offs_n, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s2 = tl.where(vis, s2, float("-inf"))
+        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s2, v_desc.load([start_n, 0]), MASKED, DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_blocks_ptr(
+    acc, l_i, m_i, q, K, V, stride_ks, stride_vs, start, end, rows, seqlen_k, diag, scale2, softcap,
+    window_left, window_right,
+    HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """_fwd_blocks through pointers."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_mask(offs_d, HEAD_D, BLOCK_D)
@@ -285,6 +342,7 @@ def _fwd_blocks(
         p = tl.math.exp2(s2 - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
+        # V loaded after the softmax, as the TMA path cannot: loaded with the scores live, it spilled an fp32 variant.
         if MASKED:
             v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
         else:
@@ -311,7 +369,7 @@ def _attn_fwd_kernel(
     scale2, softcap, window_left, window_right,  # see _scores and _visible
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     h, hk, b64, q_start, q_len, k_start, k_len = _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN)
@@ -339,15 +397,16 @@ def _attn_fwd_kernel(
     r1 = tl.minimum(start_m + BLOCK_M, q_len) - 1
     lo, full_lo, full_hi, hi = _key_range(start_m, r1, k_len, diag, window_left, window_right, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Kh, Vh, stride_ks, stride_vs, lo, full_lo, rows, k_len, diag,
+    Ka, Va = _head_rows(Kh, Vh, k_len, stride_ks, stride_vs, HEAD_D, BLOCK_N, BLOCK_D, USE_TMA)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Ka, Va, stride_ks, stride_vs, lo, full_lo, rows, k_len, diag,
                                 scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True,
-                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Kh, Vh, stride_ks, stride_vs, full_lo, full_hi, rows, k_len, diag,
+                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Ka, Va, stride_ks, stride_vs, full_lo, full_hi, rows, k_len, diag,
                                 scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, False,
-                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Kh, Vh, stride_ks, stride_vs, full_hi, hi, rows, k_len, diag,
+                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Ka, Va, stride_ks, stride_vs, full_hi, hi, rows, k_len, diag,
                                 scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True,
-                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
 
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
@@ -577,7 +636,7 @@ def _bwd_dkdv_blocks(
     USE_TMA: tl.constexpr,
 ):
     """Accumulate dK, dV (BLOCK_N, BLOCK_D) of the keys `cols` over the query blocks [start, end) of one head.
-    Q and DO: the head's first query row (pointers), or with USE_TMA its tensor descriptors (_dkdv_descriptors)."""
+    Q and DO: the head's first query row (pointers), or with USE_TMA its tensor descriptors (_head_rows)."""
     if USE_TMA:
         dk, dv = _bwd_dkdv_blocks_tma(dk, dv, k, v, Q, DO, L, DELTA, start, end, cols, seqlen_q, diag, scale2,
                                       softcap, window_left, window_right, BLOCK_M, MASKED, HAS_LEFT, HAS_RIGHT,
@@ -672,19 +731,21 @@ def _bwd_dkdv_blocks_tma(
 
 
 @triton.jit
-def _dkdv_descriptors(Qh, DOh, q_len, stride_qs, stride_ds, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_D: tl.constexpr, USE_TMA: tl.constexpr):
-    """What _bwd_dkdv_blocks reads Q and dO of one head through: the pointers, or with USE_TMA tensor descriptors of
-    the head's (q_len, HEAD_D) rows, made here on the device (16-byte aligned rows: the launcher checks)."""
+def _head_rows(A, B, n, stride_a, stride_b, HEAD_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """What a loop reads two tensors' rows of one head through (Q and dO in the dK/dV kernel, K and V in the
+    forward): the pointers A and B to the head's first row, or with USE_TMA tensor descriptors of the head's
+    (n, HEAD_D) rows in BLOCK_R × BLOCK_D tiles, made here on the device (16-byte aligned rows: the launcher
+    checks); rows past n and columns past HEAD_D then arrive as zeros."""
     if USE_TMA:
-        rows = tl.maximum(q_len, 1)  # an empty sequence reads nothing, but a descriptor's sizes must be positive
-        q_desc = tl.make_tensor_descriptor(Qh, shape=[rows, HEAD_D], strides=[stride_qs, 1],
-                                           block_shape=[BLOCK_M, BLOCK_D])
-        do_desc = tl.make_tensor_descriptor(DOh, shape=[rows, HEAD_D], strides=[stride_ds, 1],
-                                            block_shape=[BLOCK_M, BLOCK_D])
-        return q_desc, do_desc
+        rows = tl.maximum(n, 1)  # an empty sequence reads nothing, but a descriptor's sizes must be positive
+        a_desc = tl.make_tensor_descriptor(A, shape=[rows, HEAD_D], strides=[stride_a, 1],
+                                           block_shape=[BLOCK_R, BLOCK_D])
+        b_desc = tl.make_tensor_descriptor(B, shape=[rows, HEAD_D], strides=[stride_b, 1],
+                                           block_shape=[BLOCK_R, BLOCK_D])
+        return a_desc, b_desc
     else:
-        return Qh, DOh
+        return A, B
 
 
 @triton.jit
@@ -743,7 +804,7 @@ def _attn_bwd_dkdv_kernel(
         DOh = DO + _offset(b64, q_start, h, stride_db, stride_ds, stride_dh)
         Lh = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
         Dh = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
-        Qa, DOa = _dkdv_descriptors(Qh, DOh, q_len, stride_qs, stride_ds, HEAD_D, BLOCK_M, BLOCK_D, USE_TMA)
+        Qa, DOa = _head_rows(Qh, DOh, q_len, stride_qs, stride_ds, HEAD_D, BLOCK_M, BLOCK_D, USE_TMA)
         dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, lo, full_lo, cols, q_len,
                                   diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, True,
                                   HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
@@ -884,9 +945,13 @@ DQ_CONFIGS = {
 # compiles without spills (a 128 × 64 wgmma tile over two warpgroups, where the pointer path's is 16 × 64); not yet
 # timed (benchmarks/attention_sweep.py times both paths).
 DKDV_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 1), 128: (128, 64, 8, 1)}
-# Whether the dK/dV kernel takes its Hopper path: None decides per call (a device of compute capability ≥ 9,
-# 16-bit inputs, a DKDV_TMA_CONFIGS entry, rows TMA can address: _dkdv_tma); True or False force it where it can
-# run (the interpreter included: the tests run both paths), for the tests and the sweep.
+# The forward kernel's Hopper path (_fwd_blocks_tma: K and V tiles by TMA), 16-bit inputs, as FWD_CONFIGS. Chosen
+# without a GPU: the Triton tutorial's Hopper shape (128 queries × 128 keys, 8 warps) where it compiles without
+# spills (static report); not yet timed.
+FWD_TMA_CONFIGS = {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
+# Whether the forward and dK/dV kernels take their Hopper paths: None decides per call (a device of compute
+# capability ≥ 9, 16-bit inputs, an entry in the path's table, rows TMA can address: _tma_path); True or False force
+# it where it can run (the interpreter included: the tests run both paths), for the tests and the sweep.
 TMA = None
 # Short query sides (decode over a KV cache): 16-row query blocks instead of 128 mostly empty ones.
 DECODE_MAX_SEQLEN_Q = 16
@@ -939,7 +1004,8 @@ def _delta_warps(dtype, block_d):
 # the offsets inside every tile in int32 (see the module's header); the launchers copy a view that has a larger one.
 MAX_TILE_ROWS = max(max(c[0], c[1]) for table in (FWD_CONFIGS[False], FWD_CONFIGS[True], DKDV_CONFIGS[False],
                                                   DKDV_CONFIGS[True], DQ_CONFIGS[False], DQ_CONFIGS[True],
-                                                  DECODE_FWD_CONFIGS, DKDV_TMA_CONFIGS) for c in table.values())
+                                                  DECODE_FWD_CONFIGS, DKDV_TMA_CONFIGS, FWD_TMA_CONFIGS)
+                    for c in table.values())
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DECODE_MAX_ROWS,
                     *(c[0] for table in DECODE_CONFIGS.values() for c in table.values()))
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DELTA_BLOCK_M, *INTERPRET_CONFIG[:2])
@@ -1123,17 +1189,24 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, cu_seqlens_k, n_q, n_k, args,
                     flags)
         return out, lse
-    BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D)
-    if Sq <= DECODE_MAX_SEQLEN_Q and q.dtype != torch.float32 and not interpreting():
+    short = Sq <= DECODE_MAX_SEQLEN_Q and q.dtype != torch.float32 and not interpreting()
+    tma = not short and _tma_path(FWD_TMA_CONFIGS, k, v, D, varlen)
+    if short:
         BLOCK_M, BLOCK_N, num_warps, num_stages = DECODE_FWD_CONFIGS[block_d(D)]
+    elif tma:
+        BLOCK_M, BLOCK_N, num_warps, num_stages = INTERPRET_CONFIG if interpreting() else FWD_TMA_CONFIGS[block_d(D)]
+    else:
+        BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D)
     for nb, cu_q, cu_k, edges, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
                                                                          (q, k, v, out, lse)):
-        _attn_fwd_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
-            q_, k_, v_, out_, lse_, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen),
-            *_strides(out_, varlen), *_lse_strides(lse_, varlen), n_q, n_k, Hq // Hk, edges, **args,
-            HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
-            DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
-        )
+        with _Scratch(q.device):
+            _attn_fwd_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
+                q_, k_, v_, out_, lse_, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen),
+                *_strides(v_, varlen), *_strides(out_, varlen), *_lse_strides(lse_, varlen), n_q, n_k, Hq // Hk,
+                edges, **args, HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
+                DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, USE_TMA=tma,
+                **flags,
+            )
     return out, lse
 
 
@@ -1147,16 +1220,21 @@ def _tma_rows(t, varlen):
                                           for s, n in zip(_strides(t, varlen), sizes))
 
 
-def _dkdv_tma(q, do, head_dim, varlen):
-    """Whether the dK/dV kernel takes its Hopper path for this call (see TMA)."""
-    if q.dtype == torch.float32 or block_d(head_dim) not in DKDV_TMA_CONFIGS:
+def _tma_path(table, a, b, head_dim, varlen):
+    """Whether a kernel takes its Hopper path for this call (see TMA): `table` its Hopper table, a and b the tensors
+    it reads by TMA (Q and dO for dK/dV, K and V for the forward)."""
+    if a.dtype == torch.float32 or block_d(head_dim) not in table:
         return False
     if TMA is None:
-        if interpreting() or _util.capability(q.device)[0] < 9:
+        if interpreting() or _util.capability(a.device)[0] < 9:
             return False
     elif not TMA:
         return False
-    return _tma_rows(q, varlen) and _tma_rows(do, varlen)
+    return _tma_rows(a, varlen) and _tma_rows(b, varlen)
+
+
+def _dkdv_tma(q, do, head_dim, varlen):
+    return _tma_path(DKDV_TMA_CONFIGS, q, do, head_dim, varlen)
 
 
 class _Scratch:

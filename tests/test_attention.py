@@ -207,34 +207,34 @@ def test_varlen_tokens_outside_every_sequence(outside, dtype, backend):
     _assert_outside_rows(got, kw)
 
 
-# The dK/dV kernel's two paths (kernels/attention.py: TMA): head dims its Hopper path has configurations for, GQA and
-# MQA, queries that see nothing, windows, softcap; varlen below.
-DKDV_PATH_CASES = [c for c in CPU_CASES if c[5] <= 128 and c[1] > 1]
+# The forward and dK/dV kernels' two paths (kernels/attention.py: TMA): head dims their Hopper paths have
+# configurations for, GQA and MQA, queries that see nothing, windows, softcap; varlen below.
+TMA_PATH_CASES = [c for c in CPU_CASES if c[5] <= 128 and c[1] > 1]
 
 
-def _force_dkdv_path(monkeypatch, tma):
+def _force_tma_paths(monkeypatch, tma):
     if tma and HAS_GPU and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the dK/dV kernel's TMA path needs compute capability 9 or more")
+        pytest.skip("the kernels' TMA paths need compute capability 9 or more")
     monkeypatch.setattr(triton_attention, "TMA", tma)
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
 @pytest.mark.parametrize("tma", (False, True), ids=("pointers", "tma"))
-@pytest.mark.parametrize("case", DKDV_PATH_CASES, ids=_case_id)
-def test_dkdv_paths_match_reference(case, tma, backend, monkeypatch):
-    """Each path of the dK/dV kernel on its own against the reference by the rule (the interpreter runs both; a GPU
-    of compute capability 9 or more takes TMA by default and the pointer path only when forced)."""
-    _force_dkdv_path(monkeypatch, tma)
+@pytest.mark.parametrize("case", TMA_PATH_CASES, ids=_case_id)
+def test_tma_paths_match_reference(case, tma, backend, monkeypatch):
+    """The forward and dK/dV kernels through each of their paths against the reference by the rule (the
+    interpreter runs both; a GPU of compute capability 9 or more takes TMA by default, pointers only when forced)."""
+    _force_tma_paths(monkeypatch, tma)
     b, sq, sk, h, hk, d, causal, window, softcap = case
     dtype = GPU_DTYPES[0] if HAS_GPU else torch.float16
     q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
     _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
 
 
-def test_dkdv_path_choice(monkeypatch):
+def test_tma_path_choice(monkeypatch):
     """When the dK/dV kernel may take its TMA path: 16-bit inputs at a head dim of DKDV_TMA_CONFIGS whose rows TMA
     can address (16-byte aligned base and strides, no stride 0 over several entries); never when TMA is False; by
-    default only on a device of compute capability 9 or more."""
+    default only on a device of compute capability 9 or more. The forward's choice is the same rule on K and V."""
     choose = triton_attention._dkdv_tma
     q = torch.zeros(2, 8, 4, 64, dtype=torch.float16)
     monkeypatch.setattr(triton_attention, "TMA", True)
@@ -253,15 +253,18 @@ def test_dkdv_path_choice(monkeypatch):
     assert not choose(q, q, 64, False)
     monkeypatch.setattr(triton_attention, "TMA", None)
     assert choose(q, q, 64, False) is False  # CPU tensors: no compute capability 9
+    monkeypatch.setattr(triton_attention, "TMA", True)
+    assert triton_attention._tma_path(triton_attention.FWD_TMA_CONFIGS, q, q, 64, False)
+    assert not triton_attention._tma_path(triton_attention.FWD_TMA_CONFIGS, q, odd, 64, False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
 @pytest.mark.parametrize("tma", (False, True), ids=("pointers", "tma"))
-def test_dkdv_paths_keep_packed_neighbours_apart(tma, backend, monkeypatch):
-    """Varlen through both dK/dV paths with NaN in every token outside the sequences and in the query-side
-    gradient's rows there: a query block that runs past its sequence's end must not read the next sequence or the
-    padding (the TMA path's descriptors end at the sequence: those rows arrive as zeros)."""
-    _force_dkdv_path(monkeypatch, tma)
+def test_tma_paths_keep_packed_neighbours_apart(tma, backend, monkeypatch):
+    """Varlen through both paths with NaN in every token outside the sequences and in the query-side gradient's
+    rows there: a block that runs past its sequence's end must not read the next sequence or the padding (the TMA
+    paths' descriptors end at the sequence: those rows arrive as zeros)."""
+    _force_tma_paths(monkeypatch, tma)
     dtype = GPU_DTYPES[0] if HAS_GPU else torch.float16
     q, k, v, kw = _varlen(*VARLEN_LENS, 2, 1, 64, dtype, (5, 70), (4, 90))
     (q0, q1), (k0, k1) = (kw[n][[0, -1]].tolist() for n in ("cu_seqlens_q", "cu_seqlens_k"))

@@ -33,14 +33,15 @@ def test_table_entry_sets_and_restores_the_launchers_table():
     assert A.DKDV_CONFIGS[False][128] == before
 
 
-def test_table_entry_forces_the_dkdv_path_of_the_kernel_swept():
+def test_table_entry_forces_the_path_of_the_kernel_swept():
     before_tma, before = A.TMA, dict(A.DKDV_TMA_CONFIGS)
     with sweep.table_entry(A, "dkdv_tma", 256, (64, 32, 8, 1)):  # a head dim the table lacks
         assert A.DKDV_TMA_CONFIGS[256] == (64, 32, 8, 1) and A.TMA is True
     assert A.DKDV_TMA_CONFIGS == before and A.TMA is before_tma
-    with sweep.table_entry(A, "dkdv", 128, (16, 64, 8, 1)):
-        assert A.TMA is False
-    with sweep.table_entry(A, "fwd", 128, (128, 64, 8, 2)):
+    for kernel, forced in (("fwd", False), ("fwd_tma", True), ("dkdv", False)):
+        with sweep.table_entry(A, kernel, 128, (128, 64, 8, 2)):
+            assert A.TMA is forced
+    with sweep.table_entry(A, "dq", 128, (128, 64, 8, 2)):  # the backward it times takes the default paths
         assert A.TMA is before_tma
     assert A.TMA is before_tma
 
@@ -105,7 +106,7 @@ def test_the_measurement_loop_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
                             dtype=torch.float16)
     rows = [r for r in results if r.get("kind") == "candidate"]
     assert {(r["kernel"], tuple(r["config"])) for r in rows} >= {
-        ("fwd", (32, 32, 4, 1)), ("dkdv", tuple(A.DKDV_CONFIGS[False][16])),
+        ("fwd", (32, 32, 4, 1)), ("fwd_tma", tuple(A.FWD_TMA_CONFIGS[16])), ("dkdv", tuple(A.DKDV_CONFIGS[False][16])),
         ("dkdv_tma", tuple(A.DKDV_TMA_CONFIGS[16])), ("dq", tuple(A.DQ_CONFIGS[False][16]))}
     assert all(r["correct"] for r in rows), [r.get("why") or r.get("error") for r in rows]
     assert (tmp_path / "attention_sweep.md").exists()
