@@ -26,6 +26,7 @@ work is split:
 
     python -m benchmarks.attention_sweep --static            # CPU: refresh CANDIDATES_FILE (minutes)
     python -m benchmarks.attention_sweep --static --kernels dkdv_tma   # CPU: one kernel's candidates only
+    python -m benchmarks.attention_sweep --kernels fwd fwd_tma         # GPU: only these kernels, in this order
     python -m benchmarks.attention_sweep --out DIR           # GPU: one call, --budget-s seconds at most (480)
     python -m benchmarks.attention_sweep --decode            # GPU: the split-KV decode kernel's shape and split rule
 
@@ -51,15 +52,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 CANDIDATES_FILE = Path(__file__).resolve().parent / "attention_sweep_candidates.json"
-# fwd_tma, dkdv_tma: the forward and dK/dV kernels' Hopper paths (FWD_TMA_CONFIGS, DKDV_TMA_CONFIGS: tables of
-# their own, keyed by head dim only: 16-bit inputs), swept with the paths forced on, as fwd and dkdv are with them
-# forced off; the report gives both best times and says which path is faster per head dim.
+# fwd_tma, dkdv_tma, dq_tma: the kernels' Hopper paths (FWD_TMA_CONFIGS, DKDV_TMA_CONFIGS, DQ_TMA_CONFIGS: tables of
+# their own, keyed by head dim only: 16-bit inputs), swept with that kernel's path forced on, as fwd, dkdv and dq
+# are with it forced off (A.TMA per kernel: the other kernels keep theirs); the report gives both best times and
+# says which path is faster per head dim.
 TABLES = {"fwd": "FWD_CONFIGS", "fwd_tma": "FWD_TMA_CONFIGS", "dkdv": "DKDV_CONFIGS",
-          "dkdv_tma": "DKDV_TMA_CONFIGS", "dq": "DQ_CONFIGS"}
+          "dkdv_tma": "DKDV_TMA_CONFIGS", "dq": "DQ_CONFIGS", "dq_tma": "DQ_TMA_CONFIGS"}
 SPEC_PREFIX = {"fwd": "attn_fwd", "fwd_tma": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dkdv_tma": "attn_bwd_dkdv",
-               "dq": "attn_bwd_dq"}
-# A.TMA while a kernel is swept (dq leaves it as it is: the backward it times takes the dK/dV path of the default)
-TMA_PATH = {"fwd": False, "fwd_tma": True, "dkdv": False, "dkdv_tma": True}
+               "dq": "attn_bwd_dq", "dq_tma": "attn_bwd_dq"}
 HEAD_DIMS = (64, 128)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). For dK/dV, BLOCK_M is the inner (query) block and BLOCK_N its own key
 # block; for dQ, BLOCK_M its own query block and BLOCK_N the inner (key) block.
@@ -69,6 +69,7 @@ GRID = {
     "dkdv": list(itertools.product((16, 32, 64), (64, 128), (4, 8), (1, 2, 3))),
     "dkdv_tma": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
     "dq": list(itertools.product((64, 128), (16, 32, 64), (4, 8), (1, 2, 3))),
+    "dq_tma": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
 }
 MAX_SHARED_BYTES = 227 * 1024  # the most dynamic shared memory one block may use on sm_90
 # (name, batch, seqlen, q heads, kv heads, head dim, causal): the cases of TARGETS.md and issue 12.
@@ -97,8 +98,8 @@ def _static_row(job):
     from benchmarks import static
     from fastlm.kernels import attention as A
 
-    fn = {"fwd": A._attn_fwd_kernel, "fwd_tma": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel,
-          "dkdv_tma": A._attn_bwd_dkdv_kernel, "dq": A._attn_bwd_dq_kernel}[kernel]
+    fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel,
+          "dq": A._attn_bwd_dq_kernel}[kernel.removesuffix("_tma")]
     with table_entry(A, kernel, head_dim, tuple(config)):
         found = static.record(lambda _: static.attention_call(torch.bfloat16, head_dim, "causal"), "attention.py")
     found = [v for v in found if v.fn is fn]
@@ -145,12 +146,13 @@ def table(module, kernel) -> dict:
 
 @contextmanager
 def table_entry(module, kernel, head_dim, config):
-    """Put `config` in the launcher's table for 16-bit inputs at this head dim for the block, with the dK/dV
-    kernel's path forced to the kernel's (TMA_PATH); restore both after."""
+    """Put `config` in the launcher's table for 16-bit inputs at this head dim for the block, with that
+    kernel's path forced (on for a *_tma kernel, off otherwise; A.TMA per kernel); restore both after."""
     entries = table(module, kernel)
     old, old_tma = entries.get(head_dim), module.TMA
     entries[head_dim] = tuple(config)
-    module.TMA = TMA_PATH.get(kernel, module.TMA)
+    per_kernel = dict(old_tma) if isinstance(old_tma, dict) else {k: old_tma for k in ("fwd", "dkdv", "dq")}
+    module.TMA = dict(per_kernel, **{kernel.removesuffix("_tma"): kernel.endswith("_tma")})
     try:
         yield
     finally:
@@ -212,7 +214,7 @@ def report(results, current, cases=CASES) -> str:
         for head_dim, (cfg, ms) in sorted(by_dim.items()):
             key = f"[{head_dim}]" if kernel.endswith("_tma") else f"[False][{head_dim}]"
             lines.append(f"- {TABLES[kernel]}{key} = {tuple(cfg)}  (geometric mean {ms:.3f} ms)")
-    for kernel, label in (("fwd", "forward"), ("dkdv", "dK/dV")):
+    for kernel, label in (("fwd", "forward"), ("dkdv", "dK/dV"), ("dq", "dQ")):
         for head_dim in sorted(set(best.get(kernel, {})) & set(best.get(f"{kernel}_tma", {}))):
             ptr, tma = best[kernel][head_dim][1], best[f"{kernel}_tma"][head_dim][1]
             verdict = "keep" if tma < ptr else "drop"
@@ -315,13 +317,13 @@ def _warm(jobs):
     return done
 
 
-def precompile(candidates: dict, workers: int, log=print) -> None:
+def precompile(candidates: dict, workers: int, log=print, kernels=None) -> None:
     """Every candidate of every case's variant compiled in parallel before the timing starts (compiles are
     single-threaded and take seconds each; the GPU machine has 16 cores)."""
     import multiprocessing
 
     variants = {(c[3], c[4], c[5], c[6]): c for c in CASES}  # one case per distinct specialisation
-    jobs = [(kernel, case, tuple(entry["config"])) for case in variants.values() for kernel in TABLES
+    jobs = [(kernel, case, tuple(entry["config"])) for case in variants.values() for kernel in kernels or TABLES
             for entry in candidates.get(kernel, {}).get(str(case[5]), [])]
     if not jobs or workers < 1:
         return
@@ -333,7 +335,7 @@ def precompile(candidates: dict, workers: int, log=print) -> None:
 
 
 def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device="cuda", cases=CASES,
-            dtype=None) -> list:
+            dtype=None, kernels=None) -> list:
     """Times every candidate of every case (bf16 unless `dtype`: the tables serve both 16-bit dtypes); see the
     module docstring. Returns the rows it wrote."""
     import torch
@@ -380,7 +382,7 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
                 emit({"kind": "peer", "case": name, "provider": provider, "mode": mode, "ms": ms,
                       "tflops": flops(case, mode) / ms / 1e9, "errors": errs})
         with fastlm.use_backend("triton"):
-            for kernel in TABLES:
+            for kernel in kernels or TABLES:
                 options = [c["config"] for c in candidates.get(kernel, {}).get(str(head_dim), [])]
                 shipped = current[kernel].get(head_dim)
                 options = ([shipped] if shipped else []) + [c for c in options if c != shipped]
@@ -509,7 +511,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=8, help="GPU: processes compiling candidates before timing")
     parser.add_argument("--decode", action="store_true", help="GPU: sweep the split-KV decode kernel instead")
     parser.add_argument("--kernels", nargs="+", choices=list(GRID),
-                        help="--static: only these kernels' candidates, replaced in CANDIDATES_FILE (default: all)")
+                        help="only these kernels: --static replaces their candidates in CANDIDATES_FILE; on the GPU "
+                             "only they are timed, in the order given (default: all, in TABLES' order)")
     args = parser.parse_args(argv)
     if args.static:
         found = static_candidates(args.jobs, kernels=args.kernels)
@@ -530,8 +533,8 @@ def main(argv=None) -> int:
         return 0
     candidates = json.loads(CANDIDATES_FILE.read_text()) if CANDIDATES_FILE.exists() else {}
     start = time.monotonic()
-    precompile(candidates, args.workers)
-    measure(args.out, args.budget_s - (time.monotonic() - start), candidates)
+    precompile(candidates, args.workers, kernels=args.kernels)
+    measure(args.out, args.budget_s - (time.monotonic() - start), candidates, kernels=args.kernels)
     print((args.out / "attention_sweep.md").read_text())
     return 0
 

@@ -408,7 +408,7 @@ def _launch_attention(found: list) -> None:
                 attention_call(dtype, head_dim, kind)
             if fp32:
                 continue  # the short-query and split-KV paths are 16-bit only
-            if K.block_d(head_dim) in {**K.DKDV_TMA_CONFIGS, **K.FWD_TMA_CONFIGS}:  # the Hopper paths too
+            if K.block_d(head_dim) in {**K.DKDV_TMA_CONFIGS, **K.FWD_TMA_CONFIGS, **K.DQ_TMA_CONFIGS}:  # Hopper paths
                 saved, K.TMA = K.TMA, True
                 try:
                     for kind in ("causal", "all"):

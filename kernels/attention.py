@@ -35,7 +35,8 @@ Design.
   dO tiles by TMA through tensor descriptors made in the kernel for each head's rows (rows past the sequence and
   columns past the head dim arrive as zeros: no per-element pointers or masks) and forms S = Q·Kᵀ, so that K and V
   are wgmma's B operand, kept in shared memory for the whole loop, and Pᵀ, dSᵀ pass through shared memory to feed
-  dV and dK: 128-query blocks fit at head dim 128 without spills.
+  dV and dK: 128-query blocks fit at head dim 128 without spills. The dQ kernel's Hopper path reads K and V tiles
+  by TMA likewise (DQ_TMA_CONFIGS: 128 × 64 where the pointer path fits 64 × 64).
 - Decode (split-KV, "flash-decoding"), for fp16/bf16 when a kv head's rows, max seqlen q × Hq/Hk, are at most
   DECODE_MAX_ROWS: _attn_decode_kernel runs one program per (split of the keys, kv head, batch entry) whose tile
   rows are the (query position, q head of the group) pairs r = position·(Hq/Hk) + g, so each K/V block is read
@@ -826,8 +827,63 @@ def _bwd_dq_blocks(
     window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr,
 ):
-    """Accumulate dQ (BLOCK_M, BLOCK_D) of the queries `rows` over the key blocks [start, end)."""
+    """Accumulate dQ (BLOCK_M, BLOCK_D) of the queries `rows` over the key blocks [start, end). K and V: the kv
+    head's first key row (pointers), or with USE_TMA its tensor descriptors (_head_rows)."""
+    if USE_TMA:
+        dq = _bwd_dq_blocks_tma(dq, q, do, lse2, delta, K, V, start, end, rows, seqlen_k, diag, scale2, softcap,
+                                window_left, window_right, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                DOT_PRECISION)
+    else:
+        dq = _bwd_dq_blocks_ptr(dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, start, end, rows, seqlen_k, diag,
+                                scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, MASKED,
+                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_step(dq, q, do, lse2, delta, k, v, s_raw, rows, cols, seqlen_k, diag, scale2, softcap, window_left,
+             window_right, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+             HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of dQ from the raw scores q·kᵀ: P from the LSE, dS = P ∘ (dO·Vᵀ − D), dQ += dS·K."""
+    s2, sech2 = _scores(s_raw, scale2, softcap, HAS_SOFTCAP)
+    if MASKED:
+        vis = _visible(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        s2 = tl.where(vis, s2, float("-inf"))
+    p = tl.math.exp2(s2 - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * sech2
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _bwd_dq_blocks_tma(
+    dq, q, do, lse2, delta, k_desc, v_desc, start, end, rows, seqlen_k, diag, scale2, softcap, window_left,
+    window_right, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """_bwd_dq_blocks on Hopper: K and V tiles by TMA (keys past the sequence arrive as zero rows, masked)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows,
+                      start_n + offs_n, seqlen_k, diag, scale2, softcap, window_left, window_right, MASKED, HAS_LEFT,
+                      HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_blocks_ptr(
+    dq, q, do, lse2, delta, K, V, stride_ks, stride_vs, start, end, rows, seqlen_k, diag, scale2, softcap,
+    window_left, window_right,
+    HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """_bwd_dq_blocks through pointers."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _head_mask(offs_d, HEAD_D, BLOCK_D)
@@ -841,16 +897,9 @@ def _bwd_dq_blocks(
             kv_mask = d_ok[None, :]
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        s2, sech2 = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale2, softcap, HAS_SOFTCAP)
-        if MASKED:
-            vis = _visible(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            s2 = tl.where(vis, s2, float("-inf"))
-        p = tl.math.exp2(s2 - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * sech2
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        dq = _dq_step(dq, q, do, lse2, delta, k, v, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), rows,
+                      cols, seqlen_k, diag, scale2, softcap, window_left, window_right, MASKED, HAS_LEFT, HAS_RIGHT,
+                      HAS_SOFTCAP, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     return dq
@@ -871,7 +920,7 @@ def _attn_bwd_dq_kernel(
     scale2, softcap, scale, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     h, hk, b64, q_start, q_len, k_start, k_len = _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN)
@@ -905,15 +954,16 @@ def _attn_bwd_dq_kernel(
     r1 = tl.minimum(start_m + BLOCK_M, q_len) - 1
     lo, full_lo, full_hi, hi = _key_range(start_m, r1, k_len, diag, window_left, window_right, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
-    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, lo, full_lo, rows, k_len, diag, scale2,
+    Ka, Va = _head_rows(Kh, Vh, k_len, stride_ks, stride_vs, HEAD_D, BLOCK_N, BLOCK_D, USE_TMA)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Ka, Va, stride_ks, stride_vs, lo, full_lo, rows, k_len, diag, scale2,
                         softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                        HAS_SOFTCAP, DOT_PRECISION)
-    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, full_lo, full_hi, rows, k_len, diag,
+                        HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Ka, Va, stride_ks, stride_vs, full_lo, full_hi, rows, k_len, diag,
                         scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, False, HAS_LEFT,
-                        HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
-    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Kh, Vh, stride_ks, stride_vs, full_hi, hi, rows, k_len, diag, scale2,
+                        HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+    dq = _bwd_dq_blocks(dq, q, do, lse2, delta, Ka, Va, stride_ks, stride_vs, full_hi, hi, rows, k_len, diag, scale2,
                         softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                        HAS_SOFTCAP, DOT_PRECISION)
+                        HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
     tl.store(DQ + _offset(b64, q_start, h, stride_gb, stride_gs, stride_gh) + rows64 * stride_gs + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=io_mask)
 
@@ -949,9 +999,13 @@ DKDV_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 1
 # without a GPU: the Triton tutorial's Hopper shape (128 queries × 128 keys, 8 warps) where it compiles without
 # spills (static report); not yet timed.
 FWD_TMA_CONFIGS = {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
-# Whether the forward and dK/dV kernels take their Hopper paths: None decides per call (a device of compute
+# The dQ kernel's Hopper path (_bwd_dq_blocks_tma: K and V tiles by TMA), 16-bit inputs, as DQ_CONFIGS. Chosen
+# without a GPU like DKDV_TMA_CONFIGS (static report: no spills); not yet timed.
+DQ_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
+# Whether the forward, dK/dV and dQ kernels take their Hopper paths: None decides per call (a device of compute
 # capability ≥ 9, 16-bit inputs, an entry in the path's table, rows TMA can address: _tma_path); True or False force
-# it where it can run (the interpreter included: the tests run both paths), for the tests and the sweep.
+# it where it can run (the interpreter included: the tests run both paths); or a dict of those per kernel ("fwd",
+# "dkdv", "dq"; a kernel missing from it decides per call), as the sweep sets it to time one kernel's two paths.
 TMA = None
 # Short query sides (decode over a KV cache): 16-row query blocks instead of 128 mostly empty ones.
 DECODE_MAX_SEQLEN_Q = 16
@@ -1004,7 +1058,8 @@ def _delta_warps(dtype, block_d):
 # the offsets inside every tile in int32 (see the module's header); the launchers copy a view that has a larger one.
 MAX_TILE_ROWS = max(max(c[0], c[1]) for table in (FWD_CONFIGS[False], FWD_CONFIGS[True], DKDV_CONFIGS[False],
                                                   DKDV_CONFIGS[True], DQ_CONFIGS[False], DQ_CONFIGS[True],
-                                                  DECODE_FWD_CONFIGS, DKDV_TMA_CONFIGS, FWD_TMA_CONFIGS)
+                                                  DECODE_FWD_CONFIGS, DKDV_TMA_CONFIGS, FWD_TMA_CONFIGS,
+                                                  DQ_TMA_CONFIGS)
                     for c in table.values())
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DECODE_MAX_ROWS,
                     *(c[0] for table in DECODE_CONFIGS.values() for c in table.values()))
@@ -1190,7 +1245,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                     flags)
         return out, lse
     short = Sq <= DECODE_MAX_SEQLEN_Q and q.dtype != torch.float32 and not interpreting()
-    tma = not short and _tma_path(FWD_TMA_CONFIGS, k, v, D, varlen)
+    tma = not short and _tma_path("fwd", k, v, D, varlen)
     if short:
         BLOCK_M, BLOCK_N, num_warps, num_stages = DECODE_FWD_CONFIGS[block_d(D)]
     elif tma:
@@ -1220,21 +1275,25 @@ def _tma_rows(t, varlen):
                                           for s, n in zip(_strides(t, varlen), sizes))
 
 
-def _tma_path(table, a, b, head_dim, varlen):
-    """Whether a kernel takes its Hopper path for this call (see TMA): `table` its Hopper table, a and b the tensors
-    it reads by TMA (Q and dO for dK/dV, K and V for the forward)."""
-    if a.dtype == torch.float32 or block_d(head_dim) not in table:
+_TMA_TABLES = {"fwd": "FWD_TMA_CONFIGS", "dkdv": "DKDV_TMA_CONFIGS", "dq": "DQ_TMA_CONFIGS"}
+
+
+def _tma_path(kernel, a, b, head_dim, varlen):
+    """Whether `kernel` ("fwd", "dkdv", "dq") takes its Hopper path for this call (see TMA): a and b the tensors it
+    reads by TMA (Q and dO for dK/dV, K and V for the others)."""
+    if a.dtype == torch.float32 or block_d(head_dim) not in globals()[_TMA_TABLES[kernel]]:
         return False
-    if TMA is None:
+    force = TMA.get(kernel) if isinstance(TMA, dict) else TMA
+    if force is None:
         if interpreting() or _util.capability(a.device)[0] < 9:
             return False
-    elif not TMA:
+    elif not force:
         return False
     return _tma_rows(a, varlen) and _tma_rows(b, varlen)
 
 
 def _dkdv_tma(q, do, head_dim, varlen):
-    return _tma_path(DKDV_TMA_CONFIGS, q, do, head_dim, varlen)
+    return _tma_path("dkdv", q, do, head_dim, varlen)
 
 
 class _Scratch:
@@ -1286,7 +1345,9 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     dkdv_tma = _dkdv_tma(q, do, D, varlen)
     dkdv_config = (INTERPRET_CONFIG if interpreting() else DKDV_TMA_CONFIGS[BD]) if dkdv_tma else \
         _config(DKDV_CONFIGS, q.dtype, D)
-    dq_config = _config(DQ_CONFIGS, q.dtype, D)
+    dq_tma = _tma_path("dq", k, v, D, varlen)
+    dq_config = (INTERPRET_CONFIG if interpreting() else DQ_TMA_CONFIGS[BD]) if dq_tma else \
+        _config(DQ_CONFIGS, q.dtype, D)
     tensors = (q, k, v, do, out, dq, dk, dv, delta, dlse if dlse is not None else lse, lse)
     for nb, cu_q, cu_k, edges, (q_, k_, v_, do_, out_, dq_, dk_, dv_, delta_, dlse_, lse_) in _batch_chunks(
             B, varlen, cu_seqlens_q, cu_seqlens_k, tensors):
@@ -1305,9 +1366,10 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
                 num_warps=num_warps, num_stages=num_stages, USE_TMA=dkdv_tma, **common,
             )
         BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
-        _attn_bwd_dq_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
-            q_, k_, v_, do_, lse_, delta_, dq_, cu_q, cu_k, *qkv_strides, *_strides(dq_, varlen), *lse_strides,
-            n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
-            num_stages=num_stages, **common,
-        )
+        with _Scratch(q.device):
+            _attn_bwd_dq_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
+                q_, k_, v_, do_, lse_, delta_, dq_, cu_q, cu_k, *qkv_strides, *_strides(dq_, varlen), *lse_strides,
+                n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                num_warps=num_warps, num_stages=num_stages, USE_TMA=dq_tma, **common,
+            )
     return dq, dk, dv

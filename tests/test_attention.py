@@ -234,7 +234,8 @@ def test_tma_paths_match_reference(case, tma, backend, monkeypatch):
 def test_tma_path_choice(monkeypatch):
     """When the dK/dV kernel may take its TMA path: 16-bit inputs at a head dim of DKDV_TMA_CONFIGS whose rows TMA
     can address (16-byte aligned base and strides, no stride 0 over several entries); never when TMA is False; by
-    default only on a device of compute capability 9 or more. The forward's choice is the same rule on K and V."""
+    default only on a device of compute capability 9 or more. The forward's and dQ's are the same rule on K and V;
+    TMA may also be set per kernel."""
     choose = triton_attention._dkdv_tma
     q = torch.zeros(2, 8, 4, 64, dtype=torch.float16)
     monkeypatch.setattr(triton_attention, "TMA", True)
@@ -254,8 +255,11 @@ def test_tma_path_choice(monkeypatch):
     monkeypatch.setattr(triton_attention, "TMA", None)
     assert choose(q, q, 64, False) is False  # CPU tensors: no compute capability 9
     monkeypatch.setattr(triton_attention, "TMA", True)
-    assert triton_attention._tma_path(triton_attention.FWD_TMA_CONFIGS, q, q, 64, False)
-    assert not triton_attention._tma_path(triton_attention.FWD_TMA_CONFIGS, q, odd, 64, False)
+    assert triton_attention._tma_path("fwd", q, q, 64, False) and triton_attention._tma_path("dq", q, q, 64, False)
+    assert not triton_attention._tma_path("fwd", q, odd, 64, False)
+    monkeypatch.setattr(triton_attention, "TMA", {"dkdv": False, "dq": True})  # per kernel; fwd decides per call
+    assert not choose(q, q, 64, False) and triton_attention._tma_path("dq", q, q, 64, False)
+    assert not triton_attention._tma_path("fwd", q, q, 64, False)  # CPU tensors
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)

@@ -36,13 +36,12 @@ def test_table_entry_sets_and_restores_the_launchers_table():
 def test_table_entry_forces_the_path_of_the_kernel_swept():
     before_tma, before = A.TMA, dict(A.DKDV_TMA_CONFIGS)
     with sweep.table_entry(A, "dkdv_tma", 256, (64, 32, 8, 1)):  # a head dim the table lacks
-        assert A.DKDV_TMA_CONFIGS[256] == (64, 32, 8, 1) and A.TMA is True
+        assert A.DKDV_TMA_CONFIGS[256] == (64, 32, 8, 1)
+        assert A.TMA == {"fwd": before_tma, "dkdv": True, "dq": before_tma}  # the others as they were
     assert A.DKDV_TMA_CONFIGS == before and A.TMA is before_tma
-    for kernel, forced in (("fwd", False), ("fwd_tma", True), ("dkdv", False)):
+    for kernel, forced in (("fwd", False), ("fwd_tma", True), ("dkdv", False), ("dq", False), ("dq_tma", True)):
         with sweep.table_entry(A, kernel, 128, (128, 64, 8, 2)):
-            assert A.TMA is forced
-    with sweep.table_entry(A, "dq", 128, (128, 64, 8, 2)):  # the backward it times takes the default paths
-        assert A.TMA is before_tma
+            assert A.TMA[kernel.removesuffix("_tma")] is forced
     assert A.TMA is before_tma
 
 
@@ -107,7 +106,8 @@ def test_the_measurement_loop_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     rows = [r for r in results if r.get("kind") == "candidate"]
     assert {(r["kernel"], tuple(r["config"])) for r in rows} >= {
         ("fwd", (32, 32, 4, 1)), ("fwd_tma", tuple(A.FWD_TMA_CONFIGS[16])), ("dkdv", tuple(A.DKDV_CONFIGS[False][16])),
-        ("dkdv_tma", tuple(A.DKDV_TMA_CONFIGS[16])), ("dq", tuple(A.DQ_CONFIGS[False][16]))}
+        ("dkdv_tma", tuple(A.DKDV_TMA_CONFIGS[16])), ("dq", tuple(A.DQ_CONFIGS[False][16])),
+        ("dq_tma", tuple(A.DQ_TMA_CONFIGS[16]))}
     assert all(r["correct"] for r in rows), [r.get("why") or r.get("error") for r in rows]
     assert (tmp_path / "attention_sweep.md").exists()
     assert len((tmp_path / "attention_sweep.jsonl").read_text().splitlines()) == len(results)
