@@ -1254,7 +1254,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D)
     for nb, cu_q, cu_k, edges, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
                                                                          (q, k, v, out, lse)):
-        with _Scratch(q.device):
+        with _Scratch(q.device, tma):
             _attn_fwd_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
                 q_, k_, v_, out_, lse_, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen),
                 *_strides(v_, varlen), *_strides(out_, varlen), *_lse_strides(lse_, varlen), n_q, n_k, Hq // Hk,
@@ -1298,17 +1298,20 @@ def _dkdv_tma(q, do, head_dim, varlen):
 
 class _Scratch:
     """Triton's allocator for the global scratch of in-kernel tensor descriptors (128 bytes a descriptor and
-    program), from torch's caching allocator on the launch's device: installed for one launch, unless the caller
-    installed one of their own (triton.set_allocator)."""
+    program), from torch's caching allocator on the launch's device: installed for one launch of a kernel's Hopper
+    path (`active`), unless the caller installed one of their own (triton.set_allocator); nothing otherwise."""
 
-    def __init__(self, device):
+    def __init__(self, device, active=True):
         self.device = device
+        self.active = active
         self.token = None
 
     def __call__(self, size, alignment, stream):
         return torch.empty(size, dtype=torch.int8, device=self.device)
 
     def __enter__(self):
+        if not self.active:
+            return self
         from triton.runtime import _allocation
 
         if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
@@ -1359,14 +1362,14 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
         )
         qkv_strides = (*_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen), *_strides(do_, varlen))
         BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
-        with _Scratch(q.device):
+        with _Scratch(q.device, dkdv_tma):
             _attn_bwd_dkdv_kernel[(cdiv(Sk, BLOCK_N), Hk, nb)](
                 q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen),
                 *lse_strides, n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 num_warps=num_warps, num_stages=num_stages, USE_TMA=dkdv_tma, **common,
             )
         BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
-        with _Scratch(q.device):
+        with _Scratch(q.device, dq_tma):
             _attn_bwd_dq_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
                 q_, k_, v_, do_, lse_, delta_, dq_, cu_q, cu_k, *qkv_strides, *_strides(dq_, varlen), *lse_strides,
                 n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,

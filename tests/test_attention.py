@@ -231,6 +231,32 @@ def test_tma_paths_match_reference(case, tma, backend, monkeypatch):
     _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
 
 
+def test_tma_scratch_allocator_is_installed_for_one_launch_only():
+    """The Hopper paths' descriptors need Triton's scratch allocator: installed around their launches (and only
+    theirs), put back after, and a caller's own allocator (triton.set_allocator) left in place."""
+    from triton.runtime import _allocation
+
+    before = _allocation._allocator.get()
+    try:
+        _allocation._allocator.set(_allocation.NullAllocator())
+        with triton_attention._Scratch(torch.device("cpu")) as scratch:
+            assert _allocation._allocator.get() is scratch
+            assert scratch(256, 128, None).numel() == 256
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        with triton_attention._Scratch(torch.device("cpu"), active=False):
+            assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+
+        def mine(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+
+        _allocation._allocator.set(mine)
+        with triton_attention._Scratch(torch.device("cpu")):
+            assert _allocation._allocator.get() is mine
+        assert _allocation._allocator.get() is mine
+    finally:
+        _allocation._allocator.set(before)
+
+
 def test_tma_path_choice(monkeypatch):
     """When the dK/dV kernel may take its TMA path: 16-bit inputs at a head dim of DKDV_TMA_CONFIGS whose rows TMA
     can address (16-byte aligned base and strides, no stride 0 over several entries); never when TMA is False; by
