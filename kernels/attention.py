@@ -279,9 +279,10 @@ def _fwd_blocks(
 
 
 @triton.jit
-def _online_softmax_step(acc, l_i, m_i, s2, v, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key block of the online softmax: scores s2 (log2 units, −inf where masked), values v (the TMA path's;
-    the pointer path inlines it, loading V after the softmax: see there)."""
+def _softmax_update(s2, m_i, l_i, MASKED: tl.constexpr):
+    """One key block of the online softmax, scores s2 in log2 units (−inf where masked): its probabilities p, the
+    factor alpha that rescales what was accumulated, and the new row sum and row max. (The caller adds p·V to
+    acc·alpha: the pointer path loads V only now, after the scores are spent.)"""
     m_new = tl.maximum(m_i, tl.max(s2, 1))
     if MASKED:  # a row with nothing visible yet keeps m = −inf: subtract 0 instead (exp2(−inf) = 0, no NaN)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -289,9 +290,7 @@ def _online_softmax_step(acc, l_i, m_i, s2, v, MASKED: tl.constexpr, DOT_PRECISI
         m_use = m_new
     p = tl.math.exp2(s2 - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
 
 
 @triton.jit
@@ -308,7 +307,9 @@ def _fwd_blocks_tma(
         if MASKED:
             vis = _visible(rows, start_n + offs_n, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             s2 = tl.where(vis, s2, float("-inf"))
-        acc, l_i, m_i = _online_softmax_step(acc, l_i, m_i, s2, v_desc.load([start_n, 0]), MASKED, DOT_PRECISION)
+        p, alpha, l_i, m_i = _softmax_update(s2, m_i, l_i, MASKED)
+        v = v_desc.load([start_n, 0])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -335,21 +336,13 @@ def _fwd_blocks_ptr(
         if MASKED:
             vis = _visible(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             s2 = tl.where(vis, s2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s2, 1))
-        if MASKED:  # a row with nothing visible yet keeps m = −inf: subtract 0 instead (exp2(−inf) = 0, no NaN)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        p = tl.math.exp2(s2 - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        # V loaded after the softmax, as the TMA path cannot: loaded with the scores live, it spilled an fp32 variant.
+        p, alpha, l_i, m_i = _softmax_update(s2, m_i, l_i, MASKED)
+        # V loaded after the softmax: loaded with the scores live, it spilled an fp32 variant.
         if MASKED:
             v = tl.load(v_ptrs, mask=d_ok[None, :] & (cols[:, None] < seqlen_k), other=0.0)
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
@@ -1085,9 +1078,12 @@ def attention_unsupported(q, k, cu_seqlens_q, window_left, window_right, softcap
     return None
 
 
-def _config(table, dtype, head_dim):
+def _config(table, dtype, head_dim, tma_table=None):
+    """A kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages): from its Hopper table when it takes that path."""
     if interpreting():
         return INTERPRET_CONFIG
+    if tma_table is not None:
+        return tma_table[block_d(head_dim)]
     return table[dtype == torch.float32][block_d(head_dim)]
 
 
@@ -1248,10 +1244,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     tma = not short and _tma_path("fwd", k, v, D, varlen)
     if short:
         BLOCK_M, BLOCK_N, num_warps, num_stages = DECODE_FWD_CONFIGS[block_d(D)]
-    elif tma:
-        BLOCK_M, BLOCK_N, num_warps, num_stages = INTERPRET_CONFIG if interpreting() else FWD_TMA_CONFIGS[block_d(D)]
     else:
-        BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D)
+        BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D, FWD_TMA_CONFIGS if tma else None)
     for nb, cu_q, cu_k, edges, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
                                                                          (q, k, v, out, lse)):
         with _Scratch(q.device, tma):
@@ -1275,13 +1269,13 @@ def _tma_rows(t, varlen):
                                           for s, n in zip(_strides(t, varlen), sizes))
 
 
-_TMA_TABLES = {"fwd": "FWD_TMA_CONFIGS", "dkdv": "DKDV_TMA_CONFIGS", "dq": "DQ_TMA_CONFIGS"}
+_TMA_TABLES = {"fwd": FWD_TMA_CONFIGS, "dkdv": DKDV_TMA_CONFIGS, "dq": DQ_TMA_CONFIGS}  # (updated in place)
 
 
 def _tma_path(kernel, a, b, head_dim, varlen):
     """Whether `kernel` ("fwd", "dkdv", "dq") takes its Hopper path for this call (see TMA): a and b the tensors it
     reads by TMA (Q and dO for dK/dV, K and V for the others)."""
-    if a.dtype == torch.float32 or block_d(head_dim) not in globals()[_TMA_TABLES[kernel]]:
+    if a.dtype == torch.float32 or block_d(head_dim) not in _TMA_TABLES[kernel]:
         return False
     force = TMA.get(kernel) if isinstance(TMA, dict) else TMA
     if force is None:
@@ -1346,11 +1340,9 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     n_q, n_k = (q.shape[0], k.shape[0]) if varlen else (Sq, Sk)  # see attention_fwd
     common = dict(HEAD_D=D, BLOCK_D=BD, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype), **flags)
     dkdv_tma = _dkdv_tma(q, do, D, varlen)
-    dkdv_config = (INTERPRET_CONFIG if interpreting() else DKDV_TMA_CONFIGS[BD]) if dkdv_tma else \
-        _config(DKDV_CONFIGS, q.dtype, D)
+    dkdv_config = _config(DKDV_CONFIGS, q.dtype, D, DKDV_TMA_CONFIGS if dkdv_tma else None)
     dq_tma = _tma_path("dq", k, v, D, varlen)
-    dq_config = (INTERPRET_CONFIG if interpreting() else DQ_TMA_CONFIGS[BD]) if dq_tma else \
-        _config(DQ_CONFIGS, q.dtype, D)
+    dq_config = _config(DQ_CONFIGS, q.dtype, D, DQ_TMA_CONFIGS if dq_tma else None)
     tensors = (q, k, v, do, out, dq, dk, dv, delta, dlse if dlse is not None else lse, lse)
     for nb, cu_q, cu_k, edges, (q_, k_, v_, do_, out_, dq_, dk_, dv_, delta_, dlse_, lse_) in _batch_chunks(
             B, varlen, cu_seqlens_q, cu_seqlens_k, tensors):
