@@ -71,12 +71,14 @@ def _table_context(values):
         saved = {k: getattr(triton_norm, k) for k in values}
         for k, v in values.items():
             setattr(triton_norm, k, v)
+        triton_norm._bwd_plan.cache_clear()  # plans made from the table being replaced
         try:
             with fastlm.use_backend("triton"):
                 yield
         finally:
             for k, v in saved.items():
                 setattr(triton_norm, k, v)
+            triton_norm._bwd_plan.cache_clear()
 
     return enter
 

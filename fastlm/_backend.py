@@ -168,11 +168,12 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, unsupported=None)
     Traceable by torch.compile without a graph break: the device queries are constants of the trace
     (`device_name`, `_cuda.available`), and nothing here warns while tracing.
     """
-    name = get_backend()
+    stack = getattr(_local, "stack", None)  # get_backend(), inline: every kernel call passes here
+    name = stack[-1] if stack else _default
     if name == "torch":
         return name
     if name != "auto":
-        why = _why_not(op, name, device, dtype, unsupported)
+        why = (unsupported(name) if unsupported is not None else None) or _REASONS[name](device, dtype)
         if why:
             raise BackendUnavailable(f"fastlm.{op}: backend {name!r} cannot run this call: {why}")
         return name

@@ -165,6 +165,19 @@ def _rows(name, t, ref, M=None, N=None, dtype=None, out=False):
     return rows, n
 
 
+def _row_operand(name, t, ref, shape=None, dtype=None):
+    """A (..., N) operand read as rows (`_util.rows`: itself at its row stride, or a contiguous copy), in `shape`
+    when given: (the tensor read, its row stride)."""
+    _same_device(name, t, ref)
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
+    if t.dtype not in _DTYPE_CODES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    return _util.rows(t)
+
+
 def _vector(name, t, ref, n, dtype=None):
     """A (n,) operand: contiguous."""
     _same_device(name, t, ref)
@@ -222,24 +235,26 @@ def _row_stats(mean, rstd, ref, M, is_rms):
 def norm_fwd(x, weight, bias, residual, eps: float, is_rms: bool, offset: float):
     """LayerNorm (is_rms False) or RMSNorm forward; the signature and returns of kernels/norm.py's norm_fwd.
 
-    x: (M, N) with unit column stride; weight, bias: (N,) contiguous, x's dtype or float32, or None; residual:
-    like x or None. Returns y (M, N), residual_out (M, N) or None, mean (M,) fp32 or None (RMSNorm), rstd (M,) fp32.
+    x: (..., N), read as M rows at one stride (`_util.rows`); weight, bias: (N,) contiguous, x's dtype or float32, or
+    None; residual: x's shape and dtype (its own row stride), or None. Returns y and residual_out (None without a
+    residual) in x's shape, contiguous; mean (M,) fp32 or None (RMSNorm), rstd (M,) fp32.
     """
     ext = _require("x", x)
-    M, N = _rows("x", x, x)
-    if residual is not None:
-        _rows("residual", residual, x, M, N, x.dtype)
+    x, sx = _row_operand("x", x, x)
+    N = x.shape[-1]
+    M = x.numel() // N if N else 0
+    residual, sr = _row_operand("residual", residual, x, x.shape, x.dtype) if residual is not None else (None, 0)
     if is_rms and bias is not None:
         raise ValueError("RMSNorm takes no bias")
     wcode = _weight_code(x, N, (("weight", weight), ("bias", bias)))
-    y = _util.empty((M, N), x.dtype, x.device)
-    residual_out = _util.empty((M, N), x.dtype, x.device) if residual is not None else None
+    y = _util.empty(x.shape, x.dtype, x.device)
+    residual_out = _util.empty(x.shape, x.dtype, x.device) if residual is not None else None
     mean = None if is_rms else _util.empty((M,), torch.float32, x.device)
     rstd = _util.empty((M,), torch.float32, x.device)
     if M > 0 and N > 0:
         ext.norm_fwd(
-            x.data_ptr(), x.stride(0), _ptr(residual), _stride(residual), _ptr(weight), _ptr(bias),
-            y.data_ptr(), y.stride(0), _ptr(residual_out), _stride(residual_out), _ptr(mean), rstd.data_ptr(),
+            x.data_ptr(), sx, _ptr(residual), sr, _ptr(weight), _ptr(bias),
+            y.data_ptr(), N, _ptr(residual_out), N if residual is not None else 0, _ptr(mean), rstd.data_ptr(),
             M, N, _DTYPE_CODES[x.dtype], wcode, float(eps), bool(is_rms), float(offset),
             x.device.index, _stream(x)
         )
@@ -249,21 +264,23 @@ def norm_fwd(x, weight, bias, residual, eps: float, is_rms: bool, offset: float)
 def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms: bool, offset: float, need_dw: bool, need_db: bool):
     """Backward of norm_fwd; the signature and returns of kernels/norm.py's norm_bwd.
 
-    dy, xin (the normalized input: x, or residual_out), dres (gradient of residual_out, or None): (M, N) with unit
-    column stride; weight: (N,) or None; mean: (M,) fp32 (None for RMSNorm); rstd: (M,) fp32. Returns dx (M, N),
-    dw (N,) in the weight's dtype or None (not wanted, or no weight), db (N,) or None (not wanted).
+    dy, xin (the normalized input: x, or residual_out), dres (gradient of residual_out, or None): (..., N) in one
+    shape, each M rows at its own stride as norm_fwd reads x; weight: (N,) or None; mean: (M,) fp32 (None for
+    RMSNorm); rstd: (M,) fp32. Returns dx in xin's shape, contiguous, dw (N,) in the weight's dtype or None (not
+    wanted, or no weight), db (N,) or None (not wanted).
     """
     ext = _require("xin", xin)
-    M, N = _rows("xin", xin, xin)
-    _rows("dy", dy, xin, M, N, xin.dtype)
-    if dres is not None:
-        _rows("dres", dres, xin, M, N, xin.dtype)
+    xin, sx = _row_operand("xin", xin, xin)
+    N = xin.shape[-1]
+    M = xin.numel() // N if N else 0
+    dy, sdy = _row_operand("dy", dy, xin, xin.shape, xin.dtype)
+    dres, sdres = _row_operand("dres", dres, xin, xin.shape, xin.dtype) if dres is not None else (None, 0)
     if is_rms and need_db:
         raise ValueError("RMSNorm has no bias gradient")
     wcode = _weight_code(xin, N, (("weight", weight),))
     _row_stats(mean, rstd, xin, M, is_rms)
     wdtype = weight.dtype if weight is not None else xin.dtype
-    dx = _util.empty((M, N), xin.dtype, xin.device)
+    dx = _util.empty(xin.shape, xin.dtype, xin.device)
     dw = _util.empty((N,), wdtype, xin.device) if need_dw and weight is not None else None
     db = _util.empty((N,), wdtype, xin.device) if need_db else None
     if M == 0 or N == 0:
@@ -276,8 +293,8 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms: bool, offset: float, nee
     numel = ext.norm_bwd_workspace_numel(M, N, dw is not None, db is not None, index)
     workspace = torch.empty(numel, dtype=torch.float32, device=xin.device)
     ext.norm_bwd(
-        dy.data_ptr(), dy.stride(0), xin.data_ptr(), xin.stride(0), _ptr(weight), _ptr(mean), rstd.data_ptr(),
-        _ptr(dres), _stride(dres), dx.data_ptr(), dx.stride(0), _ptr(dw), _ptr(db),
+        dy.data_ptr(), sdy, xin.data_ptr(), sx, _ptr(weight), _ptr(mean), rstd.data_ptr(),
+        _ptr(dres), sdres, dx.data_ptr(), N, _ptr(dw), _ptr(db),
         workspace.data_ptr(), numel, M, N, _DTYPE_CODES[xin.dtype], wcode, bool(is_rms), float(offset),
         index, _stream(xin)
     )

@@ -44,6 +44,8 @@ Design:
   programs would index past 2^31 − 1, which only a degenerate (~2^31, tiny N) input reaches.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -512,62 +514,53 @@ def _check_rows(M, end):
 def norm_fwd(x, weight, bias, residual, eps, is_rms, offset):
     """Forward of LayerNorm (is_rms False) or RMSNorm (is_rms True) over the rows of x.
 
-    x: (M, N) with column stride 1; weight, bias: (N,) or None; residual: (M, N) like x, or None.
-    Returns y (M, N), residual_out (M, N) or None, mean (M,) fp32 or None (RMSNorm), rstd (M,) fp32.
+    x: (..., N), read as M rows at one stride (`_util.rows`: a 2-D (M, N) with column stride 1, or any shape whose
+    leading dimensions collapse so; otherwise a contiguous copy is read); weight, bias: (N,) or None; residual: like
+    x (its own row stride), or None. Returns y and residual_out (None without a residual) in x's shape, contiguous;
+    mean (M,) fp32 or None (RMSNorm), rstd (M,) fp32.
     """
-    M, N = x.shape
-    if _fused(N):
-        block_m = _fused_config(N)[0]
+    x, sx = _util.rows(x)
+    shape, dtype, device = x.shape, x.dtype, x.device
+    N = shape[-1]
+    M = x.numel() // N if N else 0
+    fused = _fused(N)
+    if fused:
+        block_m, block_n, num_warps = _fused_config(N)
         _check_rows(M, cdiv(M, block_m) * block_m)
-    y = _util.empty((M, N), x.dtype, x.device)
-    residual_out = _util.empty((M, N), x.dtype, x.device) if residual is not None else None
-    mean = None if is_rms else _util.empty((M,), torch.float32, x.device)
-    rstd = _util.empty((M,), torch.float32, x.device)
+    y = _util.empty(shape, dtype, device)
+    rstd = _util.empty((M,), torch.float32, device)
+    mean = None if is_rms else _util.empty((M,), torch.float32, device)
+    if residual is not None:
+        residual, sr = _util.rows(residual)
+        residual_out = _util.empty(shape, dtype, device)
+    else:
+        sr, residual_out = 0, None
     if M == 0:
         return y, residual_out, mean, rstd
     dummy = rstd  # stands in for absent pointers; never dereferenced (its HAS_* flag is off)
-    args = (
-        x,
-        residual if residual is not None else x,
-        weight if weight is not None else dummy,
-        bias if bias is not None else dummy,
-        y,
-        residual_out if residual_out is not None else y,
-        mean if mean is not None else dummy,
-        rstd,
-        x.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        y.stride(0),
-        residual_out.stride(0) if residual_out is not None else 0,
-        M,
-        N,
-        float(eps),
-        float(offset),
-    )
-    flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None)
-    if _fused(N):
-        block_m, block_n, num_warps = _fused_config(N)
-        grid = (cdiv(M, block_m),)
-        _norm_fwd_kernel[grid](*args, **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    has_res = residual is not None
+    args = (x, residual if has_res else x, weight if weight is not None else dummy,
+            bias if bias is not None else dummy, y, residual_out if has_res else y,
+            mean if mean is not None else dummy, rstd, sx, sr, N, N if has_res else 0, M, N, float(eps),
+            float(offset))
+    if fused:
+        _norm_fwd_kernel[(cdiv(M, block_m),)](*args, IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
+                                              HAS_RES=has_res, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     else:
         block_n, num_warps = _chunked_config()
-        _norm_fwd_chunked_kernel[(M,)](*args, **flags, BLOCK_N=block_n, num_warps=num_warps)
+        _norm_fwd_chunked_kernel[(M,)](*args, IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
+                                       HAS_RES=has_res, BLOCK_N=block_n, num_warps=num_warps)
     return y, residual_out, mean, rstd
 
 
-def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db):
-    """Backward of norm_fwd.
-
-    dy, xin, dres: (M, N) with column stride 1 (dres, the gradient of residual_out, may be None);
-    weight (N,) or None; mean (M,) or None; rstd (M,). Returns dx (M, N), dw (N,) in weight's dtype or None,
-    db (N,) in weight's dtype or None.
-    """
-    M, N = dy.shape
-    need_dw = need_dw and weight is not None
-    wdtype = weight.dtype if weight is not None else xin.dtype
-    elem = xin.element_size()
+@functools.lru_cache(maxsize=1024)
+def _bwd_plan(M, N, elem, sms, on_cuda):
+    """The backward's launch plan for M rows of N elements of `elem` bytes on `sms` SMs: (fused, BLOCK_M, BLOCK_N,
+    num_warps, NUM_STAGES, programs, rows a program, column blocks, the Σ kernel's BLOCK_N). Cached: it is the same
+    for every step of a training run, and its arithmetic is a few µs of every call's host path. Computed from the
+    BWD_* table: whatever changes the table (benchmarks/norm_sweep.py --tune) clears the cache."""
     fused = _bwd_fused(N, elem)
-    sms = num_sms(xin.device)
+    block_m = col_blocks = 1
     if fused:
         block_m, block_n, num_warps, per_sm, stages = _bwd_fused_config(N, elem)
         programs = max(1, min(cdiv(M, block_m), per_sm * sms))
@@ -581,49 +574,61 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
         programs = max(1, min(cdiv(M, BWD_COLS_MIN_ROWS), programs))
         rows_per_prog = max(1, cdiv(M, programs))
         programs = max(1, cdiv(M, rows_per_prog))
-    dx = _util.empty((M, N), xin.dtype, xin.device)
+    # Under the interpreter a program costs ~20 ms whatever its size: wide Σ blocks there, same code.
+    sum_block_n = SUM_BLOCK_N if on_cuda else max(SUM_BLOCK_N, min(next_pow2(N), 4096))
+    return fused, block_m, block_n, num_warps, stages, programs, rows_per_prog, col_blocks, sum_block_n
+
+
+def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db):
+    """Backward of norm_fwd.
+
+    dy, xin, dres: (..., N) in one shape, each M rows at its own stride as norm_fwd reads x (dres, the gradient
+    of residual_out, may be None); weight (N,) or None; mean (M,) or None; rstd (M,). Returns dx in xin's shape,
+    contiguous, dw (N,) in weight's dtype or None, db (N,) in weight's dtype or None.
+    """
+    xin, sx = _util.rows(xin)
+    dy, sdy = _util.rows(dy)
+    shape, device = xin.shape, xin.device
+    N = shape[-1]
+    M = xin.numel() // N if N else 0
+    has_w = weight is not None
+    need_dw = need_dw and has_w
+    wdtype = weight.dtype if has_w else xin.dtype
+    on_cuda = device.type == "cuda"
+    fused, block_m, block_n, num_warps, stages, programs, rows_per_prog, col_blocks, sum_block_n = _bwd_plan(
+        M, N, xin.element_size(), num_sms(device), on_cuda)
+    dx = _util.empty(shape, xin.dtype, device)
     if M == 0:
-        zeros = lambda: torch.zeros(N, dtype=wdtype, device=xin.device)  # noqa: E731
+        zeros = lambda: torch.zeros(N, dtype=wdtype, device=device)  # noqa: E731
         return dx, zeros() if need_dw else None, zeros() if need_db else None
     # Every program writes every element of its partial rows (all N columns of row `pid`).
-    dw_part = _util.empty((programs, N), torch.float32, xin.device) if need_dw else None
-    db_part = _util.empty((programs, N), torch.float32, xin.device) if need_db else None
     dummy = rstd
-    flags = dict(IS_RMS=is_rms, HAS_W=weight is not None, HAS_DW=need_dw, HAS_DB=need_db, HAS_DRES=dres is not None)
-    w_arg = weight if weight is not None else dummy
+    dw_part = _util.empty((programs, N), torch.float32, device) if need_dw else dummy
+    db_part = _util.empty((programs, N), torch.float32, device) if need_db else dummy
+    dres, sdres = _util.rows(dres) if dres is not None else (None, 0)
+    w_arg = weight if has_w else dummy
     mean_arg = mean if mean is not None else dummy
-    tail = (
-        dres if dres is not None else dy,
-        dx,
-        dw_part if need_dw else dummy,
-        db_part if need_db else dummy,
-        dy.stride(0),
-        xin.stride(0),
-        dres.stride(0) if dres is not None else 0,
-        dx.stride(0),
-        M,
-        N,
-        rows_per_prog,
-        float(offset),
-    )
+    tail = (dres if dres is not None else dy, dx, dw_part, db_part, sdy, sx, sdres, N, M, N, rows_per_prog,
+            float(offset))
     if fused:
-        _norm_bwd_kernel[(programs,)](dy, xin, w_arg, mean_arg, rstd, *tail, **flags, BLOCK_M=block_m,
+        _norm_bwd_kernel[(programs,)](dy, xin, w_arg, mean_arg, rstd, *tail, IS_RMS=is_rms, HAS_W=has_w,
+                                      HAS_DW=need_dw, HAS_DB=need_db, HAS_DRES=dres is not None, BLOCK_M=block_m,
                                       BLOCK_N=block_n, NUM_STAGES=stages, num_warps=num_warps)
     else:
-        c1 = torch.empty(M, dtype=torch.float32, device=xin.device)
-        c2 = torch.empty(M, dtype=torch.float32, device=xin.device) if not is_rms else dummy
-        _norm_bwd_row_stats_kernel[(M,)](dy, xin, w_arg, mean_arg, rstd, c1, c2, dy.stride(0), xin.stride(0), N,
-                                         float(offset), IS_RMS=is_rms, HAS_W=weight is not None, BLOCK_N=CHUNK_N,
+        c1 = torch.empty(M, dtype=torch.float32, device=device)
+        c2 = torch.empty(M, dtype=torch.float32, device=device) if not is_rms else dummy
+        _norm_bwd_row_stats_kernel[(M,)](dy, xin, w_arg, mean_arg, rstd, c1, c2, sdy, sx, N,
+                                         float(offset), IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=CHUNK_N,
                                          NUM_STAGES=BWD_STATS_STAGES, num_warps=BWD_STATS_WARPS)
-        _norm_bwd_cols_kernel[(col_blocks, programs)](dy, xin, w_arg, mean_arg, rstd, c1, c2, *tail, **flags,
-                                                      BLOCK_N=block_n, NUM_STAGES=stages, num_warps=num_warps)
-    dw = _util.empty((N,), wdtype, xin.device) if need_dw else None
-    db = _util.empty((N,), wdtype, xin.device) if need_db else None
-    if need_dw or need_db:
-        # Under the interpreter a program costs ~20 ms whatever its size: wide blocks there, same code.
-        sum_block_n = SUM_BLOCK_N if xin.device.type == "cuda" else max(SUM_BLOCK_N, min(next_pow2(N), 4096))
-        _sum_partials_kernel[(cdiv(N, sum_block_n),)](
-            dw_part if need_dw else dummy, db_part if need_db else dummy, dw if need_dw else dummy,
-            db if need_db else dummy, programs, N, HAS_DW=need_dw, HAS_DB=need_db, BLOCK_G=SUM_BLOCK_G,
-            BLOCK_N=sum_block_n, NUM_STAGES=SUM_STAGES, num_warps=SUM_WARPS)
+        _norm_bwd_cols_kernel[(col_blocks, programs)](dy, xin, w_arg, mean_arg, rstd, c1, c2, *tail, IS_RMS=is_rms,
+                                                      HAS_W=has_w, HAS_DW=need_dw, HAS_DB=need_db,
+                                                      HAS_DRES=dres is not None, BLOCK_N=block_n, NUM_STAGES=stages,
+                                                      num_warps=num_warps)
+    if not (need_dw or need_db):
+        return dx, None, None
+    dw = _util.empty((N,), wdtype, device) if need_dw else None
+    db = _util.empty((N,), wdtype, device) if need_db else None
+    _sum_partials_kernel[(cdiv(N, sum_block_n),)](
+        dw_part, db_part, dw if need_dw else dummy, db if need_db else dummy, programs, N, HAS_DW=need_dw,
+        HAS_DB=need_db, BLOCK_G=SUM_BLOCK_G, BLOCK_N=sum_block_n, NUM_STAGES=SUM_STAGES, num_warps=SUM_WARPS)
     return dx, dw, db

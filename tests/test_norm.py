@@ -163,6 +163,42 @@ def test_non_contiguous_inputs(backend, is_rms):
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("is_rms", (False, True), ids=("layer_norm", "rms_norm"))
+def test_three_dimensional_layouts(backend, is_rms):
+    """(batch, seq, N) inputs go to the launchers in their own shape: a row slice of a wider tensor whose leading
+    dimensions collapse (read in place at its row stride), leading dimensions that do not collapse (copied), and
+    dimensions of size 1 with arbitrary strides. The outputs come back in x's shape."""
+    x, weight, bias, residual, dy, dres = _inputs((2, 3, 40), torch.float32, "affine+residual", is_rms)
+    wide = torch.randn(2, 3, 56, device=DEVICE)
+    wide[..., :40] = x
+    sliced = wide[..., :40]
+    swapped = x.transpose(0, 1).contiguous().transpose(0, 1)
+    odd_unit = torch.randn(1, 6, 1, 40, device=DEVICE).as_strided((1, 6, 1, 40), (7, 40, 3, 1))
+    assert fastlm._util.row_stride(sliced) == 56 and fastlm._util.row_stride(swapped) is None
+    for xv, r, g in ((sliced, residual, dy), (swapped, residual.transpose(0, 1).contiguous().transpose(0, 1), dy),
+                     (x, residual, dy.transpose(0, 1).contiguous().transpose(0, 1))):
+        check_against_reference(xv, weight, bias, r, g, dres, is_rms=is_rms)
+    shape4 = odd_unit.shape
+    check_against_reference(odd_unit, weight, bias, residual.reshape(shape4), dy.reshape(shape4),
+                            dres.reshape(shape4), is_rms=is_rms)
+
+
+def test_row_stride():
+    """Which tensors the row kernels read as rows in place, and at which stride."""
+    row_stride = fastlm._util.row_stride
+    assert row_stride(torch.empty(4, 8)) == 8
+    assert row_stride(torch.empty(2, 3, 8)) == 8
+    assert row_stride(torch.empty(2, 3, 16)[..., :8]) == 16
+    assert row_stride(torch.empty(5, 16)[:, :8].unsqueeze(0)) == 16
+    assert row_stride(torch.empty(8).expand(5, 8)) == 0
+    assert row_stride(torch.empty(1, 8).expand(2, 3, 8)) == 0
+    assert row_stride(torch.empty(8)) == 8
+    assert row_stride(torch.empty(3, 2, 8).transpose(0, 1)) is None  # leading dimensions do not collapse
+    assert row_stride(torch.empty(8, 4).t()) is None  # strided along the row
+    assert row_stride(torch.empty(4, 1).expand(4, 8)) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_large_magnitudes_and_eps(backend):
     # A large common offset: E[x²] − E[x]² would cancel catastrophically; the kernels' statistics must not.
     x, weight, bias, residual, dy, dres = _inputs((4, 9000), torch.float32, "affine", False)

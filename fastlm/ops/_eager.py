@@ -48,16 +48,29 @@ _Tensor = torch.Tensor
 
 _Parameter = torch.nn.Parameter
 _tracing = torch._C._get_tracing_state
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# autograd.Function.apply without its Python wrapper, which binds default arguments when a separate setup_context is
+# declared (ours is not), checks for functorch transforms (done by `_must_dispatch`) and unwraps functorch's dead
+# wrappers (`_plain` sends any functorch-wrapped tensor to the registered op instead): ~4 µs a call.
+_function_apply = torch._C._FunctionBase.__dict__["apply"]
 
 
 def _plain(args) -> bool:
     """Every tensor argument is a plain torch.Tensor or a plain nn.Parameter (no subclass that must see the
     operator: the exact type is compared, since an nn.Parameter wrapping a subclass — a DTensor parameter — passes
-    isinstance(p, nn.Parameter) but keeps the subclass's type)."""
+    isinstance(p, nn.Parameter) but keeps the subclass's type), and none is a functorch wrapper (a tensor of a
+    transform, or one that escaped it: the registered op's autograd.Function unwraps those)."""
     for a in args:
-        if isinstance(a, _Tensor) and type(a) is not _Tensor and type(a) is not _Parameter:
+        kind = type(a)
+        if kind is _Tensor or kind is _Parameter:
+            if _functorch_wrapped(a):
+                return False
+        elif kind not in _SCALARS and isinstance(a, _Tensor):
             return False
     return True
+
+
+_SCALARS = frozenset((type(None), bool, int, float, str))  # argument types that are never tensors: no isinstance
 
 
 def _must_dispatch(args) -> bool:
@@ -76,6 +89,7 @@ class KernelOp:
         self._fn = fn
         self._mutates = mutates
         self._function: Optional[type] = None
+        self._apply: Optional[Callable] = None
         self._overload = None
 
     @property
@@ -106,6 +120,7 @@ class KernelOp:
             (torch.autograd.Function,),
             {"forward": staticmethod(forward), "backward": staticmethod(backward)},
         )
+        self._apply = _function_apply.__get__(None, self._function)
 
     def __call__(self, *args):
         # An op that mutates an argument always goes through the registration, whose ADInplaceOrView kernel bumps
@@ -113,9 +128,9 @@ class KernelOp:
         if self._mutates or _must_dispatch(args):
             return self.registered(*args)
         if _grad_enabled() and _any_requires_grad(*args):
-            if self._function is None:
+            if self._apply is None:
                 return self.registered(*args)
-            return self._function.apply(*args)
+            return self._apply(*args)
         return self._fn(*args)
 
 

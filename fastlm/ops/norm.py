@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastlm import _backend, _util, reference
+from fastlm import _backend, reference
 from fastlm.kernels import norm as triton_norm
 from fastlm.ops import _checks, _eager
 
@@ -42,7 +42,8 @@ def norm_fwd_op(
     offset: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, N) → y (rows, N), residual_out (rows, N) or empty, mean (rows,) fp32 or empty, rstd (rows,) fp32."""
+    """x (..., N), read as rows (`_util.rows`) → y in x's shape, residual_out in x's shape or empty,
+    mean (rows,) fp32 or empty, rstd (rows,) fp32."""
     y, residual_out, mean, rstd = _backend.launchers(backend, triton_norm).norm_fwd(x, weight, bias, residual, eps,
                                                                                     is_rms, offset)
     return y, _or_empty(residual_out, x), _or_empty(mean, rstd), rstd
@@ -50,11 +51,11 @@ def norm_fwd_op(
 
 @norm_fwd_op.register_fake
 def _(x, weight, bias, residual, eps, is_rms, offset, backend):
-    M, N = x.shape
-    res_shape = (M, N) if residual is not None else _EMPTY
+    M = x.numel() // x.shape[-1]
+    res_shape = x.shape if residual is not None else _EMPTY
     mean_shape = _EMPTY if is_rms else (M,)
     return (
-        x.new_empty((M, N)),
+        x.new_empty(x.shape),
         x.new_empty(res_shape),
         x.new_empty(mean_shape, dtype=torch.float32),
         x.new_empty((M,), dtype=torch.float32),
@@ -75,7 +76,7 @@ def norm_bwd_op(
     need_db: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ dx (rows, N), dw (N,) or empty, db (N,) or empty; dw and db in the weight's dtype."""
+    """→ dx in xin's shape, dw (N,) or empty, db (N,) or empty; dw and db in the weight's dtype."""
     dx, dw, db = _backend.launchers(backend, triton_norm).norm_bwd(dy, xin, weight, None if is_rms else mean, rstd,
                                                                    dres, is_rms, offset, need_dw, need_db)
     wlike = weight if weight is not None else xin
@@ -93,6 +94,10 @@ def _(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db, backe
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, eps, is_rms, offset, backend = inputs
     _, residual_out, mean, rstd = output
+    # Only y and residual_out carry gradients: autograd neither materializes zero gradients for the statistics (two
+    # allocations and fills per backward) nor for an absent residual_out; `_backward` takes None for what is unused.
+    ctx.mark_non_differentiable(mean, rstd, *(() if residual is not None else (residual_out,)))
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(residual_out if residual is not None else x, weight, mean, rstd)
     ctx.has_bias = bias is not None
     # The kernels give db in the weight's dtype (x's without a weight); a float32 bias with no weight wants its own.
@@ -108,15 +113,15 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd):
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
     if dy is None:
         dy = torch.zeros_like(xin)
-    dres = _util.unit_stride_last(dresidual_out) if ctx.has_residual and dresidual_out is not None else None
+    dres = dresidual_out if ctx.has_residual else None
     dx, dw, db = norm_bwd_op(
-        _util.unit_stride_last(dy), xin, weight, mean, rstd, dres, ctx.is_rms, ctx.offset,
+        dy, xin, weight, mean, rstd, dres, ctx.is_rms, ctx.offset,
         bool(need_w), bool(need_b and ctx.has_bias), ctx.backend,
     )
     return (
         dx if need_x else None,
         dw if need_w else None,
-        db.to(ctx.bias_dtype) if need_b and ctx.has_bias else None,
+        (db if db.dtype == ctx.bias_dtype else db.to(ctx.bias_dtype)) if need_b and ctx.has_bias else None,
         dx if need_r else None,
         None,
         None,
@@ -130,22 +135,25 @@ norm_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _check(x, weight, bias, residual, eps, offset=0.0):
     _checks.tensor("x", x)
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x must have a last dimension of size ≥ 1 to normalize over, got shape {tuple(x.shape)}")
-    N = x.shape[-1]
+    shape = x.shape
+    if not shape or shape[-1] == 0:
+        raise ValueError(f"x must have a last dimension of size ≥ 1 to normalize over, got shape {tuple(shape)}")
+    N = shape[-1]
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
         _checks.tensor(name, p)
-        _checks.shape(name, p, (N,), " (the size of x's last dimension)")
+        if p.shape != (N,):
+            _checks.shape(name, p, (N,), " (the size of x's last dimension)")
         _checks.same_device(name, p, "x", x)
-        if p.dtype not in (x.dtype, torch.float32):
+        if p.dtype is not x.dtype and p.dtype is not torch.float32:
             raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {p.dtype}")
     if weight is not None and bias is not None and weight.dtype != bias.dtype:
         raise TypeError(f"weight and bias must have the same dtype, got {weight.dtype} and {bias.dtype}")
     if residual is not None:
         _checks.tensor("residual", residual)
-        _checks.shape("residual", residual, x.shape, " (x's shape)")
+        if residual.shape != shape:
+            _checks.shape("residual", residual, shape, " (x's shape)")
         _checks.same_device("residual", residual, "x", x)
         if residual.dtype != x.dtype:
             raise TypeError(f"residual must have x's dtype ({x.dtype}), got {residual.dtype}")
@@ -190,17 +198,14 @@ def _norm(op, x, weight, bias, residual, eps, is_rms, offset):
         return reference.layer_norm(x, weight, bias, eps, residual)
     if backend == "torch:eager":
         return _native(x, weight, bias, residual, eps, is_rms)
-    N = x.shape[-1]
     # The kernels read weight and bias at unit stride: a strided or expanded one (torch.randn(1).expand(N)) is
-    # made contiguous here, or they would read the wrong elements.
+    # made contiguous here, or they would read the wrong elements. x and residual go in their own shapes (the
+    # launchers read them as rows at one stride, copying only those whose leading dimensions do not collapse), and
+    # y comes back in x's.
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
-    x2 = _util.unit_stride_last(x.reshape(-1, N))
-    r2 = _util.unit_stride_last(residual.reshape(-1, N)) if residual is not None else None
-    y, residual_out, _, _ = norm_fwd_op(x2, weight, bias, r2, float(eps), is_rms, float(offset),
-                                                      backend)
-    y = y.view(x.shape)
-    return y if residual is None else (y, residual_out.view(x.shape))
+    y, residual_out, _, _ = norm_fwd_op(x, weight, bias, residual, float(eps), is_rms, float(offset), backend)
+    return y if residual is None else (y, residual_out)
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
