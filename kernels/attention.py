@@ -1094,7 +1094,8 @@ def _dot_precision(dtype):
 
 def _strides(t, varlen):
     """(batch, sequence, head) element strides of a (B, S, H, D) tensor, or of a packed (T, H, D) one (batch 0)."""
-    return (0, t.stride(0), t.stride(1)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
+    s = t.stride()  # one call (each stride(i) is a call of its own: ~20 a launch)
+    return (0, s[0], s[1]) if varlen else s[:3]
 
 
 def _lse_strides(lse, varlen):

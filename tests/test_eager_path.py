@@ -74,14 +74,11 @@ def test_the_eager_path_gives_what_the_registered_op_gives(backend, op, grad, mo
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("backend", [p for p in kernel_backends()], indirect=True)
 def test_eager_calls_never_go_through_the_dispatcher(backend, op, monkeypatch):
-    """Except the ops that mutate an argument (cross-entropy's in-place scaling of its gradient buffer), which
-    always do: their registration bumps the version counter."""
-    real = _eager.KernelOp.registered
+    """The ops that mutate an argument (cross-entropy's in-place scaling of its gradient buffer) included: their
+    direct call bumps the version counters as the registration would."""
 
     def refuse(self):
-        if not self._mutates:
-            raise AssertionError("an eager call went through the registered op")
-        return real.fget(self)
+        raise AssertionError("an eager call went through the registered op")
 
     monkeypatch.setattr(_eager.KernelOp, "registered", property(refuse))
     _run(op, grad=True)
@@ -125,16 +122,27 @@ def test_a_parameter_wrapping_a_tensor_subclass_gets_the_registered_op():
     assert not _eager._plain((torch.ones(2), wrapped))  # a DTensor or quantized parameter looks like this
 
 
-def test_a_mutating_op_bumps_the_version_counter_as_registered():
-    @_eager.custom_op("fastlm_test::add_one_", mutates_args=("x",))
-    def add_one_(x: torch.Tensor) -> None:
-        x.add_(1)
+def test_a_mutating_op_bumps_the_version_counter_as_registered(monkeypatch):
+    """A kernel writes through a pointer, which moves no version counter: the op's call must move it, on the direct
+    path as the registration does, so that autograd refuses a backward through the overwritten values."""
 
-    x = torch.zeros(3)
-    before = x._version
-    with torch.no_grad():
-        add_one_(x)
-    assert torch.equal(x, torch.ones(3)) and x._version > before
+    @_eager.custom_op("fastlm_test::add_one_", mutates_args=("x",))
+    def add_one_(y: torch.Tensor, x: torch.Tensor) -> None:
+        with torch.autograd._unsafe_preserve_version_counter(x):  # as a kernel's write: no bump of its own
+            x.add_(1)
+
+    for dispatch in (True, False):
+        monkeypatch.setattr(_eager, "DISPATCH_ALWAYS", dispatch)
+        x = torch.zeros(3)
+        before = x._version
+        with torch.no_grad():
+            add_one_(torch.ones(1), x)
+        assert torch.equal(x, torch.ones(3)) and x._version > before, dispatch
+        out = torch.ones(3, requires_grad=True).exp()  # exp saves its output for its backward
+        with torch.no_grad():
+            add_one_(torch.ones(1), out)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            out.sum().backward()
 
 
 @pytest.mark.parametrize("backend", [p for p in kernel_backends()], indirect=True)

@@ -13,13 +13,14 @@ takes one of three paths:
 - through the registered op (`torch.ops.fastlm.<name>`) whenever something must see it as one operator: while
   torch.compile or export traces (the fake implementation and the graph node), under a tensor subclass (DTensor,
   FakeTensor, functional tensors), an active dispatch or torch-function mode, or functorch transforms (vmap, grad);
-  on meta tensors (the fake implementation gives the shapes); under torch.jit.trace; always for an op that mutates
-  an argument (its registration bumps the version counter); and for an op with no autograd formula while
-  gradients are being recorded;
+  on meta tensors (the fake implementation gives the shapes); under torch.jit.trace; and for an op with no autograd
+  formula (every op that mutates an argument) while gradients are being recorded;
 - when autograd must record the call (grad mode on and an input requires grad): the op's own implementation inside
   a plain `torch.autograd.Function` built from the op's `setup_context` and `backward`, the same formula the
   registered op uses, with none of the dispatcher's wrapping;
-- otherwise (inference, or a backward op called from a backward): the implementation itself, a Python call.
+- otherwise (inference, or a backward op called from a backward): the implementation itself, a Python call; for
+  an op that mutates arguments, followed by a bump of their version counters, which is what the registration's
+  ADInplaceOrView kernel does (autograd then refuses a backward through values the op overwrote).
 
 The three give the same tensors: the implementation is the same function, and the autograd formula is the same
 pair of functions (`tests/test_eager_path.py` runs each op both ways and compares them bit for bit). What the direct
@@ -30,6 +31,7 @@ already converted), the outputs' alias check (no implementation returns an input
 Set `DISPATCH_ALWAYS = True` (tests do, for some checks) to send every call through the registered op.
 """
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -53,6 +55,7 @@ _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 # declared (ours is not), checks for functorch transforms (done by `_must_dispatch`) and unwraps functorch's dead
 # wrappers (`_plain` sends any functorch-wrapped tensor to the registered op instead): ~4 µs a call.
 _function_apply = torch._C._FunctionBase.__dict__["apply"]
+_increment_version = torch.autograd.graph.increment_version
 
 
 def _plain(args) -> bool:
@@ -84,10 +87,10 @@ def _must_dispatch(args) -> bool:
 class KernelOp:
     """A registered fastlm op (see the module docstring): `op(*args)` runs it on the cheapest correct path."""
 
-    def __init__(self, definition, fn: Callable, mutates: bool):
+    def __init__(self, definition, fn: Callable, mutated: tuple):
         self._definition = definition  # torch.library's CustomOpDef
         self._fn = fn
-        self._mutates = mutates
+        self._mutated = mutated  # positions of the arguments the op writes
         self._function: Optional[type] = None
         self._apply: Optional[Callable] = None
         self._overload = None
@@ -123,15 +126,17 @@ class KernelOp:
         self._apply = _function_apply.__get__(None, self._function)
 
     def __call__(self, *args):
-        # An op that mutates an argument always goes through the registration, whose ADInplaceOrView kernel bumps
-        # the argument's version counter (what makes autograd refuse a backward through values it overwrote).
-        if self._mutates or _must_dispatch(args):
+        if _must_dispatch(args):
             return self.registered(*args)
         if _grad_enabled() and _any_requires_grad(*args):
             if self._apply is None:
                 return self.registered(*args)
             return self._apply(*args)
-        return self._fn(*args)
+        output = self._fn(*args)
+        if self._mutated:
+            # As the registration's ADInplaceOrView kernel: the written arguments' version counters move on.
+            _increment_version([args[i] for i in self._mutated if args[i] is not None])
+        return output
 
 
 def custom_op(name: str, *, mutates_args=()):
@@ -139,6 +144,7 @@ def custom_op(name: str, *, mutates_args=()):
 
     def wrap(fn):
         definition = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
-        return KernelOp(definition, fn, bool(mutates_args))
+        params = list(inspect.signature(fn).parameters)
+        return KernelOp(definition, fn, tuple(params.index(a) for a in mutates_args))
 
     return wrap

@@ -32,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from fastlm import _backend, reference
+from fastlm import _backend, _util, reference
 from fastlm.kernels import cross_entropy as triton_ce
 from fastlm.ops import _checks, _eager
 
@@ -340,7 +340,6 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, label_smoot
     _check(logits, target, weight, ignore_index, label_smoothing, reduction, z_loss, softcap)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
-    V = logits.shape[-1]
     # Meta tensors (shapes only) take the reference's shapes under every backend.
     backend = "torch" if logits.device.type == "meta" else _backend.resolve("cross_entropy", logits.device,
                                                                              logits.dtype)
@@ -355,15 +354,13 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, label_smoot
         else:
             logits = logits.contiguous()  # a copy of our own: nothing else holds it
         loss = _CrossEntropyInplace.apply(
-            logits, target.reshape(-1).contiguous(), w, ignore_index, float(label_smoothing), float(z_loss),
+            logits, _util.flat(target), w, ignore_index, float(label_smoothing), float(z_loss),
             float(softcap or 0.0), reduction, backend,
         )
         return loss.view(target.shape) if reduction == "none" else loss
-    x = logits.reshape(-1, V)
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+    x = _util.unit_stride_last(_util.as_2d(logits))
     loss = cross_entropy_fwd_op(
-        x, target.reshape(-1).contiguous(), w, ignore_index, float(label_smoothing), float(z_loss),
+        x, _util.flat(target), w, ignore_index, float(label_smoothing), float(z_loss),
         float(softcap or 0.0), reduction, compute_grad, backend,
     )[0]
     return loss.view(target.shape) if reduction == "none" else loss

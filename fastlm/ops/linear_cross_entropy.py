@@ -51,7 +51,7 @@ from typing import Optional
 
 import torch
 
-from fastlm import _backend, reference
+from fastlm import _backend, _util, reference
 from fastlm.kernels import cross_entropy as triton_ce
 from fastlm.ops import _checks, _eager
 from fastlm.ops.cross_entropy import (_check_options, _check_target_and_weight, _check_target_values,
@@ -68,32 +68,45 @@ def _chunk_rows(tokens, V, itemsize):
     return max(rows, -(-tokens // MAX_CHUNKS))
 
 
-def _acc_mm(acc, a, b):
-    """acc (fp32) += a @ b, accumulated in fp32 whatever a and b are."""
-    if a.dtype == torch.float32:
+def _acc_mm(block, a, b):
+    """block[2] (fp32) += a @ b, accumulated in fp32 whatever a and b are; the first product becomes the
+    accumulator (no zero-filled buffer: a memset of V·H·4 bytes saved, 2 GiB at issue 13's shape)."""
+    acc = block[2]
+    if acc is None:
+        if a.dtype == torch.float32:
+            block[2] = torch.mm(a, b)
+        elif a.is_cuda:
+            block[2] = torch.mm(a, b, out_dtype=torch.float32)  # cuBLAS: half inputs, fp32 output and sum
+        else:
+            block[2] = torch.mm(a.float(), b.float())
+    elif a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda:
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # cuBLAS: half inputs, fp32 output and sum
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())
 
 
 def _chunks(hidden, weight, bias, tokens):
+    """(first token, last + 1, hidden's rows, their logits) per token chunk; hidden itself when one chunk holds
+    every token (no slicing: a small call's host path)."""
     step = _chunk_rows(tokens, weight.shape[0], hidden.element_size())
+    if step >= tokens:
+        yield 0, tokens, hidden, torch.nn.functional.linear(hidden, weight, bias)
+        return
     for start in range(0, tokens, step):
         h = hidden[start:start + step]
         yield start, start + step, h, torch.nn.functional.linear(h, weight, bias)
 
 
 def _dw_blocks(weight):
-    """The fp32 d(weight) accumulator as [(first row, last row + 1, zeros)] of at most DW_BLOCK_BYTES each (one
-    block, the whole (V, H), for fp32 weights: it is the result)."""
+    """The fp32 d(weight) accumulator as [first row, last row + 1, None] of at most DW_BLOCK_BYTES each (one
+    block, the whole (V, H), for fp32 weights: it is the result); the first chunk's product fills each in."""
     V, H = weight.shape
-    f32 = dict(dtype=torch.float32, device=weight.device)
     if weight.dtype == torch.float32:
-        return [(0, V, torch.zeros((V, H), **f32))]
+        return [[0, V, None]]
     step = max(1, DW_BLOCK_BYTES // max(1, 4 * H))
-    return [(v0, min(V, v0 + step), torch.zeros((min(V, v0 + step) - v0, H), **f32)) for v0 in range(0, V, step)]
+    return [[v0, min(V, v0 + step), None] for v0 in range(0, V, step)]
 
 
 def _finish_dw(blocks, dtype):
@@ -117,31 +130,41 @@ def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, com
     dweight False: the low-memory path makes them in its own pass)."""
     ignore_index, smoothing, z_loss, softcap, reduction = args
     tokens = hidden.shape[0]
+    # One chunk holds every token: its results are the results (no buffers to copy them into).
+    whole = _chunk_rows(tokens, weight.shape[0], hidden.element_size()) >= tokens
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    stats = [torch.empty(tokens, **f32) for _ in range(3)] if saved is None else None  # loss, row max, log-sum
+    stats = [torch.empty(tokens, **f32) for _ in range(3)] if saved is None and not whole else None  # loss, max, log
     # Row-major whatever hidden's layout (empty_like would copy a transposed one's strides): the chunks' mm writes
     # rows of it, and the backward's in-place scaling kernel takes rows with unit column stride.
-    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if compute else None
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if compute and not whole else None
     blocks = _dw_blocks(weight) if compute and dweight else None
     db = torch.zeros(weight.shape[:1], **f32) if compute and dweight and bias is not None else None
+    ce = _backend.launchers(backend, triton_ce)
     for start, end, h, logits in _chunks(hidden, weight, bias, tokens):
-        t = target[start:end]
+        t = target if whole else target[start:end]
         # The gradient goes over the chunk's logits (out=logits): one chunk buffer, not two.
         if saved is None:
-            loss, row_max, log_s, _, grad = _backend.launchers(backend, triton_ce).cross_entropy_fwd(
+            loss, row_max, log_s, _, grad = ce.cross_entropy_fwd(
                 logits, t, class_weight, ignore_index, smoothing, z_loss, softcap, reduction, compute, sc=sc,
                 out=logits)
-            for dst, src in zip(stats, (loss, row_max, log_s)):
-                dst[start:end] = src
+            if whole:
+                stats = [loss, row_max, log_s]
+            else:
+                for dst, src in zip(stats, (loss, row_max, log_s)):
+                    dst[start:end] = src
         else:
-            go, row_max, log_s = (x[start:end] for x in saved)
-            grad = _backend.launchers(backend, triton_ce).cross_entropy_bwd(
+            go, row_max, log_s = saved if whole else (x[start:end] for x in saved)
+            grad = ce.cross_entropy_bwd(
                 logits, t, class_weight, sc, row_max, log_s, go, ignore_index, smoothing, z_loss, softcap, out=logits)
         del logits
         if compute:
-            torch.mm(grad, weight, out=dh[start:end])
-            for v0, v1, acc in blocks or ():
-                _acc_mm(acc, grad[:, v0:v1].t(), h)
+            if whole:
+                dh = torch.mm(grad, weight)
+            else:
+                torch.mm(grad, weight, out=dh[start:end])
+            for block in blocks or ():
+                v0, v1 = block[0], block[1]
+                _acc_mm(block, grad.t() if v1 - v0 == grad.shape[1] else grad[:, v0:v1].t(), h)
             if db is not None:
                 db += grad.sum(0, dtype=torch.float32)
         del grad
@@ -386,12 +409,12 @@ def _linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_ind
     if backend == "torch":
         return reference.linear_cross_entropy(hidden, weight, target, bias, class_weight, ignore_index,
                                               label_smoothing, reduction, z_loss, softcap)
-    h = hidden.reshape(-1, H)
+    h = _util.as_2d(hidden)
     compute_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     cw = class_weight.float().contiguous() if class_weight is not None else None
     loss = linear_cross_entropy_fwd_op(
-        h, weight, target.reshape(-1).contiguous(), bias, cw, ignore_index, float(label_smoothing), float(z_loss),
+        h, weight, _util.flat(target), bias, cw, ignore_index, float(label_smoothing), float(z_loss),
         float(softcap or 0.0), reduction, compute_grad, bool(low_memory), backend,
     )[0]
     return loss.view(target.shape) if reduction == "none" else loss
