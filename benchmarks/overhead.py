@@ -79,6 +79,23 @@ def _attention_case(dtype=torch.float32, head_dim=16):
                                                            is_causal=True).transpose(1, 2))
 
 
+def _swiglu_case():
+    gate, up = torch.randn(4, 64), torch.randn(4, 64)
+    return (gate, up), lambda g, u: fastlm.swiglu(g, u), lambda g, u: F.silu(g) * u
+
+
+def _rotary_case(dtype=torch.float32):
+    x = torch.randn(1, 8, 2, 16, dtype=dtype)
+    angles = torch.randn(8, 8)
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+
+    def theirs(x, cos, sin):  # Hugging Face's apply_rotary_pos_emb, in x's (batch, seq, heads, dim) layout
+        rotated = torch.cat([-x[..., 8:], x[..., :8]], -1)
+        return x * cos[:, None] + rotated * sin[:, None]
+
+    return (x, cos, sin), lambda x, c, s: fastlm.rotary_embedding(x, c, s), theirs
+
+
 CASES = {
     "layer_norm": lambda: _norm_case(False, False),
     "rms_norm": lambda: _norm_case(True, False),
@@ -86,6 +103,8 @@ CASES = {
     "cross_entropy": _cross_entropy_case,
     "linear_cross_entropy": _linear_cross_entropy_case,
     "attention": _attention_case,
+    "swiglu": _swiglu_case,
+    "rotary_embedding": _rotary_case,
 }
 
 
@@ -161,11 +180,18 @@ def stubbed_launches():
         InterpretedFunction.run = real
 
 
-def _call(fn, args, mode):
-    """A no-argument callable: the forward (inputs that need no gradient), or forward + backward."""
+# Ops whose later floating-point arguments are constants (rotary's cos and sin tables): how many lead that need a
+# gradient in the forward + backward case.
+DIFFERENTIABLE = {"rotary_embedding": 1}
+
+
+def _call(fn, args, mode, differentiable=None):
+    """A no-argument callable: the forward (inputs that need no gradient), or forward + backward (the first
+    `differentiable` floating-point arguments, all of them by default, require a gradient)."""
     if mode == "fwd":
         return lambda: fn(*args)
-    leaves = [a.clone().requires_grad_() if a.is_floating_point() else a for a in args]
+    n = len(args) if differentiable is None else differentiable
+    leaves = [a.clone().requires_grad_() if a.is_floating_point() and i < n else a for i, a in enumerate(args)]
 
     def step():
         out = fn(*leaves)
@@ -184,7 +210,7 @@ def test_host_path(benchmark, stubbed_launches, request, op, mode, who):
     args, ours, theirs = (CUDA_CASES.get(op, CASES[op]) if who == "fastlm-cuda" else CASES[op])()
     benchmark.group = f"{op} {mode}"
     benchmark.extra_info.update(op=op, mode=mode, who=who)
-    benchmark(_call(theirs if who == "torch" else ours, args, mode))
+    benchmark(_call(theirs if who == "torch" else ours, args, mode, DIFFERENTIABLE.get(op)))
 
 
 def table(results: dict) -> str:

@@ -165,9 +165,8 @@ def _rows(name, t, ref, M=None, N=None, dtype=None, out=False):
     return rows, n
 
 
-def _row_operand(name, t, ref, shape=None, dtype=None):
-    """A (..., N) operand read as rows (`_util.rows`: itself at its row stride, or a contiguous copy), in `shape`
-    when given: (the tensor read, its row stride)."""
+def _operand(name, t, ref, shape=None, dtype=None):
+    """An operand on ref's device, in `shape` and `dtype` when given, of a kernel dtype."""
     _same_device(name, t, ref)
     if shape is not None and t.shape != shape:
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -175,6 +174,12 @@ def _row_operand(name, t, ref, shape=None, dtype=None):
         raise TypeError(f"{name} must have dtype {dtype}, got {t.dtype}")
     if t.dtype not in _DTYPE_CODES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _row_operand(name, t, ref, shape=None, dtype=None):
+    """A (..., N) operand (`_operand`) read as rows (`_util.rows`: itself at its row stride, or a contiguous
+    copy): (the tensor read, its row stride)."""
+    _operand(name, t, ref, shape, dtype)
     return _util.rows(t)
 
 
@@ -676,40 +681,39 @@ def rotary_bwd(dy, cos, sin, interleaved, heads_first):
 
 
 def _gated_operands(activation, named):
-    """(rows, N) operands of one shape and dtype with unit column stride; returns (ext, the activation's code)."""
+    """Operands of one shape and dtype, read as rows (`_util.elementwise_rows`); returns (ext, the activation's
+    code)."""
     ref_name, ref = named[0]
     ext = _require(ref_name, ref)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)}, got {activation!r}")
-    M, N = _rows(ref_name, ref, ref)
+    _operand(ref_name, ref, ref)
     for name, t in named[1:]:
-        _rows(name, t, ref, M, N, ref.dtype)
+        _operand(name, t, ref, ref.shape, ref.dtype)
     return ext, _ACTIVATIONS[activation]
 
 
 def gated_fwd(gate, up, activation):
-    """As kernels/gated.py's gated_fwd: h = act(gate)·up for (M, N) gate and up of one dtype, unit column stride;
-    activation "silu", "gelu_tanh" or "gelu". Returns h (M, N), contiguous."""
+    """As kernels/gated.py's gated_fwd: h = act(gate)·up for gate and up of one shape and dtype, read as rows;
+    activation "silu", "gelu_tanh" or "gelu". Returns h in gate's shape, contiguous."""
     ext, code = _gated_operands(activation, (("gate", gate), ("up", up)))
     h = _util.empty(gate.shape, gate.dtype, gate.device)
     if h.numel() > 0:
-        g, u, hv = _util.rows_view(gate, up, h)
-        M, N = hv.shape
-        ext.gated_fwd(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), hv.data_ptr(), hv.stride(0), M, N,
+        (g, u, hv), M, N, (sg, su, sh) = _util.elementwise_rows(gate, up, h)
+        ext.gated_fwd(g.data_ptr(), sg, u.data_ptr(), su, hv.data_ptr(), sh, M, N,
                        _DTYPE_CODES[gate.dtype], code, gate.device.index, _stream(gate))
     return h
 
 
 def gated_bwd(dh, gate, up, activation):
-    """As kernels/gated.py's gated_bwd: (dgate, dup), each (M, N) contiguous in the gate's dtype."""
+    """As kernels/gated.py's gated_bwd: (dgate, dup), each in gate's shape and dtype, contiguous."""
     ext, code = _gated_operands(activation, (("gate", gate), ("up", up), ("dh", dh)))
     dgate = _util.empty(gate.shape, gate.dtype, gate.device)
     dup = _util.empty(gate.shape, gate.dtype, gate.device)
     if dgate.numel() > 0:
-        d, g, u, dg, du = _util.rows_view(dh, gate, up, dgate, dup)
-        M, N = dg.shape
-        ext.gated_bwd(d.data_ptr(), d.stride(0), g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0),
-                       dg.data_ptr(), dg.stride(0), du.data_ptr(), du.stride(0), M, N, _DTYPE_CODES[gate.dtype], code,
+        (d, g, u, dg, du), M, N, (sd, sg, su, sdg, sdu) = _util.elementwise_rows(dh, gate, up, dgate, dup)
+        ext.gated_bwd(d.data_ptr(), sd, g.data_ptr(), sg, u.data_ptr(), su, dg.data_ptr(), sdg, du.data_ptr(), sdu,
+                       M, N, _DTYPE_CODES[gate.dtype], code,
                        gate.device.index, _stream(gate))
     return dgate, dup
 

@@ -64,12 +64,17 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def rows_view(*tensors):
-    """(rows, N) operands of an elementwise kernel as it walks them: viewed as one row (1, rows·N) when all are
-    contiguous, so that programs never straddle the padding of short rows; otherwise as given."""
+def elementwise_rows(*tensors):
+    """An elementwise kernel's operands, all of one shape, as it walks them: (operands, M, N, their row strides).
+    All contiguous: one row of numel elements (stride numel), so programs never straddle the padding of short rows;
+    otherwise the rows of the last dimension, each operand at its own stride (`rows`: a contiguous copy of one that
+    cannot be read so). No view is made either way (each would cost ~1–3 µs of the host path)."""
     if all(t.is_contiguous() for t in tensors):
-        return [t.view(1, -1) for t in tensors]
-    return list(tensors)
+        n = tensors[0].numel()
+        return tensors, 1, n, (n,) * len(tensors)
+    pairs = [rows(t) for t in tensors]
+    N = tensors[0].shape[-1] if tensors[0].dim() else 1
+    return [p[0] for p in pairs], tensors[0].numel() // N, N, [p[1] for p in pairs]
 
 
 def row_stride(t):

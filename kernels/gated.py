@@ -22,9 +22,10 @@ writes dg and du, 5d. Against a few exps and divisions per element, memory bound
 device's copy bandwidth.
 
 Design:
-- Operands are (rows, N) with unit column stride and any row stride, so the two halves of a fused gate-up
-  projection (`x.chunk(2, -1)`) are read in place, without a copy. When every operand is contiguous the launcher
-  views them as one row (1, rows·N) (`fastlm._util.rows_view`), so short or odd rows leave no lanes idle.
+- Operands come in the caller's shape (..., N) and are walked as rows with unit column stride and any row stride,
+  so the two halves of a fused gate-up projection (`x.chunk(2, -1)`) are read in place, without a copy. When every
+  operand is contiguous the launcher walks them as one row of rows·N elements (`fastlm._util.elementwise_rows`),
+  so short or odd rows leave no lanes idle.
 - A program moves one [BLOCK_M, BLOCK_N] tile of TILE elements per operand: 16 a thread at 8 warps, two 16-byte
   accesses per 16-bit operand (four for fp32), issued before any is used. Rows shorter than TILE stack BLOCK_M to
   a tile. 16-byte accesses come from the JIT's divisibility-by-16 specialisation of the pointers, the row strides
@@ -36,7 +37,7 @@ import triton
 import triton.language as tl
 
 from fastlm import _util
-from fastlm._util import cdiv, next_pow2, rows_view
+from fastlm._util import cdiv, elementwise_rows, next_pow2
 from ._common import tanh_and_sech2
 
 TILE = 4096  # elements of each operand a program moves
@@ -145,28 +146,29 @@ def _config(N):
 
 
 def _launch(kernel, operands, activation):
-    M, N = operands[0].shape
+    operands, M, N, strides = elementwise_rows(*operands)
     block_m, block_n = _config(N)
     tiles_n = cdiv(N, block_n)
     grid = (cdiv(M, block_m) * tiles_n,)
-    kernel[grid](*operands, *(t.stride(0) for t in operands), M, N, tiles_n, ACT=ACTIVATIONS[activation],
-                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=NUM_WARPS)
+    kernel[grid](*operands, *strides, M, N, tiles_n, ACT=ACTIVATIONS[activation], BLOCK_M=block_m,
+                 BLOCK_N=block_n, num_warps=NUM_WARPS)
 
 
 def gated_fwd(gate, up, activation):
-    """h = act(gate)·up. gate, up: (M, N), one dtype, unit column stride, any row stride; activation "silu",
-    "gelu_tanh" or "gelu". Returns h (M, N), contiguous, in the gate's dtype."""
+    """h = act(gate)·up. gate, up: one shape (..., N) and dtype, read as rows (`_util.rows`: in place at their row
+    strides, or a contiguous copy); activation "silu", "gelu_tanh" or "gelu". Returns h in gate's shape and dtype,
+    contiguous."""
     h = _util.empty(gate.shape, gate.dtype, gate.device)
     if h.numel() > 0:
-        _launch(_gated_fwd_kernel, rows_view(gate, up, h), activation)
+        _launch(_gated_fwd_kernel, (gate, up, h), activation)
     return h
 
 
 def gated_bwd(dh, gate, up, activation):
-    """Backward of gated_fwd: dh, gate, up (M, N) with unit column stride. Returns (dgate, dup), (M, N) contiguous
-    in the gate's dtype."""
+    """Backward of gated_fwd: dh, gate, up of one shape, read as gated_fwd reads its operands. Returns (dgate, dup)
+    in gate's shape and dtype, contiguous."""
     dgate = _util.empty(gate.shape, gate.dtype, gate.device)
     dup = _util.empty(gate.shape, gate.dtype, gate.device)
     if dgate.numel() > 0:
-        _launch(_gated_bwd_kernel, rows_view(dh, gate, up, dgate, dup), activation)
+        _launch(_gated_bwd_kernel, (dh, gate, up, dgate, dup), activation)
     return dgate, dup

@@ -132,13 +132,17 @@ def _config(rot):
 
 
 def _bshd(t, heads_first):
-    """A (batch, seq, heads, head_dim)-ordered view of t (a transpose when heads_first)."""
-    return t.transpose(1, 2) if heads_first else t
+    """t's (shape, strides) in (batch, seq, heads, head_dim) order (seq and heads swapped when heads_first; no view
+    op), strides 0 for size-1 dimensions: never multiplied by a non-zero index, they must not cost the JIT's
+    divisibility specialisation (and with it the 16-byte accesses)."""
+    shape, strides = tuple(t.shape), _strides(t)
+    if heads_first:
+        return (shape[0], shape[2], shape[1], shape[3]), (strides[0], strides[2], strides[1], strides[3])
+    return shape, strides
 
 
 def _strides(t):
-    """t's strides, 0 for size-1 dimensions: never multiplied by a non-zero index, they must not cost the JIT's
-    divisibility specialisation (and with it the 16-byte accesses)."""
+    """t's strides, 0 for size-1 dimensions (see _bshd)."""
     return [0 if n == 1 else st for n, st in zip(t.shape, t.stride())]
 
 
@@ -146,21 +150,21 @@ def _rotary(x, cos, sin, interleaved, heads_first, backward):
     if cos.stride() != sin.stride():
         raise ValueError(f"cos and sin must have equal strides, got {cos.stride()} and {sin.stride()}")
     out = _util.empty(x.shape, x.dtype, x.device)
-    xv, ov = _bshd(x, heads_first), _bshd(out, heads_first)
-    batch, seqlen, heads, head_dim = xv.shape
+    (batch, seqlen, heads, head_dim), x_strides = _bshd(x, heads_first)
+    out_strides = _bshd(out, heads_first)[1]
     rot = cos.shape[-1]
     tokens = batch * seqlen
     if out.numel() == 0:
         return out
     # (seq, rot) and (1, seq, rot): batch stride 0, one table for every sequence.
-    cos_b, cos_s = _strides(cos if cos.dim() == 3 else cos.unsqueeze(0))[:2]
+    cos_b, cos_s = _strides(cos)[:2] if cos.dim() == 3 else (0, _strides(cos)[0])
     block_t, block_half = _config(rot)
     tiles = cdiv(tokens, block_t)
     groups = max(1, min(heads, MAX_GRID_Y, cdiv(PROGRAMS_PER_SM * num_sms(x.device), tiles)))
     heads_per_prog = cdiv(heads, groups)
     groups = cdiv(heads, heads_per_prog)
     _rotary_kernel[(tiles, groups)](
-        xv, cos, sin, ov, *_strides(xv)[:3], *_strides(ov)[:3], cos_b, cos_s, seqlen, tokens, heads,
+        x, cos, sin, out, *x_strides[:3], *out_strides[:3], cos_b, cos_s, seqlen, tokens, heads,
         heads_per_prog, rot // 2, head_dim - rot, int(backward), INTERLEAVED=interleaved,
         BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=NUM_WARPS,
     )

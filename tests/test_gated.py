@@ -99,6 +99,11 @@ def test_strided_inputs(backend, act):
     # up broadcast along the rows (row stride 0); its gradient sums the rows.
     g3, u3, d3 = _inputs((5, 48), torch.float32, seed=3)
     check_against_reference(act, g3, u3[:1].expand(5, 48), d3)
+    # Leading dimensions that do not collapse to one row stride (copied), next to a contiguous up.
+    g4, u4, d4 = _inputs((3, 4, 40), torch.float32, seed=4)
+    swapped = g4.transpose(0, 1).contiguous().transpose(0, 1)
+    assert fastlm._util.row_stride(swapped) is None
+    check_against_reference(act, swapped, u4, d4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

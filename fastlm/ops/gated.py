@@ -4,8 +4,9 @@ torch.library registration and autograd.
 The math, the roofline and the kernel design are in kernels/gated.py (Triton) and csrc/gated.cu (CUDA C++); the
 references are fastlm.reference.swiglu / geglu.
 
-Flow: fastlm.swiglu / fastlm.geglu check their arguments, view gate and up as (rows, N) (a view wherever the
-leading dimensions allow, so the halves of a fused gate-up projection are not copied) and pick a backend. The
+Flow: fastlm.swiglu / fastlm.geglu check their arguments and pick a backend; gate and up go to the launchers in
+their own shape, read as rows (in place wherever the leading dimensions collapse to one stride, so the halves of
+a fused gate-up projection are not copied; no view op either way). The
 torch backend is the reference, differentiated by autograd. The kernel backends go through two registered ops,
 `fastlm::gated_fwd` and `fastlm::gated_bwd`, each calling the backend's launcher of the same name (kernels.gated
 and fastlm._cuda share their signatures), with fake implementations so torch.compile traces them without graph
@@ -13,8 +14,6 @@ breaks, and an autograd formula that calls `fastlm::gated_bwd`. Nothing reads a 
 
 Saved for backward: gate and up (the activation is recomputed).
 """
-
-import math
 
 import torch
 
@@ -27,7 +26,8 @@ GELU_APPROXIMATIONS = ("tanh", "none")
 
 @_eager.custom_op("fastlm::gated_fwd", mutates_args=())
 def gated_fwd_op(gate: torch.Tensor, up: torch.Tensor, activation: str, backend: str) -> torch.Tensor:
-    """(rows, N) gate and up → h = act(gate)·up (rows, N), contiguous. activation: "silu", "gelu_tanh", "gelu"."""
+    """gate and up of one shape → h = act(gate)·up in that shape, contiguous. activation: "silu", "gelu_tanh",
+    "gelu"."""
     return _backend.launchers(backend, triton_gated).gated_fwd(gate, up, activation)
 
 
@@ -39,7 +39,7 @@ def _(gate, up, activation, backend):
 @_eager.custom_op("fastlm::gated_bwd", mutates_args=())
 def gated_bwd_op(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """→ d(gate), d(up): (rows, N), contiguous, in the gate's dtype."""
+    """→ d(gate), d(up) in gate's shape and dtype, contiguous."""
     return _backend.launchers(backend, triton_gated).gated_bwd(dh, gate, up, activation)
 
 
@@ -57,8 +57,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dh):
     gate, up = ctx.saved_tensors
-    # The kernels take any row stride but need unit column stride; autograd may hand out an expanded gradient.
-    dh = dh if dh.stride(-1) == 1 else dh.contiguous()
+    # Any layout: the launchers read dh as rows, copying an expanded or strided one autograd may hand out.
     dgate, dup = gated_bwd_op(dh, gate, up, ctx.activation, ctx.backend)
     need_gate, need_up = ctx.needs_input_grad[:2]
     return dgate if need_gate else None, dup if need_up else None, None, None
@@ -76,12 +75,6 @@ def _check(gate, up):
     _checks.same_device("up", up, "gate", gate)
 
 
-def _rows(t, N):
-    """t as (rows, N) with unit column stride: a view where the layout allows, else a copy."""
-    t2 = t.reshape(math.prod(t.shape[:-1]), N)
-    return t2 if t2.stride(-1) == 1 or N == 1 else t2.contiguous()
-
-
 def _gated(op, gate, up, activation):
     # Meta tensors (shapes only: model init on meta, FSDP) take the reference's shapes under every backend.
     backend = "torch" if gate.device.type == "meta" else _backend.resolve(op, gate.device, gate.dtype)
@@ -89,9 +82,7 @@ def _gated(op, gate, up, activation):
         if activation == "silu":
             return reference.swiglu(gate, up)
         return reference.geglu(gate, up, "tanh" if activation == "gelu_tanh" else "none")
-    N = gate.shape[-1] if gate.dim() > 0 else 1
-    h = gated_fwd_op(_rows(gate, N), _rows(up, N), activation, backend)
-    return h.view(gate.shape)
+    return gated_fwd_op(gate, up, activation, backend)
 
 
 def swiglu(gate, up):
