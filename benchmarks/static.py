@@ -318,9 +318,6 @@ def _launch_norm(found: list) -> None:
                 b = None if is_rms else torch.empty(n, dtype=wdt)
                 _, res_out, mean, rstd = K.norm_fwd(x, w, b, res, 1e-5, is_rms, 0.0)
                 K.norm_bwd(dy, res_out, w, mean, rstd, dres, is_rms, 0.0, True, not is_rms)
-    # norm_bwd widens the Σ kernel's column block for tensors not on a CUDA device (the interpreter's programs cost
-    # ~20 ms whatever their size); on the GPU it is always SUM_BLOCK_N, and the wide ones never ship.
-    found[:] = [v for v in found if v.fn is not K._sum_partials_kernel or v.constexprs["BLOCK_N"] == K.SUM_BLOCK_N]
 
 
 def _launch_cross_entropy(found: list) -> None:

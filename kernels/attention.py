@@ -77,7 +77,7 @@ import triton
 import triton.language as tl
 
 from fastlm import _util
-from fastlm._util import cdiv, interpreting, next_pow2, num_sms
+from fastlm._util import cdiv, next_pow2, num_sms
 from ._common import tanh_and_sech2
 
 # The kernels work in base 2 (exp2/log2): scores are scaled by log2(e) and the LSE converted back by ln(2).
@@ -1062,6 +1062,11 @@ MAX_TILE_ROWS = max(MAX_TILE_ROWS, DELTA_BLOCK_M, *INTERPRET_CONFIG[:2])
 MAX_GRID_YZ = 65535
 
 
+# How these kernels run, fixed when they were defined (@triton.jit makes interpreted functions under
+# TRITON_INTERPRET=1): read once, not from the environment on every launch.
+_INTERPRETED = not isinstance(_attn_fwd_kernel, triton.runtime.JITFunction)
+
+
 def block_d(head_dim: int) -> int:
     """The head-dim tile: a power of two ≥ 16 (tl.dot's smallest K), the columns past head_dim masked."""
     return max(16, next_pow2(head_dim))
@@ -1080,7 +1085,7 @@ def attention_unsupported(q, k, cu_seqlens_q, window_left, window_right, softcap
 
 def _config(table, dtype, head_dim, tma_table=None):
     """A kernel's (BLOCK_M, BLOCK_N, num_warps, num_stages): from its Hopper table when it takes that path."""
-    if interpreting():
+    if _INTERPRETED:
         return INTERPRET_CONFIG
     if tma_table is not None:
         return tma_table[block_d(head_dim)]
@@ -1174,7 +1179,7 @@ def _decode_block_m(rows):
 
 def _decode_config(head_dim, block_m):
     """(BLOCK_N, num_warps, num_stages) of the decode kernel for this head dim and row tile."""
-    return DECODE_INTERPRET_CONFIG if interpreting() else DECODE_CONFIGS[block_d(head_dim)][block_m]
+    return DECODE_INTERPRET_CONFIG if _INTERPRETED else DECODE_CONFIGS[block_d(head_dim)][block_m]
 
 
 def decode_splits(batch, kv_heads, keys, block_n, device):
@@ -1241,7 +1246,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, cu_seqlens_k, n_q, n_k, args,
                     flags)
         return out, lse
-    short = Sq <= DECODE_MAX_SEQLEN_Q and q.dtype != torch.float32 and not interpreting()
+    short = Sq <= DECODE_MAX_SEQLEN_Q and q.dtype != torch.float32 and not _INTERPRETED
     tma = not short and _tma_path("fwd", k, v, D, varlen)
     if short:
         BLOCK_M, BLOCK_N, num_warps, num_stages = DECODE_FWD_CONFIGS[block_d(D)]
@@ -1280,7 +1285,7 @@ def _tma_path(kernel, a, b, head_dim, varlen):
         return False
     force = TMA.get(kernel) if isinstance(TMA, dict) else TMA
     if force is None:
-        if interpreting() or _util.capability(a.device)[0] < 9:
+        if _INTERPRETED or _util.capability(a.device)[0] < 9:
             return False
     elif not force:
         return False

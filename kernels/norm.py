@@ -553,8 +553,13 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms, offset):
     return y, residual_out, mean, rstd
 
 
+# How these kernels run, fixed when they were defined (@triton.jit makes interpreted functions under
+# TRITON_INTERPRET=1): read once, not from the environment on every call.
+_INTERPRETED = not isinstance(_sum_partials_kernel, triton.runtime.JITFunction)
+
+
 @functools.lru_cache(maxsize=1024)
-def _bwd_plan(M, N, elem, sms, on_cuda):
+def _bwd_plan(M, N, elem, sms, interpreted):
     """The backward's launch plan for M rows of N elements of `elem` bytes on `sms` SMs: (fused, BLOCK_M, BLOCK_N,
     num_warps, NUM_STAGES, programs, rows a program, column blocks, the Σ kernel's BLOCK_N). Cached: it is the same
     for every step of a training run, and its arithmetic is a few µs of every call's host path. Computed from the
@@ -575,7 +580,7 @@ def _bwd_plan(M, N, elem, sms, on_cuda):
         rows_per_prog = max(1, cdiv(M, programs))
         programs = max(1, cdiv(M, rows_per_prog))
     # Under the interpreter a program costs ~20 ms whatever its size: wide Σ blocks there, same code.
-    sum_block_n = SUM_BLOCK_N if on_cuda else max(SUM_BLOCK_N, min(next_pow2(N), 4096))
+    sum_block_n = max(SUM_BLOCK_N, min(next_pow2(N), 4096)) if interpreted else SUM_BLOCK_N
     return fused, block_m, block_n, num_warps, stages, programs, rows_per_prog, col_blocks, sum_block_n
 
 
@@ -594,9 +599,8 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
     has_w = weight is not None
     need_dw = need_dw and has_w
     wdtype = weight.dtype if has_w else xin.dtype
-    on_cuda = device.type == "cuda"
     fused, block_m, block_n, num_warps, stages, programs, rows_per_prog, col_blocks, sum_block_n = _bwd_plan(
-        M, N, xin.element_size(), num_sms(device), on_cuda)
+        M, N, xin.element_size(), num_sms(device), _INTERPRETED)
     dx = _util.empty(shape, xin.dtype, device)
     if M == 0:
         zeros = lambda: torch.zeros(N, dtype=wdtype, device=device)  # noqa: E731

@@ -96,7 +96,7 @@ def test_the_measurement_loop_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     import torch
     import triton.testing
 
-    if not A.interpreting():
+    if not A._INTERPRETED:
         pytest.skip("runs the triton kernels through the interpreter (TRITON_INTERPRET=1)")
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (fn(), 1.0)[1])
     case = ("tiny causal", 1, 20, 2, 1, 16, True)
@@ -121,7 +121,7 @@ def test_the_decode_sweep_runs_and_restores_the_tables_on_cpu(tmp_path, monkeypa
     import torch
     import triton.testing
 
-    if not A.interpreting():
+    if not A._INTERPRETED:
         pytest.skip("runs the triton kernels through the interpreter (TRITON_INTERPRET=1)")
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (fn(), 1.0)[1])
     monkeypatch.setattr(sweep, "DECODE_CASES", (("b1 x 40", 1, 40),))
