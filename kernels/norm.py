@@ -449,6 +449,8 @@ def _fused(N):
 
 
 # ---- backward launch table (benchmarks/norm_sweep.py varies these on a GPU) ----
+# They are read through the cached _bwd_plan: whatever changes them at run time must call _bwd_plan.cache_clear()
+# (benchmarks/norm_sweep.py --tune does).
 # Rows kept whole (N ≤ BWD_MAX_FUSED_N[element size]): a thread holds BWD_VECTORS 16-byte vectors of each tensor per
 # tile, so every load is 128 bits wide; rows narrower than a BWD_SMALL_WARPS-warp tile are packed BLOCK_M to a
 # program; up to BWD_MAX_WARPS warps cover a wide row (past that a thread holds more). BWD_PROGRAMS_PER_SM[warps]

@@ -6,7 +6,7 @@ import torch
 
 import fastlm
 from fastlm.ops import _eager
-from conftest import generator, kernel_backends
+from conftest import DEVICE, generator, kernel_backends
 
 
 def _case(name):
@@ -153,3 +153,13 @@ def test_jit_trace_records_the_registered_op(backend):
     assert "fastlm::norm_fwd" in str(traced.graph)
     x2 = torch.randn(6, 32, generator=g)
     assert torch.equal(traced(x2, w), fastlm.rms_norm(x2, w))
+
+
+@pytest.mark.parametrize("backend", [p for p in kernel_backends()], indirect=True)
+def test_a_lazily_negated_view_is_read_negated(backend):
+    """A tensor with its negative bit set holds its values unnegated; the direct path would hand the launchers the
+    raw memory, so such a tensor goes to the registered op, whose dispatch materializes it."""
+    base = torch.randn(4, 8, device=DEVICE)
+    x = torch._neg_view(base)
+    assert x.is_neg() and not _eager._plain((x,))
+    torch.testing.assert_close(fastlm.rms_norm(x), fastlm.rms_norm(-base), rtol=0, atol=0)

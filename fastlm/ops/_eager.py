@@ -25,8 +25,9 @@ takes one of three paths:
 The three give the same tensors: the implementation is the same function, and the autograd formula is the same
 pair of functions (`tests/test_eager_path.py` runs each op both ways and compares them bit for bit). What the direct
 path skips that the dispatcher does: schema normalization (every call site passes every argument positionally,
-already converted), the outputs' alias check (no implementation returns an input), lazy negative/conjugate views
-(every op makes its inputs' last dimension contiguous first), and the op's name in eager profiles.
+already converted), the outputs' alias check (no implementation returns an input), and the op's name in eager
+profiles. Lazy negative views (the only lazy view a real floating-point tensor can carry; fastlm takes no complex
+tensors) go to the registered op, whose dispatch materializes them.
 
 Set `DISPATCH_ALWAYS = True` (tests do, for some checks) to send every call through the registered op.
 """
@@ -61,12 +62,16 @@ _increment_version = torch.autograd.graph.increment_version
 def _plain(args) -> bool:
     """Every tensor argument is a plain torch.Tensor or a plain nn.Parameter (no subclass that must see the
     operator: the exact type is compared, since an nn.Parameter wrapping a subclass — a DTensor parameter — passes
-    isinstance(p, nn.Parameter) but keeps the subclass's type), and none is a functorch wrapper (a tensor of a
-    transform, or one that escaped it: the registered op's autograd.Function unwraps those)."""
+    isinstance(p, nn.Parameter) but keeps the subclass's type), none is a functorch wrapper (a tensor of a
+    transform, or one that escaped it: the registered op's autograd.Function unwraps those) and none is a lazily
+    negated view."""
     for a in args:
         kind = type(a)
         if kind is _Tensor or kind is _Parameter:
-            if _functorch_wrapped(a):
+            # A lazily negated view (its negative bit set: torch._neg_view, or the imaginary part of a conjugated
+            # complex tensor) holds the values unnegated: the dispatcher materializes it for the registered op;
+            # the launchers would read it raw.
+            if _functorch_wrapped(a) or a.is_neg():
                 return False
         elif kind not in _SCALARS and isinstance(a, _Tensor):
             return False
@@ -144,6 +149,9 @@ def custom_op(name: str, *, mutates_args=()):
 
     def wrap(fn):
         definition = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        if isinstance(mutates_args, str):
+            raise ValueError("fastlm's ops name the arguments they mutate (a tuple of names), got "
+                             f"{mutates_args!r}")
         params = list(inspect.signature(fn).parameters)
         return KernelOp(definition, fn, tuple(params.index(a) for a in mutates_args))
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastlm import _backend, reference
+from fastlm import _backend, _util, reference
 from fastlm.kernels import norm as triton_norm
 from fastlm.ops import _checks, _eager
 
@@ -204,6 +204,10 @@ def _norm(op, x, weight, bias, residual, eps, is_rms, offset):
     # y comes back in x's.
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
+    # One that does not is copied here rather than in the launcher, so that the copy is what the backward saves and
+    # reads (else the forward and the backward would each copy it).
+    if not x.is_contiguous() and _util.row_stride(x) is None:
+        x = x.contiguous()
     y, residual_out, _, _ = norm_fwd_op(x, weight, bias, residual, float(eps), is_rms, float(offset), backend)
     return y if residual is None else (y, residual_out)
 
