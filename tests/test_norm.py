@@ -231,6 +231,14 @@ def test_only_some_gradients(backend):
     _, res_out = fastlm.layer_norm(xr, weight, bias, residual=residual)
     res_out.backward(dres)
     assert torch.allclose(xr.grad, dres, atol=0)
+    # With y unused, the weight and bias are off the gradient's path: None, as in PyTorch's own composition (an
+    # optimizer skips a None gradient; a zero one would still move the parameter through momentum or decay).
+    w, b, r = (t.clone().requires_grad_() for t in (weight, bias, residual))
+    xr.grad = None
+    _, res_out = fastlm.layer_norm(xr, w, b, residual=r)
+    res_out.backward(dres)
+    assert w.grad is None and b.grad is None
+    assert torch.equal(xr.grad, dres) and torch.equal(r.grad, dres)
 
 
 # --- drop-in modules -----------------------------------------------------------------------------------------------

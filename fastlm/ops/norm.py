@@ -112,7 +112,9 @@ def _backward(ctx, dy, dresidual_out, dmean, drstd):
     xin, weight, mean, rstd = ctx.saved_tensors
     need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
     if dy is None:
-        dy = torch.zeros_like(xin)
+        # y unused, only residual_out = x + residual: nothing flows through the norm, so x and the residual get
+        # residual_out's gradient and the weight and bias none (None, as autograd gives parameters off the path).
+        return dresidual_out if need_x else None, None, None, dresidual_out if need_r else None, None, None, None, None
     dres = dresidual_out if ctx.has_residual else None
     dx, dw, db = norm_bwd_op(
         dy, xin, weight, mean, rstd, dres, ctx.is_rms, ctx.offset,
