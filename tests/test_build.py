@@ -208,3 +208,65 @@ def test_cross_entropy_launchers_check_the_device_before_any_pointer():
         for name, call in calls.items():
             with pytest.raises(RuntimeError, match="no CUDA device is visible"):
                 call()
+
+
+@pytest.fixture
+def recorded_extension(monkeypatch):
+    """fastlm._cuda's launchers run in full on CPU tensors against an extension that records each launcher's
+    arguments (the first call of each) and launches nothing: what the CUDA kernels would be given, checked without
+    a GPU."""
+    from benchmarks.overhead import _StubExtension
+
+    calls = {}
+
+    class Recording(_StubExtension):
+        def __getattr__(self, name):
+            if name.endswith("_numel"):
+                return lambda *args: 0
+            return lambda *args: calls.setdefault(name, args) and None
+
+    stub = Recording()
+    # The constants _cuda reads from an extension, from the stub, put back afterwards (as benchmarks.overhead does).
+    for name in ("_DTYPE_CODES", "_ACTIVATIONS"):
+        monkeypatch.setattr(_cuda, name, {})
+    for name in ("_ATTN_DTYPES", "_ATTN_HEAD_DIMS", "_ATTN_MAX_TOKENS", "_ATTN_MAX_GRID", "_ATTN_WINDOW_INF"):
+        monkeypatch.setattr(_cuda, name, getattr(_cuda, name))
+    _cuda._read_constants(stub)
+    monkeypatch.setattr(_cuda, "_require", lambda name, t: stub)
+    monkeypatch.setattr(_cuda, "_stream", lambda t: 0)
+    return calls
+
+
+def test_cuda_glue_gives_row_operands_at_their_row_strides(recorded_extension):
+    """The norm and gated launchers take (..., N) tensors: pointers and row strides of the tensors themselves where
+    their rows lie at one stride (a row slice; an expanded gradient at stride 0), of a contiguous copy otherwise;
+    outputs contiguous at stride N; M = numel / N rows (one row of numel for all-contiguous gated operands)."""
+    calls = recorded_extension
+    wide = torch.randn(2, 3, 56)
+    x, residual, w = wide[..., :40], torch.randn(2, 3, 40), torch.randn(40)
+    y, residual_out, mean, rstd = _cuda.norm_fwd(x, w, None, residual, 1e-5, True, 0.0)
+    a = calls.pop("norm_fwd")
+    assert y.shape == residual_out.shape == x.shape and y.is_contiguous() and mean is None and rstd.shape == (6,)
+    assert (a[0], a[1], a[2], a[3]) == (x.data_ptr(), 56, residual.data_ptr(), 40)
+    assert (a[6], a[7], a[8], a[9], a[12], a[13]) == (y.data_ptr(), 40, residual_out.data_ptr(), 40, 6, 40)
+    swapped = torch.randn(3, 2, 40).transpose(0, 1)  # leading dimensions do not collapse: a copy is read
+    _cuda.norm_fwd(swapped, w, None, None, 1e-5, True, 0.0)
+    a = calls.pop("norm_fwd")
+    assert a[0] != swapped.data_ptr() and a[1] == 40 and (a[2], a[3]) == (0, 0)
+
+    dy = torch.randn(40).expand(2, 3, 40)  # the gradient of a sum: every row the same memory
+    dx, dw, _ = _cuda.norm_bwd(dy, residual_out, w, None, rstd, None, True, 0.0, True, False)
+    a = calls.pop("norm_bwd")
+    assert dx.shape == x.shape and dx.is_contiguous() and dw.shape == (40,)
+    assert (a[0], a[1], a[2], a[3]) == (dy.data_ptr(), 0, residual_out.data_ptr(), 40)
+    assert (a[9], a[10], a[15], a[16]) == (dx.data_ptr(), 40, 6, 40)
+
+    gate, up = torch.randn(2, 3, 80).chunk(2, dim=-1)  # a fused projection's halves: rows at stride 80
+    h = _cuda.gated_fwd(gate, up, "silu")
+    a = calls.pop("gated_fwd")
+    assert h.shape == gate.shape and h.is_contiguous()
+    assert a[:8] == (gate.data_ptr(), 80, up.data_ptr(), 80, h.data_ptr(), 40, 6, 40)
+    g, u = torch.randn(2, 3, 40), torch.randn(2, 3, 40)
+    dg, du = _cuda.gated_bwd(torch.randn(2, 3, 40), g, u, "silu")
+    a = calls.pop("gated_bwd")
+    assert a[10:12] == (1, 240) and (a[2], a[4]) == (g.data_ptr(), u.data_ptr())  # all contiguous: one row
