@@ -144,22 +144,28 @@ class _StubExtension:
         return lambda *args: None
 
 
-@pytest.fixture
-def stubbed_extension(monkeypatch):
-    """The cuda backend's launchers (fastlm/_cuda.py) run in full on CPU tensors; the extension does nothing."""
-    from fastlm import _backend, _cuda
+def install_stub(monkeypatch, stub):
+    """fastlm._cuda's launchers call `stub` (a _StubExtension) instead of fastlm._C, for CPU tensors, on stream 0.
+    The constants _cuda reads from the extension when it loads come from the stub, into fresh containers that the
+    monkeypatch puts back afterwards."""
+    from fastlm import _cuda
 
-    stub = _StubExtension()
-    # The constants _cuda reads from the extension when it loads: from the stub, into fresh containers that the
-    # monkeypatch puts back afterwards.
     for name in ("_DTYPE_CODES", "_ACTIVATIONS"):
         monkeypatch.setattr(_cuda, name, {})
     for name in ("_ATTN_DTYPES", "_ATTN_HEAD_DIMS", "_ATTN_MAX_TOKENS", "_ATTN_MAX_GRID", "_ATTN_WINDOW_INF"):
         monkeypatch.setattr(_cuda, name, getattr(_cuda, name))
     _cuda._read_constants(stub)
     monkeypatch.setattr(_cuda, "_require", lambda name, t: stub)
-    monkeypatch.setattr(_cuda, "available", lambda device=None: (True, ""))
     monkeypatch.setattr(_cuda, "_stream", lambda t: 0)
+
+
+@pytest.fixture
+def stubbed_extension(monkeypatch):
+    """The cuda backend's launchers (fastlm/_cuda.py) run in full on CPU tensors; the extension does nothing."""
+    from fastlm import _backend, _cuda
+
+    install_stub(monkeypatch, _StubExtension())
+    monkeypatch.setattr(_cuda, "available", lambda device=None: (True, ""))
     monkeypatch.setitem(_backend._REASONS, "cuda", lambda device, dtype: None)
     with fastlm.use_backend("cuda"):
         yield

@@ -168,12 +168,11 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, unsupported=None)
     Traceable by torch.compile without a graph break: the device queries are constants of the trace
     (`device_name`, `_cuda.available`), and nothing here warns while tracing.
     """
-    stack = getattr(_local, "stack", None)  # get_backend(), inline: every kernel call passes here
-    name = stack[-1] if stack else _default
+    name = get_backend()
     if name == "torch":
         return name
     if name != "auto":
-        why = (unsupported(name) if unsupported is not None else None) or _REASONS[name](device, dtype)
+        why = _why_not(op, name, device, dtype, unsupported)
         if why:
             raise BackendUnavailable(f"fastlm.{op}: backend {name!r} cannot run this call: {why}")
         return name

@@ -215,7 +215,7 @@ def recorded_extension(monkeypatch):
     """fastlm._cuda's launchers run in full on CPU tensors against an extension that records each launcher's
     arguments (the first call of each) and launches nothing: what the CUDA kernels would be given, checked without
     a GPU."""
-    from benchmarks.overhead import _StubExtension
+    from benchmarks.overhead import _StubExtension, install_stub
 
     calls = {}
 
@@ -225,15 +225,7 @@ def recorded_extension(monkeypatch):
                 return lambda *args: 0
             return lambda *args: calls.setdefault(name, args) and None
 
-    stub = Recording()
-    # The constants _cuda reads from an extension, from the stub, put back afterwards (as benchmarks.overhead does).
-    for name in ("_DTYPE_CODES", "_ACTIVATIONS"):
-        monkeypatch.setattr(_cuda, name, {})
-    for name in ("_ATTN_DTYPES", "_ATTN_HEAD_DIMS", "_ATTN_MAX_TOKENS", "_ATTN_MAX_GRID", "_ATTN_WINDOW_INF"):
-        monkeypatch.setattr(_cuda, name, getattr(_cuda, name))
-    _cuda._read_constants(stub)
-    monkeypatch.setattr(_cuda, "_require", lambda name, t: stub)
-    monkeypatch.setattr(_cuda, "_stream", lambda t: 0)
+    install_stub(monkeypatch, Recording())
     return calls
 
 

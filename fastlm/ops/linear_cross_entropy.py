@@ -87,10 +87,9 @@ def _acc_mm(block, a, b):
         acc.addmm_(a.float(), b.float())
 
 
-def _chunks(hidden, weight, bias, tokens):
-    """(first token, last + 1, hidden's rows, their logits) per token chunk; hidden itself when one chunk holds
-    every token (no slicing: a small call's host path)."""
-    step = _chunk_rows(tokens, weight.shape[0], hidden.element_size())
+def _chunks(hidden, weight, bias, tokens, step):
+    """(first token, last + 1, hidden's rows, their logits) per chunk of `step` tokens; hidden itself when one
+    chunk holds every token (no slicing: a small call's host path)."""
     if step >= tokens:
         yield 0, tokens, hidden, torch.nn.functional.linear(hidden, weight, bias)
         return
@@ -131,7 +130,8 @@ def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, com
     ignore_index, smoothing, z_loss, softcap, reduction = args
     tokens = hidden.shape[0]
     # One chunk holds every token: its results are the results (no buffers to copy them into).
-    whole = _chunk_rows(tokens, weight.shape[0], hidden.element_size()) >= tokens
+    step = _chunk_rows(tokens, weight.shape[0], hidden.element_size())
+    whole = step >= tokens
     f32 = dict(dtype=torch.float32, device=hidden.device)
     stats = [torch.empty(tokens, **f32) for _ in range(3)] if saved is None and not whole else None  # loss, max, log
     # Row-major whatever hidden's layout (empty_like would copy a transposed one's strides): the chunks' mm writes
@@ -140,7 +140,7 @@ def _lce_pass(hidden, weight, bias, target, class_weight, sc, args, backend, com
     blocks = _dw_blocks(weight) if compute and dweight else None
     db = torch.zeros(weight.shape[:1], **f32) if compute and dweight and bias is not None else None
     ce = _backend.launchers(backend, triton_ce)
-    for start, end, h, logits in _chunks(hidden, weight, bias, tokens):
+    for start, end, h, logits in _chunks(hidden, weight, bias, tokens, step):
         t = target if whole else target[start:end]
         # The gradient goes over the chunk's logits (out=logits): one chunk buffer, not two.
         if saved is None:
