@@ -1,16 +1,17 @@
-"""`python -m benchmarks.launch_cost`: what Triton's own launch path costs on the host, per kernel launch, on a CPU.
+"""`python -m benchmarks.launch_cost`: what a Triton launch costs on the host, per kernel launch, on a CPU.
 
-`benchmarks.overhead` stubs every launch out. This times the rest of a Triton launch: `JITFunction.run` binding
-the arguments, specializing them (types, 16-byte alignment of pointers and ints), the kernel cache's key and
-lookup, and the call of the compiled kernel's launcher. Everything runs as on a GPU except below Triton: a
-stand-in driver answers the device, stream and target queries (an sm_90a target, so the kernels are compiled for
-Hopper once, here, by Triton's own compiler), loads no binary and has a launcher that does nothing, so the C
-launcher's argument packing and the driver's cuLaunchKernel are not counted.
+`benchmarks.overhead` stubs every launch out. This times the rest of a Triton launch two ways: through Triton's own
+`JITFunction.run` (binding the arguments, specializing them: types, 16-byte alignment of pointers and ints; the
+kernel cache's key and lookup; the launch metadata; the call of the compiled kernel's launcher), and through
+fastlm's direct path (kernels/_launch.py: its own cache key, then the launcher). Everything runs as on a GPU except
+below Triton: a stand-in driver answers the device, stream and target queries (an sm_90a target, so the kernels are
+compiled for Hopper once, here, by Triton's own compiler), loads no binary and has a launcher that does nothing, so
+the C launcher's argument packing and the driver's cuLaunchKernel (the same both ways) are not counted.
 
-Each of fastlm's Triton launchers in LAUNCHES runs on small CPU tensors twice: as is, and with
-`JITFunction.run` replaced by a no-op. The difference, divided by the launches the call makes, is the launch
-path's cost per launch. Run it in its own process (it installs the stand-in driver; TRITON_INTERPRET must be
-unset, since the interpreter replaces the JIT):
+Each of fastlm's Triton launchers in LAUNCHES runs on small CPU tensors three times: through Triton's path, through
+the direct path, and with `JITFunction.run` replaced by a no-op (which the direct path then defers to). The
+differences, divided by the launches the call makes, are each path's cost per launch. Run it in its own process (it
+installs the stand-in driver; TRITON_INTERPRET must be unset, since the interpreter replaces the JIT):
 
     python -m benchmarks.launch_cost                # every launcher
     python -m benchmarks.launch_cost --ops norm_fwd # some
@@ -22,7 +23,9 @@ import sys
 import timeit
 
 
-def _install_driver():
+def _install_driver(launched: list = None):
+    """Makes a stand-in driver Triton's active one. Its launcher does nothing, or, given `launched`, appends
+    (the compiled kernel's hash, the launcher's arguments) to it."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
@@ -38,7 +41,10 @@ def _install_driver():
         utils = Utils()
 
         def __init__(self):
-            self.launcher_cls = lambda src, metadata: (lambda *args: None)
+            if launched is None:
+                self.launcher_cls = lambda src, metadata: (lambda *args: None)
+            else:
+                self.launcher_cls = lambda src, metadata: (lambda *args: launched.append((metadata.hash, args)))
 
         def get_current_device(self):
             return 0
@@ -97,8 +103,11 @@ def _best(fn, number=2000, repeat=10):
 
 
 def measure(ops=None):
-    """[(name, µs with Triton's launch path, µs with it stubbed, launches, µs per launch)]."""
+    """[(name, µs through Triton's launch path, µs through fastlm's direct path, µs with launches stubbed,
+    launches, µs per launch each way)]."""
     from triton.runtime.jit import JITFunction
+
+    from fastlm.kernels import _launch
 
     rows = []
     calls = _launchers()
@@ -106,22 +115,31 @@ def measure(ops=None):
         if ops and name not in ops:
             continue
         call, launches = calls[name]
-        call()  # compiles its kernels (once, cached on disk as any Triton compile)
-        full = _best(call)
+        call()  # compiles its kernels (once, cached on disk as any Triton compile) and fills the direct path's cache
+        saved = _launch.ENABLED
+        try:
+            _launch.ENABLED = False
+            triton_path = _best(call)
+            _launch.ENABLED = True
+            direct = _best(call)
+        finally:
+            _launch.ENABLED = saved
         real = JITFunction.run
-        JITFunction.run = lambda self, *args, **kwargs: None
+        JITFunction.run = lambda self, *args, **kwargs: None  # _launch.launch then goes through it: no launch at all
         try:
             stubbed = _best(call)
         finally:
             JITFunction.run = real
-        rows.append((name, full, stubbed, launches, (full - stubbed) / launches))
+        rows.append((name, triton_path, direct, stubbed, launches, (triton_path - stubbed) / launches,
+                     (direct - stubbed) / launches))
     return rows
 
 
 def table(rows) -> str:
-    lines = ["| launcher | with Triton's launch path (µs) | launch stubbed (µs) | launches | Triton's path per launch "
-             "(µs) |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {f:.1f} | {s:.1f} | {k} | {p:.1f} |" for n, f, s, k, p in rows]
+    lines = ["| launcher | through Triton's launch path (µs) | through fastlm's direct path (µs) | launches stubbed "
+             "(µs) | launches | Triton's path per launch (µs) | direct path per launch (µs) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {t:.1f} | {d:.1f} | {s:.1f} | {k} | {pt:.1f} | {pd:.1f} |" for n, t, d, s, k, pt, pd in rows]
     return "\n".join(lines)
 
 

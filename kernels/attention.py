@@ -79,6 +79,7 @@ import triton.language as tl
 from fastlm import _util
 from fastlm._util import cdiv, next_pow2, num_sms
 from ._common import tanh_and_sech2
+from . import _launch
 
 # The kernels work in base 2 (exp2/log2): scores are scaled by log2(e) and the LSE converted back by ln(2).
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
@@ -1209,19 +1210,19 @@ def _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, c
                                                                          (q, k, v, out, lse)):
         wo, wl = (out_, lse_) if one else (ws_o[b0:b0 + nb], ws_l[b0:b0 + nb])
         out_strides, lse_strides = _strides(out_, varlen), _lse_strides(lse_, varlen)
-        _attn_decode_kernel[(splits, Hk, nb)](
+        _launch.launch(_attn_decode_kernel, (splits, Hk, nb),
             q_, k_, v_, out_, lse_, wo, wl, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen),
             *_strides(v_, varlen), *out_strides, *lse_strides, n_q, n_k, group, rows, splits, **args,
             HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen, ONE_SPLIT=one,
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
         )
         if not one:
-            _attn_decode_combine_kernel[(rows, Hk, nb)](
+            _launch.launch(_attn_decode_combine_kernel, (rows, Hk, nb),
                 out_, lse_, wo, wl, cu_q, *out_strides, *lse_strides, n_q, group, rows, splits,
                 HEAD_D=D, BLOCK_D=block_d(D), SPLIT_TILE=COMBINE_SPLIT_TILE, VARLEN=varlen, num_warps=COMBINE_WARPS,
             )
         if varlen and edges:
-            _attn_fill_outside_kernel[(FILL_PROGRAMS, Hq)](
+            _launch.launch(_attn_fill_outside_kernel, (FILL_PROGRAMS, Hq),
                 out_, lse_, cu_q, out_strides[1], out_strides[2], lse_strides[1], nb, n_q, edges,
                 HEAD_D=D, BLOCK_M=FILL_BLOCK_M, BLOCK_D=block_d(D), num_warps=FILL_WARPS,
             )
@@ -1255,7 +1256,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     for nb, cu_q, cu_k, edges, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
                                                                          (q, k, v, out, lse)):
         with _Scratch(q.device, tma):
-            _attn_fwd_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
+            _launch.launch(_attn_fwd_kernel, (cdiv(Sq, BLOCK_M), Hq, nb),
                 q_, k_, v_, out_, lse_, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen),
                 *_strides(v_, varlen), *_strides(out_, varlen), *_lse_strides(lse_, varlen), n_q, n_k, Hq // Hk,
                 edges, **args, HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
@@ -1353,7 +1354,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     for nb, cu_q, cu_k, edges, (q_, k_, v_, do_, out_, dq_, dk_, dv_, delta_, dlse_, lse_) in _batch_chunks(
             B, varlen, cu_seqlens_q, cu_seqlens_k, tensors):
         lse_strides = _lse_strides(lse_, varlen)
-        _attn_bwd_delta_kernel[(cdiv(Sq, DELTA_BLOCK_M), Hq, nb)](
+        _launch.launch(_attn_bwd_delta_kernel, (cdiv(Sq, DELTA_BLOCK_M), Hq, nb),
             out_, do_, dlse_, delta_, cu_q, *_strides(out_, varlen), *_strides(do_, varlen), *lse_strides, n_q,
             HEAD_D=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=BD, VARLEN=varlen, HAS_DLSE=dlse is not None,
             num_warps=_delta_warps(q.dtype, BD),
@@ -1361,14 +1362,14 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
         qkv_strides = (*_strides(q_, varlen), *_strides(k_, varlen), *_strides(v_, varlen), *_strides(do_, varlen))
         BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
         with _Scratch(q.device, dkdv_tma):
-            _attn_bwd_dkdv_kernel[(cdiv(Sk, BLOCK_N), Hk, nb)](
+            _launch.launch(_attn_bwd_dkdv_kernel, (cdiv(Sk, BLOCK_N), Hk, nb),
                 q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen),
                 *lse_strides, n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 num_warps=num_warps, num_stages=num_stages, USE_TMA=dkdv_tma, **common,
             )
         BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
         with _Scratch(q.device, dq_tma):
-            _attn_bwd_dq_kernel[(cdiv(Sq, BLOCK_M), Hq, nb)](
+            _launch.launch(_attn_bwd_dq_kernel, (cdiv(Sq, BLOCK_M), Hq, nb),
                 q_, k_, v_, do_, lse_, delta_, dq_, cu_q, cu_k, *qkv_strides, *_strides(dq_, varlen), *lse_strides,
                 n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 num_warps=num_warps, num_stages=num_stages, USE_TMA=dq_tma, **common,

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from fastlm import _util
 from ._common import tanh_and_sech2
+from . import _launch
 
 BLOCK_V = 4096  # chunk of the vocabulary a program holds at once: 8 fp32 values a thread at 16 warps
 NUM_WARPS = 16
@@ -343,9 +344,9 @@ def scalars(target, weight, V, ignore_index, reduction):
     if rows > ONE_PROGRAM_ROWS:
         return _scalars_torch(target, weight, V, ignore_index, reduction)
     sc = _util.empty((2,), torch.float32, target.device)
-    _ce_scalars_kernel[(1,)](target, weight if weight is not None else sc, sc, rows, V, ignore_index,
-                             MEAN=reduction == "mean", HAS_WEIGHT=weight is not None, BLOCK=ONE_PROGRAM_BLOCK,
-                             num_warps=ONE_PROGRAM_WARPS)
+    _launch.launch(_ce_scalars_kernel, (1,), target, weight if weight is not None else sc, sc, rows, V, ignore_index,
+                   MEAN=reduction == "mean", HAS_WEIGHT=weight is not None, BLOCK=ONE_PROGRAM_BLOCK,
+                   num_warps=ONE_PROGRAM_WARPS)
     return sc
 
 
@@ -357,7 +358,8 @@ def reduce_loss(loss, sc, mean):
         total = loss.sum()
         return total / sc[0] if mean else total
     out = _util.empty((), torch.float32, loss.device)
-    _ce_reduce_kernel[(1,)](loss, sc, out, rows, MEAN=mean, BLOCK=ONE_PROGRAM_BLOCK, num_warps=ONE_PROGRAM_WARPS)
+    _launch.launch(_ce_reduce_kernel, (1,), loss, sc, out, rows, MEAN=mean, BLOCK=ONE_PROGRAM_BLOCK,
+                   num_warps=ONE_PROGRAM_WARPS)
     return out
 
 
@@ -393,7 +395,7 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
     else:
         grad = _util.empty((rows, V), logits.dtype, logits.device) if compute_grad else None
     if rows > 0:
-        _ce_fwd_kernel[(rows,)](
+        _launch.launch(_ce_fwd_kernel, (rows,),
             logits, target, weight if weight is not None else sc, sc, loss, row_max, log_s,
             grad if grad is not None else logits, logits.stride(0), grad.stride(0) if grad is not None else 0,
             V, ignore_index, *_constants(V, smoothing, z_loss, softcap), COMPUTE_GRAD=compute_grad,
@@ -426,7 +428,7 @@ def cross_entropy_bwd(logits, target, weight, sc, row_max, log_s, grad_output, i
     grad = _out(out, logits) if out is not None else _util.empty((rows, width), logits.dtype, logits.device)
     if rows > 0:
         go = grad_output.reshape(-1).to(torch.float32).contiguous()  # (rows,) even from an expanded scalar
-        _ce_bwd_kernel[(rows,)](
+        _launch.launch(_ce_bwd_kernel, (rows,),
             logits, target, weight if weight is not None else sc, sc, row_max, log_s, go, grad, logits.stride(0),
             grad.stride(0), V, width, col0, ignore_index, *_constants(V, smoothing, z_loss, softcap),
             **_flags(weight, smoothing, z_loss, softcap),
@@ -439,6 +441,6 @@ def scale_grad(grad, grad_output):
     tensor; the kernel skips the work on the device when it is 1.0. Returns grad."""
     rows, V = grad.shape
     if rows > 0:
-        _ce_bwd_scale_kernel[(rows,)](grad, grad_output.reshape(1).to(torch.float32), grad.stride(0), V,
-                                      BLOCK_V=SCALE_BLOCK, num_warps=NUM_WARPS)
+        _launch.launch(_ce_bwd_scale_kernel, (rows,), grad, grad_output.reshape(1).to(torch.float32), grad.stride(0),
+                       V, BLOCK_V=SCALE_BLOCK, num_warps=NUM_WARPS)
     return grad

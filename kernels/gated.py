@@ -39,6 +39,7 @@ import triton.language as tl
 from fastlm import _util
 from fastlm._util import cdiv, elementwise_rows, next_pow2
 from ._common import tanh_and_sech2
+from . import _launch
 
 TILE = 4096  # elements of each operand a program moves
 NUM_WARPS = 8
@@ -145,13 +146,13 @@ def _config(N):
     return TILE // block_n, block_n
 
 
-def _launch(kernel, operands, activation):
+def _run(kernel, operands, activation):
     operands, M, N, strides = elementwise_rows(*operands)
     block_m, block_n = _config(N)
     tiles_n = cdiv(N, block_n)
     grid = (cdiv(M, block_m) * tiles_n,)
-    kernel[grid](*operands, *strides, M, N, tiles_n, ACT=ACTIVATIONS[activation], BLOCK_M=block_m,
-                 BLOCK_N=block_n, num_warps=NUM_WARPS)
+    _launch.launch(kernel, grid, *operands, *strides, M, N, tiles_n, ACT=ACTIVATIONS[activation], BLOCK_M=block_m,
+                   BLOCK_N=block_n, num_warps=NUM_WARPS)
 
 
 def gated_fwd(gate, up, activation):
@@ -160,7 +161,7 @@ def gated_fwd(gate, up, activation):
     contiguous."""
     h = _util.empty(gate.shape, gate.dtype, gate.device)
     if h.numel() > 0:
-        _launch(_gated_fwd_kernel, (gate, up, h), activation)
+        _run(_gated_fwd_kernel, (gate, up, h), activation)
     return h
 
 
@@ -170,5 +171,5 @@ def gated_bwd(dh, gate, up, activation):
     dgate = _util.empty(gate.shape, gate.dtype, gate.device)
     dup = _util.empty(gate.shape, gate.dtype, gate.device)
     if dgate.numel() > 0:
-        _launch(_gated_bwd_kernel, (dh, gate, up, dgate, dup), activation)
+        _run(_gated_bwd_kernel, (dh, gate, up, dgate, dup), activation)
     return dgate, dup

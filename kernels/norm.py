@@ -52,6 +52,7 @@ import triton.language as tl
 
 from fastlm import _util
 from fastlm._util import cdiv, next_pow2, num_sms
+from . import _launch
 
 MAX_FUSED_N = 8192  # widest row kept whole in registers: 16 fp32 values a thread per tensor at 16 warps
 CHUNK_N = 4096  # chunk of a wider row
@@ -546,12 +547,12 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms, offset):
             mean if mean is not None else dummy, rstd, sx, sr, N, N if has_res else 0, M, N, float(eps),
             float(offset))
     if fused:
-        _norm_fwd_kernel[(cdiv(M, block_m),)](*args, IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
-                                              HAS_RES=has_res, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+        _launch.launch(_norm_fwd_kernel, (cdiv(M, block_m),), *args, IS_RMS=is_rms, HAS_W=weight is not None,
+                       HAS_B=bias is not None, HAS_RES=has_res, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     else:
         block_n, num_warps = _chunked_config()
-        _norm_fwd_chunked_kernel[(M,)](*args, IS_RMS=is_rms, HAS_W=weight is not None, HAS_B=bias is not None,
-                                       HAS_RES=has_res, BLOCK_N=block_n, num_warps=num_warps)
+        _launch.launch(_norm_fwd_chunked_kernel, (M,), *args, IS_RMS=is_rms, HAS_W=weight is not None,
+                       HAS_B=bias is not None, HAS_RES=has_res, BLOCK_N=block_n, num_warps=num_warps)
     return y, residual_out, mean, rstd
 
 
@@ -617,24 +618,23 @@ def norm_bwd(dy, xin, weight, mean, rstd, dres, is_rms, offset, need_dw, need_db
     tail = (dres if dres is not None else dy, dx, dw_part, db_part, sdy, sx, sdres, N, M, N, rows_per_prog,
             float(offset))
     if fused:
-        _norm_bwd_kernel[(programs,)](dy, xin, w_arg, mean_arg, rstd, *tail, IS_RMS=is_rms, HAS_W=has_w,
-                                      HAS_DW=need_dw, HAS_DB=need_db, HAS_DRES=dres is not None, BLOCK_M=block_m,
-                                      BLOCK_N=block_n, NUM_STAGES=stages, num_warps=num_warps)
+        _launch.launch(_norm_bwd_kernel, (programs,), dy, xin, w_arg, mean_arg, rstd, *tail, IS_RMS=is_rms,
+                       HAS_W=has_w, HAS_DW=need_dw, HAS_DB=need_db, HAS_DRES=dres is not None, BLOCK_M=block_m,
+                       BLOCK_N=block_n, NUM_STAGES=stages, num_warps=num_warps)
     else:
         c1 = torch.empty(M, dtype=torch.float32, device=device)
         c2 = torch.empty(M, dtype=torch.float32, device=device) if not is_rms else dummy
-        _norm_bwd_row_stats_kernel[(M,)](dy, xin, w_arg, mean_arg, rstd, c1, c2, sdy, sx, N,
-                                         float(offset), IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=CHUNK_N,
-                                         NUM_STAGES=BWD_STATS_STAGES, num_warps=BWD_STATS_WARPS)
-        _norm_bwd_cols_kernel[(col_blocks, programs)](dy, xin, w_arg, mean_arg, rstd, c1, c2, *tail, IS_RMS=is_rms,
-                                                      HAS_W=has_w, HAS_DW=need_dw, HAS_DB=need_db,
-                                                      HAS_DRES=dres is not None, BLOCK_N=block_n, NUM_STAGES=stages,
-                                                      num_warps=num_warps)
+        _launch.launch(_norm_bwd_row_stats_kernel, (M,), dy, xin, w_arg, mean_arg, rstd, c1, c2, sdy, sx, N,
+                       float(offset), IS_RMS=is_rms, HAS_W=has_w, BLOCK_N=CHUNK_N, NUM_STAGES=BWD_STATS_STAGES,
+                       num_warps=BWD_STATS_WARPS)
+        _launch.launch(_norm_bwd_cols_kernel, (col_blocks, programs), dy, xin, w_arg, mean_arg, rstd, c1, c2, *tail,
+                       IS_RMS=is_rms, HAS_W=has_w, HAS_DW=need_dw, HAS_DB=need_db, HAS_DRES=dres is not None,
+                       BLOCK_N=block_n, NUM_STAGES=stages, num_warps=num_warps)
     if not (need_dw or need_db):
         return dx, None, None
     dw = _util.empty((N,), wdtype, device) if need_dw else None
     db = _util.empty((N,), wdtype, device) if need_db else None
-    _sum_partials_kernel[(cdiv(N, sum_block_n),)](
+    _launch.launch(_sum_partials_kernel, (cdiv(N, sum_block_n),),
         dw_part, db_part, dw if need_dw else dummy, db if need_db else dummy, programs, N, HAS_DW=need_dw,
         HAS_DB=need_db, BLOCK_G=SUM_BLOCK_G, BLOCK_N=sum_block_n, NUM_STAGES=SUM_STAGES, num_warps=SUM_WARPS)
     return dx, dw, db

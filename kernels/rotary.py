@@ -35,6 +35,7 @@ import triton.language as tl
 
 from fastlm import _util
 from fastlm._util import cdiv, next_pow2, num_sms
+from . import _launch
 
 TILE = 1024  # token × pair elements of each tile
 NUM_WARPS = 4
@@ -163,7 +164,7 @@ def _rotary(x, cos, sin, interleaved, heads_first, backward):
     groups = max(1, min(heads, MAX_GRID_Y, cdiv(PROGRAMS_PER_SM * num_sms(x.device), tiles)))
     heads_per_prog = cdiv(heads, groups)
     groups = cdiv(heads, heads_per_prog)
-    _rotary_kernel[(tiles, groups)](
+    _launch.launch(_rotary_kernel, (tiles, groups),
         x, cos, sin, out, *x_strides[:3], *out_strides[:3], cos_b, cos_s, seqlen, tokens, heads,
         heads_per_prog, rot // 2, head_dim - rot, int(backward), INTERLEAVED=interleaved,
         BLOCK_T=block_t, BLOCK_HALF=block_half, num_warps=NUM_WARPS,
