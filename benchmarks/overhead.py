@@ -35,81 +35,17 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import fastlm  # noqa: E402
+from benchmarks import host_cases  # noqa: E402
+from benchmarks.host_cases import CASES, DIFFERENTIABLE, call as _call  # noqa: E402
 
 FWD_TARGET_US = 15.0
 FWD_BWD_TARGET_US = 40.0
 MODES = ("fwd", "fwd+bwd")
 
-
-def _norm_case(is_rms, residual):
-    x = torch.randn(4, 64)
-    w, b, r = torch.randn(64), torch.randn(64), torch.randn(4, 64)
-
-    def ours(x, w, b, r):
-        if is_rms:
-            return fastlm.rms_norm(x, w, residual=r if residual else None)
-        return fastlm.layer_norm(x, w, b, residual=r if residual else None)
-
-    def theirs(x, w, b, r):
-        h = x + r if residual else x
-        y = F.rms_norm(h, (64,), w, 1e-6) if is_rms else F.layer_norm(h, (64,), w, b)
-        return (y, h) if residual else y
-
-    return (x, w, b, r), ours, theirs
-
-
-def _cross_entropy_case():
-    logits, target = torch.randn(4, 64), torch.randint(0, 64, (4,))
-    return ((logits, target), lambda l, t: fastlm.cross_entropy(l, t), lambda l, t: F.cross_entropy(l, t))
-
-
-def _linear_cross_entropy_case():
-    h, w, target = torch.randn(4, 32), torch.randn(64, 32), torch.randint(0, 64, (4,))
-    return ((h, w, target), lambda h, w, t: fastlm.linear_cross_entropy(h, w, t),
-            lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t))
-
-
-def _attention_case(dtype=torch.float32, head_dim=16):
-    q, k, v = (torch.randn(1, 8, 2, head_dim, dtype=dtype) for _ in range(3))
-    return ((q, k, v), lambda q, k, v: fastlm.attention(q, k, v, causal=True),
-            lambda q, k, v: F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                           is_causal=True).transpose(1, 2))
-
-
-def _swiglu_case():
-    gate, up = torch.randn(4, 64), torch.randn(4, 64)
-    return (gate, up), lambda g, u: fastlm.swiglu(g, u), lambda g, u: F.silu(g) * u
-
-
-def _rotary_case(dtype=torch.float32):
-    x = torch.randn(1, 8, 2, 16, dtype=dtype)
-    angles = torch.randn(8, 8)
-    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
-
-    def theirs(x, cos, sin):  # Hugging Face's apply_rotary_pos_emb, in x's (batch, seq, heads, dim) layout
-        rotated = torch.cat([-x[..., 8:], x[..., :8]], -1)
-        return x * cos[:, None] + rotated * sin[:, None]
-
-    return (x, cos, sin), lambda x, c, s: fastlm.rotary_embedding(x, c, s), theirs
-
-
-CASES = {
-    "layer_norm": lambda: _norm_case(False, False),
-    "rms_norm": lambda: _norm_case(True, False),
-    "rms_norm+residual": lambda: _norm_case(True, True),
-    "cross_entropy": _cross_entropy_case,
-    "linear_cross_entropy": _linear_cross_entropy_case,
-    "attention": _attention_case,
-    "swiglu": _swiglu_case,
-    "rotary_embedding": _rotary_case,
-}
-
-
 # The cases the cuda backend's stub times differently (its kernels' dtypes and head dims).
-CUDA_CASES = {"attention": lambda: _attention_case(torch.float16, 32)}
+CUDA_CASES = {"attention": lambda: host_cases.attention_case(dtype=torch.float16, head_dim=32)}
 WHO = ("fastlm-triton", "fastlm-cuda", "torch")
 
 
@@ -184,27 +120,6 @@ def stubbed_launches():
             yield
     finally:
         InterpretedFunction.run = real
-
-
-# Ops whose later floating-point arguments are constants (rotary's cos and sin tables): how many lead that need a
-# gradient in the forward + backward case.
-DIFFERENTIABLE = {"rotary_embedding": 1}
-
-
-def _call(fn, args, mode, differentiable=None):
-    """A no-argument callable: the forward (inputs that need no gradient), or forward + backward (the first
-    `differentiable` floating-point arguments, all of them by default, require a gradient)."""
-    if mode == "fwd":
-        return lambda: fn(*args)
-    n = len(args) if differentiable is None else differentiable
-    leaves = [a.clone().requires_grad_() if a.is_floating_point() and i < n else a for i, a in enumerate(args)]
-
-    def step():
-        out = fn(*leaves)
-        outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
-
-    return step
 
 
 @pytest.mark.parametrize("who", WHO)

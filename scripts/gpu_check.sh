@@ -7,7 +7,7 @@
 #    suite, the static kernel report, and compute-sanitizer on a small norm and attention script; then record
 #    benchmarks/results/<device-slug>/gpu_check.json (commit, date, device, the test counts and seconds from
 #    pytest's closing line, bench_complete) and pack the results.
-#      Usage: scripts/gpu_check.sh [STEP...]   STEP: info install tests bench static sanitizer record
+#      Usage: scripts/gpu_check.sh [STEP...]   STEP: info install tests host bench static sanitizer record
 #             (default: all, in order; record also runs after any call that ran tests or bench)
 #      BENCH_ARGS="--quick" scripts/gpu_check.sh install bench    extra arguments for `python -m benchmarks`
 #      BENCH_OPS="norm cross_entropy" scripts/gpu_check.sh bench   only these benchmark families (default: all)
@@ -45,6 +45,7 @@ OP_TESTS_S=150  # --op: one op's tests
 OP_BENCH_S=240  # --op: one family's --quick cases
 BENCH_S=500  # 300 for norm and the cross-entropy families, plus attention ~145 s and attention_decode ~51 s (estimates)
 STATIC_S=120
+HOST_S=90  # benchmarks.call_cost: 8 ops × 2 modes × 4 configurations × 4 rounds of 100 calls, and compiles
 SANITIZER_S=90
 RESERVE_S=10  # kept back for packing the results
 BENCH_FLOOR_S=30  # the bench step keeps at least this for each benchmark family still to run
@@ -69,7 +70,7 @@ if [ "${1:-}" = "--op" ]; then
     STEPS=(install optests opbench)
 else
     STEPS=("$@")
-    [ ${#STEPS[@]} -eq 0 ] && STEPS=(info install tests bench static sanitizer record)
+    [ ${#STEPS[@]} -eq 0 ] && STEPS=(info install tests host bench static sanitizer record)
 fi
 SUMMARY=()
 mkdir -p "$OUT"
@@ -166,6 +167,10 @@ want install && TAIL_LINES=8 run_step install "$INSTALL_S" "
 want tests && TAIL_LINES=40 run_step tests "$TESTS_S" \
     "$PY -m pytest -q -rfE --durations=15 $(pytest_options loadfile)"
 
+# Small calls end to end (issue 15's host targets, on the GPU): triton through Triton's launch path and the direct
+# one, cuda, torch; into the results folder beside the benchmark families.
+want host && TAIL_LINES=25 run_step host "$HOST_S" "$PY -m benchmarks.call_cost --out $RESULTS/$(device_slug)"
+
 if want optests; then
     TAIL_LINES=30 run_step optests "$OP_TESTS_S" "$PY -m pytest -q -rfE $(pytest_options load) $(op_tests "$OP")"
 fi
@@ -178,8 +183,10 @@ fi
 
 if want bench; then
     SLUG=$(device_slug)
-    # A fresh sweep: the family results of an earlier call go; the record (gpu_check.json) stays.
-    mkdir -p "$RESULTS/$SLUG" && find "$RESULTS/$SLUG" -maxdepth 1 -type f ! -name gpu_check.json -delete
+    # A fresh sweep: the family results of an earlier call go; the record (gpu_check.json) and the host step's
+    # call_cost.* stay.
+    mkdir -p "$RESULTS/$SLUG" && find "$RESULTS/$SLUG" -maxdepth 1 -type f ! -name gpu_check.json \
+        ! -name "call_cost.*" -delete
     cat >/tmp/bench_families.sh <<'SHEOF'
 # Each family in its own process, within what is left of the step less FLOOR_S for each family after it and a
 # few seconds for timeout's kill grace.

@@ -1083,3 +1083,30 @@ def test_launch_cost_times_triton_launches_without_a_gpu():
     blocked = subprocess.run([sys.executable, "-m", "benchmarks.launch_cost"], cwd=REPO,
                              env=dict(env, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=120)
     assert blocked.returncode == 2 and "unset it" in blocked.stderr
+
+
+def test_call_cost_runs_every_configuration_and_needs_a_gpu_to_report():
+    """`python -m benchmarks.call_cost` times small calls end to end on a GPU (numbers for people). Its flow, on
+    CPU tensors here: every configuration gets a cell, a time or the error that stopped it (the cuda backend,
+    which has no GPU here), and the direct launch path's switch is put back; the command itself refuses to run
+    without a GPU."""
+    import torch
+
+    from benchmarks import call_cost
+    from fastlm.kernels import _launch
+
+    enabled = _launch.ENABLED
+    results = call_cost.measure(["swiglu"], calls=1, rounds=1, device="cpu")
+    assert _launch.ENABLED == enabled
+    assert set(results) == {("swiglu", mode) for mode in call_cost.MODES}
+    for cells in results.values():
+        assert set(cells) == set(call_cost.WHO)
+        timed = [w for w in call_cost.WHO if w != "cuda" or torch.cuda.is_available()]
+        assert all(isinstance(cells[w], float) and cells[w] > 0 for w in timed)
+        if not torch.cuda.is_available():
+            assert cells["cuda"].startswith("BackendUnavailable")
+    assert "| swiglu | fwd+bwd |" in call_cost.table(results)
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.call_cost"], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
