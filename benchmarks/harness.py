@@ -1265,6 +1265,33 @@ def fastlm_context(backend):
     return enter
 
 
+def constants_context(module: str, values: dict, backend: str, on_change=None):
+    """A Provider.context for tuning sweeps: the block runs under fastlm.use_backend(backend) with the constants of
+    the module `module` (e.g. "fastlm.kernels.norm") set to `values`, put back afterwards. `on_change()` runs after
+    each change (to clear caches made from the old values)."""
+
+    @contextlib.contextmanager
+    def enter():
+        import fastlm
+
+        target = importlib.import_module(module)
+        saved = {k: getattr(target, k) for k in values}
+        for k, v in values.items():
+            setattr(target, k, v)
+        if on_change:
+            on_change()
+        try:
+            with fastlm.use_backend(backend):
+                yield
+        finally:
+            for k, v in saved.items():
+                setattr(target, k, v)
+            if on_change:
+                on_change()
+
+    return enter
+
+
 def fastlm_unavailable_reason(op: str, backend: str, probe) -> str:
     """Why fastlm's `backend` cannot run `op`, or "" when it can: fastlm not importable, the op not in this fastlm,
     the CUDA extension not usable, or the backend raising BackendUnavailable on `probe()`, a tiny call of the op.

@@ -16,7 +16,6 @@ torch.compile builds each case anew).
 """
 
 import argparse
-import contextlib
 import dataclasses
 import re
 import sys
@@ -60,27 +59,10 @@ def tune_cases() -> list:
     return [harness.Case(op, dt, {"rows": rows, "N": n, "residual": res}) for op, dt, rows, n, res in TUNE_CASES]
 
 
-def _table_context(values):
-    """A Provider.context: fastlm's triton backend with kernels/norm.py's constants set to `values`."""
+def _clear_plans():
+    from fastlm.kernels import norm as triton_norm
 
-    @contextlib.contextmanager
-    def enter():
-        import fastlm
-        from fastlm.kernels import norm as triton_norm
-
-        saved = {k: getattr(triton_norm, k) for k in values}
-        for k, v in values.items():
-            setattr(triton_norm, k, v)
-        triton_norm._bwd_plan.cache_clear()  # plans made from the table being replaced
-        try:
-            with fastlm.use_backend("triton"):
-                yield
-        finally:
-            for k, v in saved.items():
-                setattr(triton_norm, k, v)
-            triton_norm._bwd_plan.cache_clear()
-
-    return enter
+    triton_norm._bwd_plan.cache_clear()  # plans made from the table being replaced
 
 
 def family(tune: bool, case_filter: str, peers) -> harness.Family:
@@ -93,7 +75,8 @@ def family(tune: bool, case_filter: str, peers) -> harness.Family:
         providers = [p for p in providers if p.name in ("fastlm-triton", base.reference)]
         for name, values in TUNE_VARIANTS.items():
             available = bench_norm._fastlm_available("triton")
-            providers.append(harness.Provider(f"tune:{name}", bench_norm._fastlm, available, _table_context(values)))
+            providers.append(harness.Provider(f"tune:{name}", bench_norm._fastlm, available, harness.constants_context(
+                "fastlm.kernels.norm", values, "triton", _clear_plans)))
     return dataclasses.replace(base, name="norm_tune" if tune else "norm_sweep", cases=lambda quick: cases,
                                providers=providers, modes=("bwd",) if tune else base.modes)
 

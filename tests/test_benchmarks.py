@@ -1110,3 +1110,52 @@ def test_call_cost_runs_every_configuration_and_needs_a_gpu_to_report():
         proc = subprocess.run([sys.executable, "-m", "benchmarks.call_cost"], cwd=REPO, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr
+
+
+def test_cross_entropy_sweep_runs_every_option_on_cpu(cpu_timers):
+    """benchmarks.cross_entropy_sweep's option cases run through the harness on CPU tensors (fastlm through its
+    torch backend): every provider agrees with the reference under each option, weights and ignored targets
+    reach the inputs, reduction "none" gets a gradient per row; and the option table divides by the plain case."""
+    from benchmarks import cross_entropy_sweep as sweep
+
+    fam = sweep.family(False, "", None)
+    assert [p.name for p in fam.providers] == ["fastlm-triton", "fastlm-cuda", "torch", "liger"]
+    assert {c.params["option"] for c in fam.cases(False)} == set(sweep.OPTIONS)
+    on_cpu = _family_on_cpu(fam, {})
+    on_cpu = dataclasses.replace(on_cpu, modes=fam.modes)
+    cpu, gen = torch.device("cpu"), torch.Generator().manual_seed(0)
+    for option in sweep.OPTIONS:
+        case = harness.Case("cross_entropy", torch.float32, {"rows": 16, "V": 300, "option": option})
+        inputs, grads = sweep.make_inputs(case, cpu, gen)
+        assert ("weight" in inputs) == (option == "weight")
+        assert (inputs["target"] == cross_entropy.IGNORE_INDEX).any() == (option == "ignore")
+        assert grads[0].shape == ((16,) if option == "none" else ())
+        availability = {p.name: p.available() for p in on_cpu.providers}
+        rows = harness.run_case(on_cpu, case, availability, cpu, l2_bytes=1024, ceiling=100.0)
+        assert len(rows) == len(on_cpu.providers) * len(fam.modes)
+        for r in rows:
+            assert r["status"] == "ok", (option, r["provider"], r["reason"])
+        ours = next(r for r in rows if r["provider"] == "fastlm-triton" and r["mode"] == "fwd+bwd")
+        assert ours["rel_err"] < fam.tolerance[torch.float32], option
+    rows = [{"provider": p, "mode": "fwd+bwd", "status": "ok", "params": {"rows": 8, "V": 32, "option": o}, "ms": ms}
+            for p, o, ms in (("fastlm-triton", "plain", 2.0), ("fastlm-triton", "softcap", 2.4),
+                             ("fastlm-cuda", "z_loss", 1.0), ("torch", "softcap", 9.0))]
+    assert sweep.option_ratios(rows) == [("fastlm-triton", 8, 32, "softcap", pytest.approx(1.2))]
+    assert "| fastlm-triton | 8 | 32 | softcap | 1.200 | no |" in sweep.option_table(rows)
+
+
+def test_cross_entropy_tune_variants_set_the_kernel_constants_and_put_them_back():
+    from benchmarks import cross_entropy_sweep as sweep
+    from fastlm.kernels import cross_entropy as triton_ce
+
+    fam = sweep.family(True, "", None)
+    shipped = (triton_ce.BLOCK_V, triton_ce.NUM_WARPS)
+    tuned = [p for p in fam.providers if p.name.startswith("tune:")]
+    assert [p.name[5:] for p in tuned] == list(sweep.TUNE_VARIANTS) and fam.modes == ("fwd+bwd",)
+    for p in tuned:
+        with p.context():
+            values = sweep.TUNE_VARIANTS[p.name[5:]]
+            assert (triton_ce.BLOCK_V, triton_ce.NUM_WARPS) == (values["BLOCK_V"], values["NUM_WARPS"])
+            assert triton_ce._flags(None, 0.0, 0.0, None)["BLOCK_V"] == values["BLOCK_V"]  # read at launch time
+        assert (triton_ce.BLOCK_V, triton_ce.NUM_WARPS) == shipped
+    assert {c.params["option"] for c in fam.cases(False)} == {"plain"}
