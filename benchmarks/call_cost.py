@@ -51,9 +51,10 @@ def _time(step, calls, sync):
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def measure(ops=None, calls=CALLS, rounds=ROUNDS, device="cuda"):
-    """{(op, mode): {who: µs per call, or the error's text}}. (device "cpu" runs the same flow on CPU tensors, for
-    the tests.)"""
+def measure(ops=None, calls=CALLS, rounds=ROUNDS, device="cuda", done=None):
+    """{(op, mode): {who: µs per call, or the error's text}}; `done(results so far)` after each op, so that a run
+    cut short keeps what it finished. (device "cpu" runs the same flow on CPU tensors, for the tests; there the
+    Triton kernels are interpreted, so both launch paths are Triton's.)"""
     import torch
 
     from benchmarks.host_cases import CASES, DIFFERENTIABLE, attention_case, call
@@ -84,6 +85,8 @@ def measure(ops=None, calls=CALLS, rounds=ROUNDS, device="cuda"):
                         best[who] = min(best[who], _time(step, calls, sync))
             cells.update(best)
             results[(op, mode)] = cells
+        if done:
+            done(results)
     return results
 
 
@@ -111,17 +114,21 @@ def main(argv=None) -> int:
         return 2
     import fastlm
 
-    results = measure(args.ops, args.calls, args.rounds)
-    text = (f"Small calls end to end on {torch.cuda.get_device_name()}: wall µs per call, {args.calls} calls back "
-            f"to back, the lowest of {args.rounds} rounds (fastlm {fastlm.__version__}, torch {torch.__version__})"
-            f"\n\n{table(results)}\n")
-    print(text)
-    if args.out:
+    header = (f"Small calls end to end on {torch.cuda.get_device_name()}: wall µs per call, {args.calls} calls back "
+              f"to back, the lowest of {args.rounds} rounds (fastlm {fastlm.__version__}, torch {torch.__version__})")
+
+    def write(results):
+        if not args.out:
+            return
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "call_cost.md").write_text(text)
-        rows = [dict(op=op, mode=mode, **{w: c for w, c in cells.items()}) for (op, mode), cells in results.items()]
-        (args.out / "call_cost.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(), calls=args.calls,
-                                                                 rounds=args.rounds, rows=rows), indent=1))
+        (args.out / "call_cost.md").write_text(f"{header}\n\n{table(results)}\n")
+        rows = [dict(op=op, mode=mode, **cells) for (op, mode), cells in results.items()]
+        (args.out / "call_cost.json").write_text(json.dumps(dict(device=torch.cuda.get_device_name(),
+                                                                 calls=args.calls, rounds=args.rounds, rows=rows),
+                                                            indent=1))
+
+    results = measure(args.ops, args.calls, args.rounds, done=write)
+    print(f"{header}\n\n{table(results)}")
     return 0
 
 

@@ -1117,7 +1117,9 @@ def _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
 
 
 def _mask_args(scale, window_left, window_right, softcap, Sq, Sk):
-    """The kernels' scalar and flag arguments for a window in bounded form (None = unbounded) and a softcap.
+    """The kernels' scalar arguments (scale2, softcap, window_left, window_right: a tuple, passed positionally, as
+    the direct launch path keys keyword arguments by value) and flag arguments (a dict of constexprs) for a window
+    in bounded form (None = unbounded) and a softcap.
 
     The kernels add the window to positions in int32 (i + seqlen_k − seqlen_q ± window): a window is clamped to
     ±(Sq + Sk), which changes no answer (j − i − (seqlen_k − seqlen_q) lies in (−Sk, Sq) for every pair) and keeps
@@ -1129,8 +1131,7 @@ def _mask_args(scale, window_left, window_right, softcap, Sq, Sk):
         return max(-bound, min(bound, int(w or 0)))
 
     return (
-        dict(scale2=scale2, softcap=float(softcap or 1.0), window_left=clamp(window_left),
-             window_right=clamp(window_right)),
+        (float(scale2), float(softcap or 1.0), clamp(window_left), clamp(window_right)),
         dict(HAS_LEFT=window_left is not None, HAS_RIGHT=window_right is not None, HAS_SOFTCAP=bool(softcap)),
     )
 
@@ -1212,7 +1213,7 @@ def _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, c
         out_strides, lse_strides = _strides(out_, varlen), _lse_strides(lse_, varlen)
         _launch.launch(_attn_decode_kernel, (splits, Hk, nb),
             q_, k_, v_, out_, lse_, wo, wl, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen),
-            *_strides(v_, varlen), *out_strides, *lse_strides, n_q, n_k, group, rows, splits, **args,
+            *_strides(v_, varlen), *out_strides, *lse_strides, n_q, n_k, group, rows, splits, *args,
             HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen, ONE_SPLIT=one,
             DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, **flags,
         )
@@ -1259,7 +1260,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
             _launch.launch(_attn_fwd_kernel, (cdiv(Sq, BLOCK_M), Hq, nb),
                 q_, k_, v_, out_, lse_, cu_q, cu_k, *_strides(q_, varlen), *_strides(k_, varlen),
                 *_strides(v_, varlen), *_strides(out_, varlen), *_lse_strides(lse_, varlen), n_q, n_k, Hq // Hk,
-                edges, **args, HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
+                edges, *args, HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
                 DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, USE_TMA=tma,
                 **flags,
             )
@@ -1343,7 +1344,8 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     do, q, k, v, out = (_tile_rows_fit(t, varlen) for t in (do, q, k, v, out))
     delta = _util.empty(lse.shape, torch.float32, q.device)
     BD = block_d(D)
-    args, flags = _mask_args(scale, window_left, window_right, softcap, Sq, Sk)
+    (scale2, cap, left, right), flags = _mask_args(scale, window_left, window_right, softcap, Sq, Sk)
+    bwd_args = (scale2, cap, float(scale), left, right)  # the backward kernels take the unscaled scale too
     n_q, n_k = (q.shape[0], k.shape[0]) if varlen else (Sq, Sk)  # see attention_fwd
     common = dict(HEAD_D=D, BLOCK_D=BD, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype), **flags)
     dkdv_tma = _dkdv_tma(q, do, D, varlen)
@@ -1364,14 +1366,14 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
         with _Scratch(q.device, dkdv_tma):
             _launch.launch(_attn_bwd_dkdv_kernel, (cdiv(Sk, BLOCK_N), Hk, nb),
                 q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen),
-                *lse_strides, n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                *lse_strides, n_q, n_k, Hq // Hk, edges, *bwd_args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 num_warps=num_warps, num_stages=num_stages, USE_TMA=dkdv_tma, **common,
             )
         BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
         with _Scratch(q.device, dq_tma):
             _launch.launch(_attn_bwd_dq_kernel, (cdiv(Sq, BLOCK_M), Hq, nb),
                 q_, k_, v_, do_, lse_, delta_, dq_, cu_q, cu_k, *qkv_strides, *_strides(dq_, varlen), *lse_strides,
-                n_q, n_k, Hq // Hk, edges, scale=scale, **args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                n_q, n_k, Hq // Hk, edges, *bwd_args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 num_warps=num_warps, num_stages=num_stages, USE_TMA=dq_tma, **common,
             )
     return dq, dk, dv

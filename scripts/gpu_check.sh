@@ -45,7 +45,8 @@ OP_TESTS_S=150  # --op: one op's tests
 OP_BENCH_S=240  # --op: one family's --quick cases
 BENCH_S=500  # 300 for norm and the cross-entropy families, plus attention ~145 s and attention_decode ~51 s (estimates)
 STATIC_S=120
-HOST_S=90  # benchmarks.call_cost: 8 ops × 2 modes × 4 configurations × 4 rounds of 100 calls, and compiles
+HOST_S=150  # benchmarks.call_cost: 8 ops × 2 modes × 4 configurations × 4 rounds of 100 calls (~20 s), and
+           # compiling the kernels of its tiny calls on a fresh machine (written after each op: a cut keeps them)
 SANITIZER_S=90
 RESERVE_S=10  # kept back for packing the results
 BENCH_FLOOR_S=30  # the bench step keeps at least this for each benchmark family still to run

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,10 +69,43 @@ def _same(a, b) -> bool:
     return a is b or (type(a) is type(b) and a == b)
 
 
+@triton.jit
+def _probe_kernel(X, s, n, BLOCK: tl.constexpr):
+    """Does nothing: the launcher's arguments are the point. Called by the convention (runtime values
+    positionally, constexprs by keyword) with scalars that look equal to Python and not to Triton."""
+    pass
+
+
+@triton.jit
+def _probe_against(X, s, BLOCK: tl.constexpr):
+    """Does nothing; called against the convention (a constexpr positionally, a runtime value by keyword)."""
+    pass
+
+
+def _probe_calls():
+    """[(name, call)] of the probe kernels through _launch.launch: 2.0, 2 and True for one float parameter (fp32,
+    i32, u1 to Triton), ints 1, 16, 17, 2³¹ and 2⁶³ (a constant, i32 divisible or not, i64, u64), a constexpr 16,
+    32, 1, True and 1.0 by keyword; and the calls against the convention, with constexprs 16 and 32."""
+    from fastlm.kernels import _launch
+
+    x = torch.empty(64)
+    calls = [(f"probe s={s!r}", lambda s=s: _launch.launch(_probe_kernel, (1,), x, s, 3, BLOCK=16))
+             for s in (2.0, 2, True)]
+    calls += [(f"probe n={n}", lambda n=n: _launch.launch(_probe_kernel, (2, 3), x, 1.0, n, BLOCK=16))
+              for n in (1, 16, 17, 2**31, 2**63)]
+    calls += [(f"probe BLOCK={b!r}", lambda b=b: _launch.launch(_probe_kernel, (1, 1, 2), x[1:], 1.0, 3, BLOCK=b))
+              for b in (16, 32, 1, True, 1.0)]
+    calls += [(f"against BLOCK={b}", lambda b=b: _launch.launch(_probe_against, (1,), x, 1.0, b)) for b in (16, 32)]
+    calls += [("against s by keyword", lambda: _launch.launch(_probe_against, (1,), x, s=2.0, BLOCK=16))]
+    return calls
+
+
 def compare_paths() -> dict:
-    """Runs _calls() with every `_launch.launch` made three times: through Triton's path, once more through the
-    direct path (filling its cache), and then through the direct path's cache; asserts the launcher got the same
-    arguments the first and the last time. Returns {kernel name: [launches compared, compiled variants]}."""
+    """Runs _calls() and _probe_calls() with every `_launch.launch` made three times: through Triton's path, once
+    more through fastlm's (which may fill its cache), and once again, as every later call runs; asserts the
+    launcher got the same compiled kernel and arguments the first and the last time, the last through the direct
+    path unless the call is one the direct path leaves to Triton. Returns {kernel name: [launches compared,
+    compiled variants, launches that took the direct path]}."""
     from benchmarks import launch_cost
     from triton.knobs import HookChain
 
@@ -81,6 +116,9 @@ def compare_paths() -> dict:
     assert _launch.ENABLED, "the direct path is off (FASTLM_TRITON_DIRECT=0, or another Triton version)"
     real, seen = _launch.launch, collections.defaultdict(list)
 
+    def empty_chains(hooks):
+        return all(type(h) is HookChain and not h.calls for h in hooks)
+
     def both(kernel, grid, *args, **kwargs):
         try:
             _launch.ENABLED = False
@@ -90,27 +128,29 @@ def compare_paths() -> dict:
         finally:
             _launch.ENABLED = True
         real(kernel, grid, *args, **kwargs)
-        assert _launch.key(kernel, 0, args, kwargs) in _launch._cache, kernel.__name__
         del launched[:]
         real(kernel, grid, *args, **kwargs)
         (h2, a2), = launched
         name = kernel.__name__
+        direct = a2[6:9] == (None, None, None)
+        if direct:
+            assert _launch.key(kernel, 0, args, kwargs) in _launch._cache, name
+        else:
+            assert empty_chains(a2[7:9]) and kernel in _launch._TRITON_ONLY, name
         assert h1 == h2, f"{name}: another compiled kernel"
         assert a1[:6] == a2[:6], f"{name}: grid, stream, function or metadata differ: {a1[:6]} {a2[:6]}"
-        enter, leave = a1[7:9]
-        assert type(enter) is HookChain and not enter.calls and type(leave) is HookChain and not leave.calls
-        assert a2[6:9] == (None, None, None)
+        assert empty_chains(a1[7:9])
         assert len(a1) == len(a2) and all(_same(x, y) for x, y in zip(a1[9:], a2[9:])), \
             f"{name}: arguments differ: {a1[9:]} {a2[9:]}"
-        seen[name].append(h1)
+        seen[name].append((h1, direct))
 
     _launch.launch = both
     try:
-        for _, call in _calls():
+        for _, call in _calls() + _probe_calls():
             call()
     finally:
         _launch.launch = real
-    return {name: [len(hashes), len(set(hashes))] for name, hashes in seen.items()}
+    return {name: [len(runs), len({h for h, _ in runs}), sum(d for _, d in runs)] for name, runs in seen.items()}
 
 
 def test_direct_path_hands_the_launcher_what_triton_does():
@@ -124,9 +164,16 @@ def test_direct_path_hands_the_launcher_what_triton_does():
                 "_attn_bwd_delta_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_decode_kernel",
                 "_attn_decode_combine_kernel", "_gated_fwd_kernel", "_gated_bwd_kernel", "_rotary_kernel"}
     assert expected <= set(seen), expected - set(seen)
+    # Every fastlm launcher follows the convention: all its launches take the direct path.
+    assert all(direct == launches for name, (launches, _, direct) in seen.items() if name in expected), seen
     # Norm's forward as _calls() makes it (with its stats for the backward, again aligned, misaligned, one row):
     # three compiled variants, the misaligned x one of its own.
-    assert seen["_norm_fwd_kernel"] == [4, 3]
+    assert seen["_norm_fwd_kernel"] == [4, 3, 4]
+    # The probe, 13 launches, all direct: the 3 scalar types are 3 kernels; the 5 ints 4 more (17 with s=1.0 is
+    # the s=2.0 kernel); the constexprs 16, 32 and 1 three more (Triton's own cache key takes 1, True and 1.0 as
+    # one kernel; the direct path keeps them apart, and gets that same kernel for each).
+    assert seen["_probe_kernel"] == [13, 10, 13]
+    assert seen["_probe_against"] == [3, 2, 0]  # against the convention: Triton's own path every time
 
 
 def _spec_kernel():
@@ -173,6 +220,11 @@ def test_key_never_merges_two_specializations():
     assert not merged, next(iter(merged.values()))
     assert len(groups) > 1000  # the product above reached many distinct keys
     assert _launch.key(fn, 0, (base, 1, 1.0, True, object()), {"C": 1}) is None  # a type the key does not cover
+    for n in (2**64, -2**63 - 1):  # ints no Triton type holds (its binder raises): Triton's path, not a key
+        assert _launch.key(fn, 0, (base, n, 1.0, True, None), {"C": 1}) is None
+    # Keyword values equal to Python but not to Triton get keys of their own.
+    keys = {_launch.key(fn, 0, (base, 1, 1.0, True, None), {"C": c}) for c in (1, True, 1.0)}
+    assert len(keys) == 3
 
 
 if __name__ == "__main__":
