@@ -1200,7 +1200,7 @@ def _decode_fwd(q, k, v, out, lse, B, Sq, Sk, Hq, Hk, D, varlen, cu_seqlens_q, c
     rows = Sq * group
     BLOCK_M = _decode_block_m(rows)
     BLOCK_N, num_warps, num_stages = _decode_config(D, BLOCK_M)
-    keys = min(Sk, Sq + max(0, args["window_left"])) if flags["HAS_LEFT"] else Sk
+    keys = min(Sk, Sq + max(0, args[2])) if flags["HAS_LEFT"] else Sk  # args: (scale2, softcap, left, right)
     splits = decode_splits(B, Hk, keys, BLOCK_N, q.device)
     one = splits == 1
     if not one:
