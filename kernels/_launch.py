@@ -49,9 +49,11 @@ ENABLED = triton.__version__ in VERSIONS and os.environ.get("FASTLM_TRITON_DIREC
 # that runs instead; if it was replaced when this module was imported, the direct path stays off.
 _RUN = JITFunction.run if (JITFunction.run.__module__, JITFunction.run.__qualname__) == ("triton.runtime.jit",
                                                                                           "JITFunction.run") else None
-_cache = {}  # key → (launcher, function handle, packed metadata, arguments after the positional ones, compiled)
+# key → (launcher, function handle, packed metadata, arguments after the positional ones, compiled kernel, the
+# JITFunction: keys hold its id, which stays its own while the entry keeps it alive; hashing a JITFunction takes a lock)
+_cache = {}
 _MISSING = object()
-_TRITON_ONLY = set()  # kernels called against the convention (module docstring): Triton's own path
+_TRITON_ONLY = {}  # id → kernel, for kernels called against the convention (module docstring): Triton's path
 _I32, _I64 = 2**31, 2**63
 _DTYPES = {d: 2 + 2 * i for i, d in enumerate(sorted({v for v in vars(torch).values() if isinstance(v, torch.dtype)},
                                                       key=str))}  # dtype → an even int ≥ 2
@@ -75,7 +77,7 @@ def key(kernel, device, args, kwargs):
     its value tells apart: an int gives -1 for 1 (a constant to Triton), a bool for i32 (divisible by 16 or not),
     a pair of bools for i64/u64 (divisible, below 2⁶³); a float, a bool or None its type; a pointer an int ≥ 2
     from its dtype and whether its address is 16-byte aligned."""
-    k = [kernel, device, len(kwargs), *kwargs, *kwargs.values(), *map(type, kwargs.values())]
+    k = [id(kernel), device, len(kwargs), *kwargs, *kwargs.values(), *map(type, kwargs.values())]
     append = k.append
     for a in args:
         t = type(a)
@@ -100,7 +102,7 @@ def launch(kernel, grid, *args, **kwargs):
     """`kernel[grid](*args, **kwargs)` with less host work (module docstring). grid: a tuple of 1 to 3 ints.
     Returns the compiled kernel, as `kernel[grid](...)` does."""
     if not (ENABLED and type(kernel) is JITFunction and JITFunction.run is _RUN and type(grid) is tuple
-            and kernel not in _TRITON_ONLY and _direct_ok(kernel)):
+            and id(kernel) not in _TRITON_ONLY and _direct_ok(kernel)):
         return kernel[grid](*args, **kwargs)  # also where JITFunction.run is replaced (the static report's recorder)
     active = driver.active
     device = active.get_current_device()
@@ -112,13 +114,13 @@ def launch(kernel, grid, *args, **kwargs):
             params = kernel.params
             if (any(p.is_constexpr for p in params[:len(args)])
                     or any(not p.is_constexpr for p in params if p.name in kwargs)):
-                _TRITON_ONLY.add(kernel)  # against the convention: the key would not separate its calls
+                _TRITON_ONLY[id(kernel)] = kernel  # against the convention: the key would not separate its calls
             else:
                 bound = kernel.device_caches[device][4](*args, **kwargs)[0]
                 _cache[k] = (compiled.run, compiled.function, compiled.packed_metadata,
-                             tuple(bound.values())[len(args):], compiled)
+                             tuple(bound.values())[len(args):], compiled, kernel)
         return compiled
-    run, function, packed, tail, compiled = entry
+    run, function, packed, tail, compiled, _ = entry
     for (name, _), (value, where) in kernel.used_global_vals.items():  # as Triton checks them on every launch
         if where.get(name, _MISSING) != value:
             return kernel[grid](*args, **kwargs)  # which raises Triton's own error
