@@ -706,8 +706,10 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_BYTES", 7 * 50 * 4)
     # And the fp32 d(weight) accumulator in blocks of 6 rows of H = 32 (50 = 8 blocks and a remainder of 2).
     monkeypatch.setattr(lce, "DW_BLOCK_BYTES", 6 * 32 * 4)
-    # low_memory's vocabulary blocks: 7 columns of 253 fp32 tokens (14 of fp16): 50 = 7 blocks and a remainder.
-    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 7 * 253 * 4)
+    # low_memory's vocabulary blocks: 17 columns of 253 fp32 tokens (34 of fp16): 50 = 2 blocks and a remainder
+    # (1 and a remainder in fp16). Each block runs the backward kernel over every token: under the interpreter
+    # more blocks cost seconds each and test nothing more.
+    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 17 * 253 * 4)
 
 
 # low_memory (its own d(weight) pass over vocabulary blocks) in float32 with every option, and in float16 with all
