@@ -35,7 +35,9 @@ on-disk cache, since each compile takes seconds on one core), then timed one by 
 
 The forward and dK/dV kernels have a Hopper path each (TMA loads, kernels/attention.py TMA): swept as kernels
 fwd_tma and dkdv_tma with the paths forced on (fwd and dkdv with them forced off), and the report says per head dim
-which path is faster, to keep or drop its FWD_TMA_CONFIGS / DKDV_TMA_CONFIGS entry.
+which path is faster, to keep or drop its FWD_TMA_CONFIGS / DKDV_TMA_CONFIGS entry. The forward's Hopper path also
+has a warp-specialized variant (FWD_WS_CONFIGS, off by default): swept as fwd_ws, and the report says per head dim
+whether to set FWD_WS_DEFAULT.
 
 FLOPs as benchmarks/attention.py counts them: forward 4·b·h·s²·d, halved when causal; backward 2.5× that.
 """
@@ -56,16 +58,39 @@ CANDIDATES_FILE = Path(__file__).resolve().parent / "attention_sweep_candidates.
 # their own, keyed by head dim only: 16-bit inputs), swept with that kernel's path forced on, as fwd, dkdv and dq
 # are with it forced off (A.TMA per kernel: the other kernels keep theirs); the report gives both best times and
 # says which path is faster per head dim.
-TABLES = {"fwd": "FWD_CONFIGS", "fwd_tma": "FWD_TMA_CONFIGS", "dkdv": "DKDV_CONFIGS",
+# fwd_ws: the forward's warp-specialized Hopper path (FWD_WS_CONFIGS, dense calls), swept with it forced on over
+# the plain Hopper path (fwd_tma is swept with it forced off); the report says per head dim whether it beats that.
+TABLES = {"fwd": "FWD_CONFIGS", "fwd_tma": "FWD_TMA_CONFIGS", "fwd_ws": "FWD_WS_CONFIGS", "dkdv": "DKDV_CONFIGS",
           "dkdv_tma": "DKDV_TMA_CONFIGS", "dq": "DQ_CONFIGS", "dq_tma": "DQ_TMA_CONFIGS"}
-SPEC_PREFIX = {"fwd": "attn_fwd", "fwd_tma": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dkdv_tma": "attn_bwd_dkdv",
-               "dq": "attn_bwd_dq", "dq_tma": "attn_bwd_dq"}
+SPEC_PREFIX = {"fwd": "attn_fwd", "fwd_tma": "attn_fwd", "fwd_ws": "attn_fwd", "dkdv": "attn_bwd_dkdv",
+               "dkdv_tma": "attn_bwd_dkdv", "dq": "attn_bwd_dq", "dq_tma": "attn_bwd_dq"}
+
+
+def _base(kernel) -> str:
+    """The kernel a sweep entry times: "fwd" for fwd, fwd_tma and fwd_ws."""
+    return kernel.split("_")[0]
+
+
+def _hopper_table(kernel) -> bool:
+    """Whether the entry's table is keyed by head dim only (16-bit inputs): the Hopper paths'."""
+    return kernel.endswith(("_tma", "_ws"))
+
+
+def _forced_paths(kernel) -> dict:
+    """A.TMA's entries that time `kernel`'s path: its Hopper path on for *_tma and fwd_ws, off otherwise; the
+    warp-specialized forward on only for fwd_ws."""
+    forced = {_base(kernel): _hopper_table(kernel)}
+    if _base(kernel) == "fwd":
+        forced["fwd_ws"] = kernel == "fwd_ws"
+    return forced
 HEAD_DIMS = (64, 128)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). For dK/dV, BLOCK_M is the inner (query) block and BLOCK_N its own key
 # block; for dQ, BLOCK_M its own query block and BLOCK_N the inner (key) block.
 GRID = {
     "fwd": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))),
     "fwd_tma": list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))),
+    # Triton 3.6 warp-specializes the loop at 4 warps (a producer and two consumer groups: 12), not at 8.
+    "fwd_ws": list(itertools.product((128,), (64, 128), (4,), (2, 3, 4))),
     "dkdv": list(itertools.product((16, 32, 64), (64, 128), (4, 8), (1, 2, 3))),
     "dkdv_tma": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
     "dq": list(itertools.product((64, 128), (16, 32, 64), (4, 8), (1, 2, 3))),
@@ -99,7 +124,7 @@ def _static_row(job):
     from fastlm.kernels import attention as A
 
     fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel,
-          "dq": A._attn_bwd_dq_kernel}[kernel.removesuffix("_tma")]
+          "dq": A._attn_bwd_dq_kernel}[_base(kernel)]
     with table_entry(A, kernel, head_dim, tuple(config)):
         found = static.record(lambda _: static.attention_call(torch.bfloat16, head_dim, "causal"), "attention.py")
     found = [v for v in found if v.fn is fn]
@@ -141,18 +166,19 @@ def static_candidates(jobs=None, log=print, kernels=None) -> dict:
 def table(module, kernel) -> dict:
     """The launcher's table of `kernel` for 16-bit inputs: {head dim tile: config}."""
     found = getattr(module, TABLES[kernel])
-    return found if kernel.endswith("_tma") else found[False]
+    return found if _hopper_table(kernel) else found[False]
 
 
 @contextmanager
 def table_entry(module, kernel, head_dim, config):
     """Put `config` in the launcher's table for 16-bit inputs at this head dim for the block, with that
-    kernel's path forced (on for a *_tma kernel, off otherwise; A.TMA per kernel); restore both after."""
+    kernel's path forced (_forced_paths; A.TMA per kernel); restore both after."""
     entries = table(module, kernel)
     old, old_tma = entries.get(head_dim), module.TMA
     entries[head_dim] = tuple(config)
-    per_kernel = dict(old_tma) if isinstance(old_tma, dict) else {k: old_tma for k in ("fwd", "dkdv", "dq")}
-    module.TMA = dict(per_kernel, **{kernel.removesuffix("_tma"): kernel.endswith("_tma")})
+    per_kernel = dict(old_tma) if isinstance(old_tma, dict) else {k: old_tma for k in ("fwd", "dkdv", "dq",
+                                                                                        "fwd_ws")}
+    module.TMA = dict(per_kernel, **_forced_paths(kernel))
     try:
         yield
     finally:
@@ -212,7 +238,7 @@ def report(results, current, cases=CASES) -> str:
     best = best_configs(results)
     for kernel, by_dim in best.items():
         for head_dim, (cfg, ms) in sorted(by_dim.items()):
-            key = f"[{head_dim}]" if kernel.endswith("_tma") else f"[False][{head_dim}]"
+            key = f"[{head_dim}]" if _hopper_table(kernel) else f"[False][{head_dim}]"
             lines.append(f"- {TABLES[kernel]}{key} = {tuple(cfg)}  (geometric mean {ms:.3f} ms)")
     for kernel, label in (("fwd", "forward"), ("dkdv", "dK/dV"), ("dq", "dQ")):
         for head_dim in sorted(set(best.get(kernel, {})) & set(best.get(f"{kernel}_tma", {}))):
@@ -220,6 +246,11 @@ def report(results, current, cases=CASES) -> str:
             verdict = "keep" if tma < ptr else "drop"
             lines.append(f"- {label} at head dim {head_dim}: the {'TMA' if tma < ptr else 'pointer'} path is faster "
                          f"({tma:.3f} ms against {ptr:.3f}): {verdict} {TABLES[kernel + '_tma']}[{head_dim}]")
+    for head_dim in sorted(set(best.get("fwd_tma", {})) & set(best.get("fwd_ws", {}))):
+        plain, ws = best["fwd_tma"][head_dim][1], best["fwd_ws"][head_dim][1]
+        lines.append(f"- forward at head dim {head_dim}: the warp-specialized path is {plain / ws:.2f}× the plain "
+                     f"Hopper path ({ws:.3f} ms against {plain:.3f}): "
+                     + ("set FWD_WS_DEFAULT = True" if ws < plain else "keep FWD_WS_DEFAULT = False"))
     wrong = [r for r in results if r.get("kind") == "candidate" and r.get("correct") is False]
     if wrong:
         lines += ["", "Wrong results (never chosen):"]

@@ -12,8 +12,9 @@ the machine code:
   ships, and nvcc takes minutes on these templates. Otherwise nvcc compiles it here with setup.py's own flags,
   one cubin per architecture, and `ptxas -v` adds the spill bytes.
 Then `cuobjdump -res-usage -sass` gives registers, shared memory and local memory (stack frame and local arrays)
-per kernel, and the SASS the widest global load and store, local loads and stores (spills), and tensor-core
-instructions (HMMA; HGMMA is Hopper's wgmma).
+per kernel, and the SASS the widest global load and store, local loads and stores (spills), tensor-core
+instructions (HMMA; HGMMA is Hopper's wgmma), TMA loads, and setmaxnreg (warp specialization: a variant built with
+WARP_SPEC that lacks it fails the report).
 
 It prints one table and exits non-zero when any kernel fails to compile or uses local memory in a shipped config
 (stack or local bytes, spill bytes, or LDL/STL instructions), naming each one. Compiles run in a process pool of
@@ -84,7 +85,8 @@ def parse_sass(text: str) -> dict:
     for line in text.splitlines():
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
-            current = kernels.setdefault(m.group(1), {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False})
+            current = kernels.setdefault(m.group(1), {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False,
+                                                      "ws": False})
             continue
         if current is None:
             continue
@@ -94,6 +96,7 @@ def parse_sass(text: str) -> dict:
         current["ldl_stl"] += len(re.findall(r"\b(?:LDL|STL)\b", line))
         current["mma"].update(op for op in TENSOR_CORE_OPS if re.search(rf"\b{op}\b", line))
         current["tma"] |= bool(re.search(r"\bUTMALDG\b", line))
+        current["ws"] |= bool(re.search(r"\bUSETMAXREG\b", line))  # warp groups trading registers: warp-specialized
     return kernels
 
 
@@ -131,7 +134,7 @@ def inspect_binary(path: Path) -> dict:
     out = {}
     for arch, text in sections:
         sass = parse_sass(text)
-        empty = {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False}
+        empty = {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False, "ws": False}
         out[arch] = {name: dict(res, **sass.get(name, empty)) for name, res in parse_res_usage(text).items()}
     return out
 
@@ -147,6 +150,8 @@ def problems(row: dict) -> list:
         why.append(f"{row['spill_bytes']} B spilled")
     if row["ldl_stl"]:
         why.append(f"{row['ldl_stl']} local loads/stores (LDL/STL)")
+    if "WARP_SPEC" in row.get("kernel", "") and not row.get("ws"):
+        why.append("WARP_SPEC set, but Triton did not warp-specialize the loop (no setmaxnreg in the SASS)")
     return why
 
 
@@ -406,10 +411,15 @@ def _launch_attention(found: list) -> None:
             if fp32:
                 continue  # the short-query and split-KV paths are 16-bit only
             if K.block_d(head_dim) in {**K.DKDV_TMA_CONFIGS, **K.FWD_TMA_CONFIGS, **K.DQ_TMA_CONFIGS}:  # Hopper paths
-                saved, K.TMA = K.TMA, True
+                saved = K.TMA
+                # Every Hopper path (the dense forward warp-specialized where FWD_WS_CONFIGS has the head dim),
+                # then the dense forward's plain Hopper path.
+                no_ws = {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False}
                 try:
-                    for kind in ("causal", "all"):
-                        attention_call(dtype, head_dim, kind)
+                    for tma, kinds in ((True, ("causal", "all")), (no_ws, ("causal",))):
+                        K.TMA = tma
+                        for kind in kinds:
+                            attention_call(dtype, head_dim, kind)
                 finally:
                     K.TMA = saved
             for kind in ("decode", "decode all"):
@@ -630,7 +640,7 @@ def _fmt_row(row: dict) -> list:
         return [row["source"], row["kernel"], row["arch"]] + [""] * 8 + ["FAIL"]
     mma = "+".join(sorted(row["mma"])) or "-"
     if row.get("tma"):
-        mma += " (TMA)"
+        mma += " (TMA, WS)" if row.get("ws") else " (TMA)"
     local = row["stack"] + row["local"]
     spill = str(row["ldl_stl"]) + (f" / {row['spill_bytes']} B" if row.get("spill_bytes") else "")
     return [row["source"], row["kernel"], row["arch"], str(row.get("warps", "")), str(row["regs"]),

@@ -26,6 +26,10 @@ Design.
   mask empties are never visited. On Hopper (TMA, below) the K and V tiles come by TMA through tensor descriptors
   of the kv head's rows made in the kernel (FWD_TMA_CONFIGS: 128 × 128 tiles, the Triton tutorial's Hopper shape,
   fit without spills at head dim 128; the pointer path's per-element addresses fit 128 × 32).
+  A warp-specialized variant of the Hopper path (WARP_SPEC, FWD_WS_CONFIGS; off by default until timed): Triton's
+  Hopper warp specialization splits the program into a producer warp group issuing the K/V TMA loads and two
+  consumer warp groups doing the wgmma and softmax, FlashAttention-3's structure. It needs one key loop (the mask
+  then applies to every block), Q by TMA and no early exit, so it serves dense calls only.
 - Backward: three kernels and no atomics, so gradients are bitwise repeatable in every mode: a preprocess for D, one
   program per (key block, batch·kv head) that accumulates dK and dV over every query block of every query head of
   its group, and one program per (query block, batch·head) that accumulates dQ. The S and dP matmuls are done in
@@ -264,14 +268,14 @@ def _fwd_blocks(
     window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, WARP_SPEC: tl.constexpr = False,
 ):
     """Online softmax over the key blocks [start, end): the running (acc, row sum l_i, row max m_i) in log2 units.
     K and V: the kv head's first key row (pointers), or with USE_TMA its tensor descriptors (_head_rows)."""
     if USE_TMA:
         acc, l_i, m_i = _fwd_blocks_tma(acc, l_i, m_i, q, K, V, start, end, rows, seqlen_k, diag, scale2, softcap,
                                         window_left, window_right, BLOCK_N, MASKED, HAS_LEFT, HAS_RIGHT,
-                                        HAS_SOFTCAP, DOT_PRECISION)
+                                        HAS_SOFTCAP, DOT_PRECISION, WARP_SPEC)
     else:
         acc, l_i, m_i = _fwd_blocks_ptr(acc, l_i, m_i, q, K, V, stride_ks, stride_vs, start, end, rows, seqlen_k,
                                         diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D,
@@ -298,11 +302,11 @@ def _softmax_update(s2, m_i, l_i, MASKED: tl.constexpr):
 def _fwd_blocks_tma(
     acc, l_i, m_i, q, k_desc, v_desc, start, end, rows, seqlen_k, diag, scale2, softcap, window_left, window_right,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr = False,
 ):
     """_fwd_blocks on Hopper: K and V tiles by TMA (keys past the sequence arrive as zero rows, masked as before)."""
     offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
         k = k_desc.load([start_n, 0])
         s2, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale2, softcap, HAS_SOFTCAP)
         if MASKED:
@@ -364,15 +368,17 @@ def _attn_fwd_kernel(
     scale2, softcap, window_left, window_right,  # see _scores and _visible
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     h, hk, b64, q_start, q_len, k_start, k_len = _query_program(CU_Q, CU_K, seqlen_q, seqlen_k, group, VARLEN)
-    if start_m >= q_len:
-        if VARLEN:  # query tokens outside every sequence: out 0, lse −inf (every program takes its share)
-            _fill_outside_q(O, LSE, h, tl.program_id(2), stride_os, stride_oh, stride_lh, q_start, q_len, seqlen_q,
-                            edges, HEAD_D, BLOCK_M, BLOCK_D)
-        return
+    tl.static_assert(not (WARP_SPEC and VARLEN), "the warp-specialized path is for dense calls")
+    if not WARP_SPEC:  # (dense only: every program has rows)
+        if start_m >= q_len:
+            if VARLEN:  # query tokens outside every sequence: out 0, lse −inf (every program takes its share)
+                _fill_outside_q(O, LSE, h, tl.program_id(2), stride_os, stride_oh, stride_lh, q_start, q_len,
+                                seqlen_q, edges, HEAD_D, BLOCK_M, BLOCK_D)
+            return
     diag = k_len - q_len
     # 64-bit offsets: this block's first query, the kv head's first key.
     Qm = Q + _offset(b64, q_start + start_m, h, stride_qb, stride_qs, stride_qh)
@@ -383,8 +389,12 @@ def _attn_fwd_kernel(
     rows = start_m + offs_m
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
-    io_mask = row_ok[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
-    q = tl.load(Qm + offs_m[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
+    if WARP_SPEC:
+        q = _head_rows(Q + _offset(b64, q_start, h, stride_qb, stride_qs, stride_qh), Q, q_len, stride_qs,
+                       stride_qs, HEAD_D, BLOCK_M, BLOCK_D, True)[0].load([start_m, 0])
+    else:
+        io_mask = row_ok[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
+        q = tl.load(Qm + offs_m[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -393,15 +403,20 @@ def _attn_fwd_kernel(
     lo, full_lo, full_hi, hi = _key_range(start_m, r1, k_len, diag, window_left, window_right, BLOCK_N,
                                           HAS_LEFT, HAS_RIGHT)
     Ka, Va = _head_rows(Kh, Vh, k_len, stride_ks, stride_vs, HEAD_D, BLOCK_N, BLOCK_D, USE_TMA)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Ka, Va, stride_ks, stride_vs, lo, full_lo, rows, k_len, diag,
-                                scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True,
-                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Ka, Va, stride_ks, stride_vs, full_lo, full_hi, rows, k_len, diag,
-                                scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, False,
-                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Ka, Va, stride_ks, stride_vs, full_hi, hi, rows, k_len, diag,
-                                scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True,
-                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+    if WARP_SPEC:
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Ka, Va, stride_ks, stride_vs, lo, hi, rows, k_len, diag,
+                                    scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True,
+                                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA, True)
+    else:
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Ka, Va, stride_ks, stride_vs, lo, full_lo, rows, k_len, diag,
+                                    scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True,
+                                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Ka, Va, stride_ks, stride_vs, full_lo, full_hi, rows, k_len,
+                                    diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, False,
+                                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, Ka, Va, stride_ks, stride_vs, full_hi, hi, rows, k_len, diag,
+                                    scale2, softcap, window_left, window_right, HEAD_D, BLOCK_N, BLOCK_D, True,
+                                    HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
 
     empty_row = l_i == 0.0
     out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
@@ -993,13 +1008,25 @@ DKDV_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 1
 # without a GPU: the Triton tutorial's Hopper shape (128 queries × 128 keys, 8 warps) where it compiles without
 # spills (static report); not yet timed.
 FWD_TMA_CONFIGS = {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8, 3), 128: (128, 128, 8, 3)}
+# The forward's warp-specialized Hopper path (WARP_SPEC: FlashAttention-3's structure, by Triton's Hopper warp
+# specialization: a producer warp group issues the TMA loads of K and V, two consumer warp groups run the wgmma
+# and softmax, with registers moved to the consumers (setmaxnreg); num_warps 4 becomes 12). Triton 3.6 partitions
+# only a kernel with one key loop, no early return and Q read by TMA (found by compiling for sm_90a: with three
+# loops, or Q by pointer, or the early exit, its pass fails; with 8 warps it leaves the loop alone), so this path
+# walks the key range in one loop with the mask applied to every block (bitwise the same result: the unmasked
+# middle blocks' mask is all true) and is for dense calls only (a varlen program may lie past its sequence). No
+# spills, 168 registers, shared 131 KB (d64, 3 stages) and 180 KB (d128, 2 stages; 3 would need 246 KB) by the
+# static report. Not yet timed: off unless FWD_WS_DEFAULT or TMA turns it on (the sweep times it as fwd_ws).
+FWD_WS_CONFIGS = {64: (128, 128, 4, 3), 128: (128, 128, 4, 2)}
+FWD_WS_DEFAULT = False
 # The dQ kernel's Hopper path (_bwd_dq_blocks_tma: K and V tiles by TMA), 16-bit inputs, as DQ_CONFIGS. Chosen
 # without a GPU like DKDV_TMA_CONFIGS (static report: no spills); not yet timed.
 DQ_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
 # Whether the forward, dK/dV and dQ kernels take their Hopper paths: None decides per call (a device of compute
 # capability ≥ 9, 16-bit inputs, an entry in the path's table, rows TMA can address: _tma_path); True or False force
 # it where it can run (the interpreter included: the tests run both paths); or a dict of those per kernel ("fwd",
-# "dkdv", "dq"; a kernel missing from it decides per call), as the sweep sets it to time one kernel's two paths.
+# "dkdv", "dq", and "fwd_ws": the forward's warp-specialized variant of its Hopper path, FWD_WS_CONFIGS, which
+# also needs "fwd"; a kernel missing from it decides per call), as the sweep sets it to time one kernel's paths.
 TMA = None
 # Short query sides (decode over a KV cache): 16-row query blocks instead of 128 mostly empty ones.
 DECODE_MAX_SEQLEN_Q = 16
@@ -1053,7 +1080,7 @@ def _delta_warps(dtype, block_d):
 MAX_TILE_ROWS = max(max(c[0], c[1]) for table in (FWD_CONFIGS[False], FWD_CONFIGS[True], DKDV_CONFIGS[False],
                                                   DKDV_CONFIGS[True], DQ_CONFIGS[False], DQ_CONFIGS[True],
                                                   DECODE_FWD_CONFIGS, DKDV_TMA_CONFIGS, FWD_TMA_CONFIGS,
-                                                  DQ_TMA_CONFIGS)
+                                                  DQ_TMA_CONFIGS, FWD_WS_CONFIGS)
                     for c in table.values())
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DECODE_MAX_ROWS,
                     *(c[0] for table in DECODE_CONFIGS.values() for c in table.values()))
@@ -1250,10 +1277,12 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         return out, lse
     short = Sq <= DECODE_MAX_SEQLEN_Q and q.dtype != torch.float32 and not _INTERPRETED
     tma = not short and _tma_path("fwd", k, v, D, varlen)
+    ws = tma and not varlen and _tma_path("fwd_ws", q, k, D, varlen)  # Q by TMA too
     if short:
         BLOCK_M, BLOCK_N, num_warps, num_stages = DECODE_FWD_CONFIGS[block_d(D)]
     else:
-        BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D, FWD_TMA_CONFIGS if tma else None)
+        BLOCK_M, BLOCK_N, num_warps, num_stages = _config(FWD_CONFIGS, q.dtype, D, FWD_WS_CONFIGS if ws else
+                                                          FWD_TMA_CONFIGS if tma else None)
     for nb, cu_q, cu_k, edges, (q_, k_, v_, out_, lse_) in _batch_chunks(B, varlen, cu_seqlens_q, cu_seqlens_k,
                                                                          (q, k, v, out, lse)):
         with _Scratch(q.device, tma):
@@ -1262,7 +1291,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                 *_strides(v_, varlen), *_strides(out_, varlen), *_lse_strides(lse_, varlen), n_q, n_k, Hq // Hk,
                 edges, *args, HEAD_D=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D), VARLEN=varlen,
                 DOT_PRECISION=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages, USE_TMA=tma,
-                **flags,
+                WARP_SPEC=ws, **flags,
             )
     return out, lse
 
@@ -1277,7 +1306,8 @@ def _tma_rows(t, varlen):
                                           for s, n in zip(_strides(t, varlen), sizes))
 
 
-_TMA_TABLES = {"fwd": FWD_TMA_CONFIGS, "dkdv": DKDV_TMA_CONFIGS, "dq": DQ_TMA_CONFIGS}  # (updated in place)
+_TMA_TABLES = {"fwd": FWD_TMA_CONFIGS, "dkdv": DKDV_TMA_CONFIGS, "dq": DQ_TMA_CONFIGS,
+               "fwd_ws": FWD_WS_CONFIGS}  # (updated in place)
 
 
 def _tma_path(kernel, a, b, head_dim, varlen):
@@ -1287,7 +1317,7 @@ def _tma_path(kernel, a, b, head_dim, varlen):
         return False
     force = TMA.get(kernel) if isinstance(TMA, dict) else TMA
     if force is None:
-        if _INTERPRETED or _util.capability(a.device)[0] < 9:
+        if _INTERPRETED or _util.capability(a.device)[0] < 9 or (kernel == "fwd_ws" and not FWD_WS_DEFAULT):
             return False
     elif not force:
         return False

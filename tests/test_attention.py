@@ -218,17 +218,43 @@ def _force_tma_paths(monkeypatch, tma):
     monkeypatch.setattr(triton_attention, "TMA", tma)
 
 
+# The Hopper paths without the forward's warp-specialized variant (TMA per kernel), and with it (True: dense calls
+# at head dims of FWD_WS_CONFIGS take it).
+TMA_NO_WS = {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False}
+
+
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
-@pytest.mark.parametrize("tma", (False, True), ids=("pointers", "tma"))
+@pytest.mark.parametrize("tma", (False, TMA_NO_WS, True), ids=("pointers", "tma", "tma_ws"))
 @pytest.mark.parametrize("case", TMA_PATH_CASES, ids=_case_id)
 def test_tma_paths_match_reference(case, tma, backend, monkeypatch):
     """The forward and dK/dV kernels through each of their paths against the reference by the rule (the
-    interpreter runs both; a GPU of compute capability 9 or more takes TMA by default, pointers only when forced)."""
+    interpreter runs them all; a GPU of compute capability 9 or more takes TMA by default, pointers only when
+    forced, the warp-specialized forward only when forced or FWD_WS_DEFAULT)."""
     _force_tma_paths(monkeypatch, tma)
     b, sq, sk, h, hk, d, causal, window, softcap = case
     dtype = GPU_DTYPES[0] if HAS_GPU else torch.float16
     q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
     _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("case", [c for c in TMA_PATH_CASES if triton_attention.block_d(c[5]) in
+                                  triton_attention.FWD_WS_CONFIGS], ids=_case_id)
+def test_warp_specialized_forward_is_the_three_loop_forward(case, monkeypatch):
+    """The warp-specialized forward walks the key range in one loop with the mask on every block, where the other
+    paths skip it for the blocks it cannot touch: the same arithmetic, so the same bits in the interpreter, out and
+    LSE (on a GPU the reference test above checks it by the rule). Windows, softcap, GQA, MQA and queries that see
+    nothing included."""
+    if HAS_GPU:
+        pytest.skip("bitwise only where both run the same instructions: the interpreter")
+    b, sq, sk, h, hk, d, causal, window, softcap = case
+    q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), torch.float16)
+    results = []
+    for tma in (TMA_NO_WS, True):
+        monkeypatch.setattr(triton_attention, "TMA", tma)
+        with fastlm.use_backend("triton"):
+            results.append(fastlm.attention(q, k, v, causal=causal, window=window, softcap=softcap,
+                                            return_lse=True))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_tma_scratch_allocator_is_installed_for_one_launch_only():
@@ -286,6 +312,18 @@ def test_tma_path_choice(monkeypatch):
     monkeypatch.setattr(triton_attention, "TMA", {"dkdv": False, "dq": True})  # per kernel; fwd decides per call
     assert not choose(q, q, 64, False) and triton_attention._tma_path("dq", q, q, 64, False)
     assert not triton_attention._tma_path("fwd", q, q, 64, False)  # CPU tensors
+    # The warp-specialized forward: its own table (head dims 64 and 128), forced like the others; by default (TMA
+    # None) only with FWD_WS_DEFAULT, even where the other Hopper paths are taken (compute capability 9).
+    monkeypatch.setattr(triton_attention, "TMA", True)
+    assert triton_attention._tma_path("fwd_ws", q, q, 64, False)
+    assert not triton_attention._tma_path("fwd_ws", wide[..., :32], wide[..., :32], 32, False)  # no table entry
+    monkeypatch.setattr(triton_attention, "TMA", None)
+    monkeypatch.setattr(triton_attention, "_INTERPRETED", False)
+    monkeypatch.setattr(triton_attention._util, "capability", lambda device: (9, 0))
+    assert triton_attention._tma_path("fwd", q, q, 64, False) and not triton_attention._tma_path("fwd_ws", q, q, 64,
+                                                                                              False)
+    monkeypatch.setattr(triton_attention, "FWD_WS_DEFAULT", True)
+    assert triton_attention._tma_path("fwd_ws", q, q, 64, False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)

@@ -37,11 +37,16 @@ def test_table_entry_forces_the_path_of_the_kernel_swept():
     before_tma, before = A.TMA, dict(A.DKDV_TMA_CONFIGS)
     with sweep.table_entry(A, "dkdv_tma", 256, (64, 32, 8, 1)):  # a head dim the table lacks
         assert A.DKDV_TMA_CONFIGS[256] == (64, 32, 8, 1)
-        assert A.TMA == {"fwd": before_tma, "dkdv": True, "dq": before_tma}  # the others as they were
+        # the others as they were
+        assert A.TMA == {"fwd": before_tma, "dkdv": True, "dq": before_tma, "fwd_ws": before_tma}
     assert A.DKDV_TMA_CONFIGS == before and A.TMA is before_tma
-    for kernel, forced in (("fwd", False), ("fwd_tma", True), ("dkdv", False), ("dq", False), ("dq_tma", True)):
-        with sweep.table_entry(A, kernel, 128, (128, 64, 8, 2)):
-            assert A.TMA[kernel.removesuffix("_tma")] is forced
+    # Each entry's own path, and the forward's warp-specialized variant only for fwd_ws (which needs fwd's).
+    for kernel, forced in (("fwd", {"fwd": False, "fwd_ws": False}), ("fwd_tma", {"fwd": True, "fwd_ws": False}),
+                           ("fwd_ws", {"fwd": True, "fwd_ws": True}), ("dkdv", {"dkdv": False}),
+                           ("dq", {"dq": False}), ("dq_tma", {"dq": True})):
+        with sweep.table_entry(A, kernel, 128, (128, 64, 4, 2)):
+            assert {k: A.TMA[k] for k in forced} == forced, kernel
+            assert sweep.table(A, kernel)[128] == (128, 64, 4, 2)
     assert A.TMA is before_tma
 
 

@@ -643,9 +643,13 @@ def test_parsers_on_cuobjdump_and_ptxas_text():
         Function : _Z1gPf
         /*0010*/  LDG.E R2, desc[UR4][R2.64] ;
         /*0020*/  STG.E.U16 desc[UR4][R4.64], R2 ;
+        Function : _Z1hPf
+        /*0010*/  USETMAXREG.TRY R4, 0xe8 ;
+        /*0020*/  UTMALDG.2D [UR8], [UR4] ;
     """)
     facts = static.parse_sass(sass)
-    assert facts["_Z1fPf"] == {"ld": 128, "st": 64, "ldl_stl": 1, "mma": {"HGMMA"}, "tma": False}
+    assert facts["_Z1fPf"] == {"ld": 128, "st": 64, "ldl_stl": 1, "mma": {"HGMMA"}, "tma": False, "ws": False}
+    assert facts["_Z1hPf"]["tma"] and facts["_Z1hPf"]["ws"]
     assert facts["_Z1gPf"]["ld"] == 32 and facts["_Z1gPf"]["st"] == 16 and facts["_Z1gPf"]["ldl_stl"] == 0
     res = static.parse_res_usage(" Function _Z1fPf:\n  REG:40 STACK:16 SHARED:256 LOCAL:0 CONSTANT[0]:400\n")
     assert res == {"_Z1fPf": {"regs": 40, "stack": 16, "shared": 256, "local": 0}}
@@ -656,6 +660,10 @@ def test_parsers_on_cuobjdump_and_ptxas_text():
     assert static.problems(row) == ["local memory: 16 B stack, 0 B local", "20 B spilled",
                                     "1 local loads/stores (LDL/STL)"]
     assert static.problems({"error": "ptxas failed"}) == ["ptxas failed"]
+    # A variant built to be warp-specialized that Triton left alone fails the report.
+    clean = dict(res["_Z1fPf"], stack=0, ldl_stl=0, kernel="attn_fwd[bf16, USE_TMA, WARP_SPEC]")
+    assert static.problems(dict(clean, ws=True)) == []
+    assert "did not warp-specialize" in static.problems(dict(clean, ws=False))[0]
     assert static._shorten("void fastlm::norm_fwd_kernel<__nv_bfloat16, float, 4>(fastlm::NormFwdParams)") == \
         "norm_fwd_kernel<bf16, fp32, 4>"
 
