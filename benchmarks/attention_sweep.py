@@ -246,11 +246,23 @@ def report(results, current, cases=CASES) -> str:
             verdict = "keep" if tma < ptr else "drop"
             lines.append(f"- {label} at head dim {head_dim}: the {'TMA' if tma < ptr else 'pointer'} path is faster "
                          f"({tma:.3f} ms against {ptr:.3f}): {verdict} {TABLES[kernel + '_tma']}[{head_dim}]")
-    for head_dim in sorted(set(best.get("fwd_tma", {})) & set(best.get("fwd_ws", {}))):
-        plain, ws = best["fwd_tma"][head_dim][1], best["fwd_ws"][head_dim][1]
-        lines.append(f"- forward at head dim {head_dim}: the warp-specialized path is {plain / ws:.2f}× the plain "
-                     f"Hopper path ({ws:.3f} ms against {plain:.3f}): "
-                     + ("set FWD_WS_DEFAULT = True" if ws < plain else "keep FWD_WS_DEFAULT = False"))
+    # The warp-specialized forward against the faster of the other two forward paths, per head dim; it runs only
+    # where FWD_TMA_CONFIGS has the head dim too, and FWD_WS_DEFAULT is one flag for all head dims.
+    kept = []
+    for head_dim in sorted(best.get("fwd_ws", {})):
+        ws = best["fwd_ws"][head_dim][1]
+        others = {k: best[k][head_dim][1] for k in ("fwd", "fwd_tma") if head_dim in best.get(k, {})}
+        if not others:
+            continue
+        rival = min(others, key=others.get)
+        if ws < others[rival]:
+            kept.append(head_dim)
+        lines.append(f"- forward at head dim {head_dim}: the warp-specialized path takes {ws:.3f} ms against "
+                     f"{others[rival]:.3f} for {rival}: "
+                     + (f"keep FWD_WS_CONFIGS[{head_dim}] (and FWD_TMA_CONFIGS[{head_dim}], which it needs)"
+                        if ws < others[rival] else f"drop FWD_WS_CONFIGS[{head_dim}]"))
+    if "fwd_ws" in best:
+        lines.append(f"- FWD_WS_DEFAULT = {bool(kept)}" + (f" (head dims {kept})" if kept else ""))
     wrong = [r for r in results if r.get("kind") == "candidate" and r.get("correct") is False]
     if wrong:
         lines += ["", "Wrong results (never chosen):"]

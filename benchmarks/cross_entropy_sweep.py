@@ -11,7 +11,8 @@ within 10% (1.10) of the plain case. Writes <out>/cross_entropy_sweep.{json,md,p
 <out>/cross_entropy_options.md.
 
 --tune: the Triton kernels' launch constants (kernels/cross_entropy.py: BLOCK_V, the vocabulary chunk a program
-holds, and NUM_WARPS) under alternative values, each a provider of its own ("tune:<name>", a peer: its ratio > 1
+holds, and NUM_WARPS, which the in-place scaling kernel shares: it does nothing for loss.backward()'s 1.0) under
+alternative values, each a provider of its own ("tune:<name>", a peer: its ratio > 1
 means the shipped values are faster), forward+backward of the plain call, on a few shapes. Writes
 <out>/cross_entropy_tune.{json,md,png}. Pick the fastest and update the constants.
 
@@ -19,10 +20,8 @@ means the shipped values are faster), forward+backward of the plain call, on a f
 Meant for one call of the device tool, e.g. `python3 -m benchmarks.cross_entropy_sweep --out $OUT/ce`.
 """
 
-import argparse
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -77,8 +76,8 @@ def make_inputs(case, device, gen):
         inputs["weight"] = torch.rand(case.params["V"], generator=gen, device=device) + 0.5
     if option == "ignore":
         inputs["target"][::IGNORE_EVERY] = bench_ce.IGNORE_INDEX
-    if OPTIONS[option].get("reduction") == "none":
-        grads = (torch.ones(case.params["rows"], device=device, dtype=torch.float32),)
+    if OPTIONS[option].get("reduction") == "none":  # a gradient per row, not uniform: each row's must be used
+        grads = (torch.rand(case.params["rows"], generator=gen, device=device) + 0.5,)
     return inputs, grads
 
 
@@ -166,36 +165,16 @@ def option_table(rows) -> str:
     return "\n".join(lines)
 
 
+def _write_options(rows, out_dir, tune):
+    if not tune:
+        table = option_table(rows)
+        Path(out_dir, "cross_entropy_options.md").write_text(table + "\n")
+        print(table)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cross_entropy_sweep",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--tune", action="store_true", help="time the Triton kernels' launch-constant variants")
-    parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device>/)")
-    parser.add_argument("--cases", default="", help="only cases whose label matches this regex")
-    parser.add_argument("--peers", default=None, help="comma-separated peers to keep (default: all)")
-    args = parser.parse_args(argv)
-    peers = None if args.peers is None else set(args.peers.split(","))
-    fam = family(args.tune, args.cases, peers)
-    run = harness.IsolatedRun([fam], False, args.out)
-    start = time.perf_counter()
-    try:
-        meta = run.start()
-        if meta is None:
-            print("cross_entropy_sweep: no CUDA GPU here, nothing timed")
-            return 0
-        print(f"{fam.name} on {meta['device']}: {len(fam.cases(False))} cases × {len(fam.providers)} providers; "
-              f"writing to {run.out_dir}", flush=True)
-        results = run.finish(None)
-    finally:
-        run.close()
-    for f, rows, _, _ in results:
-        print(f"\n{f.name}: {len(rows)} rows in {time.perf_counter() - start:.0f} s, {run.out_dir}/{f.name}.md")
-        print("\n".join("  " + line for line in harness.summarize(f, rows)))
-        if not args.tune:
-            table = option_table(rows)
-            Path(run.out_dir, "cross_entropy_options.md").write_text(table + "\n")
-            print(table)
-    return 0
+    return harness.sweep_main("python -m benchmarks.cross_entropy_sweep", __doc__, family,
+                              "time the Triton kernels' launch-constant variants", argv, after=_write_options)
 
 
 if __name__ == "__main__":

@@ -1265,6 +1265,44 @@ def fastlm_context(backend):
     return enter
 
 
+def sweep_main(prog: str, doc: str, family, tune_help: str, argv=None, after=None) -> int:
+    """The command line of a one-call GPU sweep (benchmarks/norm_sweep.py, cross_entropy_sweep.py): --tune, --out,
+    --cases, --peers; `family(tune, case_filter, peers)` makes the Family; it runs isolated (IsolatedRun), then
+    each family's summary and table are printed, and `after(rows, out_dir, tune)` runs on its rows."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    parser.add_argument("--tune", action="store_true", help=tune_help)
+    parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device>/)")
+    parser.add_argument("--cases", default="", help="only cases whose label matches this regex")
+    parser.add_argument("--peers", default=None, help="comma-separated peers to keep (default: all)")
+    args = parser.parse_args(argv)
+    peers = None if args.peers is None else set(args.peers.split(","))
+    fam = family(args.tune, args.cases, peers)
+    run = IsolatedRun([fam], False, args.out)
+    start = time.perf_counter()
+    try:
+        meta = run.start()
+        if meta is None:
+            print(f"{prog.split('.')[-1]}: no CUDA GPU here, nothing timed")
+            return 0
+        print(f"{fam.name} on {meta['device']}: {len(fam.cases(False))} cases × {len(fam.providers)} providers; "
+              + ", ".join(f"{UNITS[k][1]} {v:.0f} {UNITS[k][0]}" for k, v in meta["ceilings"].items())
+              + f"; writing to {run.out_dir}", flush=True)
+        results = run.finish(None)
+    finally:
+        run.close()
+    for f, rows, _, _ in results:
+        print(f"\n{f.name}: {len(rows)} rows in {time.perf_counter() - start:.0f} s, {run.out_dir}/{f.name}.md")
+        print("\n".join("  " + line for line in summarize(f, rows)))
+        md = Path(run.out_dir, f"{f.name}.md")
+        if md.exists():
+            print(md.read_text())
+        if after:
+            after(rows, run.out_dir, args.tune)
+    return 0
+
+
 def constants_context(module: str, values: dict, backend: str, on_change=None):
     """A Provider.context for tuning sweeps: the block runs under fastlm.use_backend(backend) with the constants of
     the module `module` (e.g. "fastlm.kernels.norm") set to `values`, put back afterwards. `on_change()` runs after
@@ -1276,11 +1314,11 @@ def constants_context(module: str, values: dict, backend: str, on_change=None):
 
         target = importlib.import_module(module)
         saved = {k: getattr(target, k) for k in values}
-        for k, v in values.items():
-            setattr(target, k, v)
-        if on_change:
-            on_change()
         try:
+            for k, v in values.items():
+                setattr(target, k, v)
+            if on_change:
+                on_change()
             with fastlm.use_backend(backend):
                 yield
         finally:

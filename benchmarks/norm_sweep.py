@@ -15,12 +15,9 @@ Meant for one call of the device tool, e.g. `python3 -m benchmarks.norm_sweep --
 torch.compile builds each case anew).
 """
 
-import argparse
 import dataclasses
 import re
 import sys
-import time
-from pathlib import Path
 
 import torch
 
@@ -82,34 +79,8 @@ def family(tune: bool, case_filter: str, peers) -> harness.Family:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.norm_sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--tune", action="store_true", help="time the backward's launch-table variants")
-    parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device>/)")
-    parser.add_argument("--cases", default="", help="only cases whose label matches this regex")
-    parser.add_argument("--peers", default=None, help="comma-separated peers to keep (default: all)")
-    args = parser.parse_args(argv)
-    peers = None if args.peers is None else set(args.peers.split(","))
-    fam = family(args.tune, args.cases, peers)
-    run = harness.IsolatedRun([fam], False, args.out)
-    start = time.perf_counter()
-    try:
-        meta = run.start()
-        if meta is None:
-            print("norm_sweep: no CUDA GPU here, nothing timed")
-            return 0
-        print(f"{fam.name} on {meta['device']}: {len(fam.cases(False))} cases × {len(fam.providers)} providers; "
-              + ", ".join(f"{harness.UNITS[k][1]} {v:.0f} {harness.UNITS[k][0]}" for k, v in meta["ceilings"].items())
-              + f"; writing to {run.out_dir}", flush=True)
-        results = run.finish(None)
-    finally:
-        run.close()
-    for f, rows, _, _ in results:
-        print(f"\n{f.name}: {len(rows)} rows in {time.perf_counter() - start:.0f} s, {run.out_dir}/{f.name}.md")
-        print("\n".join("  " + line for line in harness.summarize(f, rows)))
-        md = Path(run.out_dir, f"{f.name}.md")
-        if md.exists():
-            print(md.read_text())
-    return 0
+    return harness.sweep_main("python -m benchmarks.norm_sweep", __doc__, family,
+                              "time the backward's launch-table variants", argv)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def problems(row: dict) -> list:
         why.append(f"{row['spill_bytes']} B spilled")
     if row["ldl_stl"]:
         why.append(f"{row['ldl_stl']} local loads/stores (LDL/STL)")
-    if "WARP_SPEC" in row.get("kernel", "") and not row.get("ws"):
+    if row.get("warp_spec") and not row.get("ws"):
         why.append("WARP_SPEC set, but Triton did not warp-specialize the loop (no setmaxnreg in the SASS)")
     return why
 
@@ -349,6 +349,8 @@ def _launch_cross_entropy(found: list) -> None:
 def attention_call(dtype, head_dim: int, kind: str, rows: int = None) -> None:
     """One attention call of the report's, forward (and backward where the kind has one) on CPU tensors:
     - "causal": dense (2, 64) causal, 4 query heads over 2 kv heads, forward and backward;
+    - "dense", "dense all": the same without a mask, and with a window on both sides and a softcap, forward only
+      (the warp-specialized forward's other flag sets);
     - "all": packed varlen (40 + 24 tokens), a window on both sides and a softcap, backward with dlse;
     - "decode", "decode all": 16 query positions (5 q heads a kv head: too many rows for split-KV), dense causal
       and varlen with every option, forward;
@@ -359,12 +361,19 @@ def attention_call(dtype, head_dim: int, kind: str, rows: int = None) -> None:
     from fastlm.kernels import attention as K
 
     group = 2
-    wl, wr, softcap, varlen, backward = None, 0, None, kind.endswith(("all", "all one")), False
+    wl, wr, softcap, backward = None, 0, None, False
+    varlen = kind.endswith(("all", "all one")) and not kind.startswith("dense")
     if varlen:
         wl, wr, softcap = 8, 4, 30.0
     if kind == "causal":
         q_lens = k_lens = [64, 64]
         backward = True
+    elif kind in ("dense", "dense all"):
+        q_lens = k_lens = [64, 64]
+        if kind == "dense all":
+            wl, wr, softcap = 8, 4, 30.0
+        else:
+            wr = None
     elif kind == "all":
         q_lens = k_lens = [40, 24]
         backward = True
@@ -416,7 +425,7 @@ def _launch_attention(found: list) -> None:
                 # then the dense forward's plain Hopper path.
                 no_ws = {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False}
                 try:
-                    for tma, kinds in ((True, ("causal", "all")), (no_ws, ("causal",))):
+                    for tma, kinds in ((True, ("causal", "all", "dense", "dense all")), (no_ws, ("causal",))):
                         K.TMA = tma
                         for kind in kinds:
                             attention_call(dtype, head_dim, kind)
@@ -504,7 +513,8 @@ def compile_variant(variant: Variant, cap: int, source: str = None) -> dict:
     from triton.backends.nvidia.compiler import sm_arch_from_capability
     from triton.compiler import ASTSource
 
-    row = {"source": source or variant.source, "kernel": variant.name, "arch": sm_arch_from_capability(cap)}
+    row = {"source": source or variant.source, "kernel": variant.name, "arch": sm_arch_from_capability(cap),
+           "warp_spec": bool(variant.constexprs.get("WARP_SPEC"))}
     start = time.perf_counter()
     try:
         src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs,

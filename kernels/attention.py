@@ -380,20 +380,21 @@ def _attn_fwd_kernel(
                                 seqlen_q, edges, HEAD_D, BLOCK_M, BLOCK_D)
             return
     diag = k_len - q_len
-    # 64-bit offsets: this block's first query, the kv head's first key.
-    Qm = Q + _offset(b64, q_start + start_m, h, stride_qb, stride_qs, stride_qh)
+    # 64-bit offsets: the kv head's first key (and below, this block's first query).
     Kh = K + _offset(b64, k_start, hk, stride_kb, stride_ks, stride_kh)
     Vh = V + _offset(b64, k_start, hk, stride_vb, stride_vs, stride_vh)
 
     offs_m = tl.arange(0, BLOCK_M)
     rows = start_m + offs_m
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = rows < q_len
-    if WARP_SPEC:
-        q = _head_rows(Q + _offset(b64, q_start, h, stride_qb, stride_qs, stride_qh), Q, q_len, stride_qs,
-                       stride_qs, HEAD_D, BLOCK_M, BLOCK_D, True)[0].load([start_m, 0])
+    if WARP_SPEC:  # Q by TMA too, from the head's first row (rows past q_len arrive as zeros, as masked below)
+        q_desc = tl.make_tensor_descriptor(Q + _offset(b64, q_start, h, stride_qb, stride_qs, stride_qh),
+                                           shape=[q_len, HEAD_D], strides=[stride_qs, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        q = q_desc.load([start_m, 0])
     else:
-        io_mask = row_ok[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
+        Qm = Q + _offset(b64, q_start + start_m, h, stride_qb, stride_qs, stride_qh)
+        io_mask = (rows < q_len)[:, None] & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
         q = tl.load(Qm + offs_m[:, None] * stride_qs + offs_d[None, :], mask=io_mask, other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -1027,6 +1028,8 @@ DQ_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2),
 # it where it can run (the interpreter included: the tests run both paths); or a dict of those per kernel ("fwd",
 # "dkdv", "dq", and "fwd_ws": the forward's warp-specialized variant of its Hopper path, FWD_WS_CONFIGS, which
 # also needs "fwd"; a kernel missing from it decides per call), as the sweep sets it to time one kernel's paths.
+# True forces the warp-specialized forward too (where FWD_WS_CONFIGS has the head dim, for dense calls); the dict
+# {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False} forces the Hopper paths without it.
 TMA = None
 # Short query sides (decode over a KV cache): 16-row query blocks instead of 128 mostly empty ones.
 DECODE_MAX_SEQLEN_Q = 16
@@ -1311,8 +1314,9 @@ _TMA_TABLES = {"fwd": FWD_TMA_CONFIGS, "dkdv": DKDV_TMA_CONFIGS, "dq": DQ_TMA_CO
 
 
 def _tma_path(kernel, a, b, head_dim, varlen):
-    """Whether `kernel` ("fwd", "dkdv", "dq") takes its Hopper path for this call (see TMA): a and b the tensors it
-    reads by TMA (Q and dO for dK/dV, K and V for the others)."""
+    """Whether `kernel` ("fwd", "dkdv", "dq", "fwd_ws") takes its Hopper path for this call (see TMA): a and b the
+    tensors it reads by TMA (Q and dO for dK/dV, K and V for the forward and dQ; Q and K for fwd_ws, whose K and V
+    "fwd" has checked)."""
     if a.dtype == torch.float32 or block_d(head_dim) not in _TMA_TABLES[kernel]:
         return False
     force = TMA.get(kernel) if isinstance(TMA, dict) else TMA

@@ -94,6 +94,21 @@ def test_the_report_names_the_tables_to_paste_and_the_wrong_shapes():
     assert f"| {rate:.0f} |" in text
 
 
+def test_the_report_weighs_the_warp_specialized_forward_against_the_faster_forward_path():
+    """Per head dim: keep FWD_WS_CONFIGS[d] where the warp-specialized path beats both other forward paths (it
+    needs FWD_TMA_CONFIGS[d] too), drop it where it loses; FWD_WS_DEFAULT True when any head dim keeps it."""
+    case = sweep.CASES[0]
+    current = {k: {d: list(sweep.table(A, k).get(d, ())) for d in sweep.HEAD_DIMS} for k in sweep.TABLES}
+    rows = [_row(case[0], "fwd", (128, 32, 8, 2), 1.5), _row(case[0], "fwd_tma", (128, 128, 8, 3), 1.2),
+            _row(case[0], "fwd_ws", (128, 128, 4, 2), 1.0)]
+    text = sweep.report(rows, current)
+    assert "takes 1.000 ms against 1.200 for fwd_tma: keep FWD_WS_CONFIGS[128] (and FWD_TMA_CONFIGS[128]" in text
+    assert "FWD_WS_DEFAULT = True (head dims [128])" in text
+    rows[0]["ms"] = 0.9  # the pointer path wins
+    text = sweep.report(rows, current)
+    assert "against 0.900 for fwd: drop FWD_WS_CONFIGS[128]" in text and "FWD_WS_DEFAULT = False" in text
+
+
 def test_the_measurement_loop_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     """The GPU loop on CPU tensors (the triton backend in the interpreter, do_bench replaced by a fixed time):
     every candidate gets a row, a correct one, and the report and the JSON lines are written. float16: the

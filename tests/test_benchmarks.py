@@ -661,7 +661,7 @@ def test_parsers_on_cuobjdump_and_ptxas_text():
                                     "1 local loads/stores (LDL/STL)"]
     assert static.problems({"error": "ptxas failed"}) == ["ptxas failed"]
     # A variant built to be warp-specialized that Triton left alone fails the report.
-    clean = dict(res["_Z1fPf"], stack=0, ldl_stl=0, kernel="attn_fwd[bf16, USE_TMA, WARP_SPEC]")
+    clean = dict(res["_Z1fPf"], stack=0, ldl_stl=0, kernel="attn_fwd[bf16]", warp_spec=True)
     assert static.problems(dict(clean, ws=True)) == []
     assert "did not warp-specialize" in static.problems(dict(clean, ws=False))[0]
     assert static._shorten("void fastlm::norm_fwd_kernel<__nv_bfloat16, float, 4>(fastlm::NormFwdParams)") == \
@@ -1167,3 +1167,16 @@ def test_cross_entropy_tune_variants_set_the_kernel_constants_and_put_them_back(
             assert triton_ce._flags(None, 0.0, 0.0, None)["BLOCK_V"] == values["BLOCK_V"]  # read at launch time
         assert (triton_ce.BLOCK_V, triton_ce.NUM_WARPS) == shipped
     assert {c.params["option"] for c in fam.cases(False)} == {"plain"}
+
+
+@pytest.mark.parametrize("name", ["norm_sweep", "cross_entropy_sweep"])
+def test_sweeps_without_a_gpu_say_so_and_exit_zero(name, capsys):
+    """The one-call GPU sweeps share harness.sweep_main: without a GPU they time nothing, say so, and exit 0 (so a
+    script that runs them never fails on a CPU machine)."""
+    import importlib
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the no-GPU path")
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert module.main(["--tune"]) == 0 and module.main([]) == 0
+    assert capsys.readouterr().out.count(f"{name}: no CUDA GPU here, nothing timed") == 2
