@@ -58,12 +58,15 @@ CANDIDATES_FILE = Path(__file__).resolve().parent / "attention_sweep_candidates.
 # their own, keyed by head dim only: 16-bit inputs), swept with that kernel's path forced on, as fwd, dkdv and dq
 # are with it forced off (A.TMA per kernel: the other kernels keep theirs); the report gives both best times and
 # says which path is faster per head dim.
-# fwd_ws: the forward's warp-specialized Hopper path (FWD_WS_CONFIGS, dense calls), swept with it forced on over
-# the plain Hopper path (fwd_tma is swept with it forced off); the report says per head dim whether it beats that.
+# fwd_ws, dkdv_ws: the forward's and dK/dV's warp-specialized Hopper paths (FWD_WS_CONFIGS, DKDV_WS_CONFIGS, dense
+# calls), swept with them forced on over their kernel's Hopper path (fwd_tma and dkdv_tma are swept with them
+# forced off); the report says per head dim whether each beats the faster of its kernel's other two paths.
 TABLES = {"fwd": "FWD_CONFIGS", "fwd_tma": "FWD_TMA_CONFIGS", "fwd_ws": "FWD_WS_CONFIGS", "dkdv": "DKDV_CONFIGS",
-          "dkdv_tma": "DKDV_TMA_CONFIGS", "dq": "DQ_CONFIGS", "dq_tma": "DQ_TMA_CONFIGS"}
+          "dkdv_tma": "DKDV_TMA_CONFIGS", "dkdv_ws": "DKDV_WS_CONFIGS", "dq": "DQ_CONFIGS",
+          "dq_tma": "DQ_TMA_CONFIGS"}
 SPEC_PREFIX = {"fwd": "attn_fwd", "fwd_tma": "attn_fwd", "fwd_ws": "attn_fwd", "dkdv": "attn_bwd_dkdv",
-               "dkdv_tma": "attn_bwd_dkdv", "dq": "attn_bwd_dq", "dq_tma": "attn_bwd_dq"}
+               "dkdv_tma": "attn_bwd_dkdv", "dkdv_ws": "attn_bwd_dkdv", "dq": "attn_bwd_dq", "dq_tma": "attn_bwd_dq"}
+WS_KERNELS = ("fwd", "dkdv")  # the kernels with a warp-specialized path
 
 
 def _base(kernel) -> str:
@@ -77,11 +80,12 @@ def _hopper_table(kernel) -> bool:
 
 
 def _forced_paths(kernel) -> dict:
-    """A.TMA's entries that time `kernel`'s path: its Hopper path on for *_tma and fwd_ws, off otherwise; the
-    warp-specialized forward on only for fwd_ws."""
-    forced = {_base(kernel): _hopper_table(kernel)}
-    if _base(kernel) == "fwd":
-        forced["fwd_ws"] = kernel == "fwd_ws"
+    """A.TMA's entries that time `kernel`'s path: its Hopper path on for *_tma and *_ws, off otherwise; its
+    kernel's warp-specialized path on only for *_ws."""
+    base = _base(kernel)
+    forced = {base: _hopper_table(kernel)}
+    if base in WS_KERNELS:
+        forced[f"{base}_ws"] = kernel.endswith("_ws")
     return forced
 HEAD_DIMS = (64, 128)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). For dK/dV, BLOCK_M is the inner (query) block and BLOCK_N its own key
@@ -89,8 +93,10 @@ HEAD_DIMS = (64, 128)
 GRID = {
     "fwd": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))),
     "fwd_tma": list(itertools.product((64, 128), (64, 128), (4, 8), (2, 3, 4))),
-    # Triton 3.6 warp-specializes the loop at 4 warps (a producer and two consumer groups: 12), not at 8.
+    # Triton 3.6 warp-specializes the loop at 4 warps (a producer and two consumer groups: 12), not at 8; dK/dV at
+    # 64-query blocks, not 128.
     "fwd_ws": list(itertools.product((128,), (64, 128), (4,), (2, 3, 4))),
+    "dkdv_ws": list(itertools.product((32, 64), (32, 64, 128), (4,), (1, 2, 3))),
     "dkdv": list(itertools.product((16, 32, 64), (64, 128), (4, 8), (1, 2, 3))),
     "dkdv_tma": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
     "dq": list(itertools.product((64, 128), (16, 32, 64), (4, 8), (1, 2, 3))),
@@ -177,7 +183,7 @@ def table_entry(module, kernel, head_dim, config):
     old, old_tma = entries.get(head_dim), module.TMA
     entries[head_dim] = tuple(config)
     per_kernel = dict(old_tma) if isinstance(old_tma, dict) else {k: old_tma for k in ("fwd", "dkdv", "dq",
-                                                                                        "fwd_ws")}
+                                                                                        "fwd_ws", "dkdv_ws")}
     module.TMA = dict(per_kernel, **_forced_paths(kernel))
     try:
         yield
@@ -246,23 +252,26 @@ def report(results, current, cases=CASES) -> str:
             verdict = "keep" if tma < ptr else "drop"
             lines.append(f"- {label} at head dim {head_dim}: the {'TMA' if tma < ptr else 'pointer'} path is faster "
                          f"({tma:.3f} ms against {ptr:.3f}): {verdict} {TABLES[kernel + '_tma']}[{head_dim}]")
-    # The warp-specialized forward against the faster of the other two forward paths, per head dim; it runs only
-    # where FWD_TMA_CONFIGS has the head dim too, and FWD_WS_DEFAULT is one flag for all head dims.
-    kept = []
-    for head_dim in sorted(best.get("fwd_ws", {})):
-        ws = best["fwd_ws"][head_dim][1]
-        others = {k: best[k][head_dim][1] for k in ("fwd", "fwd_tma") if head_dim in best.get(k, {})}
-        if not others:
-            continue
-        rival = min(others, key=others.get)
-        if ws < others[rival]:
-            kept.append(head_dim)
-        lines.append(f"- forward at head dim {head_dim}: the warp-specialized path takes {ws:.3f} ms against "
-                     f"{others[rival]:.3f} for {rival}: "
-                     + (f"keep FWD_WS_CONFIGS[{head_dim}] (and FWD_TMA_CONFIGS[{head_dim}], which it needs)"
-                        if ws < others[rival] else f"drop FWD_WS_CONFIGS[{head_dim}]"))
-    if "fwd_ws" in best:
-        lines.append(f"- FWD_WS_DEFAULT = {bool(kept)}" + (f" (head dims {kept})" if kept else ""))
+    # Each warp-specialized path against the faster of its kernel's other two paths, per head dim; it runs only
+    # where the kernel's Hopper table has the head dim too, and its *_WS_DEFAULT is one flag for all head dims.
+    for base in WS_KERNELS:
+        ws_kernel, name = f"{base}_ws", TABLES[f"{base}_ws"]
+        kept = []
+        for head_dim in sorted(best.get(ws_kernel, {})):
+            ws = best[ws_kernel][head_dim][1]
+            others = {k: best[k][head_dim][1] for k in (base, f"{base}_tma") if head_dim in best.get(k, {})}
+            if not others:
+                continue
+            rival = min(others, key=others.get)
+            if ws < others[rival]:
+                kept.append(head_dim)
+            lines.append(f"- {ws_kernel} at head dim {head_dim}: the warp-specialized path takes {ws:.3f} ms against "
+                         f"{others[rival]:.3f} for {rival}: "
+                         + (f"keep {name}[{head_dim}] (and {TABLES[base + '_tma']}[{head_dim}], which it needs)"
+                            if ws < others[rival] else f"drop {name}[{head_dim}]"))
+        if ws_kernel in best:
+            lines.append(f"- {name.replace('_CONFIGS', '_DEFAULT')} = {bool(kept)}"
+                         + (f" (head dims {kept})" if kept else ""))
     wrong = [r for r in results if r.get("kind") == "candidate" and r.get("correct") is False]
     if wrong:
         lines += ["", "Wrong results (never chosen):"]

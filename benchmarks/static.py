@@ -349,8 +349,8 @@ def _launch_cross_entropy(found: list) -> None:
 def attention_call(dtype, head_dim: int, kind: str, rows: int = None) -> None:
     """One attention call of the report's, forward (and backward where the kind has one) on CPU tensors:
     - "causal": dense (2, 64) causal, 4 query heads over 2 kv heads, forward and backward;
-    - "dense", "dense all": the same without a mask, and with a window on both sides and a softcap, forward only
-      (the warp-specialized forward's other flag sets);
+    - "dense", "dense all": the same without a mask, and with a window on both sides and a softcap (the
+      warp-specialized paths' other flag sets);
     - "all": packed varlen (40 + 24 tokens), a window on both sides and a softcap, backward with dlse;
     - "decode", "decode all": 16 query positions (5 q heads a kv head: too many rows for split-KV), dense causal
       and varlen with every option, forward;
@@ -370,6 +370,7 @@ def attention_call(dtype, head_dim: int, kind: str, rows: int = None) -> None:
         backward = True
     elif kind in ("dense", "dense all"):
         q_lens = k_lens = [64, 64]
+        backward = True
         if kind == "dense all":
             wl, wr, softcap = 8, 4, 30.0
         else:
@@ -421,9 +422,9 @@ def _launch_attention(found: list) -> None:
                 continue  # the short-query and split-KV paths are 16-bit only
             if K.block_d(head_dim) in {**K.DKDV_TMA_CONFIGS, **K.FWD_TMA_CONFIGS, **K.DQ_TMA_CONFIGS}:  # Hopper paths
                 saved = K.TMA
-                # Every Hopper path (the dense forward warp-specialized where FWD_WS_CONFIGS has the head dim),
-                # then the dense forward's plain Hopper path.
-                no_ws = {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False}
+                # Every Hopper path (dense calls warp-specialized where FWD_WS_CONFIGS / DKDV_WS_CONFIGS have
+                # the head dim), then the dense calls' plain Hopper paths.
+                no_ws = {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False, "dkdv_ws": False}
                 try:
                     for tma, kinds in ((True, ("causal", "all", "dense", "dense all")), (no_ws, ("causal",))):
                         K.TMA = tma

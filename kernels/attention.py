@@ -29,7 +29,9 @@ Design.
   A warp-specialized variant of the Hopper path (WARP_SPEC, FWD_WS_CONFIGS; off by default until timed): Triton's
   Hopper warp specialization splits the program into a producer warp group issuing the K/V TMA loads and two
   consumer warp groups doing the wgmma and softmax, FlashAttention-3's structure. It needs one key loop (the mask
-  then applies to every block), Q by TMA and no early exit, so it serves dense calls only.
+  then applies to every block), Q by TMA and no early exit, so it serves dense calls only. The dK/dV kernel has
+  one too (DKDV_WS_CONFIGS: head dim 64; at 128 every shape Triton partitions spills): one loop over the group's
+  query heads × query blocks, Q and dO through descriptors over (heads, rows, head dim), K and V by TMA.
 - Backward: three kernels and no atomics, so gradients are bitwise repeatable in every mode: a preprocess for D, one
   program per (key block, batch·kv head) that accumulates dK and dV over every query block of every query head of
   its group, and one program per (query block, batch·head) that accumulates dQ. The S and dP matmuls are done in
@@ -717,27 +719,70 @@ def _bwd_dkdv_blocks_tma(
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        q = q_desc.load([start_m, 0])
-        do = do_desc.load([start_m, 0])
-        if MASKED:
-            row_ok = rows < seqlen_q
-            lse = tl.load(L + rows, mask=row_ok, other=float("inf"))  # p = 0 for the zero rows past the end
-            delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
-        else:
-            lse = tl.load(L + rows)
-            delta = tl.load(DELTA + rows)
-        s2, sech2 = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale2, softcap,
-                            HAS_SOFTCAP)  # (BLOCK_M, BLOCK_N): queries × keys
-        if MASKED:
-            vis = _visible(rows, cols, 2147483647, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            s2 = tl.where(vis, s2, float("-inf"))
-        p = tl.math.exp2(s2 - _lse_log2(lse)[:, None])
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        if HAS_SOFTCAP:
-            ds = ds * sech2
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        dk, dv = _dkdv_step(dk, dv, k, v, q_desc.load([start_m, 0]), do_desc.load([start_m, 0]), L, DELTA, rows,
+                            cols, seqlen_q, diag, scale2, softcap, window_left, window_right, MASKED, HAS_LEFT,
+                            HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_step(
+    dk, dv, k, v, q, do, L, DELTA, rows, cols, seqlen_q, diag, scale2, softcap, window_left, window_right,
+    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One query block of the Hopper dK/dV loops: scores queries × keys, S = Q·Kᵀ; P from the LSE; dV += Pᵀ·dO,
+    dS = P ∘ (dO·Vᵀ − D), dK += dSᵀ·Q (L and DELTA: the head's first query row of LSE and D)."""
+    if MASKED:
+        row_ok = rows < seqlen_q
+        lse = tl.load(L + rows, mask=row_ok, other=float("inf"))  # p = 0 for the zero rows past the end
+        delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    else:
+        lse = tl.load(L + rows)
+        delta = tl.load(DELTA + rows)
+    s2, sech2 = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale2, softcap,
+                        HAS_SOFTCAP)  # (BLOCK_M, BLOCK_N): queries × keys
+    if MASKED:
+        vis = _visible(rows, cols, 2147483647, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        s2 = tl.where(vis, s2, float("-inf"))
+    p = tl.math.exp2(s2 - _lse_log2(lse)[:, None])
+    dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if HAS_SOFTCAP:
+        ds = ds * sech2
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_ws(
+    dk, dv, k, v, Qb, DOb, Lb, Db, hk, group, lo, hi, cols, seqlen_q, diag, scale2, softcap, window_left,
+    window_right, stride_qs, stride_qh, stride_ds, stride_dh, stride_lh,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The dK/dV loop warp-specialized (dense calls; Qb, DOb, Lb, Db the batch entry's Q, dO, LSE and D): one loop
+    over the group's query heads × the query blocks [lo, hi), every block masked, Q and dO tiles by TMA through
+    descriptors over (heads, rows, head dim). The same blocks in the same order as the three loops per head of the
+    other paths, so the same sums. Triton partitions only such a loop (see FWD_WS_CONFIGS)."""
+    heads = tl.num_programs(1) * group
+    q_desc = tl.make_tensor_descriptor(Qb, shape=[heads, seqlen_q, HEAD_D], strides=[stride_qh, stride_qs, 1],
+                                       block_shape=[1, BLOCK_M, BLOCK_D])
+    do_desc = tl.make_tensor_descriptor(DOb, shape=[heads, seqlen_q, HEAD_D], strides=[stride_dh, stride_ds, 1],
+                                        block_shape=[1, BLOCK_M, BLOCK_D])
+    offs_m = tl.arange(0, BLOCK_M)
+    blocks = tl.cdiv(hi - lo, BLOCK_M)
+    for it in tl.range(0, group * blocks, warp_specialize=True):
+        g = it // blocks
+        start_m = lo + (it - g * blocks) * BLOCK_M
+        h = hk * group + g
+        q = q_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = do_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        head = h.to(tl.int64) * stride_lh
+        dk, dv = _dkdv_step(dk, dv, k, v, q, do, Lb + head, Db + head, start_m + offs_m, cols, seqlen_q, diag,
+                            scale2, softcap, window_left, window_right, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                            DOT_PRECISION)
     return dk, dv
 
 
@@ -774,8 +819,9 @@ def _attn_bwd_dkdv_kernel(
     scale2, softcap, scale, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
 ):
+    tl.static_assert(not (WARP_SPEC and VARLEN), "the warp-specialized path is for dense calls")
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -790,18 +836,26 @@ def _attn_bwd_dkdv_kernel(
         _fill_rows(DVh, stride_gs, DVh, h0, h1, 0.0, HEAD_D, BLOCK_N, BLOCK_D, False)
         _fill_rows(DVh, stride_gs, DVh, t0, t1, 0.0, HEAD_D, BLOCK_N, BLOCK_D, False)
     start_n = pid_n * BLOCK_N
-    if start_n >= k_len:
-        return
+    if not WARP_SPEC:  # (dense only: every program has keys)
+        if start_n >= k_len:
+            return
     diag = k_len - q_len
     b64 = b.to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     cols = start_n + offs_n
     offs_d = tl.arange(0, BLOCK_D)
     kv_mask = (cols[:, None] < k_len) & _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
-    Kn = K + _offset(b64, k_start + start_n, hk, stride_kb, stride_ks, stride_kh)
-    Vn = V + _offset(b64, k_start + start_n, hk, stride_vb, stride_vs, stride_vh)
-    k = tl.load(Kn + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(Vn + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    if WARP_SPEC:  # K and V by TMA too (keys past the sequence arrive as zeros, as masked below)
+        k_desc, v_desc = _head_rows(K + _offset(b64, k_start, hk, stride_kb, stride_ks, stride_kh),
+                                    V + _offset(b64, k_start, hk, stride_vb, stride_vs, stride_vh), k_len,
+                                    stride_ks, stride_vs, HEAD_D, BLOCK_N, BLOCK_D, True)
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+    else:
+        Kn = K + _offset(b64, k_start + start_n, hk, stride_kb, stride_ks, stride_kh)
+        Vn = V + _offset(b64, k_start + start_n, hk, stride_vb, stride_vs, stride_vh)
+        k = tl.load(Kn + offs_n[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(Vn + offs_n[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     c1 = tl.minimum(start_n + BLOCK_N, k_len) - 1
@@ -809,22 +863,28 @@ def _attn_bwd_dkdv_kernel(
                                             HAS_LEFT, HAS_RIGHT)
     # Keys past the sequence's end (last block) must not pass as visible in the unmasked loop: their rows of dk
     # and dv are never stored, so they only need to stay finite, which zero-filled k and v ensure.
-    for g in range(0, group):
-        h = hk * group + g
-        Qh = Q + _offset(b64, q_start, h, stride_qb, stride_qs, stride_qh)
-        DOh = DO + _offset(b64, q_start, h, stride_db, stride_ds, stride_dh)
-        Lh = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
-        Dh = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
-        Qa, DOa = _head_rows(Qh, DOh, q_len, stride_qs, stride_ds, HEAD_D, BLOCK_M, BLOCK_D, USE_TMA)
-        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, lo, full_lo, cols, q_len,
-                                  diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, True,
-                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
-        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, full_lo, full_hi, cols, q_len,
-                                  diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, False,
-                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
-        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, full_hi, hi, cols, q_len,
-                                  diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M, BLOCK_D, True,
-                                  HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+    if WARP_SPEC:
+        dk, dv = _bwd_dkdv_ws(dk, dv, k, v, Q + b64 * stride_qb, DO + b64 * stride_db, LSE + b64 * stride_lb,
+                              DELTA + b64 * stride_lb, hk, group, lo, hi, cols, q_len, diag, scale2, softcap,
+                              window_left, window_right, stride_qs, stride_qh, stride_ds, stride_dh, stride_lh,
+                              HEAD_D, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+    else:
+        for g in range(0, group):
+            h = hk * group + g
+            Qh = Q + _offset(b64, q_start, h, stride_qb, stride_qs, stride_qh)
+            DOh = DO + _offset(b64, q_start, h, stride_db, stride_ds, stride_dh)
+            Lh = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
+            Dh = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
+            Qa, DOa = _head_rows(Qh, DOh, q_len, stride_qs, stride_ds, HEAD_D, BLOCK_M, BLOCK_D, USE_TMA)
+            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, lo, full_lo, cols,
+                                      q_len, diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M,
+                                      BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, full_lo, full_hi, cols,
+                                      q_len, diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M,
+                                      BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, full_hi, hi, cols,
+                                      q_len, diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M,
+                                      BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
     g_off = _offset(b64, k_start + start_n, hk, stride_gb, stride_gs, stride_gh) + offs_n[:, None] * stride_gs \
         + offs_d[None, :]
     tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -1020,6 +1080,15 @@ FWD_TMA_CONFIGS = {16: (128, 128, 8, 3), 32: (128, 128, 8, 3), 64: (128, 128, 8,
 # static report. Not yet timed: off unless FWD_WS_DEFAULT or TMA turns it on (the sweep times it as fwd_ws).
 FWD_WS_CONFIGS = {64: (128, 128, 4, 3), 128: (128, 128, 4, 2)}
 FWD_WS_DEFAULT = False
+# The dK/dV kernel's warp-specialized Hopper path (WARP_SPEC: a producer warp group loading the Q and dO tiles by
+# TMA, two consumer warp groups doing the four matmuls), as DKDV_TMA_CONFIGS. The same conditions as the forward's:
+# one loop (the group's query heads × query blocks, flattened; 3-D descriptors over heads), K and V by TMA, no early
+# exit, 4 warps; dense calls only. Compiled for sm_90a (the sweep's --static): Triton partitions it at 64-query
+# blocks (not 32 or 128; 32 queries × 64 keys in one stage too) and 64 keys; at head dim 64 without spills (82 KB in
+# 3 stages, every flag set), at head dim 128 every such shape spills (8-216 B of stack), so only head dim 64 has
+# an entry. Not yet timed: off unless DKDV_WS_DEFAULT or TMA turns it on (the sweep times it as dkdv_ws).
+DKDV_WS_CONFIGS = {64: (64, 64, 4, 3)}
+DKDV_WS_DEFAULT = False
 # The dQ kernel's Hopper path (_bwd_dq_blocks_tma: K and V tiles by TMA), 16-bit inputs, as DQ_CONFIGS. Chosen
 # without a GPU like DKDV_TMA_CONFIGS (static report: no spills); not yet timed.
 DQ_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2)}
@@ -1028,8 +1097,9 @@ DQ_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2),
 # it where it can run (the interpreter included: the tests run both paths); or a dict of those per kernel ("fwd",
 # "dkdv", "dq", and "fwd_ws": the forward's warp-specialized variant of its Hopper path, FWD_WS_CONFIGS, which
 # also needs "fwd"; a kernel missing from it decides per call), as the sweep sets it to time one kernel's paths.
-# True forces the warp-specialized forward too (where FWD_WS_CONFIGS has the head dim, for dense calls); the dict
-# {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False} forces the Hopper paths without it.
+# "dkdv_ws" likewise for dK/dV. True forces the warp-specialized paths too (where FWD_WS_CONFIGS and
+# DKDV_WS_CONFIGS have the head dim, for dense calls); {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False,
+# "dkdv_ws": False} forces the Hopper paths without them.
 TMA = None
 # Short query sides (decode over a KV cache): 16-row query blocks instead of 128 mostly empty ones.
 DECODE_MAX_SEQLEN_Q = 16
@@ -1083,7 +1153,7 @@ def _delta_warps(dtype, block_d):
 MAX_TILE_ROWS = max(max(c[0], c[1]) for table in (FWD_CONFIGS[False], FWD_CONFIGS[True], DKDV_CONFIGS[False],
                                                   DKDV_CONFIGS[True], DQ_CONFIGS[False], DQ_CONFIGS[True],
                                                   DECODE_FWD_CONFIGS, DKDV_TMA_CONFIGS, FWD_TMA_CONFIGS,
-                                                  DQ_TMA_CONFIGS, FWD_WS_CONFIGS)
+                                                  DQ_TMA_CONFIGS, FWD_WS_CONFIGS, DKDV_WS_CONFIGS)
                     for c in table.values())
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DECODE_MAX_ROWS,
                     *(c[0] for table in DECODE_CONFIGS.values() for c in table.values()))
@@ -1310,18 +1380,19 @@ def _tma_rows(t, varlen):
 
 
 _TMA_TABLES = {"fwd": FWD_TMA_CONFIGS, "dkdv": DKDV_TMA_CONFIGS, "dq": DQ_TMA_CONFIGS,
-               "fwd_ws": FWD_WS_CONFIGS}  # (updated in place)
+               "fwd_ws": FWD_WS_CONFIGS, "dkdv_ws": DKDV_WS_CONFIGS}  # (updated in place)
 
 
 def _tma_path(kernel, a, b, head_dim, varlen):
-    """Whether `kernel` ("fwd", "dkdv", "dq", "fwd_ws") takes its Hopper path for this call (see TMA): a and b the
-    tensors it reads by TMA (Q and dO for dK/dV, K and V for the forward and dQ; Q and K for fwd_ws, whose K and V
-    "fwd" has checked)."""
+    """Whether `kernel` ("fwd", "dkdv", "dq", "fwd_ws", "dkdv_ws") takes its Hopper path for this call (see TMA): a
+    and b the tensors it reads by TMA (Q and dO for dK/dV, K and V for the forward and dQ; Q and K for fwd_ws, whose
+    K and V "fwd" has checked; K and V for dkdv_ws, whose Q and dO "dkdv" has)."""
     if a.dtype == torch.float32 or block_d(head_dim) not in _TMA_TABLES[kernel]:
         return False
     force = TMA.get(kernel) if isinstance(TMA, dict) else TMA
     if force is None:
-        if _INTERPRETED or _util.capability(a.device)[0] < 9 or (kernel == "fwd_ws" and not FWD_WS_DEFAULT):
+        if _INTERPRETED or _util.capability(a.device)[0] < 9 or not {"fwd_ws": FWD_WS_DEFAULT,
+                                                                      "dkdv_ws": DKDV_WS_DEFAULT}.get(kernel, True):
             return False
     elif not force:
         return False
@@ -1383,7 +1454,9 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     n_q, n_k = (q.shape[0], k.shape[0]) if varlen else (Sq, Sk)  # see attention_fwd
     common = dict(HEAD_D=D, BLOCK_D=BD, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype), **flags)
     dkdv_tma = _dkdv_tma(q, do, D, varlen)
-    dkdv_config = _config(DKDV_CONFIGS, q.dtype, D, DKDV_TMA_CONFIGS if dkdv_tma else None)
+    dkdv_ws = dkdv_tma and not varlen and _tma_path("dkdv_ws", k, v, D, varlen)  # K and V by TMA too
+    dkdv_config = _config(DKDV_CONFIGS, q.dtype, D, DKDV_WS_CONFIGS if dkdv_ws else
+                          DKDV_TMA_CONFIGS if dkdv_tma else None)
     dq_tma = _tma_path("dq", k, v, D, varlen)
     dq_config = _config(DQ_CONFIGS, q.dtype, D, DQ_TMA_CONFIGS if dq_tma else None)
     tensors = (q, k, v, do, out, dq, dk, dv, delta, dlse if dlse is not None else lse, lse)
@@ -1401,7 +1474,7 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
             _launch.launch(_attn_bwd_dkdv_kernel, (cdiv(Sk, BLOCK_N), Hk, nb),
                 q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen),
                 *lse_strides, n_q, n_k, Hq // Hk, edges, *bwd_args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                num_warps=num_warps, num_stages=num_stages, USE_TMA=dkdv_tma, **common,
+                num_warps=num_warps, num_stages=num_stages, USE_TMA=dkdv_tma, WARP_SPEC=dkdv_ws, **common,
             )
         BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
         with _Scratch(q.device, dq_tma):

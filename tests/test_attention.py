@@ -220,7 +220,7 @@ def _force_tma_paths(monkeypatch, tma):
 
 # The Hopper paths without the forward's warp-specialized variant (TMA per kernel), and with it (True: dense calls
 # at head dims of FWD_WS_CONFIGS take it).
-TMA_NO_WS = {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False}
+TMA_NO_WS = {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False, "dkdv_ws": False}
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
@@ -239,22 +239,28 @@ def test_tma_paths_match_reference(case, tma, backend, monkeypatch):
 
 @pytest.mark.parametrize("case", [c for c in TMA_PATH_CASES if triton_attention.block_d(c[5]) in
                                   triton_attention.FWD_WS_CONFIGS], ids=_case_id)
-def test_warp_specialized_forward_is_the_three_loop_forward(case, monkeypatch):
-    """The warp-specialized forward walks the key range in one loop with the mask on every block, where the other
-    paths skip it for the blocks it cannot touch: the same arithmetic, so the same bits in the interpreter, out and
-    LSE (on a GPU the reference test above checks it by the rule). Windows, softcap, GQA, MQA and queries that see
-    nothing included."""
+def test_warp_specialized_paths_are_the_three_loop_paths(case, monkeypatch):
+    """The warp-specialized forward walks the key range in one loop with the mask on every block, and the
+    warp-specialized dK/dV one loop over the group's heads × query blocks likewise, where the other paths skip
+    the mask for the blocks it cannot touch: the same blocks in the same order, so the same bits in the
+    interpreter, out, LSE, dq, dk and dv (on a GPU the reference test above checks them by the rule). Windows,
+    softcap, GQA, MQA and queries that see nothing included."""
     if HAS_GPU:
         pytest.skip("bitwise only where both run the same instructions: the interpreter")
     b, sq, sk, h, hk, d, causal, window, softcap = case
     q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), torch.float16)
+    gen = generator(1)
+    g_out = torch.randn(q.shape, generator=gen).to(torch.float16)
     results = []
     for tma in (TMA_NO_WS, True):
         monkeypatch.setattr(triton_attention, "TMA", tma)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         with fastlm.use_backend("triton"):
-            results.append(fastlm.attention(q, k, v, causal=causal, window=window, softcap=softcap,
-                                            return_lse=True))
-    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+            out, lse = fastlm.attention(*leaves, causal=causal, window=window, softcap=softcap, return_lse=True)
+        out.backward(g_out)
+        results.append([out.detach(), lse, *(t.grad for t in leaves)])
+    for name, a, b_ in zip(("out", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, b_), name
 
 
 def test_tma_scratch_allocator_is_installed_for_one_launch_only():

@@ -15,8 +15,10 @@ def test_the_committed_candidates_are_grid_entries_that_fit():
     assert set(found) == set(sweep.TABLES)
     for kernel, by_dim in found.items():
         assert set(by_dim) == {str(d) for d in sweep.HEAD_DIMS}
-        for entries in by_dim.values():
-            assert entries, f"no {kernel} candidate compiles without spills"
+        for dim, entries in by_dim.items():
+            # A warp-specialized path may have no shape at a head dim (dkdv_ws spills at 128): then no table entry.
+            assert entries or (kernel.endswith("_ws") and int(dim) not in sweep.table(A, kernel)), \
+                f"no {kernel} candidate compiles without spills at head dim {dim}"
             for e in entries:
                 assert tuple(e["config"]) in sweep.GRID[kernel]
                 assert 0 < e["regs"] <= 255 and 0 <= e["shared"] <= sweep.MAX_SHARED_BYTES
@@ -38,11 +40,13 @@ def test_table_entry_forces_the_path_of_the_kernel_swept():
     with sweep.table_entry(A, "dkdv_tma", 256, (64, 32, 8, 1)):  # a head dim the table lacks
         assert A.DKDV_TMA_CONFIGS[256] == (64, 32, 8, 1)
         # the others as they were
-        assert A.TMA == {"fwd": before_tma, "dkdv": True, "dq": before_tma, "fwd_ws": before_tma}
+        assert A.TMA == {"fwd": before_tma, "dkdv": True, "dq": before_tma, "fwd_ws": before_tma,
+                         "dkdv_ws": False}
     assert A.DKDV_TMA_CONFIGS == before and A.TMA is before_tma
     # Each entry's own path, and the forward's warp-specialized variant only for fwd_ws (which needs fwd's).
     for kernel, forced in (("fwd", {"fwd": False, "fwd_ws": False}), ("fwd_tma", {"fwd": True, "fwd_ws": False}),
-                           ("fwd_ws", {"fwd": True, "fwd_ws": True}), ("dkdv", {"dkdv": False}),
+                           ("fwd_ws", {"fwd": True, "fwd_ws": True}), ("dkdv", {"dkdv": False, "dkdv_ws": False}),
+                           ("dkdv_tma", {"dkdv": True, "dkdv_ws": False}), ("dkdv_ws", {"dkdv": True, "dkdv_ws": True}),
                            ("dq", {"dq": False}), ("dq_tma", {"dq": True})):
         with sweep.table_entry(A, kernel, 128, (128, 64, 4, 2)):
             assert {k: A.TMA[k] for k in forced} == forced, kernel
@@ -78,7 +82,7 @@ def test_a_shape_timed_on_fewer_cases_is_not_compared_unfairly():
 
 def test_the_report_names_the_tables_to_paste_and_the_wrong_shapes():
     case = sweep.CASES[0]
-    current = {k: {d: list(sweep.table(A, k)[d]) for d in sweep.HEAD_DIMS} for k in sweep.TABLES}
+    current = {k: {d: list(sweep.table(A, k).get(d, ())) for d in sweep.HEAD_DIMS} for k in sweep.TABLES}
     cur = tuple(current["fwd"][128])
     results = [_row(case[0], "fwd", cur, 2.0), _row(case[0], "fwd", (128, 128, 8, 3), 1.0),
                _row(case[0], "dkdv", (16, 64, 8, 1), 3.0), _row(case[0], "dkdv_tma", (128, 64, 8, 1), 2.0),
