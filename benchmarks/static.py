@@ -349,7 +349,7 @@ def _launch_cross_entropy(found: list) -> None:
 def attention_call(dtype, head_dim: int, kind: str, rows: int = None) -> None:
     """One attention call of the report's, forward (and backward where the kind has one) on CPU tensors:
     - "causal": dense (2, 64) causal, 4 query heads over 2 kv heads, forward and backward;
-    - "dense", "dense all": the same without a mask, and with a window on both sides and a softcap (the
+    - "dense", "dense window": the same without a mask, and with a window on both sides and a softcap (the
       warp-specialized paths' other flag sets);
     - "all": packed varlen (40 + 24 tokens), a window on both sides and a softcap, backward with dlse;
     - "decode", "decode all": 16 query positions (5 q heads a kv head: too many rows for split-KV), dense causal
@@ -361,17 +361,16 @@ def attention_call(dtype, head_dim: int, kind: str, rows: int = None) -> None:
     from fastlm.kernels import attention as K
 
     group = 2
-    wl, wr, softcap, backward = None, 0, None, False
-    varlen = kind.endswith(("all", "all one")) and not kind.startswith("dense")
+    wl, wr, softcap, varlen, backward = None, 0, None, kind.endswith(("all", "all one")), False
     if varlen:
         wl, wr, softcap = 8, 4, 30.0
     if kind == "causal":
         q_lens = k_lens = [64, 64]
         backward = True
-    elif kind in ("dense", "dense all"):
+    elif kind in ("dense", "dense window"):
         q_lens = k_lens = [64, 64]
         backward = True
-        if kind == "dense all":
+        if kind == "dense window":
             wl, wr, softcap = 8, 4, 30.0
         else:
             wr = None
@@ -426,7 +425,7 @@ def _launch_attention(found: list) -> None:
                 # the head dim), then the dense calls' plain Hopper paths.
                 no_ws = {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False, "dkdv_ws": False}
                 try:
-                    for tma, kinds in ((True, ("causal", "all", "dense", "dense all")), (no_ws, ("causal",))):
+                    for tma, kinds in ((True, ("causal", "all", "dense", "dense window")), (no_ws, ("causal",))):
                         K.TMA = tma
                         for kind in kinds:
                             attention_call(dtype, head_dim, kind)

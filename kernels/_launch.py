@@ -110,7 +110,7 @@ def launch(kernel, grid, *args, **kwargs):
     entry = _cache.get(k) if k is not None else None
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
-        if k is not None and compiled is not None and not hasattr(compiled, "result"):
+        if k is not None and compiled is not None:
             params = kernel.params
             if (any(p.is_constexpr for p in params[:len(args)])
                     or any(not p.is_constexpr for p in params if p.name in kwargs)):

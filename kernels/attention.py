@@ -1391,8 +1391,8 @@ def _tma_path(kernel, a, b, head_dim, varlen):
         return False
     force = TMA.get(kernel) if isinstance(TMA, dict) else TMA
     if force is None:
-        if _INTERPRETED or _util.capability(a.device)[0] < 9 or not {"fwd_ws": FWD_WS_DEFAULT,
-                                                                      "dkdv_ws": DKDV_WS_DEFAULT}.get(kernel, True):
+        if (_INTERPRETED or _util.capability(a.device)[0] < 9 or (kernel == "fwd_ws" and not FWD_WS_DEFAULT)
+                or (kernel == "dkdv_ws" and not DKDV_WS_DEFAULT)):
             return False
     elif not force:
         return False
