@@ -15,8 +15,8 @@ Not supported, each raising NotImplementedError saying so: dropout_p > 0, alibi_
 (flash-attn then returns (out, softmax_lse, S_dmask); fastlm has no S_dmask to give: use fastlm.attention(...,
 return_lse=True) for the LSE), block_table (paged caches), and for the KV cache cache_batch_idx and cache_leftpad.
 The KV cache's rotary_cos/rotary_sin run on fastlm.rotary_embedding (where this installation has it).
-`deterministic` is accepted (fastlm's backward is always bitwise repeatable); `num_splits` is accepted and ignored
-(a performance hint).
+`deterministic` is passed on (True: a bitwise repeatable backward, without the atomic dQ); `num_splits` is accepted
+and ignored (a performance hint).
 """
 
 import numbers

@@ -14,7 +14,8 @@ i when j ≥ i + off − window_left and j ≤ i + off + window_right, each boun
 window_right = 0; torch SDPA's top-left causal is window_right = seqlen_q − seqlen_k (may be negative).
 
 Roofline. Forward 4·Sq·Sk·D FLOPs per (batch, head) (two matmuls), halved by a causal mask; backward 2.5× that
-(five matmuls here: S and dP recomputed, dV, dK, dQ, with S and dP computed twice, once per kernel — seven in all).
+(five matmuls: S and dP recomputed, dV, dK, dQ; the deterministic backward computes S and dP twice, once per
+kernel — seven in all).
 Reads are O(S·D) per head: attention at these sizes is bound by the tensor cores. Decode (a short query side over a
 KV cache) is the opposite: K and V, 2·B·Hk·Sk·D·2 bytes read once per kv head by the split-KV kernel, for
 4·B·Hq·Sq·Sk·D FLOPs, Sq·Hq/Hk ≤ 64 FLOPs a byte: bound by memory bandwidth.
@@ -32,10 +33,14 @@ Design.
   then applies to every block), Q by TMA and no early exit, so it serves dense calls only. The dK/dV kernel has
   one too (DKDV_WS_CONFIGS: head dim 64; at 128 every shape Triton partitions spills): one loop over the group's
   query heads × query blocks, Q and dO through descriptors over (heads, rows, head dim), K and V by TMA.
-- Backward: three kernels and no atomics, so gradients are bitwise repeatable in every mode: a preprocess for D, one
+- Backward: by default three kernels and no atomics, so gradients are bitwise repeatable: a preprocess for D, one
   program per (key block, batch·kv head) that accumulates dK and dV over every query block of every query head of
   its group, and one program per (query block, batch·head) that accumulates dQ. The S and dP matmuls are done in
   both (seven matmuls instead of FlashAttention-2's five with atomic dQ): the price of determinism without atomics.
+  The five-matmul form is there too, off until timed (DQ_ATOMIC): the dK/dV kernel also forms dS·K for each query
+  block and adds it into a zero-filled fp32 dQ accumulator with atomic adds (scaled and cast once after), and the
+  dQ kernel is not launched; calls that ask for determinism (deterministic=True, torch.use_deterministic_algorithms)
+  never take it.
   The dK/dV kernel has two paths. Through pointers it forms the scores keys × queries (Sᵀ = K·Qᵀ) with K, V, dK
   and dV in registers, which leaves room for 16-query blocks at head dim 128. On Hopper (TMA, below) it reads Q and
   dO tiles by TMA through tensor descriptors made in the kernel for each head's rows (rows past the sequence and
@@ -642,31 +647,56 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _bwd_dkdv_blocks(
-    dk, dv, k, v, Q, DO, L, DELTA, stride_qs, stride_ds, start, end, cols, seqlen_q, diag, scale2, softcap,
-    window_left, window_right,
+    dk, dv, k, v, Q, DO, L, DELTA, DQA, h, stride_qs, stride_ds, stride_as, start, end, cols, seqlen_q, seqlen_k, diag,
+    scale2, softcap, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     """Accumulate dK, dV (BLOCK_N, BLOCK_D) of the keys `cols` over the query blocks [start, end) of one head.
-    Q and DO: the head's first query row (pointers), or with USE_TMA its tensor descriptors (_head_rows)."""
+    Q and DO: the head's first query row (pointers), or with USE_TMA its tensor descriptors (_head_rows). With
+    ATOMIC_DQ also add each query block's dS·K into the fp32 dQ accumulator DQA: the head's first row (row stride
+    stride_as), or with USE_TMA a tensor descriptor over the sequence's (heads, rows, head dim), indexed by the
+    query head h. seqlen_k: the masked loops' key limit (the sequence's keys with ATOMIC_DQ, else no limit: see
+    _attn_bwd_dkdv_kernel)."""
     if USE_TMA:
-        dk, dv = _bwd_dkdv_blocks_tma(dk, dv, k, v, Q, DO, L, DELTA, start, end, cols, seqlen_q, diag, scale2,
-                                      softcap, window_left, window_right, BLOCK_M, MASKED, HAS_LEFT, HAS_RIGHT,
-                                      HAS_SOFTCAP, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_blocks_tma(dk, dv, k, v, Q, DO, L, DELTA, DQA, h, start, end, cols, seqlen_q, seqlen_k,
+                                      diag, scale2, softcap, window_left, window_right, BLOCK_M, BLOCK_D, MASKED,
+                                      HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, ATOMIC_DQ)
     else:
-        dk, dv = _bwd_dkdv_blocks_ptr(dk, dv, k, v, Q, DO, L, DELTA, stride_qs, stride_ds, start, end, cols,
-                                      seqlen_q, diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M,
-                                      BLOCK_D, MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+        dk, dv = _bwd_dkdv_blocks_ptr(dk, dv, k, v, Q, DO, L, DELTA, DQA, stride_qs, stride_ds, stride_as, start,
+                                      end, cols, seqlen_q, seqlen_k, diag, scale2, softcap, window_left,
+                                      window_right, HEAD_D, BLOCK_M, BLOCK_D, MASKED, HAS_LEFT, HAS_RIGHT,
+                                      HAS_SOFTCAP, DOT_PRECISION, ATOMIC_DQ)
     return dk, dv
 
 
 @triton.jit
+def _add_dq(block, stride_as, rows_ok, ds, k, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
+    """dQ += dS·K for one query block (ds: (BLOCK_M, BLOCK_N), queries × keys, in the inputs' dtype) by fp32 atomic
+    adds into the accumulator from `block`, a pointer to the block's first row (row stride stride_as); rows_ok
+    (BLOCK_M,) masks rows past the sequence, or None. Unscaled: the launcher scales the sum once, as the dQ kernel
+    does. The adds' order varies from run to run, and so does the rounding: not bitwise repeatable
+    (deterministic=True never takes this path). The tile's addresses are made here from one pointer carried
+    through the loop, not carried as a tile of pointers (two registers an element)."""
+    BLOCK_M: tl.constexpr = ds.shape[0]
+    dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = _head_mask(offs_d, HEAD_D, BLOCK_D)[None, :]
+    if rows_ok is not None:
+        mask = mask & rows_ok[:, None]
+    tl.atomic_add(block + offs_m[:, None] * stride_as + offs_d[None, :], dq, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _bwd_dkdv_blocks_ptr(
-    dk, dv, k, v, Q, DO, L, DELTA, stride_qs, stride_ds, start, end, cols, seqlen_q, diag, scale2, softcap,
-    window_left, window_right,
+    dk, dv, k, v, Q, DO, L, DELTA, DQA, stride_qs, stride_ds, stride_as, start, end, cols, seqlen_q, seqlen_k, diag,
+    scale2, softcap, window_left, window_right,
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     """_bwd_dkdv_blocks through pointers, scores formed keys × queries (K and V held in registers)."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -674,6 +704,7 @@ def _bwd_dkdv_blocks_ptr(
     d_ok = _head_mask(offs_d, HEAD_D, BLOCK_D)
     q_ptrs = Q + start.to(tl.int64) * stride_qs + offs_m[:, None] * stride_qs + offs_d[None, :]  # (BLOCK_M, BLOCK_D)
     do_ptrs = DO + start.to(tl.int64) * stride_ds + offs_m[:, None] * stride_ds + offs_d[None, :]
+    dqa = DQA + start.to(tl.int64) * stride_as  # the dQ accumulator's rows of the query block
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         if MASKED:
@@ -691,7 +722,7 @@ def _bwd_dkdv_blocks_ptr(
         s2t, sech2t = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), scale2, softcap,
                               HAS_SOFTCAP)  # (BLOCK_N, BLOCK_M): keys × queries
         if MASKED:
-            vis = _visible(rows, cols, 2147483647, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            vis = _visible(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             s2t = tl.where(tl.trans(vis), s2t, float("-inf"))
         pt = tl.math.exp2(s2t - lse2[None, :])
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
@@ -699,7 +730,11 @@ def _bwd_dkdv_blocks_ptr(
         dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
             dst = dst * sech2t
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+        dst = dst.to(q.dtype)  # once, for dK and the atomic dQ (no fp32 tile kept for the second)
+        dk += tl.dot(dst, q, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            _add_dq(dqa, stride_as, row_ok if MASKED else None, tl.trans(dst), k, HEAD_D, BLOCK_D, DOT_PRECISION)
+            dqa += BLOCK_M * stride_as
         q_ptrs += BLOCK_M * stride_qs
         do_ptrs += BLOCK_M * stride_ds
     return dk, dv
@@ -707,9 +742,10 @@ def _bwd_dkdv_blocks_ptr(
 
 @triton.jit
 def _bwd_dkdv_blocks_tma(
-    dk, dv, k, v, q_desc, do_desc, L, DELTA, start, end, cols, seqlen_q, diag, scale2, softcap, window_left,
-    window_right, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dk, dv, k, v, q_desc, do_desc, L, DELTA, dqa_desc, h, start, end, cols, seqlen_q, seqlen_k, diag, scale2,
+    softcap, window_left, window_right, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     """_bwd_dkdv_blocks on Hopper: the Q and dO tiles come by TMA (rows past the sequence and head-dim columns past
     HEAD_D arrive as zeros), and the scores are formed queries × keys, S = Q·Kᵀ, so that K and V are wgmma's B
@@ -719,20 +755,26 @@ def _bwd_dkdv_blocks_tma(
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        dk, dv = _dkdv_step(dk, dv, k, v, q_desc.load([start_m, 0]), do_desc.load([start_m, 0]), L, DELTA, rows,
-                            cols, seqlen_q, diag, scale2, softcap, window_left, window_right, MASKED, HAS_LEFT,
-                            HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+        dk, dv, ds = _dkdv_step(dk, dv, k, v, q_desc.load([start_m, 0]), do_desc.load([start_m, 0]), L, DELTA,
+                                rows, cols, seqlen_q, seqlen_k, diag, scale2, softcap, window_left, window_right, MASKED,
+                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+        if ATOMIC_DQ:
+            # One TMA reduce-add of the tile (from shared memory; rows past the sequence and columns past the head
+            # dim are outside the descriptor and skipped), FlashAttention-3's way: no per-element addresses.
+            dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
+            dqa_desc.atomic_add([h, start_m, 0], dq.reshape(1, BLOCK_M, BLOCK_D))
     return dk, dv
 
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, k, v, q, do, L, DELTA, rows, cols, seqlen_q, diag, scale2, softcap, window_left, window_right,
+    dk, dv, k, v, q, do, L, DELTA, rows, cols, seqlen_q, seqlen_k, diag, scale2, softcap, window_left, window_right,
     MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One query block of the Hopper dK/dV loops: scores queries × keys, S = Q·Kᵀ; P from the LSE; dV += Pᵀ·dO,
-    dS = P ∘ (dO·Vᵀ − D), dK += dSᵀ·Q (L and DELTA: the head's first query row of LSE and D)."""
+    dS = P ∘ (dO·Vᵀ − D), dK += dSᵀ·Q (L and DELTA: the head's first query row of LSE and D). Returns dK, dV and
+    dS in the inputs' dtype (for an atomic dQ)."""
     if MASKED:
         row_ok = rows < seqlen_q
         lse = tl.load(L + rows, mask=row_ok, other=float("inf"))  # p = 0 for the zero rows past the end
@@ -743,7 +785,7 @@ def _dkdv_step(
     s2, sech2 = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), scale2, softcap,
                         HAS_SOFTCAP)  # (BLOCK_M, BLOCK_N): queries × keys
     if MASKED:
-        vis = _visible(rows, cols, 2147483647, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        vis = _visible(rows, cols, seqlen_k, diag, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         s2 = tl.where(vis, s2, float("-inf"))
     p = tl.math.exp2(s2 - _lse_log2(lse)[:, None])
     dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
@@ -751,8 +793,9 @@ def _dkdv_step(
     ds = p * (dp - delta[:, None])
     if HAS_SOFTCAP:
         ds = ds * sech2
-    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
-    return dk, dv
+    ds = ds.to(q.dtype)  # once, for dK and an atomic dQ
+    dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+    return dk, dv, ds
 
 
 @triton.jit
@@ -780,9 +823,9 @@ def _bwd_dkdv_ws(
         q = q_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         do = do_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         head = h.to(tl.int64) * stride_lh
-        dk, dv = _dkdv_step(dk, dv, k, v, q, do, Lb + head, Db + head, start_m + offs_m, cols, seqlen_q, diag,
-                            scale2, softcap, window_left, window_right, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                            DOT_PRECISION)
+        dk, dv, _ = _dkdv_step(dk, dv, k, v, q, do, Lb + head, Db + head, start_m + offs_m, cols, seqlen_q,
+                               2147483647, diag, scale2, softcap, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
+                               HAS_SOFTCAP, DOT_PRECISION)
     return dk, dv
 
 
@@ -807,12 +850,14 @@ def _head_rows(A, B, n, stride_a, stride_b, HEAD_D: tl.constexpr, BLOCK_R: tl.co
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,  # q, do (.., Hq, D); k, v, dk, dv (.., Hk, D); lse, delta fp32 like the forward
+    DQA,  # with ATOMIC_DQ the fp32 dQ accumulator (.., Hq, D), zero-filled, unscaled (else unused)
     CU_Q, CU_K,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh,  # do
     stride_gb, stride_gs, stride_gh,  # dk and dv (allocated alike)
+    stride_ab, stride_as, stride_ah,  # the dQ accumulator
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, group,  # dense lengths, or with VARLEN the packed token totals
     edges,  # as _attn_fwd_kernel's
@@ -820,8 +865,10 @@ def _attn_bwd_dkdv_kernel(
     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+    ATOMIC_DQ: tl.constexpr = False,
 ):
     tl.static_assert(not (WARP_SPEC and VARLEN), "the warp-specialized path is for dense calls")
+    tl.static_assert(not (WARP_SPEC and ATOMIC_DQ), "the warp-specialized path has no atomic dQ")
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -862,7 +909,23 @@ def _attn_bwd_dkdv_kernel(
     lo, full_lo, full_hi, hi = _query_range(start_n, c1, q_len, diag, window_left, window_right, BLOCK_M,
                                             HAS_LEFT, HAS_RIGHT)
     # Keys past the sequence's end (last block) must not pass as visible in the unmasked loop: their rows of dk
-    # and dv are never stored, so they only need to stay finite, which zero-filled k and v ensure.
+    # and dv are never stored, so they only need to stay finite, which zero-filled k and v ensure. Not so for an
+    # atomic dQ, which every key of the block feeds: P there is exp(−lse), unbounded, and dS can round to inf
+    # (inf · 0 = NaN in dS·K). So with ATOMIC_DQ a partial last block walks all its query blocks masked, keys past
+    # the end masked too (key_end; without it a constant, which the compiler folds away).
+    key_end = 2147483647
+    if ATOMIC_DQ:
+        key_end = k_len
+        partial = start_n + BLOCK_N > k_len
+        full_lo = tl.where(partial, hi, full_lo)
+        full_hi = tl.where(partial, hi, full_hi)
+    if ATOMIC_DQ and USE_TMA:
+        # The accumulator by TMA: one descriptor over the sequence's (query heads, rows, head dim), made once, not
+        # per head (a descriptor rewritten while the previous head's reduces may still read it would race); 16-byte
+        # aligned rows and heads, which the launcher checks (head dim a multiple of 4).
+        dqa_desc = tl.make_tensor_descriptor(DQA + b64 * stride_ab + q_start * stride_as,
+                                             shape=[tl.num_programs(1) * group, tl.maximum(q_len, 1), HEAD_D],
+                                             strides=[stride_ah, stride_as, 1], block_shape=[1, BLOCK_M, BLOCK_D])
     if WARP_SPEC:
         dk, dv = _bwd_dkdv_ws(dk, dv, k, v, Q + b64 * stride_qb, DO + b64 * stride_db, LSE + b64 * stride_lb,
                               DELTA + b64 * stride_lb, hk, group, lo, hi, cols, q_len, diag, scale2, softcap,
@@ -875,16 +938,22 @@ def _attn_bwd_dkdv_kernel(
             DOh = DO + _offset(b64, q_start, h, stride_db, stride_ds, stride_dh)
             Lh = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
             Dh = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
+            DQAh = DQA + _offset(b64, q_start, h, stride_ab, stride_as, stride_ah)
+            if ATOMIC_DQ and USE_TMA:
+                DQAh = dqa_desc
             Qa, DOa = _head_rows(Qh, DOh, q_len, stride_qs, stride_ds, HEAD_D, BLOCK_M, BLOCK_D, USE_TMA)
-            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, lo, full_lo, cols,
-                                      q_len, diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M,
-                                      BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
-            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, full_lo, full_hi, cols,
-                                      q_len, diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M,
-                                      BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
-            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, stride_qs, stride_ds, full_hi, hi, cols,
-                                      q_len, diag, scale2, softcap, window_left, window_right, HEAD_D, BLOCK_M,
-                                      BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION, USE_TMA)
+            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, DQAh, h, stride_qs, stride_ds, stride_as,
+                                      lo, full_lo, cols, q_len, key_end, diag, scale2, softcap, window_left,
+                                      window_right, HEAD_D, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                      DOT_PRECISION, USE_TMA, ATOMIC_DQ)
+            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, DQAh, h, stride_qs, stride_ds, stride_as,
+                                      full_lo, full_hi, cols, q_len, key_end, diag, scale2, softcap, window_left,
+                                      window_right, HEAD_D, BLOCK_M, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                      DOT_PRECISION, USE_TMA, ATOMIC_DQ)
+            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, DQAh, h, stride_qs, stride_ds, stride_as,
+                                      full_hi, hi, cols, q_len, key_end, diag, scale2, softcap, window_left,
+                                      window_right, HEAD_D, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                      DOT_PRECISION, USE_TMA, ATOMIC_DQ)
     g_off = _offset(b64, k_start + start_n, hk, stride_gb, stride_gs, stride_gh) + offs_n[:, None] * stride_gs \
         + offs_d[None, :]
     tl.store(DK + g_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -1101,6 +1170,32 @@ DQ_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 2),
 # DKDV_WS_CONFIGS have the head dim, for dense calls); {"fwd": True, "dkdv": True, "dq": True, "fwd_ws": False,
 # "dkdv_ws": False} forces the Hopper paths without them.
 TMA = None
+# The backward's dQ by fp32 atomic adds (FlashAttention-2's five-matmul backward): the dK/dV kernel adds each query
+# block's dS·K into a zero-filled fp32 accumulator of q's shape, scaled and cast once at the end, and the dQ kernel
+# (which recomputes S and dP: two of the seven matmuls) is not launched. Memory: the accumulator, 4 bytes an element
+# of q. Not bitwise repeatable (the adds' order varies), so deterministic=True (or
+# torch.use_deterministic_algorithms) never takes it. DQ_ATOMIC None decides per call by DQ_ATOMIC_DEFAULT (off
+# until the sweep times it: benchmarks/attention_sweep.py's dkdv_atomic and dkdv_atomic_tma); True or False force
+# it for calls that are not deterministic (the tests run both). The warp-specialized dK/dV path has no atomic
+# variant.
+DQ_ATOMIC = None
+DQ_ATOMIC_DEFAULT = False
+# The dK/dV kernel's block shapes with the atomic dQ, as DKDV_CONFIGS (pointer path, per fp32 flag) and
+# DKDV_TMA_CONFIGS (Hopper path): the dS·K product and its (BLOCK_M, head dim) fp32 tile are live on top of the
+# plain kernel's, so some of its shapes spill. A head dim without an entry in either takes the three-kernel
+# backward; a Hopper call whose head dim only the pointer table has takes the pointer path's atomic variant.
+# Chosen without a GPU: the plain tables' shape, or the next smaller one, where it compiles without spills for
+# sm_80 and sm_90a (the Hopper path: sm_90a) with every flag set (the static report compiles each). The Hopper path
+# adds the tile by TMA reduce (no per-element addresses); at head dim 128 every shape tried spills there (the dQ
+# product's 64 fp32 registers a thread on top of dK and dV: 255 registers at the dense causal call, 16-32 bytes of
+# stack with varlen or a softcap; the product in two halves of the head dim spilled more), so it has no entry, nor
+# have fp32 head dims 32 and 128 (every shape spills).
+# Not yet timed (the sweep times both as dkdv_atomic and dkdv_atomic_tma).
+DKDV_ATOMIC_CONFIGS = {
+    False: {16: (32, 128, 8, 1), 32: (32, 128, 8, 1), 64: (32, 64, 8, 1), 128: (16, 64, 8, 1), 256: (16, 32, 8, 1)},
+    True: {16: (32, 16, 4, 1), 64: (16, 16, 4, 1)},
+}
+DKDV_ATOMIC_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 1)}
 # Short query sides (decode over a KV cache): 16-row query blocks instead of 128 mostly empty ones.
 DECODE_MAX_SEQLEN_Q = 16
 DECODE_FWD_CONFIGS = {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2),
@@ -1153,7 +1248,9 @@ def _delta_warps(dtype, block_d):
 MAX_TILE_ROWS = max(max(c[0], c[1]) for table in (FWD_CONFIGS[False], FWD_CONFIGS[True], DKDV_CONFIGS[False],
                                                   DKDV_CONFIGS[True], DQ_CONFIGS[False], DQ_CONFIGS[True],
                                                   DECODE_FWD_CONFIGS, DKDV_TMA_CONFIGS, FWD_TMA_CONFIGS,
-                                                  DQ_TMA_CONFIGS, FWD_WS_CONFIGS, DKDV_WS_CONFIGS)
+                                                  DQ_TMA_CONFIGS, FWD_WS_CONFIGS, DKDV_WS_CONFIGS,
+                                                  DKDV_ATOMIC_CONFIGS[False], DKDV_ATOMIC_CONFIGS[True],
+                                                  DKDV_ATOMIC_TMA_CONFIGS)
                     for c in table.values())
 MAX_TILE_ROWS = max(MAX_TILE_ROWS, DECODE_MAX_ROWS,
                     *(c[0] for table in DECODE_CONFIGS.values() for c in table.values()))
@@ -1403,6 +1500,21 @@ def _dkdv_tma(q, do, head_dim, varlen):
     return _tma_path("dkdv", q, do, head_dim, varlen)
 
 
+def _atomic_dq(deterministic, dtype, head_dim, tma):
+    """(atomic, tma): whether the backward adds dQ atomically from the dK/dV kernel (see DQ_ATOMIC), and then
+    whether that kernel takes its Hopper path (`tma`: the plain kernel's choice), by the atomic tables' entries."""
+    if deterministic or not (DQ_ATOMIC_DEFAULT if DQ_ATOMIC is None else DQ_ATOMIC):
+        return False, tma
+    tile = block_d(head_dim)
+    if tma and tile in DKDV_ATOMIC_TMA_CONFIGS and head_dim % 4 == 0:
+        # (the accumulator is contiguous fp32: its rows are 16-byte aligned for TMA when the head dim is a multiple
+        # of 4, which q's own 16-bit rows being TMA-aligned does not imply for a strided q)
+        return True, True
+    if tile in DKDV_ATOMIC_CONFIGS[dtype == torch.float32]:
+        return True, False
+    return False, tma
+
+
 class _Scratch:
     """Triton's allocator for the global scratch of in-kernel tensor descriptors (128 bytes a descriptor and
     program), from torch's caching allocator on the launch's device: installed for one launch of a kernel's Hopper
@@ -1434,9 +1546,10 @@ class _Scratch:
 
 
 def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                  window_left, window_right, softcap):
+                  window_left, window_right, softcap, deterministic=True):
     """Gradients of attention_fwd's out (and lse, when dlse is given): dq like q, dk, dv like k and v (contiguous).
-    do has out's shape with head-dim stride 1; dlse lse's shape, fp32, or None. No atomics: bitwise repeatable."""
+    do has out's shape with head-dim stride 1; dlse lse's shape, fp32, or None. deterministic: no atomics, bitwise
+    repeatable; else dQ may be added atomically (DQ_ATOMIC)."""
     B, Sq, Sk, Hq, Hk, D, varlen = _shape(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     dq = _util.empty(q.shape, q.dtype, q.device)
     dk = _util.empty(k.shape, k.dtype, k.device)
@@ -1453,14 +1566,20 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     bwd_args = (scale2, cap, float(scale), left, right)  # the backward kernels take the unscaled scale too
     n_q, n_k = (q.shape[0], k.shape[0]) if varlen else (Sq, Sk)  # see attention_fwd
     common = dict(HEAD_D=D, BLOCK_D=BD, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype), **flags)
-    dkdv_tma = _dkdv_tma(q, do, D, varlen)
-    dkdv_ws = dkdv_tma and not varlen and _tma_path("dkdv_ws", k, v, D, varlen)  # K and V by TMA too
-    dkdv_config = _config(DKDV_CONFIGS, q.dtype, D, DKDV_WS_CONFIGS if dkdv_ws else
-                          DKDV_TMA_CONFIGS if dkdv_tma else None)
+    atomic, dkdv_tma = _atomic_dq(deterministic, q.dtype, D, _dkdv_tma(q, do, D, varlen))
+    dkdv_ws = dkdv_tma and not atomic and not varlen and _tma_path("dkdv_ws", k, v, D, varlen)  # K, V by TMA too
+    if atomic:
+        dkdv_config = _config(DKDV_ATOMIC_CONFIGS, q.dtype, D, DKDV_ATOMIC_TMA_CONFIGS if dkdv_tma else None)
+    else:
+        dkdv_config = _config(DKDV_CONFIGS, q.dtype, D, DKDV_WS_CONFIGS if dkdv_ws else
+                              DKDV_TMA_CONFIGS if dkdv_tma else None)
     dq_tma = _tma_path("dq", k, v, D, varlen)
     dq_config = _config(DQ_CONFIGS, q.dtype, D, DQ_TMA_CONFIGS if dq_tma else None)
-    tensors = (q, k, v, do, out, dq, dk, dv, delta, dlse if dlse is not None else lse, lse)
-    for nb, cu_q, cu_k, edges, (q_, k_, v_, do_, out_, dq_, dk_, dv_, delta_, dlse_, lse_) in _batch_chunks(
+    # The atomic dQ's accumulator (zero-filled: rows no key block reaches keep dQ = 0, packed tokens outside every
+    # sequence included); else the dK/dV kernel gets dk in its place, unused.
+    dqa = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dk
+    tensors = (q, k, v, do, out, dq, dk, dv, dqa, delta, dlse if dlse is not None else lse, lse)
+    for nb, cu_q, cu_k, edges, (q_, k_, v_, do_, out_, dq_, dk_, dv_, dqa_, delta_, dlse_, lse_) in _batch_chunks(
             B, varlen, cu_seqlens_q, cu_seqlens_k, tensors):
         lse_strides = _lse_strides(lse_, varlen)
         _launch.launch(_attn_bwd_delta_kernel, (cdiv(Sq, DELTA_BLOCK_M), Hq, nb),
@@ -1472,10 +1591,13 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
         BLOCK_M, BLOCK_N, num_warps, num_stages = dkdv_config
         with _Scratch(q.device, dkdv_tma):
             _launch.launch(_attn_bwd_dkdv_kernel, (cdiv(Sk, BLOCK_N), Hk, nb),
-                q_, k_, v_, do_, lse_, delta_, dk_, dv_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen),
-                *lse_strides, n_q, n_k, Hq // Hk, edges, *bwd_args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                num_warps=num_warps, num_stages=num_stages, USE_TMA=dkdv_tma, WARP_SPEC=dkdv_ws, **common,
+                q_, k_, v_, do_, lse_, delta_, dk_, dv_, dqa_, cu_q, cu_k, *qkv_strides, *_strides(dk_, varlen),
+                *_strides(dqa_, varlen), *lse_strides, n_q, n_k, Hq // Hk, edges, *bwd_args, BLOCK_M=BLOCK_M,
+                BLOCK_N=BLOCK_N, num_warps=num_warps, num_stages=num_stages, USE_TMA=dkdv_tma, WARP_SPEC=dkdv_ws,
+                ATOMIC_DQ=atomic, **common,
             )
+        if atomic:
+            continue
         BLOCK_M, BLOCK_N, num_warps, num_stages = dq_config
         with _Scratch(q.device, dq_tma):
             _launch.launch(_attn_bwd_dq_kernel, (cdiv(Sq, BLOCK_M), Hq, nb),
@@ -1483,4 +1605,6 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
                 n_q, n_k, Hq // Hk, edges, *bwd_args, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 num_warps=num_warps, num_stages=num_stages, USE_TMA=dq_tma, **common,
             )
+    if atomic:
+        torch.mul(dqa, scale, out=dq)  # scaled once and rounded once, as the dQ kernel stores its sum
     return dq, dk, dv

@@ -71,6 +71,33 @@ def _poison_outputs():
     _util.empty = unpoisoned
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_descriptor_reduce():
+    """Triton 3.6's interpreter has no TMA reduce (`tensor_descriptor.atomic_add`, which the attention backward's
+    atomic dQ uses on its Hopper path; the interpreter runs that path only where tests force it): emulated here as
+    the elementwise fp32 atomic add of the tile's elements inside the descriptor, which is what the hardware's
+    reduce-add computes (elements outside it skipped). Only ADD is emulated; nothing is installed where Triton has
+    its own."""
+    from triton._C.libtriton import ir
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if hasattr(builder, "create_descriptor_reduce"):
+        yield
+        return
+
+    def create_descriptor_reduce(self, kind, desc, value, indices):
+        if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+            raise NotImplementedError(f"the tests' interpreter emulates only the TMA reduce-add, not {kind}")
+        ptrs, mask = desc.materialize_pointers(indices)
+        return self.create_atomic_rmw(ir.ATOMIC_OP.FADD, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED,
+                                      ir.MEM_SYNC_SCOPE.GPU)
+
+    builder.create_descriptor_reduce = create_descriptor_reduce
+    yield
+    del builder.create_descriptor_reduce
+
+
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
     for item in items:

@@ -263,6 +263,152 @@ def test_warp_specialized_paths_are_the_three_loop_paths(case, monkeypatch):
         assert torch.equal(a, b_), name
 
 
+def _kernels_launched(monkeypatch):
+    """A list that the names of the Triton kernels launched from here on are appended to."""
+    names = []
+    real = triton_attention._launch.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+        names.append(name)
+        if name == "_attn_bwd_dkdv_kernel":
+            names.append(("dkdv", kwargs.get("USE_TMA"), kwargs.get("ATOMIC_DQ")))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(triton_attention._launch, "launch", spy)
+    return names
+
+
+def _grads_of(q, k, v, g, backend, **kw):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with fastlm.use_backend(backend):
+        out = fastlm.attention(*leaves, **kw)
+    out.backward(g)
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("tma", (False, TMA_NO_WS), ids=("pointers", "tma"))
+@pytest.mark.parametrize("case", TMA_PATH_CASES[1:], ids=_case_id)
+def test_atomic_dq_backward(case, tma, backend, monkeypatch):
+    """The five-matmul backward (DQ_ATOMIC: dQ added atomically by the dK/dV kernel, no dQ kernel) through both
+    dK/dV paths. In the interpreter the programs run in key-block order, which is the order the dQ kernel sums the
+    key blocks in, so dq, dk and dv are the bits of the three-kernel backward (a dropped or doubled block, a
+    missing mask or scale fails it); on a GPU the adds' order varies, and the reference test checks it by the
+    rule. GQA, MQA, windows, softcap and padded head dims (80, 112) included."""
+    _force_tma_paths(monkeypatch, tma)
+    b, sq, sk, h, hk, d, causal, window, softcap = case
+    dtype = GPU_DTYPES[0] if HAS_GPU else torch.float16
+    q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
+    kw = dict(causal=causal, window=window, softcap=softcap)
+    names = _kernels_launched(monkeypatch)
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", True)
+    if HAS_GPU:
+        _compare(q, k, v, backend, **kw)
+        assert "_attn_bwd_dq_kernel" not in names
+        return
+    g = torch.randn(q.shape, generator=generator(3)).to(DEVICE, dtype)
+    atomic = _grads_of(q, k, v, g, backend, **kw)
+    hopper = bool(tma) and triton_attention.block_d(d) in triton_attention.DKDV_ATOMIC_TMA_CONFIGS and d % 4 == 0
+    assert ("dkdv", hopper, True) in names and "_attn_bwd_dq_kernel" not in names
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", False)
+    names.clear()
+    plain = _grads_of(q, k, v, g, backend, **kw)
+    assert "_attn_bwd_dq_kernel" in names
+    for name, a, b_ in zip(("dq", "dk", "dv"), atomic, plain):
+        assert torch.equal(a, b_), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("tma", (False, TMA_NO_WS), ids=("pointers", "tma"))
+def test_atomic_dq_keys_past_the_end_with_a_very_negative_lse(tma, backend, monkeypatch):
+    """The last key block's zero rows past the sequence pass the unmasked loop as visible, with P = exp(−lse): a
+    row whose scores are all near −20 (logits are shift-invariant: a legitimate input) puts ~10⁷ there, which a
+    16-bit dS cannot hold; dK and dV never store those rows, but dQ would take inf · 0 = NaN from them. Non-causal,
+    a partial last key block: the atomic dQ equals the dQ kernel's, finite."""
+    _force_tma_paths(monkeypatch, tma)
+    dtype = GPU_DTYPES[0] if HAS_GPU else torch.float16
+    q, k, v = _inputs((1, 40, 2, 64), (1, 40, 2, 64), dtype)
+    q[..., 0], k[..., 0] = 8.0, -20.0  # every score about 8 · (−20) / 8 = −20
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", True)
+    if HAS_GPU:  # against the reference by the rule (the adds' order varies on a GPU)
+        got = _compare(q, k, v, backend)
+        assert all(torch.isfinite(t).all() for t in got[2:])
+        return
+    g = torch.randn(q.shape, generator=generator(6)).to(DEVICE, dtype)
+    atomic = _grads_of(q, k, v, g, backend)
+    plain = _grads_of(q, k, v, g, backend, deterministic=True)
+    for name, a, b_ in zip(("dq", "dk", "dv"), atomic, plain):
+        assert torch.isfinite(a).all(), name
+        assert torch.equal(a, b_), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+def test_atomic_dq_varlen_and_rows_outside(backend, monkeypatch):
+    """Varlen through the atomic dQ: every sequence's dq by the rule against the reference, and the packed tokens
+    outside every sequence, which no key block reaches, keep the accumulator's zeros."""
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", True)
+    names = _kernels_launched(monkeypatch)
+    q, k, v, kw = _varlen(*VARLEN_LENS, 2, 1, 32, DTYPES[-1], (5, 7), (4, 9))
+    got = _compare(q, k, v, backend, causal=True, **kw)
+    assert "_attn_bwd_dq_kernel" not in names
+    _assert_outside_rows(got, kw)
+
+
+def test_atomic_dq_path_choice(monkeypatch):
+    """Which backward a call gets: never the atomic dQ when deterministic; its Hopper variant where its table has
+    the head-dim tile and the fp32 accumulator's rows can be TMA-aligned (head dim a multiple of 4), else its
+    pointer variant where that table has the tile, else the three-kernel backward; DQ_ATOMIC_DEFAULT decides
+    when DQ_ATOMIC is None."""
+    choose = triton_attention._atomic_dq
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", True)
+    monkeypatch.setitem(triton_attention.DKDV_ATOMIC_TMA_CONFIGS, 64, (128, 64, 8, 1))
+    monkeypatch.setitem(triton_attention.DKDV_ATOMIC_CONFIGS[False], 16, (32, 128, 8, 1))
+    monkeypatch.delitem(triton_attention.DKDV_ATOMIC_TMA_CONFIGS, 128, raising=False)
+    monkeypatch.delitem(triton_attention.DKDV_ATOMIC_CONFIGS[True], 32, raising=False)
+    assert choose(True, torch.float16, 64, True) == (False, True)
+    assert choose(False, torch.float16, 64, True) == (True, True)
+    assert choose(False, torch.float16, 60, True) == (True, True)
+    assert choose(False, torch.float16, 64, False) == (True, False)
+    assert choose(False, torch.float16, 6, True) == (True, False)  # 24-byte fp32 rows: the pointer variant
+    if 128 in triton_attention.DKDV_ATOMIC_CONFIGS[False]:
+        assert choose(False, torch.float16, 128, True) == (True, False)
+    assert choose(False, torch.float32, 32, False) == (False, False)
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", False)
+    assert choose(False, torch.float16, 64, True) == (False, True)
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", None)
+    for default in (False, True):
+        monkeypatch.setattr(triton_attention, "DQ_ATOMIC_DEFAULT", default)
+        assert choose(False, torch.float16, 64, True) == (default, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("how", ("argument", "torch", "torch backward"))
+def test_deterministic_calls_never_add_dq_atomically(how, backend, monkeypatch):
+    """deterministic=True, or torch.use_deterministic_algorithms(True), keeps the three-kernel backward (bitwise
+    repeatable) even where the atomic dQ is forced on."""
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", True)
+    names = _kernels_launched(monkeypatch)
+    q, k, v = _inputs((1, 40, 2, 32), (1, 40, 1, 32), DTYPES[-1])
+    g = torch.randn(q.shape, generator=generator(4)).to(DEVICE, q.dtype)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    try:
+        if how == "torch":
+            torch.use_deterministic_algorithms(True)
+        with fastlm.use_backend(backend):
+            out = fastlm.attention(*leaves, causal=True, deterministic=how == "argument")
+        if how == "torch backward":
+            torch.use_deterministic_algorithms(True)  # around the backward alone
+        out.backward(g)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    assert "_attn_bwd_dq_kernel" in names
+    names.clear()
+    _grads_of(q, k, v, g, backend, causal=True)
+    assert "_attn_bwd_dq_kernel" not in names
+
+
 def test_tma_scratch_allocator_is_installed_for_one_launch_only():
     """The Hopper paths' descriptors need Triton's scratch allocator: installed around their launches (and only
     theirs), put back after, and a caller's own allocator (triton.set_allocator) left in place."""
@@ -366,10 +512,15 @@ def test_tma_paths_keep_packed_neighbours_apart(tma, backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
-def test_varlen_outside_tokens_with_batches_in_chunks(backend, monkeypatch):
+@pytest.mark.parametrize("atomic", (False, True), ids=("three-kernel", "atomic-dq"))
+def test_varlen_outside_tokens_with_batches_in_chunks(atomic, backend, monkeypatch):
     """Chunked launches (grid axis 2 lowered to 2): only the launch holding the call's first sequence writes the
     tokens before it, only the one holding the last those after it, with the call's packed totals; the bits of
-    one launch, forward and backward."""
+    one launch, forward and backward (the atomic dQ's accumulator too: on a GPU its adds' order varies, so
+    there it is compared by the rule's reference tests instead)."""
+    if atomic and HAS_GPU:
+        pytest.skip("bitwise only where the atomic adds run in a fixed order: the interpreter")
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", atomic)
     dtype = DTYPES[-1]
     q, k, v, kw = _varlen([3, 0, 17, 9, 5], [4, 6, 20, 0, 8], 2, 1, 32, dtype, (4, 40), (2, 3))
     do = torch.randn(q.shape, generator=generator(6)).to(DEVICE, dtype)
@@ -378,7 +529,8 @@ def test_varlen_outside_tokens_with_batches_in_chunks(backend, monkeypatch):
 
     def run():
         out, lse = triton_attention.attention_fwd(q, k, v, *args)
-        return (out, lse, *triton_attention.attention_bwd(do, q, k, v, out, lse, None, *args))
+        return (out, lse, *triton_attention.attention_bwd(do, q, k, v, out, lse, None, *args,
+                                                          deterministic=not atomic))
 
     want = run()
     monkeypatch.setattr(triton_attention, "MAX_GRID_YZ", 2)
@@ -609,7 +761,7 @@ def test_opcheck():
     if not (HAS_GPU or fastlm._util.interpreting()):
         pytest.skip("the triton backend needs a GPU or TRITON_INTERPRET=1")
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, None, 16, 16, 0.2, None, 0, 0.0,
-            "triton")
+            "triton", False)
     torch.library.opcheck(torch.ops.fastlm.attention_fwd.default, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 

@@ -43,6 +43,15 @@ def _calls():
         out, lse = attention.attention_fwd(q, k, v, None, None, None, None, 0.125, None, 0, None)
         attention.attention_bwd(out, q, k, v, out, lse, None, None, None, None, None, 0.125, None, 0, None)
 
+    def attention_bwd_atomic_dq():
+        saved, attention.DQ_ATOMIC = attention.DQ_ATOMIC, True
+        try:
+            out, lse = attention.attention_fwd(q, k, v, None, None, None, None, 0.125, None, 0, None)
+            attention.attention_bwd(out, q, k, v, out, lse, None, None, None, None, None, 0.125, None, 0, None,
+                                    deterministic=False)
+        finally:
+            attention.DQ_ATOMIC = saved
+
     def cross_entropy_fwd_bwd():
         loss, row_max, log_s, sc, grad = cross_entropy.cross_entropy_fwd(logits, target, None, -100, 0.0, 0.0, None,
                                                                          "mean", True)
@@ -58,6 +67,7 @@ def _calls():
         ("norm bwd", lambda: norm.norm_bwd(x, x, w, mean, rstd, None, False, 0.0, True, True)),
         ("cross-entropy", cross_entropy_fwd_bwd),
         ("attention fwd+bwd", attention_fwd_bwd),
+        ("attention bwd, atomic dQ", attention_bwd_atomic_dq),
         ("attention decode", lambda: attention.attention_fwd(qd, kd, vd, None, None, None, None, 0.125, None, 0,
                                                              None)),
         ("swiglu fwd+bwd", lambda: (gated.gated_fwd(gate, up, "silu"), gated.gated_bwd(gate, gate, up, "silu"))),

@@ -51,8 +51,10 @@ def attention_fwd_op(
     window_right: Optional[int],
     softcap: float,
     backend: str,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """→ out (q's shape, contiguous), lse fp32 (B, Hq, Sq) or (Hq, Tq) with cu_seqlens."""
+    """→ out (q's shape, contiguous), lse fp32 (B, Hq, Sq) or (Hq, Tq) with cu_seqlens. `deterministic` is for the
+    backward (saved by the autograd formula)."""
     return _backend.launchers(backend, triton_attention).attention_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap)
 
@@ -65,7 +67,7 @@ def _lse_shape(q, cu_seqlens_q):
 
 @attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right, softcap,
-      backend):
+      backend, deterministic):
     return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
@@ -86,23 +88,25 @@ def attention_bwd_op(
     window_left: Optional[int],
     window_right: Optional[int],
     softcap: float,
+    deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ dq, dk, dv (contiguous, the shapes and dtypes of q, k, v). Both kernel backends use the Triton backward."""
+    """→ dq, dk, dv (contiguous, the shapes and dtypes of q, k, v). Both kernel backends use the Triton backward;
+    deterministic: bitwise repeatable (no atomic dQ)."""
     return triton_attention.attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k, scale, window_left, window_right, softcap)
+                                          max_seqlen_k, scale, window_left, window_right, softcap, deterministic)
 
 
 @attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-      window_right, softcap):
+      window_right, softcap, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, _ = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, _, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, left, right, softcap)
+    ctx.args = (max_q, max_k, scale, left, right, softcap, deterministic)
 
 
 def _backward(ctx, dout, dlse):
@@ -111,8 +115,12 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     # The kernels index dlse as lse is laid out; autograd may hand it over expanded (stride 0) from a sum.
     dlse = dlse.contiguous() if dlse is not None else None
-    dq, dk, dv = attention_bwd_op(_util.unit_stride_last(dout), q, k, v, out, lse, dlse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    # Deterministic as the forward's call asked, or as torch.use_deterministic_algorithms asks now (it may be turned
+    # on around the backward alone).
+    *args, deterministic = ctx.args
+    dq, dk, dv = attention_bwd_op(_util.unit_stride_last(dout), q, k, v, out, lse, dlse, cu_q, cu_k, *args,
+                                  deterministic or torch.are_deterministic_algorithms_enabled())
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -224,7 +232,7 @@ def _native_reason(name, q, k, v, cu_q, left, right, softcap, need_lse, determin
     if need_lse:
         return "SDPA does not return the log-sum-exp"
     if deterministic:
-        return "deterministic=True: fastlm's backward is bitwise repeatable, SDPA's flash backward is not"
+        return "deterministic: SDPA's flash backward is not bitwise repeatable"
     if cu_q is not None:
         return "SDPA has no variable-length form"
     if softcap:
@@ -271,12 +279,14 @@ def _sdpa(q, k, v, scale, right, name):
 def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, need_lse=True, deterministic=False):
     """Dispatch the checked call: → (out, lse), lse None when need_lse is False and torch's SDPA ran it. Calls
     with a short query side (≤ DECODE_MAX_SEQLEN_Q: decoding over a KV cache) are looked up in the measured
-    dispatch table as "attention_decode"."""
+    dispatch table as "attention_decode". deterministic: a bitwise repeatable backward, also asked for by
+    torch.use_deterministic_algorithms(True)."""
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if q.device.type == "meta":
         # Shapes only (model init on meta, FSDP), under every backend: the registered op's fake and autograd give
         # them (the reference would read varlen offsets on the host). LSE dtype as the reference's for float64.
-        out, lse = attention_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap,
-                                                  "triton")
+        out, lse = attention_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, "triton",
+                                    deterministic)
         return out, lse.to(torch.float64) if q.dtype == torch.float64 else lse
     op = "attention_decode" if max_q <= triton_attention.DECODE_MAX_SEQLEN_Q else "attention"
     backend = _backend.resolve(op, q.device, q.dtype,
@@ -287,7 +297,8 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, n
     if backend in _SDPA_BACKENDS:
         return _sdpa(q, k, v, scale, right, backend), None
     q, k, v = (_util.unit_stride_last(t) for t in (q, k, v))
-    return attention_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, backend)
+    return attention_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, backend,
+                            deterministic)
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0, cu_seqlens_q=None,
@@ -307,9 +318,10 @@ def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0
     head_dim^−½. A query that sees no key gets output 0 (and −inf LSE, zero gradients).
     Returns out (q's shape and dtype), and with return_lse the natural-log LSE (batch, heads, seqlen_q) fp32
     ((heads, total_q) for varlen), differentiable.
-    deterministic: fastlm's backward never uses atomics, so its gradients are bitwise repeatable whatever the
-    value; True also keeps `auto` off torch's SDPA (whose flash backward is not repeatable) where the measured
-    table would route the call there.
+    deterministic: True gives gradients that are bitwise repeatable: no atomic adds in the backward (the
+    Triton backward's atomic dQ, when kernels/attention.py's DQ_ATOMIC_DEFAULT turns it on), and `auto` kept off
+    torch's SDPA (whose flash backward is not repeatable) where the measured table would route the call there.
+    torch.use_deterministic_algorithms(True) asks for the same.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     _check_qkv(q, k, v, varlen)
