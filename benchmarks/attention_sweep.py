@@ -37,7 +37,9 @@ The forward and dK/dV kernels have a Hopper path each (TMA loads, kernels/attent
 fwd_tma and dkdv_tma with the paths forced on (fwd and dkdv with them forced off), and the report says per head dim
 which path is faster, to keep or drop its FWD_TMA_CONFIGS / DKDV_TMA_CONFIGS entry. The forward's Hopper path also
 has a warp-specialized variant (FWD_WS_CONFIGS, off by default): swept as fwd_ws, and the report says per head dim
-whether to set FWD_WS_DEFAULT.
+whether to set FWD_WS_DEFAULT. The dK/dV kernel with the atomic dQ (FlashAttention-2's five-matmul backward, no dQ
+kernel; off by default) is swept as dkdv_atomic and dkdv_atomic_tma, and the report says whether to set
+DQ_ATOMIC_DEFAULT.
 
 FLOPs as benchmarks/attention.py counts them: forward 4·b·h·s²·d, halved when causal; backward 2.5× that.
 """
@@ -61,11 +63,15 @@ CANDIDATES_FILE = Path(__file__).resolve().parent / "attention_sweep_candidates.
 # fwd_ws, dkdv_ws: the forward's and dK/dV's warp-specialized Hopper paths (FWD_WS_CONFIGS, DKDV_WS_CONFIGS, dense
 # calls), swept with them forced on over their kernel's Hopper path (fwd_tma and dkdv_tma are swept with them
 # forced off); the report says per head dim whether each beats the faster of its kernel's other two paths.
+# dkdv_atomic, dkdv_atomic_tma: the dK/dV kernel with the atomic dQ (DKDV_ATOMIC_CONFIGS, DKDV_ATOMIC_TMA_CONFIGS;
+# A.DQ_ATOMIC forced on, and off for every other dkdv and dq entry), by pointers and on its Hopper path; no dQ
+# kernel runs, so its time is the whole backward as theirs is, and the report says whether to set
+# DQ_ATOMIC_DEFAULT (per head dim, the faster atomic entry against the faster of dkdv and dkdv_tma).
 TABLES = {"fwd": "FWD_CONFIGS", "fwd_tma": "FWD_TMA_CONFIGS", "fwd_ws": "FWD_WS_CONFIGS", "dkdv": "DKDV_CONFIGS",
-          "dkdv_tma": "DKDV_TMA_CONFIGS", "dkdv_ws": "DKDV_WS_CONFIGS", "dq": "DQ_CONFIGS",
-          "dq_tma": "DQ_TMA_CONFIGS"}
-SPEC_PREFIX = {"fwd": "attn_fwd", "fwd_tma": "attn_fwd", "fwd_ws": "attn_fwd", "dkdv": "attn_bwd_dkdv",
-               "dkdv_tma": "attn_bwd_dkdv", "dkdv_ws": "attn_bwd_dkdv", "dq": "attn_bwd_dq", "dq_tma": "attn_bwd_dq"}
+          "dkdv_tma": "DKDV_TMA_CONFIGS", "dkdv_ws": "DKDV_WS_CONFIGS", "dkdv_atomic": "DKDV_ATOMIC_CONFIGS",
+          "dkdv_atomic_tma": "DKDV_ATOMIC_TMA_CONFIGS", "dq": "DQ_CONFIGS", "dq_tma": "DQ_TMA_CONFIGS"}
+SPEC_PREFIX = {kernel: {"fwd": "attn_fwd", "dkdv": "attn_bwd_dkdv", "dq": "attn_bwd_dq"}[kernel.split("_")[0]]
+               for kernel in TABLES}
 WS_KERNELS = ("fwd", "dkdv")  # the kernels with a warp-specialized path
 
 
@@ -77,6 +83,12 @@ def _base(kernel) -> str:
 def _hopper_table(kernel) -> bool:
     """Whether the entry's table is keyed by head dim only (16-bit inputs): the Hopper paths'."""
     return kernel.endswith(("_tma", "_ws"))
+
+
+def _atomic(kernel) -> bool:
+    """Whether the entry times the dK/dV kernel with the atomic dQ (A.DQ_ATOMIC on; off for the other backward
+    entries)."""
+    return "_atomic" in kernel
 
 
 def _forced_paths(kernel) -> dict:
@@ -99,6 +111,8 @@ GRID = {
     "dkdv_ws": list(itertools.product((32, 64), (32, 64, 128), (4,), (1, 2, 3))),
     "dkdv": list(itertools.product((16, 32, 64), (64, 128), (4, 8), (1, 2, 3))),
     "dkdv_tma": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
+    "dkdv_atomic": list(itertools.product((16, 32, 64), (32, 64, 128), (4, 8), (1, 2))),
+    "dkdv_atomic_tma": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
     "dq": list(itertools.product((64, 128), (16, 32, 64), (4, 8), (1, 2, 3))),
     "dq_tma": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (1, 2, 3))),
 }
@@ -132,7 +146,8 @@ def _static_row(job):
     fn = {"fwd": A._attn_fwd_kernel, "dkdv": A._attn_bwd_dkdv_kernel,
           "dq": A._attn_bwd_dq_kernel}[_base(kernel)]
     with table_entry(A, kernel, head_dim, tuple(config)):
-        found = static.record(lambda _: static.attention_call(torch.bfloat16, head_dim, "causal"), "attention.py")
+        found = static.record(lambda _: static.attention_call(torch.bfloat16, head_dim, "causal",
+                                                              atomic_dq=_atomic(kernel)), "attention.py")
     found = [v for v in found if v.fn is fn]
     if len(found) != 1:
         return {"kernel": f"{SPEC_PREFIX[kernel]}[bf16, d{head_dim}, causal]",
@@ -178,17 +193,21 @@ def table(module, kernel) -> dict:
 @contextmanager
 def table_entry(module, kernel, head_dim, config):
     """Put `config` in the launcher's table for 16-bit inputs at this head dim for the block, with that
-    kernel's path forced (_forced_paths; A.TMA per kernel); restore both after."""
+    kernel's path forced (_forced_paths; A.TMA per kernel) and, for a backward entry, the atomic dQ on or off
+    (_atomic); restore all after."""
     entries = table(module, kernel)
-    old, old_tma = entries.get(head_dim), module.TMA
+    old, old_tma, old_atomic = entries.get(head_dim), module.TMA, module.DQ_ATOMIC
     entries[head_dim] = tuple(config)
     per_kernel = dict(old_tma) if isinstance(old_tma, dict) else {k: old_tma for k in ("fwd", "dkdv", "dq",
                                                                                         "fwd_ws", "dkdv_ws")}
     module.TMA = dict(per_kernel, **_forced_paths(kernel))
+    if _base(kernel) != "fwd":
+        module.DQ_ATOMIC = _atomic(kernel)
     try:
         yield
     finally:
         module.TMA = old_tma
+        module.DQ_ATOMIC = old_atomic
         if old is None:
             del entries[head_dim]
         else:
@@ -272,6 +291,30 @@ def report(results, current, cases=CASES) -> str:
         if ws_kernel in best:
             lines.append(f"- {name.replace('_CONFIGS', '_DEFAULT')} = {bool(kept)}"
                          + (f" (head dims {kept})" if kept else ""))
+    # The atomic dQ (whole backward each) against the fastest three-kernel backward measured (every dkdv and dq
+    # entry times the whole backward; the dq entries run with the dK/dV shape already swept in place), per head dim.
+    wins = []
+    for head_dim in sorted(set(best.get("dkdv_atomic", {})) | set(best.get("dkdv_atomic_tma", {}))):
+        atomic = {k: best[k][head_dim][1] for k in ("dkdv_atomic", "dkdv_atomic_tma") if head_dim in best.get(k, {})}
+        plain = {k: best[k][head_dim][1] for k in ("dkdv", "dkdv_tma", "dkdv_ws", "dq", "dq_tma")
+                 if head_dim in best.get(k, {})}
+        if len(atomic) == 2 and atomic["dkdv_atomic"] < atomic["dkdv_atomic_tma"]:
+            # The launcher takes the Hopper variant wherever its table has the head dim (and DKDV_TMA_CONFIGS too).
+            lines.append(f"- atomic dQ at head dim {head_dim}: the pointer variant is faster "
+                         f"({atomic['dkdv_atomic']:.3f} ms against {atomic['dkdv_atomic_tma']:.3f}): drop "
+                         f"DKDV_ATOMIC_TMA_CONFIGS[{head_dim}]")
+        if not plain:
+            continue
+        a, p = min(atomic, key=atomic.get), min(plain, key=plain.get)
+        if atomic[a] < plain[p]:
+            wins.append(head_dim)
+        lines.append(f"- atomic dQ at head dim {head_dim}: {a} takes {atomic[a]:.3f} ms against {plain[p]:.3f} for "
+                     f"the three-kernel backward ({p}): " + ("faster" if atomic[a] < plain[p] else "slower")
+                     + (f" (the Hopper variant needs DKDV_TMA_CONFIGS[{head_dim}] kept too)"
+                        if a == "dkdv_atomic_tma" and atomic[a] < plain[p] else ""))
+    if wins or any(k in best for k in ("dkdv_atomic", "dkdv_atomic_tma")):
+        lines.append(f"- DQ_ATOMIC_DEFAULT = {bool(wins)}" + (f" (faster at head dims {wins}; drop the atomic "
+                                                               "tables' entries of the others)" if wins else ""))
     wrong = [r for r in results if r.get("kind") == "candidate" and r.get("correct") is False]
     if wrong:
         lines += ["", "Wrong results (never chosen):"]

@@ -346,7 +346,7 @@ def _launch_cross_entropy(found: list) -> None:
             K.scalars(torch.empty(rows, dtype=idx), w, V, -100, "mean")
 
 
-def attention_call(dtype, head_dim: int, kind: str, rows: int = None) -> None:
+def attention_call(dtype, head_dim: int, kind: str, rows: int = None, atomic_dq: bool = False) -> None:
     """One attention call of the report's, forward (and backward where the kind has one) on CPU tensors:
     - "causal": dense (2, 64) causal, 4 query heads over 2 kv heads, forward and backward;
     - "dense", "dense window": the same without a mask, and with a window on both sides and a softcap (the
@@ -355,7 +355,8 @@ def attention_call(dtype, head_dim: int, kind: str, rows: int = None) -> None:
     - "decode", "decode all": 16 query positions (5 q heads a kv head: too many rows for split-KV), dense causal
       and varlen with every option, forward;
     - "splitkv", "splitkv all", "splitkv all one": the split-KV decode kernel for a kv head's `rows` query rows,
-      dense causal and varlen with every option over 600+ keys (several splits), and varlen over a few keys (one)."""
+      dense causal and varlen with every option over 600+ keys (several splits), and varlen over a few keys (one).
+    atomic_dq: the backward's dK/dV kernel adds dQ atomically (DQ_ATOMIC) and no dQ kernel runs."""
     import torch
 
     from fastlm.kernels import attention as K
@@ -404,7 +405,12 @@ def attention_call(dtype, head_dim: int, kind: str, rows: int = None) -> None:
     out, lse = K.attention_fwd(q, k, v, *extra, scale, wl, wr, softcap)
     if backward:
         dlse = torch.empty_like(lse) if varlen else None
-        K.attention_bwd(torch.empty_like(out), q, k, v, out, lse, dlse, *extra, scale, wl, wr, softcap)
+        saved, K.DQ_ATOMIC = K.DQ_ATOMIC, atomic_dq
+        try:
+            K.attention_bwd(torch.empty_like(out), q, k, v, out, lse, dlse, *extra, scale, wl, wr, softcap,
+                            deterministic=not atomic_dq)
+        finally:
+            K.DQ_ATOMIC = saved
 
 
 def _launch_attention(found: list) -> None:
@@ -417,6 +423,7 @@ def _launch_attention(found: list) -> None:
         for head_dim in K.FWD_CONFIGS[fp32]:
             for kind in ("causal", "all"):
                 attention_call(dtype, head_dim, kind)
+                attention_call(dtype, head_dim, kind, atomic_dq=True)  # the dK/dV kernel with the atomic dQ
             if fp32:
                 continue  # the short-query and split-KV paths are 16-bit only
             if K.block_d(head_dim) in {**K.DKDV_TMA_CONFIGS, **K.FWD_TMA_CONFIGS, **K.DQ_TMA_CONFIGS}:  # Hopper paths
@@ -429,6 +436,9 @@ def _launch_attention(found: list) -> None:
                         K.TMA = tma
                         for kind in kinds:
                             attention_call(dtype, head_dim, kind)
+                    K.TMA = no_ws  # the Hopper dK/dV path with the atomic dQ
+                    for kind in ("causal", "all"):
+                        attention_call(dtype, head_dim, kind, atomic_dq=True)
                 finally:
                     K.TMA = saved
             for kind in ("decode", "decode all"):

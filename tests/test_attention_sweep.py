@@ -47,11 +47,15 @@ def test_table_entry_forces_the_path_of_the_kernel_swept():
     for kernel, forced in (("fwd", {"fwd": False, "fwd_ws": False}), ("fwd_tma", {"fwd": True, "fwd_ws": False}),
                            ("fwd_ws", {"fwd": True, "fwd_ws": True}), ("dkdv", {"dkdv": False, "dkdv_ws": False}),
                            ("dkdv_tma", {"dkdv": True, "dkdv_ws": False}), ("dkdv_ws", {"dkdv": True, "dkdv_ws": True}),
+                           ("dkdv_atomic", {"dkdv": False, "dkdv_ws": False}),
+                           ("dkdv_atomic_tma", {"dkdv": True, "dkdv_ws": False}),
                            ("dq", {"dq": False}), ("dq_tma", {"dq": True})):
         with sweep.table_entry(A, kernel, 128, (128, 64, 4, 2)):
             assert {k: A.TMA[k] for k in forced} == forced, kernel
             assert sweep.table(A, kernel)[128] == (128, 64, 4, 2)
-    assert A.TMA is before_tma
+            # The atomic dQ on for its entries only, off for every other backward entry (whose dQ kernel must run).
+            assert A.DQ_ATOMIC == (None if kernel.startswith("fwd") else "atomic" in kernel), kernel
+    assert A.TMA is before_tma and A.DQ_ATOMIC is None
 
 
 def _row(case, kernel, config, ms, correct=True):
@@ -113,6 +117,29 @@ def test_the_report_weighs_the_warp_specialized_forward_against_the_faster_forwa
     assert "against 0.900 for fwd: drop FWD_WS_CONFIGS[128]" in text and "FWD_WS_DEFAULT = False" in text
 
 
+def test_the_report_weighs_the_atomic_dq_against_the_three_kernel_backward():
+    """Per head dim, the faster atomic entry against the faster of dkdv and dkdv_tma (whole backward times each);
+    DQ_ATOMIC_DEFAULT True when it wins anywhere."""
+    case = sweep.CASES[0]
+    current = {k: {d: list(sweep.table(A, k).get(d, ())) for d in sweep.HEAD_DIMS} for k in sweep.TABLES}
+    rows = [_row(case[0], "dkdv", (16, 64, 8, 1), 3.0), _row(case[0], "dkdv_tma", (128, 64, 8, 1), 2.0),
+            _row(case[0], "dkdv_atomic", (16, 64, 8, 1), 2.5), _row(case[0], "dkdv_atomic_tma", (64, 64, 8, 1), 1.5)]
+    text = sweep.report(rows, current)
+    assert "DKDV_ATOMIC_TMA_CONFIGS[128] = (64, 64, 8, 1)" in text
+    assert "atomic dQ at head dim 128: dkdv_atomic_tma takes 1.500 ms against 2.000 for the three-kernel backward " \
+           "(dkdv_tma): faster" in text
+    assert "DQ_ATOMIC_DEFAULT = True (faster at head dims [128]" in text
+    rows[3]["ms"] = 2.2
+    text = sweep.report(rows, current)
+    assert "dkdv_atomic_tma takes 2.200 ms against 2.000 for the three-kernel backward (dkdv_tma): slower" in text
+    assert "the pointer variant is faster" not in text and "DQ_ATOMIC_DEFAULT = False" in text
+    rows[2]["ms"] = 1.8  # the pointer variant wins over both its Hopper variant and the three-kernel backward
+    rows.append(_row(case[0], "dq", (64, 64, 8, 2), 1.9))  # a dq entry's time is a whole backward too
+    text = sweep.report(rows, current)
+    assert "the pointer variant is faster (1.800 ms against 2.200): drop DKDV_ATOMIC_TMA_CONFIGS[128]" in text
+    assert "dkdv_atomic takes 1.800 ms against 1.900 for the three-kernel backward (dq): faster" in text
+
+
 def test_the_measurement_loop_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     """The GPU loop on CPU tensors (the triton backend in the interpreter, do_bench replaced by a fixed time):
     every candidate gets a row, a correct one, and the report and the JSON lines are written. float16: the
@@ -131,7 +158,8 @@ def test_the_measurement_loop_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
     assert {(r["kernel"], tuple(r["config"])) for r in rows} >= {
         ("fwd", (32, 32, 4, 1)), ("fwd_tma", tuple(A.FWD_TMA_CONFIGS[16])), ("dkdv", tuple(A.DKDV_CONFIGS[False][16])),
         ("dkdv_tma", tuple(A.DKDV_TMA_CONFIGS[16])), ("dq", tuple(A.DQ_CONFIGS[False][16])),
-        ("dq_tma", tuple(A.DQ_TMA_CONFIGS[16]))}
+        ("dq_tma", tuple(A.DQ_TMA_CONFIGS[16])), ("dkdv_atomic", tuple(A.DKDV_ATOMIC_CONFIGS[False][16])),
+        ("dkdv_atomic_tma", tuple(A.DKDV_ATOMIC_TMA_CONFIGS[16]))}
     assert all(r["correct"] for r in rows), [r.get("why") or r.get("error") for r in rows]
     assert (tmp_path / "attention_sweep.md").exists()
     assert len((tmp_path / "attention_sweep.jsonl").read_text().splitlines()) == len(results)
