@@ -156,17 +156,17 @@ def thirty_two_bit_stride_products(ttir):
 
 
 def _representative_variants(variants):
-    """Per kernel function, its variants with the fewest and the most flags on (dense causal / varlen with every
-    option, for attention): the offset arithmetic of every code path, without compiling each block shape. Only
-    variants whose stride arguments the JIT typed as runtime i32 (none specialised to the constant 1 by a
-    degenerate shape, none i64): the case the rule is about."""
+    """Per kernel function and memory path (pointers or TMA), its variants with the fewest and the most flags on
+    (dense causal / varlen with every option, for attention): the offset arithmetic of every code path, without
+    compiling each block shape. Only variants whose stride arguments the JIT typed as runtime i32 (none
+    specialised to the constant 1 by a degenerate shape, none i64): the case the rule is about."""
     by_fn = {}
     for v in variants:
-        by_fn.setdefault(v.fn, []).append(v)
+        by_fn.setdefault((v.fn, bool(v.constexprs.get("USE_TMA"))), []).append(v)
     chosen = []
     for fn, group in by_fn.items():
         strided = [v for v in group if all(ty == "i32" for n, ty in v.signature.items() if STRIDE_ARG.match(n))]
-        assert strided, f"every recorded variant of {fn.__name__} has a stride argument that is not a runtime i32"
+        assert strided, f"every recorded variant of {fn[0].__name__} has a stride argument that is not a runtime i32"
 
         def flags_on(v):
             return sum(val is True for val in v.constexprs.values())
