@@ -355,6 +355,20 @@ def test_atomic_dq_varlen_and_rows_outside(backend, monkeypatch):
     _assert_outside_rows(got, kw)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+def test_gpu_deterministic_backward_is_repeatable_with_atomics_on(backend, monkeypatch):
+    """Issue 12's race test: with the atomic dQ forced on, deterministic=True still gives the same bits 100 times
+    (GQA, causal, bf16, d128: thousands of programs whose order varies run to run)."""
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", True)
+    q, k, v = _inputs((2, 1024, 8, 128), (2, 1024, 2, 128), torch.bfloat16)
+    g = torch.randn(q.shape, generator=generator(7)).to(DEVICE, q.dtype)
+    first = _grads_of(q, k, v, g, backend, causal=True, deterministic=True)
+    for _ in range(100):
+        again = _grads_of(q, k, v, g, backend, causal=True, deterministic=True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 def test_atomic_dq_path_choice(monkeypatch):
     """Which backward a call gets: never the atomic dQ when deterministic; its Hopper variant where its table has
     the head-dim tile and the fp32 accumulator's rows can be TMA-aligned (head dim a multiple of 4), else its
