@@ -756,8 +756,8 @@ def _bwd_dkdv_blocks_tma(
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         dk, dv, ds = _dkdv_step(dk, dv, k, v, q_desc.load([start_m, 0]), do_desc.load([start_m, 0]), L, DELTA,
-                                rows, cols, seqlen_q, seqlen_k, diag, scale2, softcap, window_left, window_right, MASKED,
-                                HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
+                                rows, cols, seqlen_q, seqlen_k, diag, scale2, softcap, window_left, window_right,
+                                MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
         if ATOMIC_DQ:
             # One TMA reduce-add of the tile (from shared memory; rows past the sequence and columns past the head
             # dim are outside the descriptor and skipped), FlashAttention-3's way: no per-element addresses.
@@ -824,8 +824,8 @@ def _bwd_dkdv_ws(
         do = do_desc.load([h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         head = h.to(tl.int64) * stride_lh
         dk, dv, _ = _dkdv_step(dk, dv, k, v, q, do, Lb + head, Db + head, start_m + offs_m, cols, seqlen_q,
-                               2147483647, diag, scale2, softcap, window_left, window_right, True, HAS_LEFT, HAS_RIGHT,
-                               HAS_SOFTCAP, DOT_PRECISION)
+                               2147483647, diag, scale2, softcap, window_left, window_right, True, HAS_LEFT,
+                               HAS_RIGHT, HAS_SOFTCAP, DOT_PRECISION)
     return dk, dv
 
 
@@ -938,9 +938,10 @@ def _attn_bwd_dkdv_kernel(
             DOh = DO + _offset(b64, q_start, h, stride_db, stride_ds, stride_dh)
             Lh = LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
             Dh = DELTA + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start
-            DQAh = DQA + _offset(b64, q_start, h, stride_ab, stride_as, stride_ah)
             if ATOMIC_DQ and USE_TMA:
                 DQAh = dqa_desc
+            else:
+                DQAh = DQA + _offset(b64, q_start, h, stride_ab, stride_as, stride_ah)
             Qa, DOa = _head_rows(Qh, DOh, q_len, stride_qs, stride_ds, HEAD_D, BLOCK_M, BLOCK_D, USE_TMA)
             dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Qa, DOa, Lh, Dh, DQAh, h, stride_qs, stride_ds, stride_as,
                                       lo, full_lo, cols, q_len, key_end, diag, scale2, softcap, window_left,
@@ -1573,8 +1574,9 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     else:
         dkdv_config = _config(DKDV_CONFIGS, q.dtype, D, DKDV_WS_CONFIGS if dkdv_ws else
                               DKDV_TMA_CONFIGS if dkdv_tma else None)
-    dq_tma = _tma_path("dq", k, v, D, varlen)
-    dq_config = _config(DQ_CONFIGS, q.dtype, D, DQ_TMA_CONFIGS if dq_tma else None)
+    if not atomic:  # (the dQ kernel runs only without the atomic dQ)
+        dq_tma = _tma_path("dq", k, v, D, varlen)
+        dq_config = _config(DQ_CONFIGS, q.dtype, D, DQ_TMA_CONFIGS if dq_tma else None)
     # The atomic dQ's accumulator (zero-filled: rows no key block reaches keep dQ = 0, packed tokens outside every
     # sequence included); else the dK/dV kernel gets dk in its place, unused.
     dqa = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dk

@@ -27,8 +27,8 @@ def _case(name):
         return (lambda x: fastlm.rotary_embedding(x, cos, sin)), (rand(2, 6, 3, 12),)
     if name == "attention":
         # deterministic: bitwise comparable on a GPU whatever DQ_ATOMIC_DEFAULT (an atomic dQ is not repeatable)
-        return (lambda q, k, v: fastlm.attention(q, k, v, causal=True, deterministic=True)), (rand(1, 40, 4, 16), rand(1, 40, 2, 16),
-                                                                          rand(1, 40, 2, 16))
+        return ((lambda q, k, v: fastlm.attention(q, k, v, causal=True, deterministic=True)),
+                (rand(1, 40, 4, 16), rand(1, 40, 2, 16), rand(1, 40, 2, 16)))
     if name == "cross_entropy":
         target = torch.randint(0, 50, (6,), generator=g)
         return (lambda x: fastlm.cross_entropy(x, target, label_smoothing=0.1)), (rand(6, 50),)
