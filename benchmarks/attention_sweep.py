@@ -67,6 +67,8 @@ CANDIDATES_FILE = Path(__file__).resolve().parent / "attention_sweep_candidates.
 # A.DQ_ATOMIC forced on, and off for every other dkdv and dq entry), by pointers and on its Hopper path; no dQ
 # kernel runs, so its time is the whole backward as theirs is, and the report says whether to set
 # DQ_ATOMIC_DEFAULT (per head dim, the faster atomic entry against the fastest three-kernel backward measured).
+# A DKDV_ATOMIC_TMA_DENSE_ONLY head dim's Hopper entry serves dense calls without a softcap only, which is what every
+# case here is; the static report then checks the pasted shape with those calls' flags.
 TABLES = {"fwd": "FWD_CONFIGS", "fwd_tma": "FWD_TMA_CONFIGS", "fwd_ws": "FWD_WS_CONFIGS", "dkdv": "DKDV_CONFIGS",
           "dkdv_tma": "DKDV_TMA_CONFIGS", "dkdv_ws": "DKDV_WS_CONFIGS", "dkdv_atomic": "DKDV_ATOMIC_CONFIGS",
           "dkdv_atomic_tma": "DKDV_ATOMIC_TMA_CONFIGS", "dq": "DQ_CONFIGS", "dq_tma": "DQ_TMA_CONFIGS"}

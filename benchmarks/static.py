@@ -350,7 +350,7 @@ def attention_call(dtype, head_dim: int, kind: str, rows: int = None, atomic_dq:
     """One attention call of the report's, forward (and backward where the kind has one) on CPU tensors:
     - "causal": dense (2, 64) causal, 4 query heads over 2 kv heads, forward and backward;
     - "dense", "dense window": the same without a mask, and with a window on both sides and a softcap (the
-      warp-specialized paths' other flag sets);
+      warp-specialized paths' other flag sets); "window": a window on both sides without a softcap;
     - "all": packed varlen (40 + 24 tokens), a window on both sides and a softcap, backward with dlse;
     - "decode", "decode all": 16 query positions (5 q heads a kv head: too many rows for split-KV), dense causal
       and varlen with every option, forward;
@@ -368,11 +368,11 @@ def attention_call(dtype, head_dim: int, kind: str, rows: int = None, atomic_dq:
     if kind == "causal":
         q_lens = k_lens = [64, 64]
         backward = True
-    elif kind in ("dense", "dense window"):
+    elif kind in ("dense", "dense window", "window"):
         q_lens = k_lens = [64, 64]
         backward = True
-        if kind == "dense window":
-            wl, wr, softcap = 8, 4, 30.0
+        if kind != "dense":
+            wl, wr, softcap = 8, 4, (30.0 if kind == "dense window" else None)
         else:
             wr = None
     elif kind == "all":
@@ -437,7 +437,10 @@ def _launch_attention(found: list) -> None:
                         for kind in kinds:
                             attention_call(dtype, head_dim, kind)
                     K.TMA = no_ws  # the Hopper dK/dV path with the atomic dQ
-                    for kind in ("causal", "all"):
+                    # A DKDV_ATOMIC_TMA_DENSE_ONLY entry's calls: dense without a softcap, a window on both sides
+                    # its widest flag set (its "all" call takes the pointer variant).
+                    dense_only = K.block_d(head_dim) in K.DKDV_ATOMIC_TMA_DENSE_ONLY
+                    for kind in ("causal", "all", *(("dense", "window") if dense_only else ())):
                         attention_call(dtype, head_dim, kind, atomic_dq=True)
                 finally:
                     K.TMA = saved

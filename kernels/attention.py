@@ -1187,16 +1187,19 @@ DQ_ATOMIC_DEFAULT = False
 # backward; a Hopper call whose head dim only the pointer table has takes the pointer path's atomic variant.
 # Chosen without a GPU: the plain tables' shape, or the next smaller one, where it compiles without spills for
 # sm_80 and sm_90a (the Hopper path: sm_90a) with every flag set (the static report compiles each). The Hopper path
-# adds the tile by TMA reduce (no per-element addresses); at head dim 128 every shape tried spills there (the dQ
-# product's 64 fp32 registers a thread on top of dK and dV: 255 registers at the dense causal call, 16-32 bytes of
-# stack with varlen or a softcap; the product in two halves of the head dim spilled more), so it has no entry, nor
-# have fp32 head dims 32 and 128 (every shape spills).
+# adds the tile by TMA reduce (no per-element addresses). At head dim 128 no Hopper shape fits every flag set (the
+# dQ product's 64 fp32 registers a thread on top of dK and dV; the product in two halves of the head dim spilled
+# more): the 128-query, 64-key block with 8 warps compiles without spills for dense calls without a softcap, causal
+# or not, windowed or not (253-255 registers), and spills 16-32 bytes of stack with varlen or a causal softcap. So
+# its entry is for those dense calls only (DKDV_ATOMIC_TMA_DENSE_ONLY: the other calls take the pointer variant):
+# the benchmark's and most training's case. fp32 head dims 32 and 128 have no entry (every shape spills).
 # Not yet timed (the sweep times both as dkdv_atomic and dkdv_atomic_tma).
 DKDV_ATOMIC_CONFIGS = {
     False: {16: (32, 128, 8, 1), 32: (32, 128, 8, 1), 64: (32, 64, 8, 1), 128: (16, 64, 8, 1), 256: (16, 32, 8, 1)},
     True: {16: (32, 16, 4, 1), 64: (16, 16, 4, 1)},
 }
-DKDV_ATOMIC_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 1)}
+DKDV_ATOMIC_TMA_CONFIGS = {16: (128, 64, 8, 2), 32: (128, 64, 8, 2), 64: (128, 64, 8, 1), 128: (128, 64, 8, 1)}
+DKDV_ATOMIC_TMA_DENSE_ONLY = {128}  # head-dim tiles whose Hopper entry is for dense calls without a softcap
 # Short query sides (decode over a KV cache): 16-row query blocks instead of 128 mostly empty ones.
 DECODE_MAX_SEQLEN_Q = 16
 DECODE_FWD_CONFIGS = {16: (16, 32, 4, 2), 32: (16, 32, 4, 2), 64: (16, 32, 4, 2), 128: (16, 32, 4, 2),
@@ -1501,13 +1504,15 @@ def _dkdv_tma(q, do, head_dim, varlen):
     return _tma_path("dkdv", q, do, head_dim, varlen)
 
 
-def _atomic_dq(deterministic, dtype, head_dim, tma):
+def _atomic_dq(deterministic, dtype, head_dim, tma, plain):
     """(atomic, tma): whether the backward adds dQ atomically from the dK/dV kernel (see DQ_ATOMIC), and then
-    whether that kernel takes its Hopper path (`tma`: the plain kernel's choice), by the atomic tables' entries."""
+    whether that kernel takes its Hopper path (`tma`: the plain kernel's choice), by the atomic tables' entries;
+    `plain`: a dense call without a softcap (what a DKDV_ATOMIC_TMA_DENSE_ONLY entry needs)."""
     if deterministic or not (DQ_ATOMIC_DEFAULT if DQ_ATOMIC is None else DQ_ATOMIC):
         return False, tma
     tile = block_d(head_dim)
-    if tma and tile in DKDV_ATOMIC_TMA_CONFIGS and head_dim % 4 == 0:
+    if (tma and tile in DKDV_ATOMIC_TMA_CONFIGS and head_dim % 4 == 0
+            and (plain or tile not in DKDV_ATOMIC_TMA_DENSE_ONLY)):
         # (the accumulator is contiguous fp32: its rows are 16-byte aligned for TMA when the head dim is a multiple
         # of 4, which q's own 16-bit rows being TMA-aligned does not imply for a strided q)
         return True, True
@@ -1567,7 +1572,8 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     bwd_args = (scale2, cap, float(scale), left, right)  # the backward kernels take the unscaled scale too
     n_q, n_k = (q.shape[0], k.shape[0]) if varlen else (Sq, Sk)  # see attention_fwd
     common = dict(HEAD_D=D, BLOCK_D=BD, VARLEN=varlen, DOT_PRECISION=_dot_precision(q.dtype), **flags)
-    atomic, dkdv_tma = _atomic_dq(deterministic, q.dtype, D, _dkdv_tma(q, do, D, varlen))
+    atomic, dkdv_tma = _atomic_dq(deterministic, q.dtype, D, _dkdv_tma(q, do, D, varlen),
+                                  not varlen and not flags["HAS_SOFTCAP"])
     dkdv_ws = dkdv_tma and not atomic and not varlen and _tma_path("dkdv_ws", k, v, D, varlen)  # K, V by TMA too
     if atomic:
         dkdv_config = _config(DKDV_ATOMIC_CONFIGS, q.dtype, D, DKDV_ATOMIC_TMA_CONFIGS if dkdv_tma else None)

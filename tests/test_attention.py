@@ -309,7 +309,9 @@ def test_atomic_dq_backward(case, tma, backend, monkeypatch):
         return
     g = torch.randn(q.shape, generator=generator(3)).to(DEVICE, dtype)
     atomic = _grads_of(q, k, v, g, backend, **kw)
-    hopper = bool(tma) and triton_attention.block_d(d) in triton_attention.DKDV_ATOMIC_TMA_CONFIGS and d % 4 == 0
+    tile = triton_attention.block_d(d)
+    hopper = (bool(tma) and tile in triton_attention.DKDV_ATOMIC_TMA_CONFIGS and d % 4 == 0
+              and (not softcap or tile not in triton_attention.DKDV_ATOMIC_TMA_DENSE_ONLY))
     assert ("dkdv", hopper, True) in names and "_attn_bwd_dq_kernel" not in names
     monkeypatch.setattr(triton_attention, "DQ_ATOMIC", False)
     names.clear()
@@ -371,29 +373,75 @@ def test_gpu_deterministic_backward_is_repeatable_with_atomics_on(backend, monke
 
 def test_atomic_dq_path_choice(monkeypatch):
     """Which backward a call gets: never the atomic dQ when deterministic; its Hopper variant where its table has
-    the head-dim tile and the fp32 accumulator's rows can be TMA-aligned (head dim a multiple of 4), else its
-    pointer variant where that table has the tile, else the three-kernel backward; DQ_ATOMIC_DEFAULT decides
-    when DQ_ATOMIC is None."""
-    choose = triton_attention._atomic_dq
+    the head-dim tile and the fp32 accumulator's rows can be TMA-aligned (head dim a multiple of 4), and, for a
+    tile of DKDV_ATOMIC_TMA_DENSE_ONLY, the call is dense without a softcap; else its pointer variant where that
+    table has the tile, else the three-kernel backward; DQ_ATOMIC_DEFAULT decides when DQ_ATOMIC is None."""
+    def choose(deterministic, dtype, head_dim, tma, plain=True):
+        return triton_attention._atomic_dq(deterministic, dtype, head_dim, tma, plain)
+
     monkeypatch.setattr(triton_attention, "DQ_ATOMIC", True)
     monkeypatch.setitem(triton_attention.DKDV_ATOMIC_TMA_CONFIGS, 64, (128, 64, 8, 1))
+    monkeypatch.setitem(triton_attention.DKDV_ATOMIC_TMA_CONFIGS, 256, (64, 32, 8, 1))
     monkeypatch.setitem(triton_attention.DKDV_ATOMIC_CONFIGS[False], 16, (32, 128, 8, 1))
+    monkeypatch.setitem(triton_attention.DKDV_ATOMIC_CONFIGS[False], 256, (16, 32, 8, 1))
     monkeypatch.delitem(triton_attention.DKDV_ATOMIC_TMA_CONFIGS, 128, raising=False)
     monkeypatch.delitem(triton_attention.DKDV_ATOMIC_CONFIGS[True], 32, raising=False)
+    monkeypatch.setattr(triton_attention, "DKDV_ATOMIC_TMA_DENSE_ONLY", {256})
     assert choose(True, torch.float16, 64, True) == (False, True)
     assert choose(False, torch.float16, 64, True) == (True, True)
+    assert choose(False, torch.float16, 64, True, plain=False) == (True, True)  # 64 is not dense-only
     assert choose(False, torch.float16, 60, True) == (True, True)
     assert choose(False, torch.float16, 64, False) == (True, False)
     assert choose(False, torch.float16, 6, True) == (True, False)  # 24-byte fp32 rows: the pointer variant
+    assert choose(False, torch.float16, 256, True) == (True, True)
+    assert choose(False, torch.float16, 256, True, plain=False) == (True, False)  # varlen or softcap: pointers
     if 128 in triton_attention.DKDV_ATOMIC_CONFIGS[False]:
         assert choose(False, torch.float16, 128, True) == (True, False)
     assert choose(False, torch.float32, 32, False) == (False, False)
+    monkeypatch.delitem(triton_attention.DKDV_ATOMIC_CONFIGS[False], 256)
+    assert choose(False, torch.float16, 256, True, plain=False) == (False, True)  # no pointer entry: three kernels
     monkeypatch.setattr(triton_attention, "DQ_ATOMIC", False)
     assert choose(False, torch.float16, 64, True) == (False, True)
     monkeypatch.setattr(triton_attention, "DQ_ATOMIC", None)
     for default in (False, True):
         monkeypatch.setattr(triton_attention, "DQ_ATOMIC_DEFAULT", default)
         assert choose(False, torch.float16, 64, True) == (default, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("varlen", (False, True), ids=("dense", "varlen"))
+@pytest.mark.parametrize("softcap", (0.0, 5.0), ids=("plain", "softcap"))
+def test_atomic_dq_dense_only_hopper_entry(varlen, softcap, backend, monkeypatch):
+    """A DKDV_ATOMIC_TMA_DENSE_ONLY head dim (128: its Hopper shape spills with varlen or a softcap) takes the
+    Hopper variant for dense calls without a softcap only, the pointer variant otherwise: checked at the launch, by
+    the bits of the three-kernel backward in the interpreter (by the rule on a GPU)."""
+    tile = 128
+    if tile not in triton_attention.DKDV_ATOMIC_TMA_DENSE_ONLY or tile not in triton_attention.DKDV_ATOMIC_CONFIGS[
+            False]:
+        pytest.fail("the tables no longer have a dense-only Hopper entry at head dim 128: update this test")
+    _force_tma_paths(monkeypatch, TMA_NO_WS)
+    monkeypatch.setattr(triton_attention, "DQ_ATOMIC", True)
+    names = _kernels_launched(monkeypatch)
+    dtype = GPU_DTYPES[0] if HAS_GPU else torch.float16
+    if varlen:
+        q, k, v, kw = _varlen((37, 64), (37, 64), 2, 1, 128, dtype, (20, 5), (20, 5))
+        kw["causal"] = True
+    else:
+        q, k, v = _inputs((1, 70, 2, 128), (1, 70, 1, 128), dtype)
+        kw = dict(causal=True)
+    if softcap:
+        kw["softcap"] = softcap
+    hopper = not varlen and not softcap
+    if HAS_GPU:
+        _compare(q, k, v, backend, **kw)
+        assert ("dkdv", hopper, True) in names and "_attn_bwd_dq_kernel" not in names
+        return
+    g = torch.randn(q.shape, generator=generator(8)).to(DEVICE, dtype)
+    atomic = _grads_of(q, k, v, g, backend, **kw)
+    assert ("dkdv", hopper, True) in names and "_attn_bwd_dq_kernel" not in names
+    plain = _grads_of(q, k, v, g, backend, deterministic=True, **kw)
+    for name, a, b_ in zip(("dq", "dk", "dv"), atomic, plain):
+        assert torch.equal(a, b_), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
