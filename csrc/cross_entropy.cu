@@ -86,7 +86,8 @@
 // - The gradient is either a buffer of its own or the logits themselves (fastlm.cross_entropy's
 //   inplace_backward): every element is read, in both passes, before the thread that reads it last writes it,
 //   and no element is read after it is written (the target's x_t is loaded at the row's start), so writing over
-//   the logits is safe even through the __restrict__ (and possibly non-coherent) loads. Partial overlap is not.
+//   the logits is safe. The two pointers are therefore not __restrict__ (which would promise the compiler they
+//   never alias: undefined behaviour here, harmless only while it reloads nothing). Partial overlap is not safe.
 
 #include <algorithm>
 #include <climits>
@@ -424,7 +425,7 @@ __device__ __forceinline__ float grad_value(float z, float sub, const GradRow& g
 // Second pass: writes g_v for every column of the row, the target's included (without its −a_t, which
 // fix_target adds), walking the chunks from the last to the first (see the header).
 template <typename T, bool kSoftcap>
-__device__ __forceinline__ void row_grad(const T* __restrict__ lrow, T* __restrict__ grow, const CeParams& p,
+__device__ __forceinline__ void row_grad(const T* lrow, T* grow, const CeParams& p,
                                          const GradRow& g) {
   constexpr int kVE = 16 / static_cast<int>(sizeof(T));
   constexpr int kChunk = kThreads * kIters;
@@ -529,8 +530,8 @@ __device__ __forceinline__ void row_zero(T* grow, int V) {
 template <typename T, bool kSoftcap>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) ce_fwd_kernel(const CeParams p) {
   __shared__ float smem[2 * kThreads / 32];
-  const T* __restrict__ logits = static_cast<const T*>(p.logits);
-  T* __restrict__ grad = static_cast<T*>(p.grad);
+  const T* logits = static_cast<const T*>(p.logits);  // (may be the gradient's own storage: no __restrict__)
+  T* grad = static_cast<T*>(p.grad);
   const bool first = threadIdx.x == 0;
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
@@ -571,8 +572,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) ce_fwd_kernel(const Ce
 // gradient.
 template <typename T, bool kSoftcap>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) ce_bwd_kernel(const CeParams p) {
-  const T* __restrict__ logits = static_cast<const T*>(p.logits);
-  T* __restrict__ grad = static_cast<T*>(p.grad);
+  const T* logits = static_cast<const T*>(p.logits);  // (may be the gradient's own storage: no __restrict__)
+  T* grad = static_cast<T*>(p.grad);
 
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
     const RowTarget rt = row_target(p, row);
