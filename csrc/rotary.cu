@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams p) 
   for (int j = lane; j < p.chunks; j += lanes) {
     const int pa = kInterleaved ? 2 * j * V : j * V;  // the chunk's two accesses, in features
     const int pb = kInterleaved ? pa + V : pa + p.half;
-    const bool has_b = !kInterleaved || pb < p.rot;  // interleaved, the last chunk may hold V pairs only in a
+    const bool has_b = !kInterleaved || pb < p.rot;  // interleaved: the last chunk may have its a half only
     float ca[V], cb[V], sa[V], sb[V];
     load_floats<V>(cos + pa, ca);
     load_floats<V>(sin + pa, sa);

@@ -339,7 +339,7 @@ def scalars(target, weight, V, ignore_index, reduction):
     """(2,) fp32 on the device: the divisor of the reduced loss (Σ w_t over kept rows for "mean", else 1) and
     W = Σ_v w_v (V without weights); target (rows,) contiguous, weight (V,) contiguous fp32 or None. One
     single-program kernel launch (the torch ops above ONE_PROGRAM_ROWS rows); no host sync either way. Float64
-    sums are rounded once to fp32. Also the CUDA backend's scalars (fastlm/_cuda.py)."""
+    sums are rounded once to fp32."""
     rows = target.numel()
     if rows > ONE_PROGRAM_ROWS:
         return _scalars_torch(target, weight, V, ignore_index, reduction)
