@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastlm
-from fastlm import _backend, _cuda
+from fastlm import _backend, _cuda, _dispatch_table
 from conftest import HAS_GPU
 
 
@@ -94,13 +94,21 @@ def test_gpu_auto_falls_back_once_with_a_warning():
         assert _backend.resolve("rms_norm", x.device, torch.bfloat16) in ("triton", "cuda")
 
 
+# auto's picks on a GPU with a measured table (the H200's: torch's norm, the cuda cross-entropy, SDPA's cuDNN
+# attention) and on one without (triton, then cuda).
+AUTO_PICKS = {"NVIDIA H200": ["torch:eager", "cuda", "torch:sdpa-cudnn", "torch:sdpa-cudnn"],
+              "NVIDIA A100-SXM4-80GB": ["triton"] * 3 + ["cuda"]}
+
+
+@pytest.mark.parametrize("gpu", AUTO_PICKS)
 @pytest.mark.parametrize("setting", ["auto", "triton"])
-def test_choosing_a_backend_for_cuda_tensors_traces_without_graph_breaks(monkeypatch, setting):
+def test_choosing_a_backend_for_cuda_tensors_traces_without_graph_breaks(monkeypatch, setting, gpu):
     """What torch.compile traces when an op gets CUDA tensors: the backend choice must be a constant of the trace
     (no string-returning device query, no branch on a callable, no warning). No GPU is needed: the device's name
     and the extension's availability are answered from fastlm's own per-device caches, filled here as a GPU
     would fill them, so the trace takes exactly the path it takes on the GPU."""
-    monkeypatch.setitem(_backend._device_names, 0, "NVIDIA H200")
+    assert (gpu in _dispatch_table.MEASURED) == (gpu == "NVIDIA H200"), "the tables changed: update AUTO_PICKS"
+    monkeypatch.setitem(_backend._device_names, 0, gpu)
     monkeypatch.setitem(_cuda._availability, 0, (True, ""))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     cuda = torch.device("cuda", 0)
@@ -118,7 +126,7 @@ def test_choosing_a_backend_for_cuda_tensors_traces_without_graph_breaks(monkeyp
 
     torch._dynamo.reset()
     with fastlm.use_backend(setting):
-        assert picks(torch.float32) == ["triton"] * 3 + (["cuda"] if setting == "auto" else [])
+        assert picks(torch.float32) == (AUTO_PICKS[gpu] if setting == "auto" else ["triton"] * 3)
         explained = torch._dynamo.explain(choose)(torch.zeros(2))
         assert explained.graph_break_count == 0, explained.break_reasons
         compiled = torch.compile(choose, fullgraph=True, backend="eager")
