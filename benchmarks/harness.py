@@ -218,6 +218,23 @@ def _command(*args) -> Optional[str]:
     return out.stdout.strip() or None
 
 
+def auto_orders(device_name: str) -> dict:
+    """What a provider with backend "auto" runs on this device: fastlm/_dispatch_table.py's order per op (the
+    implementations it tries first to last), and "other ops" for the default order of the ops it does not list."""
+    from fastlm import _dispatch_table
+
+    table = _dispatch_table.MEASURED.get(device_name, {})
+    return {**{op: list(order) for op, order in sorted(table.items())},
+            "other ops": list(_dispatch_table.UNMEASURED_ORDER)}
+
+
+def auto_line(meta: dict) -> str:
+    """The markdown header's line saying what `auto` ran in this run (from the run's metadata)."""
+    orders = meta.get("auto_orders") or auto_orders(meta["device"])
+    return ("`auto` on this device tried, per op, first to last (fastlm/_dispatch_table.py at this commit): "
+            + "; ".join(f"{op} {' > '.join(order)}" for op, order in orders.items()) + ".")
+
+
 def run_metadata(device, quick: bool) -> dict:
     """Where and with what the run happened; the ceilings are added by the caller once measured."""
     import triton
@@ -245,6 +262,7 @@ def run_metadata(device, quick: bool) -> dict:
         "git_commit": commit,
         "liger_kernel": _version("liger-kernel"),
         "quick": quick,
+        "auto_orders": auto_orders(name),
         "timing": {"do_bench": "median", "warmup_ms": WARMUP_MS, "rep_ms": REP_MS,
                    "rotate_l2_multiple": ROTATE_L2_MULTIPLE},
     }
@@ -677,7 +695,10 @@ def markdown(family: Family, meta: dict, rows: list) -> str:
         "`(!)`: its outputs or gradients disagree with the reference (reasons in the JSON).",
         "",
     ]
-    out += [f"- {n}" for n in family.notes] + ([""] if family.notes else [])
+    notes = list(family.notes)
+    if any(p.backend == "auto" for p in family.providers):
+        notes.append(auto_line(meta))
+    out += [f"- {n}" for n in notes] + ([""] if notes else [])
     out += ["## Summary", "", "```"] + summarize(family, rows) + ["```", ""]
     head = ["op", "dtype"] + param_names
     for mode in family.modes:

@@ -528,6 +528,23 @@ def test_markdown_json_and_plot_on_synthetic_rows(tmp_path):
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[2].stat().st_size > 10_000
 
 
+def test_markdown_says_what_auto_ran_on_the_device():
+    """A family with a provider on the `auto` backend (e2e's) says in its header what auto tried per op on the run's
+    device: the dispatch table's order where it has one (the H200's), the default order otherwise."""
+    import dataclasses
+
+    family, meta, rows = _synthetic_rows()
+    assert "`auto` on this device" not in harness.markdown(family, meta, rows)  # explicit backends only
+    providers = [dataclasses.replace(p, backend="auto") if p.name == "fastlm-triton" else p for p in family.providers]
+    family = dataclasses.replace(family, providers=providers)
+    md = harness.markdown(family, meta, rows)
+    assert "`auto` on this device tried, per op, first to last" in md and "other ops triton > cuda." in md
+    meta = dict(meta, device="NVIDIA H200", auto_orders=harness.auto_orders("NVIDIA H200"))
+    md = harness.markdown(family, meta, rows)
+    assert "attention torch:sdpa-cudnn > torch:sdpa-flash > cuda > triton;" in md
+    assert "rms_norm torch:eager > cuda > triton;" in md
+
+
 def test_ratio_table_from_written_results(tmp_path, capsys):
     from benchmarks.__main__ import main
 
