@@ -224,14 +224,18 @@ def auto_orders(device_name: str) -> dict:
     from fastlm import _dispatch_table
 
     table = _dispatch_table.MEASURED.get(device_name, {})
-    return {**{op: list(order) for op, order in sorted(table.items())},
+    ops = set(table) | {op for op, parent in _dispatch_table.FALLBACK.items() if parent in table}
+    return {**{op: list(_dispatch_table.preferred(op, device_name)) for op in sorted(ops)},
             "other ops": list(_dispatch_table.UNMEASURED_ORDER)}
 
 
-def auto_line(meta: dict) -> str:
-    """The markdown header's line saying what `auto` ran in this run (from the run's metadata)."""
-    orders = meta.get("auto_orders") or auto_orders(meta["device"])
-    return ("`auto` on this device tried, per op, first to last (fastlm/_dispatch_table.py at this commit): "
+def auto_line(meta: dict) -> Optional[str]:
+    """The markdown header's line saying what `auto` ran in this run, from the run's metadata (None for a run
+    recorded before the metadata had it)."""
+    orders = meta.get("auto_orders")
+    if not orders:
+        return None
+    return ("`auto` on this device tried, per op, first to last (fastlm/_dispatch_table.py at the run's commit): "
             + "; ".join(f"{op} {' > '.join(order)}" for op, order in orders.items()) + ".")
 
 
@@ -696,7 +700,7 @@ def markdown(family: Family, meta: dict, rows: list) -> str:
         "",
     ]
     notes = list(family.notes)
-    if any(p.backend == "auto" for p in family.providers):
+    if any(p.backend == "auto" for p in family.providers) and auto_line(meta):
         notes.append(auto_line(meta))
     out += [f"- {n}" for n in notes] + ([""] if notes else [])
     out += ["## Summary", "", "```"] + summarize(family, rows) + ["```", ""]

@@ -438,7 +438,7 @@ def _launch_attention(found: list) -> None:
                             attention_call(dtype, head_dim, kind)
                     K.TMA = no_ws  # the Hopper dK/dV path with the atomic dQ
                     # A DKDV_ATOMIC_TMA_DENSE_ONLY entry's calls: dense without a softcap, a window on both sides
-                    # its widest flag set (its "all" call takes the pointer variant).
+                    # its widest flag set (its "all" call keeps the three-kernel backward).
                     dense_only = K.block_d(head_dim) in K.DKDV_ATOMIC_TMA_DENSE_ONLY
                     for kind in ("causal", "all", *(("dense", "window") if dense_only else ())):
                         attention_call(dtype, head_dim, kind, atomic_dq=True)

@@ -14,10 +14,13 @@ first `python -m benchmarks` run there replaces the entry whole.
 """
 
 MEASURED = {
-    # Interim, until the benchmark suite runs on an H200: forward+backward medians (bf16, torch 2.11, triton 3.6)
-    # of the independent harness run on 2026-11-29 at commit bfeb9b1, filed with issues 12, 13 and 15
-    # (../shared/TARGETS.md). fastlm's kernels have changed since (norm backward, host path, attention paths),
-    # untimed: the order below is what was measured, so `auto` routes to what won then and never loses to it.
+    # Interim, until the benchmark suite runs on an H200: `do_bench` medians (bf16, torch 2.11, triton 3.6) of an
+    # independent harness run on 2026-11-29, in the session of the project's first GPU run
+    # (../shared/gpu-runs/h200-2026-11-29), filed with issues 12, 13 and 15 (../shared/TARGETS.md): forward +
+    # backward, decode forward only. fastlm's kernels have changed since (norm backward, host path, attention
+    # paths), untimed: the order below is what was measured, so `auto` routes to what won then. (Under
+    # torch.compile attention takes the fastlm kernels, cuda first: a graph holds one implementation, and the
+    # SDPA routes are eager only.)
     "NVIDIA H200": {
         # b4 s4096 h32 d128 (causal, non-causal, 8 KV heads) and b8 s2048 h16 d64 causal, TFLOP/s fwd+bwd: cuDNN
         # 501 / 593 / 516 / 327, FA2 293 / 314 / 288 / 223, fastlm-cuda 121 / 123 / 119 / 170, fastlm-triton

@@ -1191,8 +1191,9 @@ DQ_ATOMIC_DEFAULT = False
 # dQ product's 64 fp32 registers a thread on top of dK and dV; the product in two halves of the head dim spilled
 # more): the 128-query, 64-key block with 8 warps compiles without spills for dense calls without a softcap, causal
 # or not, windowed or not (253-255 registers), and spills 16-32 bytes of stack with varlen or a causal softcap. So
-# its entry is for those dense calls only (DKDV_ATOMIC_TMA_DENSE_ONLY: the other calls take the pointer variant):
-# the benchmark's and most training's case. fp32 head dims 32 and 128 have no entry (every shape spills).
+# its entry is for those dense calls only (DKDV_ATOMIC_TMA_DENSE_ONLY: the other calls on Hopper keep the
+# three-kernel backward, elsewhere they take the pointer variant): the benchmark's and most training's case. fp32
+# head dims 32 and 128 have no entry (every shape spills).
 # Not yet timed (the sweep times both as dkdv_atomic and dkdv_atomic_tma).
 DKDV_ATOMIC_CONFIGS = {
     False: {16: (32, 128, 8, 1), 32: (32, 128, 8, 1), 64: (32, 64, 8, 1), 128: (16, 64, 8, 1), 256: (16, 32, 8, 1)},
@@ -1511,11 +1512,15 @@ def _atomic_dq(deterministic, dtype, head_dim, tma, plain):
     if deterministic or not (DQ_ATOMIC_DEFAULT if DQ_ATOMIC is None else DQ_ATOMIC):
         return False, tma
     tile = block_d(head_dim)
-    if (tma and tile in DKDV_ATOMIC_TMA_CONFIGS and head_dim % 4 == 0
-            and (plain or tile not in DKDV_ATOMIC_TMA_DENSE_ONLY)):
+    if tma and tile in DKDV_ATOMIC_TMA_CONFIGS and head_dim % 4 == 0:
         # (the accumulator is contiguous fp32: its rows are 16-byte aligned for TMA when the head dim is a multiple
         # of 4, which q's own 16-bit rows being TMA-aligned does not imply for a strided q)
-        return True, True
+        if plain or tile not in DKDV_ATOMIC_TMA_DENSE_ONLY:
+            return True, True
+        # A Hopper call its dense-only entry cannot take keeps the three-kernel backward's Hopper paths: the
+        # pointer variant's small blocks would likely be slower there, and the sweep, which sets
+        # DQ_ATOMIC_DEFAULT, times dense calls without a softcap only.
+        return False, tma
     if tile in DKDV_ATOMIC_CONFIGS[dtype == torch.float32]:
         return True, False
     return False, tma

@@ -537,7 +537,8 @@ def test_markdown_says_what_auto_ran_on_the_device():
     assert "`auto` on this device" not in harness.markdown(family, meta, rows)  # explicit backends only
     providers = [dataclasses.replace(p, backend="auto") if p.name == "fastlm-triton" else p for p in family.providers]
     family = dataclasses.replace(family, providers=providers)
-    md = harness.markdown(family, meta, rows)
+    assert "`auto` on this device" not in harness.markdown(family, meta, rows)  # a run that did not record it
+    md = harness.markdown(family, dict(meta, auto_orders=harness.auto_orders("Test GPU")), rows)
     assert "`auto` on this device tried, per op, first to last" in md and "other ops triton > cuda." in md
     meta = dict(meta, device="NVIDIA H200", auto_orders=harness.auto_orders("NVIDIA H200"))
     md = harness.markdown(family, meta, rows)

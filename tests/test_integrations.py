@@ -520,7 +520,8 @@ def _assert_loss_by_rule(name, loss, ref_loss, base_loss, model_dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma2"])
 def test_gpu_bf16_auto_backend(model_type):
-    """bf16 at a larger size on the GPU, the auto backend (the CUDA / Triton kernels): logits, loss and
+    """bf16 at a larger size on the GPU, the auto backend (whatever it routes to on this GPU: fastlm's kernels,
+    or SDPA and torch's norms where a measured table says so, as on an H200): logits, loss and
     gradients by the rule against the unpatched model in bf16, the reference in float64 (factor 3 for the
     gradients, which all but the head's flow through attention's dQ, dK, dV)."""
     base = _model(model_type, hidden_size=256, intermediate_size=512, num_attention_heads=8,
