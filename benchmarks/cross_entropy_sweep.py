@@ -11,7 +11,8 @@ within 10% (1.10) of the plain case. Writes <out>/cross_entropy_sweep.{json,md,p
 <out>/cross_entropy_options.md.
 
 --tune: the Triton kernels' launch constants (kernels/cross_entropy.py: BLOCK_V, the vocabulary chunk a program
-holds, and NUM_WARPS, which the in-place scaling kernel shares: it does nothing for loss.backward()'s 1.0) under
+holds, NUM_WARPS, which the in-place scaling kernel shares: it does nothing for loss.backward()'s 1.0, and
+PROGRAMS_PER_SM, the forward's persistent grid) under
 alternative values, each a provider of its own ("tune:<name>", a peer: its ratio > 1
 means the shipped values are faster), forward+backward of the plain call, on a few shapes. Writes
 <out>/cross_entropy_tune.{json,md,png}. Pick the fastest and update the constants.
@@ -44,7 +45,10 @@ OPTIONS = {
 }
 OPTION_TARGET = 1.10  # issue 13: every option within 10% of the plain case
 
-# name -> the kernels/cross_entropy.py constants it changes (the rest as shipped: BLOCK_V 4096, NUM_WARPS 16)
+# name -> the kernels/cross_entropy.py constants it changes (the rest as shipped: BLOCK_V 4096, NUM_WARPS 16,
+# PROGRAMS_PER_SM None). The p* variants bound the rows in flight (persistent programs walking rows, 16-bit logits),
+# so that the gradient pass's reread of a 250 KB row stays in L2: 1 or 2 programs an SM of 16 KB chunks, and 4 of
+# the shipped 8 KB ones (at 32 warps the loop spills).
 TUNE_VARIANTS = {
     "v2048w8": {"BLOCK_V": 2048, "NUM_WARPS": 8},
     "v4096w8": {"BLOCK_V": 4096, "NUM_WARPS": 8},
@@ -52,6 +56,9 @@ TUNE_VARIANTS = {
     "v8192w32": {"BLOCK_V": 8192, "NUM_WARPS": 32},
     "v16384w32": {"BLOCK_V": 16384, "NUM_WARPS": 32},
     "v2048w4": {"BLOCK_V": 2048, "NUM_WARPS": 4},
+    "p1v8192w16": {"PROGRAMS_PER_SM": 1, "BLOCK_V": 8192, "NUM_WARPS": 16},
+    "p2v8192w16": {"PROGRAMS_PER_SM": 2, "BLOCK_V": 8192, "NUM_WARPS": 16},
+    "p4": {"PROGRAMS_PER_SM": 4},
 }
 TUNE_SHAPES = ((torch.bfloat16, 8192, 128256), (torch.bfloat16, 4096, 32000), (torch.bfloat16, 32768, 32000),
                (torch.float32, 16384, 32000))

@@ -22,7 +22,9 @@ everything else is per row. Memory: one gradient buffer, the size of the logits;
 written (writing the gradient into them silently corrupts anything else that reads them).
 
 Design: one program per row walks the vocabulary in BLOCK_V chunks (online softmax: a running max and a
-rescaled running sum), so V is unbounded (262144 and more). An out-of-range target that is not ignore_index
+rescaled running sum), so V is unbounded (262144 and more); with PROGRAMS_PER_SM, fewer programs each take rows a
+grid apart, which bounds the rows in flight (see there). The gradient pass walks the row backwards (see
+_write_grad_row). An out-of-range target that is not ignore_index
 cannot be checked without a host sync: its row's loss and gradient are NaN, and nothing is read out of bounds.
 """
 
@@ -36,6 +38,13 @@ from . import _launch
 
 BLOCK_V = 4096  # chunk of the vocabulary a program holds at once: 8 fp32 values a thread at 16 warps
 NUM_WARPS = 16
+# The forward's grid: None, a program per row (as many rows in flight as fit the SMs: ~4 an SM at 16 warps); or k,
+# k programs an SM, each taking rows k·SMs apart. The gradient pass rereads its row, from L2 only while the rows in
+# flight times a row (250 KB at bf16 V = 128k: ~130 MB at 4 an SM on 132 SMs) stay well under L2 (50-60 MB): fewer
+# rows in flight keep the reread in L2, at the cost of fewer bytes in flight. 16-bit logits only (_persistent).
+# Not timed: the sweep's --tune weighs it (benchmarks/cross_entropy_sweep.py); its variants compile without spills
+# at every option set (at 32 warps the loop spills: 64 registers a thread).
+PROGRAMS_PER_SM = None
 SCALE_BLOCK = 4096
 
 
@@ -129,6 +138,7 @@ def _ce_fwd_kernel(
     GRAD,  # (rows, V) output: d(reduced loss)/d logits for an incoming 1, logits' dtype (unless COMPUTE_GRAD)
     stride_l,
     stride_g,
+    rows,  # (read with PERSISTENT only)
     V,
     ignore_index,
     keep_nll,  # 1 − ε, computed on the host in double so the kernel rounds it once
@@ -141,8 +151,31 @@ def _ce_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr,
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    PERSISTENT: tl.constexpr = False,  # program p takes rows p, p + programs, ... (else the grid is a program a row)
 ):
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
+    if PERSISTENT:  # (a loop around the row keeps more registers live: only where PROGRAMS_PER_SM asks for it)
+        # The row as an int64 base plus an int32 step count (the interpreter runs loops over Python ints, which
+        # would meet the int32 strides in 32 bits); the launcher never makes more programs than rows.
+        programs = tl.num_programs(0)
+        first = pid.to(tl.int64)
+        for i in range(0, tl.cdiv(rows - pid, programs)):
+            _ce_fwd_row(LOGITS, TARGET, WEIGHT, SCALARS, LOSS, MAX, LOG_S, GRAD, stride_l, stride_g,
+                        first + i * programs, V, ignore_index, keep_nll, smooth_v, z_loss, softcap, HAS_WEIGHT,
+                        HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, COMPUTE_GRAD, BLOCK_V)
+    else:
+        _ce_fwd_row(LOGITS, TARGET, WEIGHT, SCALARS, LOSS, MAX, LOG_S, GRAD, stride_l, stride_g, pid.to(tl.int64), V,
+                    ignore_index, keep_nll, smooth_v, z_loss, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP,
+                    COMPUTE_GRAD, BLOCK_V)
+
+
+@triton.jit
+def _ce_fwd_row(
+    LOGITS, TARGET, WEIGHT, SCALARS, LOSS, MAX, LOG_S, GRAD, stride_l, stride_g, row, V, ignore_index, keep_nll,
+    smooth_v, z_loss, softcap, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """_ce_fwd_kernel's work for one row (int64)."""
     t, ignored, in_range, w_t = _row_target(TARGET, WEIGHT, row, V, ignore_index, HAS_WEIGHT)
     cols0 = tl.arange(0, BLOCK_V)
     base = LOGITS + row * stride_l
@@ -371,6 +404,17 @@ def reduce_loss(loss, sc, mean):
     return out
 
 
+def _persistent(dtype):
+    """Whether the forward's programs walk rows (PROGRAMS_PER_SM, 16-bit logits: at fp32 the loop's registers spill
+    with every option set, and fp32 logits over a vocabulary that outgrows L2 are rare)."""
+    return PROGRAMS_PER_SM is not None and dtype != torch.float32
+
+
+def _fwd_programs(rows, dtype, device):
+    """The forward's grid: a program per row, or with _persistent PROGRAMS_PER_SM an SM, each walking rows."""
+    return min(rows, PROGRAMS_PER_SM * _util.num_sms(device)) if _persistent(dtype) else rows
+
+
 def _flags(weight, smoothing, z_loss, softcap):
     return dict(HAS_WEIGHT=weight is not None, HAS_SMOOTHING=smoothing > 0, HAS_Z=z_loss > 0,
                 HAS_SOFTCAP=softcap is not None, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
@@ -403,10 +447,11 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
     else:
         grad = _util.empty((rows, V), logits.dtype, logits.device) if compute_grad else None
     if rows > 0:
-        _launch.launch(_ce_fwd_kernel, (rows,),
+        _launch.launch(_ce_fwd_kernel, (_fwd_programs(rows, logits.dtype, logits.device),),
             logits, target, weight if weight is not None else sc, sc, loss, row_max, log_s,
             grad if grad is not None else logits, logits.stride(0), grad.stride(0) if grad is not None else 0,
-            V, ignore_index, *_constants(V, smoothing, z_loss, softcap), COMPUTE_GRAD=compute_grad,
+            rows, V, ignore_index, *_constants(V, smoothing, z_loss, softcap), COMPUTE_GRAD=compute_grad,
+            PERSISTENT=_persistent(logits.dtype),
             **_flags(weight, smoothing, z_loss, softcap),
         )
     return loss, row_max, log_s, sc, grad

@@ -1175,15 +1175,20 @@ def test_cross_entropy_tune_variants_set_the_kernel_constants_and_put_them_back(
     from fastlm.kernels import cross_entropy as triton_ce
 
     fam = sweep.family(True, "", None)
-    shipped = (triton_ce.BLOCK_V, triton_ce.NUM_WARPS)
+    names = ("BLOCK_V", "NUM_WARPS", "PROGRAMS_PER_SM")
+    shipped = {n: getattr(triton_ce, n) for n in names}
     tuned = [p for p in fam.providers if p.name.startswith("tune:")]
     assert [p.name[5:] for p in tuned] == list(sweep.TUNE_VARIANTS) and fam.modes == ("fwd+bwd",)
     for p in tuned:
         with p.context():
-            values = sweep.TUNE_VARIANTS[p.name[5:]]
-            assert (triton_ce.BLOCK_V, triton_ce.NUM_WARPS) == (values["BLOCK_V"], values["NUM_WARPS"])
+            values = dict(shipped, **sweep.TUNE_VARIANTS[p.name[5:]])
+            assert {n: getattr(triton_ce, n) for n in names} == values
             assert triton_ce._flags(None, 0.0, 0.0, None)["BLOCK_V"] == values["BLOCK_V"]  # read at launch time
-        assert (triton_ce.BLOCK_V, triton_ce.NUM_WARPS) == shipped
+            per_sm = values["PROGRAMS_PER_SM"]
+            assert triton_ce._fwd_programs(10**6, torch.bfloat16, torch.device("cpu")) == (
+                10**6 if per_sm is None else 4 * per_sm)
+            assert triton_ce._fwd_programs(10**6, torch.float32, torch.device("cpu")) == 10**6
+        assert {n: getattr(triton_ce, n) for n in names} == shipped
     assert {c.params["option"] for c in fam.cases(False)} == {"plain"}
 
 

@@ -588,6 +588,33 @@ def _within_one_fp32_rounding(a, b):
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("option", ("plain", "everything"))
+@pytest.mark.parametrize("per_sm", (1, 3))
+def test_persistent_forward_grid_gives_the_same_bits(backend, option, per_sm, monkeypatch):
+    """PROGRAMS_PER_SM: fewer programs than rows, each walking rows a grid apart (rows not a multiple of the
+    grid: some programs take one row more), give every row's loss, statistics and gradient bit for bit as a program
+    a row does; a grid wider than the rows is cut to them. (Interpreter: 4 SMs.)"""
+    ce = fastlm.kernels.cross_entropy
+    kw = dict(OPTIONS[option])
+    ignore_index = kw.pop("ignore_index", -100)
+    logits, target, weight = _inputs((23,), 300, torch.float16, ignore_index=ignore_index, seed=9)
+    args = (logits, target, weight if kw.pop("weight", False) else None, ignore_index,
+            kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("softcap"), "mean", True)
+    assert ce.PROGRAMS_PER_SM is None
+    grids = []
+    real = ce._fwd_programs
+    monkeypatch.setattr(ce, "_fwd_programs", lambda *a: grids.append(real(*a)) or grids[-1])
+    one_a_row = ce.cross_entropy_fwd(*args)
+    monkeypatch.setattr(ce, "PROGRAMS_PER_SM", per_sm)
+    walking = ce.cross_entropy_fwd(*args)
+    assert grids == [23, 4 * per_sm]
+    for name, a, b in zip(("loss", "max", "log_s", "scalars", "grad"), one_a_row, walking):
+        assert torch.equal(a, b), name
+    monkeypatch.setattr(ce, "PROGRAMS_PER_SM", 8)  # 32 programs for 23 rows: 23
+    assert torch.equal(ce.cross_entropy_fwd(*args)[4], one_a_row[4]) and grids[-1] == 23
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES_T, ids=str)
 @pytest.mark.parametrize("rows,V", [(0, 5), (1, 1), (37, 10), (8192 + 5, 8192 + 3)])
 def test_scalars_kernel_matches_the_torch_ops(backend, index_dtype, rows, V, monkeypatch):

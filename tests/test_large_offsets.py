@@ -359,10 +359,13 @@ def test_norm_refuses_row_indices_past_int32(backend):
 
 
 @pytest.mark.parametrize("backend", TRITON, indirect=True)
+@pytest.mark.parametrize("per_sm", (None, 1), ids=("a program a row", "persistent"))
 @pytest.mark.parametrize("reduction", ("mean", "none"))
-def test_cross_entropy_rows_reaching_past_2_31(reduction, backend):
+def test_cross_entropy_rows_reaching_past_2_31(reduction, per_sm, backend, monkeypatch):
     """Logits rows 2²⁸ + 64 elements apart, the last past 2³¹: loss and gradient (the forward's, scaled in place by
-    an incoming 1.5, for "mean"; the backward kernel's for "none") against a contiguous copy."""
+    an incoming 1.5, for "mean"; the backward kernel's for "none") against a contiguous copy; the forward's grid a
+    program a row, and programs walking rows (PROGRAMS_PER_SM)."""
+    monkeypatch.setattr(triton_ce, "PROGRAMS_PER_SM", per_sm)
     rows, V, stride = 9, 1000, (1 << 28) + 64
     g = generator(3)
     buf = torch.empty((rows - 1) * stride + V, dtype=torch.float16, device=DEVICE)
