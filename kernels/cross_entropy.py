@@ -41,8 +41,8 @@ NUM_WARPS = 16
 # The forward's grid: None, a program per row (as many rows in flight as fit the SMs: 2 an SM at 16 warps and
 # 50-60 registers a thread, the register file's limit); or k, k programs an SM, each taking rows k·SMs apart. The
 # gradient pass rereads its row, from L2 only while the rows in flight times a row (250 KB at bf16 V = 128k: ~66
-# MB at 2 an SM on 132 SMs) stay well under L2 (50 MB on an H100 or H200): fewer rows in flight keep the reread in
-# L2, at the cost of fewer bytes in flight. 16-bit logits only (_persistent).
+# MB at 2 an SM on 132 SMs) stay well under L2 (60 MiB on the H200, as torch reports it; 50 MB on an H100):
+# fewer rows in flight keep the reread in L2, at the cost of fewer bytes in flight. 16-bit logits only (_persistent).
 # Not timed: the sweep's --tune weighs it (benchmarks/cross_entropy_sweep.py); its variants compile without spills
 # at every option set (at 32 warps the loop spills: 64 registers a thread).
 PROGRAMS_PER_SM = None
@@ -98,8 +98,8 @@ def _write_grad_row(
     t_col = t - col0  # the target's column in this block (outside [0, width) when it is not in the block)
     # From the last chunk to the first: after the forward's first pass the chunks it read last are the likeliest
     # to still be in L2; walking forward would find the row's start evicted first whenever the rows in flight
-    # outgrow L2 (2 programs an SM × 132 SMs × 250 KB for a bf16 row of 128k classes is ~66 MB, against 50 MB of
-    # L2). This read and the gradient's store are the row's last: evict-first, so that they do not push out
+    # outgrow L2 (2 programs an SM × 132 SMs × 250 KB for a bf16 row of 128k classes is ~66 MB, against 60 MiB
+    # of L2 on the H200, and the gradient's stores pass through it too). This read and the gradient's store are the row's last: evict-first, so that they do not push out
     # the rows other programs are about to read again. (The CUDA kernel does the same.) Elements are
     # independent here, so the order changes no bit.
     chunks = tl.cdiv(width, BLOCK_V)
