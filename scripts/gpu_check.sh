@@ -11,6 +11,10 @@
 #             (default: all, in order; record also runs after any call that ran tests or bench)
 #      BENCH_ARGS="--quick" scripts/gpu_check.sh install bench    extra arguments for `python -m benchmarks`
 #      BENCH_OPS="norm cross_entropy" scripts/gpu_check.sh bench   only these benchmark families (default: all)
+#      TESTS_ARGS="tests/test_attention.py" TESTS_S=300 scripts/gpu_check.sh tests   a part of the suite, a budget
+#    The tests step ends at its budget with SIGINT, as Ctrl-C: pytest still prints the failures so far and the
+#    counts (~2,100 tests now against the 1,221 of the 5-minute H200 run: 420 s may not be enough; TESTS_ARGS
+#    runs the rest).
 #    The tests (~5 min on an H200) and the full benchmark sweep do not fit one call: run
 #    `info install tests static sanitizer` and `install bench` as two calls back to back. The results folder
 #    (/tmp/fastlm-results) outlives a call while the machine stays warm, and the record keeps what an earlier call
@@ -40,7 +44,7 @@ cd "$(dirname "$0")/.."
 BUDGET_S=570
 INFO_S=30
 INSTALL_S=300
-TESTS_S=420  # the whole suite took 312 s on an H200 with -n 8 --dist loadfile
+TESTS_S=${TESTS_S:-420}  # the whole suite took 312 s on an H200 with -n 8 --dist loadfile
 OP_TESTS_S=150  # --op: one op's tests
 OP_BENCH_S=240  # --op: one family's --quick cases
 BENCH_S=500  # 300 for norm and the cross-entropy families, plus attention ~145 s and attention_decode ~51 s (estimates)
@@ -79,7 +83,10 @@ unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1
 
 # run_step NAME CAP_S COMMAND: run COMMAND, output to $OUT/NAME.log, within min(CAP_S, what is left), with
-# STEP_DEADLINE (epoch seconds) in its environment; print the log's last TAIL_LINES lines.
+# STEP_DEADLINE (epoch seconds) in its environment; print the log's last TAIL_LINES lines. At the limit the
+# command gets STEP_SIGNAL (TERM unless the step says otherwise), then KILL 15 s later. The pytest steps say INT:
+# pytest (and xdist's controller) take it as Ctrl-C and still print the failures so far and the counts line,
+# where TERM leaves a log of dots (tried on CPU with -n 2).
 run_step() {
     local name=$1 cap=$2 cmd=$3
     local left=$((START + BUDGET_S - RESERVE_S - $(date +%s)))
@@ -91,7 +98,8 @@ run_step() {
     echo "===== $name (at most ${limit} s) =====" | tee "$OUT/$name.log"
     local t0 rc took verdict
     t0=$(date +%s)
-    STEP_DEADLINE=$((t0 + limit)) timeout --kill-after=10 "$limit" bash -c "$cmd" >>"$OUT/$name.log" 2>&1
+    STEP_DEADLINE=$((t0 + limit)) timeout -s "${STEP_SIGNAL:-TERM}" --kill-after=15 "$limit" bash -c "$cmd" \
+        >>"$OUT/$name.log" 2>&1
     rc=$?
     took=$(($(date +%s) - t0))
     verdict="ok"
@@ -165,15 +173,16 @@ fi
 want install && TAIL_LINES=8 run_step install "$INSTALL_S" "
     $PY -m pip install --no-build-isolation --no-deps -e . && $PY -c 'import fastlm; print(fastlm.build_info())'"
 
-want tests && TAIL_LINES=40 run_step tests "$TESTS_S" \
-    "$PY -m pytest -q -rfE --durations=15 $(pytest_options loadfile)"
+want tests && STEP_SIGNAL=INT TAIL_LINES=40 run_step tests "$TESTS_S" \
+    "$PY -m pytest -q -rfE --durations=15 $(pytest_options loadfile) ${TESTS_ARGS:-}"
 
 # Small calls end to end (issue 15's host targets, on the GPU): triton through Triton's launch path and the direct
 # one, cuda, torch; into the results folder beside the benchmark families.
 want host && TAIL_LINES=25 run_step host "$HOST_S" "$PY -m benchmarks.call_cost --out $RESULTS/$(device_slug)"
 
 if want optests; then
-    TAIL_LINES=30 run_step optests "$OP_TESTS_S" "$PY -m pytest -q -rfE $(pytest_options load) $(op_tests "$OP")"
+    STEP_SIGNAL=INT TAIL_LINES=30 run_step optests "$OP_TESTS_S" \
+        "$PY -m pytest -q -rfE $(pytest_options load) $(op_tests "$OP")"
 fi
 
 if want opbench; then

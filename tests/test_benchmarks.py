@@ -647,6 +647,30 @@ def test_gpu_check_script_records_and_packs_without_a_gpu(tmp_path):
     assert bad.returncode == 2 and "NAME one of norm" in bad.stderr
 
 
+def test_gpu_check_interrupts_an_overrunning_test_step_so_pytest_reports(tmp_path):
+    """At its time limit the tests step gets SIGINT, which pytest (and xdist's controller) take as Ctrl-C, still
+    printing the failures so far and the counts: TERM would leave a log of dots from a whole 15-minute lease. A
+    stand-in for python that traps INT plays pytest."""
+    stub = tmp_path / "python"
+    stub.write_text(textwrap.dedent("""\
+        #!/bin/bash
+        case " $* " in *" pytest "*) ;; *) exit 1 ;; esac
+        trap 'echo "stand-in pytest: interrupted"; exit 2' INT
+        echo "stand-in pytest: started"
+        sleep 30 & wait
+        echo "stand-in pytest: ran to its end"
+    """))
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), RESULTS=str(tmp_path / "results"), PY=str(stub), TESTS_S="6",
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "tests"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    log = (out / "tests.log").read_text()
+    assert "stand-in pytest: interrupted" in log and "ran to its end" not in log, log
+    assert "TIMED OUT after 6 s" in proc.stdout, proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------- static report
 
 
