@@ -1231,11 +1231,15 @@ def bench_complete(folder: Path, names) -> bool:
 def gpu_check_record(pytest_output: Optional[str], *, commit: Optional[str], device: str, bench_done: bool,
                      date: Optional[str] = None) -> dict:
     """What scripts/gpu_check.sh writes to gpu_check.json: the commit, date and device; the test counts and
-    seconds from pytest's closing line (None where the tests did not run or were cut off); bench_complete."""
+    seconds from pytest's closing line (None where the tests did not run or were cut off); tests_interrupted,
+    whether that line closes a run stopped at the step's budget (SIGINT: the counts are of the tests that ran);
+    bench_complete."""
     counts = pytest_summary(pytest_output) if pytest_output else None
     record = {"commit": commit, "date": date or datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "device": device}
     record.update({k: counts[k] if counts else None for k in GPU_CHECK_COUNTS + ("seconds",)})
+    tail = "\n".join(pytest_output.splitlines()[-PYTEST_TAIL_LINES:]) if counts else ""
+    record.update(tests_interrupted=bool(re.search(r"KeyboardInterrupt|Interrupted:", tail)) if counts else None)
     record.update(bench_complete=bench_done, pytest_summary=counts["line"] if counts else None)
     return record
 
@@ -1258,7 +1262,8 @@ def write_gpu_check(results_root: Path, pytest_log: Optional[Path], family_names
     except (OSError, ValueError):
         earlier = {}
     if record["pytest_summary"] is None and (earlier.get("commit"), earlier.get("device")) == (commit, device):
-        record.update({k: earlier.get(k) for k in GPU_CHECK_COUNTS + ("seconds", "pytest_summary")})
+        record.update({k: earlier.get(k) for k in GPU_CHECK_COUNTS + ("seconds", "pytest_summary",
+                                                                       "tests_interrupted")})
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path

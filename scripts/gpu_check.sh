@@ -6,7 +6,7 @@
 #    pytest-timeout `--timeout 150` when importable; never -x, so the counts are complete), run the benchmark
 #    suite, the static kernel report, and compute-sanitizer on a small norm and attention script; then record
 #    benchmarks/results/<device-slug>/gpu_check.json (commit, date, device, the test counts and seconds from
-#    pytest's closing line, bench_complete) and pack the results.
+#    pytest's closing line, tests_interrupted, bench_complete) and pack the results.
 #      Usage: scripts/gpu_check.sh [STEP...]   STEP: info install tests host bench static sanitizer record
 #             (default: all, in order; record also runs after any call that ran tests or bench)
 #      BENCH_ARGS="--quick" scripts/gpu_check.sh install bench    extra arguments for `python -m benchmarks`

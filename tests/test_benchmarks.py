@@ -615,7 +615,16 @@ def test_gpu_check_record(tmp_path):
     record = json.loads(path.read_text())
     assert record.pop("date").startswith("20")
     assert record == {"commit": "bfeb9b1", "device": "NVIDIA H200", "passed": 1167, "failed": 25, "errors": 4,
-                      "skipped": 25, "seconds": 311.95, "bench_complete": True, "pytest_summary": H200_SUMMARY}
+                      "skipped": 25, "seconds": 311.95, "tests_interrupted": False, "bench_complete": True,
+                      "pytest_summary": H200_SUMMARY}
+    # Stopped at the step's budget (SIGINT): the counts of the tests that ran, marked as such.
+    log.write_text("..F..\n!!!!!!!!!!!!!!!!!!!! KeyboardInterrupt !!!!!!!!!!!!!!!!!!!!\n"
+                   "FAILED tests/test_a.py::test_b - AssertionError\n1 failed, 151 passed, 76 skipped in 44.53s\n")
+    interrupted = json.loads(harness.write_gpu_check(tmp_path, log, names, device="NVIDIA H200",
+                                                     commit="bfeb9b1").read_text())
+    assert (interrupted["passed"], interrupted["failed"], interrupted["tests_interrupted"]) == (151, 1, True)
+    log.write_text(f"...\n{H200_SUMMARY}\n")  # the whole run again, for the carry-over below
+    harness.write_gpu_check(tmp_path, log, names, device="NVIDIA H200", commit="bfeb9b1")
     # A second call on the same machine that ran no tests: the first call's counts stay, bench_complete is anew.
     (folder / "norm.json").unlink()
     record = json.loads(harness.write_gpu_check(tmp_path, None, names, device="NVIDIA H200",
