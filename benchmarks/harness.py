@@ -699,9 +699,8 @@ def markdown(family: Family, meta: dict, rows: list) -> str:
         "`(!)`: its outputs or gradients disagree with the reference (reasons in the JSON).",
         "",
     ]
-    notes = list(family.notes)
-    if any(p.backend == "auto" for p in family.providers) and auto_line(meta):
-        notes.append(auto_line(meta))
+    auto = auto_line(meta) if any(p.backend == "auto" for p in family.providers) else None
+    notes = [*family.notes, *([auto] if auto else [])]
     out += [f"- {n}" for n in notes] + ([""] if notes else [])
     out += ["## Summary", "", "```"] + summarize(family, rows) + ["```", ""]
     head = ["op", "dtype"] + param_names
@@ -1195,12 +1194,17 @@ GPU_CHECK_COUNTS = ("passed", "failed", "errors", "skipped")
 PYTEST_TAIL_LINES = 20  # pytest's closing line is its last; a few lines of warnings at exit may follow it
 
 
+def _pytest_tail(text: str) -> list:
+    """The last PYTEST_TAIL_LINES non-blank lines of pytest's output: where its closing lines are."""
+    return [line for line in text.splitlines() if line.strip()][-PYTEST_TAIL_LINES:]
+
+
 def pytest_summary(text: str) -> Optional[dict]:
     """The counts of pytest's closing line in `text` (its output), e.g. "25 failed, 1167 passed, 25 skipped, 70
     warnings, 4 errors in 311.95s (0:05:11)", bare (-q) or between "=" rules: {passed, failed, errors, skipped:
     ints, 0 when absent; seconds; line}, or None when there is no such line (pytest was cut off before its end).
     Only the last lines count: a test's own output, earlier in the log, may hold a nested run's summary."""
-    for line in reversed([line for line in text.splitlines() if line.strip()][-PYTEST_TAIL_LINES:]):
+    for line in reversed(_pytest_tail(text)):
         line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip().strip("=").strip()
         seconds = _PYTEST_SECONDS.search(line)
         if not seconds or not re.match(r"(\d+ [a-z]+\b|no tests ran)", line):
@@ -1238,8 +1242,8 @@ def gpu_check_record(pytest_output: Optional[str], *, commit: Optional[str], dev
     record = {"commit": commit, "date": date or datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), "device": device}
     record.update({k: counts[k] if counts else None for k in GPU_CHECK_COUNTS + ("seconds",)})
-    tail = "\n".join(pytest_output.splitlines()[-PYTEST_TAIL_LINES:]) if counts else ""
-    record.update(tests_interrupted=bool(re.search(r"KeyboardInterrupt|Interrupted:", tail)) if counts else None)
+    record.update(tests_interrupted=any(re.search(r"KeyboardInterrupt|Interrupted:", line)
+                                        for line in _pytest_tail(pytest_output)) if counts else None)
     record.update(bench_complete=bench_done, pytest_summary=counts["line"] if counts else None)
     return record
 

@@ -99,9 +99,9 @@ def _write_grad_row(
     # From the last chunk to the first: after the forward's first pass the chunks it read last are the likeliest
     # to still be in L2; walking forward would find the row's start evicted first whenever the rows in flight
     # outgrow L2 (2 programs an SM × 132 SMs × 250 KB for a bf16 row of 128k classes is ~66 MB, against 60 MiB
-    # of L2 on the H200, and the gradient's stores pass through it too). This read and the gradient's store are the row's last: evict-first, so that they do not push out
-    # the rows other programs are about to read again. (The CUDA kernel does the same.) Elements are
-    # independent here, so the order changes no bit.
+    # of L2 on the H200, and the gradient's stores pass through it too). This read and the gradient's store are
+    # the row's last: evict-first, so that they do not push out the rows other programs are about to read again.
+    # (The CUDA kernel does the same.) Elements are independent here, so the order changes no bit.
     chunks = tl.cdiv(width, BLOCK_V)
     for k in range(0, chunks):
         cols = (chunks - 1 - k) * BLOCK_V + cols0
