@@ -181,3 +181,41 @@ def test_the_sdpa_route_computes_attention_in_fastlms_layout(causal):
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
                                          scale=0.3, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def _sdp_flags():
+    return [enabled() for enabled, _, _ in attention_op._SDP_SWITCHES]
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_sdpa_route_enables_only_its_backend_and_restores_the_flags(monkeypatch, fails):
+    assert attention_op._SDP_SWITCHES is not None, "this torch's SDPA flags table is read directly (_sdp_switches)"
+    switches = attention_op._SDP_SWITCHES
+    before = _sdp_flags()
+    # A state unlike the default (math off, cuDNN on), so that restoring it is not restoring the defaults.
+    for (_, enable, backend), on in zip(switches, before):
+        enable(backend != torch.nn.attention.SDPBackend.MATH)
+    seen = []
+
+    def sdpa(*args, **kwargs):
+        seen.append({backend: enabled() for enabled, _, backend in switches})
+        if fails:
+            raise RuntimeError("no kernel")
+        return torch.zeros_like(args[0])
+
+    monkeypatch.setattr(attention_op.F, "scaled_dot_product_attention", sdpa)
+    q = torch.randn(1, 4, 2, 8)
+    try:
+        state = _sdp_flags()
+        if fails:
+            with pytest.raises(RuntimeError, match="no kernel"):
+                attention_op._sdpa(q, q, q, 0.3, None, "torch:sdpa-cudnn")
+        else:
+            assert attention_op._sdpa(q, q, q, 0.3, None, "torch:sdpa-cudnn").shape == q.shape
+        assert seen == [{backend: backend == torch.nn.attention.SDPBackend.CUDNN_ATTENTION
+                         for _, _, backend in switches}]
+        assert _sdp_flags() == state
+    finally:
+        for (_, enable, _), on in zip(switches, before):
+            enable(on)
+    assert _sdp_flags() == before

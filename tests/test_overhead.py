@@ -17,5 +17,11 @@ def test_overhead_benchmark_reports_every_op_and_mode(tmp_path):
     reported = {tuple(cell.strip() for cell in row.split("|")[1:3]) for row in rows}
     assert reported == {(op, mode) for op in overhead.CASES for mode in overhead.MODES}
     for row in rows:
-        triton_us, cuda_us, torch_us = (float(cell) for cell in row.split("|")[3:6])
+        cells = [cell.strip() for cell in row.split("|")]
+        op, triton_us, cuda_us, auto, torch_us = cells[1], float(cells[3]), float(cells[4]), cells[5], float(cells[6])
         assert triton_us > 0 and cuda_us > 0 and torch_us > 0
+        # auto's route to torch's own kernel, for the ops that have one (the H200's measured table takes them).
+        if op in overhead.NATIVE_ROUTES:
+            assert auto.endswith(f"({overhead.NATIVE_ROUTES[op]})") and float(auto.split()[0]) > 0, row
+        else:
+            assert auto == "–", row

@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.nn.attention as _attn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastlm import _backend, _util, reference
@@ -266,13 +267,42 @@ def _kernel_unsupported(q, k, v, cu_q, left, right, softcap, need_lse, determini
     return unsupported
 
 
+def _sdp_switches():
+    """[(is enabled, enable, backend)] for each of SDPA's backends, from torch's own table of their flags (the one
+    `sdpa_kernel` walks), or None where this torch lacks it."""
+    names = getattr(_attn, "_backend_names", None)
+    try:
+        return [(getattr(torch._C, f"_get_{flag}_sdp_enabled"), getattr(torch._C, f"_set_sdp_use_{flag}"),
+                 getattr(SDPBackend, member)) for flag, member in names.items()]
+    except (AttributeError, TypeError):
+        return None
+
+
+# SDPA's backend switches, set directly around the routed call: `sdpa_kernel` does the same (every other backend
+# off, then the previous flags back) through a generator context manager, a list and a dict, 12 µs a call on a
+# 2-core CPU against ~1.5 µs for the ten flag calls; on the `auto` route every call of a training step pays it.
+_SDP_SWITCHES = _sdp_switches()
+
+
 def _sdpa(q, k, v, scale, right, name):
     """torch's SDPA with the measured backend alone (its test passed in _native_reason), on fastlm's
-    (batch, seqlen, heads, head_dim) layout."""
-    with sdpa_kernel(_SDPA_BACKENDS[name]):
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=_sdpa_causal(q, k, right), scale=scale,
-                                             enable_gqa=q.shape[2] != k.shape[2])
+    (batch, seqlen, heads, head_dim) layout. Only `name`'s backend is enabled during the call, and every flag is
+    restored afterwards, also when it raises (as `sdpa_kernel` does, which is used where the flags' table is
+    missing). The backward needs no flags: it is the chosen backend's own."""
+    args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    kwargs = dict(is_causal=_sdpa_causal(q, k, right), scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    only = _SDPA_BACKENDS[name]
+    if _SDP_SWITCHES is None:
+        with sdpa_kernel(only):
+            return F.scaled_dot_product_attention(*args, **kwargs).transpose(1, 2)
+    was = [enabled() for enabled, _, _ in _SDP_SWITCHES]
+    try:
+        for _, enable, backend in _SDP_SWITCHES:
+            enable(backend == only)
+        out = F.scaled_dot_product_attention(*args, **kwargs)
+    finally:
+        for (_, enable, _), on in zip(_SDP_SWITCHES, was):
+            enable(on)
     return out.transpose(1, 2)
 
 
