@@ -3,8 +3,9 @@
 #
 # 1. The whole check: print the machine, install fastlm offline into the machine's python3 (building the CUDA
 #    extension with nvcc), run the whole test suite on the GPU (pytest-xdist `-n 8 --dist loadfile` and
-#    pytest-timeout `--timeout 150` when importable; never -x, so the counts are complete), run the benchmark
-#    suite, the static kernel report, and compute-sanitizer on a small norm and attention script; then record
+#    pytest-timeout `--timeout 150`, by its thread method under xdist, when importable; never -x, so the counts
+#    are complete), run the benchmark suite, the static kernel report, and compute-sanitizer on a small norm and
+#    attention script; then record
 #    benchmarks/results/<device-slug>/gpu_check.json (commit, date, device, the test counts and seconds from
 #    pytest's closing line, tests_interrupted, bench_complete) and pack the results.
 #      Usage: scripts/gpu_check.sh [STEP...]   STEP: info install tests host bench static sanitizer record
@@ -130,11 +131,16 @@ device_slug() {
         2>/dev/null || echo unknown-device
 }
 
-# pytest's parallel and timeout options, for the plugins this python has (DIST: loadfile or load).
+# pytest's parallel and timeout options, for the plugins this python has (DIST: loadfile or load). With xdist the
+# timeout ends a test by its thread method: the worker dumps its stacks and exits, xdist reports that test as
+# crashed and starts a new worker, and the suite goes on. The default (signal) method raises in the test's thread,
+# which never happens while that thread waits in C for a hung kernel: the step would sit until its budget (tried
+# on a CPU with a test spinning in C, -n 2: thread method 9 s and every other test run; signal method killed at 50 s
+# with no summary). Without xdist the signal method stays: a thread timeout would end the whole run.
 pytest_options() {
-    local opts=""
-    $PY -c "import xdist" 2>/dev/null && opts="-n 8 --dist $1"
-    $PY -c "import pytest_timeout" 2>/dev/null && opts="$opts --timeout 150"
+    local opts="" method=signal
+    $PY -c "import xdist" 2>/dev/null && opts="-n 8 --dist $1" && method=thread
+    $PY -c "import pytest_timeout" 2>/dev/null && opts="$opts --timeout 150 --timeout-method=$method"
     echo "$opts"
 }
 

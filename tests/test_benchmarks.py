@@ -680,6 +680,33 @@ def test_gpu_check_interrupts_an_overrunning_test_step_so_pytest_reports(tmp_pat
     assert "TIMED OUT after 6 s" in proc.stdout, proc.stdout
 
 
+@pytest.mark.parametrize("xdist", [True, False])
+def test_gpu_check_times_tests_out_by_thread_under_xdist(tmp_path, xdist):
+    """Under xdist a test over its time limit ends by pytest-timeout's thread method (its worker exits, xdist
+    replaces it and the suite goes on): the signal method waits for the test's thread to come back from C, which
+    a hung kernel never does. Without xdist the signal method stays (a thread timeout would end the whole run). A
+    stand-in python answers the plugin probes and records pytest's arguments."""
+    stub = tmp_path / "python"
+    stub.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        case "$*" in
+          *"import xdist"*) exit {0 if xdist else 1} ;;
+          *"import pytest_timeout"*) exit 0 ;;
+          *" pytest "*) echo "$*" > {tmp_path / "args"}; echo "1 passed in 0.01s"; exit 0 ;;
+        esac
+        exit 1
+    """))
+    stub.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"), PY=str(stub),
+               CUDA_VISIBLE_DEVICES="")
+    subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "tests"], cwd=REPO, env=env,
+                   capture_output=True, text=True, timeout=60)
+    args = (tmp_path / "args").read_text().split()
+    assert "--timeout" in args and args[args.index("--timeout") + 1] == "150"
+    assert f"--timeout-method={'thread' if xdist else 'signal'}" in args, args
+    assert ("-n" in args) == xdist, args
+
+
 # ---------------------------------------------------------------------------------------------- static report
 
 
