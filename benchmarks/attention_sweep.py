@@ -16,8 +16,9 @@ work is split:
 2. On the GPU (default): for each case of CASES and each kernel, every candidate for the case's head dim is put in
    the launcher's table and the op is timed (`triton.testing.do_bench` medians: the forward for a forward shape,
    the backward alone on a retained graph for a backward one: delta + dK/dV + dQ, with the other kernels at their
-   current shapes), then checked: out, and the gradients for a backward shape, against an fp32 math reference, within 3× the error of SDPA's flash backend plus 1e-3 (a
-   configuration that computes a wrong number is marked, never chosen). Kernels are swept in the order fwd, dkdv,
+   current shapes), then checked: out, and the gradients for a backward shape, against an fp32 math reference,
+   within 3× the error of SDPA's flash backend plus 1e-3 (a configuration that computes a wrong number is marked,
+   never chosen). Kernels are swept in the order fwd, dkdv,
    dq, and a kernel's best shape stays in its table while the next is swept. SDPA's flash and cuDNN backends are
    timed on the same tensors. Results are appended to `<out>/attention_sweep.jsonl` as they come (a run cut by its
    time budget keeps what it measured), and `<out>/attention_sweep.md` gives TFLOP/s per case and the tables to
@@ -31,7 +32,10 @@ work is split:
     python -m benchmarks.attention_sweep --decode            # GPU: the split-KV decode kernel's shape and split rule
 
 On the GPU the candidates are first compiled in parallel (`precompile`: --workers spawned processes fill Triton's
-on-disk cache, since each compile takes seconds on one core), then timed one by one.
+on-disk cache, since each compile takes seconds on one core; at most PRECOMPILE_SHARE of the budget), then timed one
+by one in a child process under a watchdog (benchmarks/hang.py): most of these kernels have never run on a GPU, and
+one that hangs costs its unit's limit (its row says "hung", it is never chosen) and a new process that goes on from
+the rows written so far, not the rest of the sweep. The decode sweep runs the same way.
 
 The forward and dK/dV kernels have a Hopper path each (TMA loads, kernels/attention.py TMA): swept as kernels
 fwd_tma and dkdv_tma with the paths forced on (fwd and dkdv with them forced off), and the report says per head dim
@@ -54,6 +58,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+
+from benchmarks import hang
 
 CANDIDATES_FILE = Path(__file__).resolve().parent / "attention_sweep_candidates.json"
 # fwd_tma, dkdv_tma, dq_tma: the kernels' Hopper paths (FWD_TMA_CONFIGS, DKDV_TMA_CONFIGS, DQ_TMA_CONFIGS: tables of
@@ -129,6 +135,7 @@ CASES = (
 )
 ERROR_FACTOR = 3.0
 ERROR_FLOOR = 1e-3
+PRECOMPILE_SHARE = 0.4  # of the budget, at most, for compiling the candidates in parallel before the timing
 
 
 # ---------------------------------------------------------------------------------------------- CPU: candidates
@@ -414,9 +421,11 @@ def _warm(jobs):
     return done
 
 
-def precompile(candidates: dict, workers: int, log=print, kernels=None) -> None:
+def precompile(candidates: dict, workers: int, log=print, kernels=None, limit_s=None) -> None:
     """Every candidate of every case's variant compiled in parallel before the timing starts (compiles are
-    single-threaded and take seconds each; the GPU machine has 16 cores)."""
+    single-threaded and take seconds each; the GPU machine has 16 cores). Each job also runs its kernels once:
+    past `limit_s` (a hung kernel, or more compiling than the budget allows) the workers are ended and the rest
+    compile as they are timed, under measure's watchdog."""
     import multiprocessing
 
     variants = {(c[3], c[4], c[5], c[6]): c for c in CASES}  # one case per distinct specialisation
@@ -426,15 +435,31 @@ def precompile(candidates: dict, workers: int, log=print, kernels=None) -> None:
         return
     start = time.perf_counter()
     chunks = [jobs[i::workers] for i in range(workers)]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        done = sum(pool.map(_warm, chunks))
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:  # leaving the block ends the workers
+        pending = pool.map_async(_warm, chunks)
+        try:
+            done = sum(pending.get(timeout=limit_s))
+        except multiprocessing.TimeoutError:
+            log(f"precompile: not done after {limit_s:.0f} s; the candidates left compile as they are timed")
+            return
     log(f"precompiled {done} of {len(jobs)} candidate variants in {time.perf_counter() - start:.0f} s")
 
 
+def _measure_child(out_dir, candidates, kernels, budget_s, done):
+    """measure() in a process of its own, under the watchdog (benchmarks.hang.resumable's target)."""
+    measure(out_dir, budget_s, candidates, kernels=kernels, done=done, hang_s=hang.UNIT_LIMIT_S)
+
+
+def _decode_child(out_dir, budget_s, done):
+    decode_sweep(out_dir, budget_s, done=done, hang_s=hang.UNIT_LIMIT_S)
+
+
 def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device="cuda", cases=CASES,
-            dtype=None, kernels=None) -> list:
+            dtype=None, kernels=None, done=None, hang_s=None) -> list:
     """Times every candidate of every case (bf16 unless `dtype`: the tables serve both 16-bit dtypes); see the
-    module docstring. Returns the rows it wrote."""
+    module docstring. Returns this sweep's rows. `done`: the rows an earlier process of the same sweep wrote
+    (benchmarks.hang.resumable): the units they cover are not timed again, their results are used as if just
+    measured. `hang_s`: each unit's limit (benchmarks.hang.Watchdog; None: no limit)."""
     import torch
     from torch.nn.attention import SDPBackend
 
@@ -445,18 +470,21 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
     deadline = time.monotonic() + budget_s
     out_dir.mkdir(parents=True, exist_ok=True)
     sink = (out_dir / "attention_sweep.jsonl").open("a")
-    results = []
+    results = list(done or ())
+    finished = {(r["case"], r["kernel"], tuple(r["config"])): r for r in results if r.get("kind") == "candidate"}
 
     def emit(row):
         results.append(row)
         sink.write(json.dumps(row) + "\n")
         sink.flush()
 
+    watchdog = hang.Watchdog(hang_s, emit)
     dims = sorted({c[5] for c in cases} | set(HEAD_DIMS))
     current = {k: {d: list(table(A, k)[d]) for d in dims if d in table(A, k)} for k in TABLES}
-    emit({"kind": "meta", "device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
-          "torch": torch.__version__,
-          "triton": __import__("triton").__version__, "current": current})
+    if not any(r.get("kind") == "meta" for r in results):
+        emit({"kind": "meta", "device": torch.cuda.get_device_name() if device.type == "cuda" else str(device),
+              "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "current": current})
     ours = lambda q, k, v, causal: fastlm.attention(q, k, v, causal=causal)  # noqa: E731
     for case in cases:
         if time.monotonic() > deadline:
@@ -466,9 +494,18 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
         q, k, v, do = _inputs(case, device, dtype)
         ref_out, ref_grads = _reference(case, q, k, v, do)
         bounds = {}
-        for provider, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+        for provider, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                                  ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+            earlier = [r for r in results
+                       if r.get("kind") == "peer" and r["case"] == name and r["provider"] == provider]
+            if earlier:  # timed by an earlier process of this sweep
+                if provider == "sdpa-flash" and earlier[0].get("errors"):
+                    errs = earlier[0]["errors"]
+                    bounds = {"out": errs[0], "grads": max(errs[1:])}
+                continue
             try:
-                f_ms, b_ms, out, grads = _time_pair(_sdpa(case, q, k, v, backend), q, k, v, do)
+                with watchdog.unit({"kind": "peer", "case": name, "provider": provider, "mode": "fwd"}):
+                    f_ms, b_ms, out, grads = _time_pair(_sdpa(case, q, k, v, backend), q, k, v, do)
             except Exception as e:  # noqa: BLE001 - a peer that cannot run this case is a result
                 emit({"kind": "peer", "case": name, "provider": provider, "mode": "fwd", "error": str(e)[:200]})
                 continue
@@ -489,11 +526,17 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
                         break
                     row = {"kind": "candidate", "case": name, "kernel": kernel, "head_dim": head_dim,
                            "config": list(config)}
+                    earlier = finished.get((name, kernel, tuple(config)))
+                    if earlier is not None:  # an earlier process of this sweep timed it, or it hung there
+                        if earlier.get("correct") and earlier.get("ms") is not None:
+                            timed.append((earlier["ms"], tuple(config)))
+                        continue
                     forward = kernel.startswith("fwd")  # a forward shape is timed forward only, a backward one backward
                     with table_entry(A, kernel, head_dim, config):
                         try:
-                            f_ms, b_ms, out, grads = _time_pair(lambda q, k, v: ours(q, k, v, causal), q, k, v, do,
-                                                                forward=forward, backward=not forward)
+                            with watchdog.unit(row):
+                                f_ms, b_ms, out, grads = _time_pair(lambda q, k, v: ours(q, k, v, causal), q, k, v,
+                                                                    do, forward=forward, backward=not forward)
                         except Exception as e:  # noqa: BLE001 - out of resources, a compile error: a result
                             emit(dict(row, ms=None, correct=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
                             continue
@@ -506,7 +549,7 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
                               correct=ok, errors=errs,
                               why=None if ok else f"errors {errs} over {limit} (or no sdpa-flash bound)"))
                     if ok:
-                        timed.append((ms, config))
+                        timed.append((ms, tuple(config)))
                     log(f"{name} {kernel} {tuple(config)}: {ms:.3f} ms {'ok' if ok else 'WRONG'}")
                 if timed:  # the next kernel is swept with this one's best shape in place (this case only)
                     table(A, kernel)[head_dim] = tuple(min(timed)[1])
@@ -531,9 +574,11 @@ DECODE_GRID = [(cfg, per_sm, min_keys) for cfg in ((32, 4, 3), (64, 4, 3), (32, 
                for per_sm in (2, 4, 8) for min_keys in (128, 256, 512)]
 
 
-def decode_sweep(out_dir: Path, budget_s: float, log=print, device="cuda", dtype=None) -> list:
+def decode_sweep(out_dir: Path, budget_s: float, log=print, device="cuda", dtype=None, done=None,
+                 hang_s=None) -> list:
     """Every DECODE_GRID point on DECODE_CASES, checked against SDPA's flash backend on the same tensors; appends
-    to `<out>/decode_sweep.jsonl` and returns the rows (the best per case printed last)."""
+    to `<out>/decode_sweep.jsonl` and returns the sweep's rows (the best per case printed last). `done` and
+    `hang_s` as measure's."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -545,9 +590,18 @@ def decode_sweep(out_dir: Path, budget_s: float, log=print, device="cuda", dtype
     dtype = dtype or torch.bfloat16
     deadline = time.monotonic() + budget_s
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows = list(done or ())
+    finished = {(r["case"], tuple(r["config"]), r["programs_per_sm"], r["min_split_keys"]) for r in rows
+                if r.get("kind") == "candidate"}
     saved = (A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS)
     with (out_dir / "decode_sweep.jsonl").open("a") as sink:
+
+        def emit(row):
+            rows.append(row)
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+
+        watchdog = hang.Watchdog(hang_s, emit)
         inputs = {}
         for name, b, sk in DECODE_CASES:
             g = torch.Generator(device=device).manual_seed(0)
@@ -558,11 +612,10 @@ def decode_sweep(out_dir: Path, budget_s: float, log=print, device="cuda", dtype
                 sdpa = lambda: F.scaled_dot_product_attention(  # noqa: E731
                     q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=True).transpose(1, 2)
                 ref = sdpa()
-                ms = do_bench(sdpa)
-            gbs = 2 * k.numel() * 2 / ms / 1e6
-            row = {"kind": "peer", "case": name, "provider": "sdpa-flash", "ms": ms, "gb_s": gbs}
-            rows.append(row)
-            sink.write(json.dumps(row) + "\n")
+                if not any(r.get("kind") == "peer" and r["case"] == name for r in rows):
+                    ms = do_bench(sdpa)
+                    emit({"kind": "peer", "case": name, "provider": "sdpa-flash", "ms": ms,
+                          "gb_s": 2 * k.numel() * 2 / ms / 1e6})
             inputs[name] = (q, k, v, ref)
         try:
             for cfg, per_sm, min_keys in DECODE_GRID:
@@ -571,20 +624,20 @@ def decode_sweep(out_dir: Path, budget_s: float, log=print, device="cuda", dtype
                     break
                 A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS = cfg, per_sm, min_keys
                 for name, (q, k, v, ref) in inputs.items():
+                    if (name, tuple(cfg), per_sm, min_keys) in finished:  # an earlier process timed it (or hung)
+                        continue
                     row = {"kind": "candidate", "case": name, "config": list(cfg), "programs_per_sm": per_sm,
                            "min_split_keys": min_keys}
                     try:
-                        with fastlm.use_backend("triton"):
+                        with fastlm.use_backend("triton"), watchdog.unit(row):
                             out = fastlm.attention(q, k, v)
                             ms = do_bench(lambda: fastlm.attention(q, k, v))
-                        err = _rel(out, ref.float())
+                            err = _rel(out, ref.float())
                         row.update(ms=ms, gb_s=2 * k.numel() * 2 / ms / 1e6, rel_err_vs_flash=err,
                                    correct=err <= 1e-2)
                     except Exception as e:  # noqa: BLE001 - a config that cannot run is a result
                         row.update(ms=None, correct=None, error=f"{type(e).__name__}: {str(e)[:200]}")
-                    rows.append(row)
-                    sink.write(json.dumps(row) + "\n")
-                    sink.flush()
+                    emit(row)
                     log(f"decode {name} {cfg} per_sm={per_sm} min_keys={min_keys}: "
                         f"{row.get('gb_s') or 0:.0f} GB/s {'ok' if row.get('correct') else row.get('error', 'WRONG')}")
         finally:
@@ -625,14 +678,25 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("attention_sweep: no CUDA GPU here; `--static` prepares the candidates on a CPU")
         return 2
+    # The timing runs in child processes under a watchdog (benchmarks.hang): a candidate that hangs costs its limit
+    # and a restart, not the rest of the sweep.
     if args.decode:
-        decode_sweep(args.out, args.budget_s)
+        hang.resumable(_decode_child, (args.out,), args.out / "decode_sweep.jsonl", args.budget_s)
         return 0
     candidates = json.loads(CANDIDATES_FILE.read_text()) if CANDIDATES_FILE.exists() else {}
     start = time.monotonic()
-    precompile(candidates, args.workers, kernels=args.kernels)
-    measure(args.out, args.budget_s - (time.monotonic() - start), candidates, kernels=args.kernels)
-    print((args.out / "attention_sweep.md").read_text())
+    precompile(candidates, args.workers, kernels=args.kernels, limit_s=PRECOMPILE_SHARE * args.budget_s)
+    rows = hang.resumable(_measure_child, (args.out, candidates, args.kernels), args.out / "attention_sweep.jsonl",
+                          args.budget_s - (time.monotonic() - start))
+    meta = next((r for r in rows if r.get("kind") == "meta"), None)
+    if meta is None:
+        print("attention_sweep: nothing was measured")
+        return 1
+    # The report of every process's rows (the last child writes the same when it ends the sweep itself).
+    current = {k: {int(d): c for d, c in by.items()} for k, by in meta["current"].items()}
+    text = report(rows, current)
+    (args.out / "attention_sweep.md").write_text(text)
+    print(text)
     return 0
 
 

@@ -183,3 +183,95 @@ def test_the_decode_sweep_runs_and_restores_the_tables_on_cpu(tmp_path, monkeypa
     assert [r["kind"] for r in rows] == ["peer", "candidate"]
     assert rows[1]["correct"], rows[1]
     assert (A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS) == before
+
+
+TINY_CASE = ("tiny causal", 1, 20, 2, 1, 16, True)
+TWO_FWD = {"fwd": {"16": [{"config": [32, 32, 4, 1], "regs": 1, "shared": 0},
+                          {"config": [16, 16, 4, 1], "regs": 1, "shared": 0}]}}
+
+
+def _hanging_sweep(out_dir, hang_config, budget_s, done):
+    """A child of the sweep on CPU (benchmarks.hang.resumable's target): do_bench a fixed time, and the forward at
+    `hang_config` never finishing, as a hung kernel would not."""
+    import time
+
+    import torch
+    import triton.testing
+
+    triton.testing.do_bench = lambda fn: (fn(), 1.0)[1]
+    timer = sweep._time_pair
+
+    def time_pair(*args, **kwargs):
+        if sweep.table(A, "fwd")[16] == tuple(hang_config):
+            time.sleep(600)
+        return timer(*args, **kwargs)
+
+    sweep._time_pair = time_pair
+    sweep.measure(out_dir, budget_s, TWO_FWD, log=lambda *a: None, device="cpu", cases=(TINY_CASE,),
+                  dtype=torch.float16, kernels=["fwd"], done=done, hang_s=8.0)
+
+
+def test_a_hung_candidate_is_marked_and_the_sweep_goes_on(tmp_path):
+    """The measurement in child processes under the watchdog (as main runs it): the candidate that hangs gets a
+    row saying so, is never chosen, and the candidates after it are timed by a second process, which neither
+    re-times the first one's candidates nor its peers."""
+    from benchmarks import hang
+
+    if not A._INTERPRETED:
+        pytest.skip("runs the triton kernels through the interpreter (TRITON_INTERPRET=1)")
+    jsonl = tmp_path / "attention_sweep.jsonl"
+    rows = hang.resumable(_hanging_sweep, (tmp_path, [32, 32, 4, 1]), jsonl, 300.0, log=lambda *a: None)
+    candidates = [(tuple(r["config"]), r.get("correct"), (r.get("error") or "")[:5]) for r in rows
+                  if r.get("kind") == "candidate"]
+    shipped = tuple(A.FWD_CONFIGS[False][16])
+    assert candidates == [(shipped, True, ""), ((32, 32, 4, 1), None, "hung:"), ((16, 16, 4, 1), True, "")]
+    assert [r["kind"] for r in rows].count("meta") == 1
+    assert len([r for r in rows if r.get("kind") == "peer" and r["provider"] == "sdpa-flash"]) == 2  # fwd, bwd
+    best = sweep.best_configs(rows)["fwd"][16][0]
+    assert tuple(best) in {shipped, (16, 16, 4, 1)}
+    text = sweep.report(rows, {k: {int(d): c for d, c in by.items()} for k, by in rows[0]["current"].items()})
+    assert "FWD_CONFIGS[False][16]" in text and "(32, 32, 4, 1)" not in text.split("Tables")[1]
+
+
+def test_measure_takes_an_earlier_process_rows_as_measured(tmp_path, monkeypatch):
+    """`done` rows are not timed again: their candidates keep their results (the best of them stays in the
+    table for the next kernel), and the returned rows hold them."""
+    import torch
+    import triton.testing
+
+    if not A._INTERPRETED:
+        pytest.skip("runs the triton kernels through the interpreter (TRITON_INTERPRET=1)")
+    from fastlm import _backend
+
+    calls = []  # the fastlm kernels' timings: (the forward's table entry) each
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (
+        calls.append(sweep.table(A, "fwd")[16]) if _backend.get_backend() == "triton" else None, fn(), 1.0)[2])
+    shipped = list(A.FWD_CONFIGS[False][16])
+    done = [{"kind": "meta", "current": {}},
+            {"kind": "candidate", "case": TINY_CASE[0], "kernel": "fwd", "head_dim": 16, "config": shipped,
+             "ms": 2.0, "correct": True}]
+    rows = sweep.measure(tmp_path, 600.0, TWO_FWD, log=lambda *a: None, device="cpu", cases=(TINY_CASE,),
+                         dtype=torch.float16, kernels=["fwd"], done=done)
+    timed = [(tuple(r["config"]), r["ms"]) for r in rows if r.get("kind") == "candidate"]
+    assert timed == [(tuple(shipped), 2.0), ((32, 32, 4, 1), 1.0), ((16, 16, 4, 1), 1.0)]
+    assert calls == [(32, 32, 4, 1), (16, 16, 4, 1)]  # the shipped shape, timed by the earlier process, is not
+    assert [r["kind"] for r in rows].count("meta") == 1
+
+
+def test_the_decode_sweep_takes_an_earlier_process_rows_as_measured(tmp_path, monkeypatch):
+    import torch
+    import triton.testing
+
+    if not A._INTERPRETED:
+        pytest.skip("runs the triton kernels through the interpreter (TRITON_INTERPRET=1)")
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(sweep, "DECODE_CASES", (("b1 x 40", 1, 40),))
+    monkeypatch.setattr(sweep, "DECODE_GRID", [((32, 4, 3), 2, 128), ((64, 4, 3), 2, 128)])
+    done = [{"kind": "peer", "case": "b1 x 40", "provider": "sdpa-flash", "ms": 3.0, "gb_s": 1.0},
+            {"kind": "candidate", "case": "b1 x 40", "config": [32, 4, 3], "programs_per_sm": 2,
+             "min_split_keys": 128, "ms": None, "correct": None, "error": "hung: no result after 90 s"}]
+    rows = sweep.decode_sweep(tmp_path, 600.0, log=lambda *a: None, device="cpu", dtype=torch.float16, done=done)
+    assert rows[:2] == done and len(rows) == 3
+    assert rows[2]["config"] == [64, 4, 3] and rows[2]["correct"], rows[2]
+    written = [json.loads(line) for line in (tmp_path / "decode_sweep.jsonl").read_text().splitlines()]
+    assert written == rows[2:]  # only the new row: the peer is not timed again
