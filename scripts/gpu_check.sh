@@ -2,13 +2,14 @@
 # Everything a lent GPU machine is for, in calls of the device tool (each under its 10-minute limit). Two uses:
 #
 # 1. The whole check: print the machine, install fastlm offline into the machine's python3 (building the CUDA
-#    extension with nvcc), run the whole test suite on the GPU (pytest-xdist `-n 8 --dist loadfile` and
+#    extension with nvcc), check the direct Triton launch path against Triton's own (off for the rest if it
+#    fails), run the whole test suite on the GPU (pytest-xdist `-n 8 --dist loadfile` and
 #    pytest-timeout `--timeout 150`, by its thread method under xdist, when importable; never -x, so the counts
 #    are complete), run the benchmark suite, the static kernel report, and compute-sanitizer on a small norm and
 #    attention script; then record
 #    benchmarks/results/<device-slug>/gpu_check.json (commit, date, device, the test counts and seconds from
 #    pytest's closing line, tests_interrupted, bench_complete) and pack the results.
-#      Usage: scripts/gpu_check.sh [STEP...]   STEP: info install tests host bench static sanitizer record
+#      Usage: scripts/gpu_check.sh [STEP...]   STEP: info install launch tests host bench static sanitizer record
 #             (default: all, in order; record also runs after any call that ran tests or bench)
 #      BENCH_ARGS="--quick" scripts/gpu_check.sh install bench    extra arguments for `python -m benchmarks`
 #      BENCH_OPS="norm cross_entropy" scripts/gpu_check.sh bench   only these benchmark families (default: all)
@@ -17,9 +18,10 @@
 #    counts (~2,100 tests now against the 1,221 of the 5-minute H200 run: 420 s may not be enough; TESTS_ARGS
 #    runs the rest).
 #    The tests (~5 min on an H200) and the full benchmark sweep do not fit one call: run
-#    `info install tests static sanitizer` and `install bench` as two calls back to back. The results folder
-#    (/tmp/fastlm-results) outlives a call while the machine stays warm, and the record keeps what an earlier call
-#    on the same machine and commit recorded, so the second call's tarball holds the whole record.
+#    `info install launch tests static sanitizer` and `install bench` as two calls back to back (the second keeps
+#    the first's launch verdict: DIRECT_OFF). The results folder (/tmp/fastlm-results) outlives a call while the
+#    machine stays warm, and the record keeps what an earlier call on the same machine and commit recorded, so the
+#    second call's tarball holds the whole record.
 #
 # 2. The tuning loop for one op family, in one call (target: under 2 minutes):
 #      Usage: scripts/gpu_check.sh --op NAME   NAME: norm cross_entropy linear_cross_entropy attention
@@ -50,6 +52,7 @@ OP_TESTS_S=150  # --op: one op's tests
 OP_BENCH_S=240  # --op: one family's --quick cases
 BENCH_S=500  # 300 for norm and the cross-entropy families, plus attention ~145 s and attention_decode ~51 s (estimates)
 STATIC_S=120
+LAUNCH_S=120  # benchmarks.launch_check: ~10 small kernels compiled on a cold cache, each run three times
 HOST_S=150  # benchmarks.call_cost: 8 ops × 2 modes × 4 configurations × 4 rounds of 100 calls (~20 s), and
            # compiling the kernels of its tiny calls on a fresh machine (written after each op: a cut keeps them)
 SANITIZER_S=90
@@ -61,6 +64,7 @@ OUT=${OUT:-/tmp/gpu_check_out}
 PY=${PY:-python3}
 RESULTS=${RESULTS:-/tmp/fastlm-results}  # the full run's results, <device-slug>/... inside
 OP_RESULTS=${OP_RESULTS:-/tmp/fastlm-op-results}  # --op's quick results
+DIRECT_OFF=${DIRECT_OFF:-/tmp/fastlm-direct-launch-off}  # present: the direct launch path failed its check here
 START=$(date +%s)
 OP=""
 if [ "${1:-}" = "--op" ]; then
@@ -73,10 +77,10 @@ if [ "${1:-}" = "--op" ]; then
             exit 2
             ;;
     esac
-    STEPS=(install optests opbench)
+    STEPS=(install launch optests opbench)
 else
     STEPS=("$@")
-    [ ${#STEPS[@]} -eq 0 ] && STEPS=(info install tests host bench static sanitizer record)
+    [ ${#STEPS[@]} -eq 0 ] && STEPS=(info install launch tests host bench static sanitizer record)
 fi
 SUMMARY=()
 mkdir -p "$OUT"
@@ -92,6 +96,7 @@ run_step() {
     local name=$1 cap=$2 cmd=$3
     local left=$((START + BUDGET_S - RESERVE_S - $(date +%s)))
     local limit=$((cap < left ? cap : left))
+    STEP_RC=""
     if [ "$limit" -le 5 ]; then
         SUMMARY+=("$(printf '%-10s skipped: the budget is spent' "$name")")
         return
@@ -102,6 +107,7 @@ run_step() {
     STEP_DEADLINE=$((t0 + limit)) timeout -s "${STEP_SIGNAL:-TERM}" --kill-after=15 "$limit" bash -c "$cmd" \
         >>"$OUT/$name.log" 2>&1
     rc=$?
+    STEP_RC=$rc
     took=$(($(date +%s) - t0))
     verdict="ok"
     [ $rc -ne 0 ] && verdict="FAILED (exit $rc)"
@@ -178,6 +184,23 @@ fi
 
 want install && TAIL_LINES=8 run_step install "$INSTALL_S" "
     $PY -m pip install --no-build-isolation --no-deps -e . && $PY -c 'import fastlm; print(fastlm.build_info())'"
+
+# fastlm's direct Triton launch path (kernels/_launch.py), checked against Triton's own on this GPU before anything
+# relies on it (benchmarks/launch_check.py; exit 2: no GPU). Should it compute anything else, every later step runs
+# with it off, as do later calls on this machine (DIRECT_OFF marks it); a cut (timeout) proves nothing either way.
+[ -f "$DIRECT_OFF" ] && export FASTLM_TRITON_DIRECT=0
+if want launch; then
+    TAIL_LINES=12 run_step launch "$LAUNCH_S" "$PY -m benchmarks.launch_check"
+    case "$STEP_RC" in
+        "" | 0 | 2 | 124 | 137) ;;
+        *)
+            export FASTLM_TRITON_DIRECT=0
+            touch "$DIRECT_OFF"
+            echo "!!!!! the direct Triton launch path failed its check: FASTLM_TRITON_DIRECT=0 from here on"
+            SUMMARY+=("!!!!! direct launch path off (FASTLM_TRITON_DIRECT=0): read launch.log")
+            ;;
+    esac
+fi
 
 want tests && STEP_SIGNAL=INT TAIL_LINES=40 run_step tests "$TESTS_S" \
     "$PY -m pytest -q -rfE --durations=15 $(pytest_options loadfile) ${TESTS_ARGS:-}"

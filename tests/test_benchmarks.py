@@ -707,6 +707,38 @@ def test_gpu_check_times_tests_out_by_thread_under_xdist(tmp_path, xdist):
     assert ("-n" in args) == xdist, args
 
 
+@pytest.mark.parametrize("verdict", [0, 1, 2])
+def test_gpu_check_turns_the_direct_launch_path_off_when_its_check_fails(tmp_path, verdict):
+    """The launch step runs benchmarks.launch_check; a failure (exit 1) turns the direct path off for the steps
+    after it (FASTLM_TRITON_DIRECT=0) and for later calls on the machine (the DIRECT_OFF marker); a pass, or no GPU
+    (exit 2), leaves it on. A stand-in python plays the check and records what pytest's environment says."""
+    stub = tmp_path / "python"
+    stub.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        case "$*" in
+          *"benchmarks.launch_check"*) exit {verdict} ;;
+          *" pytest "*) echo "${{FASTLM_TRITON_DIRECT:-unset}}" > {tmp_path / "direct"}; echo "1 passed in 0.01s";
+                        exit 0 ;;
+        esac
+        exit 1
+    """))
+    stub.chmod(0o755)
+    marker = tmp_path / "direct-off"
+    env = {k: v for k, v in os.environ.items() if k != "FASTLM_TRITON_DIRECT"}
+    env.update(OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"), PY=str(stub), DIRECT_OFF=str(marker),
+               CUDA_VISIBLE_DEVICES="")
+    script = ["bash", str(REPO / "scripts" / "gpu_check.sh")]
+    proc = subprocess.run(script + ["launch", "tests"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    off = verdict == 1
+    assert (tmp_path / "direct").read_text().strip() == ("0" if off else "unset"), proc.stdout
+    assert marker.exists() == off
+    assert ("direct launch path off" in proc.stdout) == off
+    # A later call on the same machine keeps the verdict without checking again.
+    (tmp_path / "direct").unlink()
+    subprocess.run(script + ["tests"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert (tmp_path / "direct").read_text().strip() == ("0" if off else "unset")
+
+
 # ---------------------------------------------------------------------------------------------- static report
 
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import triton
 import triton.language as tl
@@ -239,3 +240,53 @@ def test_key_never_merges_two_specializations():
 
 if __name__ == "__main__":
     print(json.dumps(compare_paths()))
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks.launch_check
+
+
+def test_launch_check_compares_the_direct_runs_with_tritons_own(monkeypatch):
+    """The check's logic on CPU (stand-in calls, no kernels): a call whose direct-path results equal Triton's own
+    passes; one whose results differ, and one that raises on the direct path, are named; so is a run in which no
+    launch was cached (nothing was checked). The real comparison is the GPU test below."""
+    from benchmarks import launch_check
+    from fastlm.kernels import _launch
+
+    monkeypatch.setattr(_launch, "ENABLED", True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(_launch, "_cache", {"a pattern": None})
+    runs = collections.Counter()
+
+    def call(name, direct_value=1.0, direct_raises=False):
+        def fn():
+            runs[name] += 1
+            if runs[name] == 1:
+                assert not _launch.ENABLED  # the first run: Triton's own path only
+                return [torch.ones(3)]
+            if runs[name] == 3 and direct_raises:
+                raise RuntimeError("bad launch")
+            return [torch.full((3,), direct_value if runs[name] == 3 else 1.0)]
+        return fn
+
+    calls = [("same", call("same")), ("differs", call("differs", 2.0)), ("raises", call("raises", direct_raises=True))]
+    monkeypatch.setattr(launch_check, "_calls", lambda device: calls)
+    logged = []
+    assert launch_check.check("cpu", log=logged.append) == ["differs", "raises"]
+    assert runs == {"same": 3, "differs": 3, "raises": 3} and _launch.ENABLED
+    assert "raises: the direct path raised RuntimeError: bad launch" in logged
+    assert logged[-1] == "3 calls, 1 direct launch patterns cached: 2 differ: differs, raises"
+    monkeypatch.setattr(_launch, "_cache", {})
+    runs.clear()
+    calls = [("same", call("same"))]
+    assert launch_check.check("cpu", log=logged.append) == ["(no direct launches)"]
+
+
+def test_gpu_direct_launch_path_computes_what_tritons_own_does():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible to torch)")
+    from benchmarks import launch_check
+    from fastlm.kernels import _launch
+
+    if not _launch.ENABLED:
+        pytest.skip(f"the direct path is off here (Triton {triton.__version__} or FASTLM_TRITON_DIRECT=0)")
+    assert launch_check.check("cuda") == []
