@@ -1249,13 +1249,15 @@ def gpu_check_record(pytest_output: Optional[str], *, commit: Optional[str], dev
 
 
 def write_gpu_check(results_root: Path, pytest_log: Optional[Path], family_names, *, device: str,
-                    commit: Optional[str]) -> Path:
+                    commit: Optional[str], resumed: bool = False) -> Path:
     """results_root/<device slug>/gpu_check.json from the tests' log (None: the tests did not run in this call)
     and the benchmark results beside it; returns its path.
 
     The tests and the full benchmark sweep take two calls of the device tool. A record already there from the same
     device and commit (an earlier call on the same machine) lends the test counts this call lacks; bench_complete is
-    always judged anew from the results present."""
+    always judged anew from the results present. `resumed`: this call's tests went on where an earlier call's
+    stopped (gpu_check.sh TESTS_RESUME=1, which runs only the tests not yet finished on the machine), so its counts
+    and seconds are added to the earlier record's, and tests_interrupted is this call's."""
     folder = Path(results_root) / slug(device)
     path = folder / "gpu_check.json"
     output = Path(pytest_log).read_text(errors="replace") if pytest_log and Path(pytest_log).exists() else None
@@ -1265,9 +1267,13 @@ def write_gpu_check(results_root: Path, pytest_log: Optional[Path], family_names
         earlier = json.loads(path.read_text())
     except (OSError, ValueError):
         earlier = {}
-    if record["pytest_summary"] is None and (earlier.get("commit"), earlier.get("device")) == (commit, device):
+    same = (earlier.get("commit"), earlier.get("device")) == (commit, device)
+    if record["pytest_summary"] is None and same:
         record.update({k: earlier.get(k) for k in GPU_CHECK_COUNTS + ("seconds", "pytest_summary",
                                                                        "tests_interrupted")})
+    elif resumed and same and earlier.get("pytest_summary"):
+        record.update({k: (earlier.get(k) or 0) + record[k] for k in GPU_CHECK_COUNTS + ("seconds",)})
+        record["pytest_summary"] = f"{earlier['pytest_summary']} + resumed: {record['pytest_summary']}"
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     return path

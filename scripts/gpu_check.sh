@@ -14,9 +14,10 @@
 #      BENCH_ARGS="--quick" scripts/gpu_check.sh install bench    extra arguments for `python -m benchmarks`
 #      BENCH_OPS="norm cross_entropy" scripts/gpu_check.sh bench   only these benchmark families (default: all)
 #      TESTS_ARGS="tests/test_attention.py" TESTS_S=300 scripts/gpu_check.sh tests   a part of the suite, a budget
+#      TESTS_RESUME=1 scripts/gpu_check.sh tests   only the tests an earlier call on this machine did not finish
 #    The tests step ends at its budget with SIGINT, as Ctrl-C: pytest still prints the failures so far and the
-#    counts (~2,100 tests now against the 1,221 of the 5-minute H200 run: 420 s may not be enough; TESTS_ARGS
-#    runs the rest).
+#    counts (~2,100 tests now against the 1,221 of the 5-minute H200 run: 420 s may not be enough; a next call
+#    with TESTS_RESUME=1 runs the rest, and the record adds the counts).
 #    The tests (~5 min on an H200) and the full benchmark sweep do not fit one call: run
 #    `info install launch tests static sanitizer` and `install bench` as two calls back to back (the second keeps
 #    the first's launch verdict: DIRECT_OFF). The results folder (/tmp/fastlm-results) outlives a call while the
@@ -65,6 +66,7 @@ PY=${PY:-python3}
 RESULTS=${RESULTS:-/tmp/fastlm-results}  # the full run's results, <device-slug>/... inside
 OP_RESULTS=${OP_RESULTS:-/tmp/fastlm-op-results}  # --op's quick results
 DIRECT_OFF=${DIRECT_OFF:-/tmp/fastlm-direct-launch-off}  # present: the direct launch path failed its check here
+TESTS_DONE=${TESTS_DONE:-/tmp/fastlm-tests-done}  # the node ids of the tests finished on this machine
 START=$(date +%s)
 OP=""
 if [ "${1:-}" = "--op" ]; then
@@ -202,8 +204,14 @@ if want launch; then
     esac
 fi
 
-want tests && STEP_SIGNAL=INT TAIL_LINES=40 run_step tests "$TESTS_S" \
-    "$PY -m pytest -q -rfE --durations=15 $(pytest_options loadfile) ${TESTS_ARGS:-}"
+# Each test the suite finishes is written to TESTS_DONE (tests/conftest.py); TESTS_RESUME=1 runs only the tests not
+# in it, so a second call finishes a suite the first cut at its budget (the record adds the two calls' counts).
+if want tests; then
+    [ "${TESTS_RESUME:-0}" = 1 ] || : >"$TESTS_DONE"
+    STEP_SIGNAL=INT TAIL_LINES=40 run_step tests "$TESTS_S" "FASTLM_TESTS_DONE=$TESTS_DONE \
+        FASTLM_TESTS_RESUME=${TESTS_RESUME:-0} $PY -m pytest -q -rfE --durations=15 $(pytest_options loadfile) \
+        ${TESTS_ARGS:-}"
+fi
 
 # Small calls end to end (issue 15's host targets, on the GPU): triton through Triton's launch path and the direct
 # one, cuda, torch; into the results folder beside the benchmark families.
@@ -329,7 +337,8 @@ from benchmarks.__main__ import families
 results, log = Path(sys.argv[1]), Path(sys.argv[2])
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
 commit = os.environ.get("FASTLM_COMMIT") or harness._command("git", "rev-parse", "--short", "HEAD")
-path = harness.write_gpu_check(results, log if log.exists() else None, families(), device=device, commit=commit)
+path = harness.write_gpu_check(results, log if log.exists() else None, families(), device=device, commit=commit,
+                               resumed=os.environ.get("TESTS_RESUME") == "1")
 print(f"{path}: {path.read_text()}", end="")
 PYEOF
 fi

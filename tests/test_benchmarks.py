@@ -572,6 +572,19 @@ def test_ratio_table_from_written_results(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- gpu_check.sh
 
 
+def _gpu_check_env(tmp_path, **extra):
+    """The environment of a gpu_check.sh run inside a test: its results, logs and machine-state files (the tests'
+    done list, the launch verdict) under tmp_path, never the real ones of the GPU run that may be running this
+    suite, and none of that run's own settings (TESTS_RESUME, FASTLM_TRITON_DIRECT)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TESTS_RESUME", "FASTLM_TRITON_DIRECT", "FASTLM_TESTS_DONE", "FASTLM_TESTS_RESUME")}
+    env.update(OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"),
+               TESTS_DONE=str(tmp_path / "tests-done"), DIRECT_OFF=str(tmp_path / "direct-off"),
+               CUDA_VISIBLE_DEVICES="")
+    env.update(extra)
+    return env
+
+
 H200_SUMMARY = "25 failed, 1167 passed, 25 skipped, 70 warnings, 4 errors in 311.95s (0:05:11)"
 
 
@@ -636,14 +649,72 @@ def test_gpu_check_record(tmp_path):
     assert record["passed"] is None and record["pytest_summary"] is None and record["commit"] == "c0ffee1"
 
 
+def test_gpu_check_record_adds_a_resumed_calls_counts(tmp_path):
+    """A call that resumed the suite (TESTS_RESUME=1: only the tests an interrupted call left) adds its counts to the
+    earlier call's record of the same commit and device; its own interruption is what the record says."""
+    names = ["norm"]
+    log = tmp_path / "tests.log"
+    log.write_text("..F..\n!!!!!!!!!!!!!!!!!!!! KeyboardInterrupt !!!!!!!!!!!!!!!!!!!!\n"
+                   "1 failed, 151 passed, 76 skipped in 420.10s\n")
+    harness.write_gpu_check(tmp_path, log, names, device="NVIDIA H200", commit="bfeb9b1")
+    log.write_text("....\n2 failed, 900 passed, 3 skipped, 1 error in 200.00s\n")
+    record = json.loads(harness.write_gpu_check(tmp_path, log, names, device="NVIDIA H200", commit="bfeb9b1",
+                                                resumed=True).read_text())
+    assert (record["passed"], record["failed"], record["errors"], record["skipped"]) == (1051, 3, 1, 79)
+    assert record["seconds"] == 620.1 and record["tests_interrupted"] is False
+    assert record["pytest_summary"] == ("1 failed, 151 passed, 76 skipped in 420.10s + resumed: 2 failed, 900 passed, "
+                                        "3 skipped, 1 error in 200.00s")
+    # Another commit's record is not added to.
+    record = json.loads(harness.write_gpu_check(tmp_path, log, names, device="NVIDIA H200", commit="c0ffee1",
+                                                resumed=True).read_text())
+    assert record["passed"] == 900
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_gpu_check_resumes_the_tests_an_earlier_call_left(tmp_path, resume):
+    """TESTS_RESUME=1 hands pytest the file of finished tests to skip and keeps it; a fresh tests step empties it."""
+    stub = tmp_path / "python"
+    stub.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        case "$*" in
+          *" pytest "*) echo "$FASTLM_TESTS_DONE $FASTLM_TESTS_RESUME" > {tmp_path / "env"};
+                        echo "1 passed in 0.01s"; exit 0 ;;
+        esac
+        exit 1
+    """))
+    stub.chmod(0o755)
+    done = tmp_path / "done"
+    done.write_text("tests/test_a.py::test_b\n")
+    env = _gpu_check_env(tmp_path, PY=str(stub), TESTS_DONE=str(done), TESTS_RESUME="1" if resume else "0")
+    subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "tests"], cwd=REPO, env=env,
+                   capture_output=True, text=True, timeout=60)
+    assert (tmp_path / "env").read_text().split() == [str(done), "1" if resume else "0"]
+    assert done.read_text() == ("tests/test_a.py::test_b\n" if resume else "")
+
+
+def test_the_suite_records_finished_tests_and_resumes_after_them(tmp_path):
+    """tests/conftest.py's resume hooks, in a pytest of its own: the finished tests' node ids are written as they
+    end, and with FASTLM_TESTS_RESUME=1 those tests are deselected."""
+    done = tmp_path / "done"
+    ids = ["tests/test_hang.py::test_without_a_limit_the_watchdog_does_nothing",
+           "tests/test_attention_sweep.py::test_table_entry_sets_and_restores_the_launchers_table"]
+    env = dict(os.environ, FASTLM_TESTS_DONE=str(done), FASTLM_TESTS_RESUME="0")
+    run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ids]
+    first = subprocess.run(run[:-1], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "1 passed" in first.stdout and done.read_text().splitlines() == ids[:1], first.stdout
+    env["FASTLM_TESTS_RESUME"] = "1"
+    second = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert "1 passed, 1 deselected" in second.stdout, second.stdout
+    assert done.read_text().splitlines() == ids
+
+
 def test_gpu_check_script_records_and_packs_without_a_gpu(tmp_path):
     script = REPO / "scripts" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     out, results = tmp_path / "out", tmp_path / "results"
     out.mkdir()
     (out / "tests.log").write_text(f"===== tests =====\n{H200_SUMMARY}\n")
-    env = dict(os.environ, OUT=str(out), RESULTS=str(results), PY=sys.executable, FASTLM_COMMIT="abc1234",
-               CUDA_VISIBLE_DEVICES="")
+    env = _gpu_check_env(tmp_path, PY=sys.executable, FASTLM_COMMIT="abc1234")
     proc = subprocess.run(["bash", str(script), "record"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -671,8 +742,7 @@ def test_gpu_check_interrupts_an_overrunning_test_step_so_pytest_reports(tmp_pat
     """))
     stub.chmod(0o755)
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), RESULTS=str(tmp_path / "results"), PY=str(stub), TESTS_S="6",
-               CUDA_VISIBLE_DEVICES="")
+    env = _gpu_check_env(tmp_path, PY=str(stub), TESTS_S="6")
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "tests"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     log = (out / "tests.log").read_text()
@@ -697,8 +767,7 @@ def test_gpu_check_times_tests_out_by_thread_under_xdist(tmp_path, xdist):
         exit 1
     """))
     stub.chmod(0o755)
-    env = dict(os.environ, OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"), PY=str(stub),
-               CUDA_VISIBLE_DEVICES="")
+    env = _gpu_check_env(tmp_path, PY=str(stub))
     subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "tests"], cwd=REPO, env=env,
                    capture_output=True, text=True, timeout=60)
     args = (tmp_path / "args").read_text().split()
@@ -724,9 +793,7 @@ def test_gpu_check_turns_the_direct_launch_path_off_when_its_check_fails(tmp_pat
     """))
     stub.chmod(0o755)
     marker = tmp_path / "direct-off"
-    env = {k: v for k, v in os.environ.items() if k != "FASTLM_TRITON_DIRECT"}
-    env.update(OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"), PY=str(stub), DIRECT_OFF=str(marker),
-               CUDA_VISIBLE_DEVICES="")
+    env = _gpu_check_env(tmp_path, PY=str(stub), DIRECT_OFF=str(marker))
     script = ["bash", str(REPO / "scripts" / "gpu_check.sh")]
     proc = subprocess.run(script + ["launch", "tests"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     off = verdict == 1
