@@ -328,6 +328,11 @@ def report(results, current, cases=CASES) -> str:
     if wrong:
         lines += ["", "Wrong results (never chosen):"]
         lines += [f"- {r['case']} {r['kernel']} {tuple(r['config'])}: {r.get('why')}" for r in wrong]
+    failed = [r for r in results if r.get("kind") == "candidate" and r.get("correct") is None]
+    if failed:
+        lines += ["", "Errors, hangs and unchecked results (never chosen):"]
+        lines += [f"- {r['case']} {r['kernel']} {tuple(r['config'])}: {r.get('error') or r.get('why')}"
+                  for r in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -376,6 +381,15 @@ def _sdpa(case, q, k, v, backend):
             return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=case[6], enable_gqa=True).transpose(1, 2)
     return fn
+
+
+def _go_on_elsewhere_if_broken():
+    """After a unit that raised: when it broke this process's CUDA context (every later unit would fail too), end
+    the process as the watchdog does, so that benchmarks.hang.resumable goes on in a new one (the unit's row,
+    already written, says what happened)."""
+    if hang.context_broken():
+        sys.stdout.flush()
+        os._exit(hang.HUNG_EXIT)
 
 
 def _time_pair(fn, q, k, v, do, forward=True, backward=True):
@@ -427,6 +441,7 @@ def precompile(candidates: dict, workers: int, log=print, kernels=None, limit_s=
     past `limit_s` (a hung kernel, or more compiling than the budget allows) the workers are ended and the rest
     compile as they are timed, under measure's watchdog."""
     import multiprocessing
+    import multiprocessing.connection
 
     variants = {(c[3], c[4], c[5], c[6]): c for c in CASES}  # one case per distinct specialisation
     jobs = [(kernel, case, tuple(entry["config"])) for case in variants.values() for kernel in kernels or TABLES
@@ -434,15 +449,35 @@ def precompile(candidates: dict, workers: int, log=print, kernels=None, limit_s=
     if not jobs or workers < 1:
         return
     start = time.perf_counter()
-    chunks = [jobs[i::workers] for i in range(workers)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:  # leaving the block ends the workers
-        pending = pool.map_async(_warm, chunks)
-        try:
-            done = sum(pending.get(timeout=limit_s))
-        except multiprocessing.TimeoutError:
-            log(f"precompile: not done after {limit_s:.0f} s; the candidates left compile as they are timed")
-            return
-    log(f"precompiled {done} of {len(jobs)} candidate variants in {time.perf_counter() - start:.0f} s")
+    context = multiprocessing.get_context("spawn")
+    counts = context.Queue()
+    # A process per chunk rather than a pool: a worker that dies (a crash in a compile) or hangs is seen as such
+    # and ended at the limit, where a pool's map would wait for its result.
+    procs = [context.Process(target=_warm_into, args=(jobs[i::workers], counts)) for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    deadline = None if limit_s is None else time.monotonic() + limit_s
+    waiting = {proc.sentinel: proc for proc in procs}
+    while waiting:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = multiprocessing.connection.wait(list(waiting), timeout=left)
+        if not ready:
+            break
+        for sentinel in ready:
+            waiting.pop(sentinel).join()
+    for proc in waiting.values():
+        proc.kill()
+        proc.join()
+    done = 0
+    while not counts.empty():
+        done += counts.get()
+    cut = f"; {len(waiting)} of {workers} workers ended at the {limit_s:.0f} s limit (their candidates compile as " \
+          "they are timed)" if waiting else ""
+    log(f"precompiled {done} of {len(jobs)} candidate variants in {time.perf_counter() - start:.0f} s{cut}")
+
+
+def _warm_into(jobs, counts):
+    counts.put(_warm(jobs))
 
 
 def _measure_child(out_dir, candidates, kernels, budget_s, done):
@@ -469,7 +504,7 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
     device = torch.device(device)
     deadline = time.monotonic() + budget_s
     out_dir.mkdir(parents=True, exist_ok=True)
-    sink = (out_dir / "attention_sweep.jsonl").open("a")
+    sink = hang.append_rows(out_dir / "attention_sweep.jsonl")
     results = list(done or ())
     finished = {(r["case"], r["kernel"], tuple(r["config"])): r for r in results if r.get("kind") == "candidate"}
 
@@ -506,10 +541,11 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
             try:
                 with watchdog.unit({"kind": "peer", "case": name, "provider": provider, "mode": "fwd"}):
                     f_ms, b_ms, out, grads = _time_pair(_sdpa(case, q, k, v, backend), q, k, v, do)
+                    errs = [_rel(out, ref_out)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
             except Exception as e:  # noqa: BLE001 - a peer that cannot run this case is a result
                 emit({"kind": "peer", "case": name, "provider": provider, "mode": "fwd", "error": str(e)[:200]})
+                _go_on_elsewhere_if_broken()
                 continue
-            errs = [_rel(out, ref_out)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
             if provider == "sdpa-flash":
                 bounds = {"out": errs[0], "grads": max(errs[1:])}
             for mode, ms in (("fwd", f_ms), ("bwd", b_ms)):
@@ -537,20 +573,26 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
                             with watchdog.unit(row):
                                 f_ms, b_ms, out, grads = _time_pair(lambda q, k, v: ours(q, k, v, causal), q, k, v,
                                                                     do, forward=forward, backward=not forward)
+                                # Inside the unit: the forward's last launch is only waited for here.
+                                errs = [_rel(out, ref_out)] + [_rel(g, r) for g, r in zip(grads or (), ref_grads)]
                         except Exception as e:  # noqa: BLE001 - out of resources, a compile error: a result
                             emit(dict(row, ms=None, correct=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                            _go_on_elsewhere_if_broken()
                             continue
-                    errs = [_rel(out, ref_out)] + [_rel(g, r) for g, r in zip(grads or (), ref_grads)]
                     limit = (ERROR_FACTOR * bounds.get("out", 0) + ERROR_FLOOR,
                              ERROR_FACTOR * bounds.get("grads", 0) + ERROR_FLOOR)
-                    ok = bool(bounds) and errs[0] <= limit[0] and max(errs[1:], default=0.0) <= limit[1]
                     ms = f_ms if forward else b_ms
+                    # Without sdpa-flash's errors on this case (it failed or hung) there is no bound: unchecked,
+                    # never chosen, and not called wrong.
+                    ok = (errs[0] <= limit[0] and max(errs[1:], default=0.0) <= limit[1]) if bounds else None
                     emit(dict(row, ms=ms, tflops=flops(case, "fwd" if forward else "bwd") / ms / 1e9,
                               correct=ok, errors=errs,
-                              why=None if ok else f"errors {errs} over {limit} (or no sdpa-flash bound)"))
+                              why=None if ok else f"errors {errs} over {limit}" if bounds else
+                              "unchecked: no sdpa-flash errors on this case to bound them"))
                     if ok:
                         timed.append((ms, tuple(config)))
-                    log(f"{name} {kernel} {tuple(config)}: {ms:.3f} ms {'ok' if ok else 'WRONG'}")
+                    log(f"{name} {kernel} {tuple(config)}: {ms:.3f} ms "
+                        + {True: "ok", False: "WRONG", None: "unchecked"}[ok])
                 if timed:  # the next kernel is swept with this one's best shape in place (this case only)
                     table(A, kernel)[head_dim] = tuple(min(timed)[1])
             for kernel in TABLES:  # back to the shipped tables for the next case
@@ -577,8 +619,8 @@ DECODE_GRID = [(cfg, per_sm, min_keys) for cfg in ((32, 4, 3), (64, 4, 3), (32, 
 def decode_sweep(out_dir: Path, budget_s: float, log=print, device="cuda", dtype=None, done=None,
                  hang_s=None) -> list:
     """Every DECODE_GRID point on DECODE_CASES, checked against SDPA's flash backend on the same tensors; appends
-    to `<out>/decode_sweep.jsonl` and returns the sweep's rows (the best per case printed last). `done` and
-    `hang_s` as measure's."""
+    to `<out>/decode_sweep.jsonl` and returns the sweep's rows (decode_summary gives the best per case). `done`
+    and `hang_s` as measure's."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -594,7 +636,7 @@ def decode_sweep(out_dir: Path, budget_s: float, log=print, device="cuda", dtype
     finished = {(r["case"], tuple(r["config"]), r["programs_per_sm"], r["min_split_keys"]) for r in rows
                 if r.get("kind") == "candidate"}
     saved = (A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS)
-    with (out_dir / "decode_sweep.jsonl").open("a") as sink:
+    with hang.append_rows(out_dir / "decode_sweep.jsonl") as sink:
 
         def emit(row):
             rows.append(row)
@@ -637,19 +679,29 @@ def decode_sweep(out_dir: Path, budget_s: float, log=print, device="cuda", dtype
                                    correct=err <= 1e-2)
                     except Exception as e:  # noqa: BLE001 - a config that cannot run is a result
                         row.update(ms=None, correct=None, error=f"{type(e).__name__}: {str(e)[:200]}")
-                    emit(row)
+                        emit(row)
+                        _go_on_elsewhere_if_broken()
+                    else:
+                        emit(row)
                     log(f"decode {name} {cfg} per_sm={per_sm} min_keys={min_keys}: "
                         f"{row.get('gb_s') or 0:.0f} GB/s {'ok' if row.get('correct') else row.get('error', 'WRONG')}")
         finally:
             A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS = saved
+    return rows
+
+
+def decode_summary(rows, log=print) -> None:
+    """The best correct grid point per decode case, against sdpa-flash's bandwidth."""
     for name, _, _ in DECODE_CASES:
         ok = [r for r in rows if r["kind"] == "candidate" and r["case"] == name and r.get("correct")]
         peer = next((r for r in rows if r["kind"] == "peer" and r["case"] == name), None)
         if ok:
             top = max(ok, key=lambda r: r["gb_s"])
             log(f"best {name}: {top['gb_s']:.0f} GB/s at {tuple(top['config'])}, {top['programs_per_sm']} programs "
-                f"a SM, {top['min_split_keys']} keys a split (sdpa-flash {peer['gb_s']:.0f} GB/s)")
-    return rows
+                f"a SM, {top['min_split_keys']} keys a split"
+                + (f" (sdpa-flash {peer['gb_s']:.0f} GB/s)" if peer and peer.get("gb_s") else ""))
+        else:
+            log(f"best {name}: no correct grid point measured")
 
 
 def main(argv=None) -> int:
@@ -681,8 +733,9 @@ def main(argv=None) -> int:
     # The timing runs in child processes under a watchdog (benchmarks.hang): a candidate that hangs costs its limit
     # and a restart, not the rest of the sweep.
     if args.decode:
-        hang.resumable(_decode_child, (args.out,), args.out / "decode_sweep.jsonl", args.budget_s)
-        return 0
+        rows = hang.resumable(_decode_child, (args.out,), args.out / "decode_sweep.jsonl", args.budget_s)
+        decode_summary(rows)
+        return 0 if any(r.get("kind") == "candidate" for r in rows) else 1
     candidates = json.loads(CANDIDATES_FILE.read_text()) if CANDIDATES_FILE.exists() else {}
     start = time.monotonic()
     precompile(candidates, args.workers, kernels=args.kernels, limit_s=PRECOMPILE_SHARE * args.budget_s)

@@ -188,49 +188,63 @@ def test_the_decode_sweep_runs_and_restores_the_tables_on_cpu(tmp_path, monkeypa
 TINY_CASE = ("tiny causal", 1, 20, 2, 1, 16, True)
 TWO_FWD = {"fwd": {"16": [{"config": [32, 32, 4, 1], "regs": 1, "shared": 0},
                           {"config": [16, 16, 4, 1], "regs": 1, "shared": 0}]}}
+HANGS, BREAKS = (32, 32, 4, 1), (16, 16, 4, 1)
+FOUR_FWD = {"fwd": {"16": [{"config": list(c), "regs": 1, "shared": 0} for c in (HANGS, BREAKS, (64, 64, 4, 1))]}}
 
 
-def _hanging_sweep(out_dir, hang_config, budget_s, done):
-    """A child of the sweep on CPU (benchmarks.hang.resumable's target): do_bench a fixed time, and the forward at
-    `hang_config` never finishing, as a hung kernel would not."""
+def _troubled_sweep(out_dir, budget_s, done):
+    """A child of the sweep on CPU (benchmarks.hang.resumable's target): do_bench a fixed time; the forward at
+    HANGS never finishes, as a hung kernel would not, and the one at BREAKS raises as a kernel that broke the CUDA
+    context does (context_broken says so in this stand-in)."""
     import time
 
     import torch
     import triton.testing
 
+    from benchmarks import hang
+
     triton.testing.do_bench = lambda fn: (fn(), 1.0)[1]
+    hang.context_broken = lambda: sweep.table(A, "fwd")[16] == BREAKS  # (sdpa-cudnn's CPU failure breaks nothing)
     timer = sweep._time_pair
 
     def time_pair(*args, **kwargs):
-        if sweep.table(A, "fwd")[16] == tuple(hang_config):
+        config = sweep.table(A, "fwd")[16]
+        if config == HANGS:
             time.sleep(600)
+        if config == BREAKS:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return timer(*args, **kwargs)
 
     sweep._time_pair = time_pair
-    sweep.measure(out_dir, budget_s, TWO_FWD, log=lambda *a: None, device="cpu", cases=(TINY_CASE,),
-                  dtype=torch.float16, kernels=["fwd"], done=done, hang_s=8.0)
+    sweep.measure(out_dir, budget_s, FOUR_FWD, log=lambda *a: None, device="cpu", cases=(TINY_CASE,),
+                  dtype=torch.float16, kernels=["fwd"], done=done, hang_s=10.0)
 
 
-def test_a_hung_candidate_is_marked_and_the_sweep_goes_on(tmp_path):
-    """The measurement in child processes under the watchdog (as main runs it): the candidate that hangs gets a
-    row saying so, is never chosen, and the candidates after it are timed by a second process, which neither
-    re-times the first one's candidates nor its peers."""
+def test_a_hung_or_broken_candidate_is_marked_and_the_sweep_goes_on(tmp_path):
+    """The measurement in child processes under the watchdog (as main runs it): the candidate that hangs and the
+    one that breaks the CUDA context each get a row saying so and are never chosen; the candidates after them are
+    timed by new processes, which neither re-time an earlier process's candidates nor its peers."""
     from benchmarks import hang
 
     if not A._INTERPRETED:
         pytest.skip("runs the triton kernels through the interpreter (TRITON_INTERPRET=1)")
-    jsonl = tmp_path / "attention_sweep.jsonl"
-    rows = hang.resumable(_hanging_sweep, (tmp_path, [32, 32, 4, 1]), jsonl, 300.0, log=lambda *a: None)
-    candidates = [(tuple(r["config"]), r.get("correct"), (r.get("error") or "")[:5]) for r in rows
-                  if r.get("kind") == "candidate"]
     shipped = tuple(A.FWD_CONFIGS[False][16])
-    assert candidates == [(shipped, True, ""), ((32, 32, 4, 1), None, "hung:"), ((16, 16, 4, 1), True, "")]
+    assert shipped not in (HANGS, BREAKS), "the stand-in troubles must not hit the shipped shape"
+    jsonl = tmp_path / "attention_sweep.jsonl"
+    logged = []
+    rows = hang.resumable(_troubled_sweep, (tmp_path,), jsonl, 300.0, log=logged.append)
+    candidates = [(tuple(r["config"]), r.get("correct"), (r.get("error") or "")[:10]) for r in rows
+                  if r.get("kind") == "candidate"]
+    assert candidates == [(shipped, True, ""), (HANGS, None, "hung: no r"), (BREAKS, None, "RuntimeErr"),
+                          ((64, 64, 4, 1), True, "")]
+    assert logged == ["a unit hung or broke the process's CUDA context (its row says which): going on in a new "
+                      "process"] * 2
     assert [r["kind"] for r in rows].count("meta") == 1
     assert len([r for r in rows if r.get("kind") == "peer" and r["provider"] == "sdpa-flash"]) == 2  # fwd, bwd
-    best = sweep.best_configs(rows)["fwd"][16][0]
-    assert tuple(best) in {shipped, (16, 16, 4, 1)}
+    assert tuple(sweep.best_configs(rows)["fwd"][16][0]) in {shipped, (64, 64, 4, 1)}
     text = sweep.report(rows, {k: {int(d): c for d, c in by.items()} for k, by in rows[0]["current"].items()})
-    assert "FWD_CONFIGS[False][16]" in text and "(32, 32, 4, 1)" not in text.split("Tables")[1]
+    tables, troubles = text.split("Tables")[1].split("Errors, hangs and unchecked results")
+    assert str(HANGS) not in tables and str(HANGS) in troubles and "illegal memory access" in troubles
 
 
 def test_measure_takes_an_earlier_process_rows_as_measured(tmp_path, monkeypatch):

@@ -39,7 +39,8 @@ def test_a_hung_unit_costs_its_limit_and_the_sweep_goes_on(tmp_path):
     hung = rows[1]
     assert hung["ms"] is None and hung["correct"] is None and hung["error"].startswith("hung: no result after 1 s")
     assert all(r["ms"] == 1.0 for r in rows if r["unit"] != "b")
-    assert logged == ["a unit hung (its row says which): going on in a new process"]
+    assert logged == ["a unit hung or broke the process's CUDA context (its row says which): going on in a new "
+                      "process"]
 
 
 def test_a_sweep_without_a_hang_runs_in_one_process(tmp_path):
@@ -63,11 +64,6 @@ def _toy_every_unit_hangs(jsonl, budget_s, done):
     _toy_sweep(jsonl, UNITS[len(done)], 1.0, budget_s, done)
 
 
-def test_without_a_limit_the_watchdog_does_nothing():
-    with hang.Watchdog(None, lambda row: None).unit({"unit": "a"}):
-        pass
-
-
 def _toy_sweep_that_ignores_its_watchdog(jsonl, budget_s, done):
     time.sleep(600)
 
@@ -80,3 +76,20 @@ def test_a_child_past_its_budget_is_ended(tmp_path, monkeypatch):
                    1.0, log=logged.append)
     assert time.monotonic() - start < 30
     assert logged == ["the sweep's process ran 1 s past its budget: ended"]
+
+
+def test_a_timer_that_fires_as_its_unit_ends_does_nothing():
+    """The unit is over (its result row written or about to be): the timer neither writes a hung row nor exits."""
+    written = []
+    watchdog = hang.Watchdog(1.0, written.append)
+    watchdog._fire({"unit": "a"}, {"over": True})
+    assert written == []
+
+
+def test_rows_after_passes_over_a_cut_row_and_appending_starts_a_new_line(tmp_path):
+    path = tmp_path / "sweep.jsonl"
+    path.write_text('{"unit": "old"}\n{"unit": "a"}\n{"unit": "b", "ms"')  # a process killed mid-row
+    with hang.append_rows(path) as sink:
+        sink.write(json.dumps({"unit": "c"}) + "\n")
+    assert hang.rows_after(path, 1) == [{"unit": "a"}, {"unit": "c"}]
+    assert hang.line_count(path) == 4
