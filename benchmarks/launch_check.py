@@ -1,6 +1,6 @@
 """`python -m benchmarks.launch_check`: does fastlm's direct Triton launch path (kernels/_launch.py) compute what
-Triton's own launch path computes, on this GPU? Exit 0 when it does, 1 (saying why) when it does not, 2 without a
-CUDA GPU.
+Triton's own launch path computes, on this GPU? Exit 0 when it does, 1 (saying why) when it does not (or raises, or
+hangs), 2 without a CUDA GPU, 3 when the check itself could not run (Triton's own path failed: nothing is known).
 
 Every Triton kernel call of fastlm goes through the direct path, written against Triton 3.6's JITFunction.run and
 tested on a CPU only with a stand-in driver (tests/test_launch.py): should it be wrong on a real GPU, every
@@ -16,6 +16,8 @@ third run's outputs and gradients must equal the first's bit for bit (the kernel
 atomics on these calls).
 """
 
+import itertools
+import os
 import sys
 
 
@@ -25,8 +27,10 @@ def _calls(device):
 
     import fastlm
 
-    def randn(*shape, dtype=torch.bfloat16, grad=False):
-        g = torch.Generator(device=device).manual_seed(hash(shape) % 2**31)
+    drawn = itertools.count()
+
+    def randn(*shape, dtype=torch.bfloat16, grad=False):  # each input its own seed: no two alike
+        g = torch.Generator(device=device).manual_seed(next(drawn))
         return torch.randn(*shape, device=device, dtype=dtype, generator=g).requires_grad_(grad)
 
     def with_grads(fn, *inputs):
@@ -62,37 +66,55 @@ def _calls(device):
     ]
 
 
-def check(device="cuda", log=print) -> list:
+# Exit statuses: 0 the paths agree, 1 the direct path differs, raises or hangs, 2 no CUDA GPU, 3 the check could
+# not run (Triton's own path failed or hung, an import failed, ...): nothing said about the direct path.
+DIFFERS, NO_GPU, NOT_RUN = 1, 2, 3
+HANG_S = 120.0  # each of the first two passes over the calls (compiles included)
+DIRECT_HANG_S = 30.0  # one call on the direct path (compiled by then)
+
+
+def check(device="cuda", log=print, hang_s=None, direct_hang_s=None) -> list:
     """The names of the calls whose direct-path results differ from Triton's own path's (or raise), [] when none
-    do. Runs every call twice under the triton backend (module docstring)."""
+    do. Runs every call three times under the triton backend (module docstring). Errors of the first two runs
+    (Triton's own path, then the caching one) propagate: they say nothing about the direct path. hang_s: the
+    limit of each of the first two passes, direct_hang_s of each call of the third; one that outruns it ends the
+    process (NOT_RUN for the first two, DIFFERS for the third)."""
     import torch
 
     import fastlm
+    from benchmarks import hang
     from fastlm.kernels import _launch
 
     if not _launch.ENABLED:
         log(f"the direct path is off here (Triton {__import__('triton').__version__}, FASTLM_TRITON_DIRECT="
-            f"{__import__('os').environ.get('FASTLM_TRITON_DIRECT', 'unset')}): nothing to check")
+            f"{os.environ.get('FASTLM_TRITON_DIRECT', 'unset')}): nothing to check")
         return []
+
+    def said(exit_code, what, seconds=hang_s):
+        return hang.Watchdog(seconds, lambda row: log(f"{what} did not finish in {seconds:g} s"), exit_code)
+
     bad = []
     with fastlm.use_backend("triton"):
         calls = _calls(device)
         first = {}
         _launch.ENABLED = False
         try:
-            for name, fn in calls:  # Triton's own path only
-                first[name] = fn()
-            torch.cuda.synchronize(device)
+            with said(NOT_RUN, "Triton's own path").unit({}):
+                for name, fn in calls:  # Triton's own path only
+                    first[name] = fn()
+                torch.cuda.synchronize(device)
         finally:
             _launch.ENABLED = True
-        for name, fn in calls:  # the direct path caches each pattern at its first launch
-            fn()
-        torch.cuda.synchronize(device)
+        with said(NOT_RUN, "the run that caches the direct launches").unit({}):
+            for name, fn in calls:  # the direct path caches each pattern at its first launch
+                fn()
+            torch.cuda.synchronize(device)
         cached = len(_launch._cache)
         for name, fn in calls:  # every launch direct
             try:
-                again = fn()
-                torch.cuda.synchronize(device)
+                with said(DIFFERS, f"{name} on the direct path", direct_hang_s).unit({}):
+                    again = fn()
+                    torch.cuda.synchronize(device)
             except Exception as e:  # noqa: BLE001 - a launch the direct path breaks is the finding
                 bad.append(name)
                 log(f"{name}: the direct path raised {type(e).__name__}: {e}")
@@ -111,12 +133,17 @@ def check(device="cuda", log=print) -> list:
 
 
 def main() -> int:
-    import torch
+    try:
+        import torch
 
-    if not torch.cuda.is_available():
-        print("launch_check: no CUDA GPU here; the direct path runs only on one")
-        return 2
-    return 1 if check() else 0
+        if not torch.cuda.is_available():
+            print("launch_check: no CUDA GPU here; the direct path runs only on one")
+            return NO_GPU
+        return DIFFERS if check(hang_s=HANG_S, direct_hang_s=DIRECT_HANG_S) else 0
+    except Exception as e:  # noqa: BLE001 - any failure outside the direct path's own runs
+        print(f"launch_check: the check could not run ({type(e).__name__}: {e}); nothing is known of the direct "
+              "path")
+        return NOT_RUN
 
 
 if __name__ == "__main__":

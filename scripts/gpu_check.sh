@@ -20,7 +20,7 @@
 #    with TESTS_RESUME=1 runs the rest, and the record adds the counts).
 #    The tests (~5 min on an H200) and the full benchmark sweep do not fit one call: run
 #    `info install launch tests static sanitizer` and `install bench` as two calls back to back (the second keeps
-#    the first's launch verdict: DIRECT_OFF). The results folder (/tmp/fastlm-results) outlives a call while the
+#    the first's launch verdict: DIRECT_VERDICT). The results folder (/tmp/fastlm-results) outlives a call while the
 #    machine stays warm, and the record keeps what an earlier call on the same machine and commit recorded, so the
 #    second call's tarball holds the whole record.
 #
@@ -53,7 +53,7 @@ OP_TESTS_S=150  # --op: one op's tests
 OP_BENCH_S=240  # --op: one family's --quick cases
 BENCH_S=500  # 300 for norm and the cross-entropy families, plus attention ~145 s and attention_decode ~51 s (estimates)
 STATIC_S=120
-LAUNCH_S=120  # benchmarks.launch_check: ~10 small kernels compiled on a cold cache, each run three times
+LAUNCH_S=150  # benchmarks.launch_check: ~15 small kernels compiled on a cold cache, each call run three times
 HOST_S=150  # benchmarks.call_cost: 8 ops × 2 modes × 4 configurations × 4 rounds of 100 calls (~20 s), and
            # compiling the kernels of its tiny calls on a fresh machine (written after each op: a cut keeps them)
 SANITIZER_S=90
@@ -65,7 +65,7 @@ OUT=${OUT:-/tmp/gpu_check_out}
 PY=${PY:-python3}
 RESULTS=${RESULTS:-/tmp/fastlm-results}  # the full run's results, <device-slug>/... inside
 OP_RESULTS=${OP_RESULTS:-/tmp/fastlm-op-results}  # --op's quick results
-DIRECT_OFF=${DIRECT_OFF:-/tmp/fastlm-direct-launch-off}  # present: the direct launch path failed its check here
+DIRECT_VERDICT=${DIRECT_VERDICT:-/tmp/fastlm-direct-launch}  # "<commit> ok|off": the launch check's verdict here
 TESTS_DONE=${TESTS_DONE:-/tmp/fastlm-tests-done}  # the node ids of the tests finished on this machine
 START=$(date +%s)
 OP=""
@@ -188,28 +188,47 @@ want install && TAIL_LINES=8 run_step install "$INSTALL_S" "
     $PY -m pip install --no-build-isolation --no-deps -e . && $PY -c 'import fastlm; print(fastlm.build_info())'"
 
 # fastlm's direct Triton launch path (kernels/_launch.py), checked against Triton's own on this GPU before anything
-# relies on it (benchmarks/launch_check.py; exit 2: no GPU). Should it compute anything else, every later step runs
-# with it off, as do later calls on this machine (DIRECT_OFF marks it); a cut (timeout) proves nothing either way.
-[ -f "$DIRECT_OFF" ] && export FASTLM_TRITON_DIRECT=0
+# relies on it (benchmarks/launch_check.py: exit 1 the paths differ, 2 no GPU, 3 the check could not run). Should
+# it compute anything else, every later step runs with it off. The verdict is kept in DIRECT_VERDICT for this
+# commit, so later calls on the machine follow it without checking again; a cut, no GPU or a check that could not
+# run says nothing either way and leaves the path on.
+COMMIT=${FASTLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+VERDICT=$([ -f "$DIRECT_VERDICT" ] && awk -v c="$COMMIT" '$1 == c {print $2}' "$DIRECT_VERDICT")
+if [ "$VERDICT" = off ]; then
+    export FASTLM_TRITON_DIRECT=0
+    SUMMARY+=("!!!!! direct launch path off (FASTLM_TRITON_DIRECT=0): its check failed on this machine")
+fi
 if want launch; then
-    TAIL_LINES=12 run_step launch "$LAUNCH_S" "$PY -m benchmarks.launch_check"
-    case "$STEP_RC" in
-        "" | 0 | 2 | 124 | 137) ;;
-        *)
-            export FASTLM_TRITON_DIRECT=0
-            touch "$DIRECT_OFF"
-            echo "!!!!! the direct Triton launch path failed its check: FASTLM_TRITON_DIRECT=0 from here on"
-            SUMMARY+=("!!!!! direct launch path off (FASTLM_TRITON_DIRECT=0): read launch.log")
-            ;;
-    esac
+    if [ -n "$VERDICT" ]; then
+        SUMMARY+=("$(printf '%-10s checked earlier on this machine and commit: %s' launch "$VERDICT")")
+    else
+        TAIL_LINES=12 run_step launch "$LAUNCH_S" "$PY -m benchmarks.launch_check"
+        case "$STEP_RC" in
+            0) echo "$COMMIT ok" >"$DIRECT_VERDICT" ;;
+            1)
+                echo "$COMMIT off" >"$DIRECT_VERDICT"
+                export FASTLM_TRITON_DIRECT=0
+                echo "!!!!! the direct Triton launch path failed its check: FASTLM_TRITON_DIRECT=0 from here on"
+                SUMMARY+=("!!!!! direct launch path off (FASTLM_TRITON_DIRECT=0): read launch.log")
+                ;;
+        esac
+    fi
 fi
 
-# Each test the suite finishes is written to TESTS_DONE (tests/conftest.py); TESTS_RESUME=1 runs only the tests not
+# Each test the suite finishes is written to TESTS_DONE (tests/_resume.py); TESTS_RESUME=1 runs only the tests not
 # in it, so a second call finishes a suite the first cut at its budget (the record adds the two calls' counts).
+# The list starts with the commit it belongs to: a resume at another commit runs the whole suite.
+RESUMED=0
 if want tests; then
-    [ "${TESTS_RESUME:-0}" = 1 ] || : >"$TESTS_DONE"
+    if [ "${TESTS_RESUME:-0}" = 1 ] && [ "$(head -n 1 "$TESTS_DONE" 2>/dev/null)" = "# commit $COMMIT" ]; then
+        RESUMED=1
+    else
+        [ "${TESTS_RESUME:-0}" = 1 ] && echo "TESTS_RESUME=1, but no tests of commit $COMMIT are recorded as done" \
+            "here: the whole suite runs"
+        echo "# commit $COMMIT" >"$TESTS_DONE"
+    fi
     STEP_SIGNAL=INT TAIL_LINES=40 run_step tests "$TESTS_S" "FASTLM_TESTS_DONE=$TESTS_DONE \
-        FASTLM_TESTS_RESUME=${TESTS_RESUME:-0} $PY -m pytest -q -rfE --durations=15 $(pytest_options loadfile) \
+        FASTLM_TESTS_RESUME=$RESUMED $PY -m pytest -q -rfE --durations=15 $(pytest_options loadfile) \
         ${TESTS_ARGS:-}"
 fi
 
@@ -324,7 +343,7 @@ fi
 # tests.log and the benchmark results present, keeping what an earlier call on this machine and commit recorded.
 if [ -z "$OP" ] && { want record || want tests || want bench; }; then
     echo "===== record"
-    $PY - "$RESULTS" "$OUT/tests.log" <<'PYEOF'
+    RESUMED=$RESUMED $PY - "$RESULTS" "$OUT/tests.log" <<'PYEOF'
 import os
 import sys
 from pathlib import Path
@@ -338,7 +357,7 @@ results, log = Path(sys.argv[1]), Path(sys.argv[2])
 device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
 commit = os.environ.get("FASTLM_COMMIT") or harness._command("git", "rev-parse", "--short", "HEAD")
 path = harness.write_gpu_check(results, log if log.exists() else None, families(), device=device, commit=commit,
-                               resumed=os.environ.get("TESTS_RESUME") == "1")
+                               resumed=os.environ.get("RESUMED") == "1")
 print(f"{path}: {path.read_text()}", end="")
 PYEOF
 fi

@@ -16,6 +16,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastlm
 from fastlm import _cuda, _util
 
+# Hooks for finishing the suite across device calls and not re-running a test that ended its xdist worker.
+from _resume import (deselect_finished, pytest_configure, pytest_runtest_logreport,  # noqa: F401
+                     pytest_runtest_setup, pytest_unconfigure)
+
 HAS_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
 
@@ -98,46 +102,12 @@ def _interpreter_descriptor_reduce():
     del builder.create_descriptor_reduce
 
 
-# Finishing the suite across calls of the device tool (scripts/gpu_check.sh, TESTS_RESUME): FASTLM_TESTS_DONE names
-# a file of the node ids this machine's runs have finished, one a line, appended as each test ends (its teardown
-# report, or a failure report: a worker that crashed or timed out leaves no teardown) by the process that gathers
-# the reports (xdist's controller, or pytest alone). With FASTLM_TESTS_RESUME=1 the tests it names are deselected,
-# so a run cut at its budget goes on where it stopped; a test cut in the middle runs again.
-_TESTS_DONE = os.environ.get("FASTLM_TESTS_DONE")
-_done_sink = None
-
-
-def pytest_configure(config):
-    global _done_sink
-    if _TESTS_DONE and not hasattr(config, "workerinput"):
-        _done_sink = open(_TESTS_DONE, "a")  # noqa: SIM115 - open for the session, closed at its end
-
-
-def pytest_unconfigure(config):
-    global _done_sink
-    if _done_sink is not None:
-        _done_sink.close()
-        _done_sink = None
-
-
-def pytest_runtest_logreport(report):
-    if _done_sink is not None and (report.when == "teardown" or report.failed):
-        _done_sink.write(report.nodeid + "\n")
-        _done_sink.flush()
-
-
 def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible to torch)")
     for item in items:
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(skip)
-    if _TESTS_DONE and os.environ.get("FASTLM_TESTS_RESUME") == "1" and os.path.exists(_TESTS_DONE):
-        with open(_TESTS_DONE) as f:
-            done = set(f.read().splitlines())
-        finished = [item for item in items if item.nodeid in done]
-        if finished:
-            config.hook.pytest_deselected(items=finished)
-            items[:] = [item for item in items if item.nodeid not in done]
+    deselect_finished(config, items)
 
 
 def kernel_backends():

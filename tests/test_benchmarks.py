@@ -579,7 +579,7 @@ def _gpu_check_env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items()
            if k not in ("TESTS_RESUME", "FASTLM_TRITON_DIRECT", "FASTLM_TESTS_DONE", "FASTLM_TESTS_RESUME")}
     env.update(OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"),
-               TESTS_DONE=str(tmp_path / "tests-done"), DIRECT_OFF=str(tmp_path / "direct-off"),
+               TESTS_DONE=str(tmp_path / "tests-done"), DIRECT_VERDICT=str(tmp_path / "direct-verdict"),
                CUDA_VISIBLE_DEVICES="")
     env.update(extra)
     return env
@@ -670,9 +670,10 @@ def test_gpu_check_record_adds_a_resumed_calls_counts(tmp_path):
     assert record["passed"] == 900
 
 
-@pytest.mark.parametrize("resume", [False, True])
-def test_gpu_check_resumes_the_tests_an_earlier_call_left(tmp_path, resume):
-    """TESTS_RESUME=1 hands pytest the file of finished tests to skip and keeps it; a fresh tests step empties it."""
+@pytest.mark.parametrize("resume,commit", [(False, "abc1234"), (True, "abc1234"), (True, "c0ffee1")])
+def test_gpu_check_resumes_the_tests_an_earlier_call_left(tmp_path, resume, commit):
+    """TESTS_RESUME=1 hands pytest the list of finished tests to skip and keeps it, when it is this commit's; a
+    fresh tests step, or a resume at another commit, starts a new list (the whole suite runs)."""
     stub = tmp_path / "python"
     stub.write_text(textwrap.dedent(f"""\
         #!/bin/bash
@@ -684,28 +685,16 @@ def test_gpu_check_resumes_the_tests_an_earlier_call_left(tmp_path, resume):
     """))
     stub.chmod(0o755)
     done = tmp_path / "done"
-    done.write_text("tests/test_a.py::test_b\n")
-    env = _gpu_check_env(tmp_path, PY=str(stub), TESTS_DONE=str(done), TESTS_RESUME="1" if resume else "0")
-    subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "tests"], cwd=REPO, env=env,
-                   capture_output=True, text=True, timeout=60)
-    assert (tmp_path / "env").read_text().split() == [str(done), "1" if resume else "0"]
-    assert done.read_text() == ("tests/test_a.py::test_b\n" if resume else "")
-
-
-def test_the_suite_records_finished_tests_and_resumes_after_them(tmp_path):
-    """tests/conftest.py's resume hooks, in a pytest of its own: the finished tests' node ids are written as they
-    end, and with FASTLM_TESTS_RESUME=1 those tests are deselected."""
-    done = tmp_path / "done"
-    ids = ["tests/test_hang.py::test_without_a_limit_the_watchdog_does_nothing",
-           "tests/test_attention_sweep.py::test_table_entry_sets_and_restores_the_launchers_table"]
-    env = dict(os.environ, FASTLM_TESTS_DONE=str(done), FASTLM_TESTS_RESUME="0")
-    run = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *ids]
-    first = subprocess.run(run[:-1], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert "1 passed" in first.stdout and done.read_text().splitlines() == ids[:1], first.stdout
-    env["FASTLM_TESTS_RESUME"] = "1"
-    second = subprocess.run(run, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert "1 passed, 1 deselected" in second.stdout, second.stdout
-    assert done.read_text().splitlines() == ids
+    earlier = "# commit abc1234\ntests/test_a.py::test_b\n"
+    done.write_text(earlier)
+    env = _gpu_check_env(tmp_path, PY=str(stub), TESTS_DONE=str(done), TESTS_RESUME="1" if resume else "0",
+                         FASTLM_COMMIT=commit)
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "tests"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    resumed = resume and commit == "abc1234"
+    assert (tmp_path / "env").read_text().split() == [str(done), "1" if resumed else "0"]
+    assert done.read_text() == (earlier if resumed else f"# commit {commit}\n")
+    assert ("the whole suite runs" in proc.stdout) == (resume and not resumed)
 
 
 def test_gpu_check_script_records_and_packs_without_a_gpu(tmp_path):
@@ -776,34 +765,45 @@ def test_gpu_check_times_tests_out_by_thread_under_xdist(tmp_path, xdist):
     assert ("-n" in args) == xdist, args
 
 
-@pytest.mark.parametrize("verdict", [0, 1, 2])
+@pytest.mark.parametrize("verdict", [0, 1, 2, 3])
 def test_gpu_check_turns_the_direct_launch_path_off_when_its_check_fails(tmp_path, verdict):
-    """The launch step runs benchmarks.launch_check; a failure (exit 1) turns the direct path off for the steps
-    after it (FASTLM_TRITON_DIRECT=0) and for later calls on the machine (the DIRECT_OFF marker); a pass, or no GPU
-    (exit 2), leaves it on. A stand-in python plays the check and records what pytest's environment says."""
+    """The launch step runs benchmarks.launch_check. A failure (exit 1) turns the direct path off for the steps
+    after it (FASTLM_TRITON_DIRECT=0) and, through DIRECT_VERDICT, for later calls on the machine at this commit,
+    which do not check again (nor after a pass); no GPU (2) or a check that could not run (3) leaves the path on and
+    records nothing. A stand-in python plays the check and records what pytest's environment says."""
     stub = tmp_path / "python"
     stub.write_text(textwrap.dedent(f"""\
         #!/bin/bash
         case "$*" in
-          *"benchmarks.launch_check"*) exit {verdict} ;;
+          *"benchmarks.launch_check"*) echo checked >> {tmp_path / "checks"}; exit {verdict} ;;
           *" pytest "*) echo "${{FASTLM_TRITON_DIRECT:-unset}}" > {tmp_path / "direct"}; echo "1 passed in 0.01s";
                         exit 0 ;;
         esac
         exit 1
     """))
     stub.chmod(0o755)
-    marker = tmp_path / "direct-off"
-    env = _gpu_check_env(tmp_path, PY=str(stub), DIRECT_OFF=str(marker))
+    record = tmp_path / "direct-verdict"
+    env = _gpu_check_env(tmp_path, PY=str(stub), DIRECT_VERDICT=str(record), FASTLM_COMMIT="abc1234")
     script = ["bash", str(REPO / "scripts" / "gpu_check.sh")]
-    proc = subprocess.run(script + ["launch", "tests"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+
+    def call(*steps, commit="abc1234"):
+        (tmp_path / "direct").unlink(missing_ok=True)
+        proc = subprocess.run(script + list(steps), cwd=REPO, env=dict(env, FASTLM_COMMIT=commit),
+                              capture_output=True, text=True, timeout=60)
+        return proc.stdout, (tmp_path / "direct").read_text().strip()
+
+    out, direct = call("launch", "tests")
     off = verdict == 1
-    assert (tmp_path / "direct").read_text().strip() == ("0" if off else "unset"), proc.stdout
-    assert marker.exists() == off
-    assert ("direct launch path off" in proc.stdout) == off
-    # A later call on the same machine keeps the verdict without checking again.
-    (tmp_path / "direct").unlink()
-    subprocess.run(script + ["tests"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert (tmp_path / "direct").read_text().strip() == ("0" if off else "unset")
+    assert direct == ("0" if off else "unset"), out
+    assert ("direct launch path off" in out) == off
+    assert (record.read_text() if record.exists() else None) == {0: "abc1234 ok\n", 1: "abc1234 off\n"}.get(verdict)
+    # A later call on the same machine and commit keeps the verdict; it checks again only where there is none.
+    out, direct = call("launch", "tests")
+    assert direct == ("0" if off else "unset")
+    assert (tmp_path / "checks").read_text().count("checked") == (1 if verdict in (0, 1) else 2)
+    # Another commit's verdict is not this one's.
+    out, direct = call("tests", commit="c0ffee1")
+    assert direct == "unset"
 
 
 # ---------------------------------------------------------------------------------------------- static report

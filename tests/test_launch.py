@@ -238,10 +238,6 @@ def test_key_never_merges_two_specializations():
     assert len(keys) == 3
 
 
-if __name__ == "__main__":
-    print(json.dumps(compare_paths()))
-
-
 # ---------------------------------------------------------------------------------------------- benchmarks.launch_check
 
 
@@ -279,6 +275,11 @@ def test_launch_check_compares_the_direct_runs_with_tritons_own(monkeypatch):
     runs.clear()
     calls = [("same", call("same"))]
     assert launch_check.check("cpu", log=logged.append) == ["(no direct launches)"]
+    # A failure on Triton's own path says nothing about the direct path: it propagates (main: exit NOT_RUN).
+    calls = [("fails on Triton's path", lambda: 1 / 0)]
+    with pytest.raises(ZeroDivisionError):
+        launch_check.check("cpu", log=logged.append)
+    assert _launch.ENABLED
 
 
 def test_gpu_direct_launch_path_computes_what_tritons_own_does():
@@ -290,3 +291,7 @@ def test_gpu_direct_launch_path_computes_what_tritons_own_does():
     if not _launch.ENABLED:
         pytest.skip(f"the direct path is off here (Triton {triton.__version__} or FASTLM_TRITON_DIRECT=0)")
     assert launch_check.check("cuda") == []
+
+
+if __name__ == "__main__":
+    print(json.dumps(compare_paths()))

@@ -280,7 +280,7 @@ def _sdp_switches():
 
 # SDPA's backend switches, set directly around the routed call: `sdpa_kernel` does the same (every other backend
 # off, then the previous flags back) through a generator context manager, a list and a dict, 12 µs a call on a
-# 2-core CPU against ~1.5 µs for the ten flag calls; on the `auto` route every call of a training step pays it.
+# 2-core CPU against ~3 µs for the fifteen flag calls; on the `auto` route every call of a training step pays it.
 _SDP_SWITCHES = _sdp_switches()
 
 
