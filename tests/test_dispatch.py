@@ -219,3 +219,44 @@ def test_the_sdpa_route_enables_only_its_backend_and_restores_the_flags(monkeypa
         for (_, enable, _), on in zip(switches, before):
             enable(on)
     assert _sdp_flags() == before
+
+
+def test_a_sdpa_route_that_fails_at_run_time_passes_the_call_on(measured, monkeypatch, recwarn):
+    """cuDNN's SDPA can refuse at run time a call torch said it takes ("No execution plans support the graph"):
+    `auto` then runs the call on the table's next route, says so once, and sends later calls of that shape there
+    directly; other shapes still try cuDNN. Out of memory is not passed on."""
+    if not _backend._triton_reason(torch.device("cpu"), torch.float16) is None:
+        pytest.skip("the next route here is the triton backend, on CPU tensors through the interpreter")
+    measured["attention"] = ["torch:sdpa-cudnn", "triton"]
+    # resolve as on the GPU: the table's order, each route asked whether it takes the call.
+    monkeypatch.setattr(_backend, "resolve", lambda op, device, dtype, unsupported=None: next(
+        name for name in measured["attention"] if not unsupported(name)))
+    monkeypatch.setattr(attention_op, "_SDPA_FAILED", {})
+    monkeypatch.setattr(_backend, "_warned", set())  # said once per process: once in this test too
+    calls = []
+
+    def cudnn_that_fails(q, k, v, **kwargs):
+        calls.append(tuple(q.shape))
+        if q.shape[2] == 24:
+            raise RuntimeError("cuDNN Frontend error: [cudnn_frontend] Error: No execution plans support the graph.")
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(attention_op.F, "scaled_dot_product_attention", cudnn_that_fails)
+    g = generator()
+    q, k, v = (torch.randn(1, 24, 2, 16, generator=g, dtype=torch.float16) for _ in range(3))
+    for _ in range(2):
+        got = attention_op.attention(q, k, v, causal=True)
+    with _backend.use_backend("triton"):
+        want = attention_op.attention(q, k, v, causal=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert calls == [(1, 2, 24, 16)]  # tried once; the second call went to the kernels directly
+    said = [str(w.message) for w in recwarn if "raised on a call it said it takes" in str(w.message)]
+    assert len(said) == 1 and "No execution plans support the graph" in said[0]
+    # Another shape still takes cuDNN.
+    q8 = q[:, :8].contiguous()
+    assert torch.equal(attention_op.attention(q8, q8, q8, causal=True), torch.zeros_like(q8))
+    # Out of memory is the caller's to see.
+    monkeypatch.setattr(attention_op.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("out of memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        attention_op.attention(q8, q8, q8, causal=True)

@@ -249,6 +249,9 @@ def _native_reason(name, q, k, v, cu_q, left, right, softcap, need_lse, determin
         return "under autocast to another dtype SDPA would compute in that dtype and return it"
     if torch.compiler.is_compiling():
         return "under torch.compile the fastlm kernels are traced (a graph holds one implementation)"
+    failed = _SDPA_FAILED.get(_sdpa_signature(name, q, k, causal))
+    if failed is not None:
+        return f"{name} failed on a call of this shape earlier ({failed})"
     try:
         params = torch.backends.cuda.SDPAParams(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0,
                                                 causal, q.shape[2] != k.shape[2])
@@ -256,6 +259,16 @@ def _native_reason(name, q, k, v, cu_q, left, right, softcap, need_lse, determin
     except Exception as e:  # noqa: BLE001 - an API this torch lacks: the route is not taken
         return f"cannot ask torch whether {name} takes this call ({type(e).__name__})"
     return None if ok else f"torch's {name} backend does not take this call (dtype, head dim or shape)"
+
+
+# SDPA backends that raised on a call torch said they take (cuDNN's "No execution plans support the graph", raised
+# while it builds its graph for a shape: pytorch/pytorch#140930, #122695): (backend, shapes, dtype, causal) → the
+# error. `auto` passes over that route for such calls from then on, so the error is paid once, not every step.
+_SDPA_FAILED: dict = {}
+
+
+def _sdpa_signature(name, q, k, causal):
+    return name, tuple(q.shape), tuple(k.shape), q.dtype, q.device, causal, q.requires_grad or k.requires_grad
 
 
 def _kernel_unsupported(q, k, v, cu_q, left, right, softcap, need_lse, deterministic):
@@ -325,7 +338,21 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, n
     if backend == "torch":
         return reference.attention_masked(q, k, v, scale, left, right, softcap, cu_q, cu_k)
     if backend in _SDPA_BACKENDS:
-        return _sdpa(q, k, v, scale, right, backend), None
+        try:
+            return _sdpa(q, k, v, scale, right, backend), None
+        except RuntimeError as e:
+            # Out of memory, or a CUDA error (the context is gone): no other route would do better; say so.
+            if isinstance(e, (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", torch.OutOfMemoryError))):
+                raise
+            # A backend that fails at run time on a call torch said it takes (the forward's graph build): the
+            # call goes to the next route of the table, and so do later calls of its shape, said once. (A failure
+            # in SDPA's backward cannot be rerouted: the forward has run; it is torch's own, as without fastlm.)
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            _SDPA_FAILED[_sdpa_signature(backend, q, k, _sdpa_causal(q, k, right))] = why
+            _backend.say_once(f"sdpa failed {backend} {why}", f"fastlm.attention: torch's {backend} raised on a "
+                              f"call it said it takes ({why}); such calls take the next route", stacklevel=4)
+            return _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, need_lse,
+                              deterministic)
     q, k, v = (_util.unit_stride_last(t) for t in (q, k, v))
     return attention_fwd_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, backend,
                             deterministic)
