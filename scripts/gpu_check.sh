@@ -192,7 +192,14 @@ want install && TAIL_LINES=8 run_step install "$INSTALL_S" "
 # it compute anything else, every later step runs with it off. The verdict is kept in DIRECT_VERDICT for this
 # commit, so later calls on the machine follow it without checking again; a cut, no GPU or a check that could not
 # run says nothing either way and leaves the path on.
-COMMIT=${FASTLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# The code's identity: FASTLM_COMMIT, else git's, else (a copy without .git, as the device tool makes) a hash of the
+# sources, so that a verdict or a done list never outlives an edit between calls.
+source_hash() {
+    find fastlm kernels csrc tests benchmarks scripts setup.py -type f \( -name '*.py' -o -name '*.cu' \
+        -o -name '*.cuh' -o -name '*.h' -o -name '*.cpp' -o -name '*.sh' \) 2>/dev/null | LC_ALL=C sort \
+        | xargs cat | sha1sum | cut -c1-12
+}
+COMMIT=${FASTLM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo "tree-$(source_hash)")}
 VERDICT=$([ -f "$DIRECT_VERDICT" ] && awk -v c="$COMMIT" '$1 == c {print $2}' "$DIRECT_VERDICT")
 if [ "$VERDICT" = off ]; then
     export FASTLM_TRITON_DIRECT=0

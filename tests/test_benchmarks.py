@@ -806,6 +806,34 @@ def test_gpu_check_turns_the_direct_launch_path_off_when_its_check_fails(tmp_pat
     assert direct == "unset"
 
 
+def test_gpu_check_names_a_copy_without_git_by_its_sources(tmp_path):
+    """The device tool's copy of the tree has no .git: the commit that keys the launch verdict (and the tests' done
+    list) is then a hash of the sources, which an edit changes."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    for part in ("scripts", "fastlm", "kernels"):
+        shutil.copytree(REPO / part, copy / part, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/bash\ncase \"$*\" in *benchmarks.launch_check*) exit 0 ;; esac\nexit 1\n")
+    stub.chmod(0o755)
+    verdict = tmp_path / "verdict"
+    env = _gpu_check_env(tmp_path, PY=str(stub), DIRECT_VERDICT=str(verdict), GIT_DIR=str(tmp_path / "no-git"))
+    env.pop("FASTLM_COMMIT", None)
+
+    def name():
+        verdict.unlink(missing_ok=True)
+        subprocess.run(["bash", str(copy / "scripts" / "gpu_check.sh"), "launch"], cwd=copy, env=env,
+                       capture_output=True, text=True, timeout=60)
+        return verdict.read_text().split()[0]
+
+    first = name()
+    assert first.startswith("tree-") and name() == first
+    with (copy / "kernels" / "norm.py").open("a") as f:
+        f.write("# an edit\n")
+    assert name() != first
+
+
 # ---------------------------------------------------------------------------------------------- static report
 
 
