@@ -350,7 +350,7 @@ fi
 # tests.log and the benchmark results present, keeping what an earlier call on this machine and commit recorded.
 if [ -z "$OP" ] && { want record || want tests || want bench; }; then
     echo "===== record"
-    RESUMED=$RESUMED $PY - "$RESULTS" "$OUT/tests.log" <<'PYEOF'
+    FASTLM_COMMIT=$COMMIT RESUMED=$RESUMED $PY - "$RESULTS" "$OUT/tests.log" <<'PYEOF'
 import os
 import sys
 from pathlib import Path
