@@ -383,15 +383,6 @@ def _sdpa(case, q, k, v, backend):
     return fn
 
 
-def _go_on_elsewhere_if_broken():
-    """After a unit that raised: when it broke this process's CUDA context (every later unit would fail too), end
-    the process as the watchdog does, so that benchmarks.hang.resumable goes on in a new one (the unit's row,
-    already written, says what happened)."""
-    if hang.context_broken():
-        sys.stdout.flush()
-        os._exit(hang.HUNG_EXIT)
-
-
 def _time_pair(fn, q, k, v, do, forward=True, backward=True):
     """(forward ms or None, backward ms or None, out, grads or None): do_bench medians of what is asked; the
     backward on a retained graph."""
@@ -544,7 +535,7 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
                     errs = [_rel(out, ref_out)] + [_rel(g, r) for g, r in zip(grads, ref_grads)]
             except Exception as e:  # noqa: BLE001 - a peer that cannot run this case is a result
                 emit({"kind": "peer", "case": name, "provider": provider, "mode": "fwd", "error": str(e)[:200]})
-                _go_on_elsewhere_if_broken()
+                hang.end_if_context_broken()
                 continue
             if provider == "sdpa-flash":
                 bounds = {"out": errs[0], "grads": max(errs[1:])}
@@ -577,7 +568,7 @@ def measure(out_dir: Path, budget_s: float, candidates: dict, log=print, device=
                                 errs = [_rel(out, ref_out)] + [_rel(g, r) for g, r in zip(grads or (), ref_grads)]
                         except Exception as e:  # noqa: BLE001 - out of resources, a compile error: a result
                             emit(dict(row, ms=None, correct=None, error=f"{type(e).__name__}: {str(e)[:200]}"))
-                            _go_on_elsewhere_if_broken()
+                            hang.end_if_context_broken()
                             continue
                     limit = (ERROR_FACTOR * bounds.get("out", 0) + ERROR_FLOOR,
                              ERROR_FACTOR * bounds.get("grads", 0) + ERROR_FLOOR)
@@ -679,12 +670,11 @@ def decode_sweep(out_dir: Path, budget_s: float, log=print, device="cuda", dtype
                                    correct=err <= 1e-2)
                     except Exception as e:  # noqa: BLE001 - a config that cannot run is a result
                         row.update(ms=None, correct=None, error=f"{type(e).__name__}: {str(e)[:200]}")
-                        emit(row)
-                        _go_on_elsewhere_if_broken()
-                    else:
-                        emit(row)
+                    emit(row)
                     log(f"decode {name} {cfg} per_sm={per_sm} min_keys={min_keys}: "
                         f"{row.get('gb_s') or 0:.0f} GB/s {'ok' if row.get('correct') else row.get('error', 'WRONG')}")
+                    if "error" in row:
+                        hang.end_if_context_broken()
         finally:
             A.DECODE_CONFIGS[128][16], A.DECODE_PROGRAMS_PER_SM, A.DECODE_MIN_SPLIT_KEYS = saved
     return rows

@@ -66,13 +66,17 @@ class Watchdog:
                 self.on_hang(dict(row, ms=None, correct=None, error=f"hung: no result after {self.seconds:g} s "
                                                                     "(the sweep went on in a new process)"))
             finally:
-                # os._exit skips the interpreter's flushing: the log lines written so far are kept.
-                for stream in (sys.stdout, sys.stderr):
-                    try:
-                        stream.flush()
-                    except Exception:  # noqa: BLE001 - a closed stream: nothing to keep
-                        pass
-                os._exit(self.exit_code)
+                end_process(self.exit_code)
+
+
+def end_process(code: int = HUNG_EXIT):
+    """os._exit(code) after flushing the log (os._exit skips the interpreter's flushing), from any thread."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream: nothing to keep
+            pass
+    os._exit(code)
 
 
 def rows_after(path: Path, line: int) -> list:
@@ -118,6 +122,13 @@ def context_broken() -> bool:
         return False
     except Exception:  # noqa: BLE001 - whatever CUDA raises, the context is gone
         return True
+
+
+def end_if_context_broken():
+    """After a unit that raised, its row written: when it broke the CUDA context, end the process as the watchdog
+    does, so that `resumable` goes on in a new one."""
+    if context_broken():
+        end_process(HUNG_EXIT)
 
 
 def line_count(path: Path) -> int:
