@@ -9,6 +9,7 @@ import math
 import os
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -100,6 +101,67 @@ def _interpreter_descriptor_reduce():
     builder.create_descriptor_reduce = create_descriptor_reduce
     yield
     del builder.create_descriptor_reduce
+
+
+DOT_CHUNK = 16  # the k of an fp16/bf16 tensor-core instruction (mma m16n8k16; wgmma k16)
+
+
+def _interpreter_floats(handle):
+    """An interpreter tensor's values as numbers: bfloat16 is held as uint16 bit patterns, a float32's high half."""
+    if handle.dtype.is_bf16():
+        return (handle.data.astype(np.uint32) << 16).view(np.float32)
+    return handle.data
+
+
+def _dot_in_fixed_order(real):
+    """The interpreter's tl.dot with its sums in one fixed order, whatever the tile: the shared dimension in chunks
+    of DOT_CHUNK, each chunk's products (in the accumulator's dtype) added as a pairwise tree, the chunks added in
+    sequence, then the accumulator added (as Triton's own does). Every element's rounding depends on its row of a
+    and its column of b alone; the shape of the sum is a tensor core's (a short tree per instruction, instructions
+    in sequence), so the error stays what the tolerance rule's tree-like model expects (docs/TOLERANCE.md, Limits).
+    fp8 operands keep Triton's own (no test multiplies fp8). bfloat16 operands, which the interpreter keeps as their
+    bit patterns in uint16 (Triton's own dot multiplies those integers), are read as the numbers they encode."""
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype.primitive_bitwidth == 8 or b.dtype.primitive_bitwidth == 8:
+            return real(self, a, b, d, input_precision, max_num_imprecise_acc)
+        from triton.runtime.interpreter import TensorHandle
+
+        acc = d.data.dtype
+        x, y = (_interpreter_floats(t).astype(acc) for t in (a, b))
+        out = None
+        for k0 in range(0, x.shape[-1], DOT_CHUNK):
+            terms = x[..., :, k0:k0 + DOT_CHUNK, None] * y[..., None, k0:k0 + DOT_CHUNK, :]  # (..., M, k, N)
+            while terms.shape[-2] > 1:
+                half = terms.shape[-2] // 2
+                pairs = terms[..., :half, :] + terms[..., half:2 * half, :]
+                terms = np.concatenate([pairs, terms[..., 2 * half:, :]], axis=-2) if terms.shape[-2] % 2 else pairs
+            out = terms[..., 0, :] if out is None else out + terms[..., 0, :]
+        return TensorHandle(out + d.data, d.dtype.scalar)
+
+    return create_dot
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tile_independent_dot():
+    """Triton 3.6's interpreter computes tl.dot with np.matmul, that is with the machine's BLAS, whose rounding of
+    an element depends on the matrix's shape: the first 16 rows of a 64 × 64 fp16 product, computed alone, differ
+    from the same rows of the whole in 156 of 1024 elements with OpenBLAS's Haswell kernel (its choice on an AMD
+    EPYC of this project's CPU machines) or its Zen kernel, in none with its SkylakeX kernel, and a single row (a gemv)
+    differs with every kernel. Tests that assert two differently tiled kernels give the same bits (the atomic dQ,
+    16 query rows a program, against the dQ kernel's 64), or that a backward's recomputed scores equal the
+    forward's, then passed on one CPU and failed on another (5 tests, on a fresh machine's `make test`). Here
+    every dot adds its products in one order whatever the tile (_dot_in_fixed_order), on any CPU, as a GPU's
+    matrix instructions treat an element wherever it sits in a tile: what those tests assume. The suite's time
+    did not change measurably (489 s against 476 s, within this machine's run-to-run spread). Nothing changes on
+    a GPU, where the interpreter is not used."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    real = builder.create_dot
+    builder.create_dot = _dot_in_fixed_order(real)
+    yield
+    builder.create_dot = real
 
 
 def pytest_collection_modifyitems(config, items):

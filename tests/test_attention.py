@@ -10,6 +10,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import fastlm
 from fastlm import reference
@@ -293,8 +295,9 @@ def _grads_of(q, k, v, g, backend, **kw):
 def test_atomic_dq_backward(case, tma, backend, monkeypatch):
     """The five-matmul backward (DQ_ATOMIC: dQ added atomically by the dK/dV kernel, no dQ kernel) through both
     dK/dV paths. In the interpreter the programs run in key-block order, which is the order the dQ kernel sums the
-    key blocks in, so dq, dk and dv are the bits of the three-kernel backward (a dropped or doubled block, a
-    missing mask or scale fails it); on a GPU the adds' order varies, and the reference test checks it by the
+    key blocks in, and a dot rounds an element alike in either tiling (conftest's _tile_independent_dot), so dq,
+    dk and dv are the bits of the three-kernel backward (a dropped or doubled block, a missing mask or scale fails
+    it); on a GPU the adds' order varies, and the reference test checks it by the
     rule. GQA, MQA, windows, softcap and padded head dims (80, 112) included."""
     _force_tma_paths(monkeypatch, tma)
     b, sq, sk, h, hk, d, causal, window, softcap = case
@@ -345,6 +348,32 @@ def test_atomic_dq_keys_past_the_end_with_a_very_negative_lse(tma, backend, monk
     for name, a, b_ in zip(("dq", "dk", "dv"), atomic, plain):
         assert torch.isfinite(a).all(), name
         assert torch.equal(a, b_), name
+
+
+@triton.jit
+def _rows_times_b(A, B, C, ROWS: tl.constexpr, K: tl.constexpr, N: tl.constexpr):
+    r, k, n = tl.arange(0, ROWS), tl.arange(0, K), tl.arange(0, N)
+    a = tl.load(A + r[:, None] * K + k[None, :])
+    b = tl.load(B + k[:, None] * N + n[None, :])
+    tl.store(C + r[:, None] * N + n[None, :], tl.dot(a, b))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a property of the tests' interpreter (conftest's _tile_independent_dot)")
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=str)
+def test_interpreter_dot_rounds_an_element_alike_in_every_tiling(dtype):
+    """What the bitwise atomic-dQ tests above rest on: in the tests' interpreter the first 16 rows of a 64-row
+    product, computed as a 16-row tile, are the bits of the same rows of the 64-row tile, on any CPU (with the
+    interpreter's own np.matmul they differ in about 15% of the elements under OpenBLAS's Haswell kernel); and
+    the product is the product, within float32 summation error of the exact one (bfloat16 too, which Triton's own
+    interpreter dot gets wrong)."""
+    a = torch.randn(64, 64, generator=generator(11)).to(DEVICE, dtype)
+    b = torch.randn(64, 32, generator=generator(12)).to(DEVICE, dtype)
+    whole, part = (torch.full((rows, 32), float("nan"), device=DEVICE) for rows in (64, 16))
+    _rows_times_b[(1,)](a, b, whole, ROWS=64, K=64, N=32)
+    _rows_times_b[(1,)](a, b, part, ROWS=16, K=64, N=32)
+    assert torch.equal(part, whole[:16])
+    exact = a[:16].double() @ b.double()
+    assert (part.double() - exact).abs().max() <= 64 * 2.0 ** -24 * (a[:16].double().abs() @ b.double().abs()).max()
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
