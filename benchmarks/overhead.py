@@ -193,6 +193,11 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # This is a pytest session of its own, not an xdist worker: started from one (the test suite under xdist, as
+    # gpu_check.sh runs it), the inherited PYTEST_XDIST_WORKER makes pytest-benchmark disable itself and refuse
+    # --benchmark-only.
+    for name in [n for n in os.environ if n.startswith("PYTEST_XDIST_")]:
+        del os.environ[name]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "overhead.json"
         code = pytest.main([__file__, "-q", "-p", "no:cacheprovider", "--benchmark-only",

@@ -1247,7 +1247,10 @@ def test_families_as_pytest_benchmarks_collect_every_cell_and_skip_without_a_gpu
     mode, the quick cases unless FASTLM_BENCH_FULL=1, and without a GPU every one skips saying so."""
     from benchmarks.__main__ import families
 
-    env = {k: v for k, v in os.environ.items() if k not in ("FASTLM_BENCH_FULL", "PYTEST_ADDOPTS")}
+    # Not PYTEST_XDIST_WORKER either: inherited from an xdist worker (gpu_check.sh runs the suite under xdist), it
+    # makes pytest-benchmark disable itself in the child and refuse --benchmark-only.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("FASTLM_BENCH_FULL", "PYTEST_ADDOPTS") and not k.startswith("PYTEST_XDIST_")}
     env["CUDA_VISIBLE_DEVICES"] = ""
 
     def pytest_run(*args, **extra_env):
