@@ -297,8 +297,8 @@ def test_atomic_dq_backward(case, tma, backend, monkeypatch):
     dK/dV paths. In the interpreter the programs run in key-block order, which is the order the dQ kernel sums the
     key blocks in, and a dot rounds an element alike in either tiling (conftest's _tile_independent_dot), so dq,
     dk and dv are the bits of the three-kernel backward (a dropped or doubled block, a missing mask or scale fails
-    it); on a GPU the adds' order varies, and the reference test checks it by the
-    rule. GQA, MQA, windows, softcap and padded head dims (80, 112) included."""
+    it); on a GPU the adds' order varies, and the reference test checks it by the rule. GQA, MQA, windows, softcap
+    and padded head dims (80, 112) included."""
     _force_tma_paths(monkeypatch, tma)
     b, sq, sk, h, hk, d, causal, window, softcap = case
     dtype = GPU_DTYPES[0] if HAS_GPU else torch.float16
