@@ -1,0 +1,80 @@
+"""The tests' own machinery: what the tolerance rule's SimulatedRounding does to the operations it sees
+(docs/TOLERANCE.md), and the interpreter's conversions to bfloat16 (conftest's _bfloat16_rounded_to_nearest)."""
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from conftest import HAS_GPU, RHO, SimulatedRounding, generator
+
+
+def _values(n=4096, offset=0):
+    """float32 values of random sign with magnitudes spread evenly over 2⁻⁸ .. 2⁸ (no subnormal in any dtype)."""
+    gen = generator(offset)
+    sign = torch.randint(0, 2, (n,), generator=gen) * 2 - 1
+    return sign * torch.exp2(torch.rand(n, generator=gen) * 16 - 8)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+def test_conversions_are_left_alone(dtype):
+    """A conversion is correctly rounded on every platform: the mode leaves it exact, to a narrower dtype, a wider
+    one, or the same (docs/TOLERANCE.md: two implementations differ there only through their inputs)."""
+    x = _values()
+    with SimulatedRounding(1):
+        narrow, back, same = x.to(dtype), x.double().float(), x.to(dtype, copy=True)
+    assert torch.equal(narrow, x.to(dtype)) and torch.equal(same, narrow) and torch.equal(back, x)
+
+
+def test_a_pointwise_result_moves_by_at_most_rho_units():
+    """A product is z·(1 + ρ·u·e), itself rounded: within (ρ + 1)·u relative of the plain result, and moved."""
+    x, y = _values(), _values(offset=1)
+    with SimulatedRounding(3):
+        z = x * y
+    rel = ((z.double() - (x * y).double()) / (x * y).double()).abs()
+    u = torch.finfo(torch.float32).eps / 2
+    assert RHO * u / 4 < rel.max().item() <= (RHO + 1) * u
+
+
+def test_a_sum_moves_by_its_pairwise_rounding_bound():
+    """A matmul's dot products of K terms are s + ρ·u·(|s|·e₁ + √((⌈log₂K⌉ + 1)·Σt²)·e₂): within that bound of
+    the plain result, and moved by a sizable part of it somewhere."""
+    K = 512
+    a, b = _values(16 * K).view(16, K), _values(K * 8, offset=1).view(K, 8)
+    with SimulatedRounding(4):
+        c = a @ b
+    plain = (a @ b).double()  # the same float32 product outside the mode: c − plain is the perturbation
+    u = torch.finfo(torch.float32).eps / 2
+    bound = RHO * u * (plain.abs() + ((math.ceil(math.log2(K)) + 1) * (a.double() ** 2 @ b.double() ** 2)).sqrt())
+    moved = (c.double() - plain).abs() / bound
+    # The perturbed sum is itself rounded to float32, by up to u·|s|: 1/ρ of the bound's first term.
+    assert moved.max().item() <= 1 + 1 / RHO and moved.max().item() > 0.25
+
+
+@triton.jit
+def _convert(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < n).to(Y.dtype.element_ty), mask=offs < n)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a property of the tests' interpreter (conftest's _bfloat16_rounded_to_nearest)")
+@pytest.mark.parametrize("src", (torch.float32, torch.float16), ids=str)
+def test_interpreter_rounds_to_bfloat16_as_the_gpu_does(src):
+    """A kernel's conversion to bfloat16 rounds to the nearest, ties to even, as the GPU's cvt.rn and torch do:
+    bit for bit against torch, on random values and on the halfway cases (where dropping the low bits, Triton's
+    own interpreter's way, rounds half of them otherwise), their neighbours, ±0, ±inf and NaN."""
+    x = _values(1024)
+    if src == torch.float32:
+        halfway = (x.view(torch.int32) & ~0xFFFF) | 0x8000  # exactly between two bfloat16 values
+        special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])
+        x = torch.cat([x, *(t.view(torch.float32) for t in (halfway, halfway + 1, halfway - 1)), special])
+    x = x.to(src).contiguous()
+    n = x.numel()
+    y = torch.empty(n, dtype=torch.bfloat16)
+    _convert[(1,)](x, y, n, BLOCK=triton.next_power_of_2(n))
+    expect = x.to(torch.bfloat16)
+    same = (y.view(torch.int16) == expect.view(torch.int16)) | (torch.isnan(y) & torch.isnan(expect))
+    assert same.all(), f"{(~same).sum().item()} of {n} conversions differ from torch's"
+
