@@ -441,6 +441,98 @@ def simulated_runs(fn, samples=ROUNDING_SAMPLES):
     return runs
 
 
+# --- PyTorch's attention in FlashAttention's form -------------------------------------------------------------------
+# The rule's baseline for attention is the reference computed in the input dtype (PyTorch's math backend). Its
+# backward forms δ = Σⱼ Pⱼ·dPⱼ and cancels exactly where the true gradient is exactly 0 (identical keys: dq = 0;
+# identical values: dS = 0), so its error there is 0 and so is the bound. PyTorch's other attention backends (SDPA's
+# flash and cuDNN) and every FlashAttention-style kernel compute those outputs in another, equally correct form:
+# scores and probabilities in float32, P rounded to the input dtype for P·V, δ = Σ_d dO·O from the output as
+# rounded, and dS rounded to the input dtype for the dQ and dK matmuls. That leaves about one rounding of the terms
+# where the math form leaves none. The attention tests take PyTorch's error as the larger of the two forms'
+# for inputs narrower than float32 (docs/TOLERANCE.md, "Attention: PyTorch's two forms").
+
+
+class _FlashFormCore(torch.autograd.Function):
+    """softmax(s)·v with FlashAttention's rounding: s (…, Sq, Sk) float32 scores, −inf where masked, 0 in rows that
+    see nothing (row_any False); v (…, Sk, D) float32 holding values of `dtype`. Returns out in `dtype` and the LSE
+    in float32 (−inf for rows that see nothing).
+
+    Forward as FlashAttention-2 computes it: the unnormalized P̃ = exp(s − m) (m the row's max: its running max
+    when the row is one block of keys) rounded to `dtype` for P̃·V, the sum ℓ = Σ P̃ in float32 unrounded, out =
+    (P̃·V)/ℓ rounded once. Backward as it computes it: P = exp(s − lse) recomputed, dS = P·(dP − δ + dlse) in
+    float32 with δ = Σ dO·out from the rounded output, and dV = P (rounded to `dtype`)ᵀ·dO."""
+
+    @staticmethod
+    def forward(ctx, s, v, row_any, dtype):
+        m = s.amax(dim=-1, keepdim=True) if s.shape[-1] else s.new_zeros((*s.shape[:-1], 1))  # no keys: no max
+        p_tilde = torch.exp(s - m)
+        sum_p = p_tilde.sum(dim=-1, keepdim=True)
+        out = torch.where(row_any, (p_tilde.to(dtype).float() @ v) / sum_p, 0.0).to(dtype)
+        lse = torch.where(row_any, m + torch.log(sum_p), float("-inf"))
+        ctx.save_for_backward(s, lse, v, out, row_any)
+        ctx.dtype = dtype
+        return out, lse.squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        s, lse, v, out, row_any = ctx.saved_tensors
+        p = torch.where(row_any, torch.exp(s - lse), 0.0)
+        do = dout.float()
+        delta = (do * out.float()).sum(-1, keepdim=True)
+        ds = p * (do @ v.transpose(-1, -2) - delta + dlse.unsqueeze(-1))
+        dv = p.to(ctx.dtype).float().transpose(-1, -2) @ do
+        return ds, dv, None, None
+
+
+class _RoundGradient(torch.autograd.Function):
+    """The identity, whose backward rounds the gradient to `dtype` (FlashAttention's dS before the dQ, dK matmuls)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        ctx.dtype = dtype
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).float(), None
+
+
+def _flash_form_dense(q, k, v, scale, window_left, window_right, softcap):
+    from fastlm import reference
+
+    B, Sq, Hq, D = q.shape
+    Sk, Hk = k.shape[1], k.shape[2]
+    qf = q.float().transpose(1, 2)
+    kf, vf = (t.float().transpose(1, 2).repeat_interleave(Hq // Hk, dim=1) for t in (k, v))
+    s = _RoundGradient.apply((qf @ kf.transpose(-1, -2)) * scale, q.dtype)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    visible = reference.attention_visible(Sq, Sk, window_left, window_right, q.device)
+    row_any = visible.any(-1, keepdim=True)
+    s = torch.where(row_any, s.masked_fill(~visible, float("-inf")), 0.0)
+    out, lse = _FlashFormCore.apply(s, vf, row_any, q.dtype)
+    return out.transpose(1, 2), lse
+
+
+def attention_flash_form(q, k, v, scale, window_left=None, window_right=None, softcap=0.0, cu_seqlens_q=None,
+                         cu_seqlens_k=None):
+    """reference.attention_masked(..., upcast=False)'s contract (out in q's dtype, LSE float32, the same layouts,
+    varlen included), computed in FlashAttention's form (above)."""
+    if cu_seqlens_q is None:
+        return _flash_form_dense(q, k, v, scale, window_left, window_right, softcap)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = [q.new_zeros((cq[0], *q.shape[1:]))]
+    lses = [torch.full((q.shape[1], cq[0]), float("-inf"), device=q.device)]
+    for b in range(len(cq) - 1):
+        o, lse = _flash_form_dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                                   scale, window_left, window_right, softcap)
+        outs.append(o[0])
+        lses.append(lse[0])
+    outs.append(q.new_zeros((q.shape[0] - cq[-1], *q.shape[1:])))
+    lses.append(torch.full((q.shape[1], q.shape[0] - cq[-1]), float("-inf"), device=q.device))
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
 def assert_by_rule(name, out, ref, torch_out, factor=2.0, samples=()):
     """DESIGN.md's rule (docs/TOLERANCE.md): max|out − ref| ≤ factor · E_torch + one ulp of out's dtype at max|ref|.
 

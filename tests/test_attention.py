@@ -16,7 +16,8 @@ import triton.language as tl
 import fastlm
 from fastlm import reference
 from fastlm.kernels import attention as triton_attention
-from tests.conftest import BACKENDS, DEVICE, HAS_GPU, assert_by_rule, generator, simulated_runs
+from tests.conftest import (BACKENDS, DEVICE, HAS_GPU, assert_by_rule, attention_flash_form, generator,
+                            simulated_runs)
 
 CPU_DTYPES = (torch.float32, torch.float16)
 GPU_DTYPES = (torch.bfloat16, torch.float16)
@@ -104,10 +105,53 @@ def _compare(q, k, v, backend, *, lse_in_loss=False, **kw):
     def baseline():
         return _grads(lambda *t: ref(*t, upcast=False), (q, k, v), g, gl)
 
-    # Three simulated runs: every output here has hundreds of elements or more, whose largest error is already a
-    # steady statistic (conftest.ROUNDING_SAMPLES is for outputs of a few elements).
-    _check_all(got, exact, baseline(), f"{backend}", simulated_runs(baseline, samples=3))
+    def flash_form():
+        return _grads(lambda *t: attention_flash_form(*t, scale, left, right, kw.get("softcap", 0.0), *cu), (q, k, v),
+                      g, gl)
+
+    # Three simulated runs of each form: every output here has hundreds of elements or more, whose largest error is
+    # already a steady statistic (conftest.ROUNDING_SAMPLES is for outputs of a few elements).
+    _check_all(got, exact, baseline(), f"{backend}", _both_forms(baseline, flash_form, q.dtype, samples=3))
     return got
+
+
+def _both_forms(math_form, flash_form, dtype, samples):
+    """PyTorch's error sampled in its two forms of attention (conftest.attention_flash_form) for inputs narrower
+    than float32: each as run and `samples` times under simulated rounding, the math form's run left out (it is
+    the rule's `torch_out`). In float32 the math form's alone (the FlashAttention form rounds nothing to the input
+    dtype there; docs/TOLERANCE.md)."""
+    sims = simulated_runs(math_form, samples=samples)
+    if dtype == torch.float32:
+        return sims
+    return sims + [flash_form()] + simulated_runs(flash_form, samples=samples)
+
+
+@pytest.mark.parametrize("varlen", (False, True), ids=("dense", "varlen"))
+def test_flash_form_baseline_computes_attention(varlen):
+    """The rule's second PyTorch baseline (conftest.attention_flash_form, FlashAttention's rounding) computes
+    attention: in float32, where its roundings to the input dtype are exact, it is as accurate as the math form
+    by the rule, outputs and gradients (the LSE in the loss) over GQA, a two-sided window with queries that see
+    nothing, softcap, and packed sequences with tokens outside every sequence."""
+    q, k, v = _inputs((1, 40, 4, 32), (1, 30, 2, 32), torch.float32)
+    left, right, softcap, cu = 12, -3, 5.0, (None, None)  # key j ≤ query i − 13: queries 0–12 see none
+    if varlen:
+        q, k, v = q[0], k[0], v[0]
+        cu = tuple(torch.tensor(c, dtype=torch.int32, device=DEVICE) for c in ((2, 17, 36), (0, 9, 27)))
+        left, right = None, 0
+    g = torch.randn(q.shape, generator=generator(1)).to(DEVICE)
+    gl = torch.randn((q.shape[1], q.shape[0]) if varlen else (1, 4, 40), generator=generator(2)).to(DEVICE)
+
+    def run(fn, dtype=torch.float32):
+        return _grads(lambda *t: fn(*t, 32 ** -0.5, left, right, softcap, *cu), [t.to(dtype) for t in (q, k, v)],
+                      g.to(dtype), gl.to(dtype))
+
+    flash, exact = run(attention_flash_form), run(reference.attention_masked, torch.float64)
+    assert torch.isneginf(flash[1]).any(), "the case has queries that see no key"
+
+    def math_form():
+        return run(lambda *t: reference.attention_masked(*t, upcast=False))
+
+    _check_all(flash, exact, math_form(), "flash form", simulated_runs(math_form, samples=3))
 
 
 def _case_id(c):
@@ -729,10 +773,16 @@ def test_sdpa_dropin_matches_torch(sq, sk, is_causal, backend):
     def theirs(*t):
         return _sdpa_math(*t, **kw), torch.zeros(())
 
+    def flash_form(*t):  # torch's layout, top-left causal: key j ≤ query i is j ≤ i + (sk − sq) + (sq − sk)
+        qt, kt, vt = (x.transpose(1, 2) for x in t)
+        out, _ = attention_flash_form(qt, kt, vt, 0.1, None, sq - sk if is_causal else None)
+        return out.transpose(1, 2), torch.zeros(())
+
     got = _grads(ours, (q, k, v), g)
     exact = _grads(theirs, [t.double() for t in (q, k, v)], g.double())
     base = _grads(theirs, (q, k, v), g)
-    sims = simulated_runs(lambda: _grads(theirs, (q, k, v), g), samples=3)  # thousands of elements each
+    sims = _both_forms(lambda: _grads(theirs, (q, k, v), g), lambda: _grads(flash_form, (q, k, v), g), dtype,
+                       samples=3)  # thousands of elements each
     for i, name in zip((0, 2, 3, 4), ("out", "dq", "dk", "dv")):
         assert_by_rule(f"sdpa {name}", got[i], exact[i], base[i], factor=3.0 if name != "out" else 2.0,
                        samples=[s[i] for s in sims])
