@@ -38,7 +38,8 @@
 # later ones nothing, and every family that finishes adds its entries to dispatch.json. Within a family, a provider
 # that fails or breaks the CUDA context costs its own cells (benchmarks/harness.py, IsolatedRun).
 # Writes to $OUT (the device tool brings back at most 8 files): one log per step, and results.tar.gz holding
-# <device-slug>/{<op>.json,<op>.md,<op>.png,dispatch.json,gpu_check.json}, to untar into benchmarks/results/
+# <device-slug>/{<op>.json,<op>.md,<op>.png,dispatch.json,gpu_check.json,tolerance.jsonl}, to untar into
+# benchmarks/results/ (tolerance.jsonl: every tolerance-rule comparison of the tests step, its error and bound)
 # (with --op: op-results.tar.gz, the quick results, not for committing).
 # Liger-Kernel, a benchmark peer, is installed from .whl/*.whl when the call carries it (scripts/README.md).
 set -uo pipefail
@@ -234,9 +235,13 @@ if want tests; then
             "here: the whole suite runs"
         echo "# commit $COMMIT" >"$TESTS_DONE"
     fi
+    # Every comparison of the tolerance rule, one JSON line each (docs/TOLERANCE.md, FASTLM_TOL_LOG): the margins
+    # on the GPU, packed with the results; a resumed call appends to its first call's.
+    TOL_LOG="$RESULTS/$(device_slug)/tolerance.jsonl"
+    mkdir -p "$(dirname "$TOL_LOG")" && [ "$RESUMED" = 1 ] || rm -f "$TOL_LOG"
     STEP_SIGNAL=INT TAIL_LINES=40 run_step tests "$TESTS_S" "FASTLM_TESTS_DONE=$TESTS_DONE \
-        FASTLM_TESTS_RESUME=$RESUMED $PY -m pytest -q -rfE --durations=15 $(pytest_options loadfile) \
-        ${TESTS_ARGS:-}"
+        FASTLM_TESTS_RESUME=$RESUMED FASTLM_TOL_LOG=$TOL_LOG $PY -m pytest -q -rfE --durations=15 \
+        $(pytest_options loadfile) ${TESTS_ARGS:-}"
 fi
 
 # Small calls end to end (issue 15's host targets, on the GPU): triton through Triton's launch path and the direct

@@ -673,12 +673,14 @@ def test_gpu_check_record_adds_a_resumed_calls_counts(tmp_path):
 @pytest.mark.parametrize("resume,commit", [(False, "abc1234"), (True, "abc1234"), (True, "c0ffee1")])
 def test_gpu_check_resumes_the_tests_an_earlier_call_left(tmp_path, resume, commit):
     """TESTS_RESUME=1 hands pytest the list of finished tests to skip and keeps it, when it is this commit's; a
-    fresh tests step, or a resume at another commit, starts a new list (the whole suite runs)."""
+    fresh tests step, or a resume at another commit, starts a new list (the whole suite runs). The tolerance log
+    (FASTLM_TOL_LOG, packed with the results) is added to by a resumed call and started afresh otherwise."""
     stub = tmp_path / "python"
     stub.write_text(textwrap.dedent(f"""\
         #!/bin/bash
         case "$*" in
           *" pytest "*) echo "$FASTLM_TESTS_DONE $FASTLM_TESTS_RESUME" > {tmp_path / "env"};
+                        echo '{{"name": "now"}}' >> "$FASTLM_TOL_LOG"
                         echo "1 passed in 0.01s"; exit 0 ;;
         esac
         exit 1
@@ -687,6 +689,9 @@ def test_gpu_check_resumes_the_tests_an_earlier_call_left(tmp_path, resume, comm
     done = tmp_path / "done"
     earlier = "# commit abc1234\ntests/test_a.py::test_b\n"
     done.write_text(earlier)
+    tol_log = tmp_path / "results" / "unknown-device" / "tolerance.jsonl"  # the stand-in python names no device
+    tol_log.parent.mkdir(parents=True)
+    tol_log.write_text('{"name": "earlier"}\n')
     env = _gpu_check_env(tmp_path, PY=str(stub), TESTS_DONE=str(done), TESTS_RESUME="1" if resume else "0",
                          FASTLM_COMMIT=commit)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "tests"], cwd=REPO, env=env,
@@ -695,6 +700,8 @@ def test_gpu_check_resumes_the_tests_an_earlier_call_left(tmp_path, resume, comm
     assert (tmp_path / "env").read_text().split() == [str(done), "1" if resumed else "0"]
     assert done.read_text() == (earlier if resumed else f"# commit {commit}\n")
     assert ("the whole suite runs" in proc.stdout) == (resume and not resumed)
+    assert [json.loads(line)["name"] for line in tol_log.read_text().splitlines()] == (
+        ["earlier", "now"] if resumed else ["now"])
 
 
 def test_gpu_check_script_records_and_packs_without_a_gpu(tmp_path):
