@@ -165,17 +165,18 @@ def _tile_independent_dot():
 
 
 def _bfloat16_to_nearest(real):
-    """The interpreter's cast with float32 (or float16) → bfloat16 rounded to the nearest, ties to even (as torch's
-    conversion and a GPU's cvt.rn); every other cast is Triton's own."""
+    """The interpreter's cast to bfloat16 from any other type rounded to the nearest, ties to even (as torch's
+    conversion and a GPU's cvt.rn; integers and float64 by way of float32, as torch converts them); every other
+    cast is Triton's own."""
     import triton.language as tl
     from triton.runtime.interpreter import TensorHandle
 
     def cast_impl(self, src, dst_type):
-        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar in (tl.float32, tl.float16):
+        if dst_type.scalar == tl.bfloat16 and src.dtype.scalar != tl.bfloat16:
             # In numpy (a torch op here would show in the tests' dispatch modes as the kernel's own): the high
             # half, plus one where the low half is above 0x8000 or exactly 0x8000 with the high half odd; NaN as
             # torch's 0x7FC0.
-            wide = np.asarray(src.data, dtype=np.float32)
+            wide = np.asarray(src.data).astype(np.float32)
             bits = wide.view(np.uint32).astype(np.uint64)
             rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
             return TensorHandle(np.where(np.isnan(wide), np.uint16(0x7FC0), rounded).astype(np.uint16), tl.bfloat16)
@@ -187,7 +188,8 @@ def _bfloat16_to_nearest(real):
 @pytest.fixture(autouse=True, scope="session")
 def _bfloat16_rounded_to_nearest():
     """Triton 3.6's interpreter converts float32 to bfloat16 by dropping the low 16 bits (rounding toward zero; float16
-    goes through float32 the same way), where a GPU's cvt.rn rounds to the nearest. So
+    goes through float32 the same way; integers and float64 it turns into garbage: their bits taken as bfloat16's),
+    where a GPU's cvt.rn rounds to the nearest. So
     every bfloat16 a kernel stored under the interpreter, an output, a P or dS tile before a dot, was up to one ulp
     smaller in magnitude than on the GPU, always in the same direction: a bias no rounding model allows, found as
     a bfloat16 attention output one ulp low in every element (the values identical, so the exact output is a value

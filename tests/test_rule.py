@@ -60,12 +60,13 @@ def _convert(X, Y, n, BLOCK: tl.constexpr):
 
 
 @pytest.mark.skipif(HAS_GPU, reason="a property of the tests' interpreter (conftest's _bfloat16_rounded_to_nearest)")
-@pytest.mark.parametrize("src", (torch.float32, torch.float16), ids=str)
+@pytest.mark.parametrize("src", (torch.float32, torch.float16, torch.float64, torch.int32), ids=str)
 def test_interpreter_rounds_to_bfloat16_as_the_gpu_does(src):
     """A kernel's conversion to bfloat16 rounds to the nearest, ties to even, as the GPU's cvt.rn and torch do:
-    bit for bit against torch, on random values and on the halfway cases (where dropping the low bits, Triton's
-    own interpreter's way, rounds half of them otherwise), their neighbours, ±0, ±inf and NaN."""
-    x = _values(1024)
+    bit for bit against torch, on random values (integers up to ±2¹⁰, float64 by way of float32 as torch rounds it)
+    and on the halfway cases (where dropping the low bits, Triton's own interpreter's way, rounds half of them
+    otherwise), their neighbours, ±0, ±inf and NaN."""
+    x = _values(1024) * (4 if src == torch.int32 else 1)
     if src == torch.float32:
         halfway = (x.view(torch.int32) & ~0xFFFF) | 0x8000  # exactly between two bfloat16 values
         special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])
