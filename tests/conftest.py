@@ -187,13 +187,13 @@ def _bfloat16_to_nearest(real):
 
 @pytest.fixture(autouse=True, scope="session")
 def _bfloat16_rounded_to_nearest():
-    """Triton 3.6's interpreter converts float32 to bfloat16 by dropping the low 16 bits (rounding toward zero; float16
-    goes through float32 the same way; integers and float64 it turns into garbage: their bits taken as bfloat16's),
-    where a GPU's cvt.rn rounds to the nearest. So
-    every bfloat16 a kernel stored under the interpreter, an output, a P or dS tile before a dot, was up to one ulp
-    smaller in magnitude than on the GPU, always in the same direction: a bias no rounding model allows, found as
-    a bfloat16 attention output one ulp low in every element (the values identical, so the exact output is a value
-    itself). Here those conversions round as the hardware does. Nothing changes on a GPU."""
+    """Triton 3.6's interpreter converts float32 to bfloat16 by dropping the low 16 bits (rounding toward zero;
+    float16 goes through float32 the same way; integers and float64 it turns into garbage, their bits taken as
+    bfloat16's), where a GPU's cvt.rn rounds to the nearest. So every bfloat16 a kernel stored under the
+    interpreter, an output, a P or dS tile before a dot, was up to one ulp smaller in magnitude than on the GPU,
+    always in the same direction: a bias no rounding model allows, found as a bfloat16 attention output one ulp low
+    in every element (the values identical, so the exact output is a value itself). Here those conversions round
+    as the hardware does. Nothing changes on a GPU."""
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
@@ -445,8 +445,8 @@ def simulated_runs(fn, samples=ROUNDING_SAMPLES):
 
 # --- PyTorch's attention in FlashAttention's form -------------------------------------------------------------------
 # The rule's baseline for attention is the reference computed in the input dtype (PyTorch's math backend). Its
-# backward forms δ = Σⱼ Pⱼ·dPⱼ and cancels exactly where the true gradient is exactly 0 (identical keys: dq = 0;
-# identical values: dS = 0), so its error there is 0 and so is the bound. PyTorch's other attention backends (SDPA's
+# backward forms δ = Σⱼ Pⱼ·dPⱼ and keeps dS unrounded, so it cancels where the true gradient is exactly 0 (identical
+# keys: dq = 0), and its error there, and so the bound, is ~1e-7 or 0. PyTorch's other attention backends (SDPA's
 # flash and cuDNN) and every FlashAttention-style kernel compute those outputs in another, equally correct form:
 # scores and probabilities in float32, P rounded to the input dtype for P·V, δ = Σ_d dO·O from the output as
 # rounded, and dS rounded to the input dtype for the dQ and dK matmuls. That leaves about one rounding of the terms
