@@ -152,8 +152,16 @@ def attention_masked(q, k, v, scale, window_left=None, window_right=None, softca
     ct = _compute_dtype(q) if upcast else q.dtype
     if cu_seqlens_q is None:
         return _attention_dense(q, k, v, scale, window_left, window_right, softcap, ct)
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     lse_dtype = torch.float32 if ct != torch.float64 else ct
+    return attention_per_sequence(lambda *qkv: _attention_dense(*qkv, scale, window_left, window_right, softcap, ct),
+                                  q, k, v, cu_seqlens_q, cu_seqlens_k, lse_dtype)
+
+
+def attention_per_sequence(dense, q, k, v, cu_seqlens_q, cu_seqlens_k, lse_dtype):
+    """Varlen attention as `dense` (q, k, v of one sequence, batch 1 → out, lse) run on each packed sequence: out
+    (Tq, Hq, D) and LSE (Hq, Tq) in lse_dtype, with tokens outside every sequence given output 0 and LSE −inf.
+    Reads the offsets on the host."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     Tq, Hq = q.shape[0], q.shape[1]
 
     def outside(n):  # n query tokens outside every sequence
@@ -163,8 +171,7 @@ def attention_masked(q, k, v, scale, window_left=None, window_right=None, softca
     head, tail = outside(cq[0]), outside(Tq - cq[-1])
     outs, lses = [head[0]], [head[1]]
     for b in range(len(cq) - 1):
-        o, lse = _attention_dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                                  scale, window_left, window_right, softcap, ct)
+        o, lse = dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]])
         outs.append(o[0])
         lses.append(lse[0])
     outs.append(tail[0])

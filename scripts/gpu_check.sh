@@ -238,7 +238,8 @@ if want tests; then
     # Every comparison of the tolerance rule, one JSON line each (docs/TOLERANCE.md, FASTLM_TOL_LOG): the margins
     # on the GPU, packed with the results; a resumed call appends to its first call's.
     TOL_LOG="$RESULTS/$(device_slug)/tolerance.jsonl"
-    mkdir -p "$(dirname "$TOL_LOG")" && [ "$RESUMED" = 1 ] || rm -f "$TOL_LOG"
+    mkdir -p "$(dirname "$TOL_LOG")"
+    [ "$RESUMED" = 1 ] || rm -f "$TOL_LOG"
     STEP_SIGNAL=INT TAIL_LINES=40 run_step tests "$TESTS_S" "FASTLM_TESTS_DONE=$TESTS_DONE \
         FASTLM_TESTS_RESUME=$RESUMED FASTLM_TOL_LOG=$TOL_LOG $PY -m pytest -q -rfE --durations=15 \
         $(pytest_options loadfile) ${TESTS_ARGS:-}"

@@ -520,19 +520,34 @@ def attention_flash_form(q, k, v, scale, window_left=None, window_right=None, so
                          cu_seqlens_k=None):
     """reference.attention_masked(..., upcast=False)'s contract (out in q's dtype, LSE float32, the same layouts,
     varlen included), computed in FlashAttention's form (above)."""
+    from fastlm import reference
+
+    def dense(q_, k_, v_):
+        return _flash_form_dense(q_, k_, v_, scale, window_left, window_right, softcap)
+
     if cu_seqlens_q is None:
-        return _flash_form_dense(q, k, v, scale, window_left, window_right, softcap)
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    outs = [q.new_zeros((cq[0], *q.shape[1:]))]
-    lses = [torch.full((q.shape[1], cq[0]), float("-inf"), device=q.device)]
-    for b in range(len(cq) - 1):
-        o, lse = _flash_form_dense(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
-                                   scale, window_left, window_right, softcap)
-        outs.append(o[0])
-        lses.append(lse[0])
-    outs.append(q.new_zeros((q.shape[0] - cq[-1], *q.shape[1:])))
-    lses.append(torch.full((q.shape[1], q.shape[0] - cq[-1]), float("-inf"), device=q.device))
-    return torch.cat(outs, 0), torch.cat(lses, 1)
+        return dense(q, k, v)
+    return reference.attention_per_sequence(dense, q, k, v, cu_seqlens_q, cu_seqlens_k, torch.float32)
+
+
+def sdpa_flash_form(q, k, v, is_causal=False, scale=None, enable_gqa=False):
+    """attention_flash_form called as F.scaled_dot_product_attention is: its layout (batch, heads, seqlen,
+    head_dim) and its causal alignment, top-left (key j ≤ query i: the bounded form's right edge at sq − sk); fewer
+    kv heads are always read as enable_gqa reads them."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    out, _ = attention_flash_form(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                  q.shape[-1] ** -0.5 if scale is None else scale, None, sq - sk if is_causal else None)
+    return out.transpose(1, 2)
+
+
+def flash_form_samples(flash_form, dtype, samples=ROUNDING_SAMPLES):
+    """The FlashAttention form's share of PyTorch's error for attention's tests: `flash_form()` (a function like the
+    math-form baseline it stands beside) as run and `samples` times under simulated rounding, for inputs narrower
+    than float32; nothing in float32, where the form rounds nothing to the input dtype and the math form's samples
+    alone keep the rule's resolution (docs/TOLERANCE.md)."""
+    if dtype == torch.float32:
+        return []
+    return [flash_form()] + simulated_runs(flash_form, samples=samples)
 
 
 def assert_by_rule(name, out, ref, torch_out, factor=2.0, samples=()):

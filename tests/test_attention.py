@@ -16,8 +16,8 @@ import triton.language as tl
 import fastlm
 from fastlm import reference
 from fastlm.kernels import attention as triton_attention
-from tests.conftest import (BACKENDS, DEVICE, HAS_GPU, assert_by_rule, attention_flash_form, generator,
-                            simulated_runs)
+from tests.conftest import (BACKENDS, DEVICE, HAS_GPU, assert_by_rule, attention_flash_form, flash_form_samples,
+                            generator, sdpa_flash_form, simulated_runs)
 
 CPU_DTYPES = (torch.float32, torch.float16)
 GPU_DTYPES = (torch.bfloat16, torch.float16)
@@ -111,19 +111,9 @@ def _compare(q, k, v, backend, *, lse_in_loss=False, **kw):
 
     # Three simulated runs of each form: every output here has hundreds of elements or more, whose largest error is
     # already a steady statistic (conftest.ROUNDING_SAMPLES is for outputs of a few elements).
-    _check_all(got, exact, baseline(), f"{backend}", _both_forms(baseline, flash_form, q.dtype, samples=3))
+    sims = simulated_runs(baseline, samples=3) + flash_form_samples(flash_form, q.dtype, samples=3)
+    _check_all(got, exact, baseline(), f"{backend}", sims)
     return got
-
-
-def _both_forms(math_form, flash_form, dtype, samples):
-    """PyTorch's error sampled in its two forms of attention (conftest.attention_flash_form) for inputs narrower
-    than float32: each as run and `samples` times under simulated rounding, the math form's run left out (it is
-    the rule's `torch_out`). In float32 the math form's alone (the FlashAttention form rounds nothing to the input
-    dtype there; docs/TOLERANCE.md)."""
-    sims = simulated_runs(math_form, samples=samples)
-    if dtype == torch.float32:
-        return sims
-    return sims + [flash_form()] + simulated_runs(flash_form, samples=samples)
 
 
 @pytest.mark.parametrize("varlen", (False, True), ids=("dense", "varlen"))
@@ -773,16 +763,14 @@ def test_sdpa_dropin_matches_torch(sq, sk, is_causal, backend):
     def theirs(*t):
         return _sdpa_math(*t, **kw), torch.zeros(())
 
-    def flash_form(*t):  # torch's layout, top-left causal: key j ≤ query i is j ≤ i + (sk − sq) + (sq − sk)
-        qt, kt, vt = (x.transpose(1, 2) for x in t)
-        out, _ = attention_flash_form(qt, kt, vt, 0.1, None, sq - sk if is_causal else None)
-        return out.transpose(1, 2), torch.zeros(())
+    def flash_form(*t):
+        return sdpa_flash_form(*t, **kw), torch.zeros(())
 
     got = _grads(ours, (q, k, v), g)
     exact = _grads(theirs, [t.double() for t in (q, k, v)], g.double())
     base = _grads(theirs, (q, k, v), g)
-    sims = _both_forms(lambda: _grads(theirs, (q, k, v), g), lambda: _grads(flash_form, (q, k, v), g), dtype,
-                       samples=3)  # thousands of elements each
+    sims = simulated_runs(lambda: _grads(theirs, (q, k, v), g), samples=3) + flash_form_samples(
+        lambda: _grads(flash_form, (q, k, v), g), dtype, samples=3)  # thousands of elements each
     for i, name in zip((0, 2, 3, 4), ("out", "dq", "dk", "dv")):
         assert_by_rule(f"sdpa {name}", got[i], exact[i], base[i], factor=3.0 if name != "out" else 2.0,
                        samples=[s[i] for s in sims])

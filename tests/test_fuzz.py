@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 import fastlm
 from fastlm import reference
 from fastlm.flash_attn import flash_attn_with_kvcache
-from conftest import BACKENDS, DEVICE, TEST_SEED, assert_by_rule, attention_flash_form, simulated_runs
+from conftest import (BACKENDS, DEVICE, TEST_SEED, assert_by_rule, attention_flash_form, flash_form_samples,
+                      sdpa_flash_form, simulated_runs)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALE = float(os.environ.get("FASTLM_FUZZ_SCALE", "1"))
@@ -130,13 +131,10 @@ def baseline(theirs):
 
 
 def attention_baseline(math_form, flash_form, dtype):
-    """baseline(math_form), and for inputs narrower than float32 PyTorch's other form of attention
-    (conftest.attention_flash_form: SDPA's flash and cuDNN backends) among the samples, as run and under simulated
-    rounding: attention's backward is held to the larger of the two forms' errors (docs/TOLERANCE.md)."""
+    """baseline(math_form) with PyTorch's other form of attention among the samples for inputs narrower than
+    float32 (conftest.flash_form_samples): attention's backward is held to the larger of the two forms' errors."""
     base, sims = baseline(math_form)
-    if dtype == torch.float32:
-        return base, sims
-    return base, sims + [flash_form()] + simulated_runs(flash_form)
+    return base, sims + flash_form_samples(flash_form, dtype)
 
 
 def check(names, got, exact, torch_runs, factors=None):
@@ -572,15 +570,9 @@ def run_sdpa(case):
         (out.to(g.dtype) * g).sum().backward()
         return [out.detach()] + grads(xs)
 
-    def flash_form(q, k, v, is_causal, scale, enable_gqa):  # torch's layout, causal aligned top-left
-        right = c["Sq"] - c["Sk"] if is_causal else None
-        out, _ = attention_flash_form(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                      c["D"] ** -0.5 if scale is None else scale, None, right)
-        return out.transpose(1, 2)
-
     got = run(fastlm.scaled_dot_product_attention)
     exact = run(_sdpa_math, torch.float64)
-    base = attention_baseline(lambda: run(_sdpa_math), lambda: run(flash_form), c["dtype"])
+    base = attention_baseline(lambda: run(_sdpa_math), lambda: run(sdpa_flash_form), c["dtype"])
     check(("out", "dq", "dk", "dv"), got, exact, base, factors=dict(dq=3.0, dk=3.0, dv=3.0))
 
 
