@@ -566,16 +566,37 @@ def test_gpu_linear_low_memory_peak_is_the_gradients_and_one_block(backend):
 def test_out_of_range_cpu_targets_are_refused_naming_target(backend):
     logits, target, _ = _inputs((6,), 10, torch.float32)
     hidden, weight = torch.randn(6, 4), torch.randn(10, 4)
-    for bad in (10, -3):
-        t = target.clone()
-        t[4] = bad
-        with pytest.raises(ValueError, match=rf"target must hold class indices in \[0, 10\).*target\[4\] is {bad}"):
-            fastlm.cross_entropy(logits, t)
-        with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 10\)"):
-            fastlm.linear_cross_entropy(hidden, weight, t)
+    for index_dtype in (torch.int64, torch.int32):
+        for bad in (10, -3, 2**31 - 1, -2**31):
+            t = target.to(index_dtype)
+            t[4] = bad
+            with pytest.raises(ValueError,
+                               match=rf"target must hold class indices in \[0, 10\).*target\[4\] is {bad}"):
+                fastlm.cross_entropy(logits, t)
+            with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 10\)"):
+                fastlm.linear_cross_entropy(hidden, weight, t)
+        t = target.to(index_dtype)
+        t[4] = -100
+        assert torch.isfinite(fastlm.cross_entropy(logits, t))  # ignore_index is not out of range
+        t = target.clamp(min=0).to(index_dtype)  # (_inputs ignores some rows by -100)
+        assert torch.isfinite(fastlm.cross_entropy(logits, t, ignore_index=2**40))  # past the index dtype
+        t[4] = 2**31 - 1  # an ignore_index anywhere in the index dtype's range is not out of range either
+        assert torch.isfinite(fastlm.cross_entropy(logits, t, ignore_index=2**31 - 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+def test_out_of_range_cpu_targets_are_refused_without_numpy(backend, monkeypatch):
+    """The check reads targets through numpy where it can; torch's own ops where numpy is missing."""
+    def no_numpy(self):
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch.Tensor, "numpy", no_numpy)
+    logits, target, _ = _inputs((6,), 10, torch.float32)
     t = target.clone()
-    t[4] = -100
-    assert torch.isfinite(fastlm.cross_entropy(logits, t))  # ignore_index is not out of range
+    t[4] = 10
+    with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 10\).*target\[4\] is 10"):
+        fastlm.cross_entropy(logits, t)
+    assert torch.isfinite(fastlm.cross_entropy(logits, target))
 
 
 def _within_one_fp32_rounding(a, b):

@@ -292,8 +292,17 @@ def _check_target_values(target, V, ignore_index):
     read (a sync per call); there an out-of-range target gives its row a NaN loss and gradient on every backend."""
     if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling():
         return
-    bad = (target != ignore_index) & ((target < 0) | (target >= V))
-    if bool(bad.any()):
+    # Read through numpy where it can view the tensor: its four elementwise ops on a small batch cost ~3 µs on a
+    # 2-core CPU against ~7 µs for torch's dispatch of the same (about a third of a CPU call's host path). A
+    # subclass (a FakeTensor) or a functorch wrapper keeps torch's ops, which say what they can.
+    values = target
+    if type(target) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(target):
+        try:
+            values = target.numpy()
+        except RuntimeError:  # torch without numpy
+            pass
+    if ((values != ignore_index) & ((values < 0) | (values >= V))).any():
+        bad = (target != ignore_index) & ((target < 0) | (target >= V))
         first = int(bad.nonzero()[0, 0]) if target.dim() == 1 else tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"target must hold class indices in [0, {V}) or ignore_index ({ignore_index}); "
                          f"target[{first}] is {int(target[bad][0])}")
