@@ -10,6 +10,10 @@ the cost a user pays today.
 
 Targets (issue 15): ≤ 15 µs per forward, ≤ 40 µs per forward + backward.
 
+One check runs here and not on a GPU: cross_entropy and linear_cross_entropy read CPU targets to refuse an
+out-of-range class (fastlm/ops/cross_entropy.py, `_check_target_values`; on a GPU that read would sync). It is
+about 4 µs of their CPU path on a 2-core CPU, so their rows overstate a GPU's host path by about that much.
+
 Where a measured table sends `auto` to torch's own kernel (the H200's: SDPA's backends for attention, eager
 F.layer_norm / F.rms_norm for the norms), a user pays fastlm's checks and route on top of torch's call: the
 "fastlm auto" column times that path (NATIVE_ROUTES), to be read against the torch column beside it.

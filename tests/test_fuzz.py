@@ -14,6 +14,8 @@ are exactly 0 by cancellation, which the math form gets almost exactly and a Fla
 
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +31,47 @@ from conftest import (BACKENDS, DEVICE, TEST_SEED, assert_by_rule, attention_fla
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SCALE = float(os.environ.get("FASTLM_FUZZ_SCALE", "1"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- hypothesis's constants
+#
+# With probability 0.05 a choice hypothesis makes is one of a pool of "interesting" constants, and that pool includes
+# every constant in the source of every local module imported so far (sys.modules, outside site-packages, stdlib
+# and test files). So its draws at a seed depended on what else the process had imported: a whole-suite run, which
+# had imported benchmarks.* and more of fastlm by then, drew other cases in the attention-varlen and KV-cache fuzz
+# than `pytest 'tests/test_fuzz.py::...'` at the same seed, and the reproduce command a failure prints would not have
+# replayed it. (It also depended on how fastlm is installed: from site-packages, nothing of it is "local".) Here the
+# pool is fixed to the constants of fastlm's own sources (fastlm/ and kernels/, every file, in path order), whatever
+# is imported: the code under test still lends its sizes and limits, and a seed draws the same cases in any run.
+
+
+def _fastlm_constants():
+    from hypothesis.internal.constants_ast import _constants_from_source
+    from hypothesis.internal.conjecture.providers import Constants
+
+    pool = Constants()
+    for path in sorted(p for d in ("fastlm", "kernels") for p in (REPO / d).rglob("*.py")):
+        pool |= _constants_from_source(path.read_bytes(), limit=True)
+    return pool
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _constants_from_fastlm_alone():
+    from hypothesis.internal.conjecture import providers
+
+    if not hasattr(providers, "_get_local_constants"):  # a hypothesis without the imported modules' constants
+        yield
+        return
+    pool = _fastlm_constants()
+    real = providers._get_local_constants
+    providers._get_local_constants = lambda: pool
+    providers.CONSTANTS_CACHE.cache.clear()  # (each holds the constants a choice permits, from the pool in use)
+    try:
+        yield
+    finally:
+        providers._get_local_constants = real
+        providers.CONSTANTS_CACHE.cache.clear()
 
 
 def fuzz(examples):
@@ -644,6 +687,45 @@ def run_kvcache(case):
 def test_fuzz_kvcache(backend, case):
     assume(not cuda_declines(backend, case))
     run_kvcache(case)
+
+
+# ---------------------------------------------------------------------------------------------- the fuzz itself
+
+
+def _cases_drawn(strategy, n=200):
+    """The first n cases hypothesis draws from `strategy` at FASTLM_TEST_SEED, as the fuzz tests draw them."""
+    seen = []
+
+    @seed(TEST_SEED)
+    @settings(max_examples=n, deadline=None, database=None, phases=(Phase.generate,),
+              suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def collect(case):
+        seen.append(case)
+
+    collect()
+    return seen
+
+
+def test_draws_do_not_depend_on_what_was_imported(tmp_path, monkeypatch):
+    """A seed draws the same cases whatever local modules the process imported before, so that a failure in a
+    whole-suite run replays alone: a module of constants imported between two draws at one seed changes nothing
+    (the fixed constant pool, above). Without that pool the second draw gives other cases."""
+    from hypothesis.internal.constants_ast import is_local_module_file
+
+    cases = st.tuples(kvcache_cases(), st.lists(seeds, min_size=8, max_size=8))  # (more draws of data seeds)
+    before = _cases_drawn(cases)
+    name = "fastlm_fuzz_constants_probe"
+    module = tmp_path / f"{name}.py"
+    # Constants no fastlm source holds, in the range of the cases' data seeds (drawn from [0, 2³¹)).
+    module.write_text("SEEDS = (987654321, 123456789, 31415926, 27182818, 16180339)\n")
+    assert is_local_module_file(str(module))  # a module hypothesis would take constants from
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        __import__(name)
+        assert _cases_drawn(cases) == before
+    finally:
+        sys.modules.pop(name, None)
 
 
 # ---------------------------------------------------------------------------------------------- regressions
