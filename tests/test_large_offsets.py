@@ -14,7 +14,8 @@ kinds of test guard against it:
 - GPU tests (marked `gpu`) on tensors of 2.1–2.7·10⁹ elements, for each op and kernel backend: rows on both sides of
   the 2³¹ boundary and the last rows against the float64 reference computed on just those rows (each checked
   quantity depends only on them: gradients come from an incoming gradient that is zero elsewhere). At most about
-  32 GiB each, freed after each test.
+  32 GiB each, freed after each test. (rotary_embedding's and the gated activations' are in their own files,
+  tests/test_rotary.py and tests/test_gated.py, as test_gpu_over_2_31_elements.)
 """
 
 import gc
@@ -32,7 +33,9 @@ import fastlm
 from fastlm import _util, reference
 from fastlm.kernels import attention as triton_attention
 from fastlm.kernels import cross_entropy as triton_ce
+from fastlm.kernels import gated as triton_gated
 from fastlm.kernels import norm as triton_norm
+from fastlm.kernels import rotary as triton_rotary
 from conftest import BACKENDS, DEVICE, HAS_GPU, assert_by_rule, generator, poisoned_empty, seeded
 
 TWO31 = 2 ** 31
@@ -214,7 +217,8 @@ def _check_modules(module_names):
     print(f"checked {n} kernels")
 
 
-KERNEL_MODULES = ("fastlm.kernels.norm", "fastlm.kernels.cross_entropy", "fastlm.kernels.attention")
+KERNEL_MODULES = ("fastlm.kernels.norm", "fastlm.kernels.cross_entropy", "fastlm.kernels.attention",
+                  "fastlm.kernels.rotary", "fastlm.kernels.gated")
 
 
 def test_triton_offset_products_are_64_bit():
@@ -384,6 +388,52 @@ def test_cross_entropy_rows_reaching_past_2_31(reduction, per_sm, backend, monke
         return loss, m, log_s, grad
 
     for name, a, c in zip(("loss", "max", "log_s", "grad"), run(logits), run(logits.contiguous())):
+        _same(name, a, c)
+
+
+@pytest.mark.parametrize("backend", TRITON, indirect=True)
+@pytest.mark.parametrize("activation", ("silu", "gelu_tanh", "gelu"))
+def test_gated_rows_reaching_past_2_31(activation, backend):
+    """gate, up and dh are rows 2²⁸ + 64 elements apart in one buffer, so row 8 starts past 2³¹: h, dgate and dup
+    against the same launchers on contiguous copies (which they walk as one row)."""
+    M, N, stride = 9, 200, (1 << 28) + 64
+    g = generator(4)
+    buf = torch.empty((M - 1) * stride + 3 * N, dtype=torch.float16, device=DEVICE)
+    gate, up, dh = (_view_in(buf, (M, N), (stride, 1), i * N, g) for i in range(3))
+
+    def run(gate, up, dh):
+        return (triton_gated.gated_fwd(gate, up, activation), *triton_gated.gated_bwd(dh, gate, up, activation))
+
+    for name, a, c in zip(("h", "dgate", "dup"), run(gate, up, dh), run(*(t.contiguous() for t in (gate, up, dh)))):
+        _same(name, a, c)
+
+
+@pytest.mark.parametrize("backend", TRITON, indirect=True)
+@pytest.mark.parametrize("interleaved", (False, True), ids=("rotate_half", "interleaved"))
+@pytest.mark.parametrize("layout", ("far_batches", "far_heads"))
+def test_rotary_reaching_past_2_31(layout, interleaved, backend):
+    """x and dy (batch, seq, heads, head_dim) are views whose batch stride is 2³⁰ + 64 elements (far_batches) or
+    whose head stride is 2²⁸ + 64 (far_heads), so the last batch entry or head starts past 2³¹; 24 of 32 features
+    rotate, the rest pass through. Forward and backward against the same launchers on contiguous copies."""
+    S, D, rot = 5, 32, 24
+    if layout == "far_batches":
+        B, H = 3, 2
+        strides, dy_at = ((1 << 30) + 64, H * D, D, 1), S * H * D  # dy after x in each batch entry's block
+    else:
+        B, H = 2, 9
+        strides, dy_at = (S * D, D, (1 << 28) + 64, 1), B * S * D  # dy after x in each head's block
+    shape = (B, S, H, D)
+    g = generator(5)
+    buf = torch.empty(sum((n - 1) * st for n, st in zip(shape, strides)) + 1 + dy_at, dtype=torch.float16,
+                      device=DEVICE)
+    x, dy = (_view_in(buf, shape, strides, at, g) for at in (0, dy_at))
+    cos, sin = (torch.randn(S, rot, generator=g).to(DEVICE) for _ in range(2))
+
+    def run(x, dy):
+        return (triton_rotary.rotary_fwd(x, cos, sin, interleaved, False),
+                triton_rotary.rotary_bwd(dy, cos, sin, interleaved, False))
+
+    for name, a, c in zip(("out", "dx"), run(x, dy), run(x.contiguous(), dy.contiguous())):
         _same(name, a, c)
 
 
