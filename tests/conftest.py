@@ -57,7 +57,10 @@ def pytest_report_header(config):
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
     if report.failed:
-        report.sections.append(("reproduce", f"FASTLM_TEST_SEED={TEST_SEED} python -m pytest '{item.nodeid}'"))
+        # The variables a test's draws depend on: the seed, and the fuzz's example counts.
+        env = " ".join(f"{name}={os.environ[name]}" for name in ("FASTLM_FUZZ_SCALE",) if name in os.environ)
+        report.sections.append(("reproduce", f"FASTLM_TEST_SEED={TEST_SEED} {env + ' ' if env else ''}python -m pytest "
+                                             f"'{item.nodeid}'"))
 
 
 def poisoned_empty(shape, dtype, device):

@@ -1,13 +1,16 @@
 """The tests' own machinery: what the tolerance rule's SimulatedRounding does to the operations it sees
-(docs/TOLERANCE.md), and the interpreter's conversions to bfloat16 (conftest's _bfloat16_rounded_to_nearest)."""
+(docs/TOLERANCE.md), the interpreter's conversions to bfloat16 (conftest's _bfloat16_rounded_to_nearest), and the
+command a failed test prints to replay it."""
 
 import math
+import types
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
+import conftest
 from conftest import HAS_GPU, RHO, SimulatedRounding, generator
 
 
@@ -79,3 +82,20 @@ def test_interpreter_rounds_to_bfloat16_as_the_gpu_does(src):
     same = (y.view(torch.int16) == expect.view(torch.int16)) | (torch.isnan(y) & torch.isnan(expect))
     assert same.all(), f"{(~same).sum().item()} of {n} conversions differ from torch's"
 
+
+
+@pytest.mark.parametrize("scale", (None, "3"), ids=("plain", "fuzz_scale"))
+def test_a_failure_says_how_to_replay_it(scale, monkeypatch):
+    """A failed test's report gets a "reproduce" section: the command with every variable its draws depend on (the
+    seed, and FASTLM_FUZZ_SCALE where set: the fuzz's example counts)."""
+    if scale is None:
+        monkeypatch.delenv("FASTLM_FUZZ_SCALE", raising=False)
+    else:
+        monkeypatch.setenv("FASTLM_FUZZ_SCALE", scale)
+    report = types.SimpleNamespace(failed=True, sections=[])
+    hook = conftest.pytest_runtest_makereport(types.SimpleNamespace(nodeid="tests/test_x.py::test_y[a]"), None)
+    next(hook)
+    with pytest.raises(StopIteration):
+        hook.send(types.SimpleNamespace(get_result=lambda: report))
+    env = f"FASTLM_TEST_SEED={conftest.TEST_SEED}" + (f" FASTLM_FUZZ_SCALE={scale}" if scale else "")
+    assert report.sections == [("reproduce", f"{env} python -m pytest 'tests/test_x.py::test_y[a]'")]
