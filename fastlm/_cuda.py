@@ -618,12 +618,6 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
 # --- rotary embedding ------------------------------------------------------------------------------------------------
 
 
-def _size1_zero(t):
-    """t's strides with those of size-1 dimensions set to 0: never multiplied by a non-zero index, so they must not
-    cost the kernel its 16-byte accesses."""
-    return [0 if n == 1 else st for n, st in zip(t.shape, t.stride())]
-
-
 def _rotary(x, cos, sin, interleaved, heads_first, backward):
     ext = _require("x", x)
     if x.dim() != 4:
@@ -632,8 +626,7 @@ def _rotary(x, cos, sin, interleaved, heads_first, backward):
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         raise ValueError(f"x must have unit feature stride, got strides {x.stride()}")
-    xv = x.transpose(1, 2) if heads_first else x  # (batch, seq, heads, head_dim)
-    batch, seqlen, heads, head_dim = xv.shape
+    (batch, seqlen, heads, head_dim), x_strides = _util.bshd(x, heads_first)
     for name, t in (("cos", cos), ("sin", sin)):
         _same_device(name, t, x)
         if t.dim() not in (2, 3) or t.shape[-2] != seqlen or (t.dim() == 3 and t.shape[0] not in (1, batch)):
@@ -649,18 +642,16 @@ def _rotary(x, cos, sin, interleaved, heads_first, backward):
     rot = cos.shape[-1]
     if rot < 2 or rot % 2 or rot > head_dim:
         raise ValueError(f"cos's last dimension (rot) must be even, ≥ 2 and ≤ head_dim {head_dim}, got {rot}")
-    c3 = cos if cos.dim() == 3 else cos.unsqueeze(0)
-    cos_strides = _size1_zero(c3)[:2]
-    if cos_strides != _size1_zero(sin if sin.dim() == 3 else sin.unsqueeze(0))[:2]:
+    cos_strides = _util.table_strides(cos)
+    if cos_strides != _util.table_strides(sin):
         raise ValueError(f"cos and sin must have equal strides, got {cos.stride()} and {sin.stride()}")
     out = _util.empty(x.shape, x.dtype, x.device)
     if out.numel() == 0:
         return out
-    ov = out.transpose(1, 2) if heads_first else out
     ext.rotary(
-        x.data_ptr(), _size1_zero(xv)[:3], cos.data_ptr(), sin.data_ptr(), cos_strides, out.data_ptr(),
-        _size1_zero(ov)[:3], batch, seqlen, heads, head_dim, rot, _DTYPE_CODES[x.dtype], _DTYPE_CODES[cos.dtype],
-        bool(interleaved), bool(backward), x.device.index, _stream(x),
+        x.data_ptr(), x_strides[:3], cos.data_ptr(), sin.data_ptr(), cos_strides, out.data_ptr(),
+        _util.bshd(out, heads_first)[1][:3], batch, seqlen, heads, head_dim, rot, _DTYPE_CODES[x.dtype],
+        _DTYPE_CODES[cos.dtype], bool(interleaved), bool(backward), x.device.index, _stream(x),
     )
     return out
 

@@ -125,3 +125,25 @@ def unit_stride_last(t):
     unit stride along the last (feature) dimension, and autograd hands out expanded (stride 0) gradients. A last
     dimension of size 1 has no stride that matters."""
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def size1_zero_strides(t):
+    """t's strides, 0 for size-1 dimensions: never multiplied by a non-zero index, they must not cost a kernel its
+    16-byte accesses (Triton's divisibility specialisation, the CUDA kernels' vector path)."""
+    return [0 if n == 1 else st for n, st in zip(t.shape, t.stride())]
+
+
+def bshd(t, heads_first):
+    """A rotary operand's (shape, strides) in (batch, seq, heads, head_dim) order: seq and heads swapped when
+    heads_first, with no view op (each costs ~1 µs of the host path); strides as size1_zero_strides."""
+    shape, strides = tuple(t.shape), size1_zero_strides(t)
+    if heads_first:
+        return (shape[0], shape[2], shape[1], shape[3]), (strides[0], strides[2], strides[1], strides[3])
+    return shape, strides
+
+
+def table_strides(t):
+    """A rotary cos/sin table's (batch, seq) strides (size1_zero_strides): a (seq, rot) table's batch stride is 0,
+    one table for every sequence; no view op."""
+    s = size1_zero_strides(t)
+    return s[:2] if t.dim() == 3 else [0, s[0]]

@@ -132,33 +132,18 @@ def _config(rot):
     return min(TILE // block_half, MAX_BLOCK_T), block_half
 
 
-def _bshd(t, heads_first):
-    """t's (shape, strides) in (batch, seq, heads, head_dim) order (seq and heads swapped when heads_first; no view
-    op), strides 0 for size-1 dimensions: never multiplied by a non-zero index, they must not cost the JIT's
-    divisibility specialisation (and with it the 16-byte accesses)."""
-    shape, strides = tuple(t.shape), _strides(t)
-    if heads_first:
-        return (shape[0], shape[2], shape[1], shape[3]), (strides[0], strides[2], strides[1], strides[3])
-    return shape, strides
-
-
-def _strides(t):
-    """t's strides, 0 for size-1 dimensions (see _bshd)."""
-    return [0 if n == 1 else st for n, st in zip(t.shape, t.stride())]
-
-
 def _rotary(x, cos, sin, interleaved, heads_first, backward):
     if cos.stride() != sin.stride():
         raise ValueError(f"cos and sin must have equal strides, got {cos.stride()} and {sin.stride()}")
     out = _util.empty(x.shape, x.dtype, x.device)
-    (batch, seqlen, heads, head_dim), x_strides = _bshd(x, heads_first)
-    out_strides = _bshd(out, heads_first)[1]
+    (batch, seqlen, heads, head_dim), x_strides = _util.bshd(x, heads_first)
+    out_strides = _util.bshd(out, heads_first)[1]
     rot = cos.shape[-1]
     tokens = batch * seqlen
     if out.numel() == 0:
         return out
     # (seq, rot) and (1, seq, rot): batch stride 0, one table for every sequence.
-    cos_b, cos_s = _strides(cos)[:2] if cos.dim() == 3 else (0, _strides(cos)[0])
+    cos_b, cos_s = _util.table_strides(cos)
     block_t, block_half = _config(rot)
     tiles = cdiv(tokens, block_t)
     groups = max(1, min(heads, MAX_GRID_Y, cdiv(PROGRAMS_PER_SM * num_sms(x.device), tiles)))
