@@ -348,7 +348,8 @@ def _row_vector(name, t, ref, rows):
     _same_device(name, t, ref)
     if t.numel() != rows:
         raise ValueError(f"{name} must have {rows} elements, got shape {tuple(t.shape)}")
-    return t.reshape(-1).to(torch.float32).contiguous()
+    t = _util.flat(t)
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, softcap, reduction, compute_grad,
@@ -445,7 +446,7 @@ def scalars(target, weight, V, ignore_index, reduction):
         raise TypeError(f"target must hold class indices as int64 or int32, got {target.dtype}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    target = target.reshape(-1).contiguous()
+    target = _util.flat(target)
     rows, V = target.numel(), int(V)
     weight = _class_weight(weight, target, V)
     mean = reduction == "mean"
@@ -464,7 +465,7 @@ def reduce_loss(loss, sc, mean):
     ext = _require("loss", loss)
     if loss.dtype != torch.float32:
         raise TypeError(f"loss must have dtype {torch.float32}, got {loss.dtype}")
-    loss = loss.reshape(-1).contiguous()
+    loss = _util.flat(loss)
     rows = loss.numel()
     if mean:
         _vector("sc", sc, loss, 2, torch.float32)

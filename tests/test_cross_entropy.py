@@ -599,6 +599,20 @@ def test_out_of_range_cpu_targets_are_refused_without_numpy(backend, monkeypatch
     assert torch.isfinite(fastlm.cross_entropy(logits, target))
 
 
+@pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
+def test_scale_grad_takes_any_one_element_incoming_gradient(backend):
+    """The backward of "mean"/"sum" scales the forward's gradient by the incoming gradient, a tensor of one element
+    in any shape and strides (0-d from loss.backward(), (1,), a strided view; float64 converted), exactly as torch
+    multiplies; more than one element is refused."""
+    launchers = fastlm.kernels.cross_entropy if backend == "triton" else importlib.import_module("fastlm._cuda")
+    g = torch.randn(3, 7, generator=generator(11)).to(DEVICE)
+    for go in (torch.tensor(1.5), torch.tensor([1.5]), torch.full((1, 1), 1.5), torch.tensor([0.0, 1.5])[1:],
+               torch.tensor(1.5, dtype=torch.float64), torch.tensor(1.0)):
+        assert torch.equal(launchers.scale_grad(g.clone(), go.to(DEVICE)), g * go.item()), go
+    with pytest.raises(ValueError, match="one element|1 elements"):
+        launchers.scale_grad(g.clone(), torch.ones(2, device=DEVICE))
+
+
 def _within_one_fp32_rounding(a, b):
     """Equal, or one fp32 step apart (two float64 sums in different orders, each rounded once); NaN matches NaN."""
     assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
