@@ -4,9 +4,13 @@ Without a GPU the Triton kernels run through Triton's interpreter on CPU tensors
 `make test`); GPU-only tests are marked `gpu` and skip with the reason.
 """
 
+import contextlib
+import fcntl
+import gc
 import json
 import math
 import os
+import tempfile
 import zlib
 
 import numpy as np
@@ -204,6 +208,39 @@ def _bfloat16_rounded_to_nearest():
     builder.cast_impl = _bfloat16_to_nearest(real)
     yield
     builder.cast_impl = real
+
+
+# --- tests of tens of GiB ----------------------------------------------------------------------------------------
+# scripts/gpu_check.sh runs the suite in 8 xdist workers, a file each at a time. The tests marked large_memory (a
+# tensor past 2³¹ elements and its gradients: 8–32 GiB each) sit in different files, so several could run at once
+# and together pass the GPU's memory, failing themselves and the ordinary tests beside them. They take turns.
+LARGE_MEMORY_LOCK = os.path.join(tempfile.gettempdir(), "fastlm-large-memory-tests.lock")
+
+
+@contextlib.contextmanager
+def one_at_a_time(path=LARGE_MEMORY_LOCK):
+    """An exclusive lock on `path` across processes for the block (released when the process ends, too)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _large_memory_tests_take_turns(request):
+    """A large_memory test holds the lock while it runs; afterwards its worker gives its cached blocks back to the
+    device, so the next one finds the memory free."""
+    if "large_memory" not in request.keywords or not HAS_GPU:
+        yield
+        return
+    with one_at_a_time():
+        try:
+            yield
+        finally:
+            gc.collect()
+            torch.cuda.empty_cache()
 
 
 def pytest_collection_modifyitems(config, items):

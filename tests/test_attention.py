@@ -908,6 +908,7 @@ def test_gpu_long_sequences_bf16(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.large_memory
 def test_gpu_offsets_past_2_to_the_31():
     """A packed batch whose q holds more than 2³¹ elements: sequence starts × strides need int64."""
     tokens, h, d = 2 ** 31 // (8 * 128) + 4096, 8, 128

@@ -244,6 +244,7 @@ def test_gpu_bf16(backend, act, shape):
 
 
 @pytest.mark.gpu
+@pytest.mark.large_memory
 @pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
 @pytest.mark.parametrize("layout", ("contiguous", "fused"))
 def test_gpu_over_2_31_elements(backend, layout):

@@ -525,6 +525,7 @@ def _zero_but(shape, rows, dtype, offset):
 
 
 @pytest.mark.gpu
+@pytest.mark.large_memory
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 @pytest.mark.parametrize("N", (4096, 20480), ids=("rows_in_registers", "chunked_rows"))
 @pytest.mark.parametrize("is_rms", (False, True), ids=("layer_norm", "rms_norm"))
@@ -597,6 +598,7 @@ def _ce_rows_check(loss, grad, logits, target, rows, go, scale, reduction):
 
 
 @pytest.mark.gpu
+@pytest.mark.large_memory
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 @pytest.mark.parametrize("reduction", ("mean", "none"))
 def test_gpu_cross_entropy_past_2_31(reduction, backend):
@@ -627,6 +629,7 @@ def test_gpu_cross_entropy_past_2_31(reduction, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.large_memory
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 @pytest.mark.parametrize("reduction", ("mean", "none"))
 def test_gpu_linear_cross_entropy_past_2_31(reduction, backend):
@@ -692,6 +695,7 @@ def _attn_region_check(name, q, k, v, out, lse_rows, dq, dk, dv, do, a, b, windo
 
 
 @pytest.mark.gpu
+@pytest.mark.large_memory
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 @pytest.mark.parametrize("layout", ("varlen", "batch", "head_major"))
 def test_gpu_attention_past_2_31(layout, backend):
@@ -743,6 +747,7 @@ def test_gpu_attention_past_2_31(layout, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.large_memory
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS, indirect=True)
 def test_gpu_decode_past_2_31(backend):
     """Decode over a KV cache past 2³¹ elements: q (2, 4, 32, 128), k and v (2, 2^20 + 4096, 8, 128) bf16, causal

@@ -383,6 +383,7 @@ def test_gpu_bf16_large(backend, is_rms, N):
 
 
 @pytest.mark.gpu
+@pytest.mark.large_memory
 @pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
 @pytest.mark.parametrize("is_rms", (False, True), ids=("layer_norm", "rms_norm"))
 def test_gpu_over_2_31_elements(backend, is_rms):

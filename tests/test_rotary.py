@@ -336,6 +336,7 @@ def test_gpu_decode(backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.large_memory
 @pytest.mark.parametrize("backend", BACKENDS[:-1], indirect=True)
 @pytest.mark.parametrize("heads_first", (False, True), ids=("bshd", "bhsd"))
 def test_gpu_over_2_31_elements(backend, heads_first):

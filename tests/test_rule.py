@@ -1,9 +1,14 @@
 """The tests' own machinery: what the tolerance rule's SimulatedRounding does to the operations it sees
-(docs/TOLERANCE.md), the interpreter's conversions to bfloat16 (conftest's _bfloat16_rounded_to_nearest), and the
-command a failed test prints to replay it."""
+(docs/TOLERANCE.md), the interpreter's conversions to bfloat16 (conftest's _bfloat16_rounded_to_nearest), the
+command a failed test prints to replay it, and the lock the GPU's largest tests take turns by."""
 
 import math
+import re
+import subprocess
+import sys
+import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +104,36 @@ def test_a_failure_says_how_to_replay_it(scale, monkeypatch):
         hook.send(types.SimpleNamespace(get_result=lambda: report))
     env = f"FASTLM_TEST_SEED={conftest.TEST_SEED}" + (f" FASTLM_FUZZ_SCALE={scale}" if scale else "")
     assert report.sections == [("reproduce", f"{env} python -m pytest 'tests/test_x.py::test_y[a]'")]
+
+
+def test_large_memory_tests_take_turns_across_processes(tmp_path):
+    """conftest.one_at_a_time, the lock of the tests marked large_memory: while another process (an xdist worker)
+    holds it, taking it waits until that process lets go."""
+    path = str(tmp_path / "lock")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         f"f = open({path!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.0)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with conftest.one_at_a_time(path):
+            waited = time.monotonic() - start
+        assert waited > 0.5, f"took the lock after {waited:.2f} s while another process held it"
+    finally:
+        holder.wait(timeout=30)
+    start = time.monotonic()
+    with conftest.one_at_a_time(path):  # free now: at once
+        assert time.monotonic() - start < 0.5
+
+
+def test_the_largest_gpu_tests_are_marked_to_take_turns():
+    """Every GPU test past 2³¹ elements (their names say so) carries large_memory."""
+    root = Path(__file__).resolve().parent
+    found = 0
+    for path in sorted(root.glob("test_*.py")):
+        text = path.read_text()
+        for match in re.finditer(r"((?:@.*\n)+)def (test_gpu\w*(?:2_31|2_to_the_31)\w*)\(", text):
+            assert "@pytest.mark.large_memory" in match.group(1), f"{path.name}::{match.group(2)}"
+            found += 1
+    assert found >= 9
