@@ -21,6 +21,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastlm
 from fastlm import _cuda, _util
 
+# fastlm.kernels is the checkout's top-level kernels/ (setup.py's package_dir). Where the python in use has another
+# checkout installed in editable mode, `import fastlm` finds this checkout's package (pytest's pythonpath) but
+# fastlm.kernels that other checkout's: the tests would run one tree's ops on another's kernels, silently.
+_KERNELS = os.path.realpath(os.path.dirname(fastlm.kernels.__file__))
+_HERE = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir, "kernels"))
+if _KERNELS != _HERE:
+    raise RuntimeError(f"fastlm.kernels comes from {_KERNELS}, not this checkout's {_HERE}: install this checkout "
+                       "(make setup), or use a python where fastlm is not installed from another checkout")
+
 # Hooks for finishing the suite across device calls and not re-running a test that ended its xdist worker.
 from _resume import (deselect_finished, pytest_configure, pytest_runtest_logreport,  # noqa: F401
                      pytest_runtest_setup, pytest_unconfigure)
