@@ -6,7 +6,7 @@ import math
 import re
 import subprocess
 import sys
-import time
+import threading
 import types
 from pathlib import Path
 
@@ -108,23 +108,30 @@ def test_a_failure_says_how_to_replay_it(scale, monkeypatch):
 
 def test_large_memory_tests_take_turns_across_processes(tmp_path):
     """conftest.one_at_a_time, the lock of the tests marked large_memory: while another process (an xdist worker)
-    holds it, taking it waits until that process lets go."""
+    holds it, taking it waits, and it is taken as soon as that process lets go."""
     path = str(tmp_path / "lock")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, sys, time\n"
-         f"f = open({path!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.0)"],
-        stdout=subprocess.PIPE, text=True)
+        [sys.executable, "-c", "import fcntl, sys\n"
+         f"f = open({path!r}, 'a'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    acquired = threading.Event()
+
+    def take():
+        with conftest.one_at_a_time(path):
+            acquired.set()
+
     try:
         assert holder.stdout.readline().strip() == "held"
-        start = time.monotonic()
-        with conftest.one_at_a_time(path):
-            waited = time.monotonic() - start
-        assert waited > 0.5, f"took the lock after {waited:.2f} s while another process held it"
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        assert not acquired.wait(0.5), "took the lock while another process held it"
+        holder.stdin.write("\n")  # let go
+        holder.stdin.flush()
+        assert acquired.wait(60), "did not take the lock once it was free"
+        taker.join(60)
     finally:
-        holder.wait(timeout=30)
-    start = time.monotonic()
-    with conftest.one_at_a_time(path):  # free now: at once
-        assert time.monotonic() - start < 0.5
+        holder.kill()
+        holder.wait(60)
 
 
 def test_the_largest_gpu_tests_are_marked_to_take_turns():
