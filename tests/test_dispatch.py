@@ -28,6 +28,7 @@ def measured(monkeypatch):
     # says otherwise.
     monkeypatch.setattr(torch.backends.cuda, "can_use_cudnn_attention", lambda params, debug=False: True)
     monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", lambda params, debug=False: True)
+    monkeypatch.setattr(attention_op, "_SDPA_VERDICTS", {})  # torch's verdicts, as the patched tests give them
     table = {}
     monkeypatch.setitem(_dispatch_table.MEASURED, "Test GPU", table)
     return table
@@ -141,6 +142,61 @@ def test_sdpa_is_taken_only_where_torch_says_its_backend_runs(measured, monkeypa
     assert _attention_resolve(q32, q32, q32, right=0) == "cuda"
 
 
+def test_torchs_verdict_on_a_sdpa_route_is_asked_once_per_kind_of_call(measured, monkeypatch):
+    """`auto` keeps torch's can_use_* verdict for a call and asks again when anything the verdict reads differs:
+    sizes, strides, dtype, whether a gradient is recorded, the backend's global switch. A stale verdict would send
+    a call to a backend that cannot run it, or keep one from a backend the user switched back on."""
+    measured["attention"] = ["torch:sdpa-flash", "triton"]
+    asked = []
+
+    def can_use(params, debug=False):  # as on an sm86-89 GPU for some head dims: not for training
+        training = torch.is_grad_enabled() and params.query.requires_grad
+        asked.append((tuple(params.query.shape), params.query.stride(), training))
+        return not training
+
+    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", can_use)
+    q = k = v = torch.empty(1, 32, 4, 64, dtype=torch.bfloat16)
+    for _ in range(3):
+        assert _attention_resolve(q, k, v, right=0) == "torch:sdpa-flash"
+    assert len(asked) == 1
+    # Another kind of call: each is asked once.
+    wide = torch.empty(1, 32, 8, 64, dtype=torch.bfloat16)[:, :, :4]  # q's shape, other strides
+    grad = q.clone().requires_grad_()
+    others = [(wide, k, v), (torch.empty(1, 48, 4, 64, dtype=torch.bfloat16),) * 3, (q.half(), k.half(), v.half())]
+    for args in others:
+        for _ in range(2):
+            assert _attention_resolve(*args, right=0) == "torch:sdpa-flash"
+    assert len(asked) == 1 + len(others)
+    for _ in range(2):
+        assert _attention_resolve(grad, k, v, right=0) == "triton"
+    assert len(asked) == 2 + len(others)
+    with torch.no_grad():  # no gradient recorded: q's kind of call, whose verdict is kept
+        assert _attention_resolve(grad, k, v, right=0) == "torch:sdpa-flash"
+    assert len(asked) == 2 + len(others)
+    # The user switches the flash backend off: asked again (torch's own check then says no).
+    monkeypatch.setattr(torch.backends.cuda, "can_use_flash_attention", lambda params, debug=False: bool(
+        asked.append("off")) or torch.backends.cuda.flash_sdp_enabled())
+    was = torch.backends.cuda.flash_sdp_enabled()
+    torch.backends.cuda.enable_flash_sdp(False)
+    try:
+        assert _attention_resolve(q, k, v, right=0) == "triton"
+    finally:
+        torch.backends.cuda.enable_flash_sdp(was)
+    assert asked[-1] == "off"
+    assert _attention_resolve(q, k, v, right=0) == "torch:sdpa-flash"  # the first verdict again, switched on
+
+
+def test_the_sdpa_verdicts_stay_bounded(measured, monkeypatch):
+    """Shapes that never repeat (a KV cache growing a token a step) must not grow the verdicts without end."""
+    measured["attention_decode"] = ["torch:sdpa-flash", "triton"]
+    monkeypatch.setattr(attention_op, "_SDPA_VERDICTS_MAX", 8)
+    q = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16)
+    for n in range(1, 30):
+        kv = torch.empty(1, n, 4, 64, dtype=torch.bfloat16)
+        assert _attention_resolve(q, kv, kv, right=0) == "torch:sdpa-flash"
+        assert 1 <= len(attention_op._SDPA_VERDICTS) <= 8
+
+
 def test_a_decode_call_takes_the_training_order_when_decode_was_not_measured(measured):
     measured["attention"] = ["cuda", "triton"]
     q1, k = torch.empty(1, 1, 4, 64, dtype=torch.bfloat16), torch.empty(1, 40, 4, 64, dtype=torch.bfloat16)
@@ -231,7 +287,6 @@ def test_a_sdpa_route_that_fails_at_run_time_passes_the_call_on(measured, monkey
     # resolve as on the GPU: the table's order, each route asked whether it takes the call.
     monkeypatch.setattr(_backend, "resolve", lambda op, device, dtype, unsupported=None: next(
         name for name in measured["attention"] if not unsupported(name)))
-    monkeypatch.setattr(attention_op, "_SDPA_FAILED", {})
     monkeypatch.setattr(_backend, "_warned", set())  # said once per process: once in this test too
     calls = []
 

@@ -249,26 +249,54 @@ def _native_reason(name, q, k, v, cu_q, left, right, softcap, need_lse, determin
         return "under autocast to another dtype SDPA would compute in that dtype and return it"
     if torch.compiler.is_compiling():
         return "under torch.compile the fastlm kernels are traced (a graph holds one implementation)"
-    failed = _SDPA_FAILED.get(_sdpa_signature(name, q, k, causal))
-    if failed is not None:
-        return f"{name} failed on a call of this shape earlier ({failed})"
+    key = _sdpa_key(name, q, k, v, causal)
+    try:
+        return _SDPA_VERDICTS[key]
+    except KeyError:
+        pass
     try:
         params = torch.backends.cuda.SDPAParams(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, 0.0,
                                                 causal, q.shape[2] != k.shape[2])
         ok = getattr(torch.backends.cuda, _SDPA_CAN_USE[name])(params)
     except Exception as e:  # noqa: BLE001 - an API this torch lacks: the route is not taken
         return f"cannot ask torch whether {name} takes this call ({type(e).__name__})"
-    return None if ok else f"torch's {name} backend does not take this call (dtype, head dim or shape)"
+    why = None if ok else f"torch's {name} backend does not take this call (dtype, head dim or shape)"
+    _remember(key, why)
+    return why
 
 
-# SDPA backends that raised on a call torch said they take (cuDNN's "No execution plans support the graph", raised
-# while it builds its graph for a shape: pytorch/pytorch#140930, #122695): (backend, shapes, dtype, causal) → the
-# error. `auto` passes over that route for such calls from then on, so the error is paid once, not every step.
-_SDPA_FAILED: dict = {}
+def _remember(key, why):
+    if len(_SDPA_VERDICTS) >= _SDPA_VERDICTS_MAX:
+        _SDPA_VERDICTS.clear()
+    _SDPA_VERDICTS[key] = why
 
 
-def _sdpa_signature(name, q, k, causal):
-    return name, tuple(q.shape), tuple(k.shape), q.dtype, q.device, causal, q.requires_grad or k.requires_grad
+# torch's verdict on whether an SDPA backend takes a call, by what that verdict depends on (_sdpa_key), so that the
+# `auto` route asks once per kind of call rather than on every step (building SDPAParams and running the backend's
+# constraints: ~3 µs and more of a call's host path). A backend that raised on a call torch said it takes (cuDNN's
+# "No execution plans support the graph", raised while it builds its graph for a shape: pytorch/pytorch#140930,
+# #122695) gets that error as its verdict: `auto` passes over the route for such calls from then on, so the error
+# is paid once, not every step. Bounded: a run whose shapes never repeat (a KV cache growing by a token a step) would
+# otherwise grow it without end; when full it starts over (a failed route is then tried, and fails, once more).
+_SDPA_VERDICTS: dict = {}
+_SDPA_VERDICTS_MAX = 4096
+_SDP_ENABLED = {"torch:sdpa-cudnn": getattr(torch._C, "_get_cudnn_sdp_enabled", None),
+                "torch:sdpa-flash": getattr(torch._C, "_get_flash_sdp_enabled", None)}
+_current_cuda_device = getattr(torch._C, "_cuda_getDevice", None)
+
+
+def _sdpa_key(name, q, k, v, causal):
+    """Everything torch's can_use_cudnn_attention / can_use_flash_attention read (the constraints in aten's
+    transformers/cuda/sdp_utils.cpp): the three tensors' sizes, strides, dtype and device, whether a gradient will
+    be recorded (grad mode and requires_grad), the causal flag, the backend's global switch
+    (torch.backends.cuda.enable_*_sdp), and the current CUDA device, whose properties the hardware checks read.
+    (Deterministic algorithms, the other global they read, keep every call off these routes before they are asked;
+    fastlm passes no mask, no dropout and no nested tensor.)"""
+    enabled = _SDP_ENABLED[name]
+    return (name, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, causal,
+            torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+            enabled() if enabled is not None else None,
+            _current_cuda_device() if q.is_cuda and _current_cuda_device is not None else None)
 
 
 def _kernel_unsupported(q, k, v, cu_q, left, right, softcap, need_lse, deterministic):
@@ -348,7 +376,8 @@ def _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, n
             # call goes to the next route of the table, and so do later calls of its shape, said once. (A failure
             # in SDPA's backward cannot be rerouted: the forward has run; it is torch's own, as without fastlm.)
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            _SDPA_FAILED[_sdpa_signature(backend, q, k, _sdpa_causal(q, k, right))] = why
+            _remember(_sdpa_key(backend, q, k, v, _sdpa_causal(q, k, right)),
+                      f"{backend} failed on a call of this kind earlier ({why})")
             _backend.say_once(f"sdpa failed {backend} {why}", f"fastlm.attention: torch's {backend} raised on a "
                               f"call it said it takes ({why}); such calls take the next route", stacklevel=4)
             return _attention(q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, need_lse,
