@@ -138,12 +138,12 @@ def test_strided_and_expanded_parameters(backend, is_rms, view):
     expected.backward(dy)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     torch.testing.assert_close(dx, x.grad, rtol=0, atol=0)
-    for base, copy in zip(bases, copies):
+    for base, leaf in zip(bases, copies):
         want = torch.zeros_like(base)
         if view == "strided":
-            want[::2] = copy.grad
+            want[::2] = leaf.grad
         else:
-            want = copy.grad.sum().reshape(1)
+            want = leaf.grad.sum().reshape(1)
         torch.testing.assert_close(base.grad, want)
 
 
