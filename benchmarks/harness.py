@@ -1279,6 +1279,55 @@ def write_gpu_check(results_root: Path, pytest_log: Optional[Path], family_names
     return path
 
 
+def per_file_seconds(junit_paths) -> Optional[dict]:
+    """Each test file's share of a test run, from pytest's JUnit XML reports (scripts/gpu_check.sh's tests step
+    writes one a call; a resumed call's adds to the first's): {"tests", "seconds", "files": [{"file", "tests",
+    "seconds", "longest", "longest_seconds"}, the slowest file first]}, or None when no report holds a test. Under
+    `--dist loadfile` a file runs whole on one worker, so no tests step ends before its slowest file: these numbers
+    say whether another distribution would save device time. Unreadable reports (a call cut before pytest wrote
+    its own) are passed over."""
+    import xml.etree.ElementTree as ElementTree
+
+    files = {}
+    for path in junit_paths:
+        try:
+            root = ElementTree.parse(path).getroot()
+        except (OSError, ElementTree.ParseError):
+            continue
+        for case in root.iter("testcase"):
+            parts = case.get("classname", "").split(".")
+            module = next((i for i, part in enumerate(parts) if part.startswith("test_")), len(parts) - 1)
+            name = "/".join(parts[: module + 1]) + ".py"
+            test = "::".join([name, *parts[module + 1:], case.get("name", "")])
+            seconds = float(case.get("time") or 0.0)
+            entry = files.setdefault(name, {"file": name, "tests": 0, "seconds": 0.0, "longest": None,
+                                            "longest_seconds": -1.0})
+            entry["tests"] += 1
+            entry["seconds"] += seconds
+            if seconds > entry["longest_seconds"]:
+                entry["longest"], entry["longest_seconds"] = test, seconds
+    if not files:
+        return None
+    ordered = sorted(files.values(), key=lambda f: f["seconds"], reverse=True)
+    for entry in ordered:
+        entry["seconds"], entry["longest_seconds"] = round(entry["seconds"], 2), round(entry["longest_seconds"], 2)
+    return {"tests": sum(f["tests"] for f in ordered), "seconds": round(sum(f["seconds"] for f in ordered), 2),
+            "files": ordered}
+
+
+def write_test_times(results_root: Path, junit_paths, *, device: str) -> Optional[Path]:
+    """results_root/<device slug>/test_times.json from `per_file_seconds(junit_paths)`; its path, or None (and nothing
+    written) when the reports hold no test."""
+    times = per_file_seconds(junit_paths)
+    if times is None:
+        return None
+    folder = Path(results_root) / slug(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "test_times.json"
+    path.write_text(json.dumps(times, indent=1) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- provider helpers
 
 

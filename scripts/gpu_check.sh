@@ -38,8 +38,9 @@
 # later ones nothing, and every family that finishes adds its entries to dispatch.json. Within a family, a provider
 # that fails or breaks the CUDA context costs its own cells (benchmarks/harness.py, IsolatedRun).
 # Writes to $OUT (the device tool brings back at most 8 files): one log per step, and results.tar.gz holding
-# <device-slug>/{<op>.json,<op>.md,<op>.png,dispatch.json,gpu_check.json,tolerance.jsonl}, to untar into
-# benchmarks/results/ (tolerance.jsonl: every tolerance-rule comparison of the tests step, its error and bound)
+# <device-slug>/{<op>.json,<op>.md,<op>.png,dispatch.json,gpu_check.json,tolerance.jsonl,test_times.json}, to untar
+# into benchmarks/results/ (tolerance.jsonl: every tolerance-rule comparison of the tests step, its error and bound;
+# test_times.json: each test file's seconds in the tests step, slowest first)
 # (with --op: op-results.tar.gz, the quick results, not for committing).
 # Liger-Kernel, a benchmark peer, is installed from .whl/*.whl when the call carries it (scripts/README.md).
 set -uo pipefail
@@ -68,6 +69,7 @@ RESULTS=${RESULTS:-/tmp/fastlm-results}  # the full run's results, <device-slug>
 OP_RESULTS=${OP_RESULTS:-/tmp/fastlm-op-results}  # --op's quick results
 DIRECT_VERDICT=${DIRECT_VERDICT:-/tmp/fastlm-direct-launch}  # "<commit> ok|off": the launch check's verdict here
 TESTS_DONE=${TESTS_DONE:-/tmp/fastlm-tests-done}  # the node ids of the tests finished on this machine
+JUNIT_ROOT=${JUNIT_ROOT:-/tmp/fastlm-junit}  # <commit>/<epoch>.xml: pytest's JUnit report of each tests call
 START=$(date +%s)
 OP=""
 if [ "${1:-}" = "--op" ]; then
@@ -240,9 +242,13 @@ if want tests; then
     TOL_LOG="$RESULTS/$(device_slug)/tolerance.jsonl"
     mkdir -p "$(dirname "$TOL_LOG")"
     [ "$RESUMED" = 1 ] || rm -f "$TOL_LOG"
+    # Each test's seconds (JUnit XML, one report a call, this commit's only): the record sums them per file into
+    # test_times.json, which says which file bounds the step under --dist loadfile.
+    [ "$RESUMED" = 1 ] || rm -rf "$JUNIT_ROOT"
+    mkdir -p "$JUNIT_ROOT/$COMMIT"
     STEP_SIGNAL=INT TAIL_LINES=40 run_step tests "$TESTS_S" "FASTLM_TESTS_DONE=$TESTS_DONE \
         FASTLM_TESTS_RESUME=$RESUMED FASTLM_TOL_LOG=$TOL_LOG $PY -m pytest -q -rfE --durations=15 \
-        $(pytest_options loadfile) ${TESTS_ARGS:-}"
+        --junitxml=$JUNIT_ROOT/$COMMIT/$(date +%s).xml $(pytest_options loadfile) ${TESTS_ARGS:-}"
 fi
 
 # Small calls end to end (issue 15's host targets, on the GPU): triton through Triton's launch path and the direct
@@ -356,7 +362,8 @@ fi
 # tests.log and the benchmark results present, keeping what an earlier call on this machine and commit recorded.
 if [ -z "$OP" ] && { want record || want tests || want bench; }; then
     echo "===== record"
-    FASTLM_COMMIT=$COMMIT RESUMED=$RESUMED $PY - "$RESULTS" "$OUT/tests.log" <<'PYEOF'
+    FASTLM_COMMIT=$COMMIT RESUMED=$RESUMED $PY - "$RESULTS" "$OUT/tests.log" "$JUNIT_ROOT/$COMMIT" <<'PYEOF'
+import json
 import os
 import sys
 from pathlib import Path
@@ -372,6 +379,10 @@ commit = os.environ["FASTLM_COMMIT"]  # the script's COMMIT: FASTLM_COMMIT, git'
 path = harness.write_gpu_check(results, log if log.exists() else None, families(), device=device, commit=commit,
                                resumed=os.environ.get("RESUMED") == "1")
 print(f"{path}: {path.read_text()}", end="")
+times = harness.write_test_times(results, sorted(Path(sys.argv[3]).glob("*.xml")), device=device)
+if times:
+    print(f"{times}: the slowest test files (seconds): " + ", ".join(
+        f"{f['file']} {f['seconds']:.0f}" for f in json.loads(times.read_text())["files"][:5]))
 PYEOF
 fi
 

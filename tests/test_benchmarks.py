@@ -580,7 +580,7 @@ def _gpu_check_env(tmp_path, **extra):
            if k not in ("TESTS_RESUME", "FASTLM_TRITON_DIRECT", "FASTLM_TESTS_DONE", "FASTLM_TESTS_RESUME")}
     env.update(OUT=str(tmp_path / "out"), RESULTS=str(tmp_path / "results"),
                TESTS_DONE=str(tmp_path / "tests-done"), DIRECT_VERDICT=str(tmp_path / "direct-verdict"),
-               CUDA_VISIBLE_DEVICES="")
+               JUNIT_ROOT=str(tmp_path / "junit"), CUDA_VISIBLE_DEVICES="")
     env.update(extra)
     return env
 
@@ -702,6 +702,84 @@ def test_gpu_check_resumes_the_tests_an_earlier_call_left(tmp_path, resume, comm
     assert ("the whole suite runs" in proc.stdout) == (resume and not resumed)
     assert [json.loads(line)["name"] for line in tol_log.read_text().splitlines()] == (
         ["earlier", "now"] if resumed else ["now"])
+
+
+def test_per_file_seconds_reads_pytests_own_junit_reports(tmp_path):
+    """The per-file times come from the reports pytest itself writes (functions, a class, parameters, a package
+    folder), summed over several reports (a resumed call's), slowest file first; an unreadable report (a call cut
+    before pytest wrote it) is passed over, and no test at all gives None."""
+    pkg = tmp_path / "tests"
+    pkg.mkdir()
+    (pkg / "test_slow.py").write_text(textwrap.dedent("""\
+        import time
+
+        import pytest
+
+
+        @pytest.mark.parametrize("t", [0.0, 0.3])
+        def test_sleeps(t):
+            time.sleep(t)
+
+
+        class TestGroup:
+            def test_quick(self):
+                pass
+    """))
+    (pkg / "test_quick.py").write_text("def test_nothing():\n    pass\n")
+    reports = []
+    for i, target in enumerate(("tests/test_slow.py", "tests/test_quick.py")):
+        reports.append(tmp_path / f"{i}.xml")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                               "-p", "no:randomly", f"--junitxml={reports[-1]}", target], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    (tmp_path / "cut.xml").write_text("<testsuites><testsuite")
+    times = harness.per_file_seconds([*reports, tmp_path / "cut.xml", tmp_path / "absent.xml"])
+    assert [(f["file"], f["tests"]) for f in times["files"]] == [("tests/test_slow.py", 3), ("tests/test_quick.py", 1)]
+    slow = times["files"][0]
+    assert slow["longest"] == "tests/test_slow.py::test_sleeps[0.3]" and 0.3 <= slow["longest_seconds"] < 30
+    assert times["tests"] == 4 and times["seconds"] == pytest.approx(sum(f["seconds"] for f in times["files"]))
+    assert harness.per_file_seconds([tmp_path / "cut.xml"]) is None
+    assert harness.write_test_times(tmp_path / "results", [tmp_path / "cut.xml"], device="NVIDIA H200") is None
+    path = harness.write_test_times(tmp_path / "results", reports, device="NVIDIA H200")
+    assert path == tmp_path / "results" / "nvidia-h200" / "test_times.json"
+    assert json.loads(path.read_text())["files"][0]["file"] == "tests/test_slow.py"
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_gpu_check_records_each_test_files_seconds(tmp_path, resume):
+    """The tests step has pytest write a JUnit report under this commit's folder (a fresh call empties it first, a
+    resumed one adds to it), and the record sums the reports into test_times.json, packed with the results. A
+    stand-in python plays pytest (writing a report at the path it is given) and runs everything else for real."""
+    stub = tmp_path / "python"
+    stub.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        case "$*" in
+          *" pytest "*)
+            for a in "$@"; do case "$a" in --junitxml=*) report=${{a#--junitxml=}} ;; esac; done
+            echo '<testsuites><testsuite name="pytest"><testcase classname="tests.test_now" name="test_a" time="2.5"/>'\
+'</testsuite></testsuites>' > "$report"
+            echo "1 passed in 2.50s"; exit 0 ;;
+        esac
+        exec {sys.executable} "$@"
+    """))
+    stub.chmod(0o755)
+    earlier = tmp_path / "junit" / "abc1234" / "1.xml"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text('<testsuites><testsuite name="pytest"><testcase classname="tests.test_before" name="test_b" '
+                       'time="1.0"/></testsuite></testsuites>')
+    (tmp_path / "tests-done").write_text("# commit abc1234\n")
+    env = _gpu_check_env(tmp_path, PY=str(stub), FASTLM_COMMIT="abc1234", TESTS_RESUME="1" if resume else "0")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "tests"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    times = json.loads((tmp_path / "results" / "no-cuda-gpu" / "test_times.json").read_text())
+    assert [f["file"] for f in times["files"]] == (["tests/test_now.py", "tests/test_before.py"] if resume
+                                                   else ["tests/test_now.py"])
+    assert "the slowest test files (seconds): tests/test_now.py 2" in proc.stdout, proc.stdout
+    listing = subprocess.run(["tar", "-tzf", str(tmp_path / "out" / "results.tar.gz")], capture_output=True,
+                             text=True).stdout
+    assert "./no-cuda-gpu/test_times.json" in listing.split()
 
 
 def test_gpu_check_script_records_and_packs_without_a_gpu(tmp_path):
