@@ -3,7 +3,7 @@
 #
 # 1. The whole check: print the machine, install fastlm offline into the machine's python3 (building the CUDA
 #    extension with nvcc), check the direct Triton launch path against Triton's own (off for the rest if it
-#    fails), run the whole test suite on the GPU (pytest-xdist `-n 8 --dist loadfile` and
+#    fails), run the whole test suite on the GPU (pytest-xdist `-n 8 --dist load`, TESTS_DIST to change, and
 #    pytest-timeout `--timeout 150`, by its thread method under xdist, when importable; never -x, so the counts
 #    are complete), run the benchmark suite, the static kernel report, and compute-sanitizer on a small norm and
 #    attention script; then record
@@ -50,7 +50,13 @@ cd "$(dirname "$0")/.."
 BUDGET_S=570
 INFO_S=30
 INSTALL_S=300
-TESTS_S=${TESTS_S:-420}  # the whole suite took 312 s on an H200 with -n 8 --dist loadfile
+TESTS_S=${TESTS_S:-420}  # the whole suite took 312 s on an H200 with -n 8 --dist loadfile (1,221 tests then)
+# How xdist shares the tests out. Not loadfile, which runs a file whole on one worker: the Triton kernels are
+# compiled on first use, and by a count of the distinct specializations each file launches (the CPU suite under a
+# recorder, 2026-12-02) test_attention.py alone needs 232 (0.6-2.6 s each for sm_90a on a 2-core CPU, 2.3-10 min
+# serially), test_norm.py 413, the fuzz 210 (1,325 in all): one worker would bound the step. `load` spreads them
+# over the 8 (a variant two workers need at once is compiled twice, on 16 cores). test_times.json says how it went.
+TESTS_DIST=${TESTS_DIST:-load}
 OP_TESTS_S=150  # --op: one op's tests
 OP_BENCH_S=240  # --op: one family's --quick cases
 BENCH_S=500  # 300 for norm and the cross-entropy families, plus attention ~145 s and attention_decode ~51 s (estimates)
@@ -243,12 +249,12 @@ if want tests; then
     mkdir -p "$(dirname "$TOL_LOG")"
     [ "$RESUMED" = 1 ] || rm -f "$TOL_LOG"
     # Each test's seconds (JUnit XML, one report a call, this commit's only): the record sums them per file into
-    # test_times.json, which says which file bounds the step under --dist loadfile.
+    # test_times.json: how long each file took (under --dist loadfile, the slowest file bounds the step).
     [ "$RESUMED" = 1 ] || rm -rf "$JUNIT_ROOT"
     mkdir -p "$JUNIT_ROOT/$COMMIT"
     STEP_SIGNAL=INT TAIL_LINES=40 run_step tests "$TESTS_S" "FASTLM_TESTS_DONE=$TESTS_DONE \
         FASTLM_TESTS_RESUME=$RESUMED FASTLM_TOL_LOG=$TOL_LOG $PY -m pytest -q -rfE --durations=15 \
-        --junitxml=$JUNIT_ROOT/$COMMIT/$(date +%s).xml $(pytest_options loadfile) ${TESTS_ARGS:-}"
+        --junitxml=$JUNIT_ROOT/$COMMIT/$(date +%s).xml $(pytest_options "$TESTS_DIST") ${TESTS_ARGS:-}"
 fi
 
 # Small calls end to end (issue 15's host targets, on the GPU): triton through Triton's launch path and the direct

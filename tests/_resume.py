@@ -11,7 +11,7 @@ xdist's scheduler fails.
 Under xdist a test that ends its worker (pytest-timeout's thread method, a crash) is not run again: --dist loadfile
 hands the rest of its file, the crashed test included, to another worker, which would hang on it again (tried with a
 test that sleeps past its timeout). The controller lists such tests in FASTLM_TESTS_CRASHED and the workers skip
-them.
+them. (--dist load, gpu_check.sh's default, hands on only the tests after it.)
 """
 
 import os

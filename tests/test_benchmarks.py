@@ -848,6 +848,7 @@ def test_gpu_check_times_tests_out_by_thread_under_xdist(tmp_path, xdist):
     assert "--timeout" in args and args[args.index("--timeout") + 1] == "150"
     assert f"--timeout-method={'thread' if xdist else 'signal'}" in args, args
     assert ("-n" in args) == xdist, args
+    assert (args[args.index("--dist") + 1] == "load") if xdist else "--dist" not in args, args
 
 
 @pytest.mark.parametrize("verdict", [0, 1, 2, 3])
