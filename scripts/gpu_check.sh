@@ -274,10 +274,10 @@ fi
 
 if want bench; then
     SLUG=$(device_slug)
-    # A fresh sweep: the family results of an earlier call go; the record (gpu_check.json) and the host step's
-    # call_cost.* stay.
+    # A fresh sweep: the family results of an earlier call go; what the tests and host steps wrote stays (the
+    # record gpu_check.json, tolerance.jsonl, test_times.json, call_cost.*), so this call's tarball holds it too.
     mkdir -p "$RESULTS/$SLUG" && find "$RESULTS/$SLUG" -maxdepth 1 -type f ! -name gpu_check.json \
-        ! -name "call_cost.*" -delete
+        ! -name tolerance.jsonl ! -name test_times.json ! -name "call_cost.*" -delete
     cat >/tmp/bench_families.sh <<'SHEOF'
 # Each family in its own process, within what is left of the step less FLOOR_S for each family after it and a
 # few seconds for timeout's kill grace.

@@ -782,6 +782,23 @@ def test_gpu_check_records_each_test_files_seconds(tmp_path, resume):
     assert "./no-cuda-gpu/test_times.json" in listing.split()
 
 
+def test_gpu_check_bench_step_keeps_what_the_tests_and_host_steps_wrote(tmp_path):
+    """The bench step starts a fresh sweep (an earlier call's family results go) but keeps the tests step's record,
+    tolerance log and test times and the host step's call costs: the tests and the benchmarks take two calls, and
+    the second call's tarball must hold all of it. A stand-in python that fails everything plays the machine."""
+    stub = tmp_path / "python"
+    stub.write_text("#!/bin/bash\nexit 1\n")
+    stub.chmod(0o755)
+    folder = tmp_path / "results" / "unknown-device"  # the stand-in names no device
+    folder.mkdir(parents=True)
+    kept = ["gpu_check.json", "tolerance.jsonl", "test_times.json", "call_cost.json", "call_cost.md"]
+    for name in [*kept, "norm.json", "norm.md", "dispatch.json"]:
+        (folder / name).write_text("{}")
+    subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "bench"], cwd=REPO,
+                   env=_gpu_check_env(tmp_path, PY=str(stub)), capture_output=True, text=True, timeout=120)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kept)
+
+
 def test_gpu_check_script_records_and_packs_without_a_gpu(tmp_path):
     script = REPO / "scripts" / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
