@@ -78,11 +78,30 @@ def test_eager_calls_never_go_through_the_dispatcher(backend, op, monkeypatch):
     """The ops that mutate an argument (cross-entropy's in-place scaling of its gradient buffer) included: their
     direct call bumps the version counters as the registration would."""
 
-    def refuse(self):
+    def refuse(*args):
         raise AssertionError("an eager call went through the registered op")
 
-    monkeypatch.setattr(_eager.KernelOp, "registered", property(refuse))
+    ops = _kernel_ops()
+    assert len(ops) == 13, sorted(ops)  # every fastlm::* op (a new one must be found here too)
+    for kernel_op in ops.values():
+        monkeypatch.setattr(kernel_op, "registered", refuse)
     _run(op, grad=True)
+
+
+def _kernel_ops():
+    """Every KernelOp the library defines, by its registered name (they are module globals of fastlm.ops.*)."""
+    import importlib
+    import pkgutil
+
+    import fastlm.ops
+
+    found = {}
+    for info in pkgutil.iter_modules(fastlm.ops.__path__):
+        module = importlib.import_module(f"fastlm.ops.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, _eager.KernelOp):
+                found[value.registered.name()] = value
+    return found
 
 
 def test_what_must_see_the_operator_gets_it(monkeypatch):
@@ -164,3 +183,39 @@ def test_a_lazily_negated_view_is_read_negated(backend):
     x = torch._neg_view(base)
     assert x.is_neg() and not _eager._plain((x,))
     torch.testing.assert_close(fastlm.rms_norm(x), fastlm.rms_norm(-base), rtol=0, atol=0)
+
+
+_FIRST_CALL_COMPILED = """
+import sys
+import torch
+import fastlm
+
+def step(x, w, gate, up, q, cos, sin):
+    return (fastlm.rms_norm(x, w).sum() + fastlm.swiglu(gate, up).sum()
+            + fastlm.rotary_embedding(q, cos, sin).sum())
+
+device = sys.argv[2]
+args = [torch.randn(*shape, device=device, requires_grad=True)
+        for shape in ((4, 64), (64,), (4, 64), (4, 64), (1, 8, 2, 16))]
+args += [torch.randn(8, 16, device=device), torch.randn(8, 16, device=device)]
+with fastlm.use_backend(sys.argv[1]):
+    torch.compile(step, fullgraph=True, backend="aot_eager")(*args).backward()
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_an_op_first_called_inside_torch_compile(backend, tmp_path):
+    """A fresh process whose first call of the ops is inside torch.compile's trace (a model compiled before any
+    eager step): the registered op must already be known, or Dynamo guards on its lazily set OpOverload and fails
+    (it did, for rotary_embedding, in a compiled Llama step run alone). In the suite's own process an earlier test
+    has always called the ops, so this runs in a fresh one."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "first_call.py"
+    script.write_text(_FIRST_CALL_COMPILED)
+    proc = subprocess.run([sys.executable, str(script), backend, str(DEVICE)], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -98,14 +98,10 @@ class KernelOp:
         self._mutated = mutated  # positions of the arguments the op writes
         self._function: Optional[type] = None
         self._apply: Optional[Callable] = None
-        self._overload = None
-
-    @property
-    def registered(self):
-        """The registered operator, `torch.ops.fastlm.<name>.default`."""
-        if self._overload is None:
-            self._overload = self._definition._opoverload
-        return self._overload
+        # The registered operator, `torch.ops.fastlm.<name>.default`, looked up once here. Not lazily on first
+        # use: a first use inside torch.compile's trace (a model compiled before any eager call) made Dynamo guard
+        # on the attribute's new OpOverload value, which it cannot ("Unexpected type OpOverload").
+        self.registered = definition._opoverload
 
     def register_fake(self, fn):
         return self._definition.register_fake(fn)
