@@ -190,14 +190,21 @@ import sys
 import torch
 import fastlm
 
-def step(x, w, gate, up, q, cos, sin):
-    return (fastlm.rms_norm(x, w).sum() + fastlm.swiglu(gate, up).sum()
-            + fastlm.rotary_embedding(q, cos, sin).sum())
+def step(x, w, b, r, gate, up, q, k, v, cos, sin, logits, target, h, W):
+    y, res = fastlm.layer_norm(x, w, b, residual=r)
+    out = y.sum() + res.sum() + fastlm.rms_norm(x, w).sum()
+    out = out + fastlm.swiglu(gate, up).sum() + fastlm.geglu(gate, up).sum()
+    out = out + fastlm.rotary_embedding(q, cos, sin).sum() + fastlm.attention(q, k, v, causal=True).sum()
+    return out + fastlm.cross_entropy(logits, target) + fastlm.linear_cross_entropy(h, W, target)
 
 device = sys.argv[2]
-args = [torch.randn(*shape, device=device, requires_grad=True)
-        for shape in ((4, 64), (64,), (4, 64), (4, 64), (1, 8, 2, 16))]
-args += [torch.randn(8, 16, device=device), torch.randn(8, 16, device=device)]
+leaf = lambda *shape, dtype=torch.float32: torch.randn(*shape, device=device, dtype=dtype, requires_grad=True)
+# the cuda backend's attention takes 16-bit inputs only (float32 on the CPU, for the interpreter)
+half = torch.bfloat16 if device.startswith("cuda") else torch.float32
+args = [leaf(4, 64), leaf(64), leaf(64), leaf(4, 64), leaf(4, 64), leaf(4, 64), leaf(1, 8, 4, 32, dtype=half),
+        leaf(1, 8, 2, 32, dtype=half), leaf(1, 8, 2, 32, dtype=half), torch.randn(8, 32, device=device),
+        torch.randn(8, 32, device=device), leaf(6, 50), torch.randint(0, 50, (6,), device=device), leaf(6, 24),
+        leaf(50, 24)]
 with fastlm.use_backend(sys.argv[1]):
     # inductor where it makes GPU code; on the CPU it would compile C++ for minutes, and the trace is the same
     backend = "inductor" if device.startswith("cuda") else "aot_eager"
@@ -208,7 +215,7 @@ print("compiled")
 
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_an_op_first_called_inside_torch_compile(backend, tmp_path):
-    """A fresh process whose first call of the ops is inside torch.compile's trace (a model compiled before any
+    """A fresh process whose first call of every op is inside torch.compile's trace (a model compiled before any
     eager step; inductor on a GPU, aot_eager on the CPU): the registered op must already be known, or Dynamo guards
     on its lazily set OpOverload and fails (it did, for rotary_embedding, in a compiled Llama step run alone). In
     the suite's own process an earlier test has always called the ops, so this runs in a fresh one."""
