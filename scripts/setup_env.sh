@@ -12,6 +12,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "fastlm: creating $VENV"
     "$PY" -m venv --system-site-packages "$VENV"
 fi
+# --system-site-packages shows the base interpreter's packages only; where $PY is itself a virtualenv (the GPU
+# machines' python3 is), its packages are listed to .venv by a .pth file.
+"$PY" scripts/parent_env.py "$VENV"
 VPY="$VENV/bin/python"
 
 reqs=$(mktemp)
@@ -22,7 +25,12 @@ if "$VPY" -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/de
 else
     cp requirements.txt "$reqs"
 fi
-"$VPY" -m pip install --quiet --disable-pip-version-check -r "$reqs"
+if ! "$VPY" -m pip install --quiet --disable-pip-version-check -r "$reqs"; then
+    # A machine that cannot reach a package index (the lent GPU machines cannot download) may hold every
+    # dependency in versions of its own: go on with those, saying which differ; stop if one is missing.
+    echo "fastlm: pip could not install the pinned versions; checking what this machine has" >&2
+    "$VPY" scripts/check_pins.py "$reqs"
+fi
 "$VPY" -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 "$VPY" - <<'PYEOF'
 import fastlm
