@@ -29,16 +29,15 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
     venv = Path(argv[0]).resolve()
-    target = venv_site_packages(venv)
-    pth = target / PTH
-    parent = [p for p in site.getsitepackages() if Path(p).resolve() != target]
     if Path(sys.prefix).resolve() == venv:  # run by VENV's own python (an activated .venv): left as it is
         return 0
-    if sys.prefix == sys.base_prefix or not parent:
+    target = venv_site_packages(venv)
+    pth = target / PTH
+    if sys.prefix == sys.base_prefix:
         pth.unlink(missing_ok=True)
         return 0
     target.mkdir(parents=True, exist_ok=True)
-    pth.write_text("".join(f"{p}\n" for p in parent))
+    pth.write_text("".join(f"{p}\n" for p in site.getsitepackages()))
     print(f"fastlm: {venv.name} also sees {sys.prefix}'s packages ({PTH})")
     return 0
 

@@ -96,6 +96,12 @@ def test_setup_goes_on_offline_with_what_the_machine_has(tmp_path, case):
         assert MISSING in proc.stderr and not installed_fastlm
 
 
+def _purelib(python):
+    """The site-packages directory of the environment that `python` belongs to."""
+    return subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_a_venv_made_from_a_venv_sees_its_packages(tmp_path):
     """`python -m venv --system-site-packages` from a virtualenv's python shows the base interpreter's packages only
     (checked first, so this test fails should Python change that); parent_env.py lists the parent's too, after the
@@ -103,8 +109,7 @@ def test_a_venv_made_from_a_venv_sees_its_packages(tmp_path):
     parent, child = tmp_path / "parent", tmp_path / "child"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(parent)], check=True, timeout=120)
     parent_python = parent / "bin" / "python"
-    purelib = subprocess.run([str(parent_python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = _purelib(parent_python)
     (Path(purelib) / "fastlm_parent_marker.py").write_text("WHERE = 'parent'\n")
     subprocess.run([str(parent_python), "-m", "venv", "--without-pip", "--system-site-packages", str(child)],
                    check=True, timeout=120)
@@ -117,8 +122,7 @@ def test_a_venv_made_from_a_venv_sees_its_packages(tmp_path):
         assert proc.returncode == 0 and "also sees" in proc.stdout, proc.stdout + proc.stderr
     assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "parent"
     # The child's own packages come first: one of the same name there wins.
-    child_purelib = subprocess.run([child_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   capture_output=True, text=True, check=True).stdout.strip()
+    child_purelib = _purelib(child_python)
     (Path(child_purelib) / "fastlm_parent_marker.py").write_text("WHERE = 'child'\n")
     assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == "child"
     pth = Path(child_purelib) / "_fastlm_parent_env.pth"
