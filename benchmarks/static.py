@@ -11,13 +11,14 @@ the machine code:
   is newer than csrc/ and setup.py (CI builds before the report runs), that object is read: it is exactly what
   ships, and nvcc takes minutes on these templates. Otherwise nvcc compiles it here with setup.py's own flags,
   one cubin per architecture, and `ptxas -v` adds the spill bytes.
-Then `cuobjdump -res-usage -sass` gives registers, shared memory and local memory (stack frame and local arrays)
-per kernel, and the SASS the widest global load and store, local loads and stores (spills), tensor-core
-instructions (HMMA; HGMMA is Hopper's wgmma), TMA loads, and setmaxnreg (warp specialization: a variant built with
-WARP_SPEC that lacks it fails the report).
+Then `cuobjdump -res-usage` gives registers, shared memory and local memory (stack frame and local arrays) per
+kernel, and the SASS (`cuobjdump -sass` of an object, `nvdisasm` of a cubin) the widest global load and store, local
+loads and stores (spills), tensor-core instructions (HMMA; HGMMA is Hopper's wgmma), TMA loads, and setmaxnreg.
 
 It prints one table and exits non-zero when any kernel fails to compile or uses local memory in a shipped config
-(stack or local bytes, spill bytes, or LDL/STL instructions), naming each one. Compiles run in a process pool of
+(stack or local bytes, spill bytes, or LDL/STL instructions), when a variant built with WARP_SPEC lacks setmaxnreg
+(Triton did not warp-specialize it), or when a 16-bit attention tile of 64 rows or more has no HGMMA on sm_90a
+(WGMMA_TILE_ROWS), naming each one. Compiles run in a process pool of
 os.cpu_count() workers; it runs in CI after the tests.
 """
 
@@ -56,20 +57,24 @@ WIDTH_SUFFIXES = {"128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
 # ---------------------------------------------------------------------------------------------- reading cubins
 
 
-def cuobjdump() -> str:
-    """cuobjdump from the CUDA toolkit, else the copy that ships inside Triton."""
+def cuda_tool(name: str) -> str:
+    """A CUDA binary tool (cuobjdump, nvdisasm) from the CUDA toolkit, else the copy that ships inside Triton."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and Path(home, "bin", "cuobjdump").exists():
-        return str(Path(home, "bin", "cuobjdump"))
+    if home and Path(home, "bin", name).exists():
+        return str(Path(home, "bin", name))
     import triton
 
-    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
     if bundled.exists():
         return str(bundled)
-    found = shutil.which("cuobjdump")
+    found = shutil.which(name)
     if found:
         return found
-    raise FileNotFoundError("cuobjdump: not in $CUDA_HOME/bin, in triton's backends/nvidia/bin, or on PATH")
+    raise FileNotFoundError(f"{name}: not in $CUDA_HOME/bin, in triton's backends/nvidia/bin, or on PATH")
+
+
+def cuobjdump() -> str:
+    return cuda_tool("cuobjdump")
 
 
 def _width(suffixes: str) -> int:
@@ -79,14 +84,19 @@ def _width(suffixes: str) -> int:
     return 32
 
 
+def _no_sass() -> dict:
+    """A kernel's SASS facts before any instruction is read."""
+    return {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False, "ws": False}
+
+
 def parse_sass(text: str) -> dict:
     """Per kernel: widest global load and store (bits), local loads/stores, tensor-core ops, bulk tensor loads."""
     kernels, current = {}, None
     for line in text.splitlines():
-        m = re.match(r"\s*Function : (\S+)", line)
+        # cuobjdump heads each kernel "Function : name", nvdisasm ".text.name:"
+        m = re.match(r"\s*Function : (\S+)", line) or re.match(r"\.text\.(\S+):\s*$", line)
         if m:
-            current = kernels.setdefault(m.group(1), {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False,
-                                                      "ws": False})
+            current = kernels.setdefault(m.group(1), _no_sass())
             continue
         if current is None:
             continue
@@ -134,13 +144,28 @@ def inspect_binary(path: Path) -> dict:
     out = {}
     for arch, text in sections:
         sass = parse_sass(text)
-        empty = {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False, "ws": False}
-        out[arch] = {name: dict(res, **sass.get(name, empty)) for name, res in parse_res_usage(text).items()}
+        out[arch] = {name: dict(res, **sass.get(name, _no_sass())) for name, res in parse_res_usage(text).items()}
     return out
 
 
+def inspect_cubin(path: Path) -> dict:
+    """inspect_binary's {kernel: facts} for one plain cubin (not a fat binary), read in about two thirds of the time:
+    the resources from `cuobjdump -res-usage` and the SASS from `nvdisasm --no-dataflow`. cuobjdump's -sass runs
+    nvdisasm with its dataflow analysis (register liveness comments the report never reads), which costs ~0.2 s of
+    a call's ~0.7 s; the report reads a cubin for each of its ~1,100 Triton builds."""
+    res = subprocess.run([cuobjdump(), "-res-usage", str(path)], capture_output=True, text=True)
+    sass = subprocess.run([cuda_tool("nvdisasm"), "--print-code", "--no-dataflow", str(path)], capture_output=True,
+                          text=True)
+    for tool, proc in (("cuobjdump", res), ("nvdisasm", sass)):
+        if proc.returncode != 0:
+            raise RuntimeError(f"{tool} failed on {path.name}: {proc.stderr.strip()[:500]}")
+    facts = parse_sass(sass.stdout)
+    return {name: dict(r, **facts.get(name, _no_sass())) for name, r in parse_res_usage(res.stdout).items()}
+
+
 def problems(row: dict) -> list:
-    """Why a kernel fails the report: a compile error, or any local memory or spill."""
+    """Why a kernel fails the report: a compile error, any local memory or spill, a warp-specialized build that is
+    not, or an attention tile that should multiply on wgmma and does not (expects_wgmma)."""
     if row.get("error"):
         return [row["error"]]
     why = []
@@ -152,7 +177,29 @@ def problems(row: dict) -> list:
         why.append(f"{row['ldl_stl']} local loads/stores (LDL/STL)")
     if row.get("warp_spec") and not row.get("ws"):
         why.append("WARP_SPEC set, but Triton did not warp-specialize the loop (no setmaxnreg in the SASS)")
+    if row.get("wgmma_expected") and "HGMMA" not in row["mma"]:
+        why.append("a 16-bit attention tile of 64 rows or more on sm_90a without wgmma (no HGMMA in the SASS: "
+                   f"{'+'.join(sorted(row['mma'])) or 'no tensor-core instruction'} instead)")
     return why
+
+
+# Hopper's wgmma multiplies 64 rows a warp group, so a 16-bit tl.dot whose tile has 64 rows or more should become
+# HGMMA on sm_90a; Triton falls back to Ampere's mma.sync (HMMA) when a layout, a shape or a register budget keeps it
+# from wgmma, at a fraction of the rate. Per attention kernel, the constexprs that set the rows of its dots' tiles
+# (the dK/dV kernel's dots take either side of the score tile as M: K·Qᵀ, dSᵀ·Q, and with the atomic dQ, dS·K).
+# Tiles under 64 rows (the short-query forward, decode's small query groups, head dim 256's small blocks) cannot
+# use wgmma and are left alone.
+WGMMA_TILE_ROWS = {"_attn_fwd_kernel": ("BLOCK_M",), "_attn_decode_kernel": ("BLOCK_M",),
+                   "_attn_bwd_dq_kernel": ("BLOCK_M",), "_attn_bwd_dkdv_kernel": ("BLOCK_M", "BLOCK_N")}
+WGMMA_MIN_ROWS = 64
+
+
+def expects_wgmma(variant, cap: int) -> bool:
+    """Whether the report requires HGMMA of this variant built for compute capability `cap` (WGMMA_TILE_ROWS)."""
+    rows = WGMMA_TILE_ROWS.get(getattr(variant.fn, "__name__", ""))
+    first_ptr = next((ty for ty in variant.signature.values() if ty.startswith("*")), "")
+    return (rows is not None and cap >= 90 and first_ptr in ("*fp16", "*bf16")
+            and max(variant.constexprs.get(n, 0) for n in rows) >= WGMMA_MIN_ROWS)
 
 
 # ---------------------------------------------------------------------------------------------- Triton: recording
@@ -527,7 +574,7 @@ def compile_variant(variant: Variant, cap: int, source: str = None) -> dict:
     from triton.compiler import ASTSource
 
     row = {"source": source or variant.source, "kernel": variant.name, "arch": sm_arch_from_capability(cap),
-           "warp_spec": bool(variant.constexprs.get("WARP_SPEC"))}
+           "warp_spec": bool(variant.constexprs.get("WARP_SPEC")), "wgmma_expected": expects_wgmma(variant, cap)}
     start = time.perf_counter()
     try:
         src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs,
@@ -536,7 +583,7 @@ def compile_variant(variant: Variant, cap: int, source: str = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp, "kernel.cubin")
             cubin.write_bytes(compiled.asm["cubin"])
-            found = inspect_binary(cubin)[None]
+            found = inspect_cubin(cubin)
         if len(found) != 1:
             raise RuntimeError(f"expected one kernel in the cubin, found {sorted(found)}")
         facts = next(iter(found.values()))
@@ -625,7 +672,7 @@ def compile_cuda(source: str, arch: str, nvcc: str, cflags: list) -> list:
             return [dict(base, kernel="(compile)", error=" | ".join(lines[:3])[:400] or proc.stderr.strip()[:400],
                          seconds=round(time.perf_counter() - start, 2))]
         spills = parse_ptxas_spills(proc.stderr + proc.stdout)
-        found = inspect_binary(cubin)[None]
+        found = inspect_cubin(cubin)
     return _cuda_rows(base, found, spills, round(time.perf_counter() - start, 2))
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -974,6 +975,43 @@ def test_parsers_on_cuobjdump_and_ptxas_text():
     assert "did not warp-specialize" in static.problems(dict(clean, ws=False))[0]
     assert static._shorten("void fastlm::norm_fwd_kernel<__nv_bfloat16, float, 4>(fastlm::NormFwdParams)") == \
         "norm_fwd_kernel<bf16, fp32, 4>"
+
+
+def test_parser_on_nvdisasm_text():
+    # nvdisasm (the report's reader of Triton's cubins) heads a kernel with its section's label, not "Function :".
+    sass = textwrap.dedent("""
+        //--------------------- .text._attn_fwd_kernel        --------------------------
+        	.section	.text._attn_fwd_kernel,"ax",@progbits
+        .text._attn_fwd_kernel:
+                /*0340*/              @!P0 LDG.E.128 R4, desc[UR18][R8.64] ;
+                /*0a30*/                   LDGSTS.E.64 [R3], desc[UR18][R8.64], !PT ;
+                /*0b00*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT ;
+                /*0c00*/                   STG.E.U16 desc[UR4][R4.64], R2 ;
+    """)
+    assert static.parse_sass(sass) == {"_attn_fwd_kernel": {"ld": 128, "st": 16, "ldl_stl": 0, "mma": {"HGMMA"},
+                                                            "tma": False, "ws": False}}
+
+
+def _attn_variant(kernel, dtype="bf16", **constexprs):
+    return static.Variant("attention.py", types.SimpleNamespace(__name__=kernel), {"Q": f"*{dtype}", "n": "i32"},
+                          constexprs, {}, {})
+
+
+def test_static_report_wants_wgmma_of_hopper_attention_tiles():
+    # A 16-bit attention tile of 64 rows or more, built for sm_90a, must multiply on wgmma (HGMMA).
+    assert static.expects_wgmma(_attn_variant("_attn_fwd_kernel", BLOCK_M=128, BLOCK_N=64), 90)
+    assert static.expects_wgmma(_attn_variant("_attn_bwd_dkdv_kernel", BLOCK_M=16, BLOCK_N=128), 90)
+    assert static.expects_wgmma(_attn_variant("_attn_decode_kernel", "fp16", BLOCK_M=64), 90)
+    # Not on Ampere, not below 64 rows (wgmma's M), not in fp32, not in kernels without a dot.
+    assert not static.expects_wgmma(_attn_variant("_attn_fwd_kernel", BLOCK_M=128, BLOCK_N=64), 80)
+    assert not static.expects_wgmma(_attn_variant("_attn_fwd_kernel", BLOCK_M=16, BLOCK_N=32), 90)
+    assert not static.expects_wgmma(_attn_variant("_attn_bwd_dkdv_kernel", BLOCK_M=16, BLOCK_N=32), 90)
+    assert not static.expects_wgmma(_attn_variant("_attn_bwd_dq_kernel", "fp32", BLOCK_M=128), 90)
+    assert not static.expects_wgmma(_attn_variant("_attn_bwd_delta_kernel", BLOCK_M=128), 90)
+    row = {"stack": 0, "local": 0, "ldl_stl": 0, "mma": {"HMMA"}, "wgmma_expected": True}
+    assert "without wgmma" in static.problems(row)[0] and "HMMA instead" in static.problems(row)[0]
+    assert static.problems(dict(row, mma={"HGMMA", "HMMA"})) == []
+    assert static.problems(dict(row, wgmma_expected=False)) == []
 
 
 TINY_KERNELS = '''
