@@ -793,6 +793,9 @@ def main(argv=None) -> int:
     print(f"\n{len(rows)} kernel builds ({sum(r['source'].endswith('.py') for r in rows)} Triton, "
           f"{sum(r['source'].endswith('.cu') for r in rows)} CUDA C++) in {time.perf_counter() - start:.0f} s; "
           f"{len(failing)} failing")
+    wanted = [r for r in rows if r.get("wgmma_expected")]
+    print(f"wgmma: {sum('HGMMA' in r.get('mma', ()) for r in wanted)} of the {len(wanted)} sm_90a attention builds "
+          f"with tiles of {WGMMA_MIN_ROWS} rows or more have HGMMA")
     for r, why in failing:
         print(f"FAIL {r['source']} {r['kernel']} {r['arch']}: {'; '.join(why)}")
     return 1 if failing or not rows else 0
