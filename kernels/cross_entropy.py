@@ -9,7 +9,10 @@ Math, per row of logits z (length V), target t, class weights w (1 without), smo
   d x / d z       1 − (x/c)²  with the softcap
 Reduction "mean" divides by Σ w_t over the rows that are not ignored (torch's rule, smoothing included; all rows
 ignored gives 0/0 = NaN, as torch does); "sum" and "none" by 1. The divisor is computed on the device from the
-targets before the main kernel, so the forward writes the finished gradient (no host sync).
+targets before the main kernel writes any gradient, so the forward writes the finished gradient (no host sync):
+by a one-program launch before it, or, without class weights, by the main kernel itself (OWN_SCALARS): then a
+forward is one launch for "none" and two for "sum" and for a small call's "mean" (the main kernel and the
+reduction's), where it was two and three.
 
 Backward: the gradient of the logits is the buffer the forward wrote times the incoming gradient. For "mean"
 and "sum" that is one scalar, almost always 1.0 (loss.backward()): the scaling kernel reads it on the device and
@@ -47,6 +50,16 @@ NUM_WARPS = 16
 # at every option set (at 32 warps the loop spills: 64 registers a thread).
 PROGRAMS_PER_SM = None
 SCALE_BLOCK = 4096
+# Without class weights the forward kernel forms the two device scalars itself (OWN_SCALARS), so that no scalars
+# launch precedes it: W is V, and the divisor 1, or for "mean" the count of rows not ignored, which every program
+# counts from all the targets, COUNT_BLOCK at a time. That redundant read (programs × rows × the index size, from
+# L2 after the first program's) is allowed up to OWN_COUNT_BYTES, so only small calls count for themselves (a
+# program a row: up to 724 int64 or 1024 int32 targets), where a launch costs more than the kernel's work; larger
+# "mean" calls keep the scalars launch. From first principles, not timed: a launch is ~2-4 µs of GPU time between
+# kernels and ~5-10 µs of host time (benchmarks.launch_cost); one COUNT_BLOCK of targets is one L2 round trip
+# (< 1 µs) at the start of each program.
+OWN_COUNT_BYTES = 4 << 20
+OWN_COUNT_BLOCK = 2048
 
 
 @triton.jit
@@ -70,6 +83,20 @@ def _row_target(TARGET, WEIGHT, row, V, ignore_index, HAS_WEIGHT: tl.constexpr):
     if HAS_WEIGHT:
         w_t = tl.load(WEIGHT + tl.where(in_range, t, 0))
     return t, ignored, in_range, w_t
+
+
+@triton.jit
+def _count_kept(TARGET, rows, ignore_index, BLOCK: tl.constexpr):
+    """"mean"'s divisor without class weights: the count of the rows whose target is not ignore_index (out-of-range
+    ones included: their loss is NaN anyway), as fp32 (exact below 2^24 rows, one rounding above)."""
+    offs = tl.arange(0, BLOCK)
+    count = tl.zeros((BLOCK,), tl.int32)
+    for start in range(0, rows, BLOCK):
+        r = start + offs
+        mask = r < rows
+        t = tl.load(TARGET + r, mask=mask, other=0).to(tl.int64)
+        count += (mask & (t != ignore_index)).to(tl.int32)
+    return tl.sum(count, 0).to(tl.float32)
 
 
 @triton.jit
@@ -139,7 +166,7 @@ def _ce_fwd_kernel(
     GRAD,  # (rows, V) output: d(reduced loss)/d logits for an incoming 1, logits' dtype (unless COMPUTE_GRAD)
     stride_l,
     stride_g,
-    rows,  # (read with PERSISTENT only)
+    rows,  # (read with PERSISTENT or MEAN only)
     V,
     ignore_index,
     keep_nll,  # 1 − ε, computed on the host in double so the kernel rounds it once
@@ -153,30 +180,45 @@ def _ce_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
     PERSISTENT: tl.constexpr = False,  # program p takes rows p, p + programs, ... (else the grid is a program a row)
+    OWN_SCALARS: tl.constexpr = False,  # no class weights: the kernel forms SCALARS itself (see _own_scalars)
+    MEAN: tl.constexpr = False,  # with OWN_SCALARS: the divisor is the count of rows not ignored (else 1)
+    COUNT_BLOCK: tl.constexpr = OWN_COUNT_BLOCK,
 ):
     pid = tl.program_id(0)
+    divisor = tl.full((), 1.0, tl.float32)
+    weight_sum = tl.full((), 0.0, tl.float32) + V  # V rounded once to fp32, as the scalars kernel does
+    if OWN_SCALARS:
+        # What _ce_scalars_kernel would have stored, formed by every program from the targets (no launch before
+        # this one); program 0 stores it for the reduction and the backward, which read SCALARS.
+        if MEAN:
+            divisor = _count_kept(TARGET, rows, ignore_index, COUNT_BLOCK)
+        if pid == 0:
+            tl.store(SCALARS, divisor)
+            tl.store(SCALARS + 1, weight_sum)
     if PERSISTENT:  # (a loop around the row keeps more registers live: only where PROGRAMS_PER_SM asks for it)
         # The row as an int64 base plus an int32 step count (the interpreter runs loops over Python ints, which
         # would meet the int32 strides in 32 bits); the launcher never makes more programs than rows.
         programs = tl.num_programs(0)
         first = pid.to(tl.int64)
         for i in range(0, tl.cdiv(rows - pid, programs)):
-            _ce_fwd_row(LOGITS, TARGET, WEIGHT, SCALARS, LOSS, MAX, LOG_S, GRAD, stride_l, stride_g,
-                        first + i * programs, V, ignore_index, keep_nll, smooth_v, z_loss, softcap, HAS_WEIGHT,
-                        HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, COMPUTE_GRAD, BLOCK_V)
+            _ce_fwd_row(LOGITS, TARGET, WEIGHT, SCALARS, divisor, weight_sum, LOSS, MAX, LOG_S, GRAD, stride_l,
+                        stride_g, first + i * programs, V, ignore_index, keep_nll, smooth_v, z_loss, softcap,
+                        HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, COMPUTE_GRAD, BLOCK_V, OWN_SCALARS)
     else:
-        _ce_fwd_row(LOGITS, TARGET, WEIGHT, SCALARS, LOSS, MAX, LOG_S, GRAD, stride_l, stride_g, pid.to(tl.int64), V,
-                    ignore_index, keep_nll, smooth_v, z_loss, softcap, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP,
-                    COMPUTE_GRAD, BLOCK_V)
+        _ce_fwd_row(LOGITS, TARGET, WEIGHT, SCALARS, divisor, weight_sum, LOSS, MAX, LOG_S, GRAD, stride_l, stride_g,
+                    pid.to(tl.int64), V, ignore_index, keep_nll, smooth_v, z_loss, softcap, HAS_WEIGHT, HAS_SMOOTHING,
+                    HAS_Z, HAS_SOFTCAP, COMPUTE_GRAD, BLOCK_V, OWN_SCALARS)
 
 
 @triton.jit
 def _ce_fwd_row(
-    LOGITS, TARGET, WEIGHT, SCALARS, LOSS, MAX, LOG_S, GRAD, stride_l, stride_g, row, V, ignore_index, keep_nll,
-    smooth_v, z_loss, softcap, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOGITS, TARGET, WEIGHT, SCALARS, divisor, weight_sum, LOSS, MAX, LOG_S, GRAD, stride_l, stride_g, row, V,
+    ignore_index, keep_nll, smooth_v, z_loss, softcap, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    OWN_SCALARS: tl.constexpr,
 ):
-    """_ce_fwd_kernel's work for one row (int64)."""
+    """_ce_fwd_kernel's work for one row (int64). SCALARS' two values: divisor and weight_sum with OWN_SCALARS,
+    else read from SCALARS where they are used (not held through the row's loop)."""
     t, ignored, in_range, w_t = _row_target(TARGET, WEIGHT, row, V, ignore_index, HAS_WEIGHT)
     cols0 = tl.arange(0, BLOCK_V)
     base = LOGITS + row * stride_l
@@ -204,7 +246,8 @@ def _ce_fwd_row(
                 sum_wx += tl.sum(tl.where(mask, x, 0.0), 0)
     log_s = tl.log(s)
     lse = m + log_s
-    weight_sum = tl.load(SCALARS + 1)
+    if not OWN_SCALARS:
+        weight_sum = tl.load(SCALARS + 1)
     loss = w_t * keep_nll * ((m - x_t) + log_s)
     if HAS_SMOOTHING:
         loss += smooth_v * (weight_sum * lse - sum_wx)
@@ -218,7 +261,9 @@ def _ce_fwd_row(
     tl.store(MAX + row, m)
     tl.store(LOG_S + row, log_s)
     if COMPUTE_GRAD:
-        _write_grad_row(base, GRAD + row * stride_g, WEIGHT, t, ignored, m, log_s, w_t, keep / tl.load(SCALARS), V,
+        if not OWN_SCALARS:
+            divisor = tl.load(SCALARS)
+        _write_grad_row(base, GRAD + row * stride_g, WEIGHT, t, ignored, m, log_s, w_t, keep / divisor, V,
                         0, keep_nll, smooth_v, z_loss, softcap, weight_sum,
                         HAS_WEIGHT, HAS_SMOOTHING, HAS_Z, HAS_SOFTCAP, BLOCK_V)
 
@@ -320,13 +365,7 @@ def _ce_scalars_kernel(
                 acc += w * keep.to(tl.float64)
             divisor = tl.sum(acc, 0).to(tl.float32)
         else:
-            count = tl.zeros((BLOCK,), tl.int32)
-            for start in range(0, rows, BLOCK):
-                r = start + offs
-                mask = r < rows
-                t = tl.load(TARGET + r, mask=mask, other=0).to(tl.int64)
-                count += (mask & (t != ignore_index)).to(tl.int32)
-            divisor = tl.sum(count, 0).to(tl.float32)  # exact below 2^24 rows, one rounding above
+            divisor = _count_kept(TARGET, rows, ignore_index, BLOCK)
     total = tl.full((), 0.0, tl.float32) + V  # V rounded once to fp32, as torch.full did
     if HAS_WEIGHT:
         wacc = tl.zeros((BLOCK,), tl.float64)
@@ -438,7 +477,11 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
     included: each element is read before it is written, by the same program.
     """
     rows, V = logits.shape
-    if sc is None:
+    programs = _fwd_programs(rows, logits.dtype, logits.device) if rows > 0 else 0
+    own = sc is None and _own_scalars(weight, reduction, rows, programs, target)
+    if own:
+        sc = _util.empty((2,), torch.float32, logits.device)
+    elif sc is None:
         sc = scalars(target, weight, V, ignore_index, reduction)
     loss = _util.empty((rows,), torch.float32, logits.device)
     row_max = _util.empty((rows,), torch.float32, logits.device)
@@ -448,14 +491,23 @@ def cross_entropy_fwd(logits, target, weight, ignore_index, smoothing, z_loss, s
     else:
         grad = _util.empty((rows, V), logits.dtype, logits.device) if compute_grad else None
     if rows > 0:
-        _launch.launch(_ce_fwd_kernel, (_fwd_programs(rows, logits.dtype, logits.device),),
+        _launch.launch(_ce_fwd_kernel, (programs,),
             logits, target, weight if weight is not None else sc, sc, loss, row_max, log_s,
             grad if grad is not None else logits, logits.stride(0), grad.stride(0) if grad is not None else 0,
             rows, V, ignore_index, *_constants(V, smoothing, z_loss, softcap), COMPUTE_GRAD=compute_grad,
-            PERSISTENT=_persistent(logits.dtype),
+            PERSISTENT=_persistent(logits.dtype), OWN_SCALARS=own, MEAN=own and reduction == "mean",
+            COUNT_BLOCK=OWN_COUNT_BLOCK,
             **_flags(weight, smoothing, z_loss, softcap),
         )
     return loss, row_max, log_s, sc, grad
+
+
+def _own_scalars(weight, reduction, rows, programs, target):
+    """Whether the forward kernel forms the scalars itself (OWN_SCALARS): no class weights, rows to launch for,
+    and for "mean" a redundant count within OWN_COUNT_BYTES."""
+    if weight is not None or rows == 0:
+        return False
+    return reduction != "mean" or programs * rows * target.element_size() <= OWN_COUNT_BYTES
 
 
 def _out(out, logits):

@@ -650,6 +650,53 @@ def test_persistent_forward_grid_gives_the_same_bits(backend, option, per_sm, mo
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
+@pytest.mark.parametrize("index_dtype,per_sm", [(torch.int64, None), (torch.int32, 1)], ids=str)
+def test_forward_forms_its_own_scalars(backend, index_dtype, per_sm, monkeypatch):
+    """Without class weights the forward kernel forms the device scalars itself (OWN_SCALARS), with no launch
+    before it: every output (loss, statistics, scalars, gradient) bit for bit as with the scalars launch's, for
+    each reduction and option, a program a row or walking rows (per_sm), a count over one block of targets or
+    several (OWN_COUNT_BLOCK), rows ignored and out of range; a "mean" call past OWN_COUNT_BYTES, class weights,
+    given scalars (a linear cross-entropy chunk's) or no rows keep the scalars launch."""
+    ce = fastlm.kernels.cross_entropy
+    monkeypatch.setattr(ce, "PROGRAMS_PER_SM", per_sm)
+    launched = []
+    real_launch = ce._launch.launch
+    monkeypatch.setattr(ce._launch, "launch", lambda kernel, *a, **kw: launched.append(kernel.__name__)
+                        or real_launch(kernel, *a, **kw))
+    logits, target, weight = _inputs((21,), 40, torch.bfloat16, seed=11, index_dtype=index_dtype)
+    target[7] = 40  # out of range, not ignored: a NaN row
+    for option in ("plain", "everything"):
+        kw = dict(OPTIONS[option])
+        ignore_index = kw.pop("ignore_index", -100)
+        kw.pop("weight", None)
+        for reduction in REDUCTIONS:
+            args = (logits, target, None, ignore_index, kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0),
+                    kw.get("softcap"), reduction, True)
+            given = ce.cross_entropy_fwd(*args, sc=ce.scalars(target, None, 40, ignore_index, reduction))
+            for block in (ce.OWN_COUNT_BLOCK, 8):  # one block of targets, or three
+                monkeypatch.setattr(ce, "OWN_COUNT_BLOCK", block)
+                launched.clear()
+                own = ce.cross_entropy_fwd(*args)
+                assert launched == ["_ce_fwd_kernel"], (option, reduction)
+                for name, a, b in zip(("loss", "max", "log_s", "scalars", "grad"), own, given):
+                    assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan()), name
+                assert own[0][7].isnan() and own[4][7].isnan().all()
+    args = (logits, target, None, -100, 0.0, 0.0, None, "mean", True)
+    expected = ce.cross_entropy_fwd(*args)
+    for weight_, budget, sc in ((None, 0, None), (weight, ce.OWN_COUNT_BYTES, None),
+                                (None, ce.OWN_COUNT_BYTES, ce.scalars(target, None, 40, -100, "mean"))):
+        monkeypatch.setattr(ce, "OWN_COUNT_BYTES", budget)
+        launched.clear()
+        out = ce.cross_entropy_fwd(*args[:2], weight_, *args[3:], sc=sc)
+        assert launched == (["_ce_scalars_kernel"] if sc is None else []) + ["_ce_fwd_kernel"]
+        if weight_ is None:
+            assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(out, expected))
+    launched.clear()
+    empty = ce.cross_entropy_fwd(logits[:0], target[:0], None, -100, 0.0, 0.0, None, "mean", True)
+    assert launched == ["_ce_scalars_kernel"] and empty[3].tolist() == [0.0, 40.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES_T, ids=str)
 @pytest.mark.parametrize("rows,V", [(0, 5), (1, 1), (37, 10), (8192 + 5, 8192 + 3)])
 def test_scalars_kernel_matches_the_torch_ops(backend, index_dtype, rows, V, monkeypatch):
