@@ -159,7 +159,8 @@ def _ce_fwd_kernel(
     TARGET,  # (rows,) int32 or int64 class indices
     WEIGHT,  # (V,) fp32 class weights (unused unless HAS_WEIGHT)
     SCALARS,  # (2,) fp32 on the device: the reduction's divisor (Σ w_t over kept rows for "mean", else 1), and
-    #           W = Σ_v w_v (V without weights): device values, so computing them never syncs the host
+    #           W = Σ_v w_v (V without weights): device values, so computing them never syncs the host. An input,
+    #           or with OWN_SCALARS an output (program 0 stores it; no program reads it)
     LOSS,  # (rows,) fp32 output: each row's loss, unreduced and undivided
     MAX,  # (rows,) fp32 output: the row's max m (of the softcapped logits)
     LOG_S,  # (rows,) fp32 output: log Σ exp(x − m); lse = m + log s, kept apart for precision

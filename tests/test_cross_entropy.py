@@ -2,7 +2,12 @@
 z-loss and softcap, the registered ops under torch.compile, the drop-in module and bad input."""
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastlm
 from fastlm import reference
 from conftest import BACKENDS, DEVICE, assert_by_rule, generator, seeded, simulated_runs
+
+REPO = Path(__file__).resolve().parent.parent
 
 VS = (2, 3, 1000, 32000, 50257)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -663,17 +670,19 @@ def test_forward_forms_its_own_scalars(backend, index_dtype, per_sm, monkeypatch
     real_launch = ce._launch.launch
     monkeypatch.setattr(ce._launch, "launch", lambda kernel, *a, **kw: launched.append(kernel.__name__)
                         or real_launch(kernel, *a, **kw))
-    logits, target, weight = _inputs((21,), 40, torch.bfloat16, seed=11, index_dtype=index_dtype)
-    target[7] = 40  # out of range, not ignored: a NaN row
+    blocks = (ce.OWN_COUNT_BLOCK, 8)  # one block of targets, or three
     for option in ("plain", "everything"):
         kw = dict(OPTIONS[option])
         ignore_index = kw.pop("ignore_index", -100)
         kw.pop("weight", None)
+        logits, target, weight = _inputs((21,), 40, torch.bfloat16, ignore_index=ignore_index, seed=11,
+                                         index_dtype=index_dtype)  # every fourth row ignored
+        target[7] = 40  # out of range, not ignored: a NaN row
         for reduction in REDUCTIONS:
             args = (logits, target, None, ignore_index, kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0),
                     kw.get("softcap"), reduction, True)
             given = ce.cross_entropy_fwd(*args, sc=ce.scalars(target, None, 40, ignore_index, reduction))
-            for block in (ce.OWN_COUNT_BLOCK, 8):  # one block of targets, or three
+            for block in blocks:
                 monkeypatch.setattr(ce, "OWN_COUNT_BLOCK", block)
                 launched.clear()
                 own = ce.cross_entropy_fwd(*args)
@@ -681,10 +690,10 @@ def test_forward_forms_its_own_scalars(backend, index_dtype, per_sm, monkeypatch
                 for name, a, b in zip(("loss", "max", "log_s", "scalars", "grad"), own, given):
                     assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan()), name
                 assert own[0][7].isnan() and own[4][7].isnan().all()
-    args = (logits, target, None, -100, 0.0, 0.0, None, "mean", True)
+    args = (logits, target, None, 7, 0.0, 0.0, None, "mean", True)
     expected = ce.cross_entropy_fwd(*args)
     for weight_, budget, sc in ((None, 0, None), (weight, ce.OWN_COUNT_BYTES, None),
-                                (None, ce.OWN_COUNT_BYTES, ce.scalars(target, None, 40, -100, "mean"))):
+                                (None, ce.OWN_COUNT_BYTES, ce.scalars(target, None, 40, 7, "mean"))):
         monkeypatch.setattr(ce, "OWN_COUNT_BYTES", budget)
         launched.clear()
         out = ce.cross_entropy_fwd(*args[:2], weight_, *args[3:], sc=sc)
@@ -694,6 +703,53 @@ def test_forward_forms_its_own_scalars(backend, index_dtype, per_sm, monkeypatch
     launched.clear()
     empty = ce.cross_entropy_fwd(logits[:0], target[:0], None, -100, 0.0, 0.0, None, "mean", True)
     assert launched == ["_ce_scalars_kernel"] and empty[3].tolist() == [0.0, 40.0]
+
+
+# Run with TRITON_INTERPRET unset (compiled kernels): the own-scalars forward's Triton IR, and a control's.
+_OWN_SCALARS_IR = r"""
+import json, re, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from benchmarks import static
+from fastlm.kernels import cross_entropy as ce
+
+logits, target = torch.empty(64, 1024, dtype=torch.bfloat16), torch.empty(64, dtype=torch.int64)
+result = {}
+for name, weight, reduction in (("own mean", None, "mean"), ("own sum", None, "sum"),
+                                ("weights", torch.empty(1024), "mean")):
+    with static.recording() as found:
+        ce.cross_entropy_fwd(logits, target, weight, -100, 0.1, 1e-4, 30.0, reduction, True)
+    (v,) = [v for v in found if v.fn is ce._ce_fwd_kernel]
+    src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=v.attrs)
+    ir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(v.options)).asm["ttir"]
+    loads = stores = 0
+    for line in ir.splitlines():
+        if "tt.func" in line:  # (value names restart in each function; the IR names arguments)
+            derived = {"%SCALARS"}  # the argument and every pointer made from it
+        m = re.match(r"\s*(%[\w#]+) = (\S+) (%[\w#]+)?", line)
+        if m:  # (a name is reused once its region closes: each definition replaces the last)
+            made_from = m.group(2) in ("tt.addptr", "tt.splat", "tt.broadcast", "tt.bitcast") and m.group(3)
+            (derived.add if made_from in derived else derived.discard)(m.group(1))
+        m = re.search(r"tt\.(load|store) (%[\w#]+)", line)
+        if m and m.group(2) in derived:
+            loads += m.group(1) == "load"
+            stores += m.group(1) == "store"
+    result[name] = [loads, stores]
+print(json.dumps(result))
+"""
+
+
+def test_own_scalars_forward_never_reads_them():
+    """Program 0 stores the scalars the own-scalars forward forms; no program may read them back, since on a GPU
+    the programs run at once (the interpreter runs program 0 first, so a read there would pass). The kernel compiled
+    for sm_90a (no GPU needed): its Triton IR loads nothing through SCALARS and stores it twice, for "mean" and
+    "sum"; with class weights (the scalars launch's path, the control) it loads both values."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _OWN_SCALARS_IR], cwd=REPO, env=dict(env, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found == {"own mean": [0, 2], "own sum": [0, 2], "weights": [2, 0]}, found
 
 
 @pytest.mark.parametrize("backend", BACKENDS[:1], indirect=True)
