@@ -12,8 +12,9 @@ the machine code:
   ships, and nvcc takes minutes on these templates. Otherwise nvcc compiles it here with setup.py's own flags,
   one cubin per architecture, and `ptxas -v` adds the spill bytes.
 Then `cuobjdump -res-usage` gives registers, shared memory and local memory (stack frame and local arrays) per
-kernel, and the SASS (`cuobjdump -sass` of an object, `nvdisasm` of a cubin) the widest global load and store, local
-loads and stores (spills), tensor-core instructions (HMMA; HGMMA is Hopper's wgmma), TMA loads, and setmaxnreg.
+kernel, and the SASS (`cuobjdump -sass` of an object, `nvdisasm` of a cubin; the Triton kernels' code of an
+architecture in batches, `disassemble`) the widest global load and store, local loads and stores (spills),
+tensor-core instructions (HMMA; HGMMA is Hopper's wgmma), TMA loads, and setmaxnreg.
 
 It prints one table and exits non-zero when any kernel fails to compile or uses local memory in a shipped config
 (stack or local bytes, spill bytes, or LDL/STL instructions), when a variant built with WARP_SPEC lacks setmaxnreg
@@ -23,6 +24,7 @@ os.cpu_count() workers; it runs in CI after the tests.
 """
 
 import argparse
+import bisect
 import functools
 import importlib
 import itertools
@@ -32,6 +34,7 @@ import re
 import runpy
 import shlex
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -148,19 +151,73 @@ def inspect_binary(path: Path) -> dict:
     return out
 
 
+def _run_tool(name: str, *args) -> str:
+    proc = subprocess.run([cuda_tool(name), *map(str, args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed: {proc.stderr.strip()[:500]}")
+    return proc.stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """parse_res_usage's {kernel: resources} of one plain cubin, from `cuobjdump -res-usage`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, "kernel.cubin")
+        path.write_bytes(cubin)
+        return parse_res_usage(_run_tool("cuobjdump", "-res-usage", path))
+
+
 def inspect_cubin(path: Path) -> dict:
     """inspect_binary's {kernel: facts} for one plain cubin (not a fat binary), read in about two thirds of the time:
     the resources from `cuobjdump -res-usage` and the SASS from `nvdisasm --no-dataflow`. cuobjdump's -sass runs
     nvdisasm with its dataflow analysis (register liveness comments the report never reads), which costs ~0.2 s of
-    a call's ~0.7 s; the report reads a cubin for each of its ~1,100 Triton builds."""
-    res = subprocess.run([cuobjdump(), "-res-usage", str(path)], capture_output=True, text=True)
-    sass = subprocess.run([cuda_tool("nvdisasm"), "--print-code", "--no-dataflow", str(path)], capture_output=True,
-                          text=True)
-    for tool, proc in (("cuobjdump", res), ("nvdisasm", sass)):
-        if proc.returncode != 0:
-            raise RuntimeError(f"{tool} failed on {path.name}: {proc.stderr.strip()[:500]}")
-    facts = parse_sass(sass.stdout)
-    return {name: dict(r, **facts.get(name, _no_sass())) for name, r in parse_res_usage(res.stdout).items()}
+    a call's ~0.7 s."""
+    facts = parse_sass(_run_tool("nvdisasm", "--print-code", "--no-dataflow", path))
+    return {name: dict(r, **facts.get(name, _no_sass())) for name, r in resource_usage(path.read_bytes()).items()}
+
+
+def text_sections(elf: bytes) -> dict:
+    """{section name: bytes} of an ELF64 file's code sections (.text.<function>): a cubin's machine code."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2:
+        raise ValueError("not an ELF64 file")
+    (shoff,), (shentsize, shnum, shstrndx) = struct.unpack_from("<Q", elf, 0x28), struct.unpack_from("<HHH", elf, 0x3A)
+    # Section header: name, type, flags, addr, offset, size, link, info, addralign, entsize.
+    headers = [struct.unpack_from("<IIQQQQIIQQ", elf, shoff + i * shentsize) for i in range(shnum)]
+    names = headers[shstrndx][4]
+
+    def name(at):
+        return elf[names + at:elf.index(b"\0", names + at)].decode()
+
+    return {name(h[0]): elf[h[4]:h[4] + h[5]] for h in headers if name(h[0]).startswith(".text.")}
+
+
+def disassemble(arch: str, codes: list) -> list:
+    """parse_sass's facts for each of `codes` (the raw machine code of one kernel each, all for `arch`, e.g.
+    "sm_90a"), from one nvdisasm run over them all. nvdisasm takes about 0.3 s to start whatever it reads (most of
+    a small kernel's time), so the report hands it its kernels of an architecture in a few batches instead of one
+    cubin each: raw code (--binary) decodes to the same instructions as the cubin, its branch targets as addresses
+    instead of labels, and with instructions of 16 bytes from sm_70 on, each kernel is the address range it was
+    placed at."""
+    starts = list(itertools.accumulate((len(c) for c in codes), initial=0))
+    if any(len(c) % 16 or not c for c in codes):
+        raise ValueError("a kernel's code is not a whole number of 16-byte instructions")
+    with tempfile.TemporaryDirectory() as tmp:
+        blob = Path(tmp, "code.bin")
+        blob.write_bytes(b"".join(codes))
+        text = _run_tool("nvdisasm", "--binary", arch.replace("sm_", "SM"), "--print-code", "--no-dataflow", blob)
+    lines, current = [], -1
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/", line)
+        if m:
+            at = bisect.bisect_right(starts, int(m.group(1), 16)) - 1
+            if at != current:  # a kernel's first instruction: parse_sass's heading for it
+                lines.append(f".text.{at}:")
+                current = at
+        lines.append(line)
+    facts = parse_sass("\n".join(lines))
+    missing = [i for i in range(len(codes)) if str(i) not in facts]
+    if missing:
+        raise RuntimeError(f"nvdisasm printed no instructions of {len(missing)} of the {len(codes)} kernels")
+    return [facts[str(i)] for i in range(len(codes))]
 
 
 def problems(row: dict) -> list:
@@ -561,40 +618,86 @@ def triton_variants(pattern: str = None) -> list:
     return [v for v in _all_variants() if pattern is None or re.search(pattern, v.name)]
 
 
-def compile_triton(variant: Variant, cap: int) -> dict:
-    """Compile one variant for one architecture and read its cubin (runs in a pool worker)."""
-    return compile_variant(variant, cap)
+def compile_triton(variant: Variant, cap: int, disassembled: bool = True) -> dict:
+    """Compile one variant for one architecture and read its cubin (runs in a pool worker). With disassembled=False
+    the row carries the kernel's machine code ("code") in place of its SASS facts, for `run` to disassemble with
+    the others (disassemble_rows)."""
+    return compile_variant(variant, cap, disassembled=disassembled)
 
 
-def compile_variant(variant: Variant, cap: int, source: str = None) -> dict:
-    """Compile a Variant for compute capability `cap` with triton.compile (no GPU needed) and read its cubin: one row
-    of the report (registers, shared and local memory, spills, load widths, tensor-core instructions)."""
+def compile_cubin(variant: Variant, cap: int):
+    """triton.compile's kernel (its .asm["cubin"], .metadata) of a Variant for compute capability `cap`: no GPU
+    needed."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
     from triton.compiler import ASTSource
+
+    src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs, attrs=variant.attrs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, TRITON_WARP_SIZE), options=dict(variant.options))
+
+
+def compile_variant(variant: Variant, cap: int, source: str = None, disassembled: bool = True) -> dict:
+    """Compile a Variant for compute capability `cap` (compile_cubin) and read its cubin: one row of the report
+    (registers, shared and local memory, spills, load widths, tensor-core instructions)."""
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
 
     row = {"source": source or variant.source, "kernel": variant.name, "arch": sm_arch_from_capability(cap),
            "warp_spec": bool(variant.constexprs.get("WARP_SPEC")), "wgmma_expected": expects_wgmma(variant, cap)}
     start = time.perf_counter()
     try:
-        src = ASTSource(fn=variant.fn, signature=variant.signature, constexprs=variant.constexprs,
-                        attrs=variant.attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", cap, TRITON_WARP_SIZE), options=dict(variant.options))
-        with tempfile.TemporaryDirectory() as tmp:
-            cubin = Path(tmp, "kernel.cubin")
-            cubin.write_bytes(compiled.asm["cubin"])
-            found = inspect_cubin(cubin)
+        compiled = compile_cubin(variant, cap)
+        found = resource_usage(compiled.asm["cubin"])
         if len(found) != 1:
             raise RuntimeError(f"expected one kernel in the cubin, found {sorted(found)}")
-        facts = next(iter(found.values()))
+        (name, facts), = found.items()
+        code = text_sections(compiled.asm["cubin"]).get(f".text.{name}")
+        if code is None:
+            raise RuntimeError(f"the cubin has no .text.{name} section")
         # Triton's shared memory is dynamic, so the cubin's static SHARED misses it; the compiler's metadata has it.
         facts["shared"] = max(facts["shared"], int(compiled.metadata.shared))
         row.update(facts, warps=variant.num_warps)
+        if disassembled:
+            row.update(disassemble(row["arch"], [code])[0])
+        else:
+            row["code"] = code
     except Exception as e:  # noqa: BLE001 - a compile error is a result of the report, named in its table
-        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400]
+        row["error"] = _error(e)
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:400]
+
+
+DISASSEMBLY_BATCH_BYTES = 2 << 20  # of machine code a disassembly job: ~0.3 s of nvdisasm's start to ~2 s of work
+
+
+def disassemble_rows(pool, rows: list) -> None:
+    """Give the rows that carry their kernel's code (compile_triton(..., disassembled=False)) their SASS facts:
+    per architecture, in batches of about DISASSEMBLY_BATCH_BYTES of code, disassembled in the pool. A batch
+    nvdisasm fails on fails each of its rows."""
+    batches = []
+    for arch in sorted({r["arch"] for r in rows if "code" in r}):
+        batch, size = [], 0
+        for r in (r for r in rows if "code" in r and r["arch"] == arch):
+            batch.append(r)
+            size += len(r["code"])
+            if size >= DISASSEMBLY_BATCH_BYTES:
+                batches.append(batch)
+                batch, size = [], 0
+        batches += [batch] if batch else []
+    futures = [(batch, pool.submit(disassemble, batch[0]["arch"], [r.pop("code") for r in batch]))
+               for batch in batches]
+    for batch, future in futures:
+        try:
+            facts = future.result()
+        except Exception as e:  # noqa: BLE001 - named in the table, as a compile error is
+            for r in batch:
+                r["error"] = _error(e)
+            continue
+        for r, f in zip(batch, facts):
+            r.update(f)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA C++
@@ -748,7 +851,7 @@ def collect_jobs(pattern: str = None, recompile_cuda: bool = False) -> tuple:
             notes.append(f"{source.name}: compiled here by nvcc with setup.py's flags (no build object newer than "
                          "csrc/ and setup.py)")
     for variant in triton_variants(pattern):
-        jobs += [(compile_triton, (variant, cap)) for cap in variant.caps()]
+        jobs += [(compile_triton, (variant, cap, False)) for cap in variant.caps()]
     return jobs, notes
 
 
@@ -762,6 +865,7 @@ def run(jobs: int = None, pattern: str = None, recompile_cuda: bool = False) -> 
         for future in [pool.submit(fn, *args) for fn, args in work]:
             result = future.result()
             rows += result if isinstance(result, list) else [result]
+        disassemble_rows(pool, rows)
     rows.sort(key=lambda r: (r["source"].endswith(".py"), r["source"], r["kernel"], r["arch"]))
     return rows, notes
 

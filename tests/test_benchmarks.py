@@ -2,6 +2,7 @@
 and rate arithmetic, a whole benchmark case on CPU tensors with the device timers stubbed, the result writers on
 synthetic rows, and the static report compiling tiny Triton kernels for sm_90a and reading their machine code."""
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -992,6 +993,31 @@ def test_parser_on_nvdisasm_text():
                                                             "tma": False, "ws": False}}
 
 
+def test_report_disassembles_in_batches_per_architecture(monkeypatch):
+    # disassemble_rows gives each row carrying code the facts of its own code, from batches of one architecture
+    # of about DISASSEMBLY_BATCH_BYTES; a batch nvdisasm fails on fails its rows alone; rows without code are left.
+    calls = []
+
+    def disassemble(arch, codes):
+        calls.append((arch, [len(c) for c in codes]))
+        if b"bad" in codes:
+            raise RuntimeError("nvdisasm failed: bad code")
+        return [{"ld": len(c), "arch_read": arch} for c in codes]
+
+    monkeypatch.setattr(static, "disassemble", disassemble)
+    monkeypatch.setattr(static, "DISASSEMBLY_BATCH_BYTES", 100)
+    rows = [{"arch": "sm_90a", "code": b"x" * 60}, {"arch": "sm_80", "code": b"x" * 16},
+            {"arch": "sm_90a", "error": "E"}, {"arch": "sm_90a", "code": b"x" * 48},
+            {"arch": "sm_90a", "code": b"x" * 32}, {"arch": "sm_80", "code": b"bad"}]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        static.disassemble_rows(pool, rows)
+    assert calls == [("sm_80", [16, 3]), ("sm_90a", [60, 48]), ("sm_90a", [32])]
+    assert [r.get("ld") for r in rows] == [60, None, None, 48, 32, None]
+    assert all(r["arch_read"] == r["arch"] for r in rows if "ld" in r)
+    assert rows[1]["error"] == rows[5]["error"] == "RuntimeError: nvdisasm failed: bad code"
+    assert rows[2] == {"arch": "sm_90a", "error": "E"} and not any("code" in r for r in rows)
+
+
 def _attn_variant(kernel, dtype="bf16", **constexprs):
     return static.Variant("attention.py", types.SimpleNamespace(__name__=kernel), {"Q": f"*{dtype}", "n": "i32"},
                           constexprs, {}, {})
@@ -1042,29 +1068,53 @@ def launch(found):
 '''
 
 
+COMPILE_TINY = '''
+import json, pathlib, sys
+
+import fastlm_tiny_kernels as tiny
+from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+from benchmarks import static
+
+tmp, caps = pathlib.Path(sys.argv[1]), json.loads(sys.argv[2])
+tiny_variants = static.record(tiny.launch, "tiny.py")
+norm = next(v for v in static.triton_variants() if v.source == "norm.py" and v.num_warps >= 4)
+rows = [static.compile_triton(v, cap) for v in tiny_variants for cap in caps]
+rows.append(static.compile_triton(norm, 90))
+# The tiny variants' SASS facts at every architecture the report builds for, read as nvdisasm reads each cubin (an
+# ELF file), and as the report reads them: the code of an architecture's kernels disassembled in one batch.
+from_cubins, batched = [], []
+for cap in static.TRITON_CAPS:
+    cubins = [static.compile_cubin(v, cap).asm["cubin"] for v in tiny_variants]
+    for i, cubin in enumerate(cubins):
+        path = tmp / f"{cap}-{i}.cubin"
+        path.write_bytes(cubin)
+        (facts,) = static.inspect_cubin(path).values()
+        from_cubins.append({key: facts[key] for key in static._no_sass()})
+    codes = [next(iter(static.text_sections(cubin).values())) for cubin in cubins]
+    batched += static.disassemble(sm_arch_from_capability(cap), codes)
+print(json.dumps([len(tiny_variants), [v.aligned() for v in tiny_variants], norm.name, rows, from_cubins, batched],
+                 default=sorted))
+'''
+
+
 def _compile_triton(path, caps):
     """The static report's recorder on the tiny module's launcher and on fastlm's launchers, then
-    static.compile_triton on (tiny variants at each capability, one norm variant with ≥ 4 warps), in a fresh Python
-    without TRITON_INTERPRET: `make test` runs pytest under Triton's interpreter, whose @triton.jit functions cannot
-    be compiled (nor recorded)."""
+    static.compile_triton on (tiny variants at each capability, one norm variant with ≥ 4 warps), and the tiny
+    variants' SASS facts read from their cubins and from a batch (COMPILE_TINY), in a fresh Python without
+    TRITON_INTERPRET: `make test` runs pytest under Triton's interpreter, whose @triton.jit functions cannot be
+    compiled (nor recorded)."""
     env = dict(os.environ, TRITON_INTERPRET="0",
                PYTHONPATH=os.pathsep.join(p for p in (str(path), str(REPO), os.environ.get("PYTHONPATH")) if p))
-    code = ("import json, fastlm_tiny_kernels as tiny; from benchmarks import static; "
-            "tiny_variants = static.record(tiny.launch, 'tiny.py'); "
-            "norm = next(v for v in static.triton_variants() if v.source == 'norm.py' and v.num_warps >= 4); "
-            f"rows = [static.compile_triton(v, cap) for v in tiny_variants for cap in {caps!r}]; "
-            "rows.append(static.compile_triton(norm, 90)); "
-            "print(json.dumps([len(tiny_variants), [v.aligned() for v in tiny_variants], norm.name, rows], "
-            "default=sorted))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", COMPILE_TINY, str(path), json.dumps(caps)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.splitlines()[-1])
 
 
 def test_static_report_reads_compiled_triton_kernels(tmp_path):
     (tmp_path / "fastlm_tiny_kernels.py").write_text(TINY_KERNELS)
-    n_tiny, aligned, norm_name, (fits, spills, shipped) = _compile_triton(tmp_path, (90,))
+    n_tiny, aligned, norm_name, (fits, spills, shipped), from_cubins, batched = _compile_triton(tmp_path, (90,))
     # Recorded as the JIT binds the launch: the pointers and N = 4096 divisible by 16, one variant per config.
     assert n_tiny == 2 and aligned == [["X", "Y", "N"]] * 2
     assert "error" not in fits, fits.get("error")
@@ -1080,6 +1130,11 @@ def test_static_report_reads_compiled_triton_kernels(tmp_path):
     assert "error" not in shipped, shipped.get("error")
     assert shipped["source"] == "norm.py" and shipped["kernel"] == norm_name and norm_name.startswith("norm_")
     assert shipped["regs"] > 0 and shipped["local"] == 0
+
+    # The report disassembles an architecture's kernels in batches (static.disassemble, raw code end to end): each
+    # kernel's facts there are those read from its own cubin, at sm_80 and sm_90a, and they tell the two apart.
+    assert batched == from_cubins and len(batched) == 2 * len(static.TRITON_CAPS)
+    assert from_cubins[0]["ldl_stl"] == 0 < from_cubins[1]["ldl_stl"] and from_cubins[0]["ld"] == 128
 
 
 def test_static_report_uses_setup_py_flags():
