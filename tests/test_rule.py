@@ -1,6 +1,7 @@
 """The tests' own machinery: what the tolerance rule's SimulatedRounding does to the operations it sees
-(docs/TOLERANCE.md), the interpreter's conversions to bfloat16 (conftest's _bfloat16_rounded_to_nearest), the
-command a failed test prints to replay it, and the lock the GPU's largest tests take turns by."""
+(docs/TOLERANCE.md), the interpreter's conversions to bfloat16 (conftest's _bfloat16_rounded_to_nearest) and its
+patching of triton.language (_language_patched_once_a_launch), the command a failed test prints to replay it, and
+the lock the GPU's largest tests take turns by."""
 
 import math
 import re
@@ -87,6 +88,36 @@ def test_interpreter_rounds_to_bfloat16_as_the_gpu_does(src):
     same = (y.view(torch.int16) == expect.view(torch.int16)) | (torch.isnan(y) & torch.isnan(expect))
     assert same.all(), f"{(~same).sum().item()} of {n} conversions differ from torch's"
 
+
+
+@triton.jit
+def _double(x):
+    return x + x
+
+
+@triton.jit
+def _quadruple(X, Y, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, _double(_double(tl.load(X + offs))))
+
+
+@pytest.mark.skipif(HAS_GPU, reason="a property of the tests' interpreter (conftest's _language_patched_once_a_launch)")
+def test_interpreter_patches_the_language_once_a_launch(monkeypatch):
+    """A launch patches triton.language once, not again at each call of a helper (Triton's own interpreter patches
+    7 times here: the kernel, then 3 programs × 2 calls of _double); the helpers compute as before, and after the
+    launch the language is Triton's own again."""
+    from triton.runtime import interpreter
+
+    scopes = []
+    real_init = interpreter._LangPatchScope.__init__
+    monkeypatch.setattr(interpreter._LangPatchScope, "__init__", lambda self: (scopes.append(self), real_init(self))[1])
+    language = (tl.load, tl.arange, tl.core.tensor.__add__, tl.math.exp)
+    x = torch.arange(48, dtype=torch.float32)
+    y = torch.full_like(x, float("nan"))
+    _quadruple[(3,)](x, y, BLOCK=16)
+    assert torch.equal(y, 4 * x)
+    assert len(scopes) == 1
+    assert (tl.load, tl.arange, tl.core.tensor.__add__, tl.math.exp) == language
 
 
 @pytest.mark.parametrize("scale", (None, "3"), ids=("plain", "fuzz_scale"))
