@@ -172,7 +172,8 @@ def inspect_cubin(path: Path) -> dict:
     nvdisasm with its dataflow analysis (register liveness comments the report never reads), which costs ~0.2 s of
     a call's ~0.7 s."""
     facts = parse_sass(_run_tool("nvdisasm", "--print-code", "--no-dataflow", path))
-    return {name: dict(r, **facts.get(name, _no_sass())) for name, r in resource_usage(path.read_bytes()).items()}
+    resources = parse_res_usage(_run_tool("cuobjdump", "-res-usage", path))
+    return {name: dict(r, **facts.get(name, _no_sass())) for name, r in resources.items()}
 
 
 def text_sections(elf: bytes) -> dict:

@@ -707,9 +707,7 @@ def test_forward_forms_its_own_scalars(backend, index_dtype, per_sm, monkeypatch
 
 # Run with TRITON_INTERPRET unset (compiled kernels): the own-scalars forward's Triton IR, and a control's.
 _OWN_SCALARS_IR = r"""
-import json, re, torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, re, torch
 from benchmarks import static
 from fastlm.kernels import cross_entropy as ce
 
@@ -720,8 +718,7 @@ for name, weight, reduction in (("own mean", None, "mean"), ("own sum", None, "s
     with static.recording() as found:
         ce.cross_entropy_fwd(logits, target, weight, -100, 0.1, 1e-4, 30.0, reduction, True)
     (v,) = [v for v in found if v.fn is ce._ce_fwd_kernel]
-    src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=v.attrs)
-    ir = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(v.options)).asm["ttir"]
+    ir = static.compile_cubin(v, 90).asm["ttir"]
     loads = stores = 0
     for line in ir.splitlines():
         if "tt.func" in line:  # (value names restart in each function; the IR names arguments)
