@@ -77,6 +77,7 @@
 //   read in place (q, k, v views of a packed qkv tensor included); fastlm/_cuda.py copies the others.
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -543,6 +544,48 @@ struct TileCopy {
   }
 };
 
+// The forward kernels' epilogue for a warp's 16 query rows: O / l rounded to T and staged through 16 rows of
+// `staging` (the warp's own: rows 16·warp on, pitch D + 8; the caller has every read of that memory behind a
+// barrier) so that the stores to global memory are whole 16-byte pieces of rows; and the rows' lse.
+template <typename T, int D>
+__device__ __forceinline__ void write_rows(const AttnParams& p, const Seq& seq, T* staging, const float (&o)[D / 8][4],
+                                           const float (&m)[2], float (&l)[2], int b, int h, int m0, int m_last,
+                                           int warp, int lane) {
+  constexpr int kPitch = D + 8;
+  T* stage = staging + warp * kMma * kPitch;
+  const int g = lane >> 2;
+  const int t2 = (lane & 3) << 1;
+  const int i0 = m0 + warp * kMma + g;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    // A row that saw no visible key has l = 0: its output is exactly 0 and its lse −inf.
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const uint32_t w = pack2<T>(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
+      memcpy(stage + (g + 8 * r) * kPitch + nt * 8 + t2, &w, 4);
+    }
+    const int i = i0 + 8 * r;
+    if ((lane & 3) == 0 && i <= m_last) {
+      p.lse[b * p.lse_sb + h * p.lse_sh + seq.q_start + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : neg_inf();
+    }
+  }
+  __syncwarp();
+  T* out = static_cast<T*>(p.out) + b * p.o_sb + (seq.q_start + m0 + warp * kMma) * p.o_ss + h * p.o_sh;
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int it = 0; it < kMma * kChunks / 32; ++it) {
+    const int c = lane + it * 32;
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    if (m0 + warp * kMma + r <= m_last) {
+      *reinterpret_cast<uint4*>(out + r * p.o_ss + col) = *reinterpret_cast<const uint4*>(stage + r * kPitch + col);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Forward kernel (FlashAttention-2): grid (query blocks, Hq, B), the heaviest query blocks (the last ones, under a
 // causal mask) first.
@@ -628,39 +671,305 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1) attn_fwd_kernel(con
     __syncthreads();
   }
 
-  // Epilogue: O / l rounded to T, staged through the warp's own 16 rows of stage 0 (every read of the stages is
-  // behind the loop's last barrier) so that the stores to global memory are whole 16-byte rows pieces.
-  T* stage = reinterpret_cast<T*>(smem) + warp * kMma * kPitch;
-  const int g = lane >> 2;
-  const int t2 = (lane & 3) << 1;
+  write_rows<T, D>(p, seq, reinterpret_cast<T*>(smem), o, m, l, b, h, m0, m_last, warp, lane);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Hopper forward kernel (attn_fwd_wgmma_kernel, sm_90a): the same algorithm, masks and epilogue as attn_fwd_kernel,
+// with both products on wgmma (warpgroup-wide asynchronous MMA, 64 rows a warp group) instead of mma.sync. Off
+// unless the caller asks for it (fastlm/_cuda.py's ATTN_HOPPER, until the benchmark has timed it against the
+// FlashAttention-2 kernel on the GPU), for head dims 64 and 128, on devices of compute capability 9.0 in a build
+// with sm_90a code (attention_hopper_supported).
+//
+// - Two warp groups (256 threads), 64 query rows each: kBlockM = 128, kBlockN = 128 keys a block. Warp w holds
+//   rows 16·w + lane/4 (+ 8) of the CTA's 128, as in attn_fwd_kernel, because wgmma's m64nNk16 accumulator gives
+//   each warp of the group 16 rows in exactly mma.m16n8k16's C layout (an 8-column tile after another), and its A
+//   operand from registers takes mma.m16n8k16's A layout: the masking, the online softmax, P's conversion to A
+//   fragments and the epilogue are attn_fwd_kernel's own helpers.
+// - S = Q·Kᵀ: Q (A) and K (B) from shared memory, both K-major (head dim contiguous), D/16 instructions of
+//   m64n128k16. O += P·V: P (A) from registers, V (B) from shared memory MN-major (its head dim contiguous, keys
+//   the reduction): the transposed-B form, kBlockN/16 instructions of m64nDk16. Each product is one commit group,
+//   waited for before its result is read (no overlap of a warp group's softmax with its own matmuls: the two warp
+//   groups, and the cp.async prefetch of the next block, overlap instead).
+// - Tiles in shared memory in wgmma's 128-byte swizzle (swizzled_offset): a tile of R rows is D/64 column blocks of
+//   R rows × 128 bytes, and 16-byte chunk c of row r is stored at chunk c XOR (r mod 8) of its row: the 8 rows of a
+//   1024-byte atom spread over all 32 banks, for cp.async's writes and wgmma's reads alike. Descriptors
+//   (wgmma_desc): K-major, 1024 bytes between 8-row groups (the leading offset is unused), one instruction's 16
+//   columns inside a 128-byte row (32 bytes further each step, the next column block after 4 steps); MN-major (V),
+//   1024 bytes between 8-key groups, R·128 bytes between 64-column blocks, 2048 bytes (16 keys) further each step.
+//   These are the layouts and descriptors Triton 3.6 builds for the same tiles (its compiled attention runs on the
+//   H200): the static_asserts below hold the constants it emits.
+// - cp.async (16 bytes, zero-filled past the sequence) fills two stages of (K, V) and the Q tile; a thread's
+//   copies are made visible to wgmma (the async proxy) by fence.proxy.async before the block's barrier.
+// - Shared memory: Q 128·D·2 bytes + 2 stages × 2 tiles × 128·D·2 + 1024 (the base rounded up to a 1024-byte
+//   atom): 161 KB at D = 128, 81 KB at D = 64 (sm_90's 227 KB a block). Registers: S 64 + O D/2 + P 32 fp32/b32.
+template <int D>
+struct WgmmaFwdConfig {
+  static constexpr int kBlockM = 128;
+  static constexpr int kBlockN = 128;
+  static constexpr int kWarps = kBlockM / kMma;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kQBytes = kBlockM * D * 2;
+  static constexpr int kTileBytes = kBlockN * D * 2;  // one K or V tile
+  static constexpr int kStageBytes = 2 * kTileBytes;
+  static constexpr int kSmemBytes = kQBytes + 2 * kStageBytes + 1024;
+  static_assert(D % 64 == 0, "the swizzled tiles are whole 64-column (128-byte) blocks");
+  static_assert(kBlockM * (D + 8) * 2 <= kQBytes + 2 * kStageBytes, "the epilogue's staging fits");
+};
+
+// Whether the Hopper kernel exists for head dim D (the launcher and attention_hopper_supported ask).
+constexpr bool hopper_head_dim(int64_t d) { return d == 64 || d == 128; }
+
+// Byte offset of 16-byte chunk `chunk` (columns 8·chunk .. 8·chunk + 7) of row r in a swizzled tile of `rows` rows.
+constexpr uint32_t swizzled_offset(int rows, int r, int chunk) {
+  return static_cast<uint32_t>((chunk / 8) * rows * 128 + r * 128 + (((chunk % 8) ^ (r % 8)) << 4));
+}
+
+// The 128-byte swizzle as wgmma applies it to a shared address (byte offset bits 4–6 XOR bits 7–9), which the
+// layout above must equal inside a 1024-byte-aligned column block.
+constexpr uint32_t swizzle128(uint32_t offset) { return offset ^ (((offset >> 7) & 7u) << 4); }
+static_assert(swizzled_offset(128, 0, 0) == swizzle128(0) &&
+                  swizzled_offset(128, 5, 3) == swizzle128(5 * 128 + 3 * 16) &&
+                  swizzled_offset(128, 13, 7) == swizzle128(13 * 128 + 7 * 16) &&
+                  swizzled_offset(64, 9, 10) == 64 * 128 + swizzle128(9 * 128 + 2 * 16),
+              "the tile layout is the 128-byte swizzle, column block after column block");
+
+// A wgmma shared-memory matrix descriptor: start address, leading and stride byte offsets (16-byte units, 14 bits
+// each), the 128-byte swizzle (mode 1 in bits 62–63), base offset 0 (every atom is 1024-byte aligned).
+__host__ __device__ constexpr uint64_t wgmma_desc(uint32_t addr, uint32_t leading, uint32_t stride) {
+  return static_cast<uint64_t>((addr & 0x3FFFFu) >> 4) | (static_cast<uint64_t>((leading >> 4) & 0x3FFFu) << 16) |
+         (static_cast<uint64_t>((stride >> 4) & 0x3FFFu) << 32) | (uint64_t{1} << 62);
+}
+// Triton 3.6 at sm_90a, for a 128 × 128 16-bit tile at shared address 0: 4611686293305294848 for a K-major operand
+// (Q, K), 4611686293372403712 for the MN-major B of P·V (V).
+static_assert(wgmma_desc(0, 0, 1024) == 4611686293305294848ull, "K-major descriptor");
+static_assert(wgmma_desc(0, 128 * 128, 1024) == 4611686293372403712ull, "MN-major descriptor");
+
+// Copies a tile of kRows rows of D 16-bit elements (row r at src + r·stride) into the swizzled layout with kThreads
+// threads, 16 bytes a cp.async, as TileCopy does for the padded one: a thread copies one chunk column of rows
+// r0, r0 + kRowsPerPass, …; kRowsPerPass is a multiple of 8, so every row a thread copies has the same r mod 8
+// and its swizzled offset moves by a whole number of rows each pass. Rows from `valid` on are zero-filled.
+template <int kRows, int D, int kThreads>
+struct SwizzledTileCopy {
+  static constexpr int kChunks = D / 8;
+  static constexpr int kRowsPerPass = kThreads / kChunks;
+  static constexpr int kPasses = kRows / kRowsPerPass;
+  static_assert(kThreads % kChunks == 0 && kRowsPerPass % 8 == 0 && kRows % kRowsPerPass == 0,
+                "whole rows a pass, whole 8-row swizzle atoms a pass, whole passes a tile");
+  int r0;
+  uint32_t soff;
+  int64_t goff;
+  int64_t step;
+
+  __device__ __forceinline__ SwizzledTileCopy(int tid, int64_t stride) {
+    const int chunk = tid % kChunks;
+    r0 = tid / kChunks;
+    soff = swizzled_offset(kRows, r0, chunk);
+    goff = r0 * stride + chunk * 8;
+    step = kRowsPerPass * stride;
+  }
+
+  __device__ __forceinline__ void operator()(uint32_t dst, const __half* src, int valid, const void* fallback) const {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    // A row that saw no visible key has l = 0: its output is exactly 0 and its lse −inf.
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
-#pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      const uint32_t w = pack2<T>(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
-      memcpy(stage + (g + 8 * r) * kPitch + nt * 8 + t2, &w, 4);
-    }
-    const int i = i0 + 8 * r;
-    if ((lane & 3) == 0 && i <= m_last) {
-      p.lse[b * p.lse_sb + h * p.lse_sh + seq.q_start + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : neg_inf();
+    for (int it = 0; it < kPasses; ++it) {
+      const bool ok = r0 + it * kRowsPerPass < valid;
+      const void* g = ok ? static_cast<const void*>(src + goff + it * step) : fallback;
+      cp_async16(dst + soff + static_cast<uint32_t>(it * kRowsPerPass * 128), g, ok);
     }
   }
-  __syncwarp();
-  T* out = static_cast<T*>(p.out) + b * p.o_sb + (seq.q_start + m0 + warp * kMma) * p.o_ss + h * p.o_sh;
-  constexpr int kChunks = D / 8;
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FASTLM_WGMMA 1
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Writes to shared memory by the generic proxy (cp.async, st.shared) become visible to wgmma's reads.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Tells the compiler the accumulators change here (after the wait): no read of them moves above it.
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N][4]) {
 #pragma unroll
-  for (int it = 0; it < kMma * kChunks / 32; ++it) {
-    const int c = lane + it * 32;
-    const int r = c / kChunks;
-    const int col = (c % kChunks) * 8;
-    if (m0 + warp * kMma + r <= m_last) {
-      *reinterpret_cast<uint4*>(out + r * p.o_ss + col) = *reinterpret_cast<const uint4*>(stage + r * kPitch + col);
-    }
+  for (int j = 0; j < N; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
   }
+}
+
+// The accumulator operands of one instruction: 32 or 64 fp32 registers, d[j][e] the e-th of 8-column tile j.
+#define FASTLM_WGMMA_D32                                                                                            \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29," \
+  "%30,%31}"
+#define FASTLM_WGMMA_D64                                                                                            \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29," \
+  "%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,"    \
+  "%57,%58,%59,%60,%61,%62,%63}"
+#define FASTLM_WGMMA_TILE(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define FASTLM_WGMMA_ACC32                                                                                          \
+  FASTLM_WGMMA_TILE(0), FASTLM_WGMMA_TILE(1), FASTLM_WGMMA_TILE(2), FASTLM_WGMMA_TILE(3), FASTLM_WGMMA_TILE(4),     \
+      FASTLM_WGMMA_TILE(5), FASTLM_WGMMA_TILE(6), FASTLM_WGMMA_TILE(7)
+#define FASTLM_WGMMA_ACC64                                                                                          \
+  FASTLM_WGMMA_ACC32, FASTLM_WGMMA_TILE(8), FASTLM_WGMMA_TILE(9), FASTLM_WGMMA_TILE(10), FASTLM_WGMMA_TILE(11),     \
+      FASTLM_WGMMA_TILE(12), FASTLM_WGMMA_TILE(13), FASTLM_WGMMA_TILE(14), FASTLM_WGMMA_TILE(15)
+// The element types of the instruction: ".f16.f16" or ".bf16.bf16".
+#define FASTLM_WGMMA_SS128(TY)                                                                                      \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32" TY " "     \
+               FASTLM_WGMMA_D64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                   \
+               : FASTLM_WGMMA_ACC64                                                                                 \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+#define FASTLM_WGMMA_RS64(TY)                                                                                       \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n64k16.f32" TY " " FASTLM_WGMMA_D32                                 \
+               ", {%32,%33,%34,%35}, %36, 1, 1, 1, 1;\n"                                                            \
+               : FASTLM_WGMMA_ACC32                                                                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+#define FASTLM_WGMMA_RS128(TY)                                                                                      \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32" TY " " FASTLM_WGMMA_D64                                \
+               ", {%64,%65,%66,%67}, %68, 1, 1, 1, 1;\n"                                                            \
+               : FASTLM_WGMMA_ACC64                                                                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+
+// d (64 × 128, fp32) = A·B, + d when `accumulate`: A (64 × 16) and B (128 × 16) K-major in shared memory.
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  if constexpr (std::is_same_v<T, __half>) {
+    FASTLM_WGMMA_SS128(".f16.f16");
+  } else {
+    FASTLM_WGMMA_SS128(".bf16.bf16");
+  }
+}
+
+// d (64 × N, fp32) += A·B: A (64 × 16) from registers in mma.m16n8k16's A layout per warp, B (16 × N) MN-major in
+// shared memory (N contiguous: the transposed-B form).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+  static_assert(N == 64 || N == 128, "instances for head dims 64 and 128");
+  if constexpr (N == 64 && std::is_same_v<T, __half>) {
+    FASTLM_WGMMA_RS64(".f16.f16");
+  } else if constexpr (N == 64) {
+    FASTLM_WGMMA_RS64(".bf16.bf16");
+  } else if constexpr (std::is_same_v<T, __half>) {
+    FASTLM_WGMMA_RS128(".f16.f16");
+  } else {
+    FASTLM_WGMMA_RS128(".bf16.bf16");
+  }
+}
+
+// s = Q·Kᵀ for the warp group's 64 rows (rows 64·wg on of the Q tile) and the block's kN keys.
+template <typename T, int D, int kM, int kN>
+__device__ __forceinline__ void warpgroup_qk(float (&s)[kN / 8][4], uint32_t q_tile, uint32_t k_tile, int wg) {
+  static_assert(kN == 128, "one m64n128k16 per 16 columns of the head dim");
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t col = static_cast<uint32_t>((kk % 4) * 32);  // 16 columns of a 128-byte row
+    const uint64_t a = wgmma_desc(q_tile + (kk / 4) * kM * 128 + wg * 64 * 128 + col, 0, 1024);
+    const uint64_t b = wgmma_desc(k_tile + (kk / 4) * kN * 128 + col, 0, 1024);
+    wgmma_ss_n128<T>(s, a, b, kk > 0);
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_operands(s);
+}
+
+// o += P·V for the warp group's 64 rows: P as kN/16 A fragments over the keys, V (kN keys × D) at v_tile.
+template <typename T, int D, int kN>
+__device__ __forceinline__ void warpgroup_pv(float (&o)[D / 8][4], const uint32_t (&pf)[kN / 16][4], uint32_t v_tile) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kN / 16; ++kk) {
+    wgmma_rs<T, D>(o, pf[kk], wgmma_desc(v_tile + kk * 16 * 128, kN * 128, 1024));
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_operands(o);
+}
+#endif  // sm_90a
+
+// Grid (query blocks, Hq, B) as attn_fwd_kernel's, the heaviest query blocks first.
+template <typename T, int D, bool kSoftcap>
+__global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma_kernel(const AttnParams p) {
+#ifdef FASTLM_WGMMA
+  using C = WgmmaFwdConfig<D>;
+  constexpr int kN = C::kBlockN;
+  extern __shared__ __align__(16) unsigned char smem[];
+  // The swizzle is a function of the address: every tile starts on a 1024-byte boundary.
+  const uint32_t raw = smem_u32(smem);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* aligned = smem + (base - raw);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int h = static_cast<int>(blockIdx.y);
+  const int b = static_cast<int>(blockIdx.z);
+  const Seq seq = seq_of(p, b);
+  write_outside_rows<D>(p, seq, b, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), h, 1);
+  const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * C::kBlockM;
+  if (m0 >= seq.sq) return;
+  const int m_last = min(m0 + C::kBlockM, seq.sq) - 1;
+  const int hk = h / p.group;
+  const Band band = band_of(p, seq);
+  int key_lo, key_hi;
+  key_range(p, seq, m0, m_last, key_lo, key_hi);
+  const int n_begin = key_lo / kN;
+  const int n_end = key_hi > key_lo ? (key_hi + kN - 1) / kN : n_begin;
+
+  const __half* q = static_cast<const __half*>(p.q) + b * p.q_sb + (seq.q_start + m0) * p.q_ss + h * p.q_sh;
+  const __half* k = static_cast<const __half*>(p.k) + b * p.k_sb + seq.k_start * p.k_ss + hk * p.k_sh;
+  const __half* v = static_cast<const __half*>(p.v) + b * p.v_sb + seq.k_start * p.v_ss + hk * p.v_sh;
+  const uint32_t q_tile = base;
+  auto k_tile = [&](int stage) { return base + static_cast<uint32_t>(C::kQBytes + stage * C::kStageBytes); };
+  auto v_tile = [&](int stage) { return k_tile(stage) + static_cast<uint32_t>(C::kTileBytes); };
+  const SwizzledTileCopy<kN, D, C::kThreads> copy_k(tid, p.k_ss);
+  const SwizzledTileCopy<kN, D, C::kThreads> copy_v(tid, p.v_ss);
+  auto load_kv = [&](int stage, int nb) {
+    const int n0 = nb * kN;
+    copy_k(k_tile(stage), k + n0 * p.k_ss, seq.sk - n0, p.k);
+    copy_v(v_tile(stage), v + n0 * p.v_ss, seq.sk - n0, p.v);
+  };
+  SwizzledTileCopy<C::kBlockM, D, C::kThreads>(tid, p.q_ss)(q_tile, q, m_last + 1 - m0, p.q);
+  cp_async_commit();
+  if (n_begin < n_end) load_kv(0, n_begin);
+  cp_async_commit();
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
+  }
+  float m[2] = {neg_inf(), neg_inf()};
+  float l[2] = {0.f, 0.f};
+  const int i0 = m0 + warp * kMma + (lane >> 2);
+  const int wg = warp / 4;
+
+  for (int nb = n_begin; nb < n_end; ++nb) {
+    const int stage = (nb - n_begin) & 1;
+    if (nb + 1 < n_end) load_kv(stage ^ 1, nb + 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // Q and this block's K and V are in (the next block's may still be on their way)
+    fence_proxy_async();
+    __syncthreads();
+    float s[kN / 8][4];
+    warpgroup_qk<T, D, C::kBlockM, kN>(s, q_tile, k_tile(stage), wg);
+    to_log2_scores<kSoftcap, kN>(s, p);
+    const int n0 = nb * kN;
+    if (!tile_unmasked(band, seq.sk, n0, kN, m0, m_last)) mask_scores<kN>(s, band, seq.sk, n0, i0, i0 + 8, lane);
+    online_softmax<kN, D>(s, o, m, l);
+    uint32_t pf[kN / 16][4];
+    p_frags<T, kN>(pf, s);
+    warpgroup_pv<T, D, kN>(o, pf, v_tile(stage));
+    __syncthreads();  // every read of this stage is done before the next iteration's prefetch overwrites it
+  }
+  // With no key block at all the Q copy may still be in flight, into memory the staging below reuses.
+  cp_async_wait<0>();
+  __syncthreads();
+  write_rows<T, D>(p, seq, reinterpret_cast<T*>(aligned), o, m, l, b, h, m0, m_last, warp, lane);
+#else
+  __trap();  // built for an architecture without wgmma: the launcher never starts it there
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -969,6 +1278,32 @@ int sm_count(int device) {
   return std::max(sms, 1);
 }
 
+// Whether the wgmma forward kernel runs on `device` (current): compute capability 9.0 exactly (sm_90a code runs
+// there only) and a build that holds it (its binary version 90; a build without sm_90a has none to run). Asked once
+// a device: the answer cannot change while the process lives.
+constexpr int kMaxDevices = 64;
+
+bool hopper_kernels_run(int device) {
+  static std::atomic<int> known[kMaxDevices];  // 0 not asked yet, 1 yes, 2 no
+  if (device < 0 || device >= kMaxDevices) return false;
+  int answer = known[device].load(std::memory_order_relaxed);
+  if (answer == 0) {
+    int major = 0, minor = 0;
+    FASTLM_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    FASTLM_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    bool ok = major == 9 && minor == 0;
+    if (ok) {
+      cudaFuncAttributes attr{};
+      const cudaError_t err = cudaFuncGetAttributes(&attr, attn_fwd_wgmma_kernel<__half, 64, false>);
+      if (err != cudaSuccess) cudaGetLastError();  // no code for this device: an error to clear, not to report later
+      ok = err == cudaSuccess && attr.binaryVersion == 90;
+    }
+    answer = ok ? 1 : 2;
+    known[device].store(answer, std::memory_order_relaxed);
+  }
+  return answer == 1;
+}
+
 void check_heads(int64_t heads_q, int64_t heads_k) {
   require(heads_k >= 1 && heads_q >= 1 && heads_q % heads_k == 0,
           "heads_q must be a positive multiple of heads_k, got " + std::to_string(heads_q) + " and " +
@@ -1013,13 +1348,18 @@ int64_t fastlm::attention_workspace_numel(int64_t batch, int64_t heads_q, int64_
   return batch * heads_k * decode_rows(heads_q, heads_k, max_seqlen_q) * num_splits * (head_dim + 1);
 }
 
+bool fastlm::attention_hopper_supported(int64_t head_dim, int device) {
+  const DeviceGuard guard(device);
+  return hopper_head_dim(head_dim) && hopper_kernels_run(device);
+}
+
 void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
                    int64_t cu_seqlens_k, std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
                    std::vector<int64_t> v_strides, std::vector<int64_t> out_strides, int64_t batch, int64_t heads_q,
                    int64_t heads_k, int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q,
                    int64_t total_k, int dtype, double scale, std::optional<int64_t> window_left,
                    std::optional<int64_t> window_right, double softcap, int64_t workspace, int64_t workspace_numel,
-                   int64_t num_splits, int device, int64_t stream) {
+                   int64_t num_splits, bool hopper, int device, int64_t stream) {
   const DeviceGuard guard(device);
   dispatch_half(dtype, [](auto) {});
   dispatch_head_dim(head_dim, [](auto) {});
@@ -1100,6 +1440,18 @@ void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t
     using T = typename decltype(tag)::type;
     dispatch_head_dim(head_dim, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
+      if constexpr (hopper_head_dim(D)) {
+        if (num_splits == 0 && hopper && hopper_kernels_run(device)) {
+          using C = WgmmaFwdConfig<D>;
+          const auto kernel = capped ? attn_fwd_wgmma_kernel<T, D, true> : attn_fwd_wgmma_kernel<T, D, false>;
+          opt_in_smem(kernel, C::kSmemBytes, "attn_fwd_wgmma_kernel");
+          const dim3 grid(static_cast<unsigned>((max_seqlen_q + C::kBlockM - 1) / C::kBlockM),
+                          static_cast<unsigned>(heads_q), static_cast<unsigned>(batch));
+          kernel<<<grid, C::kThreads, C::kSmemBytes, s>>>(p);
+          check_launch("attn_fwd_wgmma_kernel");
+          return;
+        }
+      }
       if (num_splits == 0) {
         using C = FwdConfig<D>;
         const auto kernel = capped ? attn_fwd_kernel<T, D, true> : attn_fwd_kernel<T, D, false>;

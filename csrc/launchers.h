@@ -119,14 +119,18 @@ int64_t attention_workspace_numel(int64_t batch, int64_t heads_q, int64_t heads_
                                   int64_t max_seqlen_q, int64_t num_splits);
 // Writes out (q's layout and dtype) and lse (fp32). Strides are (batch, token, head) in elements. May be 0:
 // cu_seqlens_q and cu_seqlens_k together (not varlen), k and v when there are no keys, workspace unless
-// num_splits > 1. softcap 0 means none.
+// num_splits > 1. softcap 0 means none. hopper: the forward kernel on wgmma (attn_fwd_wgmma_kernel) where
+// attention_hopper_supported says it exists, else the FlashAttention-2 kernel as without it.
 void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
                    int64_t cu_seqlens_k, std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
                    std::vector<int64_t> v_strides, std::vector<int64_t> out_strides, int64_t batch, int64_t heads_q,
                    int64_t heads_k, int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q,
                    int64_t total_k, int dtype, double scale, std::optional<int64_t> window_left,
                    std::optional<int64_t> window_right, double softcap, int64_t workspace, int64_t workspace_numel,
-                   int64_t num_splits, int device, int64_t stream);
+                   int64_t num_splits, bool hopper, int device, int64_t stream);
+// Whether attention_fwd(hopper=true) runs the wgmma forward kernel for this head dim on this device: compute
+// capability 9.0, a build with sm_90a code, head dim 64 or 128.
+bool attention_hopper_supported(int64_t head_dim, int device);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Rotary position embedding (rotary.cu).

@@ -479,6 +479,20 @@ def reduce_loss(loss, sc, mean):
 
 # --- attention -------------------------------------------------------------------------------------------------------
 
+# The forward kernel on Hopper's wgmma (csrc/attention.cu: attn_fwd_wgmma_kernel; head dims 64 and 128, compute
+# capability 9.0, a build with sm_90a code): off until the benchmark has timed it against the FlashAttention-2
+# kernel on such a GPU (benchmarks/attention.py's cuda-wgmma provider); tests force it to check it there.
+ATTN_HOPPER = False
+
+
+def attention_hopper_supported(head_dim: int, device) -> bool:
+    """Whether attention_fwd runs the wgmma forward kernel (when ATTN_HOPPER) for this head dim on `device`."""
+    device = torch.device(device)
+    if device.type != "cuda" or not available(device)[0]:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return bool(_ext.attention_hopper_supported(int(head_dim), index))
+
 
 
 
@@ -547,7 +561,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     Key j (a position within its sequence) is visible to query i iff j ≥ i + Sk − Sq − window_left and
     j ≤ i + Sk − Sq + window_right (None: no bound); a query that sees no key gets out 0 and lse −inf. softcap 0
     or None: off, else scores softcap·tanh(scale·q·k / softcap). max_seqlen_q · Hq / Hk ≤ 16 takes the decode
-    kernel (keys split across CTAs, then combined); everything else the FlashAttention-2 kernel.
+    kernel (keys split across CTAs, then combined); everything else the FlashAttention-2 kernel, or its wgmma form
+    where ATTN_HOPPER and attention_hopper_supported.
     """
     ext = _require("q", q)
     if q.dtype not in _ATTN_DTYPES:
@@ -611,7 +626,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), _ptr(cu_seqlens_q),
         _ptr(cu_seqlens_k), list(strides[0]), list(strides[1]), list(strides[2]), list(out_strides), batch, heads_q,
         heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q, total_k, _DTYPE_CODES[q.dtype], float(scale),
-        window_left, window_right, float(softcap or 0.0), _ptr(workspace), numel, splits, index, _stream(q),
+        window_left, window_right, float(softcap or 0.0), _ptr(workspace), numel, splits, ATTN_HOPPER, index,
+        _stream(q),
     )
     return out, lse
 

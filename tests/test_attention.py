@@ -273,6 +273,50 @@ def test_tma_paths_match_reference(case, tma, backend, monkeypatch):
     _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
 
 
+# The cuda backend's forward on wgmma (csrc/attention.cu's attn_fwd_wgmma_kernel; off by default:
+# fastlm._cuda.ATTN_HOPPER): the GPU cases at the head dims it has that take the forward kernel (more than 16 query
+# rows a kv head), and two more: a window on both sides with queries fewer than keys, and a softcap with ragged
+# 128-row blocks.
+HOPPER_CASES = [c for c in GPU_CASES if c[5] in (64, 128) and c[1] * c[3] // c[4] > 16] + [
+    (1, 300, 520, 4, 2, 128, False, (16, 8), 0.0),
+    (2, 130, 129, 2, 2, 64, True, (-1, -1), 5.0),
+]
+
+
+def _force_cuda_hopper(monkeypatch, head_dim):
+    """Turns the wgmma forward on where it runs (compute capability 9.0), and checks that it does run there."""
+    from fastlm import _cuda
+
+    if not HAS_GPU or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma forward kernel runs on compute capability 9.0 only")
+    assert _cuda.attention_hopper_supported(head_dim, DEVICE), "a 9.0 GPU, and the build has no sm_90a code"
+    monkeypatch.setattr(_cuda, "ATTN_HOPPER", True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[1:2], indirect=True)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", HOPPER_CASES, ids=_case_id)
+def test_cuda_wgmma_forward_matches_reference(case, dtype, backend, monkeypatch):
+    b, sq, sk, h, hk, d, causal, window, softcap = case
+    _force_cuda_hopper(monkeypatch, d)
+    q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
+    _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[1:2], indirect=True)
+@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("outside", OUTSIDE[-1:], ids=("both",))
+def test_cuda_wgmma_forward_varlen(outside, head_dim, backend, monkeypatch):
+    """Varlen through the wgmma forward: an empty query side, one token, ragged lengths, a sequence with no keys,
+    and tokens outside every sequence (out 0, lse −inf)."""
+    _force_cuda_hopper(monkeypatch, head_dim)
+    q, k, v, kw = _varlen(*VARLEN_LENS, 4, 2, head_dim, GPU_DTYPES[0], *outside)
+    got = _compare(q, k, v, backend, causal=True, lse_in_loss=True, **kw)
+    _assert_outside_rows(got, kw)
+
+
 @pytest.mark.parametrize("case", [c for c in TMA_PATH_CASES if triton_attention.block_d(c[5]) in
                                   triton_attention.FWD_WS_CONFIGS], ids=_case_id)
 def test_warp_specialized_paths_are_the_three_loop_paths(case, monkeypatch):
