@@ -44,13 +44,14 @@ EST_MODE_OVERHEAD_S. The call times come from assumed H100 rates (EST_TFLOPS, ES
 numbers, so that part errs long), plus a set-up per case and provider (one fwd+bwd, and compiles: about 10 s a
 shape for FlexAttention, 0.5 s of cuDNN graph builds), a compile per (head dim, causal) variant of fastlm's Triton
 kernels (8 s; they have fixed configurations, no autotuning), and 15 s of process start, imports and probes.
-That gives about 145 s for attention (the timed modes and set-ups 78 s, FlexAttention's two compiles 20 s,
+That gives about 149 s for attention (the timed modes and set-ups 82 s, FlexAttention's two compiles 20 s,
 fastlm's four Triton variants 32 s, start 15 s) and about 51 s for attention_decode; --quick (2 cases each)
 about 37 s and 21 s. The tests check the estimate against ATTENTION_BUDGET_S (150 s) and DECODE_BUDGET_S (60 s).
 The compile costs are the guesses most likely to be off: the first H100 run's `setup_s` per row is what to
 correct EST_ with.
 """
 
+import contextlib
 import importlib
 
 import torch
@@ -80,6 +81,7 @@ MAX_KV_CACHE_BYTES = 16 << 30
 # probabilities, the causal mask's copy, and their two gradients), 10 GiB at this cap.
 MATH_MAX_SCORES_BYTES = 2 << 30
 EFFICIENT_SEQLENS = (1024, 4096, 16384)  # the memory-efficient backend, the slowest fused one, at these only
+WGMMA_SEQLENS = (4096, 8192)  # the cuda backend's wgmma forward (fastlm-cuda-wgmma), at these only
 FLEX_CASES = {(16384, 128)}  # (seqlen, head_dim): both causal and not
 FLEX_DECODE_CASES = {(16, 32768)}  # (batch, kv length)
 
@@ -90,8 +92,9 @@ PROBE_DECODE_KV = 512  # KV length of the decode probe: one query against it, DE
 
 # The run-time model (see the header). Assumed H100 rates, on the slow side of the published ones (TARGETS.md):
 # TFLOP/s forward and backward; GB/s of a decode forward; a call is never shorter than EST_MIN_CALL_MS.
-EST_TFLOPS = {"fastlm-triton": (250, 180), "fastlm-cuda": (300, 180), "sdpa-flash": (300, 250),
-              "sdpa-cudnn": (450, 350), "sdpa-efficient": (150, 90), "sdpa-math": (25, 25), "flex": (250, 180)}
+EST_TFLOPS = {"fastlm-triton": (250, 180), "fastlm-cuda": (300, 180), "fastlm-cuda-wgmma": (300, 180),
+              "sdpa-flash": (300, 250), "sdpa-cudnn": (450, 350), "sdpa-efficient": (150, 90), "sdpa-math": (25, 25),
+              "flex": (250, 180)}
 EST_DENSE = {"sdpa-math"}  # computes the masked half of a causal case too
 EST_GBPS = 1500
 EST_MIN_CALL_MS = 0.03
@@ -120,7 +123,7 @@ def _decode_case(batch, kv_len):
 
 
 def attention_cases(quick: bool) -> list:
-    """24 cases (2 with --quick); each runs 7 providers × 3 modes, less the skipped peers."""
+    """24 cases (2 with --quick); each runs 8 providers × 3 modes, less the skipped peers."""
     if quick:
         return [_case(*c) for c in QUICK]
     return [_case(s, d, causal) for d in HEAD_DIMS for causal in (False, True) for s in SEQLENS]
@@ -251,6 +254,34 @@ def _fastlm(case):
     return fn
 
 
+def _cuda_wgmma_available():
+    from fastlm import _cuda
+
+    ok, why = _fastlm_available("cuda", False)()
+    if ok and not _cuda.attention_hopper_supported(HEAD_DIMS[0], torch.device("cuda")):
+        return False, "the wgmma forward kernel needs compute capability 9.0 and a build with sm_90a code"
+    return ok, why
+
+
+@contextlib.contextmanager
+def _cuda_wgmma_context():
+    from fastlm import _cuda
+
+    before = _cuda.ATTN_HOPPER
+    _cuda.ATTN_HOPPER = True
+    try:
+        with harness.fastlm_context("cuda")():
+            yield
+    finally:
+        _cuda.ATTN_HOPPER = before
+
+
+def _cuda_wgmma_skip(case):
+    if case.params["seqlen"] not in WGMMA_SEQLENS:
+        return f"timed at seqlen {', '.join(map(str, WGMMA_SEQLENS))} only (the run's time budget)"
+    return ""
+
+
 def _heads_first(i):
     """SDPA's and FlexAttention's (batch, heads, seqlen, head_dim) views of the inputs."""
     return i["q"].transpose(1, 2), i["k"].transpose(1, 2), i["v"].transpose(1, 2)
@@ -359,6 +390,10 @@ def _providers(decode):
         sdpa("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, skip=_efficient_skip),
     ]
     if not decode:
+        # The cuda backend with its forward on wgmma (fastlm._cuda.ATTN_HOPPER, off by default until this row says
+        # it wins): a peer, so that the dispatch table's "cuda" stays what users get.
+        out.insert(2, Provider("fastlm-cuda-wgmma", _fastlm, _cuda_wgmma_available, _cuda_wgmma_context,
+                               skip=_cuda_wgmma_skip))
         out.append(sdpa("sdpa-math", SDPBackend.MATH, skip=_math_skip))
     out.append(Provider("flex", _flex, _flex_available, skip=_flex_skip))
     return out

@@ -19,8 +19,8 @@ tensor-core instructions (HMMA; HGMMA is Hopper's wgmma), TMA loads, and setmaxn
 It prints one table and exits non-zero when any kernel fails to compile or uses local memory in a shipped config
 (stack or local bytes, spill bytes, or LDL/STL instructions), when a variant built with WARP_SPEC lacks setmaxnreg
 (Triton did not warp-specialize it), or when a 16-bit attention tile of 64 rows or more has no HGMMA on sm_90a
-(WGMMA_TILE_ROWS), naming each one. Compiles run in a process pool of
-os.cpu_count() workers; it runs in CI after the tests.
+(WGMMA_TILE_ROWS) or a CUDA C++ kernel written on wgmma has none there (CUDA_WGMMA_KERNELS), naming each one.
+Compiles run in a process pool of os.cpu_count() workers; it runs in CI after the tests.
 """
 
 import argparse
@@ -757,9 +757,15 @@ def _shorten(name: str) -> str:
     return name if len(name) <= NAME_WIDTH else name[: NAME_WIDTH - 1] + "…"
 
 
+# The CUDA C++ kernels written on wgmma: their sm_90a builds must hold HGMMA (a build that lost it, by a guard or
+# an architecture macro, would run the kernel's trap instead).
+CUDA_WGMMA_KERNELS = ("attn_fwd_wgmma_kernel",)
+
+
 def _cuda_rows(base: dict, found: dict, spills: dict, seconds: float) -> list:
     names = demangle(found)
-    return [dict(base, kernel=names[k], spill_bytes=spills.get(k), seconds=seconds, **facts)
+    return [dict(base, kernel=names[k], spill_bytes=spills.get(k), seconds=seconds,
+                 wgmma_expected=base["arch"] == "sm_90a" and any(w in names[k] for w in CUDA_WGMMA_KERNELS), **facts)
             for k, facts in sorted(found.items())]
 
 

@@ -1040,6 +1040,21 @@ def test_static_report_wants_wgmma_of_hopper_attention_tiles():
     assert static.problems(dict(row, wgmma_expected=False)) == []
 
 
+
+def test_static_report_wants_wgmma_of_cuda_kernels_written_on_it():
+    # csrc's wgmma kernels must hold HGMMA in their sm_90a builds (their sm_80 builds are a trap); no other kernel.
+    facts = {"stack": 0, "local": 0, "ldl_stl": 0, "mma": {"HMMA"}}
+    names = {"attn_fwd_wgmma_kernel<bf16, 128, true>": facts, "attn_fwd_kernel<bf16, 128, true>": facts}
+    rows = {r["arch"]: r for arch in ("sm_80", "sm_90a")
+            for r in static._cuda_rows({"source": "attention.cu", "arch": arch}, names, {}, 0.0)
+            if "wgmma" in r["kernel"]}
+    assert rows["sm_90a"]["wgmma_expected"] and not rows["sm_80"]["wgmma_expected"]
+    assert "without wgmma" in static.problems(rows["sm_90a"])[0]
+    assert static.problems(dict(rows["sm_90a"], mma={"HGMMA"})) == []
+    others = static._cuda_rows({"source": "attention.cu", "arch": "sm_90a"}, names, {}, 0.0)
+    assert [r["wgmma_expected"] for r in others if "wgmma" not in r["kernel"]] == [False]
+
+
 TINY_KERNELS = '''
 import torch
 import triton
@@ -1231,8 +1246,8 @@ def test_attention_families_and_their_providers():
     assert [(f.name, f.metric, f.modes) for f in attention.FAMILIES] == [
         ("attention", "flops", harness.MODES), ("attention_decode", "bytes", ("fwd",))]
     sdpa = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
-    assert [p.name for p in attention.FAMILY.providers] == ["fastlm-triton", "fastlm-cuda"] + sdpa + ["sdpa-math",
-                                                                                                     "flex"]
+    assert [p.name for p in attention.FAMILY.providers] == ["fastlm-triton", "fastlm-cuda", "fastlm-cuda-wgmma",
+                                                            *sdpa, "sdpa-math", "flex"]
     assert [p.name for p in attention.DECODE_FAMILY.providers] == ["fastlm-triton", "fastlm-cuda"] + sdpa + ["flex"]
     for family in attention.FAMILIES:
         assert family.reference == "sdpa-flash"
@@ -1244,6 +1259,23 @@ def test_attention_families_and_their_providers():
         assert "GPU" in attention.unavailable_reason("cuda", cpu)
         assert next(p for p in attention.FAMILY.providers if p.name == "sdpa-flash").available() == (
             False, "no CUDA GPU")
+    # The cuda backend's wgmma forward: a peer (the dispatch table's "cuda" stays the default path), timed at
+    # WGMMA_SEQLENS only, with ATTN_HOPPER on inside its context and restored after.
+    import fastlm
+    from fastlm import _cuda
+
+    wgmma = next(p for p in attention.FAMILY.providers if p.name == "fastlm-cuda-wgmma")
+    assert wgmma.backend is None and wgmma.native is None
+    assert [c.params["seqlen"] for c in attention.attention_cases(False) if not wgmma.skip(c)] == [
+        s for d in attention.HEAD_DIMS for causal in (False, True) for s in attention.SEQLENS
+        if s in attention.WGMMA_SEQLENS]
+    assert "4096" in wgmma.skip(_attn_case(512, 64, True))
+    before = _cuda.ATTN_HOPPER
+    with wgmma.context():
+        assert _cuda.ATTN_HOPPER is True and fastlm.get_backend() == "cuda"
+    assert _cuda.ATTN_HOPPER is before
+    if not torch.cuda.is_available():
+        assert wgmma.available()[0] is False and "GPU" in wgmma.available()[1]
 
 
 def _attention_family_on_cpu(family):
@@ -1279,7 +1311,8 @@ def test_attention_cases_run_on_cpu(cpu_timers, monkeypatch):
             assert by[("sdpa-cudnn", "fwd")]["status"] == "missing"
         assert by[("flex", "bwd")]["status"] == "skipped" and "FlexAttention" in by[("flex", "bwd")]["reason"]
         ours = by[("fastlm-triton", "fwd+bwd")]
-        assert set(ours["vs"]) == {"sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "flex"}
+        assert set(ours["vs"]) == {"fastlm-cuda-wgmma", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math",
+                                   "flex"}
         assert ours["vs"]["flex"] == "skipped" and isinstance(ours["vs"]["sdpa-math"], float)
     # A case whose scores exceed the math backend's cap: its rows say skipped, with the sizes.
     monkeypatch.setattr(attention, "MATH_MAX_SCORES_BYTES", 1024)
