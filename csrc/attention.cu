@@ -696,7 +696,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1) attn_fwd_kernel(con
 //   1024-byte atom spread over all 32 banks, for cp.async's writes and wgmma's reads alike. Descriptors
 //   (wgmma_desc): K-major, 1024 bytes between 8-row groups (the leading offset is unused), one instruction's 16
 //   columns inside a 128-byte row (32 bytes further each step, the next column block after 4 steps); MN-major (V),
-//   1024 bytes between 8-key groups, R·128 bytes between 64-column blocks, 2048 bytes (16 keys) further each step.
+//   1024 bytes between 8-key groups, R·128 bytes between 64-column blocks (unused, 0, at D = 64), 2048 bytes (16
+//   keys) further each step.
 //   These are the layouts and descriptors Triton 3.6 builds for the same tiles (its compiled attention runs on the
 //   H200): the static_asserts below hold the constants it emits.
 // - cp.async (16 bytes, zero-filled past the sequence) fills two stages of (K, V) and the Q tile; a thread's
@@ -788,13 +789,23 @@ __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_grou
 // Writes to shared memory by the generic proxy (cp.async, st.shared) become visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-// Tells the compiler the accumulators change here (after the wait): no read of them moves above it.
+// Pins wgmma's register operands at this point for the compiler (its volatile asm keep their order): after a wait,
+// no read of the accumulators moves above it; before wgmma.fence, no write to them or to A's registers moves below.
 template <int N>
 __device__ __forceinline__ void fence_operands(float (&d)[N][4]) {
 #pragma unroll
   for (int j = 0; j < N; ++j) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[j][e])::"memory");
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void fence_operands(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
   }
 }
 
@@ -860,6 +871,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
 template <typename T, int D, int kM, int kN>
 __device__ __forceinline__ void warpgroup_qk(float (&s)[kN / 8][4], uint32_t q_tile, uint32_t k_tile, int wg) {
   static_assert(kN == 128, "one m64n128k16 per 16 columns of the head dim");
+  fence_operands(s);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
@@ -875,12 +887,15 @@ __device__ __forceinline__ void warpgroup_qk(float (&s)[kN / 8][4], uint32_t q_t
 
 // o += P·V for the warp group's 64 rows: P as kN/16 A fragments over the keys, V (kN keys × D) at v_tile.
 template <typename T, int D, int kN>
-__device__ __forceinline__ void warpgroup_pv(float (&o)[D / 8][4], const uint32_t (&pf)[kN / 16][4], uint32_t v_tile) {
+__device__ __forceinline__ void warpgroup_pv(float (&o)[D / 8][4], uint32_t (&pf)[kN / 16][4], uint32_t v_tile) {
+  // O's rescale and P's packing are register writes the compiler could otherwise sink past wgmma.fence.
+  fence_operands(o);
+  fence_operands(pf);
   wgmma_fence();
+  // One 64-column block of V at D = 64: the leading offset is then unused, 0 as Triton has it.
+  constexpr uint32_t kLeading = D > 64 ? kN * 128 : 0;
 #pragma unroll
-  for (int kk = 0; kk < kN / 16; ++kk) {
-    wgmma_rs<T, D>(o, pf[kk], wgmma_desc(v_tile + kk * 16 * 128, kN * 128, 1024));
-  }
+  for (int kk = 0; kk < kN / 16; ++kk) wgmma_rs<T, D>(o, pf[kk], wgmma_desc(v_tile + kk * 16 * 128, kLeading, 1024));
   wgmma_commit();
   wgmma_wait_all();
   fence_operands(o);
@@ -1279,9 +1294,12 @@ int sm_count(int device) {
 }
 
 // Whether the wgmma forward kernel runs on `device` (current): compute capability 9.0 exactly (sm_90a code runs
-// there only) and a build that holds it (its binary version 90; a build without sm_90a has none to run). Asked once
-// a device: the answer cannot change while the process lives.
+// there only) and a build whose code for it is the kernel, not its trap. cudaFuncAttributes cannot tell sm_90 code
+// from sm_90a code (binaryVersion is 90 for both, and FASTLM_CUDA_ARCHS may name plain 90), but the code the
+// driver loaded can: the kernel proper takes 160 registers or more (static report), the trap a handful. Asked
+// once a device: the answer cannot change while the process lives.
 constexpr int kMaxDevices = 64;
+constexpr int kWgmmaMinRegs = 64;
 
 bool hopper_kernels_run(int device) {
   static std::atomic<int> known[kMaxDevices];  // 0 not asked yet, 1 yes, 2 no
@@ -1296,7 +1314,7 @@ bool hopper_kernels_run(int device) {
       cudaFuncAttributes attr{};
       const cudaError_t err = cudaFuncGetAttributes(&attr, attn_fwd_wgmma_kernel<__half, 64, false>);
       if (err != cudaSuccess) cudaGetLastError();  // no code for this device: an error to clear, not to report later
-      ok = err == cudaSuccess && attr.binaryVersion == 90;
+      ok = err == cudaSuccess && attr.binaryVersion == 90 && attr.numRegs >= kWgmmaMinRegs;
     }
     answer = ok ? 1 : 2;
     known[device].store(answer, std::memory_order_relaxed);
