@@ -5,7 +5,12 @@ On CPU the Triton kernels run through the interpreter in fp32 and fp16 (its bf16
 the GPU cases add bf16 and the longer sequences, head dims and GQA ratios of the issue.
 """
 
+import functools
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,13 +288,51 @@ HOPPER_CASES = [c for c in GPU_CASES if c[5] in (64, 128) and c[1] * c[3] // c[4
 ]
 
 
+# A first run of the wgmma forward in a child process: a kernel that faults (an illegal address, a bad descriptor)
+# kills the CUDA context of the process that launched it, and under xdist every later test of that worker would
+# fail with it. The child tries both head dims, masks, GQA, a softcap and varlen; the tests launch the kernel in
+# this process only after it came back clean.
+WGMMA_PROBE = """
+import torch, fastlm
+from fastlm import _cuda
+_cuda.ATTN_HOPPER = True
+gen = torch.Generator().manual_seed(0)
+def randn(*shape):
+    return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+with fastlm.use_backend("cuda"):
+    for d in (64, 128):
+        for causal, window, softcap in ((False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (16, 8), 30.0)):
+            fastlm.attention(randn(2, 300, 4, d), randn(2, 257, 2, d), randn(2, 257, 2, d), causal=causal,
+                             window=window, softcap=softcap)
+        cu = torch.tensor([0, 0, 1, 140, 300], dtype=torch.int32, device="cuda")
+        fastlm.attention(randn(300, 4, d), randn(300, 2, d), randn(300, 2, d), causal=True, cu_seqlens_q=cu,
+                         cu_seqlens_k=cu, max_seqlen_q=160, max_seqlen_k=160)
+torch.cuda.synchronize()
+print("clean")
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _wgmma_probe() -> str:
+    """"" when the child ran the wgmma forward cleanly, else what it printed (the tail)."""
+    proc = subprocess.run([sys.executable, "-c", WGMMA_PROBE], cwd=Path(__file__).resolve().parents[1],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    if proc.returncode == 0 and proc.stdout.strip().endswith("clean"):
+        return ""
+    return f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"
+
+
 def _force_cuda_hopper(monkeypatch, head_dim):
-    """Turns the wgmma forward on where it runs (compute capability 9.0), and checks that it does run there."""
+    """Turns the wgmma forward on where it runs (compute capability 9.0), and checks that it does run there and ran
+    cleanly in a child process first (WGMMA_PROBE)."""
     from fastlm import _cuda
 
     if not HAS_GPU or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma forward kernel runs on compute capability 9.0 only")
     assert _cuda.attention_hopper_supported(head_dim, DEVICE), "a 9.0 GPU, and the build has no sm_90a code"
+    failed = _wgmma_probe()
+    if failed:
+        pytest.fail(f"the wgmma forward failed in a child process, so it is not launched here: {failed}")
     monkeypatch.setattr(_cuda, "ATTN_HOPPER", True)
 
 
