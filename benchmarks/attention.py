@@ -267,13 +267,13 @@ def _cuda_wgmma_available():
 def _cuda_wgmma_context():
     from fastlm import _cuda
 
-    before = _cuda.ATTN_HOPPER
-    _cuda.ATTN_HOPPER = True
+    before = _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD
+    _cuda.ATTN_HOPPER = _cuda.ATTN_HOPPER_BWD = True
     try:
         with harness.fastlm_context("cuda")():
             yield
     finally:
-        _cuda.ATTN_HOPPER = before
+        _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD = before
 
 
 def _cuda_wgmma_skip(case):
@@ -390,8 +390,8 @@ def _providers(decode):
         sdpa("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION, skip=_efficient_skip),
     ]
     if not decode:
-        # The cuda backend with its forward on wgmma (fastlm._cuda.ATTN_HOPPER, off by default until this row says
-        # it wins): a peer, so that the dispatch table's "cuda" stays what users get.
+        # The cuda backend with its forward and backward on wgmma (fastlm._cuda.ATTN_HOPPER, ATTN_HOPPER_BWD: off by
+        # default until these rows say they win): a peer, so that the dispatch table's "cuda" stays what users get.
         out.insert(2, Provider("fastlm-cuda-wgmma", _fastlm, _cuda_wgmma_available, _cuda_wgmma_context,
                                skip=_cuda_wgmma_skip))
         out.append(sdpa("sdpa-math", SDPBackend.MATH, skip=_math_skip))

@@ -759,7 +759,7 @@ def _shorten(name: str) -> str:
 
 # The CUDA C++ kernels written on wgmma: their sm_90a builds must hold HGMMA (a build that lost it, by a guard or
 # an architecture macro, would run the kernel's trap instead).
-CUDA_WGMMA_KERNELS = ("attn_fwd_wgmma_kernel",)
+CUDA_WGMMA_KERNELS = ("attn_fwd_wgmma_kernel", "attn_bwd_dkdv_wgmma_kernel", "attn_bwd_dq_wgmma_kernel")
 
 
 def _cuda_rows(base: dict, found: dict, spills: dict, seconds: float) -> list:

@@ -544,46 +544,60 @@ struct TileCopy {
   }
 };
 
-// The forward kernels' epilogue for a warp's 16 query rows: O / l rounded to T and staged through 16 rows of
-// `staging` (the warp's own: rows 16·warp on, pitch D + 8; the caller has every read of that memory behind a
-// barrier) so that the stores to global memory are whole 16-byte pieces of rows; and the rows' lse.
+// A warp's 16 rows of a D-column fp32 accumulator in mma's C layout (rows g and g + 8 of the thread), row g + 8·r
+// times mul[r], rounded to T and stored at dst (row r at dst + r·row_stride) through the warp's own 16 rows of
+// `staging` (pitch D + 8; the caller has every other use of them behind a barrier), so that the global stores are
+// whole 16-byte pieces of rows; rows from `valid` on are not stored. The staging rows are free again on return.
 template <typename T, int D>
-__device__ __forceinline__ void write_rows(const AttnParams& p, const Seq& seq, T* staging, const float (&o)[D / 8][4],
-                                           const float (&m)[2], float (&l)[2], int b, int h, int m0, int m_last,
-                                           int warp, int lane) {
+__device__ __forceinline__ void store_warp_rows(T* staging, T* dst, int64_t row_stride, const float (&acc)[D / 8][4],
+                                                const float (&mul)[2], int valid, int lane) {
   constexpr int kPitch = D + 8;
-  T* stage = staging + warp * kMma * kPitch;
   const int g = lane >> 2;
   const int t2 = (lane & 3) << 1;
-  const int i0 = m0 + warp * kMma + g;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-    // A row that saw no visible key has l = 0: its output is exactly 0 and its lse −inf.
-    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
-      const uint32_t w = pack2<T>(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
-      memcpy(stage + (g + 8 * r) * kPitch + nt * 8 + t2, &w, 4);
-    }
-    const int i = i0 + 8 * r;
-    if ((lane & 3) == 0 && i <= m_last) {
-      p.lse[b * p.lse_sb + h * p.lse_sh + seq.q_start + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : neg_inf();
+      const uint32_t w = pack2<T>(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]);
+      memcpy(staging + (g + 8 * r) * kPitch + nt * 8 + t2, &w, 4);
     }
   }
   __syncwarp();
-  T* out = static_cast<T*>(p.out) + b * p.o_sb + (seq.q_start + m0 + warp * kMma) * p.o_ss + h * p.o_sh;
   constexpr int kChunks = D / 8;
 #pragma unroll
   for (int it = 0; it < kMma * kChunks / 32; ++it) {
     const int c = lane + it * 32;
     const int r = c / kChunks;
     const int col = (c % kChunks) * 8;
-    if (m0 + warp * kMma + r <= m_last) {
-      *reinterpret_cast<uint4*>(out + r * p.o_ss + col) = *reinterpret_cast<const uint4*>(stage + r * kPitch + col);
+    if (r < valid) {
+      const uint4 piece = *reinterpret_cast<const uint4*>(staging + r * kPitch + col);
+      *reinterpret_cast<uint4*>(dst + r * row_stride + col) = piece;
     }
   }
+  __syncwarp();
+}
+
+// The forward kernels' epilogue for a warp's 16 query rows (rows 16·warp on of the CTA's, staged in rows 16·warp on
+// of `staging`): O / l, and the rows' lse.
+template <typename T, int D>
+__device__ __forceinline__ void write_rows(const AttnParams& p, const Seq& seq, T* staging, const float (&o)[D / 8][4],
+                                           const float (&m)[2], float (&l)[2], int b, int h, int m0, int m_last,
+                                           int warp, int lane) {
+  const int i0 = m0 + warp * kMma + (lane >> 2);
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    // A row that saw no visible key has l = 0: its output is exactly 0 and its lse −inf.
+    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const int i = i0 + 8 * r;
+    if ((lane & 3) == 0 && i <= m_last) {
+      p.lse[b * p.lse_sb + h * p.lse_sh + seq.q_start + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : neg_inf();
+    }
+  }
+  T* out = static_cast<T*>(p.out) + b * p.o_sb + (seq.q_start + m0 + warp * kMma) * p.o_ss + h * p.o_sh;
+  store_warp_rows<T, D>(staging + warp * kMma * (D + 8), out, p.o_ss, o, inv, m_last - m0 - warp * kMma + 1, lane);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -715,6 +729,7 @@ struct WgmmaFwdConfig {
   static constexpr int kStageBytes = 2 * kTileBytes;
   static constexpr int kSmemBytes = kQBytes + 2 * kStageBytes + 1024;
   static_assert(D % 64 == 0, "the swizzled tiles are whole 64-column (128-byte) blocks");
+  static_assert(kQBytes % 1024 == 0 && kTileBytes % 1024 == 0, "every swizzled tile starts on a 1024-byte atom");
   static_assert(kBlockM * (D + 8) * 2 <= kQBytes + 2 * kStageBytes, "the epilogue's staging fits");
 };
 
@@ -785,7 +800,6 @@ struct SwizzledTileCopy {
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
 // Writes to shared memory by the generic proxy (cp.async, st.shared) become visible to wgmma's reads.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
@@ -825,6 +839,11 @@ __device__ __forceinline__ void fence_operands(uint32_t (&a)[N][4]) {
   FASTLM_WGMMA_ACC32, FASTLM_WGMMA_TILE(8), FASTLM_WGMMA_TILE(9), FASTLM_WGMMA_TILE(10), FASTLM_WGMMA_TILE(11),     \
       FASTLM_WGMMA_TILE(12), FASTLM_WGMMA_TILE(13), FASTLM_WGMMA_TILE(14), FASTLM_WGMMA_TILE(15)
 // The element types of the instruction: ".f16.f16" or ".bf16.bf16".
+#define FASTLM_WGMMA_SS64(TY)                                                                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32" TY " "      \
+               FASTLM_WGMMA_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                   \
+               : FASTLM_WGMMA_ACC32                                                                                 \
+               : "l"(desc_a), "l"(desc_b), "r"(accumulate))
 #define FASTLM_WGMMA_SS128(TY)                                                                                      \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\nwgmma.mma_async.sync.aligned.m64n128k16.f32" TY " "     \
                FASTLM_WGMMA_D64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                   \
@@ -841,10 +860,15 @@ __device__ __forceinline__ void fence_operands(uint32_t (&a)[N][4]) {
                : FASTLM_WGMMA_ACC64                                                                                 \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
 
-// d (64 × 128, fp32) = A·B, + d when `accumulate`: A (64 × 16) and B (128 × 16) K-major in shared memory.
-template <typename T>
-__device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  if constexpr (std::is_same_v<T, __half>) {
+// d (64 × N, fp32) = A·B, + d when `accumulate`: A (64 × 16) and B (N × 16) K-major in shared memory.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  static_assert(N == 64 || N == 128, "instances for 64 and 128 columns");
+  if constexpr (N == 64 && std::is_same_v<T, __half>) {
+    FASTLM_WGMMA_SS64(".f16.f16");
+  } else if constexpr (N == 64) {
+    FASTLM_WGMMA_SS64(".bf16.bf16");
+  } else if constexpr (std::is_same_v<T, __half>) {
     FASTLM_WGMMA_SS128(".f16.f16");
   } else {
     FASTLM_WGMMA_SS128(".bf16.bf16");
@@ -867,38 +891,61 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
   }
 }
 
-// s = Q·Kᵀ for the warp group's 64 rows (rows 64·wg on of the Q tile) and the block's kN keys.
-template <typename T, int D, int kM, int kN>
-__device__ __forceinline__ void warpgroup_qk(float (&s)[kN / 8][4], uint32_t q_tile, uint32_t k_tile, int wg) {
-  static_assert(kN == 128, "one m64n128k16 per 16 columns of the head dim");
-  fence_operands(s);
+// acc (64 × kN) = A·Bᵀ over the head dim, issued as one commit group (not waited for): A the warp group's 64 rows
+// (a_row0 on) of a swizzled tile of kRowsA rows, B a swizzled tile of kN rows, both K-major (the head dim
+// contiguous): S = Q·Kᵀ, dP = dO·Vᵀ, Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ.
+template <typename T, int D, int kRowsA, int kN>
+__device__ __forceinline__ void issue_abt(float (&acc)[kN / 8][4], uint32_t a_tile, int a_row0, uint32_t b_tile) {
+  fence_operands(acc);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint32_t col = static_cast<uint32_t>((kk % 4) * 32);  // 16 columns of a 128-byte row
-    const uint64_t a = wgmma_desc(q_tile + (kk / 4) * kM * 128 + wg * 64 * 128 + col, 0, 1024);
-    const uint64_t b = wgmma_desc(k_tile + (kk / 4) * kN * 128 + col, 0, 1024);
-    wgmma_ss_n128<T>(s, a, b, kk > 0);
+    const uint64_t a = wgmma_desc(a_tile + (kk / 4) * kRowsA * 128 + a_row0 * 128 + col, 0, 1024);
+    const uint64_t b = wgmma_desc(b_tile + (kk / 4) * kN * 128 + col, 0, 1024);
+    wgmma_ss<T, kN>(acc, a, b, kk > 0);
   }
   wgmma_commit();
-  wgmma_wait_all();
-  fence_operands(s);
 }
 
-// o += P·V for the warp group's 64 rows: P as kN/16 A fragments over the keys, V (kN keys × D) at v_tile.
-template <typename T, int D, int kN>
-__device__ __forceinline__ void warpgroup_pv(float (&o)[D / 8][4], uint32_t (&pf)[kN / 16][4], uint32_t v_tile) {
-  // O's rescale and P's packing are register writes the compiler could otherwise sink past wgmma.fence.
-  fence_operands(o);
-  fence_operands(pf);
+// acc (64 × D) += A·B, issued as one commit group: A (64 × kK) as kK/16 register fragments, B a swizzled tile of
+// kK rows × D (its D columns contiguous, MN-major: the transposed B): O += P·V, dQ += dS·K, dV += Pᵀ·dO,
+// dK += dSᵀ·Q.
+template <typename T, int D, int kK>
+__device__ __forceinline__ void issue_ab(float (&acc)[D / 8][4], uint32_t (&frags)[kK / 16][4], uint32_t b_tile) {
+  // Rescales and packs are register writes the compiler could otherwise sink past wgmma.fence.
+  fence_operands(acc);
+  fence_operands(frags);
   wgmma_fence();
-  // One 64-column block of V at D = 64: the leading offset is then unused, 0 as Triton has it.
-  constexpr uint32_t kLeading = D > 64 ? kN * 128 : 0;
+  // The next 64-column block of B is kK rows further; at D = 64 there is none (unused, 0 as Triton has it).
+  constexpr uint32_t kLeading = D > 64 ? kK * 128 : 0;
 #pragma unroll
-  for (int kk = 0; kk < kN / 16; ++kk) wgmma_rs<T, D>(o, pf[kk], wgmma_desc(v_tile + kk * 16 * 128, kLeading, 1024));
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    wgmma_rs<T, D>(acc, frags[kk], wgmma_desc(b_tile + kk * 16 * 128, kLeading, 1024));
+  }
   wgmma_commit();
-  wgmma_wait_all();
-  fence_operands(o);
+}
+
+// Waits until at most N of this warp group's commit groups are pending (they complete in order).
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+
+// issue_abt, then its result.
+template <typename T, int D, int kRowsA, int kN>
+__device__ __forceinline__ void warpgroup_abt(float (&acc)[kN / 8][4], uint32_t a_tile, int a_row0, uint32_t b_tile) {
+  issue_abt<T, D, kRowsA, kN>(acc, a_tile, a_row0, b_tile);
+  wgmma_wait<0>();
+  fence_operands(acc);
+}
+
+// issue_ab, then its result.
+template <typename T, int D, int kK>
+__device__ __forceinline__ void warpgroup_ab(float (&acc)[D / 8][4], uint32_t (&frags)[kK / 16][4], uint32_t b_tile) {
+  issue_ab<T, D, kK>(acc, frags, b_tile);
+  wgmma_wait<0>();
+  fence_operands(acc);
 }
 #endif  // sm_90a
 
@@ -968,14 +1015,14 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
     fence_proxy_async();
     __syncthreads();
     float s[kN / 8][4];
-    warpgroup_qk<T, D, C::kBlockM, kN>(s, q_tile, k_tile(stage), wg);
+    warpgroup_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * wg, k_tile(stage));
     to_log2_scores<kSoftcap, kN>(s, p);
     const int n0 = nb * kN;
     if (!tile_unmasked(band, seq.sk, n0, kN, m0, m_last)) mask_scores<kN>(s, band, seq.sk, n0, i0, i0 + 8, lane);
     online_softmax<kN, D>(s, o, m, l);
     uint32_t pf[kN / 16][4];
     p_frags<T, kN>(pf, s);
-    warpgroup_pv<T, D, kN>(o, pf, v_tile(stage));
+    warpgroup_ab<T, D, kN>(o, pf, v_tile(stage));
     __syncthreads();  // every read of this stage is done before the next iteration's prefetch overwrites it
   }
   // With no key block at all the Q copy may still be in flight, into memory the staging below reuses.
@@ -984,6 +1031,381 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
   write_rows<T, D>(p, seq, reinterpret_cast<T*>(aligned), o, m, l, b, h, m0, m_last, warp, lane);
 #else
   __trap();  // built for an architecture without wgmma: the launcher never starts it there
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Hopper backward kernels (sm_90a, head dims 64 and 128, no softcap): FlashAttention-2's backward on wgmma, with no
+// atomics (bitwise repeatable): a preprocess for delta, one kernel for dK and dV, one for dQ. Off unless the caller
+// asks for it (fastlm/_cuda.py's ATTN_HOPPER_BWD, until the benchmark has timed it against the Triton backward);
+// fastlm/ops/attention.py sends the cuda backend's backward here when it is on and the call is supported.
+//
+// Math (log2 units, t = s·mult as in the forward; lse2 = lse·log2(e), +inf for a row that saw no key):
+//   P = 2^(t − lse2)      dP = dO·Vᵀ      delta_i = Σ_d dO_id·O_id − dlse_i      dS = P ∘ (dP − delta)
+//   dV = Σ_heads of the group Pᵀ·dO      dK = scale·Σ dSᵀ·Q      dQ = scale·dS·K
+// (dlse: the gradient of the returned lse, which adds P_ij·dlse_i to dS_ij.)
+//
+// - attn_bwd_delta_kernel: one thread per (query row, head), 16-byte loads of dO and O; delta has lse's layout.
+// - attn_bwd_dkdv_wgmma_kernel: one CTA per (128 keys, kv head, batch entry), two warp groups of 64 keys. K and V
+//   stay in shared memory; the loop walks the group's query heads × the 64-query blocks that may see these keys,
+//   Q, dO, lse and delta through two cp.async stages. Per block, each warp group forms Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ
+//   (64 × 64, K and V its A from shared memory, Q and dO K-major B), then dV += Pᵀ·dO and dK += dSᵀ·Q with Pᵀ and
+//   dSᵀ from registers and Q, dO as the transposed (MN-major) B: the same swizzled tiles serve both products, as
+//   V does in the forward. Keys are the rows, queries the columns, so the mask here is the forward's transposed.
+//   Queries past the sequence arrive as zero rows (Q, dO, lse, delta all 0): their P is finite and their dO and Q
+//   rows 0, so they add nothing to dV or dK.
+// - attn_bwd_dq_wgmma_kernel: one CTA per (128 queries, query head, batch entry), two warp groups of 64 rows, Q
+//   and dO in shared memory, key blocks of 64 through two stages. S = Q·Kᵀ and dP = dO·Vᵀ from shared memory,
+//   the forward's mask, then dQ += dS·K with K as the transposed B. Keys past the sequence are zero rows and
+//   masked.
+// - Registers at D = 128: dK and dV 64 fp32 each, Sᵀ and dPᵀ 32 each, the two fragment sets 16 each; dQ 64 with
+//   S and dP 32 each. Shared memory: dK/dV 2·128·D·2 + 2 stages × (2·64·D·2 + 1024: lse and delta padded to a
+//   swizzle atom, so the next stage's tiles start on one) + 1024 bytes (131 KB at D = 128), dQ 2·128·D·2 +
+//   2 stages × 2·64·D·2 + 1024 (129 KB).
+template <int D>
+struct WgmmaBwdConfig {
+  static constexpr int kThreads = 256;  // two warp groups
+  // dK/dV: 128 keys a CTA, 64 queries a block.
+  static constexpr int kKeys = 128;
+  static constexpr int kQueries = 64;
+  static constexpr int kKVTileBytes = kKeys * D * 2;
+  static constexpr int kQTileBytes = kQueries * D * 2;
+  // Q, dO, then lse and delta in a 1024-byte slot: every tile must start on a swizzle atom (1024 bytes), since the
+  // swizzle wgmma applies is a function of the address.
+  static constexpr int kDkdvStageBytes = 2 * kQTileBytes + 1024;
+  static constexpr int kDkdvSmemBytes = 2 * kKVTileBytes + 2 * kDkdvStageBytes + 1024;
+  // dQ: 128 queries a CTA, 64 keys a block.
+  static constexpr int kRows = 128;
+  static constexpr int kKeyBlock = 64;
+  static constexpr int kRowTileBytes = kRows * D * 2;
+  static constexpr int kKeyTileBytes = kKeyBlock * D * 2;
+  static constexpr int kDqStageBytes = 2 * kKeyTileBytes;
+  static constexpr int kDqSmemBytes = 2 * kRowTileBytes + 2 * kDqStageBytes + 1024;
+  static_assert(kKeys * (D + 8) * 2 <= 2 * kKVTileBytes && kRows * (D + 8) * 2 <= 2 * kRowTileBytes + kDqStageBytes,
+                "the epilogues' staging fits");
+  static_assert(2 * kQueries * 4 <= 1024, "lse and delta fit their slot");
+  static_assert(kKVTileBytes % 1024 == 0 && kQTileBytes % 1024 == 0 && kDkdvStageBytes % 1024 == 0 &&
+                    kRowTileBytes % 1024 == 0 && kKeyTileBytes % 1024 == 0 && kDqStageBytes % 1024 == 0,
+                "every swizzled tile starts on a 1024-byte atom");
+};
+
+struct AttnBwdParams {
+  AttnParams f;        // q, k, v, out (the forward's), lse, cu_seqlens, strides, windows, lengths, group, mult
+  const void* dout;    // the output's gradient, with out's strides (f.o_*)
+  const float* dlse;   // the lse's gradient, lse's layout; null for none
+  float* delta;        // lse's layout
+  void* dq;            // q's shape, strides dq_sb (0 for varlen), dq_ss, dq_sh
+  void* dk;            // k's shape, strides dk_*
+  void* dv;            // k's shape, strides dk_* too
+  int64_t dq_sb, dq_ss, dq_sh;
+  int64_t dk_sb, dk_ss, dk_sh;
+  int64_t rows;        // rows of dout and out: B·Sq, or Tq for varlen
+  float scale;
+};
+
+#ifdef FASTLM_WGMMA  // the backward kernels' own helpers (their sm_80 builds are a trap and use none)
+// 4 bytes global → shared (a zero when !valid).
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src, bool valid) {
+  const int bytes = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+
+// lse in log2 units for 2^(t − lse2): a row that saw no key (lse −inf) gets +inf, so its P is 0, never NaN.
+__device__ __forceinline__ float lse_log2(float lse) {
+  return lse == neg_inf() ? __int_as_float(0x7f800000) : lse * 1.4426950408889634f;
+}
+#endif  // FASTLM_WGMMA
+
+template <typename T, int D>
+__global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const AttnBwdParams p) {
+  const int h = static_cast<int>(blockIdx.y);
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= p.rows) return;
+  const bool varlen = p.f.cu_q != nullptr;
+  const int64_t b = varlen ? 0 : row / p.f.seqlen_q;
+  const int64_t s = varlen ? row : row % p.f.seqlen_q;
+  const int64_t at = b * p.f.o_sb + s * p.f.o_ss + h * p.f.o_sh;
+  const T* o = static_cast<const T*>(p.f.out) + at;
+  const T* dout = static_cast<const T*>(p.dout) + at;
+  float acc = 0.f;
+#pragma unroll
+  for (int c = 0; c < D / 8; ++c) {
+    float x[8], y[8];
+    load_floats<8>(o + c * 8, x);
+    load_floats<8>(dout + c * 8, y);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc = fmaf(x[e], y[e], acc);
+  }
+  const int64_t l = b * p.f.lse_sb + h * p.f.lse_sh + s;
+  p.delta[l] = acc - (p.dlse != nullptr ? p.dlse[l] : 0.f);
+}
+
+// −inf for the scores of (key, query) pairs not visible, in the transposed layout of the dK/dV kernel: the
+// thread's rows are keys j0 (elements 0, 1) and j1 (2, 3), its columns queries m0 + column.
+template <int kN>
+__device__ __forceinline__ void mask_scores_t(float (&s)[kN / 8][4], const Band& band, int sk, int sq, int m0, int j0,
+                                              int j1, int lane) {
+  const int c0 = m0 + ((lane & 3) << 1);
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = c0 + nt * 8 + (e & 1);
+      const int j = e < 2 ? j0 : j1;
+      const int d = j - i;
+      if (j >= sk || i >= sq || d < band.lo_d || d > band.hi_d) s[nt][e] = neg_inf();
+    }
+  }
+}
+
+#ifdef FASTLM_WGMMA
+// The queries [lo, hi) that may see some key of [n_first, n_last]; empty when hi ≤ lo.
+__device__ __forceinline__ void query_range(const AttnParams& p, const Seq& s, int n_first, int n_last, int& lo,
+                                            int& hi) {
+  const int64_t off = static_cast<int64_t>(s.sk) - s.sq;
+  const int64_t sq = s.sq;
+  const int64_t a = n_first - off - p.window_right;
+  const int64_t z = n_last - off + p.window_left + 1;
+  const int64_t lo64 = a < 0 ? 0 : (a > sq ? sq : a);
+  lo = static_cast<int>(lo64);
+  hi = static_cast<int>(z < lo64 ? lo64 : (z > sq ? sq : z));
+}
+#endif  // FASTLM_WGMMA
+
+template <typename T, int D>
+__global__ void __launch_bounds__(WgmmaBwdConfig<D>::kThreads, 1) attn_bwd_dkdv_wgmma_kernel(const AttnBwdParams p) {
+#ifdef FASTLM_WGMMA
+  using C = WgmmaBwdConfig<D>;
+  constexpr int kM = C::kQueries;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t raw = smem_u32(smem);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* aligned = smem + (base - raw);
+  const AttnParams& f = p.f;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int wg = warp / 4;
+  const int hk = static_cast<int>(blockIdx.y);
+  const int b = static_cast<int>(blockIdx.z);
+  const Seq seq = seq_of(f, b);
+  const int n0 = static_cast<int>(blockIdx.x) * C::kKeys;
+  if (n0 >= seq.sk) return;
+  const int n_last = min(n0 + C::kKeys, seq.sk) - 1;
+  const Band band = band_of(f, seq);
+  int q_lo, q_hi;
+  query_range(f, seq, n0, n_last, q_lo, q_hi);
+  const int m_begin = q_lo / kM;
+  const int blocks = q_hi > q_lo ? (q_hi + kM - 1) / kM - m_begin : 0;
+  const int steps = blocks * f.group;  // (query head of the group, query block), head-major
+
+  const __half* k = static_cast<const __half*>(f.k) + b * f.k_sb + (seq.k_start + n0) * f.k_ss + hk * f.k_sh;
+  const __half* v = static_cast<const __half*>(f.v) + b * f.v_sb + (seq.k_start + n0) * f.v_ss + hk * f.v_sh;
+  const uint32_t k_tile = base;
+  const uint32_t v_tile = base + C::kKVTileBytes;
+  auto q_tile = [&](int st) { return base + static_cast<uint32_t>(2 * C::kKVTileBytes + st * C::kDkdvStageBytes); };
+  auto do_tile = [&](int st) { return q_tile(st) + static_cast<uint32_t>(C::kQTileBytes); };
+  auto lse_at = [&](int st) { return q_tile(st) + static_cast<uint32_t>(2 * C::kQTileBytes); };
+  auto delta_at = [&](int st) { return lse_at(st) + static_cast<uint32_t>(kM * 4); };
+  const SwizzledTileCopy<kM, D, C::kThreads> copy_q(tid, f.q_ss);
+  const SwizzledTileCopy<kM, D, C::kThreads> copy_do(tid, f.o_ss);
+  auto load_step = [&](int st, int step) {
+    const int h = hk * f.group + step / blocks;
+    const int m = (m_begin + step % blocks) * kM;
+    const int64_t row0 = seq.q_start + m;
+    copy_q(q_tile(st), static_cast<const __half*>(f.q) + b * f.q_sb + row0 * f.q_ss + h * f.q_sh, seq.sq - m, f.q);
+    copy_do(do_tile(st), static_cast<const __half*>(p.dout) + b * f.o_sb + row0 * f.o_ss + h * f.o_sh, seq.sq - m,
+            p.dout);
+    if (tid < 2 * kM) {  // lse then delta, one float a thread
+      const int r = tid % kM;
+      const float* src = (tid < kM ? f.lse : p.delta) + b * f.lse_sb + h * f.lse_sh + row0 + r;
+      cp_async4((tid < kM ? lse_at(st) : delta_at(st)) + r * 4, m + r < seq.sq ? src : f.lse, m + r < seq.sq);
+    }
+  };
+  SwizzledTileCopy<C::kKeys, D, C::kThreads>(tid, f.k_ss)(k_tile, k, n_last + 1 - n0, f.k);
+  SwizzledTileCopy<C::kKeys, D, C::kThreads>(tid, f.v_ss)(v_tile, v, n_last + 1 - n0, f.v);
+  if (steps > 0) load_step(0, 0);
+  cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[nt][e] = dv[nt][e] = 0.f;
+  }
+  const int j0 = n0 + warp * kMma + (lane >> 2);  // the thread's keys j0 and j0 + 8
+  const int c0 = (lane & 3) << 1;                 // its first column (query) in each 8-column tile
+
+  for (int step = 0; step < steps; ++step) {
+    const int st = step & 1;
+    if (step + 1 < steps) load_step(st ^ 1, step + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    const int m = (m_begin + step % blocks) * kM;
+    const float* lse_s = reinterpret_cast<const float*>(aligned + (lse_at(st) - base));
+    const float* delta_s = reinterpret_cast<const float*>(aligned + (delta_at(st) - base));
+
+    // Sᵀ and dPᵀ in two commit groups, so that dPᵀ multiplies while Pᵀ is formed.
+    float s[kM / 8][4];   // Sᵀ, then Pᵀ
+    float dp[kM / 8][4];  // dPᵀ, then dSᵀ
+    issue_abt<T, D, C::kKeys, kM>(s, k_tile, 64 * wg, q_tile(st));
+    issue_abt<T, D, C::kKeys, kM>(dp, v_tile, 64 * wg, do_tile(st));
+    wgmma_wait<1>();
+    fence_operands(s);
+    to_log2_scores<false, kM>(s, f);
+    if (!tile_unmasked(band, seq.sk, n0, C::kKeys, m, m + kM - 1) || m + kM > seq.sq) {
+      mask_scores_t<kM>(s, band, seq.sk, seq.sq, m, j0, j0 + 8, lane);
+    }
+#pragma unroll
+    for (int nt = 0; nt < kM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = exp2_approx(s[nt][e] - lse_log2(lse_s[nt * 8 + c0 + (e & 1)]));
+    }
+    uint32_t pf[kM / 16][4], dsf[kM / 16][4];
+    p_frags<T, kM>(pf, s);
+    wgmma_wait<0>();
+    fence_operands(dp);
+#pragma unroll
+    for (int nt = 0; nt < kM / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - delta_s[nt * 8 + c0 + (e & 1)]);
+    }
+    p_frags<T, kM>(dsf, dp);
+    // dV and dK: independent products, issued back to back, one wait.
+    issue_ab<T, D, kM>(dv, pf, do_tile(st));
+    issue_ab<T, D, kM>(dk, dsf, q_tile(st));
+    wgmma_wait<0>();
+    fence_operands(dv);
+    fence_operands(dk);
+    __syncthreads();  // every read of this stage is done before the next prefetch overwrites it
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  T* staging = reinterpret_cast<T*>(aligned) + warp * kMma * (D + 8);
+  const int64_t row = seq.k_start + n0 + warp * kMma;
+  const int valid = n_last - n0 - warp * kMma + 1;
+  const float ones[2] = {1.f, 1.f}, scales[2] = {p.scale, p.scale};
+  store_warp_rows<T, D>(staging, static_cast<T*>(p.dk) + b * p.dk_sb + row * p.dk_ss + hk * p.dk_sh, p.dk_ss, dk,
+                        scales, valid, lane);
+  store_warp_rows<T, D>(staging, static_cast<T*>(p.dv) + b * p.dk_sb + row * p.dk_ss + hk * p.dk_sh, p.dk_ss, dv,
+                        ones, valid, lane);
+#else
+  __trap();  // built for an architecture without wgmma: the launcher never starts it there
+#endif
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(WgmmaBwdConfig<D>::kThreads, 1) attn_bwd_dq_wgmma_kernel(const AttnBwdParams p) {
+#ifdef FASTLM_WGMMA
+  using C = WgmmaBwdConfig<D>;
+  constexpr int kN = C::kKeyBlock;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t raw = smem_u32(smem);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  unsigned char* aligned = smem + (base - raw);
+  const AttnParams& f = p.f;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int wg = warp / 4;
+  const int h = static_cast<int>(blockIdx.y);
+  const int b = static_cast<int>(blockIdx.z);
+  const Seq seq = seq_of(f, b);
+  const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * C::kRows;
+  if (m0 >= seq.sq) return;
+  const int m_last = min(m0 + C::kRows, seq.sq) - 1;
+  const int hk = h / f.group;
+  const Band band = band_of(f, seq);
+  int key_lo, key_hi;
+  key_range(f, seq, m0, m_last, key_lo, key_hi);
+  const int n_begin = key_lo / kN;
+  const int n_end = key_hi > key_lo ? (key_hi + kN - 1) / kN : n_begin;
+
+  const int64_t row0 = seq.q_start + m0;
+  const __half* k = static_cast<const __half*>(f.k) + b * f.k_sb + seq.k_start * f.k_ss + hk * f.k_sh;
+  const __half* v = static_cast<const __half*>(f.v) + b * f.v_sb + seq.k_start * f.v_ss + hk * f.v_sh;
+  const uint32_t q_tile = base;
+  const uint32_t do_tile = base + C::kRowTileBytes;
+  auto k_tile = [&](int st) { return base + static_cast<uint32_t>(2 * C::kRowTileBytes + st * C::kDqStageBytes); };
+  auto v_tile = [&](int st) { return k_tile(st) + static_cast<uint32_t>(C::kKeyTileBytes); };
+  const SwizzledTileCopy<kN, D, C::kThreads> copy_k(tid, f.k_ss);
+  const SwizzledTileCopy<kN, D, C::kThreads> copy_v(tid, f.v_ss);
+  auto load_kv = [&](int st, int nb) {
+    const int n = nb * kN;
+    copy_k(k_tile(st), k + n * f.k_ss, seq.sk - n, f.k);
+    copy_v(v_tile(st), v + n * f.v_ss, seq.sk - n, f.v);
+  };
+  SwizzledTileCopy<C::kRows, D, C::kThreads>(tid, f.q_ss)(
+      q_tile, static_cast<const __half*>(f.q) + b * f.q_sb + row0 * f.q_ss + h * f.q_sh, m_last + 1 - m0, f.q);
+  SwizzledTileCopy<C::kRows, D, C::kThreads>(tid, f.o_ss)(
+      do_tile, static_cast<const __half*>(p.dout) + b * f.o_sb + row0 * f.o_ss + h * f.o_sh, m_last + 1 - m0, p.dout);
+  cp_async_commit();
+  if (n_begin < n_end) load_kv(0, n_begin);
+  cp_async_commit();
+
+  // The thread's two rows: their lse (log2 units) and delta; rows past the sequence take P = 0.
+  const int i0 = m0 + warp * kMma + (lane >> 2);
+  float lse2[2], delta[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int i = i0 + 8 * r;
+    const int64_t at = b * f.lse_sb + h * f.lse_sh + seq.q_start + i;
+    lse2[r] = i <= m_last ? lse_log2(f.lse[at]) : __int_as_float(0x7f800000);
+    delta[r] = i <= m_last ? p.delta[at] : 0.f;
+  }
+  float dq[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[nt][e] = 0.f;
+  }
+
+  for (int nb = n_begin; nb < n_end; ++nb) {
+    const int st = (nb - n_begin) & 1;
+    if (nb + 1 < n_end) load_kv(st ^ 1, nb + 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async();
+    __syncthreads();
+    // S and dP in two commit groups, so that dP multiplies while P is formed.
+    float s[kN / 8][4];   // S, then P
+    float dp[kN / 8][4];  // dP, then dS
+    issue_abt<T, D, C::kRows, kN>(s, q_tile, 64 * wg, k_tile(st));
+    issue_abt<T, D, C::kRows, kN>(dp, do_tile, 64 * wg, v_tile(st));
+    wgmma_wait<1>();
+    fence_operands(s);
+    to_log2_scores<false, kN>(s, f);
+    const int n = nb * kN;
+    if (!tile_unmasked(band, seq.sk, n, kN, m0, m_last)) mask_scores<kN>(s, band, seq.sk, n, i0, i0 + 8, lane);
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = exp2_approx(s[nt][e] - lse2[e >> 1]);
+    }
+    wgmma_wait<0>();
+    fence_operands(dp);
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dp[nt][e] = s[nt][e] * (dp[nt][e] - delta[e >> 1]);
+    }
+    uint32_t dsf[kN / 16][4];
+    p_frags<T, kN>(dsf, dp);
+    warpgroup_ab<T, D, kN>(dq, dsf, k_tile(st));
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  const float scales[2] = {p.scale, p.scale};
+  store_warp_rows<T, D>(reinterpret_cast<T*>(aligned) + warp * kMma * (D + 8),
+                        static_cast<T*>(p.dq) + b * p.dq_sb + (row0 + warp * kMma) * p.dq_ss + h * p.dq_sh, p.dq_ss,
+                        dq, scales, m_last - m0 - warp * kMma + 1, lane);
+#else
+  __trap();
 #endif
 }
 
@@ -1329,6 +1751,84 @@ void check_heads(int64_t heads_q, int64_t heads_k) {
   require(heads_q <= kAttnMaxGrid, "at most 65535 query heads, got " + std::to_string(heads_q));
 }
 
+// The launchers' checks of the call's scalars (dtype, head dim, heads, sizes, scale, softcap).
+void check_call(int64_t cu_seqlens_q, int64_t cu_seqlens_k, int64_t batch, int64_t heads_q, int64_t heads_k,
+                int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q, int64_t total_k,
+                int dtype, double scale, double softcap) {
+  dispatch_half(dtype, [](auto) {});
+  dispatch_head_dim(head_dim, [](auto) {});
+  check_heads(heads_q, heads_k);
+  const bool varlen = cu_seqlens_q != 0;
+  require((cu_seqlens_k != 0) == varlen, "cu_seqlens_q and cu_seqlens_k must be given together");
+  require(batch >= 0 && batch <= kAttnMaxGrid, "batch must be in [0, 65535], got " + std::to_string(batch));
+  require(max_seqlen_q >= 0 && max_seqlen_q < kMaxTokens && max_seqlen_k >= 0 && max_seqlen_k < kMaxTokens,
+          "max_seqlen_q and max_seqlen_k must be in [0, 2^30)");
+  require(total_q >= 0 && total_q < kMaxTokens && total_k >= 0 && total_k < kMaxTokens,
+          "total_q and total_k must be in [0, 2^30)");
+  require(std::isfinite(scale), "scale must be finite");
+  require(softcap >= 0.0 && std::isfinite(softcap), "softcap must be finite and > 0, or 0 for none");
+}
+
+// The pointer checks and the kernel parameters both launchers share (all but the decode kernel's rows and
+// splits); false when the call has nothing to compute (no batch entry, no query).
+bool fill_params(AttnParams& p, int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
+                 int64_t cu_seqlens_k, const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                 const std::vector<int64_t>& v_strides, const std::vector<int64_t>& out_strides, int64_t batch,
+                 int64_t heads_q, int64_t heads_k, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q,
+                 int64_t total_k, double scale, const std::optional<int64_t>& window_left,
+                 const std::optional<int64_t>& window_right, double softcap) {
+  const bool varlen = cu_seqlens_q != 0;
+  if (batch == 0 || max_seqlen_q == 0 || total_q == 0) return false;
+  // With no keys at all nothing reads k or v (every row is empty), so they may be null; the kernels still write
+  // the zero rows and −inf.
+  const bool any_keys = max_seqlen_k > 0 && total_k > 0;
+  check_rows16("q", q, q_strides);
+  check_rows16("out", out, out_strides);
+  if (any_keys) {
+    check_rows16("k", k, k_strides);
+    check_rows16("v", v, v_strides);
+  } else {
+    require(k_strides.size() == 3 && v_strides.size() == 3, "k_strides and v_strides must be (batch, token, head)");
+  }
+  require(lse != 0 && lse % 4 == 0, "lse must be a non-null, 4-byte aligned float32 pointer");
+  if (varlen) require(cu_seqlens_q % 4 == 0 && cu_seqlens_k % 4 == 0, "cu_seqlens must be int32 pointers");
+
+  p.q = ptr<const void>(q);
+  p.k = ptr<const void>(any_keys ? k : q);
+  p.v = ptr<const void>(any_keys ? v : q);
+  p.out = ptr<void>(out);
+  p.lse = ptr<float>(lse);
+  p.cu_q = ptr<const int>(cu_seqlens_q);
+  p.cu_k = ptr<const int>(cu_seqlens_k);
+  const int64_t sb = varlen ? 0 : 1;  // a varlen batch entry is placed by its token offset, not a batch stride
+  p.q_sb = q_strides[0] * sb;
+  p.q_ss = q_strides[1];
+  p.q_sh = q_strides[2];
+  p.k_sb = k_strides[0] * sb;
+  p.k_ss = k_strides[1];
+  p.k_sh = k_strides[2];
+  p.v_sb = v_strides[0] * sb;
+  p.v_ss = v_strides[1];
+  p.v_sh = v_strides[2];
+  p.o_sb = out_strides[0] * sb;
+  p.o_ss = out_strides[1];
+  p.o_sh = out_strides[2];
+  p.lse_sb = varlen ? 0 : heads_q * max_seqlen_q;
+  p.lse_sh = varlen ? total_q : max_seqlen_q;
+  p.window_left = clamp_window(window_left);
+  p.window_right = clamp_window(window_right);
+  p.seqlen_q = static_cast<int>(max_seqlen_q);
+  p.seqlen_k = any_keys ? static_cast<int>(max_seqlen_k) : 0;
+  p.total_q = static_cast<int>(total_q);
+  p.total_k = any_keys ? static_cast<int>(total_k) : 0;
+  p.heads_k = static_cast<int>(heads_k);
+  p.group = static_cast<int>(heads_q / heads_k);
+  // In double, rounded once: log2(e)·scale, or with the softcap log2(e)·c and the prescale scale / c.
+  p.mult = static_cast<float>((softcap > 0.0 ? softcap : scale) * 1.4426950408889634);
+  p.softcap_pre = softcap > 0.0 ? static_cast<float>(scale / softcap) : 0.f;
+  return true;
+}
+
 }  // namespace
 }  // namespace fastlm
 
@@ -1379,78 +1879,25 @@ void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t
                    std::optional<int64_t> window_right, double softcap, int64_t workspace, int64_t workspace_numel,
                    int64_t num_splits, bool hopper, int device, int64_t stream) {
   const DeviceGuard guard(device);
-  dispatch_half(dtype, [](auto) {});
-  dispatch_head_dim(head_dim, [](auto) {});
-  check_heads(heads_q, heads_k);
-  const bool varlen = cu_seqlens_q != 0;
-  require((cu_seqlens_k != 0) == varlen, "cu_seqlens_q and cu_seqlens_k must be given together");
-  require(batch >= 0 && batch <= kAttnMaxGrid, "batch must be in [0, 65535], got " + std::to_string(batch));
-  require(max_seqlen_q >= 0 && max_seqlen_q < kMaxTokens && max_seqlen_k >= 0 && max_seqlen_k < kMaxTokens,
-          "max_seqlen_q and max_seqlen_k must be in [0, 2^30)");
-  require(total_q >= 0 && total_q < kMaxTokens && total_k >= 0 && total_k < kMaxTokens,
-          "total_q and total_k must be in [0, 2^30)");
-  require(std::isfinite(scale), "scale must be finite");
-  require(softcap >= 0.0 && std::isfinite(softcap), "softcap must be finite and > 0, or 0 for none");
+  check_call(cu_seqlens_q, cu_seqlens_k, batch, heads_q, heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q,
+             total_k, dtype, scale, softcap);
   require(num_splits >= 0 && num_splits <= kMaxSplits, "num_splits must be in [0, 128]");
   const int64_t rows = decode_rows(heads_q, heads_k, max_seqlen_q);
   require(num_splits == 0 || rows > 0, "the decode kernel (num_splits ≥ 1) takes max_seqlen_q · heads_q / heads_k ≤ 16");
   require(rows == 0 || batch * heads_k * rows <= INT_MAX, "too many (batch, kv head, row) triples for one grid");
-  if (batch == 0 || max_seqlen_q == 0 || total_q == 0) return;
-  // With no keys at all nothing reads k or v (every row is empty), so they may be null; the kernels still write
-  // the zero rows and −inf.
-  const bool any_keys = max_seqlen_k > 0 && total_k > 0;
-  check_rows16("q", q, q_strides);
-  check_rows16("out", out, out_strides);
-  if (any_keys) {
-    check_rows16("k", k, k_strides);
-    check_rows16("v", v, v_strides);
-  } else {
-    require(k_strides.size() == 3 && v_strides.size() == 3, "k_strides and v_strides must be (batch, token, head)");
+  AttnParams p{};
+  if (!fill_params(p, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_strides, k_strides, v_strides, out_strides,
+                   batch, heads_q, heads_k, max_seqlen_q, max_seqlen_k, total_q, total_k, scale, window_left,
+                   window_right, softcap)) {
+    return;
   }
-  require(lse != 0 && lse % 4 == 0, "lse must be a non-null, 4-byte aligned float32 pointer");
-  if (varlen) require(cu_seqlens_q % 4 == 0 && cu_seqlens_k % 4 == 0, "cu_seqlens must be int32 pointers");
   if (num_splits > 1) {
     require(workspace != 0 && workspace % 16 == 0, "the decode workspace must be a 16-byte aligned pointer");
     require(workspace_numel >= attention_workspace_numel(batch, heads_q, heads_k, head_dim, max_seqlen_q, num_splits),
             "the decode workspace is smaller than attention_workspace_numel");
   }
-
-  AttnParams p{};
-  p.q = ptr<const void>(q);
-  p.k = ptr<const void>(any_keys ? k : q);
-  p.v = ptr<const void>(any_keys ? v : q);
-  p.out = ptr<void>(out);
-  p.lse = ptr<float>(lse);
-  p.cu_q = ptr<const int>(cu_seqlens_q);
-  p.cu_k = ptr<const int>(cu_seqlens_k);
-  const int64_t sb = varlen ? 0 : 1;  // a varlen batch entry is placed by its token offset, not a batch stride
-  p.q_sb = q_strides[0] * sb;
-  p.q_ss = q_strides[1];
-  p.q_sh = q_strides[2];
-  p.k_sb = k_strides[0] * sb;
-  p.k_ss = k_strides[1];
-  p.k_sh = k_strides[2];
-  p.v_sb = v_strides[0] * sb;
-  p.v_ss = v_strides[1];
-  p.v_sh = v_strides[2];
-  p.o_sb = out_strides[0] * sb;
-  p.o_ss = out_strides[1];
-  p.o_sh = out_strides[2];
-  p.lse_sb = varlen ? 0 : heads_q * max_seqlen_q;
-  p.lse_sh = varlen ? total_q : max_seqlen_q;
-  p.window_left = clamp_window(window_left);
-  p.window_right = clamp_window(window_right);
-  p.seqlen_q = static_cast<int>(max_seqlen_q);
-  p.seqlen_k = any_keys ? static_cast<int>(max_seqlen_k) : 0;
-  p.total_q = static_cast<int>(total_q);
-  p.total_k = any_keys ? static_cast<int>(total_k) : 0;
-  p.heads_k = static_cast<int>(heads_k);
-  p.group = static_cast<int>(heads_q / heads_k);
   p.rows = static_cast<int>(rows);
   p.splits = static_cast<int>(std::max<int64_t>(num_splits, 1));
-  // In double, rounded once: log2(e)·scale, or with the softcap log2(e)·c and the prescale scale / c.
-  p.mult = static_cast<float>((softcap > 0.0 ? softcap : scale) * 1.4426950408889634);
-  p.softcap_pre = softcap > 0.0 ? static_cast<float>(scale / softcap) : 0.f;
   const cudaStream_t s = as_stream(stream);
   const bool capped = softcap > 0.0;
 
@@ -1495,6 +1942,78 @@ void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t
         const unsigned blocks = static_cast<unsigned>((n_rows + kCombineWarps - 1) / kCombineWarps);
         attn_combine_kernel<T, D><<<blocks, kCombineWarps * 32, 0, s>>>(p, n_rows);
         check_launch("attn_combine_kernel");
+      }
+    });
+  });
+}
+
+void fastlm::attention_bwd(int64_t dout, int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t dlse,
+                           int64_t delta, int64_t dq, int64_t dk, int64_t dv, int64_t cu_seqlens_q,
+                           int64_t cu_seqlens_k, std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
+                           std::vector<int64_t> v_strides, std::vector<int64_t> out_strides,
+                           std::vector<int64_t> dq_strides, std::vector<int64_t> dk_strides, int64_t batch,
+                           int64_t heads_q, int64_t heads_k, int64_t head_dim, int64_t max_seqlen_q,
+                           int64_t max_seqlen_k, int64_t total_q, int64_t total_k, int dtype, double scale,
+                           std::optional<int64_t> window_left, std::optional<int64_t> window_right, int device,
+                           int64_t stream) {
+  const DeviceGuard guard(device);
+  check_call(cu_seqlens_q, cu_seqlens_k, batch, heads_q, heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q,
+             total_k, dtype, scale, 0.0);
+  require(hopper_head_dim(head_dim) && hopper_kernels_run(device),
+          "the wgmma backward runs at head dims 64 and 128 on compute capability 9.0 with sm_90a code "
+          "(attention_hopper_supported)");
+  AttnBwdParams p{};
+  if (!fill_params(p.f, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, q_strides, k_strides, v_strides, out_strides,
+                   batch, heads_q, heads_k, max_seqlen_q, max_seqlen_k, total_q, total_k, scale, window_left,
+                   window_right, 0.0)) {
+    return;
+  }
+  check_rows16("dout", dout, out_strides);
+  check_rows16("dq", dq, dq_strides);
+  require(delta != 0 && delta % 4 == 0 && dlse % 4 == 0, "delta (and dlse) must be 4-byte aligned float32 pointers");
+  const bool varlen = cu_seqlens_q != 0;
+  const int64_t sb = varlen ? 0 : 1;
+  p.dout = ptr<const void>(dout);
+  p.dlse = ptr<const float>(dlse);
+  p.delta = ptr<float>(delta);
+  p.dq = ptr<void>(dq);
+  p.dq_sb = dq_strides[0] * sb;
+  p.dq_ss = dq_strides[1];
+  p.dq_sh = dq_strides[2];
+  p.rows = varlen ? total_q : batch * max_seqlen_q;
+  p.scale = static_cast<float>(scale);
+  const bool any_keys = p.f.seqlen_k > 0;
+  if (any_keys) {
+    check_rows16("dk", dk, dk_strides);
+    check_rows16("dv", dv, dk_strides);
+    p.dk = ptr<void>(dk);
+    p.dv = ptr<void>(dv);
+    p.dk_sb = dk_strides[0] * sb;
+    p.dk_ss = dk_strides[1];
+    p.dk_sh = dk_strides[2];
+  }
+  const cudaStream_t s = as_stream(stream);
+  dispatch_half(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dispatch_head_dim(head_dim, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      if constexpr (hopper_head_dim(D)) {
+        using C = WgmmaBwdConfig<D>;
+        const dim3 delta_grid(static_cast<unsigned>((p.rows + 255) / 256), static_cast<unsigned>(heads_q));
+        attn_bwd_delta_kernel<T, D><<<delta_grid, 256, 0, s>>>(p);
+        check_launch("attn_bwd_delta_kernel");
+        if (any_keys) {
+          opt_in_smem(attn_bwd_dkdv_wgmma_kernel<T, D>, C::kDkdvSmemBytes, "attn_bwd_dkdv_wgmma_kernel");
+          const dim3 grid(static_cast<unsigned>((max_seqlen_k + C::kKeys - 1) / C::kKeys),
+                          static_cast<unsigned>(heads_k), static_cast<unsigned>(batch));
+          attn_bwd_dkdv_wgmma_kernel<T, D><<<grid, C::kThreads, C::kDkdvSmemBytes, s>>>(p);
+          check_launch("attn_bwd_dkdv_wgmma_kernel");
+        }
+        opt_in_smem(attn_bwd_dq_wgmma_kernel<T, D>, C::kDqSmemBytes, "attn_bwd_dq_wgmma_kernel");
+        const dim3 grid(static_cast<unsigned>((max_seqlen_q + C::kRows - 1) / C::kRows),
+                        static_cast<unsigned>(heads_q), static_cast<unsigned>(batch));
+        attn_bwd_dq_wgmma_kernel<T, D><<<grid, C::kThreads, C::kDqSmemBytes, s>>>(p);
+        check_launch("attn_bwd_dq_wgmma_kernel");
       }
     });
   });

@@ -172,6 +172,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("workspace_numel"), py::arg("num_splits"), py::arg("hopper"), py::arg("device"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
 
+  m.def("attention_bwd", &fastlm::attention_bwd,
+        "Attention backward on wgmma (compute capability 9.0, head dims 64 and 128, no softcap): dq, dk, dv from "
+        "dout (out's strides), the forward's out and lse, and dlse (0 for none); delta: a float32 workspace of lse's "
+        "shape. Varlen tokens outside every sequence are not written.",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dlse"),
+        py::arg("delta"), py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("cu_seqlens_q"),
+        py::arg("cu_seqlens_k"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
+        py::arg("out_strides"), py::arg("dq_strides"), py::arg("dk_strides"), py::arg("batch"), py::arg("heads_q"),
+        py::arg("heads_k"), py::arg("head_dim"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
+        py::arg("total_q"), py::arg("total_k"), py::arg("dtype"), py::arg("scale"), py::arg("window_left"),
+        py::arg("window_right"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
   m.def("attention_hopper_supported", &fastlm::attention_hopper_supported,
         "Whether attention_fwd(hopper=True) runs the wgmma forward kernel for this head dim on this device (compute "
         "capability 9.0, a build with sm_90a code, head dims 64 and 128).",

@@ -128,8 +128,19 @@ void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, in
                    int64_t total_k, int dtype, double scale, std::optional<int64_t> window_left,
                    std::optional<int64_t> window_right, double softcap, int64_t workspace, int64_t workspace_numel,
                    int64_t num_splits, bool hopper, int device, int64_t stream);
-// Whether attention_fwd(hopper=true) runs the wgmma forward kernel for this head dim on this device: compute
-// capability 9.0, a build with sm_90a code, head dim 64 or 128.
+// The gradients of attention_fwd's out (and lse, when dlse is not 0) on wgmma (attn_bwd_*_wgmma_kernel, no softcap,
+// where attention_hopper_supported): dq (q's shape), dk and dv (k's shape, dk_strides for both), delta a float32
+// workspace of lse's shape. dout has out's strides. Varlen tokens outside every sequence are not written.
+void attention_bwd(int64_t dout, int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t dlse,
+                   int64_t delta, int64_t dq, int64_t dk, int64_t dv, int64_t cu_seqlens_q, int64_t cu_seqlens_k,
+                   std::vector<int64_t> q_strides, std::vector<int64_t> k_strides, std::vector<int64_t> v_strides,
+                   std::vector<int64_t> out_strides, std::vector<int64_t> dq_strides,
+                   std::vector<int64_t> dk_strides, int64_t batch, int64_t heads_q, int64_t heads_k,
+                   int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q, int64_t total_k,
+                   int dtype, double scale, std::optional<int64_t> window_left,
+                   std::optional<int64_t> window_right, int device, int64_t stream);
+// Whether attention_fwd(hopper=true) runs the wgmma forward kernel for this head dim on this device, and
+// attention_bwd can run: compute capability 9.0, a build with sm_90a code, head dim 64 or 128.
 bool attention_hopper_supported(int64_t head_dim, int device);
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -483,6 +483,10 @@ def reduce_loss(loss, sc, mean):
 # capability 9.0, a build with sm_90a code): off until the benchmark has timed it against the FlashAttention-2
 # kernel on such a GPU (benchmarks/attention.py's cuda-wgmma provider); tests force it to check it there.
 ATTN_HOPPER = False
+# The backward on wgmma (attention_bwd: attn_bwd_*_wgmma_kernel, the same GPUs and head dims, no softcap; bitwise
+# repeatable, no atomics): the cuda backend's backward when on (fastlm/ops/attention.py), the Triton backward
+# otherwise. Off until timed against it, as ATTN_HOPPER.
+ATTN_HOPPER_BWD = False
 
 
 def attention_hopper_supported(head_dim: int, device) -> bool:
@@ -630,6 +634,67 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         _stream(q),
     )
     return out, lse
+
+
+def attention_bwd_unsupported(q, softcap) -> str | None:
+    """None when attention_bwd (the wgmma backward) can take a call with these inputs, else why not."""
+    if softcap:
+        return "the wgmma backward has no softcap"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"the wgmma backward takes float16 and bfloat16, got {q.dtype}"
+    if not attention_hopper_supported(q.shape[-1], q.device):
+        return "the wgmma backward runs at head dims 64 and 128 on compute capability 9.0 (sm_90a code)"
+    return None
+
+
+def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+                  window_left, window_right, softcap, deterministic=True):
+    """kernels/attention.py's attention_bwd on wgmma: dq, dk, dv (contiguous, q's and k's shapes and dtype) for
+    attention_fwd's out and lse, from do (and dlse, lse's shape, when the lse is used). Always deterministic (no
+    atomics). Only where attention_bwd_unsupported says None."""
+    ext = _require("q", q)
+    why = attention_bwd_unsupported(q, softcap)
+    if why:
+        raise ValueError(why)
+    varlen = cu_seqlens_q is not None
+    dims = 3 if varlen else 4
+    q = _attn_operand("q", q, q, dims)
+    k = _attn_operand("k", k, q, dims)
+    v = _attn_operand("v", v, q, dims)
+    # out and dout contiguous (the kernels read dout with out's strides) and 16-byte aligned (a contiguous view may
+    # start anywhere in its storage: copied then, as _attn_operand copies q, k and v).
+    out, do = (t.contiguous() for t in (out, do.to(out.dtype)))
+    out, do = (t.clone() if t.data_ptr() % 16 else t for t in (out, do))
+    lse = lse.contiguous()
+    dlse = dlse.float().contiguous() if dlse is not None else None
+    *lead_q, heads_q, head_dim = q.shape
+    *lead_k, heads_k, _ = k.shape
+    if varlen:
+        batch, (total_q,), (total_k,) = cu_seqlens_q.numel() - 1, lead_q, lead_k
+        max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
+        strides = [(0, *t.stride()[:2]) for t in (q, k, v, out)]
+    else:
+        (batch, max_seqlen_q), (_, max_seqlen_k) = lead_q, lead_k
+        total_q, total_k = max_seqlen_q, max_seqlen_k
+        strides = [t.stride()[:3] for t in (q, k, v, out)]
+    # Varlen tokens outside every sequence, and keys when no query exists, are not written: they start at 0 (for
+    # varlen, a memset of the three gradients, where the Triton backward writes those rows itself).
+    fill = torch.zeros if varlen or max_seqlen_q == 0 else torch.empty
+    dq = fill(q.shape, dtype=q.dtype, device=q.device)
+    dk = fill(k.shape, dtype=k.dtype, device=k.device)
+    dv = fill(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty_like(lse)
+    if batch == 0 or q.numel() == 0:
+        return dq, dk, dv
+    grad_strides = [(0, *t.stride()[:2]) if varlen else t.stride()[:3] for t in (dq, dk)]
+    ext.attention_bwd(
+        do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), _ptr(dlse),
+        delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _ptr(cu_seqlens_q), _ptr(cu_seqlens_k),
+        *[list(st) for st in strides], *[list(st) for st in grad_strides], batch, heads_q, heads_k, head_dim,
+        max_seqlen_q, max_seqlen_k, total_q, total_k, _DTYPE_CODES[q.dtype], float(scale),
+        _attn_window(window_left), _attn_window(window_right), q.device.index, _stream(q),
+    )
+    return dq, dk, dv
 
 
 # --- rotary embedding ------------------------------------------------------------------------------------------------

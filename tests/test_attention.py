@@ -307,6 +307,14 @@ with fastlm.use_backend("cuda"):
         cu = torch.tensor([0, 0, 1, 140, 300], dtype=torch.int32, device="cuda")
         fastlm.attention(randn(300, 4, d), randn(300, 2, d), randn(300, 2, d), causal=True, cu_seqlens_q=cu,
                          cu_seqlens_k=cu, max_seqlen_q=160, max_seqlen_k=160)
+    _cuda.ATTN_HOPPER_BWD = True
+    for d in (64, 128):
+        for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
+            q, k, v = (randn(2, n, h, d).requires_grad_() for n, h in ((300, 4), (257, 2), (257, 2)))
+            fastlm.attention(q, k, v, causal=causal, window=window).sum().backward()
+        q, k, v = (randn(300, h, d).requires_grad_() for h in (4, 2, 2))
+        fastlm.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=160,
+                         max_seqlen_k=160).sum().backward()
 torch.cuda.synchronize()
 print("clean")
 """
@@ -345,6 +353,70 @@ def test_cuda_wgmma_forward_matches_reference(case, dtype, backend, monkeypatch)
     _force_cuda_hopper(monkeypatch, d)
     q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
     _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
+
+
+def _wgmma_backward_only(monkeypatch):
+    """The wgmma backward on, and the Triton backward made to fail: a call that fell back to it would pass unseen."""
+    from fastlm import _cuda
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the call took the Triton backward, not the wgmma one")
+
+    monkeypatch.setattr(_cuda, "ATTN_HOPPER_BWD", True)
+    monkeypatch.setattr(triton_attention, "attention_bwd", not_here)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[1:2], indirect=True)
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("case", [c for c in HOPPER_CASES if not c[-1]], ids=_case_id)
+def test_cuda_wgmma_backward_matches_reference(case, dtype, backend, monkeypatch):
+    """dQ, dK and dV of the wgmma backward (with the wgmma forward) by the rule, and twice the same bits."""
+    b, sq, sk, h, hk, d, causal, window, softcap = case
+    _force_cuda_hopper(monkeypatch, d)
+    _wgmma_backward_only(monkeypatch)
+    q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
+    first = _compare(q, k, v, backend, causal=causal, window=window, lse_in_loss=True)
+    again = _compare(q, k, v, backend, causal=causal, window=window, lse_in_loss=True)
+    assert all(torch.equal(x, y) for x, y in zip(first, again)), "the wgmma backward is not bitwise repeatable"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[1:2], indirect=True)
+@pytest.mark.parametrize("head_dim", (64, 128))
+@pytest.mark.parametrize("outside", OUTSIDE[-1:], ids=("both",))
+def test_cuda_wgmma_backward_varlen(outside, head_dim, backend, monkeypatch):
+    """Varlen through the wgmma backward: an empty query side, one token, a sequence with no keys, and tokens
+    outside every sequence (their dq, dk, dv exactly 0)."""
+    _force_cuda_hopper(monkeypatch, head_dim)
+    _wgmma_backward_only(monkeypatch)
+    q, k, v, kw = _varlen(*VARLEN_LENS, 4, 2, head_dim, GPU_DTYPES[0], *outside)
+    got = _compare(q, k, v, backend, causal=True, lse_in_loss=True, **kw)
+    _assert_outside_rows(got, kw)
+
+
+def test_cuda_backend_backward_route(monkeypatch):
+    """The cuda backend's backward takes the wgmma one only with ATTN_HOPPER_BWD on and a call it has (no softcap,
+    where attention_bwd_unsupported says None); the Triton backward otherwise, and always for the triton backend."""
+    from fastlm import _cuda
+    from fastlm.ops.attention import attention_bwd_op
+
+    taken = []
+    monkeypatch.setattr(_cuda, "attention_bwd", lambda *a: taken.append("cuda") or ("cuda",) * 3)
+    monkeypatch.setattr(triton_attention, "attention_bwd", lambda *a: taken.append("triton") or ("triton",) * 3)
+    monkeypatch.setattr(_cuda, "attention_bwd_unsupported", lambda q, softcap: "softcap" if softcap else None)
+    t = torch.zeros(1, 4, 1, 64)
+    lse = torch.zeros(1, 1, 4)
+
+    def route(backend, softcap):
+        taken.clear()
+        attention_bwd_op(t, t, t, t, t, lse, None, None, None, 4, 4, 0.125, None, 0, softcap, backend, False)
+        return taken[0]
+
+    monkeypatch.setattr(_cuda, "ATTN_HOPPER_BWD", False)
+    assert [route("cuda", 0.0), route("triton", 0.0)] == ["triton", "triton"]
+    monkeypatch.setattr(_cuda, "ATTN_HOPPER_BWD", True)
+    assert [route("cuda", 0.0), route("cuda", 30.0), route("triton", 0.0)] == ["cuda", "triton", "triton"]
 
 
 @pytest.mark.gpu

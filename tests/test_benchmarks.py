@@ -1259,8 +1259,8 @@ def test_attention_families_and_their_providers():
         assert "GPU" in attention.unavailable_reason("cuda", cpu)
         assert next(p for p in attention.FAMILY.providers if p.name == "sdpa-flash").available() == (
             False, "no CUDA GPU")
-    # The cuda backend's wgmma forward: a peer (the dispatch table's "cuda" stays the default path), timed at
-    # WGMMA_SEQLENS only, with ATTN_HOPPER on inside its context and restored after.
+    # The cuda backend's wgmma forward and backward: a peer (the dispatch table's "cuda" stays the default path),
+    # timed at WGMMA_SEQLENS only, with ATTN_HOPPER and ATTN_HOPPER_BWD on inside its context and restored after.
     import fastlm
     from fastlm import _cuda
 
@@ -1270,10 +1270,10 @@ def test_attention_families_and_their_providers():
         s for d in attention.HEAD_DIMS for causal in (False, True) for s in attention.SEQLENS
         if s in attention.WGMMA_SEQLENS]
     assert "4096" in wgmma.skip(_attn_case(512, 64, True))
-    before = _cuda.ATTN_HOPPER
+    before = _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD
     with wgmma.context():
-        assert _cuda.ATTN_HOPPER is True and fastlm.get_backend() == "cuda"
-    assert _cuda.ATTN_HOPPER is before
+        assert _cuda.ATTN_HOPPER is _cuda.ATTN_HOPPER_BWD is True and fastlm.get_backend() == "cuda"
+    assert (_cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD) == before
     if not torch.cuda.is_available():
         assert wgmma.available()[0] is False and "GPU" in wgmma.available()[1]
 

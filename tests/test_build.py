@@ -131,7 +131,7 @@ def test_norm_bwd_without_gpu_raises():
 LAUNCHERS = {
     "norm": ("norm_fwd", "norm_bwd"),
     "cross_entropy": ("cross_entropy_fwd", "cross_entropy_bwd", "scale_grad", "scalars", "reduce_loss"),
-    "attention": ("attention_fwd", "attention_unsupported"),
+    "attention": ("attention_fwd", "attention_bwd", "attention_unsupported"),
     "rotary": ("rotary_fwd", "rotary_bwd"),
     "gated": ("gated_fwd", "gated_bwd"),
 }

@@ -14,7 +14,8 @@ window_right = 0 (see fastlm.reference.attention_visible). Two registered ops ca
 `fastlm::attention_fwd` → (out, lse) and `fastlm::attention_bwd` → (dq, dk, dv), with fake implementations so
 torch.compile traces them without graph breaks, and an autograd formula. The cuda backend runs the CUDA C++ forward
 (and its split-KV decode kernel for short queries over long keys) and the Triton backward, which shares its LSE
-convention. No op reads a GPU value on the host: varlen callers pass the maxima of the sequence lengths.
+convention, or its own wgmma backward where fastlm._cuda.ATTN_HOPPER_BWD is on (Hopper, head dims 64 and 128, no
+softcap). No op reads a GPU value on the host: varlen callers pass the maxima of the sequence lengths.
 
 Saved for backward: q, k, v, out, lse (fp32, one float a query row and head) and the offsets.
 """
@@ -89,25 +90,33 @@ def attention_bwd_op(
     window_left: Optional[int],
     window_right: Optional[int],
     softcap: float,
+    backend: str,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """→ dq, dk, dv (contiguous, the shapes and dtypes of q, k, v). Both kernel backends use the Triton backward;
-    deterministic: bitwise repeatable (no atomic dQ)."""
-    return triton_attention.attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                          max_seqlen_k, scale, window_left, window_right, softcap, deterministic)
+    """→ dq, dk, dv (contiguous, the shapes and dtypes of q, k, v). Both kernel backends use the Triton backward,
+    but the cuda backend's takes its wgmma backward where fastlm._cuda.ATTN_HOPPER_BWD is on and the call is one it
+    has (it is always bitwise repeatable); deterministic: bitwise repeatable (no atomic dQ)."""
+    launchers = triton_attention
+    if backend == "cuda":
+        from fastlm import _cuda
+
+        if _cuda.ATTN_HOPPER_BWD and _cuda.attention_bwd_unsupported(q, softcap) is None:
+            launchers = _cuda
+    return launchers.attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                   max_seqlen_k, scale, window_left, window_right, softcap, deterministic)
 
 
 @attention_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-      window_right, softcap, deterministic):
+      window_right, softcap, backend, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, _, deterministic = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, left, right, softcap, backend, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, scale, left, right, softcap, deterministic)
+    ctx.args = (max_q, max_k, scale, left, right, softcap, backend, deterministic)
 
 
 def _backward(ctx, dout, dlse):
