@@ -692,10 +692,11 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1) attn_fwd_kernel(con
 // Hopper forward kernel (attn_fwd_wgmma_kernel, sm_90a): the same algorithm, masks and epilogue as attn_fwd_kernel,
 // with both products on wgmma (warpgroup-wide asynchronous MMA, 64 rows a warp group) instead of mma.sync. Off
 // unless the caller asks for it (fastlm/_cuda.py's ATTN_HOPPER, until the benchmark has timed it against the
-// FlashAttention-2 kernel on the GPU), for head dims 64 and 128, on devices of compute capability 9.0 in a build
-// with sm_90a code (attention_hopper_supported).
+// FlashAttention-2 kernel on the GPU), for head dims 64, 128 and 256, on devices of compute capability 9.0 in a
+// build with sm_90a code (attention_hopper_supported).
 //
-// - Two warp groups (256 threads), 64 query rows each: kBlockM = 128, kBlockN = 128 keys a block. Warp w holds
+// - Two warp groups (256 threads), 64 query rows each: kBlockM = 128, kBlockN = 128 keys a block (64 at D = 256,
+//   where O alone is 128 fp32 registers a thread). Warp w holds
 //   rows 16·w + lane/4 (+ 8) of the CTA's 128, as in attn_fwd_kernel, because wgmma's m64nNk16 accumulator gives
 //   each warp of the group 16 rows in exactly mma.m16n8k16's C layout (an 8-column tile after another), and its A
 //   operand from registers takes mma.m16n8k16's A layout: the masking, the online softmax, P's conversion to A
@@ -716,12 +717,13 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1) attn_fwd_kernel(con
 //   H200): the static_asserts below hold the constants it emits.
 // - cp.async (16 bytes, zero-filled past the sequence) fills two stages of (K, V) and the Q tile; a thread's
 //   copies are made visible to wgmma (the async proxy) by fence.proxy.async before the block's barrier.
-// - Shared memory: Q 128·D·2 bytes + 2 stages × 2 tiles × 128·D·2 + 1024 (the base rounded up to a 1024-byte
-//   atom): 161 KB at D = 128, 81 KB at D = 64 (sm_90's 227 KB a block). Registers: S 64 + O D/2 + P 32 fp32/b32.
+// - Shared memory: Q 128·D·2 bytes + 2 stages × 2 tiles × kBlockN·D·2 + 1024 (the base rounded up to a 1024-byte
+//   atom): 161 KB at D = 128, 81 KB at D = 64; 193 KB at D = 256 with its 64-key blocks (sm_90's 227 KB a block).
+//   Registers: S kBlockN/2 + O D/2 + P kBlockN/4 fp32/b32.
 template <int D>
 struct WgmmaFwdConfig {
   static constexpr int kBlockM = 128;
-  static constexpr int kBlockN = 128;
+  static constexpr int kBlockN = D > 128 ? 64 : 128;  // D = 256: S 32 fp32 next to O's 128
   static constexpr int kWarps = kBlockM / kMma;
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kQBytes = kBlockM * D * 2;
@@ -733,8 +735,10 @@ struct WgmmaFwdConfig {
   static_assert(kBlockM * (D + 8) * 2 <= kQBytes + 2 * kStageBytes, "the epilogue's staging fits");
 };
 
-// Whether the Hopper kernel exists for head dim D (the launcher and attention_hopper_supported ask).
-constexpr bool hopper_head_dim(int64_t d) { return d == 64 || d == 128; }
+// Whether the Hopper kernels exist for head dim D: the forward's, and the backward's (whose dK and dV accumulators
+// would not fit the registers at 256).
+constexpr bool hopper_head_dim(int64_t d) { return d == 64 || d == 128 || d == 256; }
+constexpr bool hopper_bwd_head_dim(int64_t d) { return d == 64 || d == 128; }
 
 // Byte offset of 16-byte chunk `chunk` (columns 8·chunk .. 8·chunk + 7) of row r in a swizzled tile of `rows` rows.
 constexpr uint32_t swizzled_offset(int rows, int r, int chunk) {
@@ -839,6 +843,17 @@ __device__ __forceinline__ void fence_operands(uint32_t (&a)[N][4]) {
   FASTLM_WGMMA_ACC32, FASTLM_WGMMA_TILE(8), FASTLM_WGMMA_TILE(9), FASTLM_WGMMA_TILE(10), FASTLM_WGMMA_TILE(11),     \
       FASTLM_WGMMA_TILE(12), FASTLM_WGMMA_TILE(13), FASTLM_WGMMA_TILE(14), FASTLM_WGMMA_TILE(15)
 // The element types of the instruction: ".f16.f16" or ".bf16.bf16".
+#define FASTLM_WGMMA_D128                                                                                            \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,"      \
+  "%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,"     \
+  "%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,"     \
+  "%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,"     \
+  "%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}"
+#define FASTLM_WGMMA_ACC128                                                                                         \
+  FASTLM_WGMMA_ACC64, FASTLM_WGMMA_TILE(16), FASTLM_WGMMA_TILE(17), FASTLM_WGMMA_TILE(18), FASTLM_WGMMA_TILE(19),   \
+      FASTLM_WGMMA_TILE(20), FASTLM_WGMMA_TILE(21), FASTLM_WGMMA_TILE(22), FASTLM_WGMMA_TILE(23),                   \
+      FASTLM_WGMMA_TILE(24), FASTLM_WGMMA_TILE(25), FASTLM_WGMMA_TILE(26), FASTLM_WGMMA_TILE(27),                   \
+      FASTLM_WGMMA_TILE(28), FASTLM_WGMMA_TILE(29), FASTLM_WGMMA_TILE(30), FASTLM_WGMMA_TILE(31)
 #define FASTLM_WGMMA_SS64(TY)                                                                                       \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\nwgmma.mma_async.sync.aligned.m64n64k16.f32" TY " "      \
                FASTLM_WGMMA_D32 ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                   \
@@ -858,6 +873,11 @@ __device__ __forceinline__ void fence_operands(uint32_t (&a)[N][4]) {
   asm volatile("wgmma.mma_async.sync.aligned.m64n128k16.f32" TY " " FASTLM_WGMMA_D64                                \
                ", {%64,%65,%66,%67}, %68, 1, 1, 1, 1;\n"                                                            \
                : FASTLM_WGMMA_ACC64                                                                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
+#define FASTLM_WGMMA_RS256(TY)                                                                                      \
+  asm volatile("wgmma.mma_async.sync.aligned.m64n256k16.f32" TY " " FASTLM_WGMMA_D128                               \
+               ", {%128,%129,%130,%131}, %132, 1, 1, 1, 1;\n"                                                       \
+               : FASTLM_WGMMA_ACC128                                                                                \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b))
 
 // d (64 × N, fp32) = A·B, + d when `accumulate`: A (64 × 16) and B (N × 16) K-major in shared memory.
@@ -879,15 +899,19 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, 
 // shared memory (N contiguous: the transposed-B form).
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  static_assert(N == 64 || N == 128, "instances for head dims 64 and 128");
+  static_assert(N == 64 || N == 128 || N == 256, "instances for head dims 64, 128 and 256");
   if constexpr (N == 64 && std::is_same_v<T, __half>) {
     FASTLM_WGMMA_RS64(".f16.f16");
   } else if constexpr (N == 64) {
     FASTLM_WGMMA_RS64(".bf16.bf16");
-  } else if constexpr (std::is_same_v<T, __half>) {
+  } else if constexpr (N == 128 && std::is_same_v<T, __half>) {
     FASTLM_WGMMA_RS128(".f16.f16");
-  } else {
+  } else if constexpr (N == 128) {
     FASTLM_WGMMA_RS128(".bf16.bf16");
+  } else if constexpr (std::is_same_v<T, __half>) {
+    FASTLM_WGMMA_RS256(".f16.f16");
+  } else {
+    FASTLM_WGMMA_RS256(".bf16.bf16");
   }
 }
 
@@ -1866,9 +1890,9 @@ int64_t fastlm::attention_workspace_numel(int64_t batch, int64_t heads_q, int64_
   return batch * heads_k * decode_rows(heads_q, heads_k, max_seqlen_q) * num_splits * (head_dim + 1);
 }
 
-bool fastlm::attention_hopper_supported(int64_t head_dim, int device) {
+bool fastlm::attention_hopper_supported(int64_t head_dim, bool backward, int device) {
   const DeviceGuard guard(device);
-  return hopper_head_dim(head_dim) && hopper_kernels_run(device);
+  return (backward ? hopper_bwd_head_dim(head_dim) : hopper_head_dim(head_dim)) && hopper_kernels_run(device);
 }
 
 void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
@@ -1959,7 +1983,7 @@ void fastlm::attention_bwd(int64_t dout, int64_t q, int64_t k, int64_t v, int64_
   const DeviceGuard guard(device);
   check_call(cu_seqlens_q, cu_seqlens_k, batch, heads_q, heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q,
              total_k, dtype, scale, 0.0);
-  require(hopper_head_dim(head_dim) && hopper_kernels_run(device),
+  require(hopper_bwd_head_dim(head_dim) && hopper_kernels_run(device),
           "the wgmma backward runs at head dims 64 and 128 on compute capability 9.0 with sm_90a code "
           "(attention_hopper_supported)");
   AttnBwdParams p{};
@@ -1997,7 +2021,7 @@ void fastlm::attention_bwd(int64_t dout, int64_t q, int64_t k, int64_t v, int64_
     using T = typename decltype(tag)::type;
     dispatch_head_dim(head_dim, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
-      if constexpr (hopper_head_dim(D)) {
+      if constexpr (hopper_bwd_head_dim(D)) {
         using C = WgmmaBwdConfig<D>;
         const dim3 delta_grid(static_cast<unsigned>((p.rows + 255) / 256), static_cast<unsigned>(heads_q));
         attn_bwd_delta_kernel<T, D><<<delta_grid, 256, 0, s>>>(p);

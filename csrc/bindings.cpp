@@ -185,9 +185,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("window_right"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
   m.def("attention_hopper_supported", &fastlm::attention_hopper_supported,
-        "Whether attention_fwd(hopper=True) runs the wgmma forward kernel for this head dim on this device (compute "
-        "capability 9.0, a build with sm_90a code, head dims 64 and 128).",
-        py::arg("head_dim"), py::arg("device"), py::call_guard<py::gil_scoped_release>());
+        "Whether attention_fwd(hopper=True) runs the wgmma forward kernel for this head dim on this device "
+        "(backward=False), or attention_bwd can run (backward=True): compute capability 9.0, a build with sm_90a "
+        "code, head dims 64, 128 and (forward) 256.",
+        py::arg("head_dim"), py::arg("backward"), py::arg("device"), py::call_guard<py::gil_scoped_release>());
 
   m.def("rotary", &fastlm::rotary,
         "Rotary position embedding of x (batch, seq, heads, head_dim) over its first rot features (the rest copied) "

@@ -139,9 +139,10 @@ void attention_bwd(int64_t dout, int64_t q, int64_t k, int64_t v, int64_t out, i
                    int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q, int64_t total_k,
                    int dtype, double scale, std::optional<int64_t> window_left,
                    std::optional<int64_t> window_right, int device, int64_t stream);
-// Whether attention_fwd(hopper=true) runs the wgmma forward kernel for this head dim on this device, and
-// attention_bwd can run: compute capability 9.0, a build with sm_90a code, head dim 64 or 128.
-bool attention_hopper_supported(int64_t head_dim, int device);
+// Whether attention_fwd(hopper=true) runs the wgmma forward kernel for this head dim on this device (backward
+// false), or attention_bwd can run (true): compute capability 9.0, a build with sm_90a code, head dim 64, 128 or
+// (forward) 256.
+bool attention_hopper_supported(int64_t head_dim, bool backward, int device);
 
 // ---------------------------------------------------------------------------------------------------------------
 // Rotary position embedding (rotary.cu).

@@ -479,23 +479,24 @@ def reduce_loss(loss, sc, mean):
 
 # --- attention -------------------------------------------------------------------------------------------------------
 
-# The forward kernel on Hopper's wgmma (csrc/attention.cu: attn_fwd_wgmma_kernel; head dims 64 and 128, compute
-# capability 9.0, a build with sm_90a code): off until the benchmark has timed it against the FlashAttention-2
+# The forward kernel on Hopper's wgmma (csrc/attention.cu: attn_fwd_wgmma_kernel; head dims 64, 128 and 256,
+# compute capability 9.0, a build with sm_90a code): off until the benchmark has timed it against the FlashAttention-2
 # kernel on such a GPU (benchmarks/attention.py's cuda-wgmma provider); tests force it to check it there.
 ATTN_HOPPER = False
-# The backward on wgmma (attention_bwd: attn_bwd_*_wgmma_kernel, the same GPUs and head dims, no softcap; bitwise
-# repeatable, no atomics): the cuda backend's backward when on (fastlm/ops/attention.py), the Triton backward
-# otherwise. Off until timed against it, as ATTN_HOPPER.
+# The backward on wgmma (attention_bwd: attn_bwd_*_wgmma_kernel, the same GPUs, head dims 64 and 128, no softcap;
+# bitwise repeatable, no atomics): the cuda backend's backward when on (fastlm/ops/attention.py), the Triton
+# backward otherwise. Off until timed against it, as ATTN_HOPPER.
 ATTN_HOPPER_BWD = False
 
 
-def attention_hopper_supported(head_dim: int, device) -> bool:
-    """Whether attention_fwd runs the wgmma forward kernel (when ATTN_HOPPER) for this head dim on `device`."""
+def attention_hopper_supported(head_dim: int, device, backward: bool = False) -> bool:
+    """Whether attention_fwd runs the wgmma forward kernel (when ATTN_HOPPER) for this head dim on `device`
+    (64, 128, 256), or, with backward=True, whether attention_bwd can run (64, 128)."""
     device = torch.device(device)
     if device.type != "cuda" or not available(device)[0]:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return bool(_ext.attention_hopper_supported(int(head_dim), index))
+    return bool(_ext.attention_hopper_supported(int(head_dim), bool(backward), index))
 
 
 
@@ -642,7 +643,7 @@ def attention_bwd_unsupported(q, softcap) -> str | None:
         return "the wgmma backward has no softcap"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"the wgmma backward takes float16 and bfloat16, got {q.dtype}"
-    if not attention_hopper_supported(q.shape[-1], q.device):
+    if not attention_hopper_supported(q.shape[-1], q.device, backward=True):
         return "the wgmma backward runs at head dims 64 and 128 on compute capability 9.0 (sm_90a code)"
     return None
 

@@ -161,7 +161,7 @@ def test_launchers_check_the_device_before_any_pointer():
         "norm_bwd": lambda: _C.norm_bwd(0, N, 0, N, 0, 0, 0, 0, 0, 0, N, 0, 0, 0, 0, M, N, f32, f32, True, 0.0, 0, 0),
         "norm_bwd_num_partials": lambda: _C.norm_bwd_num_partials(M, N, 0),
         "norm_bwd_workspace_numel": lambda: _C.norm_bwd_workspace_numel(M, N, True, True, 0),
-        "attention_hopper_supported": lambda: _C.attention_hopper_supported(64, 0),
+        "attention_hopper_supported": lambda: _C.attention_hopper_supported(64, False, 0),
     }
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match="no CUDA device is visible"):
@@ -173,16 +173,18 @@ def test_attention_hopper_path_is_not_offered_without_a_gpu():
     # The wgmma forward's question answers False (it raises nothing) wherever the kernel cannot run.
     for device in ("cpu", "cuda", torch.device("cuda", 0)):
         for head_dim in (64, 128, 96):
-            assert _cuda.attention_hopper_supported(head_dim, device) is False
+            for backward in (False, True):
+                assert _cuda.attention_hopper_supported(head_dim, device, backward) is False
 
 
 @pytest.mark.gpu
 def test_attention_hopper_path_is_offered_on_compute_capability_9_0_only():
     # The default build holds sm_90a code (setup.py's DEFAULT_ARCHS), so a 9.0 GPU runs the wgmma forward at head
-    # dims 64 and 128, and no other GPU or head dim does.
+    # dims 64, 128 and 256 and the wgmma backward at 64 and 128, and no other GPU or head dim does.
     hopper = torch.cuda.get_device_capability() == (9, 0)
     for head_dim in (32, 64, 96, 128, 256):
-        assert _cuda.attention_hopper_supported(head_dim, "cuda") is (hopper and head_dim in (64, 128)), head_dim
+        assert _cuda.attention_hopper_supported(head_dim, "cuda") is (hopper and head_dim in (64, 128, 256)), head_dim
+        assert _cuda.attention_hopper_supported(head_dim, "cuda", backward=True) is (hopper and head_dim in (64, 128))
 
 
 def _cpu_ce_args(index_dtype=torch.int64, weight=True):
