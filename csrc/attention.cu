@@ -544,24 +544,23 @@ struct TileCopy {
   }
 };
 
-// A warp's 16 rows of a D-column fp32 accumulator in mma's C layout (rows g and g + 8 of the thread), row g + 8·r
-// times mul[r], rounded to T and stored at dst (row r at dst + r·row_stride) through the warp's own 16 rows of
-// `staging` (pitch D + 8; the caller has every other use of them behind a barrier), so that the global stores are
-// whole 16-byte pieces of rows; rows from `valid` on are not stored. The staging rows are free again on return.
+// A warp's 16 rows of a D-column fp32 accumulator in mma's C layout go to global memory through the warp's own 16
+// rows of `staging` (pitch D + 8; the caller has every other use of them behind a barrier), so that the global
+// stores are whole 16-byte pieces of rows. stage_rows writes rows g + 8·r of the thread (times mul, rounded to T);
+// flush_rows stores the 16 rows at dst (row i at dst + i·row_stride), rows from `valid` on left out.
 template <typename T, int D>
-__device__ __forceinline__ void store_warp_rows(T* staging, T* dst, int64_t row_stride, const float (&acc)[D / 8][4],
-                                                const float (&mul)[2], int valid, int lane) {
-  constexpr int kPitch = D + 8;
+__device__ __forceinline__ void stage_rows(T* staging, const float (&acc)[D / 8][4], int r, float mul, int lane) {
   const int g = lane >> 2;
   const int t2 = (lane & 3) << 1;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-#pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      const uint32_t w = pack2<T>(acc[nt][2 * r] * mul[r], acc[nt][2 * r + 1] * mul[r]);
-      memcpy(staging + (g + 8 * r) * kPitch + nt * 8 + t2, &w, 4);
-    }
+  for (int nt = 0; nt < D / 8; ++nt) {
+    const uint32_t w = pack2<T>(acc[nt][2 * r] * mul, acc[nt][2 * r + 1] * mul);
+    memcpy(staging + (g + 8 * r) * (D + 8) + nt * 8 + t2, &w, 4);
   }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void flush_rows(const T* staging, T* dst, int64_t row_stride, int valid, int lane) {
   __syncwarp();
   constexpr int kChunks = D / 8;
 #pragma unroll
@@ -570,35 +569,103 @@ __device__ __forceinline__ void store_warp_rows(T* staging, T* dst, int64_t row_
     const int r = c / kChunks;
     const int col = (c % kChunks) * 8;
     if (r < valid) {
-      const uint4 piece = *reinterpret_cast<const uint4*>(staging + r * kPitch + col);
+      const uint4 piece = *reinterpret_cast<const uint4*>(staging + r * (D + 8) + col);
       *reinterpret_cast<uint4*>(dst + r * row_stride + col) = piece;
     }
   }
+}
+
+// Both row sets of the thread times `mul`, stored; the staging rows are free again on return.
+template <typename T, int D>
+__device__ __forceinline__ void store_warp_rows(T* staging, T* dst, int64_t row_stride, const float (&acc)[D / 8][4],
+                                                float mul, int valid, int lane) {
+  stage_rows<T, D>(staging, acc, 0, mul, lane);
+  stage_rows<T, D>(staging, acc, 1, mul, lane);
+  flush_rows<T, D>(staging, dst, row_stride, valid, lane);
   __syncwarp();
 }
 
 // The forward kernels' epilogue for a warp's 16 query rows (rows 16·warp on of the CTA's, staged in rows 16·warp on
-// of `staging`): O / l, and the rows' lse.
+// of `staging`): O / l, and the rows' lse. (Not through stage_rows and flush_rows: it is the FlashAttention-2
+// kernel's own epilogue, kept instruction for instruction as that kernel was measured on the GPU.)
 template <typename T, int D>
 __device__ __forceinline__ void write_rows(const AttnParams& p, const Seq& seq, T* staging, const float (&o)[D / 8][4],
                                            const float (&m)[2], float (&l)[2], int b, int h, int m0, int m_last,
                                            int warp, int lane) {
-  const int i0 = m0 + warp * kMma + (lane >> 2);
-  float inv[2];
+  constexpr int kPitch = D + 8;
+  T* stage = staging + warp * kMma * kPitch;
+  const int g = lane >> 2;
+  const int t2 = (lane & 3) << 1;
+  const int i0 = m0 + warp * kMma + g;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     // A row that saw no visible key has l = 0: its output is exactly 0 and its lse −inf.
-    inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const uint32_t w = pack2<T>(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
+      memcpy(stage + (g + 8 * r) * kPitch + nt * 8 + t2, &w, 4);
+    }
     const int i = i0 + 8 * r;
     if ((lane & 3) == 0 && i <= m_last) {
       p.lse[b * p.lse_sb + h * p.lse_sh + seq.q_start + i] = l[r] > 0.f ? (m[r] + log2f(l[r])) * kLn2 : neg_inf();
     }
   }
+  __syncwarp();
   T* out = static_cast<T*>(p.out) + b * p.o_sb + (seq.q_start + m0 + warp * kMma) * p.o_ss + h * p.o_sh;
-  store_warp_rows<T, D>(staging + warp * kMma * (D + 8), out, p.o_ss, o, inv, m_last - m0 - warp * kMma + 1, lane);
+  constexpr int kChunks = D / 8;
+#pragma unroll
+  for (int it = 0; it < kMma * kChunks / 32; ++it) {
+    const int c = lane + it * 32;
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    if (m0 + warp * kMma + r <= m_last) {
+      *reinterpret_cast<uint4*>(out + r * p.o_ss + col) = *reinterpret_cast<const uint4*>(stage + r * kPitch + col);
+    }
+  }
 }
+
+// What a CTA over one block of query rows works on (the forward kernels and the backward's dQ kernel: grid
+// (query blocks, Hq, B), the heaviest blocks, the last ones under a causal mask, first): its head and batch entry
+// and its first row m0 of the sequence (the constructor; m0 ≥ seq.sq: the CTA has no rows), then, from locate(),
+// its last row, the kv head, the band, the blocks of kN keys [n_begin, n_end) some row may see, and the pointers
+// to its rows and to its kv head's keys (16-bit rows: the element type only sets byte offsets, so one pointer type
+// serves fp16 and bf16). The forward kernels write the varlen rows outside every sequence in between (kOutside).
+template <int D, int kRows, int kN, bool kOutside>
+struct QueryBlock {
+  int h, b, m0;
+  Seq seq;
+  int m_last, hk, n_begin, n_end;
+  Band band;
+  const __half* q;  // row m0
+  const __half* k;  // the sequence's first key
+  const __half* v;
+
+  __device__ __forceinline__ explicit QueryBlock(const AttnParams& p) {
+    h = static_cast<int>(blockIdx.y);
+    b = static_cast<int>(blockIdx.z);
+    seq = seq_of(p, b);
+    if constexpr (kOutside) {
+      write_outside_rows<D>(p, seq, b, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), h, 1);
+    }
+    m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * kRows;
+  }
+
+  __device__ __forceinline__ void locate(const AttnParams& p) {
+    m_last = min(m0 + kRows, seq.sq) - 1;
+    hk = h / p.group;
+    band = band_of(p, seq);
+    int key_lo, key_hi;
+    key_range(p, seq, m0, m_last, key_lo, key_hi);
+    n_begin = key_lo / kN;
+    n_end = key_hi > key_lo ? (key_hi + kN - 1) / kN : n_begin;
+    q = static_cast<const __half*>(p.q) + b * p.q_sb + (seq.q_start + m0) * p.q_ss + h * p.q_sh;
+    k = static_cast<const __half*>(p.k) + b * p.k_sb + seq.k_start * p.k_ss + hk * p.k_sh;
+    v = static_cast<const __half*>(p.v) + b * p.v_sb + seq.k_start * p.v_ss + hk * p.v_sh;
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Forward kernel (FlashAttention-2): grid (query blocks, Hq, B), the heaviest query blocks (the last ones, under a
@@ -614,24 +681,13 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1) attn_fwd_kernel(con
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const int h = static_cast<int>(blockIdx.y);
-  const int b = static_cast<int>(blockIdx.z);
-  const Seq seq = seq_of(p, b);
-  write_outside_rows<D>(p, seq, b, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), h, 1);
-  const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * C::kBlockM;
-  if (m0 >= seq.sq) return;
-  const int m_last = min(m0 + C::kBlockM, seq.sq) - 1;
-  const int hk = h / p.group;
-  const Band band = band_of(p, seq);
-  int key_lo, key_hi;
-  key_range(p, seq, m0, m_last, key_lo, key_hi);
-  const int n_begin = key_lo / kN;
-  const int n_end = key_hi > key_lo ? (key_hi + kN - 1) / kN : n_begin;
-
-  // 16-bit rows: the element type only sets the byte offsets here, so one pointer type serves fp16 and bf16.
-  const __half* q = static_cast<const __half*>(p.q) + b * p.q_sb + (seq.q_start + m0) * p.q_ss + h * p.q_sh;
-  const __half* k = static_cast<const __half*>(p.k) + b * p.k_sb + seq.k_start * p.k_ss + hk * p.k_sh;
-  const __half* v = static_cast<const __half*>(p.v) + b * p.v_sb + seq.k_start * p.v_ss + hk * p.v_sh;
+  QueryBlock<D, C::kBlockM, kN, true> blk(p);
+  if (blk.m0 >= blk.seq.sq) return;
+  blk.locate(p);
+  const Seq& seq = blk.seq;
+  const int h = blk.h, b = blk.b, m0 = blk.m0, m_last = blk.m_last, n_begin = blk.n_begin, n_end = blk.n_end;
+  const Band band = blk.band;
+  const __half *q = blk.q, *k = blk.k, *v = blk.v;
   const uint32_t stage0 = smem_u32(smem);
   auto k_tile = [&](int stage) { return stage0 + static_cast<uint32_t>(stage * C::kStageBytes); };
   auto v_tile = [&](int stage) { return k_tile(stage) + static_cast<uint32_t>(C::kTileElems * 2); };
@@ -801,6 +857,12 @@ struct SwizzledTileCopy {
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FASTLM_WGMMA 1
+
+// The shared address of the dynamic shared memory rounded up to a 1024-byte swizzle atom (the kernels' kSmemBytes
+// reserve the 1024 bytes): the swizzle is a function of the address, so every tile starts on an atom.
+__device__ __forceinline__ uint32_t atom_base(const unsigned char* smem) {
+  return (smem_u32(smem) + 1023u) & ~1023u;
+}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -980,31 +1042,19 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
   using C = WgmmaFwdConfig<D>;
   constexpr int kN = C::kBlockN;
   extern __shared__ __align__(16) unsigned char smem[];
-  // The swizzle is a function of the address: every tile starts on a 1024-byte boundary.
-  const uint32_t raw = smem_u32(smem);
-  const uint32_t base = (raw + 1023u) & ~1023u;
-  unsigned char* aligned = smem + (base - raw);
+  const uint32_t base = atom_base(smem);
+  unsigned char* aligned = smem + (base - smem_u32(smem));
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
   const int lane = tid & 31;
-  const int h = static_cast<int>(blockIdx.y);
-  const int b = static_cast<int>(blockIdx.z);
-  const Seq seq = seq_of(p, b);
-  write_outside_rows<D>(p, seq, b, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), h, 1);
-  const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * C::kBlockM;
-  if (m0 >= seq.sq) return;
-  const int m_last = min(m0 + C::kBlockM, seq.sq) - 1;
-  const int hk = h / p.group;
-  const Band band = band_of(p, seq);
-  int key_lo, key_hi;
-  key_range(p, seq, m0, m_last, key_lo, key_hi);
-  const int n_begin = key_lo / kN;
-  const int n_end = key_hi > key_lo ? (key_hi + kN - 1) / kN : n_begin;
-
-  const __half* q = static_cast<const __half*>(p.q) + b * p.q_sb + (seq.q_start + m0) * p.q_ss + h * p.q_sh;
-  const __half* k = static_cast<const __half*>(p.k) + b * p.k_sb + seq.k_start * p.k_ss + hk * p.k_sh;
-  const __half* v = static_cast<const __half*>(p.v) + b * p.v_sb + seq.k_start * p.v_ss + hk * p.v_sh;
+  QueryBlock<D, C::kBlockM, kN, true> blk(p);
+  if (blk.m0 >= blk.seq.sq) return;
+  blk.locate(p);
+  const Seq& seq = blk.seq;
+  const int h = blk.h, b = blk.b, m0 = blk.m0, m_last = blk.m_last, n_begin = blk.n_begin, n_end = blk.n_end;
+  const Band band = blk.band;
+  const __half *q = blk.q, *k = blk.k, *v = blk.v;
   const uint32_t q_tile = base;
   auto k_tile = [&](int stage) { return base + static_cast<uint32_t>(C::kQBytes + stage * C::kStageBytes); };
   auto v_tile = [&](int stage) { return k_tile(stage) + static_cast<uint32_t>(C::kTileBytes); };
@@ -1202,9 +1252,8 @@ __global__ void __launch_bounds__(WgmmaBwdConfig<D>::kThreads, 1) attn_bwd_dkdv_
   using C = WgmmaBwdConfig<D>;
   constexpr int kM = C::kQueries;
   extern __shared__ __align__(16) unsigned char smem[];
-  const uint32_t raw = smem_u32(smem);
-  const uint32_t base = (raw + 1023u) & ~1023u;
-  unsigned char* aligned = smem + (base - raw);
+  const uint32_t base = atom_base(smem);
+  unsigned char* aligned = smem + (base - smem_u32(smem));
   const AttnParams& f = p.f;
 
   const int tid = static_cast<int>(threadIdx.x);
@@ -1311,11 +1360,10 @@ __global__ void __launch_bounds__(WgmmaBwdConfig<D>::kThreads, 1) attn_bwd_dkdv_
   T* staging = reinterpret_cast<T*>(aligned) + warp * kMma * (D + 8);
   const int64_t row = seq.k_start + n0 + warp * kMma;
   const int valid = n_last - n0 - warp * kMma + 1;
-  const float ones[2] = {1.f, 1.f}, scales[2] = {p.scale, p.scale};
   store_warp_rows<T, D>(staging, static_cast<T*>(p.dk) + b * p.dk_sb + row * p.dk_ss + hk * p.dk_sh, p.dk_ss, dk,
-                        scales, valid, lane);
+                        p.scale, valid, lane);
   store_warp_rows<T, D>(staging, static_cast<T*>(p.dv) + b * p.dk_sb + row * p.dk_ss + hk * p.dk_sh, p.dk_ss, dv,
-                        ones, valid, lane);
+                        1.f, valid, lane);
 #else
   __trap();  // built for an architecture without wgmma: the launcher never starts it there
 #endif
@@ -1327,31 +1375,22 @@ __global__ void __launch_bounds__(WgmmaBwdConfig<D>::kThreads, 1) attn_bwd_dq_wg
   using C = WgmmaBwdConfig<D>;
   constexpr int kN = C::kKeyBlock;
   extern __shared__ __align__(16) unsigned char smem[];
-  const uint32_t raw = smem_u32(smem);
-  const uint32_t base = (raw + 1023u) & ~1023u;
-  unsigned char* aligned = smem + (base - raw);
+  const uint32_t base = atom_base(smem);
+  unsigned char* aligned = smem + (base - smem_u32(smem));
   const AttnParams& f = p.f;
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid >> 5;
   const int lane = tid & 31;
   const int wg = warp / 4;
-  const int h = static_cast<int>(blockIdx.y);
-  const int b = static_cast<int>(blockIdx.z);
-  const Seq seq = seq_of(f, b);
-  const int m0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * C::kRows;
-  if (m0 >= seq.sq) return;
-  const int m_last = min(m0 + C::kRows, seq.sq) - 1;
-  const int hk = h / f.group;
-  const Band band = band_of(f, seq);
-  int key_lo, key_hi;
-  key_range(f, seq, m0, m_last, key_lo, key_hi);
-  const int n_begin = key_lo / kN;
-  const int n_end = key_hi > key_lo ? (key_hi + kN - 1) / kN : n_begin;
-
+  QueryBlock<D, C::kRows, kN, false> blk(f);
+  if (blk.m0 >= blk.seq.sq) return;
+  blk.locate(f);
+  const Seq& seq = blk.seq;
+  const int h = blk.h, b = blk.b, m0 = blk.m0, m_last = blk.m_last, n_begin = blk.n_begin, n_end = blk.n_end;
+  const Band band = blk.band;
   const int64_t row0 = seq.q_start + m0;
-  const __half* k = static_cast<const __half*>(f.k) + b * f.k_sb + seq.k_start * f.k_ss + hk * f.k_sh;
-  const __half* v = static_cast<const __half*>(f.v) + b * f.v_sb + seq.k_start * f.v_ss + hk * f.v_sh;
+  const __half *k = blk.k, *v = blk.v;
   const uint32_t q_tile = base;
   const uint32_t do_tile = base + C::kRowTileBytes;
   auto k_tile = [&](int st) { return base + static_cast<uint32_t>(2 * C::kRowTileBytes + st * C::kDqStageBytes); };
@@ -1363,8 +1402,7 @@ __global__ void __launch_bounds__(WgmmaBwdConfig<D>::kThreads, 1) attn_bwd_dq_wg
     copy_k(k_tile(st), k + n * f.k_ss, seq.sk - n, f.k);
     copy_v(v_tile(st), v + n * f.v_ss, seq.sk - n, f.v);
   };
-  SwizzledTileCopy<C::kRows, D, C::kThreads>(tid, f.q_ss)(
-      q_tile, static_cast<const __half*>(f.q) + b * f.q_sb + row0 * f.q_ss + h * f.q_sh, m_last + 1 - m0, f.q);
+  SwizzledTileCopy<C::kRows, D, C::kThreads>(tid, f.q_ss)(q_tile, blk.q, m_last + 1 - m0, f.q);
   SwizzledTileCopy<C::kRows, D, C::kThreads>(tid, f.o_ss)(
       do_tile, static_cast<const __half*>(p.dout) + b * f.o_sb + row0 * f.o_ss + h * f.o_sh, m_last + 1 - m0, p.dout);
   cp_async_commit();
@@ -1424,10 +1462,9 @@ __global__ void __launch_bounds__(WgmmaBwdConfig<D>::kThreads, 1) attn_bwd_dq_wg
   }
   cp_async_wait<0>();
   __syncthreads();
-  const float scales[2] = {p.scale, p.scale};
   store_warp_rows<T, D>(reinterpret_cast<T*>(aligned) + warp * kMma * (D + 8),
                         static_cast<T*>(p.dq) + b * p.dq_sb + (row0 + warp * kMma) * p.dq_ss + h * p.dq_sh, p.dq_ss,
-                        dq, scales, m_last - m0 - warp * kMma + 1, lane);
+                        dq, p.scale, m_last - m0 - warp * kMma + 1, lane);
 #else
   __trap();
 #endif
