@@ -23,6 +23,8 @@ Roofline and kernel design: csrc/norm.cu, csrc/cross_entropy.cu, csrc/attention.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastlm import _util
@@ -491,14 +493,18 @@ ATTN_HOPPER_BWD = False
 
 def attention_hopper_supported(head_dim: int, device, backward: bool = False) -> bool:
     """Whether attention_fwd runs the wgmma forward kernel (when ATTN_HOPPER) for this head dim on `device`
-    (64, 128, 256), or, with backward=True, whether attention_bwd can run (64, 128)."""
+    (64, 128, 256), or, with backward=True, whether attention_bwd can run (64, 128). Asked of the extension once per
+    (head dim, direction, device): the backward's route asks on every call."""
     device = torch.device(device)
     if device.type != "cuda" or not available(device)[0]:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return bool(_ext.attention_hopper_supported(int(head_dim), bool(backward), index))
+    return _hopper_supported(int(head_dim), bool(backward), index)
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_supported(head_dim: int, backward: bool, index: int) -> bool:
+    return bool(_ext.attention_hopper_supported(head_dim, backward, index))
 
 
 def attention_unsupported(q, k, cu_seqlens_q, window_left, window_right, softcap) -> str | None:
@@ -652,11 +658,11 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
                   window_left, window_right, softcap, deterministic=True):
     """kernels/attention.py's attention_bwd on wgmma: dq, dk, dv (contiguous, q's and k's shapes and dtype) for
     attention_fwd's out and lse, from do (and dlse, lse's shape, when the lse is used). Always deterministic (no
-    atomics). Only where attention_bwd_unsupported says None."""
+    atomics). Only where attention_bwd_unsupported says None (the launcher refuses another GPU or head dim itself;
+    the softcap it never sees)."""
     ext = _require("q", q)
-    why = attention_bwd_unsupported(q, softcap)
-    if why:
-        raise ValueError(why)
+    if softcap:
+        raise ValueError("the wgmma backward has no softcap")
     varlen = cu_seqlens_q is not None
     dims = 3 if varlen else 4
     q = _attn_operand("q", q, q, dims)

@@ -289,10 +289,10 @@ HOPPER_CASES = [c for c in GPU_CASES if c[5] in (64, 128, 256) and c[1] * c[3] /
 ]
 
 
-# A first run of the wgmma forward in a child process: a kernel that faults (an illegal address, a bad descriptor)
+# A first run of the wgmma kernels in a child process: a kernel that faults (an illegal address, a bad descriptor)
 # kills the CUDA context of the process that launched it, and under xdist every later test of that worker would
-# fail with it. The child tries both head dims, masks, GQA, a softcap and varlen; the tests launch the kernel in
-# this process only after it came back clean.
+# fail with it. The child runs the forward at every head dim it has and the backward at its two, with masks, GQA,
+# a softcap (forward) and varlen; the tests launch the kernels in this process only after it came back clean.
 WGMMA_PROBE = """
 import torch, fastlm
 from fastlm import _cuda
@@ -323,7 +323,7 @@ print("clean")
 
 @functools.lru_cache(maxsize=None)
 def _wgmma_probe() -> str:
-    """"" when the child ran the wgmma forward cleanly, else what it printed (the tail)."""
+    """"" when the child ran the wgmma kernels cleanly, else what it printed (the tail)."""
     proc = subprocess.run([sys.executable, "-c", WGMMA_PROBE], cwd=Path(__file__).resolve().parents[1],
                           env=dict(os.environ), capture_output=True, text=True, timeout=600)
     if proc.returncode == 0 and proc.stdout.strip().endswith("clean"):
@@ -341,7 +341,7 @@ def _force_cuda_hopper(monkeypatch, head_dim):
     assert _cuda.attention_hopper_supported(head_dim, DEVICE), "a 9.0 GPU, and the build has no sm_90a code"
     failed = _wgmma_probe()
     if failed:
-        pytest.fail(f"the wgmma forward failed in a child process, so it is not launched here: {failed}")
+        pytest.fail(f"the wgmma kernels failed in a child process, so they are not launched here: {failed}")
     monkeypatch.setattr(_cuda, "ATTN_HOPPER", True)
 
 
