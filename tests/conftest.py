@@ -37,6 +37,15 @@ from _resume import (deselect_finished, pytest_configure, pytest_runtest_logrepo
 HAS_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
 
+# --- threads -----------------------------------------------------------------------------------------------------
+# Each xdist worker gets its share of the CPUs for torch's intra-op threads. Left at torch's default, every worker
+# runs as many threads as there are CPUs: with `make test`'s one worker per CPU, the wide CPU tensors' ops (the
+# float64 references, the tolerance rule's sampled runs) had 2 × 2 threads on 2 cores, and the norm tests at
+# N = 65536 took 69 s instead of 39 (2 workers, a 2-core CPU).
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _XDIST_WORKERS))
+
 # --- seeds -------------------------------------------------------------------------------------------------------
 # Every random draw of a test comes from FASTLM_TEST_SEED (default 0): `seeded(offset)` for a test's own generators
 # (distinct offsets, 0–999, for distinct draws in one test), and the global RNG reseeded before each test from the
@@ -136,7 +145,11 @@ def _language_patched_once_a_launch():
     955 (2 workers on a 2-core CPU; test_fuzz_kvcache[triton] 17.0 → 6.4 s). Here a helper called inside a running
     kernel skips it when every language module the helper sees is one the kernel's patch covered; anything else (the
     kernel's own patch, a helper seeing another module, a helper called outside a kernel) goes to Triton's, and the
-    kernel's restore is Triton's own. Nothing changes on a GPU."""
+    kernel's restore is Triton's own. A helper's patch that goes through adds its modules to what the running kernel
+    covers: triton.language's own @jit functions (tl.sum, tl.max, tl.cdiv) see triton.language.core where the
+    project's kernels see triton.language, and were patched again on every call (2104 patches in 78 launches of one
+    linear cross-entropy test, 4.2 of its 44 s); Triton's patch is never undone within the kernel, so once is enough.
+    Nothing changes on a GPU."""
     from triton.runtime import interpreter
 
     real_patch, real_call = interpreter._patch_lang, interpreter.GridExecutor.__call__
@@ -147,6 +160,8 @@ def _language_patched_once_a_launch():
             return None  # (InterpretedFunction.__call__ drops what it returns)
         scope = real_patch(fn)
         if running:
+            if running[-1][1]:
+                running[-1][0] |= _language_modules(fn)
             running[-1][1] = True
         return scope
 
@@ -160,6 +175,32 @@ def _language_patched_once_a_launch():
     interpreter._patch_lang, interpreter.GridExecutor.__call__ = patch_lang, call
     yield
     interpreter._patch_lang, interpreter.GridExecutor.__call__ = real_patch, real_call
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _interpreter_dtypes_looked_up_once():
+    """The interpreter's _get_np_dtype builds a dict of 20 numpy dtypes on every call, about 17 µs; it is called for
+    almost every operation of every program (111845 times, 1.9 s, in one linear cross-entropy test). Here each
+    Triton scalar type's answer is kept after its first call: the same numpy dtype, element type for element type
+    (a block's is its element type's, a pointer's and a block of pointers' uint64, as Triton's own gives)."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    real = interpreter._get_np_dtype
+    known = {}
+
+    def get_np_dtype(tt_dtype):
+        scalar = tt_dtype.element_ty if isinstance(tt_dtype, tl.block_type) else tt_dtype
+        if isinstance(scalar, tl.pointer_type):
+            return real(scalar)
+        found = known.get(scalar)
+        if found is None:
+            found = known[scalar] = real(scalar)
+        return found
+
+    interpreter._get_np_dtype = get_np_dtype
+    yield
+    interpreter._get_np_dtype = real
 
 
 DOT_CHUNK = 16  # the k of an fp16/bf16 tensor-core instruction (mma m16n8k16; wgmma k16)
