@@ -44,7 +44,8 @@ DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
 # N = 65536 took 69 s instead of 39 (2 workers, a 2-core CPU).
 _XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _XDIST_WORKERS > 1:
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _XDIST_WORKERS))
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _cpus // _XDIST_WORKERS))
 
 # --- seeds -------------------------------------------------------------------------------------------------------
 # Every random draw of a test comes from FASTLM_TEST_SEED (default 0): `seeded(offset)` for a test's own generators

@@ -129,3 +129,17 @@ def test_a_venv_made_from_a_venv_sees_its_packages(tmp_path):
     # Run by the child's own python (an activated .venv) nothing changes.
     subprocess.run([child_python, str(REPO / "scripts" / "parent_env.py"), str(child)], check=True, timeout=60)
     assert pth.read_text().split() == [purelib]
+
+
+def test_xdist_workers_share_the_cpus_among_their_torch_threads():
+    """`make test` runs a worker per CPU: each worker's torch takes its share of the CPUs (tests/conftest.py), not
+    torch's default of a thread per CPU in every worker, which oversubscribed them (docs/DESIGN.md, Testing)."""
+    import os
+
+    import torch
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers == 1:
+        pytest.skip("runs in one pytest process: torch keeps its default threads")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert torch.get_num_threads() == max(1, cpus // workers)
