@@ -868,25 +868,30 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_BYTES", 7 * 50 * 4)
     # And the fp32 d(weight) accumulator in blocks of 6 rows of H = 32 (50 = 8 blocks and a remainder of 2).
     monkeypatch.setattr(lce, "DW_BLOCK_BYTES", 6 * 32 * 4)
-    # low_memory's vocabulary blocks: 17 columns of 253 fp32 tokens (34 of fp16): 50 = 2 blocks and a remainder
-    # (1 and a remainder in fp16). Each block runs the backward kernel over every token: under the interpreter
-    # more blocks cost seconds each and test nothing more.
-    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 17 * 253 * 4)
+    # low_memory's vocabulary blocks: 34 columns of 253 fp32 tokens: 50 = a block and a remainder of 16
+    # (test_linear_matches_composition sets the same 34 columns for fp16). Each block runs the backward kernel over
+    # every token: under the interpreter more blocks cost seconds each and test nothing more.
+    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 34 * 253 * 4)
 
 
 # low_memory (its own d(weight) pass over vocabulary blocks) in float32 with every option, and in float16 with all
-# of them at once: the rounding behaviour is the default path's, already covered in both dtypes.
+# of them at once: the rounding behaviour is the default path's, already covered in both dtypes. "sum" only with
+# every option: it differs from "mean" by the divisor alone (1 for "sum"), which "everything" (class weights and
+# ignored rows, where the mean's divisor is a weighted count) takes in each dtype and path, "mean" and "none" in
+# every case.
 LINEAR_CASES = [(dtype, option, False) for dtype in (torch.float32, torch.float16)
                 for option in ("plain", "smoothing", "everything")]
 LINEAR_CASES += [(torch.float32, option, True) for option in ("plain", "smoothing", "everything")]
 LINEAR_CASES += [(torch.float16, "everything", True)]
+LINEAR_CASES = [(d, o, lm, r) for d, o, lm in LINEAR_CASES for r in REDUCTIONS if r != "sum" or o == "everything"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype, option, low_memory", LINEAR_CASES,
-                         ids=[f"{d}-{o}" + ("-low_memory" if lm else "") for d, o, lm in LINEAR_CASES])
-def test_linear_matches_composition(backend, small_chunks, reduction, dtype, option, low_memory):
+@pytest.mark.parametrize("dtype, option, low_memory, reduction", LINEAR_CASES,
+                         ids=[f"{d}-{o}" + ("-low_memory" if lm else "") + f"-{r}" for d, o, lm, r in LINEAR_CASES])
+def test_linear_matches_composition(backend, small_chunks, monkeypatch, reduction, dtype, option, low_memory):
+    lce = importlib.import_module("fastlm.ops.linear_cross_entropy")
+    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 34 * 253 * dtype.itemsize)  # 34 columns, as small_chunks
     kw = dict(OPTIONS[option], low_memory=low_memory)
     # 253 tokens (36 chunks of 7 and a remainder of 1): over fewer tokens the maximum of ~1-ulp matmul errors,
     # torch's included, swings two-fold from one seed to the next and the rule measures noise.
