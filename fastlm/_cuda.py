@@ -556,6 +556,11 @@ def _attn_operand(name, t, ref, dims):
     return t
 
 
+def _row_strides(t, varlen):
+    """The (batch, token, head) strides the attention launchers take: batch 0 for a varlen (tokens, heads, dim)."""
+    return [0, *t.stride()[:2]] if varlen else list(t.stride()[:3])
+
+
 def _attn_window(w):
     return None if w is None else max(-_ATTN_WINDOW_INF, min(_ATTN_WINDOW_INF, int(w)))
 
@@ -608,7 +613,6 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                 raise ValueError(f"{name} must be contiguous, got stride {cu.stride()}")
         max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
         out_shape, lse_shape = (total_q, heads_q, head_dim), (heads_q, total_q)
-        strides = [(0, *t.stride()[:2]) for t in (q, k, v)]
     else:
         batch, max_seqlen_q = lead_q
         if lead_k[0] != batch:
@@ -616,7 +620,6 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         max_seqlen_k = lead_k[1]
         total_q, total_k = max_seqlen_q, max_seqlen_k  # the kernels read them only to clamp varlen offsets
         out_shape, lse_shape = (batch, max_seqlen_q, heads_q, head_dim), (batch, heads_q, max_seqlen_q)
-        strides = [t.stride()[:3] for t in (q, k, v)]
     for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k), ("q's tokens", total_q),
                     ("k's tokens", total_k)):
         if not 0 <= n < _ATTN_MAX_TOKENS:
@@ -632,10 +635,9 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
                                          window_right, index)
     numel = ext.attention_workspace_numel(batch, heads_q, heads_k, head_dim, max_seqlen_q, splits)
     workspace = torch.empty(numel, dtype=torch.float32, device=q.device) if numel > 0 else None
-    out_strides = (0, *out.stride()[:2]) if varlen else out.stride()[:3]
     ext.attention_fwd(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), _ptr(cu_seqlens_q),
-        _ptr(cu_seqlens_k), list(strides[0]), list(strides[1]), list(strides[2]), list(out_strides), batch, heads_q,
+        _ptr(cu_seqlens_k), *(_row_strides(t, varlen) for t in (q, k, v, out)), batch, heads_q,
         heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q, total_k, _DTYPE_CODES[q.dtype], float(scale),
         window_left, window_right, float(softcap or 0.0), _ptr(workspace), numel, splits, ATTN_HOPPER, index,
         _stream(q),
@@ -679,25 +681,22 @@ def attention_bwd(do, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_s
     if varlen:
         batch, (total_q,), (total_k,) = cu_seqlens_q.numel() - 1, lead_q, lead_k
         max_seqlen_q, max_seqlen_k = int(max_seqlen_q), int(max_seqlen_k)
-        strides = [(0, *t.stride()[:2]) for t in (q, k, v, out)]
     else:
         (batch, max_seqlen_q), (_, max_seqlen_k) = lead_q, lead_k
         total_q, total_k = max_seqlen_q, max_seqlen_k
-        strides = [t.stride()[:3] for t in (q, k, v, out)]
     # Varlen tokens outside every sequence, and keys when no query exists, are not written: they start at 0 (for
     # varlen, a memset of the three gradients, where the Triton backward writes those rows itself).
     fill = torch.zeros if varlen or max_seqlen_q == 0 else torch.empty
     dq = fill(q.shape, dtype=q.dtype, device=q.device)
     dk = fill(k.shape, dtype=k.dtype, device=k.device)
     dv = fill(v.shape, dtype=v.dtype, device=v.device)
-    delta = torch.empty_like(lse)
     if batch == 0 or q.numel() == 0:
         return dq, dk, dv
-    grad_strides = [(0, *t.stride()[:2]) if varlen else t.stride()[:3] for t in (dq, dk)]
+    delta = torch.empty_like(lse)
     ext.attention_bwd(
         do.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), _ptr(dlse),
         delta.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), _ptr(cu_seqlens_q), _ptr(cu_seqlens_k),
-        *[list(st) for st in strides], *[list(st) for st in grad_strides], batch, heads_q, heads_k, head_dim,
+        *(_row_strides(t, varlen) for t in (q, k, v, out, dq, dk)), batch, heads_q, heads_k, head_dim,
         max_seqlen_q, max_seqlen_k, total_q, total_k, _DTYPE_CODES[q.dtype], float(scale),
         _attn_window(window_left), _attn_window(window_right), q.device.index, _stream(q),
     )
