@@ -868,10 +868,6 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(lce, "CHUNK_BYTES", 7 * 50 * 4)
     # And the fp32 d(weight) accumulator in blocks of 6 rows of H = 32 (50 = 8 blocks and a remainder of 2).
     monkeypatch.setattr(lce, "DW_BLOCK_BYTES", 6 * 32 * 4)
-    # low_memory's vocabulary blocks: 34 columns of 253 fp32 tokens: 50 = a block and a remainder of 16
-    # (test_linear_matches_composition sets the same 34 columns for fp16). Each block runs the backward kernel over
-    # every token: under the interpreter more blocks cost seconds each and test nothing more.
-    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 34 * 253 * 4)
 
 
 # low_memory (its own d(weight) pass over vocabulary blocks) in float32 with every option, and in float16 with all
@@ -890,8 +886,11 @@ LINEAR_CASES = [(d, o, lm, r) for d, o, lm in LINEAR_CASES for r in REDUCTIONS i
 @pytest.mark.parametrize("dtype, option, low_memory, reduction", LINEAR_CASES,
                          ids=[f"{d}-{o}" + ("-low_memory" if lm else "") + f"-{r}" for d, o, lm, r in LINEAR_CASES])
 def test_linear_matches_composition(backend, small_chunks, monkeypatch, reduction, dtype, option, low_memory):
+    # low_memory's vocabulary blocks: 34 columns of the 253 tokens in either dtype: 50 = a block and a remainder of
+    # 16. Each block runs the backward kernel over every token: under the interpreter more blocks cost seconds each
+    # and test nothing more.
     lce = importlib.import_module("fastlm.ops.linear_cross_entropy")
-    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 34 * 253 * dtype.itemsize)  # 34 columns, as small_chunks
+    monkeypatch.setattr(lce, "LOW_MEMORY_BLOCK_BYTES", 34 * 253 * dtype.itemsize)
     kw = dict(OPTIONS[option], low_memory=low_memory)
     # 253 tokens (36 chunks of 7 and a remainder of 1): over fewer tokens the maximum of ~1-ulp matmul errors,
     # torch's included, swings two-fold from one seed to the next and the rule measures noise.
