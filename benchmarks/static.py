@@ -89,20 +89,30 @@ def _width(suffixes: str) -> int:
 
 def _no_sass() -> dict:
     """A kernel's SASS facts before any instruction is read."""
-    return {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False, "ws": False}
+    return {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False, "ws": False, "overlap": False}
 
 
 def parse_sass(text: str) -> dict:
-    """Per kernel: widest global load and store (bits), local loads/stores, tensor-core ops, bulk tensor loads."""
-    kernels, current = {}, None
+    """Per kernel: widest global load and store (bits), local loads/stores, tensor-core ops, bulk tensor loads,
+    setmaxnreg, and `overlap`: an exp2 (MUFU.EX2, the softmax) issued while a wgmma group may still be running, in
+    program order between an HGMMA and the next wait for every group (WARPGROUP.DEPBAR.LE gsb0, 0x0). ptxas waits
+    after each wgmma instead when it cannot prove the registers of one in flight untouched (its C7513/C7517
+    notes), and the softmax then never overlaps a product."""
+    kernels, current, pending = {}, None, False
     for line in text.splitlines():
         # cuobjdump heads each kernel "Function : name", nvdisasm ".text.name:"
         m = re.match(r"\s*Function : (\S+)", line) or re.match(r"\.text\.(\S+):\s*$", line)
         if m:
-            current = kernels.setdefault(m.group(1), _no_sass())
+            current, pending = kernels.setdefault(m.group(1), _no_sass()), False
             continue
         if current is None:
             continue
+        if re.search(r"\bHGMMA\b", line):
+            pending = True
+        elif re.search(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", line):
+            pending = False
+        elif pending and re.search(r"\bMUFU\.EX2\b", line):
+            current["overlap"] = True
         for op, suffixes in re.findall(r"\b(LDGSTS|LDG|STG)((?:\.[A-Z0-9_]+)*)", line):
             key = "st" if op == "STG" else "ld"
             current[key] = max(current[key], _width(suffixes))
@@ -238,6 +248,9 @@ def problems(row: dict) -> list:
     if row.get("wgmma_expected") and "HGMMA" not in row["mma"]:
         why.append("a 16-bit attention tile of 64 rows or more on sm_90a without wgmma (no HGMMA in the SASS: "
                    f"{'+'.join(sorted(row['mma'])) or 'no tensor-core instruction'} instead)")
+    if row.get("overlap_expected") and not row.get("overlap"):
+        why.append("built to overlap the softmax with a wgmma in flight, but no exp2 runs while one may (ptxas "
+                   "serialized the wgmma pipeline: see its C7513/C7517 notes)")
     return why
 
 
@@ -760,12 +773,17 @@ def _shorten(name: str) -> str:
 # The CUDA C++ kernels written on wgmma: their sm_90a builds must hold HGMMA (a build that lost it, by a guard or
 # an architecture macro, would run the kernel's trap instead).
 CUDA_WGMMA_KERNELS = ("attn_fwd_wgmma_kernel", "attn_bwd_dkdv_wgmma_kernel", "attn_bwd_dq_wgmma_kernel")
+# Of those, the variants whose softmax must run while a product is in flight (parse_sass's `overlap`): the forward
+# with its last template argument, kOverlap, true.
+CUDA_OVERLAP_KERNELS = re.compile(r"\battn_fwd_wgmma_kernel<[^<>]*, true>")
 
 
 def _cuda_rows(base: dict, found: dict, spills: dict, seconds: float) -> list:
     names = demangle(found)
+    hopper = base["arch"] == "sm_90a"
     return [dict(base, kernel=names[k], spill_bytes=spills.get(k), seconds=seconds,
-                 wgmma_expected=base["arch"] == "sm_90a" and any(w in names[k] for w in CUDA_WGMMA_KERNELS), **facts)
+                 wgmma_expected=hopper and any(w in names[k] for w in CUDA_WGMMA_KERNELS),
+                 overlap_expected=hopper and bool(CUDA_OVERLAP_KERNELS.search(names[k])), **facts)
             for k, facts in sorted(found.items())]
 
 
@@ -908,6 +926,9 @@ def main(argv=None) -> int:
     wanted = [r for r in rows if r.get("wgmma_expected")]
     print(f"wgmma: {sum('HGMMA' in r.get('mma', ()) for r in wanted)} of the {len(wanted)} sm_90a attention builds "
           f"with tiles of {WGMMA_MIN_ROWS} rows or more have HGMMA")
+    wanted = [r for r in rows if r.get("overlap_expected")]
+    print(f"overlap: {sum(bool(r.get('overlap')) for r in wanted)} of the {len(wanted)} wgmma builds made to overlap "
+          "their softmax with a product in flight do")
     for r, why in failing:
         print(f"FAIL {r['source']} {r['kernel']} {r['arch']}: {'; '.join(why)}")
     return 1 if failing or not rows else 0

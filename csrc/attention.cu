@@ -464,11 +464,13 @@ __device__ __forceinline__ void mask_scores(float (&s)[kN / 8][4], const Band& b
 
 // One step of the online softmax for the thread's two rows: m is the running max (log2 units, −inf before any
 // visible key), l this thread's share of the running sum (its columns only; the quad's shares are added once at
-// the end), o the unnormalized output. s becomes p = 2^(s − m). A row that has seen only masked keys shifts by 0
-// instead of −inf, so that its p and its rescale factor are 2^−inf = 0 and never NaN.
-template <int kN, int D>
-__device__ __forceinline__ void online_softmax(float (&s)[kN / 8][4], float (&o)[D / 8][4], float (&m)[2],
-                                               float (&l)[2]) {
+// the end). s becomes p = 2^(s − m), and alpha the factor that moves each row's earlier terms to the new max (the
+// output's rescale, rescale_rows: separate so that the wgmma forward can rescale after the previous block's P·V,
+// still running while this runs, has landed). A row that has seen only masked keys shifts by 0 instead of −inf,
+// so that its p and its rescale factor are 2^−inf = 0 and never NaN.
+template <int kN>
+__device__ __forceinline__ void softmax_rows(float (&s)[kN / 8][4], float (&m)[2], float (&l)[2],
+                                             float (&alpha)[2]) {
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float mx = m[r];
@@ -477,7 +479,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[kN / 8][4], float (&o)
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float shift = mx == neg_inf() ? 0.f : mx;
-    const float alpha = exp2_approx(m[r] - shift);
+    alpha[r] = exp2_approx(m[r] - shift);
     m[r] = mx;
     float sum = 0.f;
 #pragma unroll
@@ -486,13 +488,27 @@ __device__ __forceinline__ void online_softmax(float (&s)[kN / 8][4], float (&o)
       s[nt][2 * r + 1] = exp2_approx(s[nt][2 * r + 1] - shift);
       sum += s[nt][2 * r] + s[nt][2 * r + 1];
     }
-    l[r] = l[r] * alpha + sum;
-#pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      o[nt][2 * r] *= alpha;
-      o[nt][2 * r + 1] *= alpha;
-    }
+    l[r] = l[r] * alpha[r] + sum;
   }
+}
+
+// The unnormalized output's rows times their factors (C elements 0, 1 are row 0, elements 2, 3 row 1).
+template <int D>
+__device__ __forceinline__ void rescale_rows(float (&o)[D / 8][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nt][e] *= alpha[e >> 1];
+  }
+}
+
+// softmax_rows, then the output rescaled at once.
+template <int kN, int D>
+__device__ __forceinline__ void online_softmax(float (&s)[kN / 8][4], float (&o)[D / 8][4], float (&m)[2],
+                                               float (&l)[2]) {
+  float alpha[2];
+  softmax_rows<kN>(s, m, l, alpha);
+  rescale_rows<D>(o, alpha);
 }
 
 // P rounded to T as the A fragments of P · V: columns 16·kk .. 16·kk + 15 are C tiles 2·kk and 2·kk + 1.
@@ -759,9 +775,17 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1) attn_fwd_kernel(con
 //   fragments and the epilogue are attn_fwd_kernel's own helpers.
 // - S = Q·Kᵀ: Q (A) and K (B) from shared memory, both K-major (head dim contiguous), D/16 instructions of
 //   m64n128k16. O += P·V: P (A) from registers, V (B) from shared memory MN-major (its head dim contiguous, keys
-//   the reduction): the transposed-B form, kBlockN/16 instructions of m64nDk16. Each product is one commit group,
-//   waited for before its result is read (no overlap of a warp group's softmax with its own matmuls: the two warp
-//   groups, and the cp.async prefetch of the next block, overlap instead).
+//   the reduction): the transposed-B form, kBlockN/16 instructions of m64nDk16. Each product is one commit group.
+//   Two forms of the loop (the kOverlap template argument; fastlm/_cuda.py's ATTN_HOPPER_OVERLAP picks one until
+//   the benchmark has timed both):
+//   - serial: each product waited for before its result is read; only the two warp groups, and the cp.async
+//     prefetch of the next block, overlap the softmax with the tensor cores.
+//   - overlapped (FlashAttention-3's intra-warpgroup pipelining): S = Q·K(j)ᵀ and O += P(j − 1)·V(j − 1) issued back
+//     to back, the softmax of block j computed while the second runs, O rescaled once it has landed. V runs a
+//     block behind K in the stages, and the loop's P·V wait opens the next iteration (see the kernel). Registers:
+//     P of the previous block stays live through the softmax (kBlockN/4 more): 163, 218 and 254 at D = 64, 128,
+//     256 against 161, 186 and 203, no spills. The static report requires an exp2 between an HGMMA and the next
+//     wait for all groups in these builds' SASS (ptxas otherwise moves the wait above the softmax).
 // - Tiles in shared memory in wgmma's 128-byte swizzle (swizzled_offset): a tile of R rows is D/64 column blocks of
 //   R rows × 128 bytes, and 16-byte chunk c of row r is stored at chunk c XOR (r mod 8) of its row: the 8 rows of a
 //   1024-byte atom spread over all 32 banks, for cp.async's writes and wgmma's reads alike. Descriptors
@@ -1035,8 +1059,9 @@ __device__ __forceinline__ void warpgroup_ab(float (&acc)[D / 8][4], uint32_t (&
 }
 #endif  // sm_90a
 
-// Grid (query blocks, Hq, B) as attn_fwd_kernel's, the heaviest query blocks first.
-template <typename T, int D, bool kSoftcap>
+// Grid (query blocks, Hq, B) as attn_fwd_kernel's, the heaviest query blocks first. kOverlap: the loop form (see
+// WgmmaFwdConfig's notes), serial or with a block's softmax overlapping the previous block's P·V.
+template <typename T, int D, bool kSoftcap, bool kOverlap>
 __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma_kernel(const AttnParams p) {
 #ifdef FASTLM_WGMMA
   using C = WgmmaFwdConfig<D>;
@@ -1060,14 +1085,14 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
   auto v_tile = [&](int stage) { return k_tile(stage) + static_cast<uint32_t>(C::kTileBytes); };
   const SwizzledTileCopy<kN, D, C::kThreads> copy_k(tid, p.k_ss);
   const SwizzledTileCopy<kN, D, C::kThreads> copy_v(tid, p.v_ss);
-  auto load_kv = [&](int stage, int nb) {
-    const int n0 = nb * kN;
-    copy_k(k_tile(stage), k + n0 * p.k_ss, seq.sk - n0, p.k);
-    copy_v(v_tile(stage), v + n0 * p.v_ss, seq.sk - n0, p.v);
-  };
+  auto load_k = [&](int stage, int nb) { copy_k(k_tile(stage), k + nb * kN * p.k_ss, seq.sk - nb * kN, p.k); };
+  auto load_v = [&](int stage, int nb) { copy_v(v_tile(stage), v + nb * kN * p.v_ss, seq.sk - nb * kN, p.v); };
   SwizzledTileCopy<C::kBlockM, D, C::kThreads>(tid, p.q_ss)(q_tile, q, m_last + 1 - m0, p.q);
   cp_async_commit();
-  if (n_begin < n_end) load_kv(0, n_begin);
+  if (n_begin < n_end) {
+    load_k(0, n_begin);
+    if constexpr (!kOverlap) load_v(0, n_begin);
+  }
   cp_async_commit();
 
   float o[D / 8][4];
@@ -1080,28 +1105,97 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
   float l[2] = {0.f, 0.f};
   const int i0 = m0 + warp * kMma + (lane >> 2);
   const int wg = warp / 4;
-
-  for (int nb = n_begin; nb < n_end; ++nb) {
-    const int stage = (nb - n_begin) & 1;
-    if (nb + 1 < n_end) load_kv(stage ^ 1, nb + 1);
-    cp_async_commit();
-    cp_async_wait<1>();  // Q and this block's K and V are in (the next block's may still be on their way)
-    fence_proxy_async();
-    __syncthreads();
-    float s[kN / 8][4];
-    warpgroup_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * wg, k_tile(stage));
+  // The scores of block nb in log2 units, masked where the mask reaches into the block.
+  auto scores = [&](float (&s)[kN / 8][4], int nb) {
     to_log2_scores<kSoftcap, kN>(s, p);
     const int n0 = nb * kN;
     if (!tile_unmasked(band, seq.sk, n0, kN, m0, m_last)) mask_scores<kN>(s, band, seq.sk, n0, i0, i0 + 8, lane);
-    online_softmax<kN, D>(s, o, m, l);
-    uint32_t pf[kN / 16][4];
-    p_frags<T, kN>(pf, s);
-    warpgroup_ab<T, D, kN>(o, pf, v_tile(stage));
-    __syncthreads();  // every read of this stage is done before the next iteration's prefetch overwrites it
+  };
+
+  if constexpr (!kOverlap) {
+    for (int nb = n_begin; nb < n_end; ++nb) {
+      const int stage = (nb - n_begin) & 1;
+      if (nb + 1 < n_end) {
+        load_k(stage ^ 1, nb + 1);
+        load_v(stage ^ 1, nb + 1);
+      }
+      cp_async_commit();
+      cp_async_wait<1>();  // Q and this block's K and V are in (the next block's may still be on their way)
+      fence_proxy_async();
+      __syncthreads();
+      float s[kN / 8][4];
+      warpgroup_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * wg, k_tile(stage));
+      scores(s, nb);
+      online_softmax<kN, D>(s, o, m, l);
+      uint32_t pf[kN / 16][4];
+      p_frags<T, kN>(pf, s);
+      warpgroup_ab<T, D, kN>(o, pf, v_tile(stage));
+      __syncthreads();  // every read of this stage is done before the next iteration's prefetch overwrites it
+    }
+    // With no key block at all the Q copy may still be in flight, into memory the staging below reuses.
+    cp_async_wait<0>();
+    __syncthreads();
+  } else {
+    // V runs a block behind K, and each block's softmax runs while the previous block's P·V is on the tensor
+    // cores. The iteration of block nb (after the first):
+    //   wait for P(nb − 2)·V(nb − 2); a barrier: every warp group is done with K(nb − 1) and V(nb − 2);
+    //   prefetch K(nb + 1) and V(nb) into their stages; wait for K(nb) and V(nb − 1); a barrier;
+    //   O rescaled and P(nb − 1) packed (the last iteration's softmax); issue S = Q·K(nb)ᵀ, then
+    //   O += P(nb − 1)·V(nb − 1); wait for S alone; the scores and softmax of block nb, with P·V in flight.
+    // The wait for P·V opens the next iteration rather than closing this one: ptxas hoists a wgmma wait to the top
+    // of its basic block, so a wait placed after the softmax would run before it (no overlap; the static report
+    // checks the SASS for it). The first block (no P·V before it) and the last P·V are peeled off the loop, so
+    // that every product is waited for on every path: ptxas serializes the wgmma pipeline (C7513) when a product
+    // issued under a condition is waited for under another.
+    uint32_t pf[kN / 16][4];  // P of the previous block, the A operand of its P·V
+    float s[kN / 8][4];       // the scores, then P (fp32) of the block whose softmax ran last
+    float alpha[2];           // and its rescale factors for O
+    auto prefetch = [&](int nb) {  // and wait for Q, K(nb), V(nb − 1)
+      const int stage = (nb - n_begin) & 1;
+      if (nb + 1 < n_end) load_k(stage ^ 1, nb + 1);
+      load_v(stage, nb);
+      cp_async_commit();
+      cp_async_wait<1>();
+      fence_proxy_async();
+      __syncthreads();
+    };
+    auto wait_pv = [&]() {
+      wgmma_wait<0>();
+      fence_operands(o);
+      fence_operands(pf);  // P's registers stay P's until the product that reads them has landed
+    };
+    if (n_begin < n_end) {
+      prefetch(n_begin);
+      warpgroup_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * wg, k_tile(0));
+      scores(s, n_begin);
+      softmax_rows<kN>(s, m, l, alpha);
+      for (int nb = n_begin + 1; nb < n_end; ++nb) {
+        const int stage = (nb - n_begin) & 1;
+        wait_pv();
+        __syncthreads();  // K(nb − 1) and V(nb − 2) are read by every warp group: their stages may be refilled
+        prefetch(nb);
+        rescale_rows<D>(o, alpha);
+        p_frags<T, kN>(pf, s);
+        issue_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * wg, k_tile(stage));
+        issue_ab<T, D, kN>(o, pf, v_tile(stage ^ 1));
+        wgmma_wait<1>();  // S (the older group) has landed; P·V may still run
+        fence_operands(s);
+        scores(s, nb);
+        softmax_rows<kN>(s, m, l, alpha);
+      }
+      wait_pv();
+      cp_async_wait<0>();  // V of the last block
+      fence_proxy_async();
+      __syncthreads();
+      rescale_rows<D>(o, alpha);
+      p_frags<T, kN>(pf, s);
+      warpgroup_ab<T, D, kN>(o, pf, v_tile((n_end - 1 - n_begin) & 1));
+      __syncthreads();  // the staging below overwrites tiles the other warp group's last P·V reads
+    } else {
+      cp_async_wait<0>();  // the Q copy: the staging below reuses its memory
+      __syncthreads();
+    }
   }
-  // With no key block at all the Q copy may still be in flight, into memory the staging below reuses.
-  cp_async_wait<0>();
-  __syncthreads();
   write_rows<T, D>(p, seq, reinterpret_cast<T*>(aligned), o, m, l, b, h, m0, m_last, warp, lane);
 #else
   __trap();  // built for an architecture without wgmma: the launcher never starts it there
@@ -1795,7 +1889,7 @@ bool hopper_kernels_run(int device) {
     bool ok = major == 9 && minor == 0;
     if (ok) {
       cudaFuncAttributes attr{};
-      const cudaError_t err = cudaFuncGetAttributes(&attr, attn_fwd_wgmma_kernel<__half, 64, false>);
+      const cudaError_t err = cudaFuncGetAttributes(&attr, attn_fwd_wgmma_kernel<__half, 64, false, true>);
       if (err != cudaSuccess) cudaGetLastError();  // no code for this device: an error to clear, not to report later
       ok = err == cudaSuccess && attr.binaryVersion == 90 && attr.numRegs >= kWgmmaMinRegs;
     }
@@ -1938,11 +2032,12 @@ void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t
                    int64_t heads_k, int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q,
                    int64_t total_k, int dtype, double scale, std::optional<int64_t> window_left,
                    std::optional<int64_t> window_right, double softcap, int64_t workspace, int64_t workspace_numel,
-                   int64_t num_splits, bool hopper, int device, int64_t stream) {
+                   int64_t num_splits, int hopper, int device, int64_t stream) {
   const DeviceGuard guard(device);
   check_call(cu_seqlens_q, cu_seqlens_k, batch, heads_q, heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q,
              total_k, dtype, scale, softcap);
   require(num_splits >= 0 && num_splits <= kMaxSplits, "num_splits must be in [0, 128]");
+  require(hopper >= 0 && hopper <= 2, "hopper must be 0, 1 or 2, got " + std::to_string(hopper));
   const int64_t rows = decode_rows(heads_q, heads_k, max_seqlen_q);
   require(num_splits == 0 || rows > 0, "the decode kernel (num_splits ≥ 1) takes max_seqlen_q · heads_q / heads_k ≤ 16");
   require(rows == 0 || batch * heads_k * rows <= INT_MAX, "too many (batch, kv head, row) triples for one grid");
@@ -1967,9 +2062,13 @@ void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t
     dispatch_head_dim(head_dim, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
       if constexpr (hopper_head_dim(D)) {
-        if (num_splits == 0 && hopper && hopper_kernels_run(device)) {
+        if (num_splits == 0 && hopper != 0 && hopper_kernels_run(device)) {
           using C = WgmmaFwdConfig<D>;
-          const auto kernel = capped ? attn_fwd_wgmma_kernel<T, D, true> : attn_fwd_wgmma_kernel<T, D, false>;
+          const bool overlap = hopper == 2;
+          const auto kernel = capped ? (overlap ? attn_fwd_wgmma_kernel<T, D, true, true>
+                                                : attn_fwd_wgmma_kernel<T, D, true, false>)
+                                     : (overlap ? attn_fwd_wgmma_kernel<T, D, false, true>
+                                                : attn_fwd_wgmma_kernel<T, D, false, false>);
           opt_in_smem(kernel, C::kSmemBytes, "attn_fwd_wgmma_kernel");
           const dim3 grid(static_cast<unsigned>((max_seqlen_q + C::kBlockM - 1) / C::kBlockM),
                           static_cast<unsigned>(heads_q), static_cast<unsigned>(batch));

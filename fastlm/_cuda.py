@@ -485,6 +485,11 @@ def reduce_loss(loss, sc, mean):
 # compute capability 9.0, a build with sm_90a code): off until the benchmark has timed it against the FlashAttention-2
 # kernel on such a GPU (benchmarks/attention.py's cuda-wgmma provider); tests force it to check it there.
 ATTN_HOPPER = False
+# That kernel's loop (when ATTN_HOPPER): True overlaps each key block's softmax with the previous block's P·V on the
+# tensor cores (FlashAttention-3's intra-warpgroup pipelining: S and P·V issued back to back, O rescaled once P·V
+# has landed; 226 registers at head dim 128 against 186), False runs the two products and the softmax in turn.
+# Which is faster is for the benchmark to say (its fastlm-cuda-wgmma-serial peer times the False form).
+ATTN_HOPPER_OVERLAP = True
 # The backward on wgmma (attention_bwd: attn_bwd_*_wgmma_kernel, the same GPUs, head dims 64 and 128, no softcap;
 # bitwise repeatable, no atomics): the cuda backend's backward when on (fastlm/ops/attention.py), the Triton
 # backward otherwise. Off until timed against it, as ATTN_HOPPER.
@@ -578,7 +583,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     j ≤ i + Sk − Sq + window_right (None: no bound); a query that sees no key gets out 0 and lse −inf. softcap 0
     or None: off, else scores softcap·tanh(scale·q·k / softcap). max_seqlen_q · Hq / Hk ≤ 16 takes the decode
     kernel (keys split across CTAs, then combined); everything else the FlashAttention-2 kernel, or its wgmma form
-    where ATTN_HOPPER and attention_hopper_supported.
+    where ATTN_HOPPER and attention_hopper_supported (its loop as ATTN_HOPPER_OVERLAP says).
     """
     ext = _require("q", q)
     if q.dtype not in _ATTN_DTYPES:
@@ -639,8 +644,8 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), _ptr(cu_seqlens_q),
         _ptr(cu_seqlens_k), *(_row_strides(t, varlen) for t in (q, k, v, out)), batch, heads_q,
         heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q, total_k, _DTYPE_CODES[q.dtype], float(scale),
-        window_left, window_right, float(softcap or 0.0), _ptr(workspace), numel, splits, ATTN_HOPPER, index,
-        _stream(q),
+        window_left, window_right, float(softcap or 0.0), _ptr(workspace), numel, splits,
+        (2 if ATTN_HOPPER_OVERLAP else 1) if ATTN_HOPPER else 0, index, _stream(q),
     )
     return out, lse
 

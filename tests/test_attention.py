@@ -280,19 +280,24 @@ def test_tma_paths_match_reference(case, tma, backend, monkeypatch):
 
 # The cuda backend's forward on wgmma (csrc/attention.cu's attn_fwd_wgmma_kernel; off by default:
 # fastlm._cuda.ATTN_HOPPER): the GPU cases at the head dims it has (64, 128, 256) that take the forward kernel (more
-# than 16 query rows a kv head), and three more: a window on both sides with queries fewer than keys, a softcap
-# with ragged 128-row blocks, and head dim 256 with a softcap (Gemma 2's).
+# than 16 query rows a kv head), and five more: a window on both sides with queries fewer than keys, a softcap
+# with ragged 128-row blocks, head dim 256 with a softcap (Gemma 2's), and two with many key blocks and no window
+# (causal with more keys than queries, the last block ragged; and not causal), so that both K/V stages turn over
+# several times in each loop form.
 HOPPER_CASES = [c for c in GPU_CASES if c[5] in (64, 128, 256) and c[1] * c[3] // c[4] > 16] + [
     (1, 300, 520, 4, 2, 128, False, (16, 8), 0.0),
     (2, 130, 129, 2, 2, 64, True, (-1, -1), 5.0),
     (1, 200, 200, 4, 2, 256, True, (-1, -1), 50.0),
+    (1, 384, 1000, 4, 2, 128, True, (-1, -1), 0.0),
+    (2, 150, 600, 2, 1, 64, False, (-1, -1), 0.0),
 ]
 
 
 # A first run of the wgmma kernels in a child process: a kernel that faults (an illegal address, a bad descriptor)
 # kills the CUDA context of the process that launched it, and under xdist every later test of that worker would
-# fail with it. The child runs the forward at every head dim it has and the backward at its two, with masks, GQA,
-# a softcap (forward) and varlen; the tests launch the kernels in this process only after it came back clean.
+# fail with it. The child runs the forward at every head dim it has, in both loop forms, and the backward at its
+# two, with masks, GQA, a softcap (forward) and varlen; the tests launch the kernels in this process only after it
+# came back clean.
 WGMMA_PROBE = """
 import torch, fastlm
 from fastlm import _cuda
@@ -301,13 +306,15 @@ gen = torch.Generator().manual_seed(0)
 def randn(*shape):
     return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
 with fastlm.use_backend("cuda"):
-    for d in (64, 128, 256):
+    for d, overlap in ((d, overlap) for d in (64, 128, 256) for overlap in (True, False)):
+        _cuda.ATTN_HOPPER_OVERLAP = overlap
         for causal, window, softcap in ((False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (16, 8), 30.0)):
             fastlm.attention(randn(2, 300, 4, d), randn(2, 257, 2, d), randn(2, 257, 2, d), causal=causal,
                              window=window, softcap=softcap)
         cu = torch.tensor([0, 0, 1, 140, 300], dtype=torch.int32, device="cuda")
         fastlm.attention(randn(300, 4, d), randn(300, 2, d), randn(300, 2, d), causal=True, cu_seqlens_q=cu,
                          cu_seqlens_k=cu, max_seqlen_q=160, max_seqlen_k=160)
+    _cuda.ATTN_HOPPER_OVERLAP = True
     _cuda.ATTN_HOPPER_BWD = True
     for d in (64, 128):
         for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
@@ -347,11 +354,17 @@ def _force_cuda_hopper(monkeypatch, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS[1:2], indirect=True)
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", HOPPER_CASES, ids=_case_id)
-def test_cuda_wgmma_forward_matches_reference(case, dtype, backend, monkeypatch):
+def test_cuda_wgmma_forward_matches_reference(case, dtype, overlap, backend, monkeypatch):
+    """Both loops of the wgmma forward (ATTN_HOPPER_OVERLAP): the serial one, and the one whose softmax runs while
+    the previous block's P·V does."""
+    from fastlm import _cuda
+
     b, sq, sk, h, hk, d, causal, window, softcap = case
     _force_cuda_hopper(monkeypatch, d)
+    monkeypatch.setattr(_cuda, "ATTN_HOPPER_OVERLAP", overlap)
     q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
     _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
 

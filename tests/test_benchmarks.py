@@ -958,7 +958,8 @@ def test_parsers_on_cuobjdump_and_ptxas_text():
         /*0020*/  UTMALDG.2D [UR8], [UR4] ;
     """)
     facts = static.parse_sass(sass)
-    assert facts["_Z1fPf"] == {"ld": 128, "st": 64, "ldl_stl": 1, "mma": {"HGMMA"}, "tma": False, "ws": False}
+    assert facts["_Z1fPf"] == {"ld": 128, "st": 64, "ldl_stl": 1, "mma": {"HGMMA"}, "tma": False, "ws": False,
+                               "overlap": False}
     assert facts["_Z1hPf"]["tma"] and facts["_Z1hPf"]["ws"]
     assert facts["_Z1gPf"]["ld"] == 32 and facts["_Z1gPf"]["st"] == 16 and facts["_Z1gPf"]["ldl_stl"] == 0
     res = static.parse_res_usage(" Function _Z1fPf:\n  REG:40 STACK:16 SHARED:256 LOCAL:0 CONSTANT[0]:400\n")
@@ -990,7 +991,7 @@ def test_parser_on_nvdisasm_text():
                 /*0c00*/                   STG.E.U16 desc[UR4][R4.64], R2 ;
     """)
     assert static.parse_sass(sass) == {"_attn_fwd_kernel": {"ld": 128, "st": 16, "ldl_stl": 0, "mma": {"HGMMA"},
-                                                            "tma": False, "ws": False}}
+                                                            "tma": False, "ws": False, "overlap": False}}
 
 
 def test_report_disassembles_in_batches_per_architecture(monkeypatch):
@@ -1044,7 +1045,7 @@ def test_static_report_wants_wgmma_of_hopper_attention_tiles():
 def test_static_report_wants_wgmma_of_cuda_kernels_written_on_it():
     # csrc's wgmma kernels must hold HGMMA in their sm_90a builds (their sm_80 builds are a trap); no other kernel.
     facts = {"stack": 0, "local": 0, "ldl_stl": 0, "mma": {"HMMA"}}
-    names = {"attn_fwd_wgmma_kernel<bf16, 128, true>": facts, "attn_fwd_kernel<bf16, 128, true>": facts}
+    names = {"attn_fwd_wgmma_kernel<bf16, 128, true, false>": facts, "attn_fwd_kernel<bf16, 128, true>": facts}
     rows = {r["arch"]: r for arch in ("sm_80", "sm_90a")
             for r in static._cuda_rows({"source": "attention.cu", "arch": arch}, names, {}, 0.0)
             if "wgmma" in r["kernel"]}
@@ -1053,6 +1054,34 @@ def test_static_report_wants_wgmma_of_cuda_kernels_written_on_it():
     assert static.problems(dict(rows["sm_90a"], mma={"HGMMA"})) == []
     others = static._cuda_rows({"source": "attention.cu", "arch": "sm_90a"}, names, {}, 0.0)
     assert [r["wgmma_expected"] for r in others if "wgmma" not in r["kernel"]] == [False]
+
+
+def test_static_report_wants_the_overlapped_wgmma_forward_to_overlap():
+    # parse_sass's overlap: an exp2 while a wgmma group may run (after an HGMMA, before the wait for all groups).
+    def kernel(*ops):
+        return "Function : k\n" + "".join(f"  /*{i:04x}*/  {op} ;\n" for i, op in enumerate(ops))
+
+    overlapped = kernel("HGMMA.64x128x16.F32.BF16 R88, gdesc[UR20], R88, gsb0", "WARPGROUP.ARRIVE",
+                        "HGMMA.64x128x16.F32.BF16 R24, R180, gdesc[UR20].tnspB, R24, gsb0",
+                        "WARPGROUP.DEPBAR.LE gsb0, 0x1", "MUFU.EX2 R3, R3", "WARPGROUP.DEPBAR.LE gsb0, 0x0")
+    serial = kernel("HGMMA.64x128x16.F32.BF16 R88, gdesc[UR20], R88, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+                    "MUFU.EX2 R3, R3", "HGMMA.64x128x16.F32.BF16 R24, R180, gdesc[UR20].tnspB, R24, gsb0",
+                    "WARPGROUP.DEPBAR.LE gsb0, 0x0", "MUFU.EX2 R4, R4")
+    assert static.parse_sass(overlapped)["k"]["overlap"] and not static.parse_sass(serial)["k"]["overlap"]
+    # Required of csrc's forward built with kOverlap (its last template argument) on sm_90a, of no other build.
+    facts = {"stack": 0, "local": 0, "ldl_stl": 0, "mma": {"HGMMA"}, "overlap": False}
+    names = {f"attn_fwd_wgmma_kernel<__nv_bfloat16, 128, {softcap}, {overlap}>(AttnParams)": facts
+             for softcap in ("false", "true") for overlap in ("false", "true")}
+    names["attn_bwd_dq_wgmma_kernel<__half, 128>(AttnBwdParams)"] = facts
+    for arch in ("sm_80", "sm_90a"):
+        rows = static._cuda_rows({"source": "attention.cu", "arch": arch}, names, {}, 0.0)
+        expected = [r["kernel"] for r in rows if r["overlap_expected"]]
+        assert expected == (["attn_fwd_wgmma_kernel<bf16, 128, false, true>",
+                             "attn_fwd_wgmma_kernel<bf16, 128, true, true>"] if arch == "sm_90a" else [])
+        for r in rows:
+            assert bool(static.problems(r)) == r["overlap_expected"]
+            assert static.problems(dict(r, overlap=True)) == []
+    assert "serialized" in static.problems(dict(rows[-1], overlap=False))[0]
 
 
 TINY_KERNELS = '''
@@ -1247,7 +1276,7 @@ def test_attention_families_and_their_providers():
         ("attention", "flops", harness.MODES), ("attention_decode", "bytes", ("fwd",))]
     sdpa = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
     assert [p.name for p in attention.FAMILY.providers] == ["fastlm-triton", "fastlm-cuda", "fastlm-cuda-wgmma",
-                                                            *sdpa, "sdpa-math", "flex"]
+                                                            "fastlm-cuda-wgmma-serial", *sdpa, "sdpa-math", "flex"]
     assert [p.name for p in attention.DECODE_FAMILY.providers] == ["fastlm-triton", "fastlm-cuda"] + sdpa + ["flex"]
     for family in attention.FAMILIES:
         assert family.reference == "sdpa-flash"
@@ -1259,23 +1288,33 @@ def test_attention_families_and_their_providers():
         assert "GPU" in attention.unavailable_reason("cuda", cpu)
         assert next(p for p in attention.FAMILY.providers if p.name == "sdpa-flash").available() == (
             False, "no CUDA GPU")
-    # The cuda backend's wgmma forward and backward: a peer (the dispatch table's "cuda" stays the default path),
-    # timed at WGMMA_SEQLENS only, with ATTN_HOPPER and ATTN_HOPPER_BWD on inside its context and restored after.
+    # The cuda backend's wgmma forward and backward: peers (the dispatch table's "cuda" stays the default path),
+    # timed at WGMMA_SEQLENS (the overlapped forward loop) and WGMMA_SERIAL_CASES (the serial one) only, with
+    # ATTN_HOPPER, ATTN_HOPPER_BWD and the loop set inside their contexts and restored after.
     import fastlm
     from fastlm import _cuda
 
-    wgmma = next(p for p in attention.FAMILY.providers if p.name == "fastlm-cuda-wgmma")
-    assert wgmma.backend is None and wgmma.native is None
-    assert [c.params["seqlen"] for c in attention.attention_cases(False) if not wgmma.skip(c)] == [
-        s for d in attention.HEAD_DIMS for causal in (False, True) for s in attention.SEQLENS
-        if s in attention.WGMMA_SEQLENS]
-    assert "4096" in wgmma.skip(_attn_case(512, 64, True))
-    before = _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD
-    with wgmma.context():
-        assert _cuda.ATTN_HOPPER is _cuda.ATTN_HOPPER_BWD is True and fastlm.get_backend() == "cuda"
-    assert (_cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD) == before
-    if not torch.cuda.is_available():
-        assert wgmma.available()[0] is False and "GPU" in wgmma.available()[1]
+    for name, overlap, timed in (("fastlm-cuda-wgmma", True, lambda s, d: s in attention.WGMMA_SEQLENS),
+                                 ("fastlm-cuda-wgmma-serial", False, lambda s, d: (s, d) == (4096, 128))):
+        wgmma = next(p for p in attention.FAMILY.providers if p.name == name)
+        assert wgmma.backend is None and wgmma.native is None
+        assert [(c.params["seqlen"], c.params["head_dim"]) for c in attention.attention_cases(False)
+                if not wgmma.skip(c)] == [(s, d) for d in attention.HEAD_DIMS for causal in (False, True)
+                                          for s in attention.SEQLENS if timed(s, d)]
+        assert [c for c in attention.attention_cases(True) if not wgmma.skip(c)] == [
+            c for c in attention.attention_cases(True) if c.params["seqlen"] == 4096]
+        assert "4096" in wgmma.skip(_attn_case(512, 64, True))
+        before = _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD, _cuda.ATTN_HOPPER_OVERLAP
+        _cuda.ATTN_HOPPER_OVERLAP = not overlap
+        try:
+            with wgmma.context():
+                assert _cuda.ATTN_HOPPER is _cuda.ATTN_HOPPER_BWD is True and fastlm.get_backend() == "cuda"
+                assert _cuda.ATTN_HOPPER_OVERLAP is overlap
+            assert (_cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD, _cuda.ATTN_HOPPER_OVERLAP) == (*before[:2], not overlap)
+        finally:
+            _cuda.ATTN_HOPPER_OVERLAP = before[2]
+        if not torch.cuda.is_available():
+            assert wgmma.available()[0] is False and "GPU" in wgmma.available()[1]
 
 
 def _attention_family_on_cpu(family):
@@ -1311,7 +1350,8 @@ def test_attention_cases_run_on_cpu(cpu_timers, monkeypatch):
             assert by[("sdpa-cudnn", "fwd")]["status"] == "missing"
         assert by[("flex", "bwd")]["status"] == "skipped" and "FlexAttention" in by[("flex", "bwd")]["reason"]
         ours = by[("fastlm-triton", "fwd+bwd")]
-        assert set(ours["vs"]) == {"fastlm-cuda-wgmma", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math",
+        assert set(ours["vs"]) == {"fastlm-cuda-wgmma", "fastlm-cuda-wgmma-serial", "sdpa-flash", "sdpa-cudnn",
+                                   "sdpa-efficient", "sdpa-math",
                                    "flex"}
         assert ours["vs"]["flex"] == "skipped" and isinstance(ours["vs"]["sdpa-math"], float)
     # A case whose scores exceed the math backend's cap: its rows say skipped, with the sizes.
