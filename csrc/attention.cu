@@ -813,6 +813,8 @@ struct WgmmaFwdConfig {
   static_assert(D % 64 == 0, "the swizzled tiles are whole 64-column (128-byte) blocks");
   static_assert(kQBytes % 1024 == 0 && kTileBytes % 1024 == 0, "every swizzled tile starts on a 1024-byte atom");
   static_assert(kBlockM * (D + 8) * 2 <= kQBytes + 2 * kStageBytes, "the epilogue's staging fits");
+  static_assert(kBlockM * (D + 8) * 2 <= kQBytes + kTileBytes,
+                "the epilogue's staging ends before the first V tile (the overlapped loop's last P·V may still read V)");
 };
 
 // Whether the Hopper kernels exist for head dim D: the forward's, and the backward's (whose dK and dV accumulators
@@ -1189,8 +1191,9 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
       __syncthreads();
       rescale_rows<D>(o, alpha);
       p_frags<T, kN>(pf, s);
+      // No barrier after it: the staging below ends before the first V tile (static_assert in WgmmaFwdConfig), and
+      // every read of Q and K was waited for before the barrier above.
       warpgroup_ab<T, D, kN>(o, pf, v_tile((n_end - 1 - n_begin) & 1));
-      __syncthreads();  // the staging below overwrites tiles the other warp group's last P·V reads
     } else {
       cp_async_wait<0>();  // the Q copy: the staging below reuses its memory
       __syncthreads();

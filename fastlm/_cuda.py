@@ -487,7 +487,7 @@ def reduce_loss(loss, sc, mean):
 ATTN_HOPPER = False
 # That kernel's loop (when ATTN_HOPPER): True overlaps each key block's softmax with the previous block's P·V on the
 # tensor cores (FlashAttention-3's intra-warpgroup pipelining: S and P·V issued back to back, O rescaled once P·V
-# has landed; 226 registers at head dim 128 against 186), False runs the two products and the softmax in turn.
+# has landed; 218 registers at head dim 128 against 186), False runs the two products and the softmax in turn.
 # Which is faster is for the benchmark to say (its fastlm-cuda-wgmma-serial peer times the False form).
 ATTN_HOPPER_OVERLAP = True
 # The backward on wgmma (attention_bwd: attn_bwd_*_wgmma_kernel, the same GPUs, head dims 64 and 128, no softcap;
