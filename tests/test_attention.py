@@ -328,14 +328,44 @@ print("clean")
 """
 
 
+# The child's time limit: it imports torch and fastlm and runs ~50 small calls of a built extension (seconds). Below
+# the GPU loop's per-test limit (pytest-timeout, 150 s in scripts/gpu_check.sh), so that a kernel that hangs fails
+# the first wgmma test of a worker with this message, once: the verdict is kept for the worker's later tests, where a
+# test killed by pytest-timeout would leave none and every later test would start the child again.
+WGMMA_PROBE_TIMEOUT_S = 120
+
+
 @functools.lru_cache(maxsize=None)
 def _wgmma_probe() -> str:
-    """"" when the child ran the wgmma kernels cleanly, else what it printed (the tail)."""
-    proc = subprocess.run([sys.executable, "-c", WGMMA_PROBE], cwd=Path(__file__).resolve().parents[1],
-                          env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    """"" when the child ran the wgmma kernels cleanly, else what it printed (the tail), or that it hung."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", WGMMA_PROBE], cwd=Path(__file__).resolve().parents[1],
+                              env=dict(os.environ), capture_output=True, text=True, timeout=WGMMA_PROBE_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        tail = e.stderr or e.stdout or b""
+        tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        return f"still running after {WGMMA_PROBE_TIMEOUT_S} s (a kernel that hangs?), killed: {tail[-1500:]}"
     if proc.returncode == 0 and proc.stdout.strip().endswith("clean"):
         return ""
     return f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}"
+
+
+def test_wgmma_probe_reports_a_hang_once(monkeypatch):
+    """A child that outlives WGMMA_PROBE_TIMEOUT_S is a verdict (kept), not an exception each test would meet anew."""
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(kw["timeout"])
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"], stderr=b"launching attn_fwd_wgmma_kernel")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    _wgmma_probe.cache_clear()
+    try:
+        first, second = _wgmma_probe(), _wgmma_probe()
+    finally:
+        _wgmma_probe.cache_clear()
+    assert first == second and first.startswith("still running after 120 s") and "attn_fwd_wgmma" in first
+    assert calls == [WGMMA_PROBE_TIMEOUT_S] and WGMMA_PROBE_TIMEOUT_S < 150
 
 
 def _force_cuda_hopper(monkeypatch, head_dim):
