@@ -26,7 +26,7 @@ from benchmarks import harness
 # Modules of the package that are not benchmark families. overhead must not even be imported here: it sets
 # TRITON_INTERPRET=1 for the rest of the process, and every fastlm Triton kernel defined after that would run in
 # Triton's interpreter. test_* modules are pytest files (test_families.py times these families under pytest).
-SUPPORT_MODULES = {"harness", "static", "overhead"}
+SUPPORT_MODULES = {"harness", "static", "overhead", "profile"}
 
 
 def families() -> dict:

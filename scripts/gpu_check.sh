@@ -10,7 +10,9 @@
 #    benchmarks/results/<device-slug>/gpu_check.json (commit, date, device, the test counts and seconds from
 #    pytest's closing line, tests_interrupted, bench_complete) and pack the results.
 #      Usage: scripts/gpu_check.sh [STEP...]   STEP: info install launch tests host bench static sanitizer record
-#             (default: all, in order; record also runs after any call that ran tests or bench)
+#             profile (default: all but profile, in order; record also runs after any call that ran tests or bench)
+#      PROFILE_OPS="attention norm" scripts/gpu_check.sh install profile   hardware counters of each provider's
+#             kernels, by Nsight Compute (benchmarks/profile.py), into the results folder as profile_<op>.{md,json,csv}
 #      BENCH_ARGS="--quick" scripts/gpu_check.sh install bench    extra arguments for `python -m benchmarks`
 #      BENCH_OPS="norm cross_entropy" scripts/gpu_check.sh bench   only these benchmark families (default: all)
 #      TESTS_ARGS="tests/test_attention.py" TESTS_S=300 scripts/gpu_check.sh tests   a part of the suite, a budget
@@ -28,8 +30,10 @@
 #      Usage: scripts/gpu_check.sh --op NAME   NAME: norm cross_entropy linear_cross_entropy attention
 #                                                     attention_decode e2e e2e_hf
 #    installs and builds, runs that op's tests (with xdist `--dist load` when importable), benchmarks its --quick
-#    cases against the peers (into a folder of their own, so they never mix with a full run's results), and prints
-#    the ratio table (fastlm backend vs each peer, per case and mode) last.
+#    cases against the peers (into a folder of their own, so they never mix with a full run's results), profiles
+#    each provider's kernels on the op's headline case under Nsight Compute with what time is left (opprofile:
+#    time, throughputs, tensor pipes, occupancy, stall reasons per kernel; benchmarks/profile.py), and prints the
+#    ratio table (fastlm backend vs each peer, per case and mode) last.
 #
 # Each step runs under its own `timeout`, cut to what is left of the whole budget, so one hang cannot eat the
 # call; a failing step does not stop the next. The bench step runs each family in a process of its own, within
@@ -65,6 +69,8 @@ LAUNCH_S=150  # benchmarks.launch_check: ~15 small kernels compiled on a cold ca
 HOST_S=150  # benchmarks.call_cost: 8 ops × 2 modes × 4 configurations × 4 rounds of 100 calls (~20 s), and
            # compiling the kernels of its tiny calls on a fresh machine (written after each op: a cut keeps them)
 SANITIZER_S=90
+OP_PROFILE_S=150  # --op: ncu over the op's headline case, every provider's forward and backward (what is left)
+PROFILE_S=300  # the profile step: PROFILE_OPS one after another
 RESERVE_S=10  # kept back for packing the results
 BENCH_FLOOR_S=30  # the bench step keeps at least this for each benchmark family still to run
 BENCH_FAMILY_MAX_S=200  # the most one benchmark family may take, so that one overrunning cannot starve the rest
@@ -88,7 +94,7 @@ if [ "${1:-}" = "--op" ]; then
             exit 2
             ;;
     esac
-    STEPS=(install launch optests opbench)
+    STEPS=(install launch optests opbench opprofile)
 else
     STEPS=("$@")
     [ ${#STEPS[@]} -eq 0 ] && STEPS=(info install launch tests host bench static sanitizer record)
@@ -270,6 +276,29 @@ if want opbench; then
     SLUG=$(device_slug)
     rm -rf "$OP_RESULTS" && mkdir -p "$OP_RESULTS/$SLUG"
     TAIL_LINES=30 run_step opbench "$OP_BENCH_S" "$PY -m benchmarks --op $OP --quick --out $OP_RESULTS/$SLUG"
+fi
+
+# Nsight Compute over each provider's kernels (benchmarks/profile.py): the op's own folder with --op, the results
+# folder (committed with the benchmark results) for the profile step. Each run gets what is left of its step.
+if want opprofile; then
+    case "$OP" in
+        attention | attention_decode | norm | cross_entropy | linear_cross_entropy)
+            SLUG=${SLUG:-$(device_slug)}
+            mkdir -p "$OP_RESULTS/$SLUG"
+            TAIL_LINES=30 run_step opprofile "$OP_PROFILE_S" "$PY -m benchmarks.profile --op $OP \
+                --out $OP_RESULTS/$SLUG --budget-s \$((STEP_DEADLINE - \$(date +%s) - 20))"
+            ;;
+    esac
+fi
+
+if want profile; then
+    SLUG=$(device_slug)
+    mkdir -p "$RESULTS/$SLUG"
+    TAIL_LINES=30 run_step profile "$PROFILE_S" "rc=0; for op in ${PROFILE_OPS:-attention norm cross_entropy}; do
+        left=\$((STEP_DEADLINE - \$(date +%s) - 20))
+        if [ \$left -le 30 ]; then echo \"profile \$op: no time left\"; rc=1; continue; fi
+        $PY -m benchmarks.profile --op \$op --out $RESULTS/$SLUG --budget-s \$left || rc=1
+    done; exit \$rc"
 fi
 
 if want bench; then

@@ -1662,3 +1662,143 @@ def test_sweeps_without_a_gpu_say_so_and_exit_zero(name, capsys):
     module = importlib.import_module(f"benchmarks.{name}")
     assert module.main(["--tune"]) == 0 and module.main([]) == 0
     assert capsys.readouterr().out.count(f"{name}: no CUDA GPU here, nothing timed") == 2
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks.profile
+
+NCU_CSV = textwrap.dedent('''\
+    ==PROF== Connected to process 4242 (/usr/bin/python3)
+    "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","gpu__time_duration.sum","sm__throughput.avg.pct_of_peak_sustained_elapsed","sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active","sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active","launch__registers_per_thread","smsp__average_warps_issue_stalled_barrier_per_issue_active.ratio","smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio","smsp__average_warps_issue_stalled_wait_per_issue_active.ratio","smsp__average_warps_issue_stalled_math_pipe_throttle_per_issue_active.ratio"
+    "","","","","","","","ns","%","%","%","register/thread","inst","inst","inst","inst"
+    "0","4242","python3","h","spin_kernel","1","7","2,000","0.5","0","0","16","0","0","1.0","0"
+    "1","4242","python3","h","attn_fwd_wgmma_kernel","1","7","1,234,000","71.5","2.0","63.25","218","0.8","0.1","0.5","2.5"
+    "2","4242","python3","h","spin_kernel","1","7","2,000","0.5","0","0","16","0","0","1.0","0"
+    "3","4242","python3","h","attn_bwd_delta_kernel","1","7","40,000","20","0","0","32","0","3.5","0.2","0"
+    "4","4242","python3","h","attn_bwd_dq_wgmma_kernel","1","7","900,000","60","1","55","168","1.5","0.3","n/a","0.9"
+    ==PROF== Disconnected from process 4242
+    ''')
+
+
+def test_profile_reads_ncus_csv_into_units():
+    from benchmarks import profile
+
+    rows = profile.parse_csv(NCU_CSV)
+    assert [profile.kernel_name(r) for r in rows] == ["spin_kernel", "attn_fwd_wgmma_kernel", "spin_kernel",
+                                                      "attn_bwd_delta_kernel", "attn_bwd_dq_wgmma_kernel"]
+    assert rows[1]["gpu__time_duration.sum"] == 1234000.0 and rows[4]["smsp__average_warps_issue_stalled_wait_"
+                                                                       "per_issue_active.ratio"] == "n/a"
+    units = [{"case": "c", "provider": "fastlm-cuda-wgmma", "mode": "fwd"},
+             {"case": "c", "provider": "fastlm-cuda-wgmma", "mode": "bwd"}]
+    grouped = profile.unit_rows(rows, units)
+    assert [(u["mode"], [k["kernel"] for k in u["kernels"]]) for u in grouped] == [
+        ("fwd", ["attn_fwd_wgmma_kernel"]), ("bwd", ["attn_bwd_delta_kernel", "attn_bwd_dq_wgmma_kernel"])]
+    fwd = grouped[0]["kernels"][0]
+    assert fwd["µs"] == 1234.0 and fwd["SM %"] == 71.5 and fwd["tensor %"] == 63.25 and fwd["regs"] == 218.0
+    assert fwd["DRAM %"] is None  # no such column in this report: an empty cell, not a zero
+    assert fwd["stalls"] == [("math_pipe_throttle", 2.5), ("barrier", 0.8), ("wait", 0.5)]
+    assert [s for s, _ in grouped[1]["kernels"][1]["stalls"]] == ["barrier", "math_pipe_throttle",
+                                                                   "long_scoreboard"]  # "n/a" is no value
+    # More markers than units (none expected) add nothing; no header at all reads as no rows.
+    assert profile.unit_rows(rows, units[:1]) == grouped[:1] and profile.parse_csv("==PROF== error\n") == []
+    md = profile.markdown("attention", {"device": "NVIDIA H200"}, grouped,
+                          [{"case": "c", "provider": "flex", "mode": "fwd", "why": "left out"}])
+    assert "| **fastlm-cuda-wgmma** | bwd | *all 2* | 940.0 |" in md
+    assert "| | | attn_fwd_wgmma_kernel | 1234.0 | 71.5 |" in md and "math_pipe_throttle 2.5" in md
+    assert "## Not profiled" in md and "flex fwd: left out" in md
+
+
+def test_profile_runs_the_driver_under_ncu_with_profiling_off_from_the_start(tmp_path):
+    from benchmarks import profile
+
+    cmd, export = profile.ncu_commands("/x/ncu", tmp_path / "r", "norm", [0, 2], tmp_path / "u.json")
+    assert cmd[:3] == ["/x/ncu", "--profile-from-start", "off"] and "--clock-control" in cmd
+    assert [cmd[i + 1] for i, a in enumerate(cmd) if a == "--section"] == list(profile.SECTIONS)
+    assert cmd[cmd.index("--export") + 1] == str(tmp_path / "r")
+    assert cmd[-11:-2] == [sys.executable, "-m", "benchmarks.profile", "--run", "--op", "norm", "--cases", "0", "2"]
+    assert cmd[-2:] == ["--units", str(tmp_path / "u.json")]
+    assert export == ["/x/ncu", "--import", f"{tmp_path / 'r'}.ncu-rep", "--page", "raw", "--csv",
+                      "--print-units", "base"]
+    if not torch.cuda.is_available():
+        assert profile.main(["--op", "attention", "--out", str(tmp_path)]) == 2
+
+
+def test_profile_driver_brackets_each_call_with_the_profiler_and_a_marker(tmp_path, monkeypatch):
+    """The driver on CPU tensors, the CUDA calls it makes recorded: every unit's call, and only it, between a
+    cudaProfilerStart and Stop, after the marker; the backward's forward outside; a provider that raises becomes a
+    'not profiled' entry and the rest go on."""
+    from benchmarks import profile
+
+    events = []
+
+    class Cudart:
+        def cudaProfilerStart(self):
+            events.append("start")
+
+        def cudaProfilerStop(self):
+            events.append("stop")
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: events.append("marker"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def make_inputs(case, device, gen):
+        x = torch.randn(4, 8, generator=gen, device=device, requires_grad=True)
+        return {"x": x}, [torch.ones(4, 8)]
+
+    def good(case):
+        def fn(i):
+            events.append("call")
+            return (i["x"] * 2,)
+        return fn
+
+    def bad(case):
+        def fn(i):
+            raise RuntimeError("no kernel for this")
+        return fn
+
+    fam = harness.Family("toy", "bytes", lambda quick: [harness.Case("toy", torch.float32, {"n": 8})],
+                         [harness.Provider("ours", good), harness.Provider("broken", bad),
+                          harness.Provider("flex", good), harness.Provider("far", good, skip=lambda c: "too big")],
+                         make_inputs, lambda case, mode: 1, "ours", "n", {torch.float32: 1e-5})
+    units = tmp_path / "units.json"
+    assert profile.drive(fam, [0], units, device="cpu") == 0
+    got = json.loads(units.read_text())
+    assert [(u["provider"], u["mode"]) for u in got["profiled"]] == [("ours", "fwd"), ("ours", "bwd")]
+    assert {(f["provider"], f["mode"], f["why"].split(":")[0]) for f in got["failed"]} == {
+        ("broken", "fwd", "RuntimeError"), ("broken", "bwd", "RuntimeError"),
+        ("flex", "fwd", "left out of profiles (many kernels, or a compile per shape)"),
+        ("flex", "bwd", "left out of profiles (many kernels, or a compile per shape)"),
+        ("far", "fwd", "too big"), ("far", "bwd", "too big")}
+    # Warm-ups (fwd, then bwd's forward) first; then fwd's call profiled; bwd's forward outside, its backward in.
+    assert events == ["call", "call", "start", "marker", "call", "stop", "call", "start", "marker", "stop"]
+
+
+def test_gpu_check_op_call_ends_with_a_profile_of_the_op(tmp_path):
+    """`--op NAME` runs benchmarks.profile last, into the op's results folder (packed into op-results.tar.gz), with
+    the time its step has left; the whole check runs it only when asked (the profile step). A stand-in python
+    records its arguments and plays every step's success."""
+    calls = tmp_path / "calls"
+    stub = tmp_path / "python"
+    stub.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        echo "$*" >> {calls}
+        case "$*" in *device_name*) echo stub-device ;; esac
+        exit 0
+        """))
+    stub.chmod(0o755)
+    env = _gpu_check_env(tmp_path, PY=str(stub), OP_RESULTS=str(tmp_path / "op"), FASTLM_COMMIT="abc1234")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--op", "norm"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    profiled = [line.split() for line in calls.read_text().splitlines() if "benchmarks.profile" in line]
+    assert len(profiled) == 1
+    args = profiled[0]
+    assert args[:4] == ["-m", "benchmarks.profile", "--op", "norm"]
+    assert args[args.index("--out") + 1] == str(tmp_path / "op" / "stub-device")
+    assert 0 < int(args[args.index("--budget-s") + 1]) <= 150
+    assert "opprofile" in proc.stdout
+    calls.unlink()
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "bench"], cwd=REPO,
+                          env=dict(env, BENCH_OPS="norm"), capture_output=True, text=True, timeout=120)
+    assert "benchmarks.profile" not in calls.read_text()
