@@ -48,6 +48,11 @@ REPO = Path(__file__).resolve().parents[1]
 # ncu's sections (their names are stable across versions; --list-sections prints them).
 SECTIONS = ("SpeedOfLight", "ComputeWorkloadAnalysis", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats",
             "WarpStateStats")
+# Raw metrics asked for by name on top of the sections: the tensor pipes' activity (wgmma's and mma.sync's), which
+# not every version's ComputeWorkloadAnalysis holds. A name this ncu does not know makes it refuse the run; the
+# run is then made again without them (the report says so).
+EXTRA_METRICS = ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+                 "sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active")
 # Per family: the quick cases profiled (indices into family.cases(quick=True)), and the providers left out: they
 # launch many kernels or compile every shape, and their time is not what this report is for.
 CASES = {"attention": (0,), "attention_decode": (1,), "norm": (0, 2, 4), "cross_entropy": (1,),
@@ -129,7 +134,7 @@ def kernel_figures(row: dict) -> dict:
     stalls = {}
     for column, value in row.items():
         m = STALL.match(column)
-        if m and isinstance(value, float) and m.group(1) not in ("not_issued",):
+        if m and isinstance(value, float) and m.group(1) not in ("selected", "not_issued"):  # issued, not stalled
             stalls[m.group(1)] = max(stalls.get(m.group(1), 0.0), value)
     out["stalls"] = sorted(stalls.items(), key=lambda kv: -kv[1])[:TOP_STALLS]
     return out
@@ -284,12 +289,14 @@ def find_ncu():
     return candidates[-1] if candidates else None
 
 
-def ncu_commands(ncu: str, report: Path, op: str, indices, units: Path) -> tuple:
+def ncu_commands(ncu: str, report: Path, op: str, indices, units: Path, extra_metrics=EXTRA_METRICS) -> tuple:
     """(the profiling command, the export command)."""
     profile = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--target-processes", "all",
                "--force-overwrite", "--export", str(report)]
     for section in SECTIONS:
         profile += ["--section", section]
+    if extra_metrics:
+        profile += ["--metrics", ",".join(extra_metrics)]
     profile += [sys.executable, "-m", "benchmarks.profile", "--run", "--op", op, "--cases",
                 *map(str, indices), "--units", str(units)]
     export = [ncu, "--import", f"{report}.ncu-rep", "--page", "raw", "--csv", "--print-units", "base"]
@@ -313,6 +320,22 @@ def _commit() -> str:
         return "?"
 
 
+def refused_metric(log: str) -> bool:
+    """Whether ncu stopped because it does not know a metric it was asked for."""
+    return bool(re.search(r"failed to find metric|invalid metric|unknown metric", log, re.IGNORECASE))
+
+
+def _run(cmd, budget_s: float) -> tuple:
+    """(output, exit status) of cmd within budget_s seconds (124 when cut)."""
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, timeout=max(budget_s, 1.0), capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        return proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        parts = [p.decode(errors="replace") if isinstance(p, bytes) else p for p in (e.stdout, e.stderr) if p]
+        return "".join(parts) + f"\nncu run cut at {budget_s:.0f} s", 124
+
+
 def profile(op: str, indices, out: Path, budget_s: float = BUDGET_S) -> int:
     import torch
 
@@ -328,15 +351,16 @@ def profile(op: str, indices, out: Path, budget_s: float = BUDGET_S) -> int:
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         report, units_path = Path(tmp, "report"), Path(tmp, "units.json")
-        cmd, export = ncu_commands(ncu, report, op, indices, units_path)
-        print("$", " ".join(cmd), flush=True)
-        try:
-            proc = subprocess.run(cmd, cwd=REPO, timeout=budget_s, capture_output=True, text=True,
-                                  env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            log, rc = proc.stdout + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            log, rc = f"{e.stdout or ''}{e.stderr or ''}\nncu run cut at {budget_s} s", 124
-            log = log if isinstance(log, str) else str(log)
+        extra = EXTRA_METRICS
+        while True:
+            cmd, export = ncu_commands(ncu, report, op, indices, units_path, extra)
+            print("$", " ".join(cmd), flush=True)
+            log, rc = _run(cmd, budget_s - (time.time() - start))
+            if extra and not Path(f"{report}.ncu-rep").exists() and refused_metric(log):
+                print(f"benchmarks.profile: this ncu refused {', '.join(extra)}; again without them", flush=True)
+                extra = ()
+                continue
+            break
         (out / f"profile_{op}.log").write_text(log)
         if not Path(f"{report}.ncu-rep").exists() or not units_path.exists():
             print(log[-3000:], file=sys.stderr)
@@ -349,7 +373,7 @@ def profile(op: str, indices, out: Path, budget_s: float = BUDGET_S) -> int:
     grouped = unit_rows(parse_csv(text), units["profiled"])
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "ncu": _ncu_version(ncu), "commit": _commit(), "seconds": round(time.time() - start, 1),
-            "ncu_exit": rc}
+            "ncu_exit": rc, "extra_metrics": list(extra)}
     (out / f"profile_{op}.json").write_text(json.dumps({"meta": meta, "units": grouped,
                                                         "failed": units["failed"]}, indent=1))
     md = markdown(op, meta, grouped, units["failed"])

@@ -1802,3 +1802,46 @@ def test_gpu_check_op_call_ends_with_a_profile_of_the_op(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "bench"], cwd=REPO,
                           env=dict(env, BENCH_OPS="norm"), capture_output=True, text=True, timeout=120)
     assert "benchmarks.profile" not in calls.read_text()
+
+
+def test_profile_wrapper_end_to_end_with_a_stand_in_ncu(tmp_path, monkeypatch):
+    """profile() with a stand-in ncu that refuses the extra tensor metrics, then profiles (writing a report and the
+    driver's units) and exports NCU_CSV: the run is made again without them, and the CSV, JSON and markdown come
+    out grouped by unit."""
+    from benchmarks import profile
+
+    fake = tmp_path / "ncu"
+    units = json.dumps({"profiled": [{"case": "c", "provider": "fastlm-cuda-wgmma", "mode": "fwd"},
+                                     {"case": "c", "provider": "fastlm-cuda-wgmma", "mode": "bwd"}],
+                        "failed": [{"case": "c", "provider": "flex", "mode": "fwd", "why": "left out"}]})
+    fake.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import sys, pathlib
+        args = sys.argv[1:]
+        if "--version" in args:
+            print("NVIDIA (R) Nsight Compute Command Line Profiler\\nVersion 2025.3.1.0 (build 1)")
+        elif "--import" in args:
+            sys.stdout.write({NCU_CSV!r})
+        elif "--metrics" in args:
+            print("==ERROR== Failed to find metric sm__pipe_tensor_op_gmma_cycles_active"); sys.exit(1)
+        else:
+            pathlib.Path(args[args.index("--export") + 1] + ".ncu-rep").write_text("report")
+            pathlib.Path(args[args.index("--units") + 1]).write_text({units!r})
+        """))
+    fake.chmod(0o755)
+    monkeypatch.setattr(profile, "find_ncu", lambda: str(fake))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    out = tmp_path / "out"
+    assert profile.profile("attention", [0], out, budget_s=60) == 0
+    result = json.loads((out / "profile_attention.json").read_text())
+    assert result["meta"]["extra_metrics"] == [] and result["meta"]["ncu"] == "2025.3.1.0"
+    assert [(u["mode"], len(u["kernels"])) for u in result["units"]] == [("fwd", 1), ("bwd", 2)]
+    assert result["failed"][0]["provider"] == "flex"
+    assert (out / "profile_attention.csv").read_text() == NCU_CSV
+    assert "attn_bwd_dq_wgmma_kernel" in (out / "profile_attention.md").read_text()
+    assert profile.refused_metric("==ERROR== Failed to find metric x") and not profile.refused_metric("ok")
+    cmd, _ = profile.ncu_commands("/x/ncu", tmp_path / "r", "norm", [0], tmp_path / "u.json")
+    assert cmd[cmd.index("--metrics") + 1] == ",".join(profile.EXTRA_METRICS)
+    assert "--metrics" not in profile.ncu_commands("/x/ncu", tmp_path / "r", "norm", [0], tmp_path / "u.json",
+                                                   extra_metrics=())[0]
