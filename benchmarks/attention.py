@@ -82,9 +82,10 @@ MAX_KV_CACHE_BYTES = 16 << 30
 MATH_MAX_SCORES_BYTES = 2 << 30
 EFFICIENT_SEQLENS = (1024, 4096, 16384)  # the memory-efficient backend, the slowest fused one, at these only
 WGMMA_SEQLENS = (4096, 8192)  # the cuda backend's wgmma forward (fastlm-cuda-wgmma), at these only
-# The wgmma forward's serial loop (fastlm-cuda-wgmma-serial), against the overlapped one: (seqlen, head_dim), causal
-# and not (the quick run's d128 case among them).
-WGMMA_SERIAL_CASES = {(4096, 128)}
+# The other Hopper forwards (fastlm._cuda.ATTN_HOPPER_FWD): the wgmma kernel's serial loop (fastlm-cuda-wgmma-serial)
+# and the warp-specialized TMA kernel (fastlm-cuda-wgmma-ws), beside the overlapped loop at (seqlen, head_dim,
+# causal): the quick run's headline case.
+WGMMA_FORM_CASES = {(4096, 128, True)}
 FLEX_CASES = {(16384, 128)}  # (seqlen, head_dim): both causal and not
 FLEX_DECODE_CASES = {(16, 32768)}  # (batch, kv length)
 
@@ -96,7 +97,7 @@ PROBE_DECODE_KV = 512  # KV length of the decode probe: one query against it, DE
 # The run-time model (see the header). Assumed H100 rates, on the slow side of the published ones (TARGETS.md):
 # TFLOP/s forward and backward; GB/s of a decode forward; a call is never shorter than EST_MIN_CALL_MS.
 EST_TFLOPS = {"fastlm-triton": (250, 180), "fastlm-cuda": (300, 180), "fastlm-cuda-wgmma": (300, 180),
-              "fastlm-cuda-wgmma-serial": (300, 180),
+              "fastlm-cuda-wgmma-serial": (300, 180), "fastlm-cuda-wgmma-ws": (300, 180),
               "sdpa-flash": (300, 250), "sdpa-cudnn": (450, 350), "sdpa-efficient": (150, 90), "sdpa-math": (25, 25),
               "flex": (250, 180)}
 EST_DENSE = {"sdpa-math"}  # computes the masked half of a causal case too
@@ -267,21 +268,21 @@ def _cuda_wgmma_available():
     return ok, why
 
 
-def _cuda_wgmma_context(overlap=True):
-    """The cuda backend with ATTN_HOPPER and ATTN_HOPPER_BWD on, and the forward's loop as `overlap` says."""
+def _cuda_wgmma_context(form="overlap"):
+    """The cuda backend with ATTN_HOPPER and ATTN_HOPPER_BWD on, and the Hopper forward ATTN_HOPPER_FWD = form."""
 
     @contextlib.contextmanager
     def context():
         from fastlm import _cuda
 
-        before = _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD, _cuda.ATTN_HOPPER_OVERLAP
+        before = _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD, _cuda.ATTN_HOPPER_FWD
         _cuda.ATTN_HOPPER = _cuda.ATTN_HOPPER_BWD = True
-        _cuda.ATTN_HOPPER_OVERLAP = overlap
+        _cuda.ATTN_HOPPER_FWD = form
         try:
             with harness.fastlm_context("cuda")():
                 yield
         finally:
-            _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD, _cuda.ATTN_HOPPER_OVERLAP = before
+            _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD, _cuda.ATTN_HOPPER_FWD = before
 
     return context
 
@@ -292,10 +293,10 @@ def _cuda_wgmma_skip(case):
     return ""
 
 
-def _cuda_wgmma_serial_skip(case):
-    if (case.params["seqlen"], case.params["head_dim"]) not in WGMMA_SERIAL_CASES:
-        return (f"timed at (seqlen, head_dim) in {sorted(WGMMA_SERIAL_CASES)} only (the run's time budget), beside "
-                "fastlm-cuda-wgmma's overlapped loop")
+def _cuda_wgmma_form_skip(case):
+    if (case.params["seqlen"], case.params["head_dim"], case.params["causal"]) not in WGMMA_FORM_CASES:
+        return (f"timed at (seqlen, head_dim, causal) in {sorted(WGMMA_FORM_CASES)} only (the run's time budget), "
+                "beside fastlm-cuda-wgmma's overlapped loop")
     return ""
 
 
@@ -409,12 +410,12 @@ def _providers(decode):
     if not decode:
         # The cuda backend with its forward and backward on wgmma (fastlm._cuda.ATTN_HOPPER, ATTN_HOPPER_BWD: off by
         # default until these rows say they win): a peer, so that the dispatch table's "cuda" stays what users get.
-        # Its forward's two loops (ATTN_HOPPER_OVERLAP): the overlapped one as fastlm-cuda-wgmma, the serial one
-        # beside it at one seqlen, to say which to keep.
-        out[2:2] = [Provider("fastlm-cuda-wgmma", _fastlm, _cuda_wgmma_available, _cuda_wgmma_context(True),
-                             skip=_cuda_wgmma_skip),
-                    Provider("fastlm-cuda-wgmma-serial", _fastlm, _cuda_wgmma_available, _cuda_wgmma_context(False),
-                             skip=_cuda_wgmma_serial_skip)]
+        # Its Hopper forwards (ATTN_HOPPER_FWD): the overlapped loop as fastlm-cuda-wgmma, the serial loop and the
+        # warp-specialized kernel beside it on the headline case, to say which to keep.
+        out[2:2] = [Provider("fastlm-cuda-wgmma", _fastlm, _cuda_wgmma_available, _cuda_wgmma_context("overlap"),
+                             skip=_cuda_wgmma_skip)] + [
+            Provider(f"fastlm-cuda-wgmma-{form}", _fastlm, _cuda_wgmma_available, _cuda_wgmma_context(form),
+                     skip=_cuda_wgmma_form_skip) for form in ("serial", "ws")]
         out.append(sdpa("sdpa-math", SDPBackend.MATH, skip=_math_skip))
     out.append(Provider("flex", _flex, _flex_available, skip=_flex_skip))
     return out

@@ -248,6 +248,10 @@ def problems(row: dict) -> list:
     if row.get("wgmma_expected") and "HGMMA" not in row["mma"]:
         why.append("a 16-bit attention tile of 64 rows or more on sm_90a without wgmma (no HGMMA in the SASS: "
                    f"{'+'.join(sorted(row['mma'])) or 'no tensor-core instruction'} instead)")
+    if row.get("ws_expected") and not (row.get("ws") and row.get("tma")):
+        why.append("written warp-specialized on TMA, but its SASS has "
+                   f"{'no' if not row.get('tma') else 'TMA but no'} UTMALDG/USETMAXREG pair (tma {bool(row.get('tma'))}, "
+                   f"setmaxnreg {bool(row.get('ws'))})")
     if row.get("overlap_expected") and not row.get("overlap"):
         why.append("built to overlap the softmax with a wgmma in flight, but no exp2 runs while one may (ptxas "
                    "serialized the wgmma pipeline: see its C7513/C7517 notes)")
@@ -772,10 +776,14 @@ def _shorten(name: str) -> str:
 
 # The CUDA C++ kernels written on wgmma: their sm_90a builds must hold HGMMA (a build that lost it, by a guard or
 # an architecture macro, would run the kernel's trap instead).
-CUDA_WGMMA_KERNELS = ("attn_fwd_wgmma_kernel", "attn_bwd_dkdv_wgmma_kernel", "attn_bwd_dq_wgmma_kernel")
+CUDA_WGMMA_KERNELS = ("attn_fwd_wgmma_kernel", "attn_fwd_ws_kernel", "attn_bwd_dkdv_wgmma_kernel",
+                      "attn_bwd_dq_wgmma_kernel")
 # Of those, the variants whose softmax must run while a product is in flight (parse_sass's `overlap`): the forward
-# with its last template argument, kOverlap, true.
-CUDA_OVERLAP_KERNELS = re.compile(r"\battn_fwd_wgmma_kernel<[^<>]*, true>")
+# with its last template argument, kOverlap, true, and the warp-specialized forward.
+CUDA_OVERLAP_KERNELS = re.compile(r"\battn_fwd_wgmma_kernel<[^<>]*, true>|\battn_fwd_ws_kernel\b")
+# The warp-specialized kernels: their sm_90a builds must load by TMA (UTMALDG) and move registers between warp
+# groups (USETMAXREG), or they are not what they were written to be.
+CUDA_WS_KERNELS = ("attn_fwd_ws_kernel",)
 
 
 def _cuda_rows(base: dict, found: dict, spills: dict, seconds: float) -> list:
@@ -783,7 +791,8 @@ def _cuda_rows(base: dict, found: dict, spills: dict, seconds: float) -> list:
     hopper = base["arch"] == "sm_90a"
     return [dict(base, kernel=names[k], spill_bytes=spills.get(k), seconds=seconds,
                  wgmma_expected=hopper and any(w in names[k] for w in CUDA_WGMMA_KERNELS),
-                 overlap_expected=hopper and bool(CUDA_OVERLAP_KERNELS.search(names[k])), **facts)
+                 overlap_expected=hopper and bool(CUDA_OVERLAP_KERNELS.search(names[k])),
+                 ws_expected=hopper and any(w in names[k] for w in CUDA_WS_KERNELS), **facts)
             for k, facts in sorted(found.items())]
 
 

@@ -88,6 +88,9 @@
 #include <type_traits>
 #include <vector>
 
+#include <cuda.h>  // CUtensorMap (a type only: nothing of the driver library is linked)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled, reached through the runtime
+
 #include "common.cuh"
 #include "launchers.h"
 
@@ -776,7 +779,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1) attn_fwd_kernel(con
 // - S = Q·Kᵀ: Q (A) and K (B) from shared memory, both K-major (head dim contiguous), D/16 instructions of
 //   m64n128k16. O += P·V: P (A) from registers, V (B) from shared memory MN-major (its head dim contiguous, keys
 //   the reduction): the transposed-B form, kBlockN/16 instructions of m64nDk16. Each product is one commit group.
-//   Two forms of the loop (the kOverlap template argument; fastlm/_cuda.py's ATTN_HOPPER_OVERLAP picks one until
+//   Two forms of the loop (the kOverlap template argument; fastlm/_cuda.py's ATTN_HOPPER_FWD picks one until
 //   the benchmark has timed both):
 //   - serial: each product waited for before its result is read; only the two warp groups, and the cp.async
 //     prefetch of the next block, overlap the softmax with the tensor cores.
@@ -821,6 +824,7 @@ struct WgmmaFwdConfig {
 // would not fit the registers at 256).
 constexpr bool hopper_head_dim(int64_t d) { return d == 64 || d == 128 || d == 256; }
 constexpr bool hopper_bwd_head_dim(int64_t d) { return d == 64 || d == 128; }
+constexpr bool ws_head_dim(int64_t d) { return d == 64 || d == 128; }  // the warp-specialized forward's
 
 // Byte offset of 16-byte chunk `chunk` (columns 8·chunk .. 8·chunk + 7) of row r in a swizzled tile of `rows` rows.
 constexpr uint32_t swizzled_offset(int rows, int r, int chunk) {
@@ -1200,6 +1204,239 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
     }
   }
   write_rows<T, D>(p, seq, reinterpret_cast<T*>(aligned), o, m, l, b, h, m0, m_last, warp, lane);
+#else
+  __trap();  // built for an architecture without wgmma: the launcher never starts it there
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Warp-specialized Hopper forward (attn_fwd_ws_kernel, sm_90a, head dims 64 and 128, dense calls): FlashAttention-3's
+// structure on the overlapped loop above. A producer warp group loads Q, K and V by TMA (one thread issues
+// cp.async.bulk.tensor copies into the 128-byte-swizzled tiles, completion counted in bytes on mbarriers) and gives
+// its registers away (setmaxnreg); two consumer warp groups of 64 query rows run the overlapped loop (S and the
+// previous block's P·V issued back to back, the softmax while P·V runs) with their own pace: a stage is handed
+// over by mbarriers, full (the producer's bytes landed) and empty (every consumer warp is done reading it), so the
+// two warp groups never wait on each other, unlike the cp.async kernel's block-wide barriers. Off unless
+// fastlm/_cuda.py's ATTN_HOPPER_FWD is "ws" (until the benchmark has timed it); the launcher takes the overlapped
+// cp.async kernel for a call it cannot map (varlen, head dim 256, strides or addresses TMA cannot take).
+//
+// - Tensor maps (host, attention_fwd): q, k, v as 4-D (head dim, heads, tokens, batch) with their own strides,
+//   boxes of 64 columns (128 bytes: the swizzle's width) × 1 head × the tile's rows × 1; rows past the sequence
+//   (the map's token bound is the dense length) arrive as zeros, as the cp.async kernels' zero-fill gives them.
+// - Stages: two of K and two of V. The producer's order is Q, K(0), then per block t: K(t + 1) (into the stage
+//   S(t − 1) released), V(t) (into the stage P·V(t − 2) released): V runs a block behind K, as the consumers use it.
+// - Barriers (8 bytes each, after the tiles): q_full, k_full[2], v_full[2] (count 1: the producer's
+//   arrive.expect_tx; the TMA's bytes complete the phase), k_empty[2], v_empty[2] (count 8: one arrive per
+//   consumer warp after its wgmma wait). A stage's n-th use waits for phase parity n & 1.
+// - Registers: 384 threads at launch (168 a thread); the producer drops to kProducerRegs, the consumers rise to
+//   kConsumerRegs (2 · 128 · 232 + 128 · 40 ≤ 65536).
+template <int D>
+struct WsFwdConfig {
+  static constexpr int kBlockM = 128;  // two consumer warp groups of 64 rows
+  static constexpr int kBlockN = 128;
+  static constexpr int kThreads = 384;  // producer warp group, then the two consumer warp groups
+  static constexpr int kConsumerWarps = 8;
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  static constexpr int kQBytes = kBlockM * D * 2;
+  static constexpr int kTileBytes = kBlockN * D * 2;
+  static constexpr int kTilesBytes = kQBytes + 4 * kTileBytes;  // Q, K stages 0 and 1, V stages 0 and 1
+  static constexpr int kBarriers = 9;
+  static constexpr int kSmemBytes = kTilesBytes + kBarriers * 8 + 1024;
+  static_assert(D == 64 || D == 128, "head dims 64 and 128");
+  static_assert(128 + kConsumerWarps * 32 == kThreads && kConsumerWarps * kMma == kBlockM,
+                "a producer warp group, then consumer warps of 16 rows each");
+  static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 65536, "the register file holds the split");
+  static_assert(kBlockM * (D + 8) * 2 <= kQBytes + 2 * kTileBytes, "the epilogue's staging fits Q and K's stages");
+};
+
+#ifdef FASTLM_WGMMA  // the warp-specialized kernel's own helpers
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// One arrival that also says how many bytes the phase still waits for (the TMA copies' complete_tx).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+
+// Blocks until the phase of the given parity has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+
+// A box of the 4-D map (column c, head h, row r, batch b) into shared memory at dst, counted on bar.
+__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap& map, int c, int h, int r, int b,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(&map)), "r"(c), "r"(h), "r"(r), "r"(b), "r"(bar)
+      : "memory");
+}
+
+// A tile of `rows` rows × D: D/64 boxes of 64 columns, column block after column block (the swizzled layout).
+template <int D, int kRows>
+__device__ __forceinline__ void tma_tile(uint32_t dst, const CUtensorMap& map, int h, int r, int b, uint32_t bar) {
+#pragma unroll
+  for (int cb = 0; cb < D / 64; ++cb) tma_load(dst + cb * kRows * 128, map, cb * 64, h, r, b, bar);
+}
+
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// The 256 consumer threads alone (named barrier 1; 0 is __syncthreads').
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+#endif  // FASTLM_WGMMA
+
+template <typename T, int D, bool kSoftcap>
+__global__ void __launch_bounds__(WsFwdConfig<D>::kThreads, 1)
+    attn_fwd_ws_kernel(const AttnParams p, const __grid_constant__ CUtensorMap map_q,
+                       const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
+#ifdef FASTLM_WGMMA
+  using C = WsFwdConfig<D>;
+  constexpr int kN = C::kBlockN;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t base = atom_base(smem);
+  unsigned char* aligned = smem + (base - smem_u32(smem));
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  QueryBlock<D, C::kBlockM, kN, false> blk(p);
+  if (blk.m0 >= blk.seq.sq) return;
+  blk.locate(p);
+  const int h = blk.h, b = blk.b, m0 = blk.m0, n_begin = blk.n_begin, n_end = blk.n_end, hk = blk.hk;
+  const uint32_t q_tile = base;
+  auto k_tile = [&](int stage) { return base + static_cast<uint32_t>(C::kQBytes + stage * C::kTileBytes); };
+  auto v_tile = [&](int stage) { return base + static_cast<uint32_t>(C::kQBytes + (2 + stage) * C::kTileBytes); };
+  const uint32_t bars = base + C::kTilesBytes;
+  const uint32_t q_full = bars;
+  auto k_full = [&](int stage) { return bars + 8u * (1 + stage); };
+  auto v_full = [&](int stage) { return bars + 8u * (3 + stage); };
+  auto k_empty = [&](int stage) { return bars + 8u * (5 + stage); };
+  auto v_empty = [&](int stage) { return bars + 8u * (7 + stage); };
+  if (tid == 0) {
+    mbar_init(q_full, 1);
+    for (int s = 0; s < 2; ++s) {
+      mbar_init(k_full(s), 1);
+      mbar_init(v_full(s), 1);
+      mbar_init(k_empty(s), C::kConsumerWarps);
+      mbar_init(v_empty(s), C::kConsumerWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  const int blocks = n_end - n_begin;
+
+  if (warp < 4) {  // the producer warp group: one thread issues every copy
+    setmaxnreg_dec<C::kProducerRegs>();
+    if (tid == 0) {
+      // Dense rows: the maps' token coordinate is the position in the sequence (q_start = k_start = 0).
+      mbar_arrive_expect_tx(q_full, C::kQBytes);
+      tma_tile<D, C::kBlockM>(q_tile, map_q, h, m0, b, q_full);
+      if (blocks > 0) {
+        mbar_arrive_expect_tx(k_full(0), C::kTileBytes);
+        tma_tile<D, kN>(k_tile(0), map_k, hk, n_begin * kN, b, k_full(0));
+      }
+      for (int t = 0; t < blocks; ++t) {
+        if (t + 1 < blocks) {  // K(t + 1) into the stage S(t − 1) read
+          const int s = (t + 1) & 1;
+          if (t + 1 >= 2) mbar_wait(k_empty(s), (((t + 1) >> 1) - 1) & 1);
+          mbar_arrive_expect_tx(k_full(s), C::kTileBytes);
+          tma_tile<D, kN>(k_tile(s), map_k, hk, (n_begin + t + 1) * kN, b, k_full(s));
+        }
+        const int s = t & 1;  // V(t) into the stage P·V(t − 2) read
+        if (t >= 2) mbar_wait(v_empty(s), ((t >> 1) - 1) & 1);
+        mbar_arrive_expect_tx(v_full(s), C::kTileBytes);
+        tma_tile<D, kN>(v_tile(s), map_v, hk, (n_begin + t) * kN, b, v_full(s));
+      }
+    }
+    return;
+  }
+
+  // The consumers: warp group cw of rows 64·cw …; warps numbered 0..7 among the consumers for the masks and
+  // the epilogue (their rows 16·cwarp + lane/4, + 8).
+  setmaxnreg_inc<C::kConsumerRegs>();
+  const int cwarp = warp - 4;
+  const int cw = cwarp / 4;
+  const Seq& seq = blk.seq;
+  const int m_last = blk.m_last;
+  const Band band = blk.band;
+  float o[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
+  }
+  float m[2] = {neg_inf(), neg_inf()};
+  float l[2] = {0.f, 0.f};
+  const int i0 = m0 + cwarp * kMma + (lane >> 2);
+  auto scores = [&](float (&s)[kN / 8][4], int nb) {
+    to_log2_scores<kSoftcap, kN>(s, p);
+    const int n0 = nb * kN;
+    if (!tile_unmasked(band, seq.sk, n0, kN, m0, m_last)) mask_scores<kN>(s, band, seq.sk, n0, i0, i0 + 8, lane);
+  };
+  auto release = [&](uint32_t bar) {  // this warp is done reading a stage (after its wgmma wait)
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bar);
+  };
+  uint32_t pf[kN / 16][4];
+  float s[kN / 8][4];
+  float alpha[2];
+  mbar_wait(q_full, 0);  // also when there is no key block: the staging below overwrites Q's tile
+  if (blocks > 0) {
+    mbar_wait(k_full(0), 0);
+    warpgroup_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * cw, k_tile(0));
+    release(k_empty(0));
+    scores(s, n_begin);
+    softmax_rows<kN>(s, m, l, alpha);
+    for (int t = 1; t < blocks; ++t) {
+      const int st = t & 1;
+      wgmma_wait<0>();  // P·V(t − 2), issued by the last iteration (none at t = 1)
+      fence_operands(o);
+      fence_operands(pf);
+      if (t >= 2) release(v_empty(st));  // (t − 2) & 1 = t & 1
+      rescale_rows<D>(o, alpha);
+      p_frags<T, kN>(pf, s);
+      mbar_wait(k_full(st), (t >> 1) & 1);
+      mbar_wait(v_full(st ^ 1), ((t - 1) >> 1) & 1);
+      issue_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * cw, k_tile(st));
+      issue_ab<T, D, kN>(o, pf, v_tile(st ^ 1));
+      wgmma_wait<1>();  // S (the older group) has landed; P·V(t − 1) may still run
+      fence_operands(s);
+      release(k_empty(st));
+      scores(s, n_begin + t);
+      softmax_rows<kN>(s, m, l, alpha);
+    }
+    wgmma_wait<0>();
+    fence_operands(o);
+    fence_operands(pf);
+    rescale_rows<D>(o, alpha);
+    p_frags<T, kN>(pf, s);
+    mbar_wait(v_full((blocks - 1) & 1), ((blocks - 1) >> 1) & 1);
+    warpgroup_ab<T, D, kN>(o, pf, v_tile((blocks - 1) & 1));
+  }
+  consumers_sync();  // both consumer warp groups are done with Q and K's stages, which the staging overwrites
+  write_rows<T, D>(p, seq, reinterpret_cast<T*>(aligned), o, m, l, b, h, m0, m_last, cwarp, lane);
 #else
   __trap();  // built for an architecture without wgmma: the launcher never starts it there
 #endif
@@ -1902,6 +2139,53 @@ bool hopper_kernels_run(int device) {
   return answer == 1;
 }
 
+// The warp-specialized forward's TMA maps. cuTensorMapEncodeTiled is a driver function: reached through the runtime
+// (cudaGetDriverEntryPointByVersion), once, so that nothing links the driver library.
+using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
+
+EncodeTiled encode_tiled() {
+  static const EncodeTiled fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                                             &found);
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();  // no such entry point: an error to clear, the caller falls back
+      return EncodeTiled{nullptr};
+    }
+    return reinterpret_cast<EncodeTiled>(ptr);
+  }();
+  return fn;
+}
+
+// A 4-D map of a dense (batch, tokens, heads, head dim) tensor at `ptr` with (batch, token, head) strides in
+// elements (the head dim contiguous): dims (head dim, heads, tokens, batch), boxes of 64 columns × 1 head × `rows`
+// × 1 in the 128-byte swizzle, zeros past the bounds. False when TMA cannot address it (an address not 16-byte
+// aligned, a stride that is not a positive multiple of 16 bytes below 2^40, or the driver refuses): the caller
+// then takes the cp.async kernel.
+bool make_tma_map(CUtensorMap& map, int64_t ptr, int dtype, int64_t head_dim, int64_t heads, int64_t tokens,
+                  int64_t batch, const std::vector<int64_t>& strides, int rows) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr || ptr % 16 != 0 || strides.size() != 3 || tokens <= 0 || batch <= 0 || heads <= 0) {
+    return false;
+  }
+  const int64_t sb = strides[0], ss = strides[1], sh = strides[2];
+  for (const int64_t st : {sh, ss, sb}) {
+    if (st <= 0 || (st * 2) % 16 != 0 || st * 2 >= (int64_t{1} << 40)) return false;
+  }
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(tokens), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t byte_strides[3] = {static_cast<cuuint64_t>(sh * 2), static_cast<cuuint64_t>(ss * 2),
+                                      static_cast<cuuint64_t>(sb * 2)};
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(rows), 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const CUresult r =
+      encode(&map, dtype == kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+             reinterpret_cast<void*>(ptr), dims, byte_strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
 void check_heads(int64_t heads_q, int64_t heads_k) {
   require(heads_k >= 1 && heads_q >= 1 && heads_q % heads_k == 0,
           "heads_q must be a positive multiple of heads_k, got " + std::to_string(heads_q) + " and " +
@@ -2040,7 +2324,7 @@ void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t
   check_call(cu_seqlens_q, cu_seqlens_k, batch, heads_q, heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q,
              total_k, dtype, scale, softcap);
   require(num_splits >= 0 && num_splits <= kMaxSplits, "num_splits must be in [0, 128]");
-  require(hopper >= 0 && hopper <= 2, "hopper must be 0, 1 or 2, got " + std::to_string(hopper));
+  require(hopper >= 0 && hopper <= 3, "hopper must be 0, 1, 2 or 3, got " + std::to_string(hopper));
   const int64_t rows = decode_rows(heads_q, heads_k, max_seqlen_q);
   require(num_splits == 0 || rows > 0, "the decode kernel (num_splits ≥ 1) takes max_seqlen_q · heads_q / heads_k ≤ 16");
   require(rows == 0 || batch * heads_k * rows <= INT_MAX, "too many (batch, kv head, row) triples for one grid");
@@ -2066,8 +2350,24 @@ void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t
       constexpr int D = decltype(dim)::value;
       if constexpr (hopper_head_dim(D)) {
         if (num_splits == 0 && hopper != 0 && hopper_kernels_run(device)) {
+          if constexpr (ws_head_dim(D)) {
+            CUtensorMap maps[3];
+            if (hopper == 3 && cu_seqlens_q == 0 &&
+                make_tma_map(maps[0], q, dtype, D, heads_q, max_seqlen_q, batch, q_strides, WsFwdConfig<D>::kBlockM) &&
+                make_tma_map(maps[1], k, dtype, D, heads_k, max_seqlen_k, batch, k_strides, WsFwdConfig<D>::kBlockN) &&
+                make_tma_map(maps[2], v, dtype, D, heads_k, max_seqlen_k, batch, v_strides, WsFwdConfig<D>::kBlockN)) {
+              using C = WsFwdConfig<D>;
+              const auto kernel = capped ? attn_fwd_ws_kernel<T, D, true> : attn_fwd_ws_kernel<T, D, false>;
+              opt_in_smem(kernel, C::kSmemBytes, "attn_fwd_ws_kernel");
+              const dim3 grid(static_cast<unsigned>((max_seqlen_q + C::kBlockM - 1) / C::kBlockM),
+                              static_cast<unsigned>(heads_q), static_cast<unsigned>(batch));
+              kernel<<<grid, C::kThreads, C::kSmemBytes, s>>>(p, maps[0], maps[1], maps[2]);
+              check_launch("attn_fwd_ws_kernel");
+              return;
+            }
+          }
           using C = WgmmaFwdConfig<D>;
-          const bool overlap = hopper == 2;
+          const bool overlap = hopper >= 2;  // "ws" where the warp-specialized kernel cannot take the call
           const auto kernel = capped ? (overlap ? attn_fwd_wgmma_kernel<T, D, true, true>
                                                 : attn_fwd_wgmma_kernel<T, D, true, false>)
                                      : (overlap ? attn_fwd_wgmma_kernel<T, D, false, true>

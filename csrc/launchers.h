@@ -121,7 +121,9 @@ int64_t attention_workspace_numel(int64_t batch, int64_t heads_q, int64_t heads_
 // cu_seqlens_q and cu_seqlens_k together (not varlen), k and v when there are no keys, workspace unless
 // num_splits > 1. softcap 0 means none. hopper: 0 for the FlashAttention-2 forward kernel; 1 and 2 for the one on
 // wgmma (attn_fwd_wgmma_kernel) where attention_hopper_supported says it exists, 1 its serial loop, 2 its loop with
-// each block's softmax overlapping the previous block's P·V (the FlashAttention-2 kernel where it does not exist).
+// each block's softmax overlapping the previous block's P·V (the FlashAttention-2 kernel where it does not exist);
+// 3 for the warp-specialized TMA kernel (attn_fwd_ws_kernel) where it takes the call (dense, head dims 64 and 128,
+// TMA-addressable), else as 2.
 void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
                    int64_t cu_seqlens_k, std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
                    std::vector<int64_t> v_strides, std::vector<int64_t> out_strides, int64_t batch, int64_t heads_q,
@@ -140,7 +142,7 @@ void attention_bwd(int64_t dout, int64_t q, int64_t k, int64_t v, int64_t out, i
                    int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q, int64_t total_k,
                    int dtype, double scale, std::optional<int64_t> window_left,
                    std::optional<int64_t> window_right, int device, int64_t stream);
-// Whether attention_fwd(hopper=1 or 2) runs the wgmma forward kernel for this head dim on this device (backward
+// Whether attention_fwd(hopper=1, 2 or 3) runs the wgmma forward kernel for this head dim on this device (backward
 // false), or attention_bwd can run (true): compute capability 9.0, a build with sm_90a code, head dim 64, 128 or
 // (forward) 256.
 bool attention_hopper_supported(int64_t head_dim, bool backward, int device);

@@ -485,11 +485,17 @@ def reduce_loss(loss, sc, mean):
 # compute capability 9.0, a build with sm_90a code): off until the benchmark has timed it against the FlashAttention-2
 # kernel on such a GPU (benchmarks/attention.py's cuda-wgmma provider); tests force it to check it there.
 ATTN_HOPPER = False
-# That kernel's loop (when ATTN_HOPPER): True overlaps each key block's softmax with the previous block's P·V on the
-# tensor cores (FlashAttention-3's intra-warpgroup pipelining: S and P·V issued back to back, O rescaled once P·V
-# has landed; 218 registers at head dim 128 against 186), False runs the two products and the softmax in turn.
-# Which is faster is for the benchmark to say (its fastlm-cuda-wgmma-serial peer times the False form).
-ATTN_HOPPER_OVERLAP = True
+# Which Hopper forward runs when ATTN_HOPPER is on, until the benchmark has timed them (its fastlm-cuda-wgmma peer
+# runs this default, fastlm-cuda-wgmma-serial and fastlm-cuda-wgmma-ws the others):
+#   "overlap": attn_fwd_wgmma_kernel with each key block's softmax overlapping the previous block's P·V on the
+#              tensor cores (FlashAttention-3's intra-warpgroup pipelining; 218 registers at head dim 128, 186 serial);
+#   "serial":  the same kernel with the two products and the softmax in turn;
+#   "ws":      attn_fwd_ws_kernel, FlashAttention-3's warp specialization: a producer warp group loading Q, K and V
+#              by TMA, two consumer warp groups running the overlapped loop at their own pace (mbarriers, no
+#              block-wide barriers); head dims 64 and 128, dense calls with TMA-addressable strides (others take
+#              "overlap").
+ATTN_HOPPER_FWD = "overlap"
+_HOPPER_FWD_MODES = {"serial": 1, "overlap": 2, "ws": 3}
 # The backward on wgmma (attention_bwd: attn_bwd_*_wgmma_kernel, the same GPUs, head dims 64 and 128, no softcap;
 # bitwise repeatable, no atomics): the cuda backend's backward when on (fastlm/ops/attention.py), the Triton
 # backward otherwise. Off until timed against it, as ATTN_HOPPER.
@@ -583,7 +589,7 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     j ≤ i + Sk − Sq + window_right (None: no bound); a query that sees no key gets out 0 and lse −inf. softcap 0
     or None: off, else scores softcap·tanh(scale·q·k / softcap). max_seqlen_q · Hq / Hk ≤ 16 takes the decode
     kernel (keys split across CTAs, then combined); everything else the FlashAttention-2 kernel, or its wgmma form
-    where ATTN_HOPPER and attention_hopper_supported (its loop as ATTN_HOPPER_OVERLAP says).
+    where ATTN_HOPPER and attention_hopper_supported (the form ATTN_HOPPER_FWD names).
     """
     ext = _require("q", q)
     if q.dtype not in _ATTN_DTYPES:
@@ -645,9 +651,17 @@ def attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         _ptr(cu_seqlens_k), *(_row_strides(t, varlen) for t in (q, k, v, out)), batch, heads_q,
         heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q, total_k, _DTYPE_CODES[q.dtype], float(scale),
         window_left, window_right, float(softcap or 0.0), _ptr(workspace), numel, splits,
-        (2 if ATTN_HOPPER_OVERLAP else 1) if ATTN_HOPPER else 0, index, _stream(q),
+        _hopper_fwd_mode() if ATTN_HOPPER else 0, index, _stream(q),
     )
     return out, lse
+
+
+def _hopper_fwd_mode() -> int:
+    mode = _HOPPER_FWD_MODES.get(ATTN_HOPPER_FWD)
+    if mode is None:
+        raise ValueError(f"fastlm._cuda.ATTN_HOPPER_FWD must be one of {sorted(_HOPPER_FWD_MODES)}, got "
+                         f"{ATTN_HOPPER_FWD!r}")
+    return mode
 
 
 def attention_bwd_unsupported(q, softcap) -> str | None:

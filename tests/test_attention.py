@@ -294,41 +294,50 @@ HOPPER_CASES = [c for c in GPU_CASES if c[5] in (64, 128, 256) and c[1] * c[3] /
 
 
 # A first run of the wgmma kernels in a child process: a kernel that faults (an illegal address, a bad descriptor)
-# kills the CUDA context of the process that launched it, and under xdist every later test of that worker would
-# fail with it. The child runs the forward at every head dim it has, in both loop forms, and the backward at its
-# two, with masks, GQA, a softcap (forward) and varlen; the tests launch the kernels in this process only after it
-# came back clean.
+# kills the CUDA context of the process that launched it, and a kernel that never finishes (an mbarrier phase
+# nobody completes) blocks it; under xdist every later test of that worker would fail with it. The child runs the
+# forward at every head dim it has, in the forms named (fastlm._cuda.ATTN_HOPPER_FWD), and with "bwd" the backward
+# at its two, with masks, GQA, a softcap (forward) and varlen; the tests launch the kernels in this process only
+# after it came back clean. The warp-specialized forward has a probe of its own ("ws"), so that a fault or a hang of
+# its new pipeline cannot keep the other kernels from being tested.
 WGMMA_PROBE = """
+import sys
 import torch, fastlm
 from fastlm import _cuda
+forms, backward = sys.argv[1].split(","), sys.argv[2] == "bwd"
 _cuda.ATTN_HOPPER = True
 gen = torch.Generator().manual_seed(0)
 def randn(*shape):
     return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+cu = torch.tensor([0, 0, 1, 140, 300], dtype=torch.int32, device="cuda")
 with fastlm.use_backend("cuda"):
-    for d, overlap in ((d, overlap) for d in (64, 128, 256) for overlap in (True, False)):
-        _cuda.ATTN_HOPPER_OVERLAP = overlap
-        for causal, window, softcap in ((False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (16, 8), 30.0)):
-            fastlm.attention(randn(2, 300, 4, d), randn(2, 257, 2, d), randn(2, 257, 2, d), causal=causal,
-                             window=window, softcap=softcap)
-        cu = torch.tensor([0, 0, 1, 140, 300], dtype=torch.int32, device="cuda")
-        fastlm.attention(randn(300, 4, d), randn(300, 2, d), randn(300, 2, d), causal=True, cu_seqlens_q=cu,
-                         cu_seqlens_k=cu, max_seqlen_q=160, max_seqlen_k=160)
-    _cuda.ATTN_HOPPER_OVERLAP = True
-    _cuda.ATTN_HOPPER_BWD = True
-    for d in (64, 128):
-        for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
-            q, k, v = (randn(2, n, h, d).requires_grad_() for n, h in ((300, 4), (257, 2), (257, 2)))
-            fastlm.attention(q, k, v, causal=causal, window=window).sum().backward()
-        q, k, v = (randn(300, h, d).requires_grad_() for h in (4, 2, 2))
-        fastlm.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=160,
-                         max_seqlen_k=160).sum().backward()
+    for form in forms:
+        _cuda.ATTN_HOPPER_FWD = form
+        for d in ((64, 128) if form == "ws" else (64, 128, 256)):
+            for causal, window, softcap in ((False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (16, 8), 30.0)):
+                for sq, sk in ((300, 257), (70, 700), (300, 40)):  # many key blocks; causal blocks with none
+                    fastlm.attention(randn(2, sq, 4, d), randn(2, sk, 2, d), randn(2, sk, 2, d), causal=causal,
+                                     window=window, softcap=softcap)
+            fastlm.attention(randn(300, 4, d), randn(300, 2, d), randn(300, 2, d), causal=True, cu_seqlens_q=cu,
+                             cu_seqlens_k=cu, max_seqlen_q=160, max_seqlen_k=160)
+    _cuda.ATTN_HOPPER_FWD = "overlap"
+    if backward:
+        _cuda.ATTN_HOPPER_BWD = True
+        for d in (64, 128):
+            for causal, window in ((False, (-1, -1)), (True, (-1, -1)), (False, (16, 8))):
+                q, k, v = (randn(2, n, h, d).requires_grad_() for n, h in ((300, 4), (257, 2), (257, 2)))
+                fastlm.attention(q, k, v, causal=causal, window=window).sum().backward()
+            q, k, v = (randn(300, h, d).requires_grad_() for h in (4, 2, 2))
+            fastlm.attention(q, k, v, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=160,
+                             max_seqlen_k=160).sum().backward()
 torch.cuda.synchronize()
 print("clean")
 """
+# The probes: which forward forms each runs, and whether it runs the backward.
+WGMMA_PROBES = {"main": ("serial,overlap", "bwd"), "ws": ("ws", "-")}
 
 
-# The child's time limit: it imports torch and fastlm and runs ~50 small calls of a built extension (seconds). Below
+# The child's time limit: it imports torch and fastlm and runs ~100 small calls of a built extension (seconds). Below
 # the GPU loop's per-test limit (pytest-timeout, 150 s in scripts/gpu_check.sh), so that a kernel that hangs fails
 # the first wgmma test of a worker with this message, once: the verdict is kept for the worker's later tests, where a
 # test killed by pytest-timeout would leave none and every later test would start the child again.
@@ -336,11 +345,12 @@ WGMMA_PROBE_TIMEOUT_S = 120
 
 
 @functools.lru_cache(maxsize=None)
-def _wgmma_probe() -> str:
-    """"" when the child ran the wgmma kernels cleanly, else what it printed (the tail), or that it hung."""
+def _wgmma_probe(which: str = "main") -> str:
+    """"" when the child ran the probe's kernels cleanly, else what it printed (the tail), or that it hung."""
     try:
-        proc = subprocess.run([sys.executable, "-c", WGMMA_PROBE], cwd=Path(__file__).resolve().parents[1],
-                              env=dict(os.environ), capture_output=True, text=True, timeout=WGMMA_PROBE_TIMEOUT_S)
+        proc = subprocess.run([sys.executable, "-c", WGMMA_PROBE, *WGMMA_PROBES[which]],
+                              cwd=Path(__file__).resolve().parents[1], env=dict(os.environ), capture_output=True,
+                              text=True, timeout=WGMMA_PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired as e:
         tail = e.stderr or e.stdout or b""
         tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
@@ -351,24 +361,26 @@ def _wgmma_probe() -> str:
 
 
 def test_wgmma_probe_reports_a_hang_once(monkeypatch):
-    """A child that outlives WGMMA_PROBE_TIMEOUT_S is a verdict (kept), not an exception each test would meet anew."""
+    """A child that outlives WGMMA_PROBE_TIMEOUT_S is a verdict (kept), not an exception each test would meet anew;
+    each probe has its own verdict."""
     calls = []
 
     def run(cmd, **kw):
-        calls.append(kw["timeout"])
-        raise subprocess.TimeoutExpired(cmd, kw["timeout"], stderr=b"launching attn_fwd_wgmma_kernel")
+        calls.append((cmd[-2:], kw["timeout"]))
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"], stderr=b"launching attn_fwd_ws_kernel")
 
     monkeypatch.setattr(subprocess, "run", run)
     _wgmma_probe.cache_clear()
     try:
-        first, second = _wgmma_probe(), _wgmma_probe()
+        first, second, ws = _wgmma_probe("main"), _wgmma_probe("main"), _wgmma_probe("ws")
     finally:
         _wgmma_probe.cache_clear()
-    assert first == second and first.startswith("still running after 120 s") and "attn_fwd_wgmma" in first
-    assert calls == [WGMMA_PROBE_TIMEOUT_S] and WGMMA_PROBE_TIMEOUT_S < 150
+    assert first == second == ws and first.startswith("still running after 120 s") and "attn_fwd_ws" in first
+    assert calls == [(["serial,overlap", "bwd"], WGMMA_PROBE_TIMEOUT_S), (["ws", "-"], WGMMA_PROBE_TIMEOUT_S)]
+    assert WGMMA_PROBE_TIMEOUT_S < 150
 
 
-def _force_cuda_hopper(monkeypatch, head_dim):
+def _force_cuda_hopper(monkeypatch, head_dim, probe="main"):
     """Turns the wgmma forward on where it runs (compute capability 9.0), and checks that it does run there and ran
     cleanly in a child process first (WGMMA_PROBE)."""
     from fastlm import _cuda
@@ -376,26 +388,46 @@ def _force_cuda_hopper(monkeypatch, head_dim):
     if not HAS_GPU or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma forward kernel runs on compute capability 9.0 only")
     assert _cuda.attention_hopper_supported(head_dim, DEVICE), "a 9.0 GPU, and the build has no sm_90a code"
-    failed = _wgmma_probe()
+    failed = _wgmma_probe(probe)
     if failed:
         pytest.fail(f"the wgmma kernels failed in a child process, so they are not launched here: {failed}")
     monkeypatch.setattr(_cuda, "ATTN_HOPPER", True)
 
 
+def _kernels_run(fn) -> set:
+    """The names of the CUDA kernels fn() launches (torch's profiler): that a call took the kernel it is meant to."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+
+
+# The forward forms (fastlm._cuda.ATTN_HOPPER_FWD) and the kernel each must launch.
+HOPPER_FORMS = {"overlap": "attn_fwd_wgmma_kernel", "serial": "attn_fwd_wgmma_kernel", "ws": "attn_fwd_ws_kernel"}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS[1:2], indirect=True)
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "serial"])
+@pytest.mark.parametrize("form", list(HOPPER_FORMS))
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 @pytest.mark.parametrize("case", HOPPER_CASES, ids=_case_id)
-def test_cuda_wgmma_forward_matches_reference(case, dtype, overlap, backend, monkeypatch):
-    """Both loops of the wgmma forward (ATTN_HOPPER_OVERLAP): the serial one, and the one whose softmax runs while
-    the previous block's P·V does."""
+def test_cuda_wgmma_forward_matches_reference(case, dtype, form, backend, monkeypatch):
+    """Every Hopper forward (ATTN_HOPPER_FWD): the wgmma kernel's serial loop and its loop whose softmax runs while
+    the previous block's P·V does, and the warp-specialized TMA kernel (head dims 64 and 128); each call is checked
+    to have launched that kernel."""
     from fastlm import _cuda
 
     b, sq, sk, h, hk, d, causal, window, softcap = case
-    _force_cuda_hopper(monkeypatch, d)
-    monkeypatch.setattr(_cuda, "ATTN_HOPPER_OVERLAP", overlap)
+    if form == "ws" and d not in (64, 128):
+        pytest.skip("the warp-specialized forward has head dims 64 and 128 (others take the overlapped kernel)")
+    _force_cuda_hopper(monkeypatch, d, "ws" if form == "ws" else "main")
+    monkeypatch.setattr(_cuda, "ATTN_HOPPER_FWD", form)
     q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
+    with fastlm.use_backend(backend):
+        names = _kernels_run(lambda: fastlm.attention(q, k, v, causal=causal, window=window, softcap=softcap))
+    assert any(HOPPER_FORMS[form] in n for n in names), sorted(names)
     _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
 
 

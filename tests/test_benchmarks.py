@@ -1082,6 +1082,13 @@ def test_static_report_wants_the_overlapped_wgmma_forward_to_overlap():
             assert bool(static.problems(r)) == r["overlap_expected"]
             assert static.problems(dict(r, overlap=True)) == []
     assert "serialized" in static.problems(dict(rows[-1], overlap=False))[0]
+    # The warp-specialized forward: HGMMA, the overlap, TMA loads and setmaxnreg, on sm_90a.
+    ws = static._cuda_rows({"source": "attention.cu", "arch": "sm_90a"},
+                           {"attn_fwd_ws_kernel<__half, 64, false>(AttnParams, CUtensorMap)": facts}, {}, 0.0)[0]
+    assert ws["wgmma_expected"] and ws["overlap_expected"] and ws["ws_expected"]
+    assert static.problems(dict(ws, overlap=True, tma=True, ws=True)) == []
+    assert "UTMALDG/USETMAXREG" in " ".join(static.problems(dict(ws, overlap=True, tma=True, ws=False)))
+    assert len(static.problems(dict(ws, mma=set(), overlap=False, tma=False, ws=False))) == 3
 
 
 TINY_KERNELS = '''
@@ -1276,7 +1283,8 @@ def test_attention_families_and_their_providers():
         ("attention", "flops", harness.MODES), ("attention_decode", "bytes", ("fwd",))]
     sdpa = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
     assert [p.name for p in attention.FAMILY.providers] == ["fastlm-triton", "fastlm-cuda", "fastlm-cuda-wgmma",
-                                                            "fastlm-cuda-wgmma-serial", *sdpa, "sdpa-math", "flex"]
+                                                            "fastlm-cuda-wgmma-serial", "fastlm-cuda-wgmma-ws", *sdpa,
+                                                            "sdpa-math", "flex"]
     assert [p.name for p in attention.DECODE_FAMILY.providers] == ["fastlm-triton", "fastlm-cuda"] + sdpa + ["flex"]
     for family in attention.FAMILIES:
         assert family.reference == "sdpa-flash"
@@ -1289,30 +1297,32 @@ def test_attention_families_and_their_providers():
         assert next(p for p in attention.FAMILY.providers if p.name == "sdpa-flash").available() == (
             False, "no CUDA GPU")
     # The cuda backend's wgmma forward and backward: peers (the dispatch table's "cuda" stays the default path),
-    # timed at WGMMA_SEQLENS (the overlapped forward loop) and WGMMA_SERIAL_CASES (the serial one) only, with
-    # ATTN_HOPPER, ATTN_HOPPER_BWD and the loop set inside their contexts and restored after.
+    # timed at WGMMA_SEQLENS (the overlapped forward loop) and WGMMA_FORM_CASES (the serial loop, the
+    # warp-specialized kernel) only, with ATTN_HOPPER, ATTN_HOPPER_BWD and the form set inside their contexts and
+    # restored after.
     import fastlm
     from fastlm import _cuda
 
-    for name, overlap, timed in (("fastlm-cuda-wgmma", True, lambda s, d: s in attention.WGMMA_SEQLENS),
-                                 ("fastlm-cuda-wgmma-serial", False, lambda s, d: (s, d) == (4096, 128))):
+    for name, form, timed in (("fastlm-cuda-wgmma", "overlap", lambda s, d, c: s in attention.WGMMA_SEQLENS),
+                              ("fastlm-cuda-wgmma-serial", "serial", lambda s, d, c: (s, d, c) == (4096, 128, True)),
+                              ("fastlm-cuda-wgmma-ws", "ws", lambda s, d, c: (s, d, c) == (4096, 128, True))):
         wgmma = next(p for p in attention.FAMILY.providers if p.name == name)
         assert wgmma.backend is None and wgmma.native is None
-        assert [(c.params["seqlen"], c.params["head_dim"]) for c in attention.attention_cases(False)
-                if not wgmma.skip(c)] == [(s, d) for d in attention.HEAD_DIMS for causal in (False, True)
-                                          for s in attention.SEQLENS if timed(s, d)]
+        assert [(c.params["seqlen"], c.params["head_dim"], c.params["causal"]) for c in attention.attention_cases(False)
+                if not wgmma.skip(c)] == [(s, d, causal) for d in attention.HEAD_DIMS for causal in (False, True)
+                                          for s in attention.SEQLENS if timed(s, d, causal)]
         assert [c for c in attention.attention_cases(True) if not wgmma.skip(c)] == [
             c for c in attention.attention_cases(True) if c.params["seqlen"] == 4096]
         assert "4096" in wgmma.skip(_attn_case(512, 64, True))
-        before = _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD, _cuda.ATTN_HOPPER_OVERLAP
-        _cuda.ATTN_HOPPER_OVERLAP = not overlap
+        before = _cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD, _cuda.ATTN_HOPPER_FWD
+        _cuda.ATTN_HOPPER_FWD = "elsewhere"
         try:
             with wgmma.context():
                 assert _cuda.ATTN_HOPPER is _cuda.ATTN_HOPPER_BWD is True and fastlm.get_backend() == "cuda"
-                assert _cuda.ATTN_HOPPER_OVERLAP is overlap
-            assert (_cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD, _cuda.ATTN_HOPPER_OVERLAP) == (*before[:2], not overlap)
+                assert _cuda.ATTN_HOPPER_FWD == form
+            assert (_cuda.ATTN_HOPPER, _cuda.ATTN_HOPPER_BWD, _cuda.ATTN_HOPPER_FWD) == (*before[:2], "elsewhere")
         finally:
-            _cuda.ATTN_HOPPER_OVERLAP = before[2]
+            _cuda.ATTN_HOPPER_FWD = before[2]
         if not torch.cuda.is_available():
             assert wgmma.available()[0] is False and "GPU" in wgmma.available()[1]
 
@@ -1350,7 +1360,8 @@ def test_attention_cases_run_on_cpu(cpu_timers, monkeypatch):
             assert by[("sdpa-cudnn", "fwd")]["status"] == "missing"
         assert by[("flex", "bwd")]["status"] == "skipped" and "FlexAttention" in by[("flex", "bwd")]["reason"]
         ours = by[("fastlm-triton", "fwd+bwd")]
-        assert set(ours["vs"]) == {"fastlm-cuda-wgmma", "fastlm-cuda-wgmma-serial", "sdpa-flash", "sdpa-cudnn",
+        assert set(ours["vs"]) == {"fastlm-cuda-wgmma", "fastlm-cuda-wgmma-serial", "fastlm-cuda-wgmma-ws",
+                                   "sdpa-flash", "sdpa-cudnn",
                                    "sdpa-efficient", "sdpa-math",
                                    "flex"}
         assert ours["vs"]["flex"] == "skipped" and isinstance(ours["vs"]["sdpa-math"], float)
