@@ -1229,15 +1229,15 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
 //   arrive.expect_tx; the TMA's bytes complete the phase), k_empty[2], v_empty[2] (count 8: one arrive per
 //   consumer warp after its wgmma wait). A stage's n-th use waits for phase parity n & 1.
 // - Registers: 384 threads at launch (168 a thread); the producer drops to kProducerRegs, the consumers rise to
-//   kConsumerRegs (2 · 128 · 232 + 128 · 40 ≤ 65536).
+//   kConsumerRegs (2 · 128 · 240 + 128 · 24 = 384 · 168).
 template <int D>
 struct WsFwdConfig {
   static constexpr int kBlockM = 128;  // two consumer warp groups of 64 rows
   static constexpr int kBlockN = 128;
   static constexpr int kThreads = 384;  // producer warp group, then the two consumer warp groups
   static constexpr int kConsumerWarps = 8;
-  static constexpr int kProducerRegs = 40;
-  static constexpr int kConsumerRegs = 232;
+  static constexpr int kProducerRegs = 24;  // the producer's code keeps to R0-R3 (its values are uniform)
+  static constexpr int kConsumerRegs = 240;
   static constexpr int kQBytes = kBlockM * D * 2;
   static constexpr int kTileBytes = kBlockN * D * 2;
   static constexpr int kTilesBytes = kQBytes + 4 * kTileBytes;  // Q, K stages 0 and 1, V stages 0 and 1
@@ -1246,7 +1246,7 @@ struct WsFwdConfig {
   static_assert(D == 64 || D == 128, "head dims 64 and 128");
   static_assert(128 + kConsumerWarps * 32 == kThreads && kConsumerWarps * kMma == kBlockM,
                 "a producer warp group, then consumer warps of 16 rows each");
-  static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 65536, "the register file holds the split");
+  static_assert(2 * 128 * kConsumerRegs + 128 * kProducerRegs <= 384 * 168, "the launch's registers hold the split");
   static_assert(kBlockM * (D + 8) * 2 <= kQBytes + 2 * kTileBytes, "the epilogue's staging fits Q and K's stages");
 };
 

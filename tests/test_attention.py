@@ -285,6 +285,7 @@ def test_tma_paths_match_reference(case, tma, backend, monkeypatch):
 # (causal with more keys than queries, the last block ragged; and not causal), so that both K/V stages turn over
 # several times in each loop form.
 HOPPER_CASES = [c for c in GPU_CASES if c[5] in (64, 128, 256) and c[1] * c[3] // c[4] > 16] + [
+    (4, 2048, 2048, 16, 4, 128, True, (-1, -1), 0.0),  # ~1000 CTAs: several waves, 16 key blocks
     (1, 300, 520, 4, 2, 128, False, (16, 8), 0.0),
     (2, 130, 129, 2, 2, 64, True, (-1, -1), 5.0),
     (1, 200, 200, 4, 2, 256, True, (-1, -1), 50.0),
@@ -307,8 +308,8 @@ from fastlm import _cuda
 forms, backward = sys.argv[1].split(","), sys.argv[2] == "bwd"
 _cuda.ATTN_HOPPER = True
 gen = torch.Generator().manual_seed(0)
-def randn(*shape):
-    return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+def randn(*shape, dtype=torch.bfloat16):
+    return torch.randn(*shape, generator=gen).to("cuda", dtype)
 cu = torch.tensor([0, 0, 1, 140, 300], dtype=torch.int32, device="cuda")
 with fastlm.use_backend("cuda"):
     for form in forms:
@@ -316,8 +317,9 @@ with fastlm.use_backend("cuda"):
         for d in ((64, 128) if form == "ws" else (64, 128, 256)):
             for causal, window, softcap in ((False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (16, 8), 30.0)):
                 for sq, sk in ((300, 257), (70, 700), (300, 40)):  # many key blocks; causal blocks with none
-                    fastlm.attention(randn(2, sq, 4, d), randn(2, sk, 2, d), randn(2, sk, 2, d), causal=causal,
-                                     window=window, softcap=softcap)
+                    for dt in (torch.bfloat16, torch.float16):
+                        fastlm.attention(randn(2, sq, 4, d, dtype=dt), randn(2, sk, 2, d, dtype=dt),
+                                         randn(2, sk, 2, d, dtype=dt), causal=causal, window=window, softcap=softcap)
             fastlm.attention(randn(300, 4, d), randn(300, 2, d), randn(300, 2, d), causal=True, cu_seqlens_q=cu,
                              cu_seqlens_k=cu, max_seqlen_q=160, max_seqlen_k=160)
     _cuda.ATTN_HOPPER_FWD = "overlap"
@@ -429,6 +431,38 @@ def test_cuda_wgmma_forward_matches_reference(case, dtype, form, backend, monkey
         names = _kernels_run(lambda: fastlm.attention(q, k, v, causal=causal, window=window, softcap=softcap))
     assert any(HOPPER_FORMS[form] in n for n in names), sorted(names)
     _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[1:2], indirect=True)
+@pytest.mark.parametrize("layout", ["packed_qkv", "heads_first", "expanded_k"])
+def test_cuda_wgmma_ws_forward_strided_layouts(layout, backend, monkeypatch):
+    """The warp-specialized forward's TMA maps over the strides of views users pass: q, k, v sliced from one packed
+    (B, S, 3, H, D) projection, and (B, H, S, D) tensors transposed, give the bits of the same kernel on contiguous
+    copies (which the rule checks); a K expanded over its heads (stride 0, which no TMA map takes) runs on the
+    overlapped cp.async kernel instead, with that kernel's bits."""
+    from fastlm import _cuda
+
+    _force_cuda_hopper(monkeypatch, 128, "ws")
+    monkeypatch.setattr(_cuda, "ATTN_HOPPER_FWD", "ws")
+    gen = generator(0)
+    b, s, h, d = 2, 700, 4, 128
+    if layout == "packed_qkv":
+        q, k, v = torch.randn(b, s, 3, h, d, generator=gen).to(DEVICE, torch.bfloat16).unbind(2)
+    elif layout == "heads_first":
+        q, k, v = (torch.randn(b, h, s, d, generator=gen).to(DEVICE, torch.bfloat16).transpose(1, 2)
+                   for _ in range(3))
+    else:
+        q, v = (torch.randn(b, s, h, d, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+        k = torch.randn(b, s, 1, d, generator=gen).to(DEVICE, torch.bfloat16).expand(b, s, h, d)
+    names = _kernels_run(lambda: fastlm.attention(q, k, v, causal=True))
+    want = "attn_fwd_wgmma_kernel" if layout == "expanded_k" else "attn_fwd_ws_kernel"
+    assert any(want in n for n in names), sorted(names)
+    got = fastlm.attention(q, k, v, causal=True)
+    if layout == "expanded_k":
+        monkeypatch.setattr(_cuda, "ATTN_HOPPER_FWD", "overlap")
+    assert torch.equal(got, fastlm.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True))
+    _compare(q, k, v, backend, causal=True, window=(-1, -1), softcap=0.0)
 
 
 def _wgmma_backward_only(monkeypatch):
