@@ -786,8 +786,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, 1) attn_fwd_kernel(con
 //   - overlapped (FlashAttention-3's intra-warpgroup pipelining): S = Q·K(j)ᵀ and O += P(j − 1)·V(j − 1) issued back
 //     to back, the softmax of block j computed while the second runs, O rescaled once it has landed. V runs a
 //     block behind K in the stages, and the loop's P·V wait opens the next iteration (see the kernel). Registers:
-//     P of the previous block stays live through the softmax (kBlockN/4 more): 163, 218 and 254 at D = 64, 128,
-//     256 against 161, 186 and 203, no spills. The static report requires an exp2 between an HGMMA and the next
+//     P of the previous block stays live through the softmax (kBlockN/4 more): 167, 222 and 254 at D = 64, 128,
+//     256 against 164, 186 and 206, no spills. The static report requires an exp2 between an HGMMA and the next
 //     wait for all groups in these builds' SASS (ptxas otherwise moves the wait above the softmax).
 // - Tiles in shared memory in wgmma's 128-byte swizzle (swizzled_offset): a tile of R rows is D/64 column blocks of
 //   R rows × 128 bytes, and 16-byte chunk c of row r is stored at chunk c XOR (r mod 8) of its row: the 8 rows of a
@@ -1065,6 +1065,73 @@ __device__ __forceinline__ void warpgroup_ab(float (&acc)[D / 8][4], uint32_t (&
 }
 #endif  // sm_90a
 
+#ifdef FASTLM_WGMMA
+// A Hopper forward's per-thread state and steps for its warp group's 64 rows (thread rows i0, i0 + 8): the output,
+// the softmax's running max and sum, the scores (then P, fp32) of the last block, P packed as the A operand of its
+// P·V, and the rescale factors. attn_fwd_wgmma_kernel's loops and attn_fwd_ws_kernel's share it; they differ only
+// in how the tiles arrive and are released. kRowsA: the rows of the Q tile the warp group's rows sit in.
+template <typename T, int D, int kN, int kRowsA, bool kSoftcap>
+struct ForwardRows {
+  float o[D / 8][4];
+  float m[2] = {neg_inf(), neg_inf()};
+  float l[2] = {0.f, 0.f};
+  float s[kN / 8][4];       // the scores, then P (fp32) of the block whose softmax ran last
+  float alpha[2];           // and its rescale factors for O
+  uint32_t pf[kN / 16][4];  // P of the previous block, the A operand of its P·V
+  const AttnParams& p;
+  const Band band;
+  const int sk, m0, m_last, i0, lane;
+
+  __device__ __forceinline__ ForwardRows(const AttnParams& p_, const Band& band_, int sk_, int m0_, int m_last_,
+                                         int i0_, int lane_)
+      : p(p_), band(band_), sk(sk_), m0(m0_), m_last(m_last_), i0(i0_), lane(lane_) {
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
+    }
+  }
+
+  // S = Q·K(nb)ᵀ for the warp group's rows (a_row0 on), waited for.
+  __device__ __forceinline__ void scores_of(uint32_t q_tile, int a_row0, uint32_t k_tile) {
+    warpgroup_abt<T, D, kRowsA, kN>(s, q_tile, a_row0, k_tile);
+  }
+
+  // Block nb's scores (landed in s) in log2 units, masked where the mask reaches into the block, and their softmax:
+  // P in s, the running max and sum updated, alpha the factors that move O to the new max.
+  __device__ __forceinline__ void softmax(int nb) {
+    to_log2_scores<kSoftcap, kN>(s, p);
+    const int n0 = nb * kN;
+    if (!tile_unmasked(band, sk, n0, kN, m0, m_last)) mask_scores<kN>(s, band, sk, n0, i0, i0 + 8, lane);
+    softmax_rows<kN>(s, m, l, alpha);
+  }
+
+  // O to the new max and P packed for its P·V (O and P's registers free: no P·V in flight).
+  __device__ __forceinline__ void stage_pv() {
+    rescale_rows<D>(o, alpha);
+    p_frags<T, kN>(pf, s);
+  }
+
+  // The overlapped step: S = Q·K(nb)ᵀ and the staged O += P·V (V's tile v_tile) issued back to back, S waited for.
+  __device__ __forceinline__ void issue_overlapped(uint32_t q_tile, int a_row0, uint32_t k_tile, uint32_t v_tile) {
+    issue_abt<T, D, kRowsA, kN>(s, q_tile, a_row0, k_tile);
+    issue_ab<T, D, kN>(o, pf, v_tile);
+    wgmma_wait<1>();  // S (the older group) has landed; P·V may still run
+    fence_operands(s);
+  }
+
+  // The P·V in flight has landed: O and P's registers are the program's again.
+  __device__ __forceinline__ void wait_pv() {
+    wgmma_wait<0>();
+    fence_operands(o);
+    fence_operands(pf);  // P's registers stay P's until the product that reads them has landed
+  }
+
+  // O += P·V of the staged P, waited for.
+  __device__ __forceinline__ void pv(uint32_t v_tile) { warpgroup_ab<T, D, kN>(o, pf, v_tile); }
+};
+#endif  // FASTLM_WGMMA
+
 // Grid (query blocks, Hq, B) as attn_fwd_kernel's, the heaviest query blocks first. kOverlap: the loop form (see
 // WgmmaFwdConfig's notes), serial or with a block's softmax overlapping the previous block's P·V.
 template <typename T, int D, bool kSoftcap, bool kOverlap>
@@ -1101,22 +1168,8 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
   }
   cp_async_commit();
 
-  float o[D / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
-  }
-  float m[2] = {neg_inf(), neg_inf()};
-  float l[2] = {0.f, 0.f};
-  const int i0 = m0 + warp * kMma + (lane >> 2);
   const int wg = warp / 4;
-  // The scores of block nb in log2 units, masked where the mask reaches into the block.
-  auto scores = [&](float (&s)[kN / 8][4], int nb) {
-    to_log2_scores<kSoftcap, kN>(s, p);
-    const int n0 = nb * kN;
-    if (!tile_unmasked(band, seq.sk, n0, kN, m0, m_last)) mask_scores<kN>(s, band, seq.sk, n0, i0, i0 + 8, lane);
-  };
+  ForwardRows<T, D, kN, C::kBlockM, kSoftcap> r(p, band, seq.sk, m0, m_last, m0 + warp * kMma + (lane >> 2), lane);
 
   if constexpr (!kOverlap) {
     for (int nb = n_begin; nb < n_end; ++nb) {
@@ -1129,13 +1182,10 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
       cp_async_wait<1>();  // Q and this block's K and V are in (the next block's may still be on their way)
       fence_proxy_async();
       __syncthreads();
-      float s[kN / 8][4];
-      warpgroup_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * wg, k_tile(stage));
-      scores(s, nb);
-      online_softmax<kN, D>(s, o, m, l);
-      uint32_t pf[kN / 16][4];
-      p_frags<T, kN>(pf, s);
-      warpgroup_ab<T, D, kN>(o, pf, v_tile(stage));
+      r.scores_of(q_tile, 64 * wg, k_tile(stage));
+      r.softmax(nb);
+      r.stage_pv();
+      r.pv(v_tile(stage));
       __syncthreads();  // every read of this stage is done before the next iteration's prefetch overwrites it
     }
     // With no key block at all the Q copy may still be in flight, into memory the staging below reuses.
@@ -1153,9 +1203,6 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
     // checks the SASS for it). The first block (no P·V before it) and the last P·V are peeled off the loop, so
     // that every product is waited for on every path: ptxas serializes the wgmma pipeline (C7513) when a product
     // issued under a condition is waited for under another.
-    uint32_t pf[kN / 16][4];  // P of the previous block, the A operand of its P·V
-    float s[kN / 8][4];       // the scores, then P (fp32) of the block whose softmax ran last
-    float alpha[2];           // and its rescale factors for O
     auto prefetch = [&](int nb) {  // and wait for Q, K(nb), V(nb − 1)
       const int stage = (nb - n_begin) & 1;
       if (nb + 1 < n_end) load_k(stage ^ 1, nb + 1);
@@ -1165,45 +1212,33 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
       fence_proxy_async();
       __syncthreads();
     };
-    auto wait_pv = [&]() {
-      wgmma_wait<0>();
-      fence_operands(o);
-      fence_operands(pf);  // P's registers stay P's until the product that reads them has landed
-    };
     if (n_begin < n_end) {
       prefetch(n_begin);
-      warpgroup_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * wg, k_tile(0));
-      scores(s, n_begin);
-      softmax_rows<kN>(s, m, l, alpha);
+      r.scores_of(q_tile, 64 * wg, k_tile(0));
+      r.softmax(n_begin);
       for (int nb = n_begin + 1; nb < n_end; ++nb) {
         const int stage = (nb - n_begin) & 1;
-        wait_pv();
+        r.wait_pv();
         __syncthreads();  // K(nb − 1) and V(nb − 2) are read by every warp group: their stages may be refilled
         prefetch(nb);
-        rescale_rows<D>(o, alpha);
-        p_frags<T, kN>(pf, s);
-        issue_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * wg, k_tile(stage));
-        issue_ab<T, D, kN>(o, pf, v_tile(stage ^ 1));
-        wgmma_wait<1>();  // S (the older group) has landed; P·V may still run
-        fence_operands(s);
-        scores(s, nb);
-        softmax_rows<kN>(s, m, l, alpha);
+        r.stage_pv();
+        r.issue_overlapped(q_tile, 64 * wg, k_tile(stage), v_tile(stage ^ 1));
+        r.softmax(nb);
       }
-      wait_pv();
+      r.wait_pv();
       cp_async_wait<0>();  // V of the last block
       fence_proxy_async();
       __syncthreads();
-      rescale_rows<D>(o, alpha);
-      p_frags<T, kN>(pf, s);
+      r.stage_pv();
       // No barrier after it: the staging below ends before the first V tile (static_assert in WgmmaFwdConfig), and
       // every read of Q and K was waited for before the barrier above.
-      warpgroup_ab<T, D, kN>(o, pf, v_tile((n_end - 1 - n_begin) & 1));
+      r.pv(v_tile((n_end - 1 - n_begin) & 1));
     } else {
       cp_async_wait<0>();  // the Q copy: the staging below reuses its memory
       __syncthreads();
     }
   }
-  write_rows<T, D>(p, seq, reinterpret_cast<T*>(aligned), o, m, l, b, h, m0, m_last, warp, lane);
+  write_rows<T, D>(p, seq, reinterpret_cast<T*>(aligned), r.o, r.m, r.l, b, h, m0, m_last, warp, lane);
 #else
   __trap();  // built for an architecture without wgmma: the launcher never starts it there
 #endif
@@ -1380,63 +1415,36 @@ __global__ void __launch_bounds__(WsFwdConfig<D>::kThreads, 1)
   const int cw = cwarp / 4;
   const Seq& seq = blk.seq;
   const int m_last = blk.m_last;
-  const Band band = blk.band;
-  float o[D / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
-  }
-  float m[2] = {neg_inf(), neg_inf()};
-  float l[2] = {0.f, 0.f};
-  const int i0 = m0 + cwarp * kMma + (lane >> 2);
-  auto scores = [&](float (&s)[kN / 8][4], int nb) {
-    to_log2_scores<kSoftcap, kN>(s, p);
-    const int n0 = nb * kN;
-    if (!tile_unmasked(band, seq.sk, n0, kN, m0, m_last)) mask_scores<kN>(s, band, seq.sk, n0, i0, i0 + 8, lane);
-  };
+  ForwardRows<T, D, kN, C::kBlockM, kSoftcap> r(p, blk.band, seq.sk, m0, m_last, m0 + cwarp * kMma + (lane >> 2),
+                                                lane);
   auto release = [&](uint32_t bar) {  // this warp is done reading a stage (after its wgmma wait)
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
-  uint32_t pf[kN / 16][4];
-  float s[kN / 8][4];
-  float alpha[2];
   mbar_wait(q_full, 0);  // also when there is no key block: the staging below overwrites Q's tile
   if (blocks > 0) {
     mbar_wait(k_full(0), 0);
-    warpgroup_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * cw, k_tile(0));
+    r.scores_of(q_tile, 64 * cw, k_tile(0));
     release(k_empty(0));
-    scores(s, n_begin);
-    softmax_rows<kN>(s, m, l, alpha);
+    r.softmax(n_begin);
     for (int t = 1; t < blocks; ++t) {
       const int st = t & 1;
-      wgmma_wait<0>();  // P·V(t − 2), issued by the last iteration (none at t = 1)
-      fence_operands(o);
-      fence_operands(pf);
+      r.wait_pv();  // P·V(t − 2), issued by the last iteration (none at t = 1)
       if (t >= 2) release(v_empty(st));  // (t − 2) & 1 = t & 1
-      rescale_rows<D>(o, alpha);
-      p_frags<T, kN>(pf, s);
+      r.stage_pv();
       mbar_wait(k_full(st), (t >> 1) & 1);
       mbar_wait(v_full(st ^ 1), ((t - 1) >> 1) & 1);
-      issue_abt<T, D, C::kBlockM, kN>(s, q_tile, 64 * cw, k_tile(st));
-      issue_ab<T, D, kN>(o, pf, v_tile(st ^ 1));
-      wgmma_wait<1>();  // S (the older group) has landed; P·V(t − 1) may still run
-      fence_operands(s);
+      r.issue_overlapped(q_tile, 64 * cw, k_tile(st), v_tile(st ^ 1));
       release(k_empty(st));
-      scores(s, n_begin + t);
-      softmax_rows<kN>(s, m, l, alpha);
+      r.softmax(n_begin + t);
     }
-    wgmma_wait<0>();
-    fence_operands(o);
-    fence_operands(pf);
-    rescale_rows<D>(o, alpha);
-    p_frags<T, kN>(pf, s);
+    r.wait_pv();
+    r.stage_pv();
     mbar_wait(v_full((blocks - 1) & 1), ((blocks - 1) >> 1) & 1);
-    warpgroup_ab<T, D, kN>(o, pf, v_tile((blocks - 1) & 1));
+    r.pv(v_tile((blocks - 1) & 1));
   }
   consumers_sync();  // both consumer warp groups are done with Q and K's stages, which the staging overwrites
-  write_rows<T, D>(p, seq, reinterpret_cast<T*>(aligned), o, m, l, b, h, m0, m_last, cwarp, lane);
+  write_rows<T, D>(p, seq, reinterpret_cast<T*>(aligned), r.o, r.m, r.l, b, h, m0, m_last, cwarp, lane);
 #else
   __trap();  // built for an architecture without wgmma: the launcher never starts it there
 #endif

@@ -488,7 +488,7 @@ ATTN_HOPPER = False
 # Which Hopper forward runs when ATTN_HOPPER is on, until the benchmark has timed them (its fastlm-cuda-wgmma peer
 # runs this default, fastlm-cuda-wgmma-serial and fastlm-cuda-wgmma-ws the others):
 #   "overlap": attn_fwd_wgmma_kernel with each key block's softmax overlapping the previous block's P·V on the
-#              tensor cores (FlashAttention-3's intra-warpgroup pipelining; 218 registers at head dim 128, 186 serial);
+#              tensor cores (FlashAttention-3's intra-warpgroup pipelining; 222 registers at head dim 128, 186 serial);
 #   "serial":  the same kernel with the two products and the softmax in turn;
 #   "ws":      attn_fwd_ws_kernel, FlashAttention-3's warp specialization: a producer warp group loading Q, K and V
 #              by TMA, two consumer warp groups running the overlapped loop at their own pace (mbarriers, no
