@@ -328,8 +328,9 @@ def refused_metric(log: str) -> bool:
 def _run(cmd, budget_s: float) -> tuple:
     """(output, exit status) of cmd within budget_s seconds (124 when cut)."""
     try:
-        proc = subprocess.run(cmd, cwd=REPO, timeout=max(budget_s, 1.0), capture_output=True, text=True,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        # Inductor compiles in-process (no worker processes for ncu to follow into: torch.compile providers).
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_COMPILE_THREADS="1")
+        proc = subprocess.run(cmd, cwd=REPO, timeout=max(budget_s, 1.0), capture_output=True, text=True, env=env)
         return proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         parts = [p.decode(errors="replace") if isinstance(p, bytes) else p for p in (e.stdout, e.stderr) if p]
