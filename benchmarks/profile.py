@@ -231,14 +231,14 @@ def drive(family, indices, units_path: Path, device="cuda") -> int:
     from benchmarks import harness
 
     device = torch.device(device)
+    modes = [m for m in PROFILED_MODES if m in family.modes]
     profiled, failed = [], []
-    runs = []
     for case in _cases(family, indices):
         gen = torch.Generator(device=device)
         gen.manual_seed(0)
         inputs, grad_outputs = family.make_inputs(case, device, gen)
+        runs = []  # (provider, mode, prepare, timed) of the calls that warmed up
         for provider in family.providers:
-            modes = [m for m in PROFILED_MODES if m in family.modes]
             why = left_out(provider, case)
             if why:
                 failed += [dict(case=case.label, provider=provider.name, mode=m, why=why) for m in modes]
@@ -246,18 +246,17 @@ def drive(family, indices, units_path: Path, device="cuda") -> int:
             for mode in modes:
                 try:
                     with provider.context():
-                        fn = provider.build(case)
-                        prepare, timed = harness._mode_callables(mode, fn, [(inputs, grad_outputs)])
+                        prepare, timed = harness._mode_callables(mode, provider.build(case),
+                                                                 [(inputs, grad_outputs)])
                         timed(prepare() if prepare else None)  # warm-up
                         torch.cuda.synchronize()
-                    runs.append((case, provider, mode, fn))
+                    runs.append((provider, mode, prepare, timed))
                 except Exception as e:  # noqa: BLE001 - a provider that cannot run this is a row, not the end
                     failed.append(dict(case=case.label, provider=provider.name, mode=mode, why=harness._reason(e)))
                     torch.cuda.synchronize()
-        for case_, provider, mode, fn in [r for r in runs if r[0] is case]:
+        for provider, mode, prepare, timed in runs:
             try:
                 with provider.context():
-                    prepare, timed = harness._mode_callables(mode, fn, [(inputs, grad_outputs)])
                     state = prepare() if prepare else None
                     torch.cuda.synchronize()
                     torch.cuda.cudart().cudaProfilerStart()
