@@ -248,10 +248,10 @@ def problems(row: dict) -> list:
     if row.get("wgmma_expected") and "HGMMA" not in row["mma"]:
         why.append("a 16-bit attention tile of 64 rows or more on sm_90a without wgmma (no HGMMA in the SASS: "
                    f"{'+'.join(sorted(row['mma'])) or 'no tensor-core instruction'} instead)")
-    if row.get("ws_expected") and not (row.get("ws") and row.get("tma")):
-        why.append("written warp-specialized on TMA, but its SASS has "
-                   f"{'no' if not row.get('tma') else 'TMA but no'} UTMALDG/USETMAXREG pair (tma {bool(row.get('tma'))}, "
-                   f"setmaxnreg {bool(row.get('ws'))})")
+    missing = [op for op, fact in (("UTMALDG", "tma"), ("USETMAXREG", "ws")) if not row.get(fact)]
+    if row.get("ws_expected") and missing:
+        why.append(f"written warp-specialized on TMA, but its SASS lacks the UTMALDG/USETMAXREG pair (no "
+                   f"{' and no '.join(missing)})")
     if row.get("overlap_expected") and not row.get("overlap"):
         why.append("built to overlap the softmax with a wgmma in flight, but no exp2 runs while one may (ptxas "
                    "serialized the wgmma pipeline: see its C7513/C7517 notes)")
