@@ -280,10 +280,10 @@ def test_tma_paths_match_reference(case, tma, backend, monkeypatch):
 
 # The cuda backend's forward on wgmma (csrc/attention.cu's attn_fwd_wgmma_kernel; off by default:
 # fastlm._cuda.ATTN_HOPPER): the GPU cases at the head dims it has (64, 128, 256) that take the forward kernel (more
-# than 16 query rows a kv head), and five more: a window on both sides with queries fewer than keys, a softcap
-# with ragged 128-row blocks, head dim 256 with a softcap (Gemma 2's), and two with many key blocks and no window
-# (causal with more keys than queries, the last block ragged; and not causal), so that both K/V stages turn over
-# several times in each loop form.
+# than 16 query rows a kv head), and six more: a window on both sides with queries fewer than keys, a softcap
+# with ragged 128-row blocks, head dim 256 with a softcap (Gemma 2's), and three with many key blocks and no window
+# (~1000 CTAs, several waves of them; causal with more keys than queries, the last block ragged; and not causal), so
+# that both K/V stages turn over several times in each form.
 HOPPER_CASES = [c for c in GPU_CASES if c[5] in (64, 128, 256) and c[1] * c[3] // c[4] > 16] + [
     (4, 2048, 2048, 16, 4, 128, True, (-1, -1), 0.0),  # ~1000 CTAs: several waves, 16 key blocks
     (1, 300, 520, 4, 2, 128, False, (16, 8), 0.0),
