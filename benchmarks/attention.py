@@ -29,7 +29,7 @@ Which peer runs where. The math backend computes in float32 for bf16 inputs (tor
 the b·h·s_q·s_k scores, several copies at its peak: it is skipped (rows "skipped", with the reason) where that
 float32 score matrix exceeds MATH_MAX_SCORES_BYTES (2 GiB), which leaves it 10 of the 24 cases (seqlen ≤ 1024 at
 head dim 64, ≤ 2048 at head dim 128). The memory-efficient backend, the slowest fused one, runs at
-EFFICIENT_SEQLENS (1024, 4096, 16384: 12 cases). FlexAttention is `torch.compile(flex_attention)`, compiled anew
+EFFICIENT_SEQLENS (4096 and 16384: 8 cases). FlexAttention is `torch.compile(flex_attention)`, compiled anew
 per case (dynamic=False), the causal block mask made once per case when the provider is built, outside the timed
 calls; each shape costs a compile of its forward and backward kernels, so it runs on FLEX_CASES only (head dim 128
 at seqlen 16384, causal and not; in decode, batch 16 at 32k). fastlm, sdpa-flash and sdpa-cudnn run every case.
@@ -80,11 +80,11 @@ MAX_KV_CACHE_BYTES = 16 << 30
 # The math backend's float32 score matrix, b·h·s_q·s_k·4 bytes: its fwd+bwd holds about five such (the scores, the
 # probabilities, the causal mask's copy, and their two gradients), 10 GiB at this cap.
 MATH_MAX_SCORES_BYTES = 2 << 30
-EFFICIENT_SEQLENS = (1024, 4096, 16384)  # the memory-efficient backend, the slowest fused one, at these only
+EFFICIENT_SEQLENS = (4096, 16384)  # the memory-efficient backend, the slowest fused one, at these only
 WGMMA_SEQLENS = (4096, 8192)  # the cuda backend's wgmma forward (fastlm-cuda-wgmma), at these only
 # The other Hopper forwards (fastlm._cuda.ATTN_HOPPER_FWD): the wgmma kernel's serial loop (fastlm-cuda-wgmma-serial)
-# and the warp-specialized TMA kernel (fastlm-cuda-wgmma-ws), beside the overlapped loop at (seqlen, head_dim,
-# causal): the quick run's headline case.
+# and the warp-specialized TMA kernel without and with its pingpong (fastlm-cuda-wgmma-ws, -pingpong), beside the
+# overlapped loop at (seqlen, head_dim, causal): the quick run's headline case.
 WGMMA_FORM_CASES = {(4096, 128, True)}
 FLEX_CASES = {(16384, 128)}  # (seqlen, head_dim): both causal and not
 FLEX_DECODE_CASES = {(16, 32768)}  # (batch, kv length)
@@ -98,6 +98,7 @@ PROBE_DECODE_KV = 512  # KV length of the decode probe: one query against it, DE
 # TFLOP/s forward and backward; GB/s of a decode forward; a call is never shorter than EST_MIN_CALL_MS.
 EST_TFLOPS = {"fastlm-triton": (250, 180), "fastlm-cuda": (300, 180), "fastlm-cuda-wgmma": (300, 180),
               "fastlm-cuda-wgmma-serial": (300, 180), "fastlm-cuda-wgmma-ws": (300, 180),
+              "fastlm-cuda-wgmma-pingpong": (300, 180),
               "sdpa-flash": (300, 250), "sdpa-cudnn": (450, 350), "sdpa-efficient": (150, 90), "sdpa-math": (25, 25),
               "flex": (250, 180)}
 EST_DENSE = {"sdpa-math"}  # computes the masked half of a causal case too
@@ -411,11 +412,11 @@ def _providers(decode):
         # The cuda backend with its forward and backward on wgmma (fastlm._cuda.ATTN_HOPPER, ATTN_HOPPER_BWD: off by
         # default until these rows say they win): a peer, so that the dispatch table's "cuda" stays what users get.
         # Its Hopper forwards (ATTN_HOPPER_FWD): the overlapped loop as fastlm-cuda-wgmma, the serial loop and the
-        # warp-specialized kernel beside it on the headline case, to say which to keep.
+        # warp-specialized kernel (without and with its pingpong) beside it on the headline case, to say which to keep.
         out[2:2] = [Provider("fastlm-cuda-wgmma", _fastlm, _cuda_wgmma_available, _cuda_wgmma_context("overlap"),
                              skip=_cuda_wgmma_skip)] + [
             Provider(f"fastlm-cuda-wgmma-{form}", _fastlm, _cuda_wgmma_available, _cuda_wgmma_context(form),
-                     skip=_cuda_wgmma_form_skip) for form in ("serial", "ws")]
+                     skip=_cuda_wgmma_form_skip) for form in ("serial", "ws", "pingpong")]
         out.append(sdpa("sdpa-math", SDPBackend.MATH, skip=_math_skip))
     out.append(Provider("flex", _flex, _flex_available, skip=_flex_skip))
     return out

@@ -87,9 +87,15 @@ def _width(suffixes: str) -> int:
     return 32
 
 
+# The named barriers csrc/attention.cu's pingpong passes the turn between its consumer warp groups by (0 is
+# __syncthreads', 1 the consumers' own).
+TURN_BARRIERS = (2, 3)
+
+
 def _no_sass() -> dict:
     """A kernel's SASS facts before any instruction is read."""
-    return {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False, "ws": False, "overlap": False}
+    return {"ld": 0, "st": 0, "ldl_stl": 0, "mma": set(), "tma": False, "ws": False, "overlap": False,
+            "turns": False}
 
 
 def parse_sass(text: str) -> dict:
@@ -97,17 +103,27 @@ def parse_sass(text: str) -> dict:
     setmaxnreg, and `overlap`: an exp2 (MUFU.EX2, the softmax) issued while a wgmma group may still be running, in
     program order between an HGMMA and the next wait for every group (WARPGROUP.DEPBAR.LE gsb0, 0x0). ptxas waits
     after each wgmma instead when it cannot prove the registers of one in flight untouched (its C7513/C7517
-    notes), and the softmax then never overlaps a product."""
-    kernels, current, pending = {}, None, False
+    notes), and the softmax then never overlaps a product. `turns`: an HGMMA issued between a BAR.SYNC on one of
+    the pingpong's named barriers (TURN_BARRIERS) and a BAR.ARV on one, in program order: a warp group that waits
+    for its turn, issues its products, then passes the turn."""
+    kernels, current, pending, turn = {}, None, False, 0
     for line in text.splitlines():
         # cuobjdump heads each kernel "Function : name", nvdisasm ".text.name:"
         m = re.match(r"\s*Function : (\S+)", line) or re.match(r"\.text\.(\S+):\s*$", line)
         if m:
-            current, pending = kernels.setdefault(m.group(1), _no_sass()), False
+            current, pending, turn = kernels.setdefault(m.group(1), _no_sass()), False, 0
             continue
         if current is None:
             continue
+        barrier = re.search(r"\bBAR\.(SYNC|ARV)\b(?:\.[A-Z_]+)*\s+(0x[0-9a-f]+)", line)
+        if barrier and int(barrier.group(2), 16) in TURN_BARRIERS:
+            if barrier.group(1) == "SYNC":
+                turn = 1  # the turn taken
+            else:
+                current["turns"] |= turn == 2  # passed after a product was issued in it
+                turn = 0
         if re.search(r"\bHGMMA\b", line):
+            turn = 2 if turn else 0
             pending = True
         elif re.search(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", line):
             pending = False
@@ -255,6 +271,9 @@ def problems(row: dict) -> list:
     if row.get("overlap_expected") and not row.get("overlap"):
         why.append("built to overlap the softmax with a wgmma in flight, but no exp2 runs while one may (ptxas "
                    "serialized the wgmma pipeline: see its C7513/C7517 notes)")
+    if row.get("turns_expected") and not row.get("turns"):
+        why.append("built for pingpong, but no HGMMA is issued between a BAR.SYNC and a BAR.ARV on the turn "
+                   f"barriers {TURN_BARRIERS}")
     return why
 
 
@@ -784,6 +803,9 @@ CUDA_OVERLAP_KERNELS = re.compile(r"\battn_fwd_wgmma_kernel<[^<>]*, true>|\battn
 # The warp-specialized kernels: their sm_90a builds must load by TMA (UTMALDG) and move registers between warp
 # groups (USETMAXREG), or they are not what they were written to be.
 CUDA_WS_KERNELS = ("attn_fwd_ws_kernel",)
+# Of those, the pingpong builds (kPingpong, the last template argument): their products issued within a turn
+# (parse_sass's `turns`).
+CUDA_PINGPONG_KERNELS = re.compile(r"\battn_fwd_ws_kernel<[^<>]*, true>")
 
 
 def _cuda_rows(base: dict, found: dict, spills: dict, seconds: float) -> list:
@@ -792,7 +814,8 @@ def _cuda_rows(base: dict, found: dict, spills: dict, seconds: float) -> list:
     return [dict(base, kernel=names[k], spill_bytes=spills.get(k), seconds=seconds,
                  wgmma_expected=hopper and any(w in names[k] for w in CUDA_WGMMA_KERNELS),
                  overlap_expected=hopper and bool(CUDA_OVERLAP_KERNELS.search(names[k])),
-                 ws_expected=hopper and any(w in names[k] for w in CUDA_WS_KERNELS), **facts)
+                 ws_expected=hopper and any(w in names[k] for w in CUDA_WS_KERNELS),
+                 turns_expected=hopper and bool(CUDA_PINGPONG_KERNELS.search(names[k])), **facts)
             for k, facts in sorted(found.items())]
 
 
@@ -848,7 +871,7 @@ def _fmt_row(row: dict) -> list:
         return [row["source"], row["kernel"], row["arch"]] + [""] * 8 + ["FAIL"]
     mma = "+".join(sorted(row["mma"])) or "-"
     if row.get("tma"):
-        mma += " (TMA, WS)" if row.get("ws") else " (TMA)"
+        mma += (" (TMA, WS, PP)" if row.get("turns") else " (TMA, WS)") if row.get("ws") else " (TMA)"
     local = row["stack"] + row["local"]
     spill = str(row["ldl_stl"]) + (f" / {row['spill_bytes']} B" if row.get("spill_bytes") else "")
     return [row["source"], row["kernel"], row["arch"], str(row.get("warps", "")), str(row["regs"]),
@@ -938,6 +961,9 @@ def main(argv=None) -> int:
     wanted = [r for r in rows if r.get("overlap_expected")]
     print(f"overlap: {sum(bool(r.get('overlap')) for r in wanted)} of the {len(wanted)} wgmma builds made to overlap "
           "their softmax with a product in flight do")
+    wanted = [r for r in rows if r.get("turns_expected")]
+    print(f"pingpong: {sum(bool(r.get('turns')) for r in wanted)} of the {len(wanted)} pingpong builds issue their "
+          "products within a turn")
     for r, why in failing:
         print(f"FAIL {r['source']} {r['kernel']} {r['arch']}: {'; '.join(why)}")
     return 1 if failing or not rows else 0

@@ -1092,9 +1092,20 @@ struct ForwardRows {
     }
   }
 
-  // S = Q·K(nb)ᵀ for the warp group's rows (a_row0 on), waited for.
+  // S = Q·K(nb)ᵀ for the warp group's rows (a_row0 on), issued with no P·V in flight (issue_scores), then waited
+  // for (wait_first_scores); scores_of does both.
+  __device__ __forceinline__ void issue_scores(uint32_t q_tile, int a_row0, uint32_t k_tile) {
+    issue_abt<T, D, kRowsA, kN>(s, q_tile, a_row0, k_tile);
+  }
+
+  __device__ __forceinline__ void wait_first_scores() {
+    wgmma_wait<0>();
+    fence_operands(s);
+  }
+
   __device__ __forceinline__ void scores_of(uint32_t q_tile, int a_row0, uint32_t k_tile) {
-    warpgroup_abt<T, D, kRowsA, kN>(s, q_tile, a_row0, k_tile);
+    issue_scores(q_tile, a_row0, k_tile);
+    wait_first_scores();
   }
 
   // Block nb's scores (landed in s) in log2 units, masked where the mask reaches into the block, and their softmax:
@@ -1112,12 +1123,21 @@ struct ForwardRows {
     p_frags<T, kN>(pf, s);
   }
 
-  // The overlapped step: S = Q·K(nb)ᵀ and the staged O += P·V (V's tile v_tile) issued back to back, S waited for.
-  __device__ __forceinline__ void issue_overlapped(uint32_t q_tile, int a_row0, uint32_t k_tile, uint32_t v_tile) {
+  // The overlapped step: S = Q·K(nb)ᵀ and the staged O += P·V (V's tile v_tile) issued back to back (issue_pair),
+  // then S waited for (wait_scores). The warp-specialized kernel's pingpong hands its turn over between the two.
+  __device__ __forceinline__ void issue_pair(uint32_t q_tile, int a_row0, uint32_t k_tile, uint32_t v_tile) {
     issue_abt<T, D, kRowsA, kN>(s, q_tile, a_row0, k_tile);
     issue_ab<T, D, kN>(o, pf, v_tile);
+  }
+
+  __device__ __forceinline__ void wait_scores() {
     wgmma_wait<1>();  // S (the older group) has landed; P·V may still run
     fence_operands(s);
+  }
+
+  __device__ __forceinline__ void issue_overlapped(uint32_t q_tile, int a_row0, uint32_t k_tile, uint32_t v_tile) {
+    issue_pair(q_tile, a_row0, k_tile, v_tile);
+    wait_scores();
   }
 
   // The P·V in flight has landed: O and P's registers are the program's again.
@@ -1251,9 +1271,11 @@ __global__ void __launch_bounds__(WgmmaFwdConfig<D>::kThreads, 1) attn_fwd_wgmma
 // its registers away (setmaxnreg); two consumer warp groups of 64 query rows run the overlapped loop (S and the
 // previous block's P·V issued back to back, the softmax while P·V runs) with their own pace: a stage is handed
 // over by mbarriers, full (the producer's bytes landed) and empty (every consumer warp is done reading it), so the
-// two warp groups never wait on each other, unlike the cp.async kernel's block-wide barriers. Off unless
-// fastlm/_cuda.py's ATTN_HOPPER_FWD is "ws" (until the benchmark has timed it); the launcher takes the overlapped
-// cp.async kernel for a call it cannot map (varlen, head dim 256, strides or addresses TMA cannot take).
+// two warp groups never wait on each other, unlike the cp.async kernel's block-wide barriers. kPingpong adds
+// FlashAttention-3's pingpong: the two groups take turns issuing their products (named barriers 2 and 3), so that
+// one group's softmax overlaps the other's matrix products. Off unless fastlm/_cuda.py's ATTN_HOPPER_FWD is "ws" or
+// "pingpong" (until the benchmark has timed them); the launcher takes the overlapped cp.async kernel for a call it
+// cannot map (varlen, head dim 256, strides or addresses TMA cannot take).
 //
 // - Tensor maps (host, attention_fwd): q, k, v as 4-D (head dim, heads, tokens, batch) with their own strides,
 //   boxes of 64 columns (128 bytes: the swizzle's width) × 1 head × the tile's rows × 1; rows past the sequence
@@ -1342,7 +1364,7 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
 #endif  // FASTLM_WGMMA
 
-template <typename T, int D, bool kSoftcap>
+template <typename T, int D, bool kSoftcap, bool kPingpong>
 __global__ void __launch_bounds__(WsFwdConfig<D>::kThreads, 1)
     attn_fwd_ws_kernel(const AttnParams p, const __grid_constant__ CUtensorMap map_q,
                        const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
@@ -1421,10 +1443,39 @@ __global__ void __launch_bounds__(WsFwdConfig<D>::kThreads, 1)
     __syncwarp();
     if (lane == 0) mbar_arrive(bar);
   };
+  // Pingpong (kPingpong): the warp groups take turns at the tensor cores. Warp group cw waits for its turn at named
+  // barrier 2 + cw (its 128 threads' bar.sync and the other group's 128 arrivals) before it issues a block's
+  // products, and passes the turn (bar.arrive at 3 − cw) once they are issued, so that one group's softmax runs
+  // while the other's products run (FlashAttention-3's pingpong). Each group takes one turn per key block (the
+  // last P·V, waited for at once, takes none) and both walk the same blocks. Group 0's first turn needs no handover
+  // and group 1 does not pass its last, so every bar.sync meets exactly one handover, turns strictly alternate (a
+  // group cannot arrive twice at a barrier before the other has synced there), and no arrival is pending at exit.
+  // (Immediate barrier ids: with an id in a register ptxas reserves all 16 barriers.)
+  auto take_turn = [&](bool first) {
+    if constexpr (kPingpong) {
+      if (cw == 0) {
+        if (!first) asm volatile("bar.sync 2, 256;\n" ::: "memory");
+      } else {
+        asm volatile("bar.sync 3, 256;\n" ::: "memory");
+      }
+    }
+  };
+  auto pass_turn = [&](bool last) {
+    if constexpr (kPingpong) {
+      if (cw == 0) {
+        asm volatile("bar.arrive 3, 256;\n" ::: "memory");
+      } else if (!last) {
+        asm volatile("bar.arrive 2, 256;\n" ::: "memory");
+      }
+    }
+  };
   mbar_wait(q_full, 0);  // also when there is no key block: the staging below overwrites Q's tile
   if (blocks > 0) {
     mbar_wait(k_full(0), 0);
-    r.scores_of(q_tile, 64 * cw, k_tile(0));
+    take_turn(true);
+    r.issue_scores(q_tile, 64 * cw, k_tile(0));
+    pass_turn(blocks == 1);
+    r.wait_first_scores();
     release(k_empty(0));
     r.softmax(n_begin);
     for (int t = 1; t < blocks; ++t) {
@@ -1434,7 +1485,10 @@ __global__ void __launch_bounds__(WsFwdConfig<D>::kThreads, 1)
       r.stage_pv();
       mbar_wait(k_full(st), (t >> 1) & 1);
       mbar_wait(v_full(st ^ 1), ((t - 1) >> 1) & 1);
-      r.issue_overlapped(q_tile, 64 * cw, k_tile(st), v_tile(st ^ 1));
+      take_turn(false);
+      r.issue_pair(q_tile, 64 * cw, k_tile(st), v_tile(st ^ 1));
+      pass_turn(t + 1 == blocks);
+      r.wait_scores();
       release(k_empty(st));
       r.softmax(n_begin + t);
     }
@@ -2332,7 +2386,7 @@ void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t
   check_call(cu_seqlens_q, cu_seqlens_k, batch, heads_q, heads_k, head_dim, max_seqlen_q, max_seqlen_k, total_q,
              total_k, dtype, scale, softcap);
   require(num_splits >= 0 && num_splits <= kMaxSplits, "num_splits must be in [0, 128]");
-  require(hopper >= 0 && hopper <= 3, "hopper must be 0, 1, 2 or 3, got " + std::to_string(hopper));
+  require(hopper >= 0 && hopper <= 4, "hopper must be 0, 1, 2, 3 or 4, got " + std::to_string(hopper));
   const int64_t rows = decode_rows(heads_q, heads_k, max_seqlen_q);
   require(num_splits == 0 || rows > 0, "the decode kernel (num_splits ≥ 1) takes max_seqlen_q · heads_q / heads_k ≤ 16");
   require(rows == 0 || batch * heads_k * rows <= INT_MAX, "too many (batch, kv head, row) triples for one grid");
@@ -2360,12 +2414,16 @@ void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t
         if (num_splits == 0 && hopper != 0 && hopper_kernels_run(device)) {
           if constexpr (ws_head_dim(D)) {
             CUtensorMap maps[3];
-            if (hopper == 3 && cu_seqlens_q == 0 &&
+            if (hopper >= 3 && cu_seqlens_q == 0 &&
                 make_tma_map(maps[0], q, dtype, D, heads_q, max_seqlen_q, batch, q_strides, WsFwdConfig<D>::kBlockM) &&
                 make_tma_map(maps[1], k, dtype, D, heads_k, max_seqlen_k, batch, k_strides, WsFwdConfig<D>::kBlockN) &&
                 make_tma_map(maps[2], v, dtype, D, heads_k, max_seqlen_k, batch, v_strides, WsFwdConfig<D>::kBlockN)) {
               using C = WsFwdConfig<D>;
-              const auto kernel = capped ? attn_fwd_ws_kernel<T, D, true> : attn_fwd_ws_kernel<T, D, false>;
+              const bool pingpong = hopper == 4;
+              const auto kernel = capped ? (pingpong ? attn_fwd_ws_kernel<T, D, true, true>
+                                                     : attn_fwd_ws_kernel<T, D, true, false>)
+                                         : (pingpong ? attn_fwd_ws_kernel<T, D, false, true>
+                                                     : attn_fwd_ws_kernel<T, D, false, false>);
               opt_in_smem(kernel, C::kSmemBytes, "attn_fwd_ws_kernel");
               const dim3 grid(static_cast<unsigned>((max_seqlen_q + C::kBlockM - 1) / C::kBlockM),
                               static_cast<unsigned>(heads_q), static_cast<unsigned>(batch));
@@ -2375,7 +2433,7 @@ void fastlm::attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t
             }
           }
           using C = WgmmaFwdConfig<D>;
-          const bool overlap = hopper >= 2;  // "ws" where the warp-specialized kernel cannot take the call
+          const bool overlap = hopper >= 2;  // "ws", "pingpong" where the warp-specialized kernel cannot take the call
           const auto kernel = capped ? (overlap ? attn_fwd_wgmma_kernel<T, D, true, true>
                                                 : attn_fwd_wgmma_kernel<T, D, true, false>)
                                      : (overlap ? attn_fwd_wgmma_kernel<T, D, false, true>

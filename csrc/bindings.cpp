@@ -165,7 +165,8 @@ PYBIND11_MODULE(_C, m) {
         "attention_decode_splits; workspace: attention_workspace_numel floats when it is > 1. hopper: 0 for the "
         "FlashAttention-2 forward kernel, 1 (serial loop) or 2 (softmax overlapping P·V) for the kernel on wgmma "
         "where attention_hopper_supported (the FlashAttention-2 kernel elsewhere), 3 for the warp-specialized TMA "
-        "kernel where it takes the call (dense, head dims 64 and 128; else as 2).",
+        "kernel where it takes the call (dense, head dims 64 and 128; else as 2), 4 the same with its consumer warp "
+        "groups in pingpong.",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"),
         py::arg("cu_seqlens_k"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
         py::arg("out_strides"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_k"), py::arg("head_dim"),
@@ -187,7 +188,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("window_right"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
   m.def("attention_hopper_supported", &fastlm::attention_hopper_supported,
-        "Whether attention_fwd(hopper=1, 2 or 3) runs the wgmma forward kernel for this head dim on this device "
+        "Whether attention_fwd(hopper=1, 2, 3 or 4) runs the wgmma forward kernel for this head dim on this device "
         "(backward=False), or attention_bwd can run (backward=True): compute capability 9.0, a build with sm_90a "
         "code, head dims 64, 128 and (forward) 256.",
         py::arg("head_dim"), py::arg("backward"), py::arg("device"), py::call_guard<py::gil_scoped_release>());

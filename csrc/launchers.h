@@ -123,7 +123,7 @@ int64_t attention_workspace_numel(int64_t batch, int64_t heads_q, int64_t heads_
 // wgmma (attn_fwd_wgmma_kernel) where attention_hopper_supported says it exists, 1 its serial loop, 2 its loop with
 // each block's softmax overlapping the previous block's P·V (the FlashAttention-2 kernel where it does not exist);
 // 3 for the warp-specialized TMA kernel (attn_fwd_ws_kernel) where it takes the call (dense, head dims 64 and 128,
-// TMA-addressable), else as 2.
+// TMA-addressable), else as 2; 4 as 3 with its two consumer warp groups in pingpong.
 void attention_fwd(int64_t q, int64_t k, int64_t v, int64_t out, int64_t lse, int64_t cu_seqlens_q,
                    int64_t cu_seqlens_k, std::vector<int64_t> q_strides, std::vector<int64_t> k_strides,
                    std::vector<int64_t> v_strides, std::vector<int64_t> out_strides, int64_t batch, int64_t heads_q,
@@ -142,7 +142,7 @@ void attention_bwd(int64_t dout, int64_t q, int64_t k, int64_t v, int64_t out, i
                    int64_t head_dim, int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t total_q, int64_t total_k,
                    int dtype, double scale, std::optional<int64_t> window_left,
                    std::optional<int64_t> window_right, int device, int64_t stream);
-// Whether attention_fwd(hopper=1, 2 or 3) runs the wgmma forward kernel for this head dim on this device (backward
+// Whether attention_fwd(hopper=1, 2, 3 or 4) runs the wgmma forward kernel for this head dim on this device (backward
 // false), or attention_bwd can run (true): compute capability 9.0, a build with sm_90a code, head dim 64, 128 or
 // (forward) 256.
 bool attention_hopper_supported(int64_t head_dim, bool backward, int device);

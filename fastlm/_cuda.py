@@ -486,16 +486,18 @@ def reduce_loss(loss, sc, mean):
 # kernel on such a GPU (benchmarks/attention.py's cuda-wgmma provider); tests force it to check it there.
 ATTN_HOPPER = False
 # Which Hopper forward runs when ATTN_HOPPER is on, until the benchmark has timed them (its fastlm-cuda-wgmma peer
-# runs this default, fastlm-cuda-wgmma-serial and fastlm-cuda-wgmma-ws the others):
+# runs this default; fastlm-cuda-wgmma-serial, -ws and -pingpong the others):
 #   "overlap": attn_fwd_wgmma_kernel with each key block's softmax overlapping the previous block's P·V on the
 #              tensor cores (FlashAttention-3's intra-warpgroup pipelining; 222 registers at head dim 128, 186 serial);
 #   "serial":  the same kernel with the two products and the softmax in turn;
 #   "ws":      attn_fwd_ws_kernel, FlashAttention-3's warp specialization: a producer warp group loading Q, K and V
 #              by TMA, two consumer warp groups running the overlapped loop at their own pace (mbarriers, no
 #              block-wide barriers); head dims 64 and 128, dense calls with TMA-addressable strides (others take
-#              "overlap").
+#              "overlap");
+#   "pingpong": the same kernel with FlashAttention-3's pingpong: its two consumer warp groups take turns issuing
+#              their products (named barriers), so that one group's softmax runs while the other's products do.
 ATTN_HOPPER_FWD = "overlap"
-_HOPPER_FWD_MODES = {"serial": 1, "overlap": 2, "ws": 3}
+_HOPPER_FWD_MODES = {"serial": 1, "overlap": 2, "ws": 3, "pingpong": 4}
 # The backward on wgmma (attention_bwd: attn_bwd_*_wgmma_kernel, the same GPUs, head dims 64 and 128, no softcap;
 # bitwise repeatable, no atomics): the cuda backend's backward when on (fastlm/ops/attention.py), the Triton
 # backward otherwise. Off until timed against it, as ATTN_HOPPER.

@@ -299,8 +299,9 @@ HOPPER_CASES = [c for c in GPU_CASES if c[5] in (64, 128, 256) and c[1] * c[3] /
 # nobody completes) blocks it; under xdist every later test of that worker would fail with it. The child runs the
 # forward at every head dim it has, in the forms named (fastlm._cuda.ATTN_HOPPER_FWD), and with "bwd" the backward
 # at its two, with masks, GQA, a softcap (forward) and varlen; the tests launch the kernels in this process only
-# after it came back clean. The warp-specialized forward has a probe of its own ("ws"), so that a fault or a hang of
-# its new pipeline cannot keep the other kernels from being tested.
+# after it came back clean. The warp-specialized forward has probes of its own ("ws", and "pingpong" for its
+# consumer warp groups taking turns), so that a fault or a hang of its pipeline or of the turns cannot keep the other
+# kernels from being tested.
 WGMMA_PROBE = """
 import sys
 import torch, fastlm
@@ -314,7 +315,7 @@ cu = torch.tensor([0, 0, 1, 140, 300], dtype=torch.int32, device="cuda")
 with fastlm.use_backend("cuda"):
     for form in forms:
         _cuda.ATTN_HOPPER_FWD = form
-        for d in ((64, 128) if form == "ws" else (64, 128, 256)):
+        for d in ((64, 128) if form in ("ws", "pingpong") else (64, 128, 256)):
             for causal, window, softcap in ((False, (-1, -1), 0.0), (True, (-1, -1), 0.0), (False, (16, 8), 30.0)):
                 for sq, sk in ((300, 257), (70, 700), (300, 40)):  # many key blocks; causal blocks with none
                     for dt in (torch.bfloat16, torch.float16):
@@ -336,7 +337,7 @@ torch.cuda.synchronize()
 print("clean")
 """
 # The probes: which forward forms each runs, and whether it runs the backward.
-WGMMA_PROBES = {"main": ("serial,overlap", "bwd"), "ws": ("ws", "-")}
+WGMMA_PROBES = {"main": ("serial,overlap", "bwd"), "ws": ("ws", "-"), "pingpong": ("pingpong", "-")}
 
 
 # The child's time limit: it imports torch and fastlm and runs ~100 small calls of a built extension (seconds). Below
@@ -407,7 +408,9 @@ def _kernels_run(fn) -> set:
 
 
 # The forward forms (fastlm._cuda.ATTN_HOPPER_FWD) and the kernel each must launch.
-HOPPER_FORMS = {"overlap": "attn_fwd_wgmma_kernel", "serial": "attn_fwd_wgmma_kernel", "ws": "attn_fwd_ws_kernel"}
+HOPPER_FORMS = {"overlap": "attn_fwd_wgmma_kernel", "serial": "attn_fwd_wgmma_kernel", "ws": "attn_fwd_ws_kernel",
+                "pingpong": "attn_fwd_ws_kernel"}
+WS_FORMS = ("ws", "pingpong")  # the warp-specialized kernel's: head dims 64 and 128, each with a probe of its own
 
 
 @pytest.mark.gpu
@@ -417,14 +420,14 @@ HOPPER_FORMS = {"overlap": "attn_fwd_wgmma_kernel", "serial": "attn_fwd_wgmma_ke
 @pytest.mark.parametrize("case", HOPPER_CASES, ids=_case_id)
 def test_cuda_wgmma_forward_matches_reference(case, dtype, form, backend, monkeypatch):
     """Every Hopper forward (ATTN_HOPPER_FWD): the wgmma kernel's serial loop and its loop whose softmax runs while
-    the previous block's P·V does, and the warp-specialized TMA kernel (head dims 64 and 128); each call is checked
-    to have launched that kernel."""
+    the previous block's P·V does, and the warp-specialized TMA kernel (head dims 64 and 128) with and without its
+    consumer warp groups in pingpong; each call is checked to have launched that kernel."""
     from fastlm import _cuda
 
     b, sq, sk, h, hk, d, causal, window, softcap = case
-    if form == "ws" and d not in (64, 128):
+    if form in WS_FORMS and d not in (64, 128):
         pytest.skip("the warp-specialized forward has head dims 64 and 128 (others take the overlapped kernel)")
-    _force_cuda_hopper(monkeypatch, d, "ws" if form == "ws" else "main")
+    _force_cuda_hopper(monkeypatch, d, form if form in WS_FORMS else "main")
     monkeypatch.setattr(_cuda, "ATTN_HOPPER_FWD", form)
     q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
     with fastlm.use_backend(backend):
@@ -463,6 +466,27 @@ def test_cuda_wgmma_ws_forward_strided_layouts(layout, backend, monkeypatch):
         monkeypatch.setattr(_cuda, "ATTN_HOPPER_FWD", "overlap")
     assert torch.equal(got, fastlm.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True))
     _compare(q, k, v, backend, causal=True, window=(-1, -1), softcap=0.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS[1:2], indirect=True)
+@pytest.mark.parametrize("case", [c for c in HOPPER_CASES if c[5] in (64, 128)], ids=_case_id)
+def test_cuda_wgmma_pingpong_is_the_ws_kernel_in_turns(case, backend, monkeypatch):
+    """The pingpong orders when the two consumer warp groups issue their products, not what they compute: its out
+    and LSE are the warp-specialized kernel's bits, every case (one key block, odd and even counts, causal blocks
+    with none)."""
+    from fastlm import _cuda
+
+    b, sq, sk, h, hk, d, causal, window, softcap = case
+    _force_cuda_hopper(monkeypatch, d, "ws")
+    _force_cuda_hopper(monkeypatch, d, "pingpong")
+    q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), torch.bfloat16)
+    got = {}
+    for form in WS_FORMS:
+        monkeypatch.setattr(_cuda, "ATTN_HOPPER_FWD", form)
+        got[form] = fastlm.attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
+    for a, b_ in zip(got["ws"], got["pingpong"]):
+        assert torch.equal(a, b_)
 
 
 def _wgmma_backward_only(monkeypatch):

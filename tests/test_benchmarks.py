@@ -959,7 +959,7 @@ def test_parsers_on_cuobjdump_and_ptxas_text():
     """)
     facts = static.parse_sass(sass)
     assert facts["_Z1fPf"] == {"ld": 128, "st": 64, "ldl_stl": 1, "mma": {"HGMMA"}, "tma": False, "ws": False,
-                               "overlap": False}
+                               "overlap": False, "turns": False}
     assert facts["_Z1hPf"]["tma"] and facts["_Z1hPf"]["ws"]
     assert facts["_Z1gPf"]["ld"] == 32 and facts["_Z1gPf"]["st"] == 16 and facts["_Z1gPf"]["ldl_stl"] == 0
     res = static.parse_res_usage(" Function _Z1fPf:\n  REG:40 STACK:16 SHARED:256 LOCAL:0 CONSTANT[0]:400\n")
@@ -991,7 +991,8 @@ def test_parser_on_nvdisasm_text():
                 /*0c00*/                   STG.E.U16 desc[UR4][R4.64], R2 ;
     """)
     assert static.parse_sass(sass) == {"_attn_fwd_kernel": {"ld": 128, "st": 16, "ldl_stl": 0, "mma": {"HGMMA"},
-                                                            "tma": False, "ws": False, "overlap": False}}
+                                                            "tma": False, "ws": False, "overlap": False,
+                                                            "turns": False}}
 
 
 def test_report_disassembles_in_batches_per_architecture(monkeypatch):
@@ -1089,6 +1090,38 @@ def test_static_report_wants_the_overlapped_wgmma_forward_to_overlap():
     assert static.problems(dict(ws, overlap=True, tma=True, ws=True)) == []
     assert "UTMALDG/USETMAXREG" in " ".join(static.problems(dict(ws, overlap=True, tma=True, ws=False)))
     assert len(static.problems(dict(ws, mma=set(), overlap=False, tma=False, ws=False))) == 3
+
+
+def test_static_report_wants_the_pingpong_forward_to_take_turns():
+    # parse_sass's turns: an HGMMA between a BAR.SYNC on barrier 2 or 3 (the turn taken) and a BAR.ARV on one (passed).
+    def kernel(*ops):
+        return "Function : k\n" + "".join(f"  /*{i:04x}*/  {op} ;\n" for i, op in enumerate(ops))
+
+    hgmma = "HGMMA.64x128x16.F32.BF16 R88, gdesc[UR24], RZ, !UPT"
+    turns = kernel("@P5 BAR.SYNC.DEFER_BLOCKING 0x3, 0x100", "WARPGROUP.ARRIVE", hgmma, "BAR.ARV 0x2, 0x100",
+                   "WARPGROUP.DEPBAR.LE gsb0, 0x1")
+    assert static.parse_sass(turns)["k"]["turns"]
+    for ops in ((hgmma, "BAR.ARV 0x2, 0x100"),  # no turn taken
+                ("BAR.SYNC.DEFER_BLOCKING 0x2, 0x100", "BAR.ARV 0x3, 0x100", hgmma),  # issued after the turn passed
+                ("BAR.SYNC.DEFER_BLOCKING 0x0", hgmma, "BAR.ARV 0x1, 0x100"),  # __syncthreads' and other barriers
+                ("BAR.SYNC.DEFER_BLOCKING 0x2, 0x100", hgmma)):  # never passed
+        assert not static.parse_sass(kernel(*ops))["k"]["turns"], ops
+    # Required of the warp-specialized forward built with kPingpong (its last template argument) on sm_90a only.
+    facts = {"stack": 0, "local": 0, "ldl_stl": 0, "mma": {"HGMMA"}, "overlap": True, "tma": True, "ws": True,
+             "turns": False}
+    names = {f"attn_fwd_ws_kernel<__half, 128, {softcap}, {pingpong}>(AttnParams, CUtensorMap)": facts
+             for softcap in ("false", "true") for pingpong in ("false", "true")}
+    for arch in ("sm_80", "sm_90a"):
+        rows = static._cuda_rows({"source": "attention.cu", "arch": arch}, names, {}, 0.0)
+        expected = [r["kernel"] for r in rows if r["turns_expected"]]
+        assert expected == (["attn_fwd_ws_kernel<fp16, 128, false, true>",
+                             "attn_fwd_ws_kernel<fp16, 128, true, true>"] if arch == "sm_90a" else [])
+        for r in rows:
+            if arch == "sm_90a":
+                assert bool(static.problems(r)) == r["turns_expected"]
+                assert static.problems(dict(r, turns=True)) == []
+    row = static._cuda_rows({"source": "attention.cu", "arch": "sm_90a"}, names, {}, 0.0)[-1]
+    assert "pingpong" in static.problems(row)[0] and "(2, 3)" in static.problems(row)[0]
 
 
 TINY_KERNELS = '''
@@ -1255,7 +1288,7 @@ def test_attention_sweeps_fit_the_memory_caps_and_the_budget():
     skipped = next(c for c in full if providers["sdpa-math"].skip(c))
     assert "GiB" in providers["sdpa-math"].skip(skipped)
     assert sum(not providers["flex"].skip(c) for c in full) == 2
-    assert sum(not providers["sdpa-efficient"].skip(c) for c in full) == 12
+    assert sum(not providers["sdpa-efficient"].skip(c) for c in full) == 8  # EFFICIENT_SEQLENS: 4096 and 16384
     for name in ("fastlm-triton", "fastlm-cuda", "sdpa-flash", "sdpa-cudnn"):
         assert not any(providers[name].skip(c) for c in full)
 
@@ -1283,8 +1316,8 @@ def test_attention_families_and_their_providers():
         ("attention", "flops", harness.MODES), ("attention_decode", "bytes", ("fwd",))]
     sdpa = ["sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
     assert [p.name for p in attention.FAMILY.providers] == ["fastlm-triton", "fastlm-cuda", "fastlm-cuda-wgmma",
-                                                            "fastlm-cuda-wgmma-serial", "fastlm-cuda-wgmma-ws", *sdpa,
-                                                            "sdpa-math", "flex"]
+                                                            "fastlm-cuda-wgmma-serial", "fastlm-cuda-wgmma-ws",
+                                                            "fastlm-cuda-wgmma-pingpong", *sdpa, "sdpa-math", "flex"]
     assert [p.name for p in attention.DECODE_FAMILY.providers] == ["fastlm-triton", "fastlm-cuda"] + sdpa + ["flex"]
     for family in attention.FAMILIES:
         assert family.reference == "sdpa-flash"
@@ -1298,14 +1331,16 @@ def test_attention_families_and_their_providers():
             False, "no CUDA GPU")
     # The cuda backend's wgmma forward and backward: peers (the dispatch table's "cuda" stays the default path),
     # timed at WGMMA_SEQLENS (the overlapped forward loop) and WGMMA_FORM_CASES (the serial loop, the
-    # warp-specialized kernel) only, with ATTN_HOPPER, ATTN_HOPPER_BWD and the form set inside their contexts and
+    # warp-specialized kernel with and without its pingpong) only, with ATTN_HOPPER, ATTN_HOPPER_BWD and the form set inside their contexts and
     # restored after.
     import fastlm
     from fastlm import _cuda
 
     for name, form, timed in (("fastlm-cuda-wgmma", "overlap", lambda s, d, c: s in attention.WGMMA_SEQLENS),
                               ("fastlm-cuda-wgmma-serial", "serial", lambda s, d, c: (s, d, c) == (4096, 128, True)),
-                              ("fastlm-cuda-wgmma-ws", "ws", lambda s, d, c: (s, d, c) == (4096, 128, True))):
+                              ("fastlm-cuda-wgmma-ws", "ws", lambda s, d, c: (s, d, c) == (4096, 128, True)),
+                              ("fastlm-cuda-wgmma-pingpong", "pingpong",
+                               lambda s, d, c: (s, d, c) == (4096, 128, True))):
         wgmma = next(p for p in attention.FAMILY.providers if p.name == name)
         assert wgmma.backend is None and wgmma.native is None
         assert [(c.params["seqlen"], c.params["head_dim"], c.params["causal"]) for c in attention.attention_cases(False)
@@ -1361,7 +1396,7 @@ def test_attention_cases_run_on_cpu(cpu_timers, monkeypatch):
         assert by[("flex", "bwd")]["status"] == "skipped" and "FlexAttention" in by[("flex", "bwd")]["reason"]
         ours = by[("fastlm-triton", "fwd+bwd")]
         assert set(ours["vs"]) == {"fastlm-cuda-wgmma", "fastlm-cuda-wgmma-serial", "fastlm-cuda-wgmma-ws",
-                                   "sdpa-flash", "sdpa-cudnn",
+                                   "fastlm-cuda-wgmma-pingpong", "sdpa-flash", "sdpa-cudnn",
                                    "sdpa-efficient", "sdpa-math",
                                    "flex"}
         assert ours["vs"]["flex"] == "skipped" and isinstance(ours["vs"]["sdpa-math"], float)

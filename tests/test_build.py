@@ -285,12 +285,12 @@ def test_cuda_glue_gives_row_operands_at_their_row_strides(recorded_extension):
 
 
 @pytest.mark.parametrize("hopper, form, mode", [(False, "ws", 0), (True, "serial", 1), (True, "overlap", 2),
-                                                (True, "ws", 3)])
+                                                (True, "ws", 3), (True, "pingpong", 4)])
 def test_attention_launcher_asks_for_the_forward_the_switches_name(recorded_extension, monkeypatch, hopper, form,
                                                                    mode):
     """attention_fwd's `hopper` argument: 0 for the FlashAttention-2 kernel, 1 for the wgmma kernel's serial loop,
-    2 for its loop with the softmax overlapping P·V, 3 for the warp-specialized TMA kernel (ATTN_HOPPER,
-    ATTN_HOPPER_FWD); an unknown form is refused before anything launches (the launcher refuses any other value
+    2 for its loop with the softmax overlapping P·V, 3 for the warp-specialized TMA kernel, 4 for that kernel in
+    pingpong (ATTN_HOPPER, ATTN_HOPPER_FWD); an unknown form is refused before anything launches (the launcher refuses any other value
     too; test_cuda_wgmma_forward_matches_reference runs every form on a GPU)."""
     calls = recorded_extension
     monkeypatch.setattr(_cuda, "ATTN_HOPPER", hopper)
@@ -302,7 +302,7 @@ def test_attention_launcher_asks_for_the_forward_the_switches_name(recorded_exte
     assert a[:5] == (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr())
     assert a[-3] == mode and type(a[-3]) is int
     monkeypatch.setattr(_cuda, "ATTN_HOPPER", True)
-    monkeypatch.setattr(_cuda, "ATTN_HOPPER_FWD", "pingpong")
+    monkeypatch.setattr(_cuda, "ATTN_HOPPER_FWD", "cooperative")
     with pytest.raises(ValueError, match="ATTN_HOPPER_FWD must be one of"):
         _cuda.attention_fwd(q, k, v, None, None, None, None, 0.125, None, 0, None)
     assert "attention_fwd" not in calls
