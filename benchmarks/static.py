@@ -103,27 +103,31 @@ def parse_sass(text: str) -> dict:
     setmaxnreg, and `overlap`: an exp2 (MUFU.EX2, the softmax) issued while a wgmma group may still be running, in
     program order between an HGMMA and the next wait for every group (WARPGROUP.DEPBAR.LE gsb0, 0x0). ptxas waits
     after each wgmma instead when it cannot prove the registers of one in flight untouched (its C7513/C7517
-    notes), and the softmax then never overlaps a product. `turns`: an HGMMA issued between a BAR.SYNC on one of
-    the pingpong's named barriers (TURN_BARRIERS) and a BAR.ARV on one, in program order: a warp group that waits
-    for its turn, issues its products, then passes the turn."""
-    kernels, current, pending, turn = {}, None, False, 0
+    notes), and the softmax then never overlaps a product. `turns`: a turn, in program order, that holds a block's
+    two products: a BAR.SYNC on one of the pingpong's named barriers (TURN_BARRIERS), then an HGMMA with both
+    operands in shared memory (S = Q·Kᵀ) and one with A from registers (O += P·V), then a BAR.ARV on one: a warp
+    group that waits for its turn, issues its products, then hands the turn on. (Which barrier a group syncs on
+    and which it arrives at are decided by predicates and branches, both groups' in one stream of code, so the
+    pairing is not read here.)"""
+    kernels, current, pending, turn = {}, None, False, None
     for line in text.splitlines():
         # cuobjdump heads each kernel "Function : name", nvdisasm ".text.name:"
         m = re.match(r"\s*Function : (\S+)", line) or re.match(r"\.text\.(\S+):\s*$", line)
         if m:
-            current, pending, turn = kernels.setdefault(m.group(1), _no_sass()), False, 0
+            current, pending, turn = kernels.setdefault(m.group(1), _no_sass()), False, None
             continue
         if current is None:
             continue
         barrier = re.search(r"\bBAR\.(SYNC|ARV)\b(?:\.[A-Z_]+)*\s+(0x[0-9a-f]+)", line)
         if barrier and int(barrier.group(2), 16) in TURN_BARRIERS:
             if barrier.group(1) == "SYNC":
-                turn = 1  # the turn taken
+                turn = turn or {"ss": False, "rs": False}  # the turn taken: the products issued in it
             else:
-                current["turns"] |= turn == 2  # passed after a product was issued in it
-                turn = 0
+                current["turns"] |= bool(turn and turn["ss"] and turn["rs"])
+                turn = None
         if re.search(r"\bHGMMA\b", line):
-            turn = 2 if turn else 0
+            if turn is not None:  # A from registers: "HGMMA.… Rd, Ra, gdesc[…]"; from shared memory: "Rd, gdesc[…]"
+                turn["rs" if re.search(r"\bHGMMA\S*\s+R\d+,\s*R\d+,\s*gdesc", line) else "ss"] = True
             pending = True
         elif re.search(r"\bWARPGROUP\.DEPBAR\.LE\s+gsb0,\s*0x0\b", line):
             pending = False
@@ -272,8 +276,8 @@ def problems(row: dict) -> list:
         why.append("built to overlap the softmax with a wgmma in flight, but no exp2 runs while one may (ptxas "
                    "serialized the wgmma pipeline: see its C7513/C7517 notes)")
     if row.get("turns_expected") and not row.get("turns"):
-        why.append("built for pingpong, but no HGMMA is issued between a BAR.SYNC and a BAR.ARV on the turn "
-                   f"barriers {TURN_BARRIERS}")
+        why.append("built for pingpong, but no turn holds a block's S and P·V HGMMAs between a BAR.SYNC and a "
+                   f"BAR.ARV on the turn barriers {TURN_BARRIERS}")
     return why
 
 

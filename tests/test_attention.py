@@ -7,6 +7,7 @@ the GPU cases add bf16 and the longer sequences, head dims and GQA ratios of the
 
 import functools
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -407,10 +408,43 @@ def _kernels_run(fn) -> set:
     return {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
 
 
-# The forward forms (fastlm._cuda.ATTN_HOPPER_FWD) and the kernel each must launch.
-HOPPER_FORMS = {"overlap": "attn_fwd_wgmma_kernel", "serial": "attn_fwd_wgmma_kernel", "ws": "attn_fwd_ws_kernel",
-                "pingpong": "attn_fwd_ws_kernel"}
+# The forward forms (fastlm._cuda.ATTN_HOPPER_FWD): the kernel each must launch, and its last template argument
+# (kOverlap of the wgmma kernel, kPingpong of the warp-specialized one).
+HOPPER_FORMS = {"overlap": ("attn_fwd_wgmma_kernel", True), "serial": ("attn_fwd_wgmma_kernel", False),
+                "ws": ("attn_fwd_ws_kernel", False), "pingpong": ("attn_fwd_ws_kernel", True)}
 WS_FORMS = ("ws", "pingpong")  # the warp-specialized kernel's: head dims 64 and 128, each with a probe of its own
+
+
+def _launched_form(names, form) -> bool:
+    """Whether one of the kernel names (the profiler's, demangled or not) is the form's kernel with its last template
+    argument: "attn_fwd_ws_kernel<__nv_bfloat16, 128, false, true>(…)" or "…attn_fwd_ws_kernelI…Lb0ELb1EEEv…"."""
+    kernel, last = HOPPER_FORMS[form]
+    flag = "true" if last else "false"
+    demangled = re.compile(rf"{kernel}<[^<>]*, {flag}>")
+    mangled = re.compile(rf"{kernel}I\w*?Lb[01]ELb{int(last)}EEEv")
+    return any(demangled.search(n) or mangled.search(n) for n in names)
+
+
+def test_launched_form_reads_the_last_template_argument():
+    # The names the profiler may give (demangled, as CUPTI reports them, or mangled, as cuobjdump lists them): each
+    # form's kernel and template argument, never another form's.
+    ns = "fastlm::(anonymous namespace)::"
+    prefix = "_ZN6fastlm45_GLOBAL__N__a7d8d062_12_attention_cu_797f6fdb"
+    names = {
+        "pingpong": [f"void {ns}attn_fwd_ws_kernel<__nv_bfloat16, 128, false, true>({ns}AttnParams, CUtensorMap_st)",
+                     f"{prefix}18attn_fwd_ws_kernelI6__halfLi64ELb1ELb1EEEvNS0_10AttnParamsE14CUtensorMap_stS4_S4_"],
+        "ws": [f"void {ns}attn_fwd_ws_kernel<__half, 64, true, false>({ns}AttnParams, CUtensorMap_st)",
+               f"{prefix}18attn_fwd_ws_kernelI13__nv_bfloat16Li128ELb0ELb0EEEvNS0_10AttnParamsE14CUtensorMap_st"],
+        "overlap": [f"void {ns}attn_fwd_wgmma_kernel<__half, 256, false, true>({ns}AttnParams)",
+                    f"{prefix}21attn_fwd_wgmma_kernelI6__halfLi128ELb0ELb1EEEvNS0_10AttnParamsE"],
+        "serial": [f"void {ns}attn_fwd_wgmma_kernel<__nv_bfloat16, 64, true, false>({ns}AttnParams)",
+                   f"{prefix}21attn_fwd_wgmma_kernelI13__nv_bfloat16Li64ELb1ELb0EEEvNS0_10AttnParamsE"],
+    }
+    other = [f"void {ns}attn_fwd_kernel<__nv_bfloat16, 128, true>({ns}AttnParams)"]
+    for form in HOPPER_FORMS:
+        for name in names[form]:
+            assert [f for f in HOPPER_FORMS if _launched_form({name}, f)] == [form], name
+        assert not _launched_form(other, form)
 
 
 @pytest.mark.gpu
@@ -432,7 +466,7 @@ def test_cuda_wgmma_forward_matches_reference(case, dtype, form, backend, monkey
     q, k, v = _inputs((b, sq, h, d), (b, sk, hk, d), dtype)
     with fastlm.use_backend(backend):
         names = _kernels_run(lambda: fastlm.attention(q, k, v, causal=causal, window=window, softcap=softcap))
-    assert any(HOPPER_FORMS[form] in n for n in names), sorted(names)
+    assert _launched_form(names, form), sorted(names)
     _compare(q, k, v, backend, causal=causal, window=window, softcap=softcap)
 
 
@@ -484,7 +518,12 @@ def test_cuda_wgmma_pingpong_is_the_ws_kernel_in_turns(case, backend, monkeypatc
     got = {}
     for form in WS_FORMS:
         monkeypatch.setattr(_cuda, "ATTN_HOPPER_FWD", form)
-        got[form] = fastlm.attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
+        def call():
+            return fastlm.attention(q, k, v, causal=causal, window=window, softcap=softcap, return_lse=True)
+
+        names = _kernels_run(call)
+        assert _launched_form(names, form), (form, sorted(names))
+        got[form] = call()
     for a, b_ in zip(got["ws"], got["pingpong"]):
         assert torch.equal(a, b_)
 

@@ -1093,18 +1093,24 @@ def test_static_report_wants_the_overlapped_wgmma_forward_to_overlap():
 
 
 def test_static_report_wants_the_pingpong_forward_to_take_turns():
-    # parse_sass's turns: an HGMMA between a BAR.SYNC on barrier 2 or 3 (the turn taken) and a BAR.ARV on one (passed).
+    # parse_sass's turns: between a BAR.SYNC on barrier 2 or 3 (the turn taken) and a BAR.ARV on one (passed), a
+    # block's S (both operands in shared memory) and P·V (A from registers) HGMMAs. Both groups' predicated syncs
+    # come one after the other in the SASS, as ptxas lays them out.
     def kernel(*ops):
         return "Function : k\n" + "".join(f"  /*{i:04x}*/  {op} ;\n" for i, op in enumerate(ops))
 
-    hgmma = "HGMMA.64x128x16.F32.BF16 R88, gdesc[UR24], RZ, !UPT"
-    turns = kernel("@P5 BAR.SYNC.DEFER_BLOCKING 0x3, 0x100", "WARPGROUP.ARRIVE", hgmma, "BAR.ARV 0x2, 0x100",
-                   "WARPGROUP.DEPBAR.LE gsb0, 0x1")
+    s = "HGMMA.64x128x16.F32.BF16 R88, gdesc[UR24], RZ, !UPT"
+    pv = "HGMMA.64x128x16.F32.BF16 R24, R180, gdesc[UR20].tnspB, R24, gsb0"
+    turns = kernel("@P5 BAR.SYNC.DEFER_BLOCKING 0x3, 0x100", "@!P5 BAR.SYNC.DEFER_BLOCKING 0x2, 0x100",
+                   "WARPGROUP.ARRIVE", s, pv, "@!P5 BRA 0x5470", "BAR.ARV 0x2, 0x100", "BRA 0x5490",
+                   "BAR.ARV 0x3, 0x100", "WARPGROUP.DEPBAR.LE gsb0, 0x1")
     assert static.parse_sass(turns)["k"]["turns"]
-    for ops in ((hgmma, "BAR.ARV 0x2, 0x100"),  # no turn taken
-                ("BAR.SYNC.DEFER_BLOCKING 0x2, 0x100", "BAR.ARV 0x3, 0x100", hgmma),  # issued after the turn passed
-                ("BAR.SYNC.DEFER_BLOCKING 0x0", hgmma, "BAR.ARV 0x1, 0x100"),  # __syncthreads' and other barriers
-                ("BAR.SYNC.DEFER_BLOCKING 0x2, 0x100", hgmma)):  # never passed
+    for ops in ((s, pv, "BAR.ARV 0x2, 0x100"),  # no turn taken
+                ("BAR.SYNC.DEFER_BLOCKING 0x2, 0x100", "BAR.ARV 0x3, 0x100", s, pv),  # issued after the turn passed
+                ("BAR.SYNC.DEFER_BLOCKING 0x2, 0x100", s, "BAR.ARV 0x3, 0x100", pv),  # P·V drifted past the pass
+                ("BAR.SYNC.DEFER_BLOCKING 0x2, 0x100", pv, "BAR.ARV 0x3, 0x100", s),  # S drifted past it
+                ("BAR.SYNC.DEFER_BLOCKING 0x0", s, pv, "BAR.ARV 0x1, 0x100"),  # __syncthreads' and other barriers
+                ("BAR.SYNC.DEFER_BLOCKING 0x2, 0x100", s, pv)):  # never passed
         assert not static.parse_sass(kernel(*ops))["k"]["turns"], ops
     # Required of the warp-specialized forward built with kPingpong (its last template argument) on sm_90a only.
     facts = {"stack": 0, "local": 0, "ldl_stl": 0, "mma": {"HGMMA"}, "overlap": True, "tma": True, "ws": True,
