@@ -1450,6 +1450,7 @@ __global__ void __launch_bounds__(WsFwdConfig<D>::kThreads, 1)
   // last P·V, waited for at once, takes none) and both walk the same blocks. Group 0's first turn needs no handover
   // and group 1 does not pass its last, so every bar.sync meets exactly one handover, turns strictly alternate (a
   // group cannot arrive twice at a barrier before the other has synced there), and no arrival is pending at exit.
+  // scripts/ws_protocol_model.py explores every interleaving of these turns with the mbarrier stages.
   // (Immediate barrier ids: with an id in a register ptxas reserves all 16 barriers.)
   auto take_turn = [&](bool first) {
     if constexpr (kPingpong) {

@@ -425,6 +425,15 @@ def _launched_form(names, form) -> bool:
     return any(demangled.search(n) or mangled.search(n) for n in names)
 
 
+def test_ws_protocol_model_holds_and_catches_its_mutations():
+    # The warp-specialized forward's synchronization (mbarrier stages, the pingpong's turns) in every interleaving,
+    # 0-6 key blocks; each protocol bug the model lists must be caught (scripts/ws_protocol_model.py).
+    proc = subprocess.run([sys.executable, "scripts/ws_protocol_model.py"], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("every property holds") == 7 and proc.stdout.count("caught:") == 4, proc.stdout
+
+
 def test_launched_form_reads_the_last_template_argument():
     # The names the profiler may give (demangled, as CUPTI reports them, or mangled, as cuobjdump lists them): each
     # form's kernel and template argument, never another form's.
