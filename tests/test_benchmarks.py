@@ -1057,6 +1057,19 @@ def test_static_report_wants_wgmma_of_cuda_kernels_written_on_it():
     assert [r["wgmma_expected"] for r in others if "wgmma" not in r["kernel"]] == [False]
 
 
+def _required_of(names, fact, kernels):
+    """The report's rows of `names` (kernel → SASS facts, `fact` missing) on sm_80 and sm_90a: `fact` must be
+    required of exactly `kernels` on sm_90a and of none on sm_80; a row fails exactly where it is required, and
+    passes once it holds. Returns the sm_90a rows."""
+    for arch in ("sm_80", "sm_90a"):
+        rows = static._cuda_rows({"source": "attention.cu", "arch": arch}, names, {}, 0.0)
+        assert [r["kernel"] for r in rows if r[f"{fact}_expected"]] == (kernels if arch == "sm_90a" else [])
+        for r in rows:
+            assert bool(static.problems(r)) == r[f"{fact}_expected"]
+            assert static.problems(dict(r, **{fact: True})) == []
+    return rows
+
+
 def test_static_report_wants_the_overlapped_wgmma_forward_to_overlap():
     # parse_sass's overlap: an exp2 while a wgmma group may run (after an HGMMA, before the wait for all groups).
     def kernel(*ops):
@@ -1074,14 +1087,8 @@ def test_static_report_wants_the_overlapped_wgmma_forward_to_overlap():
     names = {f"attn_fwd_wgmma_kernel<__nv_bfloat16, 128, {softcap}, {overlap}>(AttnParams)": facts
              for softcap in ("false", "true") for overlap in ("false", "true")}
     names["attn_bwd_dq_wgmma_kernel<__half, 128>(AttnBwdParams)"] = facts
-    for arch in ("sm_80", "sm_90a"):
-        rows = static._cuda_rows({"source": "attention.cu", "arch": arch}, names, {}, 0.0)
-        expected = [r["kernel"] for r in rows if r["overlap_expected"]]
-        assert expected == (["attn_fwd_wgmma_kernel<bf16, 128, false, true>",
-                             "attn_fwd_wgmma_kernel<bf16, 128, true, true>"] if arch == "sm_90a" else [])
-        for r in rows:
-            assert bool(static.problems(r)) == r["overlap_expected"]
-            assert static.problems(dict(r, overlap=True)) == []
+    rows = _required_of(names, "overlap", ["attn_fwd_wgmma_kernel<bf16, 128, false, true>",
+                                           "attn_fwd_wgmma_kernel<bf16, 128, true, true>"])
     assert "serialized" in static.problems(dict(rows[-1], overlap=False))[0]
     # The warp-specialized forward: HGMMA, the overlap, TMA loads and setmaxnreg, on sm_90a.
     ws = static._cuda_rows({"source": "attention.cu", "arch": "sm_90a"},
@@ -1117,16 +1124,8 @@ def test_static_report_wants_the_pingpong_forward_to_take_turns():
              "turns": False}
     names = {f"attn_fwd_ws_kernel<__half, 128, {softcap}, {pingpong}>(AttnParams, CUtensorMap)": facts
              for softcap in ("false", "true") for pingpong in ("false", "true")}
-    for arch in ("sm_80", "sm_90a"):
-        rows = static._cuda_rows({"source": "attention.cu", "arch": arch}, names, {}, 0.0)
-        expected = [r["kernel"] for r in rows if r["turns_expected"]]
-        assert expected == (["attn_fwd_ws_kernel<fp16, 128, false, true>",
-                             "attn_fwd_ws_kernel<fp16, 128, true, true>"] if arch == "sm_90a" else [])
-        for r in rows:
-            if arch == "sm_90a":
-                assert bool(static.problems(r)) == r["turns_expected"]
-                assert static.problems(dict(r, turns=True)) == []
-    row = static._cuda_rows({"source": "attention.cu", "arch": "sm_90a"}, names, {}, 0.0)[-1]
+    row = _required_of(names, "turns", ["attn_fwd_ws_kernel<fp16, 128, false, true>",
+                                        "attn_fwd_ws_kernel<fp16, 128, true, true>"])[-1]
     assert "pingpong" in static.problems(row)[0] and "(2, 3)" in static.problems(row)[0]
 
 
